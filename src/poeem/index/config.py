@@ -1,0 +1,112 @@
+"""Configuration of the Poeem index layer, validated on construction."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+from poeem.errors import PoeemError
+
+Rotation = Literal["none", "opq", "givens"]
+MAX_CODEBOOK_SIZE = 1 << 16
+
+
+@dataclass
+class PoeemConfig:
+    """Hyper-parameters of :class:`poeem.PoeemLayer`, in the paper's notation.
+
+    The code of an item is one coarse code (coarse_K lists) plus D sub-codes of K codewords,
+    so an item costs ``D * log2(K) / 8`` bytes plus its list.
+    """
+
+    dim: int  # embedding size; must be divisible by num_subspaces
+    num_subspaces: int = 8  # D: subvectors per item
+    codebook_size: int = 256  # K: codewords per subspace, 2..65536
+    num_coarse: int = 8  # coarse_K: IVF lists; 0 turns the coarse quantizer off
+    rotation: Rotation = "none"  # "opq": fixed OPQ rotation; "givens": learnable, OPQ-initialised
+    warmup_steps: int = 1000  # training steps with the layer as identity
+    buffer_size: int = 8192  # item embeddings collected after warm-up for k-means
+    init: Literal["kmeans", "random"] = "kmeans"  # "random": codewords are random buffer rows
+    kmeans_iters: int = 20
+    opq_rounds: int = 4  # OPQ alternations (k-means, then Procrustes) in the warm start
+    regularizer_weight: float = 1.0  # weight of ||x_hat - sg(x)||^2, trains the index
+    commitment_weight: float = 0.0  # weight of ||x - sg(x_hat)||^2, pulls items to codewords
+    eval_before_init: Literal["raise", "identity"] = "raise"  # eval() before k-means
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def dsub(self) -> int:
+        """Coordinates per subvector, dim / D."""
+        return self.dim // self.num_subspaces
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoeemConfig:
+        """Build from :meth:`to_dict` output; unknown keys are a clear error."""
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise PoeemError(
+                "PoeemConfig",
+                f"keys among {sorted(cls.__dataclass_fields__)}",
+                f"unknown keys {unknown}",
+                "remove or rename them",
+            )
+        return cls(**data)
+
+    def validate(self) -> None:
+        """Raise :class:`PoeemError` on an inconsistent configuration."""
+        if self.dim < 1 or self.num_subspaces < 1:
+            raise PoeemError(
+                "dim and num_subspaces",
+                "positive integers",
+                f"dim={self.dim}, num_subspaces={self.num_subspaces}",
+                "pass positive sizes",
+            )
+        if self.dim % self.num_subspaces:
+            raise PoeemError(
+                "num_subspaces",
+                f"a divisor of dim={self.dim}",
+                f"num_subspaces={self.num_subspaces}",
+                "pick D such that dim % D == 0, e.g. 8 for dim 64",
+            )
+        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+            raise PoeemError(
+                "codebook_size",
+                f"K between 2 and {MAX_CODEBOOK_SIZE}",
+                f"K={self.codebook_size}",
+                "use e.g. K=256 (8 bits) or K=16 (4 bits)",
+            )
+        if self.num_coarse < 0:
+            raise PoeemError(
+                "num_coarse",
+                "coarse_K >= 0 (0 turns IVF off)",
+                f"{self.num_coarse}",
+                "pass a non-negative number of lists",
+            )
+        if self.rotation not in ("none", "opq", "givens"):
+            raise PoeemError(
+                "rotation", "'none', 'opq' or 'givens'", repr(self.rotation), "pick one of those"
+            )
+        if self.init not in ("kmeans", "random"):
+            raise PoeemError("init", "'kmeans' or 'random'", repr(self.init), "pick one of those")
+        needed = max(self.codebook_size, self.num_coarse)
+        if self.buffer_size < needed:
+            raise PoeemError(
+                "buffer_size",
+                f"at least max(K, coarse_K) = {needed} embeddings",
+                f"buffer_size={self.buffer_size}",
+                f"set buffer_size >= {needed} (10-50x that is better)",
+            )
+        if self.warmup_steps < 0 or self.kmeans_iters < 0 or self.opq_rounds < 0:
+            raise PoeemError(
+                "warmup_steps, kmeans_iters, opq_rounds",
+                "non-negative integers",
+                f"{self.warmup_steps}, {self.kmeans_iters}, {self.opq_rounds}",
+                "pass values >= 0",
+            )

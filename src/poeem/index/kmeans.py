@@ -1,0 +1,167 @@
+"""Seeded, memory-bounded k-means in torch, batched over independent groups.
+
+PQ runs one k-means per subspace; batching them as ``G`` groups turns D small problems into one
+tensor op. Distances are computed in chunks of points so that at most ``max_chunk_elems``
+distance entries exist at once (1M x 4096 never materialises).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from poeem.errors import PoeemError
+
+DEFAULT_CHUNK_ELEMS = 1 << 24  # distance entries per chunk: 64 MiB of float32
+
+
+def squared_distances(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Squared L2 distances between points and centroids, per group.
+
+    Args:
+        x: (G, n, d) float points.
+        c: (G, k, d) float centroids.
+
+    Returns:
+        (G, n, k) float distances, clamped at 0.
+    """
+    x2 = (x * x).sum(-1, keepdim=True)  # (G, n, 1)
+    c2 = (c * c).sum(-1).unsqueeze(1)  # (G, 1, k)
+    return (x2 - 2 * torch.bmm(x, c.transpose(1, 2)) + c2).clamp_min_(0)
+
+
+def nearest_centroid(
+    x: torch.Tensor, c: torch.Tensor, max_chunk_elems: int = DEFAULT_CHUNK_ELEMS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index of, and squared distance to, the nearest centroid of each point, in chunks.
+
+    Args:
+        x: (G, n, d) float points.
+        c: (G, k, d) float centroids.
+        max_chunk_elems: upper bound on G * chunk * k distance entries held at once.
+
+    Returns:
+        codes: (G, n) int64 nearest-centroid indices.
+        dists: (G, n) float squared distances to that centroid.
+    """
+    g, n, _ = x.shape
+    k = c.shape[1]
+    chunk = max(1, max_chunk_elems // max(1, g * k))
+    codes = torch.empty(g, n, dtype=torch.long, device=x.device)
+    dists = torch.empty(g, n, dtype=x.dtype, device=x.device)
+    for start in range(0, n, chunk):
+        d = squared_distances(x[:, start : start + chunk], c)  # (G, chunk, k)
+        dists[:, start : start + chunk], codes[:, start : start + chunk] = d.min(-1)
+    return codes, dists
+
+
+def _weighted_pick(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Per group, the index drawn with probability proportional to ``weights`` (G, n), given
+    uniforms ``u`` (G,) in [0, 1). Device-agnostic, so seeded draws match on CPU and CUDA."""
+    cdf = weights.cumsum(-1)  # (G, n)
+    total = cdf[:, -1:]
+    target = u.unsqueeze(-1) * total
+    idx = torch.searchsorted(cdf, target).squeeze(-1)
+    return idx.clamp_max_(weights.shape[1] - 1)
+
+
+def kmeans_plus_plus(
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator,
+    sample_size: int | None = None,
+) -> torch.Tensor:
+    """k-means++ seeding (D^2 sampling), batched over groups.
+
+    Args:
+        x: (G, n, d) float points.
+        k: number of centroids.
+        generator: a CPU generator; all randomness comes from it.
+        sample_size: seed from a random subset of this many points (default ``min(n, 16 k)``),
+            which keeps seeding O(sample_size * k * d).
+
+    Returns:
+        (G, k, d) initial centroids, each one a data point.
+    """
+    g, n, _ = x.shape
+    m = min(n, sample_size or 16 * k)
+    if m < n:
+        sub = torch.randperm(n, generator=generator)[:m].to(x.device)
+        x = x[:, sub]
+    rows = torch.arange(g, device=x.device)
+    uniforms = torch.rand(k, g, generator=generator).to(x.device)  # (k, G)
+    first = (uniforms[0] * m).long().clamp_max_(m - 1)
+    centroids = [x[rows, first]]  # list of (G, d)
+    closest = ((x - centroids[0].unsqueeze(1)) ** 2).sum(-1)  # (G, m)
+    for i in range(1, k):
+        weights = closest.clamp_min(0)
+        # A group whose points are all already centroids has zero weight: fall back to uniform.
+        weights = torch.where(weights.sum(-1, keepdim=True) > 0, weights, torch.ones_like(weights))
+        pick = _weighted_pick(weights, uniforms[i])
+        centroids.append(x[rows, pick])
+        closest = torch.minimum(closest, ((x - centroids[-1].unsqueeze(1)) ** 2).sum(-1))
+    return torch.stack(centroids, 1)
+
+
+def kmeans(
+    x: torch.Tensor,
+    k: int,
+    iters: int = 20,
+    seed: int = 0,
+    max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Lloyd's k-means with k-means++ seeding and empty-cluster repair, batched over groups.
+
+    Runs on the device of ``x`` in float32. Seeded: the same input and seed give the same
+    centroids. An empty cluster is re-seeded at the point farthest from its centroid, so all k
+    centroids stay in use.
+
+    Args:
+        x: (n, d) or (G, n, d) float points.
+        k: number of centroids; needs n >= k.
+        iters: Lloyd iterations after seeding.
+        seed: random seed.
+        max_chunk_elems: memory bound on distance entries held at once.
+        progress: show a progress bar.
+
+    Returns:
+        (k, d) or (G, k, d) float32 centroids, matching the rank of ``x``.
+    """
+    squeeze = x.dim() == 2
+    xg = (x.unsqueeze(0) if squeeze else x).float()
+    if xg.dim() != 3:
+        raise PoeemError(
+            "k-means input", "a (n, d) or (G, n, d) tensor", f"shape {tuple(x.shape)}", "reshape the points"
+        )
+    g, n, d = xg.shape
+    if n < k:
+        raise PoeemError(
+            "k-means input",
+            f"at least k={k} points",
+            f"{n} points",
+            "pass more points or use fewer centroids",
+        )
+    generator = torch.Generator().manual_seed(seed)
+    c = kmeans_plus_plus(xg, k, generator)
+    for _ in tqdm(range(iters), desc=f"k-means k={k}", disable=not progress, leave=False):
+        codes, dists = nearest_centroid(xg, c, max_chunk_elems)  # (G, n)
+        sums = torch.zeros(g, k, d, device=xg.device).scatter_add_(1, codes.unsqueeze(-1).expand(g, n, d), xg)
+        counts = torch.zeros(g, k, device=xg.device).scatter_add_(1, codes, torch.ones_like(dists))
+        c = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), c)
+        empty = counts == 0  # (G, k)
+        if empty.any():
+            c = _reseed_empty(xg, c, empty, dists)
+    return c.squeeze(0) if squeeze else c
+
+
+def _reseed_empty(x: torch.Tensor, c: torch.Tensor, empty: torch.Tensor, dists: torch.Tensor) -> torch.Tensor:
+    """Move each empty centroid onto one of the points farthest from their centroids.
+
+    x: (G, n, d); c: (G, k, d); empty: (G, k) bool; dists: (G, n). Returns (G, k, d)."""
+    c = c.clone()
+    for gi in torch.nonzero(empty.any(-1)).flatten().tolist():
+        slots = torch.nonzero(empty[gi]).flatten()
+        far = dists[gi].topk(len(slots)).indices
+        c[gi, slots] = x[gi, far]
+    return c

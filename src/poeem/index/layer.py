@@ -1,0 +1,376 @@
+"""PoeemLayer: the IVF-PQ embedding index as the last layer of an item tower."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from poeem.distributed import broadcast_from_rank0, gather_rows
+from poeem.errors import PoeemError
+from poeem.index.config import PoeemConfig
+from poeem.index.givens import GivensRotation
+from poeem.index.quantize import (
+    decode_rotated,
+    encode_rotated,
+    fit_ivf_pq,
+    fit_opq,
+    smallest_uint_dtype,
+    split_subvectors,
+)
+from poeem.index.stats import index_stats
+
+WARMUP, COLLECT, QUANTIZE = 0, 1, 2
+PHASE_NAMES = {WARMUP: "warmup", COLLECT: "collect", QUANTIZE: "quantize"}
+
+
+@dataclass
+class PoeemOutput:
+    """Result of :meth:`PoeemLayer.forward` on a batch of B items.
+
+    Attributes:
+        output: (B, dim), in the input's dtype. Its value is the reconstruction x_hat once
+            quantizing (else x itself); its gradient w.r.t. the input is the identity.
+        loss: scalar float32 index loss (distortion regularizer plus commitment); 0 before
+            quantization starts. Add it to the task loss.
+        coarse_codes: (B,) int64 coarse codes, or None (no IVF, or not quantizing).
+        codes: (B, D) int64 sub-codes, or None when not quantizing.
+        stats: index health of this batch (see :func:`poeem.index.stats.index_stats`).
+        quantized: whether ``output`` is quantized.
+    """
+
+    output: torch.Tensor
+    loss: torch.Tensor
+    coarse_codes: torch.Tensor | None = None
+    codes: torch.Tensor | None = None
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized: bool = False
+
+
+class PoeemLayer(nn.Module):
+    """Product-quantization index layer (Poeem, SIGIR 2021) with straight-through gradients.
+
+    Phases, counted in training-mode forward calls: ``warmup_steps`` calls as the identity,
+    then item embeddings fill a buffer of ``buffer_size`` rows, then k-means (or OPQ) fits the
+    index on that buffer and every later call quantizes. Phase, step, buffer and flags are
+    registered buffers, so a checkpoint taken in any phase resumes exactly. After
+    initialization the buffer is released (its shape becomes (0, dim)).
+
+    Non-finite inputs raise :class:`PoeemError` before they can reach the codebooks.
+
+    Build with keyword arguments (``PoeemLayer(dim=64, num_subspaces=8, ...)``) or a
+    :class:`PoeemConfig`.
+    """
+
+    def __init__(self, config: PoeemConfig | None = None, **kwargs: Any) -> None:
+        super().__init__()
+        if config is None:
+            config = PoeemConfig(**kwargs)
+        elif kwargs:
+            raise PoeemError(
+                "PoeemLayer arguments", "a config or keyword arguments", "both", "pass only one of them"
+            )
+        self.config = c = config
+        self.codebooks = nn.Parameter(torch.zeros(c.num_subspaces, c.codebook_size, c.dsub))
+        if c.num_coarse > 0:
+            self.coarse = nn.Parameter(torch.zeros(c.num_coarse, c.dim))
+        else:
+            self.register_parameter("coarse", None)
+        self.givens = GivensRotation(c.dim) if c.rotation == "givens" else None
+        self.register_buffer("base_rotation", torch.eye(c.dim))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        self.register_buffer("phase", torch.tensor(WARMUP if c.warmup_steps else COLLECT))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("buffer", torch.zeros(c.buffer_size, c.dim))
+        self.register_buffer("buffer_count", torch.zeros((), dtype=torch.long))
+        self._last_stats: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------- state
+    @property
+    def is_initialized(self) -> bool:
+        """Whether the index has been fitted (by the warm start or :meth:`initialize`)."""
+        return bool(self.initialized)
+
+    @property
+    def phase_name(self) -> str:
+        """'warmup', 'collect' or 'quantize'."""
+        return PHASE_NAMES[int(self.phase)]
+
+    @property
+    def rotation_matrix(self) -> torch.Tensor:
+        """The current (dim, dim) orthogonal rotation R; the index codes x @ R.
+
+        Identity for rotation "none", the OPQ rotation for "opq", and the OPQ rotation times
+        the learnable Givens product for "givens" (differentiable in the angles).
+        """
+        if self.givens is None:
+            return self.base_rotation
+        return self.base_rotation @ self.givens.matrix()
+
+    def stats(self) -> dict[str, float]:
+        """Index health of the last quantized batch, as floats (empty before quantization)."""
+        return {k: float(v) for k, v in self._last_stats.items()}
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, x: torch.Tensor) -> PoeemOutput:
+        """Quantize a batch of item embeddings (see the class docstring for the phases).
+
+        Args:
+            x: (B, dim) floating item embeddings; half precision is computed in float32.
+
+        Returns:
+            :class:`PoeemOutput`.
+        """
+        self._check_input(x)
+        x32 = x.float()
+        if self.training:
+            self._advance(x32.detach())
+        if not self.is_initialized:
+            if not self.training and self.config.eval_before_init == "raise":
+                raise PoeemError(
+                    "PoeemLayer in eval mode",
+                    "an initialized index",
+                    f"phase '{self.phase_name}' at step {int(self.step)}",
+                    "train past the warm start, call layer.initialize(item_embeddings), or "
+                    "build the layer with eval_before_init='identity'",
+                )
+            return PoeemOutput(output=x, loss=x32.new_zeros(()))
+        return self._quantize(x, x32)
+
+    def _advance(self, x: torch.Tensor) -> None:
+        """One training step of the warm-start state machine."""
+        self.step += 1
+        if self.is_initialized:
+            return
+        if int(self.step) <= self.config.warmup_steps:
+            return
+        self.phase.fill_(COLLECT)
+        rows = gather_rows(x)
+        count = int(self.buffer_count)
+        take = min(rows.shape[0], self.config.buffer_size - count)
+        self.buffer[count : count + take] = rows[:take]
+        self.buffer_count += take
+        if int(self.buffer_count) == self.config.buffer_size:
+            self.initialize(self.buffer)
+
+    def _quantize(self, x: torch.Tensor, x32: torch.Tensor) -> PoeemOutput:
+        c = self.config
+        rotation = self.rotation_matrix
+        xr = x32 @ rotation if c.rotation != "none" else x32  # (B, dim)
+        with torch.no_grad():
+            coarse = self.coarse.detach() if self.coarse is not None else None
+            coarse_codes, codes = encode_rotated(xr.detach(), coarse, self.codebooks.detach())
+        recon = decode_rotated(coarse_codes, codes, self.coarse, self.codebooks)
+        x_hat = recon @ rotation.T if c.rotation != "none" else recon  # (B, dim)
+        loss = c.regularizer_weight * (x_hat - x32.detach()).pow(2).sum(-1).mean()
+        if c.commitment_weight:
+            loss = loss + c.commitment_weight * (x32 - x_hat.detach()).pow(2).sum(-1).mean()
+        stats = index_stats(x32, x_hat, coarse_codes, codes, c.num_coarse, c.codebook_size)
+        self._last_stats = stats
+        output = (x32 + (x_hat - x32).detach()).to(x.dtype)  # straight-through estimator
+        return PoeemOutput(output, loss, coarse_codes, codes, stats, quantized=True)
+
+    # ------------------------------------------------------------ initialise
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor, progress: bool = False) -> None:
+        """Fit the index on item embeddings and switch to quantization.
+
+        Runs OPQ (rotation "opq"/"givens") or plain k-means: coarse centroids first, then PQ
+        codebooks on the residuals. Under torch.distributed, rank 0's result is broadcast.
+
+        Args:
+            x: (n, dim) item embeddings, n >= max(K, coarse_K).
+            progress: show k-means progress bars.
+        """
+        self._check_input(x)
+        c = self.config
+        needed = max(c.codebook_size, c.num_coarse)
+        if x.shape[0] < needed:
+            raise PoeemError(
+                "initialize()",
+                f"at least max(K, coarse_K) = {needed} embeddings",
+                f"{x.shape[0]}",
+                "pass more item embeddings",
+            )
+        x = x.detach().float().to(self.codebooks.device)
+        if c.init == "random":
+            rotation, coarse, codebooks = self._random_init(x)
+        elif c.rotation == "none":
+            rotation = torch.eye(c.dim, device=x.device)
+            coarse, codebooks = fit_ivf_pq(
+                x, c.num_coarse, c.num_subspaces, c.codebook_size, c.kmeans_iters, c.seed, progress
+            )
+        else:
+            rotation, coarse, codebooks = fit_opq(
+                x,
+                c.num_coarse,
+                c.num_subspaces,
+                c.codebook_size,
+                c.kmeans_iters,
+                c.opq_rounds,
+                c.seed,
+                progress,
+            )
+        self.base_rotation.copy_(rotation)
+        self.codebooks.copy_(codebooks)
+        if self.coarse is not None and coarse is not None:
+            self.coarse.copy_(coarse)
+        if self.givens is not None:
+            self.givens.angles.zero_()
+        broadcast_from_rank0([p for p in (self.base_rotation, self.codebooks, self.coarse) if p is not None])
+        self.initialized.fill_(True)
+        self.phase.fill_(QUANTIZE)
+        self.buffer = self.buffer.new_zeros(0, c.dim)  # release the warm-start buffer
+        self.buffer_count.zero_()
+
+    def _random_init(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Ablation: codewords are random rows (coarse) and random residual subvectors."""
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed)
+        coarse = None
+        if c.num_coarse:
+            coarse = x[torch.randperm(x.shape[0], generator=g)[: c.num_coarse].to(x.device)]
+        sub = split_subvectors(x - coarse[0] if coarse is not None else x, c.num_subspaces)
+        pick = torch.randint(x.shape[0], (c.num_subspaces, c.codebook_size), generator=g)
+        codebooks = sub[torch.arange(c.num_subspaces).unsqueeze(1), pick.to(x.device)]
+        return torch.eye(c.dim, device=x.device), coarse, codebooks
+
+    # ------------------------------------------------------- encode / decode
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, batch_size: int = 65536) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Codes of item embeddings with the current index, in batches.
+
+        Args:
+            x: (n, dim) item embeddings.
+
+        Returns:
+            coarse_codes: (n,) in the smallest integer dtype holding coarse_K, or None without
+            IVF; codes: (n, D) in the smallest integer dtype holding K (uint8 for K <= 256).
+        """
+        self._check_input(x)
+        self._require_initialized("encode()")
+        c = self.config
+        rotation = self.rotation_matrix.detach()
+        coarse = self.coarse.detach() if self.coarse is not None else None
+        coarse_parts, code_parts = [], []
+        for start in range(0, x.shape[0], batch_size):
+            xr = x[start : start + batch_size].float().to(rotation.device) @ rotation
+            cc, codes = encode_rotated(xr, coarse, self.codebooks.detach())
+            code_parts.append(codes.to(smallest_uint_dtype(c.codebook_size)))
+            if cc is not None:
+                coarse_parts.append(cc.to(smallest_uint_dtype(c.num_coarse)))
+        codes = (
+            torch.cat(code_parts)
+            if code_parts
+            else torch.zeros(0, c.num_subspaces, dtype=smallest_uint_dtype(c.codebook_size))
+        )
+        coarse_codes = torch.cat(coarse_parts) if coarse_parts else None
+        if coarse is not None and coarse_codes is None:
+            coarse_codes = torch.zeros(0, dtype=smallest_uint_dtype(c.num_coarse))
+        return coarse_codes, codes
+
+    @torch.no_grad()
+    def decode(
+        self, coarse_codes: torch.Tensor | None, codes: torch.Tensor, batch_size: int = 65536
+    ) -> torch.Tensor:
+        """Reconstructions x_hat in the original (un-rotated) space.
+
+        Args:
+            coarse_codes: (n,) integer coarse codes, or None without IVF.
+            codes: (n, D) integer sub-codes.
+
+        Returns:
+            (n, dim) float32 reconstructions; equal to the forward output for the same items.
+        """
+        self._require_initialized("decode()")
+        c = self.config
+        if codes.dim() != 2 or codes.shape[1] != c.num_subspaces:
+            raise PoeemError(
+                "decode() codes",
+                f"shape (n, {c.num_subspaces})",
+                f"shape {tuple(codes.shape)}",
+                "pass codes from encode()",
+            )
+        if (coarse_codes is None) != (self.coarse is None):
+            raise PoeemError(
+                "decode() coarse_codes",
+                "coarse codes exactly when num_coarse > 0",
+                f"coarse_codes={'None' if coarse_codes is None else 'a tensor'}, num_coarse={c.num_coarse}",
+                "pass what encode() returned",
+            )
+        rotation = self.rotation_matrix.detach()
+        device = rotation.device
+        parts = []
+        for start in range(0, codes.shape[0], batch_size):
+            cc = (
+                coarse_codes[start : start + batch_size].to(device).long()
+                if coarse_codes is not None
+                else None
+            )
+            recon = decode_rotated(
+                cc, codes[start : start + batch_size].to(device).long(), self.coarse, self.codebooks
+            )
+            parts.append(recon @ rotation.T)
+        return torch.cat(parts) if parts else torch.zeros(0, c.dim, device=device)
+
+    # ------------------------------------------------------------- checking
+    def _check_input(self, x: torch.Tensor) -> None:
+        dim = self.config.dim
+        if not isinstance(x, torch.Tensor):
+            raise PoeemError(
+                "PoeemLayer input", "a torch.Tensor", type(x).__name__, "convert with torch.as_tensor(x)"
+            )
+        if x.dim() != 2 or x.shape[1] != dim:
+            raise PoeemError(
+                "PoeemLayer input",
+                f"shape (batch, {dim})",
+                f"shape {tuple(x.shape)}",
+                f"make the item tower output {dim} features, or build the layer "
+                f"with dim={x.shape[-1] if x.dim() else '?'}",
+            )
+        if not x.is_floating_point():
+            raise PoeemError(
+                "PoeemLayer input", "a floating-point tensor", str(x.dtype), "cast with x.float()"
+            )
+        if not bool(torch.isfinite(x).all()):
+            bad = int((~torch.isfinite(x)).any(-1).sum())
+            raise PoeemError(
+                "PoeemLayer input",
+                "finite values",
+                f"NaN or inf in {bad} rows",
+                "check the item tower (learning rate, normalisation) for divergence",
+            )
+
+    def _require_initialized(self, what: str) -> None:
+        if not self.is_initialized:
+            raise PoeemError(
+                what,
+                "an initialized index",
+                f"phase '{self.phase_name}'",
+                "train past the warm start or call layer.initialize(x) first",
+            )
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        own = self.state_dict()
+        mismatched = []
+        for key, value in own.items():
+            incoming = state_dict.get(prefix + key)
+            if incoming is None or incoming.shape == value.shape:
+                continue
+            if key == "buffer" and incoming.shape in {
+                (0, self.config.dim),
+                (self.config.buffer_size, self.config.dim),
+            }:
+                self.buffer = self.buffer.new_zeros(incoming.shape)  # released or still filling
+                continue
+            mismatched.append(f"{key}: checkpoint {tuple(incoming.shape)} vs layer {tuple(value.shape)}")
+        if mismatched:
+            raise PoeemError(
+                "PoeemLayer state_dict",
+                f"tensors shaped for this layer's config ({self.config})",
+                "; ".join(mismatched),
+                "build the layer with the config the checkpoint was saved with",
+            )
+        super()._load_from_state_dict(state_dict, prefix, *args)

@@ -1,0 +1,174 @@
+"""Pure tensor functions of IVF + PQ quantization, in the paper's notation.
+
+A vector x (dim,) in the rotated space is coded as a coarse code c in [0, coarse_K) and D
+sub-codes in [0, K): x ~ coarse[c] + concat_d codebooks[d, code_d]. Subvectors have
+dsub = dim / D coordinates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from poeem.index.kmeans import kmeans, nearest_centroid
+
+
+def smallest_uint_dtype(n: int) -> torch.dtype:
+    """The smallest integer dtype that holds the values 0..n-1."""
+    if n <= 1 << 8:
+        return torch.uint8
+    if n <= 1 << 16:
+        return torch.uint16
+    return torch.int32
+
+
+def coarse_assign(xr: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+    """Nearest coarse centroid (L2) of each vector.
+
+    Args:
+        xr: (B, dim) rotated vectors.
+        coarse: (coarse_K, dim) centroids, coarse_K >= 1.
+
+    Returns:
+        (B,) int64 coarse codes.
+    """
+    codes, _ = nearest_centroid(xr.unsqueeze(0), coarse.unsqueeze(0))
+    return codes[0]
+
+
+def split_subvectors(x: torch.Tensor, num_subspaces: int) -> torch.Tensor:
+    """(B, dim) -> (D, B, dsub): the subvectors of each subspace grouped together."""
+    return x.reshape(x.shape[0], num_subspaces, -1).transpose(0, 1)
+
+
+def pq_assign(residual: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Nearest codeword (L2) of each subvector.
+
+    Args:
+        residual: (B, dim) vectors to code (residuals of the coarse quantizer).
+        codebooks: (D, K, dsub) codewords.
+
+    Returns:
+        (B, D) int64 sub-codes.
+    """
+    codes, _ = nearest_centroid(split_subvectors(residual, codebooks.shape[0]), codebooks)
+    return codes.T
+
+
+def pq_reconstruct(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Concatenated codewords of the given sub-codes; differentiable in ``codebooks``.
+
+    Args:
+        codes: (B, D) integer sub-codes.
+        codebooks: (D, K, dsub) codewords.
+
+    Returns:
+        (B, dim) reconstructions.
+    """
+    d = codebooks.shape[0]
+    subspace = torch.arange(d, device=codebooks.device)
+    words = codebooks[subspace, codes.long()]  # (B, D, dsub)
+    return words.reshape(codes.shape[0], -1)
+
+
+def encode_rotated(
+    xr: torch.Tensor, coarse: torch.Tensor | None, codebooks: torch.Tensor
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Coarse codes and sub-codes of rotated vectors.
+
+    Args:
+        xr: (B, dim) rotated vectors.
+        coarse: (coarse_K, dim) coarse centroids, or None without a coarse quantizer.
+        codebooks: (D, K, dsub) codewords.
+
+    Returns:
+        coarse_codes: (B,) int64, or None; codes: (B, D) int64.
+    """
+    if coarse is None:
+        return None, pq_assign(xr, codebooks)
+    coarse_codes = coarse_assign(xr, coarse)
+    return coarse_codes, pq_assign(xr - coarse[coarse_codes], codebooks)
+
+
+def decode_rotated(
+    coarse_codes: torch.Tensor | None,
+    codes: torch.Tensor,
+    coarse: torch.Tensor | None,
+    codebooks: torch.Tensor,
+) -> torch.Tensor:
+    """Reconstruction in the rotated space: coarse[c] + PQ codewords; (B, dim)."""
+    recon = pq_reconstruct(codes, codebooks)
+    if coarse is not None and coarse_codes is not None:
+        recon = recon + coarse[coarse_codes.long()]
+    return recon
+
+
+def fit_ivf_pq(
+    xr: torch.Tensor,
+    num_coarse: int,
+    num_subspaces: int,
+    codebook_size: int,
+    iters: int,
+    seed: int,
+    progress: bool = False,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """k-means of the coarse centroids, then of the PQ codebooks on the **residuals**.
+
+    Args:
+        xr: (n, dim) rotated training vectors.
+
+    Returns:
+        coarse: (coarse_K, dim) or None when num_coarse is 0; codebooks: (D, K, dsub).
+    """
+    coarse = None
+    residual = xr
+    if num_coarse > 0:
+        coarse = kmeans(xr, num_coarse, iters=iters, seed=seed, progress=progress)
+        residual = xr - coarse[coarse_assign(xr, coarse)]
+    sub = split_subvectors(residual, num_subspaces)  # (D, n, dsub)
+    codebooks = kmeans(sub, codebook_size, iters=iters, seed=seed + 1, progress=progress)
+    return coarse, codebooks
+
+
+def procrustes_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The orthogonal R minimising ||x R - y||_F (the OPQ rotation update).
+
+    Args:
+        x: (n, dim) vectors; y: (n, dim) their targets.
+
+    Returns:
+        (dim, dim) orthogonal matrix.
+    """
+    u, _, vh = torch.linalg.svd(x.double().T @ y.double())
+    return (u @ vh).float()
+
+
+def fit_opq(
+    x: torch.Tensor,
+    num_coarse: int,
+    num_subspaces: int,
+    codebook_size: int,
+    iters: int,
+    rounds: int,
+    seed: int,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """OPQ alternation: fit IVF-PQ on x R, then update R by Procrustes; repeat ``rounds`` times.
+
+    Args:
+        x: (n, dim) training vectors (not rotated).
+
+    Returns:
+        rotation: (dim, dim) orthogonal; coarse: (coarse_K, dim) or None; codebooks (D, K, dsub).
+    """
+    rotation = torch.eye(x.shape[1], device=x.device)
+    for r in range(rounds):
+        xr = x @ rotation
+        coarse, codebooks = fit_ivf_pq(
+            xr, num_coarse, num_subspaces, codebook_size, max(1, iters // 2), seed + 10 * r
+        )
+        recon = decode_rotated(*encode_rotated(xr, coarse, codebooks), coarse, codebooks)
+        rotation = procrustes_rotation(x, recon)
+    coarse, codebooks = fit_ivf_pq(
+        x @ rotation, num_coarse, num_subspaces, codebook_size, iters, seed, progress
+    )
+    return rotation, coarse, codebooks

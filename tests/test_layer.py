@@ -1,0 +1,196 @@
+import pytest
+import torch
+from conftest import correlated
+
+from poeem import PoeemLayer
+from poeem.index.quantize import split_subvectors
+
+
+def ready_layer(
+    rotation: str = "none", num_coarse: int = 4, k: int = 16, dim: int = 16, d: int = 4
+) -> tuple[PoeemLayer, torch.Tensor]:
+    x = correlated(1024, dim)
+    layer = PoeemLayer(
+        dim=dim,
+        num_subspaces=d,
+        codebook_size=k,
+        num_coarse=num_coarse,
+        rotation=rotation,
+        warmup_steps=0,
+        buffer_size=512,
+        kmeans_iters=5,
+        opq_rounds=2,
+    )
+    layer.initialize(x[:512])
+    return layer, x
+
+
+@pytest.mark.parametrize("rotation", ["none", "opq", "givens"])
+def test_straight_through_gradient_is_identity(rotation: str) -> None:
+    layer, x = ready_layer(rotation)
+    x = x[:64].clone().requires_grad_(True)
+    out = layer(x)
+    assert out.quantized
+    upstream = torch.randn_like(x)
+    (out.output * upstream).sum().backward()
+    torch.testing.assert_close(x.grad, upstream)
+
+
+@pytest.mark.parametrize("rotation", ["none", "givens"])
+def test_index_params_get_gradient_only_from_regularizer(rotation: str) -> None:
+    layer, x = ready_layer(rotation)
+    out = layer(x[:64].clone().requires_grad_(True))
+    out.output.pow(2).sum().backward(retain_graph=True)
+    for p in layer.parameters():
+        assert p.grad is None or not p.grad.any()
+    out.loss.backward()
+    assert layer.codebooks.grad.abs().sum() > 0
+    assert layer.coarse.grad.abs().sum() > 0
+    if rotation == "givens":
+        assert layer.givens.angles.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("num_coarse", [0, 4])
+@pytest.mark.parametrize("rotation", ["none", "opq"])
+def test_encode_matches_brute_force(num_coarse: int, rotation: str) -> None:
+    layer, x = ready_layer(rotation, num_coarse=num_coarse)
+    coarse_codes, codes = layer.encode(x, batch_size=100)
+    assert codes.dtype == torch.uint8
+    xr = x @ layer.rotation_matrix
+    if num_coarse:
+        expected_cc = torch.cdist(xr, layer.coarse).argmin(1)
+        assert torch.equal(coarse_codes.long(), expected_cc)
+        xr = xr - layer.coarse[expected_cc]
+    else:
+        assert coarse_codes is None
+    sub = split_subvectors(xr, 4)  # (D, n, dsub)
+    for d in range(4):
+        expected = torch.cdist(sub[d], layer.codebooks[d].detach()).argmin(1)
+        assert torch.equal(codes[:, d].long(), expected)
+
+
+@pytest.mark.parametrize("rotation", ["none", "opq", "givens"])
+def test_decode_of_encode_equals_forward(rotation: str) -> None:
+    layer, x = ready_layer(rotation)
+    layer.eval()
+    out = layer(x)
+    recon = layer.decode(*layer.encode(x))
+    torch.testing.assert_close(recon, out.output, atol=1e-5, rtol=1e-5)
+    assert torch.equal(layer.encode(x)[1].long(), out.codes)
+
+
+def test_codes_use_uint16_for_large_k() -> None:
+    layer = PoeemLayer(
+        dim=4,
+        num_subspaces=2,
+        codebook_size=300,
+        num_coarse=0,
+        buffer_size=300,
+        warmup_steps=0,
+        kmeans_iters=1,
+    )
+    layer.initialize(torch.randn(300, 4))
+    _, codes = layer.encode(torch.randn(10, 4))
+    assert codes.dtype == torch.uint16
+
+
+def test_givens_rotation_stays_orthogonal_under_large_steps() -> None:
+    layer, x = ready_layer("givens")
+    opt = torch.optim.Adam(layer.parameters(), lr=0.5)  # angles move up to 0.5 rad a step
+    for i in range(200):
+        out = layer(x[(i % 8) * 64 : (i % 8 + 1) * 64])
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    r = layer.rotation_matrix.detach()
+    torch.testing.assert_close(r @ r.T, torch.eye(16), atol=1e-5, rtol=0)
+    assert layer.givens.angles.abs().max() > 0.01  # it really moved
+
+
+def test_opq_reduces_distortion_on_correlated_data() -> None:
+    plain, x = ready_layer("none", num_coarse=0)
+    opq, _ = ready_layer("opq", num_coarse=0)
+    plain.eval(), opq.eval()
+    d_plain = float(plain(x).stats["distortion"])
+    d_opq = float(opq(x).stats["distortion"])
+    assert d_opq < 0.9 * d_plain
+
+
+def test_warm_start_phase_transitions() -> None:
+    layer = PoeemLayer(
+        dim=8, num_subspaces=2, codebook_size=4, num_coarse=2, warmup_steps=3, buffer_size=20, kmeans_iters=2
+    )
+    phases, quantized = [], []
+    for _ in range(6):
+        out = layer(torch.randn(8, 8))
+        phases.append(layer.phase_name)
+        quantized.append(out.quantized)
+    # steps 1-3 warm-up; 4-5 fill 16 of 20 rows; step 6 completes the buffer and quantizes
+    assert phases == ["warmup"] * 3 + ["collect"] * 2 + ["quantize"]
+    assert quantized == [False] * 5 + [True]
+    assert layer.buffer.shape == (0, 8)
+
+
+def test_identity_before_initialization() -> None:
+    layer = PoeemLayer(dim=8, num_subspaces=2, codebook_size=4, num_coarse=2, warmup_steps=5, buffer_size=20)
+    x = torch.randn(3, 8)
+    out = layer(x)
+    assert torch.equal(out.output, x) and float(out.loss) == 0.0 and out.codes is None
+
+
+def test_state_dict_mid_warm_start_resumes_identically() -> None:
+    kwargs = dict(
+        dim=8,
+        num_subspaces=2,
+        codebook_size=4,
+        num_coarse=2,
+        warmup_steps=2,
+        buffer_size=32,
+        kmeans_iters=3,
+        rotation="givens",
+    )
+    batches = [torch.randn(8, 8) for _ in range(10)]
+    straight = PoeemLayer(**kwargs)
+    for b in batches:
+        last = straight(b)
+    first = PoeemLayer(**kwargs)
+    for b in batches[:4]:  # mid-collection: 2 batches in the buffer
+        first(b)
+    assert first.phase_name == "collect"
+    resumed = PoeemLayer(**kwargs)
+    resumed.load_state_dict(first.state_dict())
+    for b in batches[4:]:
+        out = resumed(b)
+    assert torch.equal(out.output, last.output)
+    assert torch.equal(resumed.codebooks, straight.codebooks)
+    # and an initialized checkpoint loads into a fresh layer (buffer shape (0, dim))
+    fresh = PoeemLayer(**kwargs)
+    fresh.load_state_dict(straight.state_dict())
+    fresh.eval()
+    torch.testing.assert_close(fresh(batches[0]).output, straight.eval()(batches[0]).output)
+
+
+def test_half_precision_input() -> None:
+    layer, x = ready_layer()
+    out = layer(x[:32].half())
+    assert out.output.dtype == torch.float16
+    assert out.loss.dtype == torch.float32
+
+
+def test_stats_report_usage_and_distortion() -> None:
+    layer, x = ready_layer(k=16)
+    layer.eval()
+    out = layer(x)
+    s = layer.stats()
+    assert set(s) >= {
+        "distortion",
+        "relative_distortion",
+        "subcodes_used",
+        "subcode_perplexity",
+        "coarse_used",
+        "coarse_perplexity",
+    }
+    assert 1 <= s["subcode_perplexity"] <= 16 and s["subcodes_used"] <= 16
+    assert 1 <= s["coarse_perplexity"] <= 4
+    expected = (x - out.output).pow(2).sum(1).mean()
+    assert s["distortion"] == pytest.approx(float(expected), rel=1e-4)
