@@ -1,0 +1,94 @@
+"""The comparison table of a trained model: exact search, the learned index, and FAISS."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from poeem.data.interactions import InteractionData
+from poeem.evaluation.evaluate import Searchable, evaluate_retrieval
+from poeem.export.faiss_export import build_faiss_index, is_power_of_two
+from poeem.export.learned import learned_index
+from poeem.model import TwoTowerModel
+from poeem.search.adc import TorchIVFPQ
+from poeem.search.exact import FlatIndex
+from poeem.search.faiss_backend import FaissSearcher, train_faiss_ivfpq
+
+
+def query_encoder(model: TwoTowerModel, data: InteractionData):
+    """(nq,) query ids -> (nq, dim) query embeddings, on CPU."""
+    device = model.item_log_q.device
+    feats = torch.from_numpy(data.query_features) if data.query_features is not None else None
+
+    def encode(rows: np.ndarray) -> torch.Tensor:
+        ids = torch.from_numpy(rows)
+        f = feats[ids].to(device) if feats is not None else None
+        return model.encode_queries(ids.to(device), f).cpu()
+
+    return encode
+
+
+def _rows(
+    name: str,
+    index: Searchable,
+    build_s: float,
+    model: TwoTowerModel,
+    data: InteractionData,
+    ks: tuple[int, ...],
+    nprobes: tuple[int, ...],
+) -> list[dict[str, Any]]:
+    out = []
+    for nprobe in nprobes:
+        started = time.perf_counter()
+        metrics = evaluate_retrieval(index, query_encoder(model, data), data, ks, nprobe)
+        out.append(
+            {
+                "method": name,
+                "nprobe": nprobe,
+                **metrics,
+                "build_s": build_s,
+                "eval_s": time.perf_counter() - started,
+            }
+        )
+    return out
+
+
+@torch.no_grad()
+def compare_indexes(
+    model: TwoTowerModel,
+    data: InteractionData,
+    ks: tuple[int, ...],
+    nprobes: tuple[int, ...],
+    faiss_baseline: bool = True,
+    budget: tuple[int, int, int] = (8, 8, 256),
+    opq_baseline: bool = False,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Metric rows for: ``exact`` (un-quantized items, brute force), ``poeem`` (the learned
+    index exported to FAISS without training, when the model has a layer), ``faiss-ivfpq`` (FAISS trained on the un-quantized items
+    with ``budget`` = (coarse_K, D, K)) and optionally ``faiss-opq-ivfpq``.
+
+    Each row holds the metrics, ``nprobe``, ``build_s`` (index build time: FAISS train+add, or
+    encoding with the frozen learned index) and ``eval_s``.
+    """
+    model.eval()
+    item_features = torch.from_numpy(data.item_features) if data.item_features is not None else None
+    xb = model.all_item_embeddings(item_features).cpu()
+    rows = _rows("exact", FlatIndex(xb, "ip"), 0.0, model, data, ks, (1,))
+    if model.index is not None:
+        started = time.perf_counter()
+        learned = learned_index(model.index, xb)
+        if is_power_of_two(model.index.config.codebook_size):  # FAISS, as users serve it
+            searcher: Searchable = FaissSearcher(build_faiss_index(learned, "ip"))
+        else:
+            searcher = TorchIVFPQ(learned, "ip")
+        rows += _rows("poeem", searcher, time.perf_counter() - started, model, data, ks, nprobes)
+    baselines = [("faiss-ivfpq", False)] * faiss_baseline + [("faiss-opq-ivfpq", True)] * opq_baseline
+    for name, opq in baselines:
+        started = time.perf_counter()
+        index = train_faiss_ivfpq(xb, *budget, metric="ip", opq=opq, seed=seed)
+        rows += _rows(name, FaissSearcher(index), time.perf_counter() - started, model, data, ks, nprobes)
+    return rows

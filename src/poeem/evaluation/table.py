@@ -1,0 +1,22 @@
+"""Plain-text tables of evaluation rows."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def format_rows(rows: list[dict[str, Any]], metrics: tuple[str, ...] | None = None) -> str:
+    """A fixed-width table: method, nprobe, the metric columns, build and eval seconds."""
+    if not rows:
+        return "(no rows)"
+    metric_cols = list(metrics or [k for k in rows[0] if "@" in k])
+    cols = ["method", "nprobe", *metric_cols, "build_s", "eval_s"]
+    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
+    return "\n".join(lines)
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)

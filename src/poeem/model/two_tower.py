@@ -1,0 +1,128 @@
+"""Two-tower retrieval model whose item tower may end with a :class:`PoeemLayer`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from poeem.errors import PoeemError
+from poeem.index import PoeemConfig, PoeemLayer
+from poeem.model.loss import in_batch_softmax
+from poeem.model.towers import Tower
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and scoring of a :class:`TwoTowerModel`."""
+
+    dim: int = 64
+    score: Literal["cosine", "dot"] = "cosine"  # cosine: both towers L2-normalised
+    temperature: float = 0.1  # logits are score / temperature
+    logq_correction: bool = False  # subtract log item frequency from in-batch logits
+    query_hidden: tuple[int, ...] = ()  # MLP widths for numeric query features
+    item_hidden: tuple[int, ...] = ()
+    init_std: float = 0.1
+    poeem: dict[str, Any] | None = field(default=None)  # PoeemConfig fields; None = baseline
+
+    def __post_init__(self) -> None:
+        if self.score not in ("cosine", "dot"):
+            raise PoeemError("score", "'cosine' or 'dot'", repr(self.score), "pick one of those")
+        if self.temperature <= 0:
+            raise PoeemError("temperature", "a positive number", str(self.temperature), "e.g. 0.1")
+        self.query_hidden, self.item_hidden = tuple(self.query_hidden), tuple(self.item_hidden)
+        if self.poeem is not None:
+            PoeemConfig(**{"dim": self.dim, **self.poeem})  # validate early
+
+    @property
+    def search_metric(self) -> Literal["cosine", "ip"]:
+        """How the index is searched: "cosine" (normalise queries, then inner product) or "ip"."""
+        return "cosine" if self.score == "cosine" else "ip"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy."""
+        return asdict(self)
+
+
+class TwoTowerModel(nn.Module):
+    """Query tower and item tower trained with in-batch softmax.
+
+    Scores are <q, x_hat> / temperature where x_hat is the item tower's output after the
+    Poeem layer (if any); with cosine scoring q and the item embedding are L2-normalised
+    before the layer, so the index is searched by inner product with normalised queries.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_queries: int,
+        num_items: int,
+        num_query_features: int = 0,
+        num_item_features: int = 0,
+        item_counts: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = c = config
+        self.query_tower = Tower(num_queries, c.dim, num_query_features, c.query_hidden, c.init_std)
+        self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std)
+        self.index: PoeemLayer | None = None
+        if c.poeem is not None:
+            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, **c.poeem}))
+        counts = item_counts if item_counts is not None else torch.ones(num_items)
+        self.register_buffer("item_log_q", (counts.float() / counts.sum()).clamp_min(1e-12).log())
+
+    @property
+    def num_items(self) -> int:
+        """Size of the item vocabulary."""
+        return self.item_tower.embedding.num_embeddings
+
+    def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) query ids (+ (B, Fq) features) -> (B, dim) query embeddings, as searched."""
+        q = self.query_tower(ids, features)
+        return F.normalize(q, dim=-1) if self.config.score == "cosine" else q
+
+    def encode_items(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) item ids (+ (B, Fi) features) -> (B, dim) un-quantized item embeddings, the
+        Poeem layer's input."""
+        x = self.item_tower(ids, features)
+        return F.normalize(x, dim=-1) if self.config.score == "cosine" else x
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One training step's losses.
+
+        Args:
+            batch: ``query_ids`` (B,), ``item_ids`` (B,), optional ``query_features`` (B, Fq)
+                and ``item_features`` (B, Fi).
+
+        Returns:
+            ``loss`` (task + index), ``task_loss``, ``index_loss``, and the index health stats.
+        """
+        q = self.encode_queries(batch["query_ids"], batch.get("query_features"))
+        x = self.encode_items(batch["item_ids"], batch.get("item_features"))
+        out: dict[str, torch.Tensor] = {}
+        index_loss = q.new_zeros(())
+        if self.index is not None:
+            res = self.index(x)
+            x, index_loss = res.output, res.loss
+            out.update(res.stats)
+        scores = q @ x.T / self.config.temperature  # (B, B)
+        log_q = self.item_log_q[batch["item_ids"]] if self.config.logq_correction else None
+        task = in_batch_softmax(scores, batch["item_ids"], log_q)
+        out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
+        return out
+
+    @torch.no_grad()
+    def all_item_embeddings(
+        self, item_features: torch.Tensor | None = None, batch_size: int = 65536
+    ) -> torch.Tensor:
+        """(num_items, dim) un-quantized embeddings of every item, in id order."""
+        device = self.item_log_q.device
+        parts = []
+        for start in range(0, self.num_items, batch_size):
+            ids = torch.arange(start, min(start + batch_size, self.num_items), device=device)
+            feats = item_features[ids.cpu()].to(device) if item_features is not None else None
+            parts.append(self.encode_items(ids, feats))
+        return torch.cat(parts)

@@ -1,0 +1,81 @@
+"""FAISS as a search backend with the same interface as the torch ones, and the usual
+"separately built" FAISS IVF-PQ baseline (trained on un-quantized embeddings)."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import torch
+
+from poeem.export.faiss_export import nbits_of
+from poeem.search.metric import Metric, check_metric, prepare_queries
+
+
+def set_nprobe(index: faiss.Index, nprobe: int) -> int:
+    """Set nprobe on the IVF inside ``index`` (if any), clamped to its list count; returns it."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return 1
+    ivf.nprobe = max(1, min(nprobe, ivf.nlist))
+    return ivf.nprobe
+
+
+class FaissSearcher:
+    """``search(xq, k, nprobe) -> (D, I)`` on a FAISS index, in torch tensors.
+
+    Queries are validated (and normalised for cosine when the index does not do it itself).
+    """
+
+    def __init__(self, index: faiss.Index, normalize_queries: bool = False) -> None:
+        self.index, self.normalize = index, normalize_queries
+
+    @property
+    def ntotal(self) -> int:
+        """Number of items."""
+        return int(self.index.ntotal)
+
+    def search(self, xq: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: xq (nq, dim). Returns D (nq, k) float32 scores and I (nq, k) int64 ids."""
+        metric = "cosine" if self.normalize else "ip"
+        q = prepare_queries(xq, metric, self.index.d).cpu().numpy()
+        set_nprobe(self.index, nprobe)
+        d, i = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        return torch.from_numpy(d), torch.from_numpy(i)
+
+
+def train_faiss_ivfpq(
+    xb: torch.Tensor,
+    num_coarse: int,
+    num_subspaces: int,
+    codebook_size: int,
+    metric: Metric = "ip",
+    opq: bool = False,
+    seed: int = 0,
+) -> faiss.Index:
+    """The usual pipeline's index: FAISS trains IVF{coarse_K},PQ{D}x{nbits} (optionally OPQ) on
+    the item embeddings, then adds them. Ids are row numbers.
+
+    Args:
+        xb: (n, dim) un-quantized item embeddings (normalised here for cosine).
+    """
+    check_metric(metric)
+    nbits = nbits_of(codebook_size)
+    x = prepare_queries(xb, metric, xb.shape[1]).cpu().numpy()
+    spec = f"{'OPQ%d,' % num_subspaces if opq else ''}{'IVF%d,' % num_coarse if num_coarse else ''}PQ{num_subspaces}x{nbits}"
+    fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    index = faiss.index_factory(x.shape[1], spec, fmetric)
+    faiss.ParameterSpace().set_index_parameter(index, "verbose", 0)
+    _seed_clustering(index, seed)
+    index.train(x)
+    index.add(x)
+    return index
+
+
+def _seed_clustering(index: faiss.Index, seed: int) -> None:
+    try:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        ivf.cp.seed = seed
+        ivf.pq.cp.seed = seed
+    except RuntimeError:
+        pass

@@ -1,0 +1,192 @@
+"""A trainer that knows nothing about the model: the model maps a batch to a dict of scalars
+holding ``loss``; evaluation and logging join through callbacks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from poeem.errors import PoeemError
+from poeem.training.checkpoint import load_checkpoint, save_checkpoint
+from poeem.training.metrics_log import MetricsLog
+
+OptimizerName = Literal["adam", "adamw", "adagrad"]
+
+
+class BatchSource(Protocol):
+    """Deterministic batches: ``batch(epoch, index)`` for ``index < len(source)``."""
+
+    def __len__(self) -> int: ...
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and bookkeeping of a training run."""
+
+    epochs: int = 3
+    batch_size: int = 1024
+    optimizer: OptimizerName = "adam"
+    lr: float = 1e-2
+    index_lr: float | None = None  # learning rate of the index (codebooks, rotation); None = lr
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"  # "cpu", "cuda", "cuda:1" or "auto"
+    checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end)
+    eval_every: int = 0  # steps between evaluations (0: at the end of each epoch)
+    log_every: int = 50  # steps between log rows
+    log: Literal["csv", "tensorboard", "none"] = "csv"
+    max_steps: int | None = None  # stop early (a checkpoint is still written)
+    progress: bool = True
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks CUDA when available; an unavailable CUDA device is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise PoeemError(
+            "device", "an available device", f"'{name}' (no CUDA here)", "pass --device cpu or --device auto"
+        )
+    return device
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The configured optimizer; parameters of any ``index`` submodule get ``index_lr``."""
+    index = getattr(model, "index", None)
+    index_params = list(index.parameters()) if isinstance(index, nn.Module) else []
+    index_ids = {id(p) for p in index_params}
+    rest = [p for p in model.parameters() if id(p) not in index_ids]
+    groups: list[dict[str, Any]] = [{"params": rest}]
+    if index_params:
+        groups.append({"params": index_params, "lr": cfg.index_lr or cfg.lr, "weight_decay": 0.0})
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adagrad":
+        return torch.optim.Adagrad(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    raise PoeemError("optimizer", "'adam', 'adamw' or 'adagrad'", repr(cfg.optimizer), "pick one")
+
+
+class Trainer:
+    """Runs epochs of ``model(batch)["loss"]`` with checkpoints, evaluation and logs.
+
+    Args:
+        model: maps a batch dict to a dict of scalar tensors that includes ``loss``.
+        cfg: the :class:`TrainConfig`.
+        run_dir: folder for ``checkpoint.safetensors`` and ``log.csv``; None keeps nothing.
+        evaluate: called with the model at each evaluation; returns named metrics.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: TrainConfig,
+        run_dir: Path | None = None,
+        evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
+    ) -> None:
+        self.model, self.cfg, self.run_dir, self.evaluate = model, cfg, run_dir, evaluate
+        self.optimizer = build_optimizer(model, cfg)
+        self.step = 0
+        self.history: list[dict[str, float]] = []  # evaluation results, with "step"
+        self.log = MetricsLog(run_dir, cfg.log) if run_dir is not None else None
+
+    @property
+    def checkpoint_path(self) -> Path | None:
+        """Where checkpoints go."""
+        return self.run_dir / "checkpoint.safetensors" if self.run_dir else None
+
+    def resume(self) -> None:
+        """Restore model, optimizer, step and history from the run folder's checkpoint."""
+        assert self.checkpoint_path is not None, "resume needs a run_dir"
+        state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer)
+        self.step, self.history = int(state["step"]), list(state.get("history", []))
+
+    def save(self) -> None:
+        """Write a checkpoint atomically (no-op without a run folder)."""
+        if self.checkpoint_path is not None:
+            save_checkpoint(
+                self.checkpoint_path, self.model, self.optimizer, {"step": self.step, "history": self.history}
+            )
+
+    def fit(self, batches: BatchSource) -> list[dict[str, float]]:
+        """Train from the current step to ``cfg.epochs`` epochs (or ``cfg.max_steps``).
+
+        Returns:
+            The evaluation history.
+        """
+        cfg, per_epoch = self.cfg, len(batches)
+        total = (
+            cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+        )
+        eval_every = cfg.eval_every or per_epoch
+        bar = tqdm(
+            total=total,
+            initial=self.step,
+            disable=not cfg.progress,
+            desc="train",
+            dynamic_ncols=True,
+            leave=False,
+            mininterval=1.0,
+        )
+        self.model.train()
+        started, started_step = time.perf_counter(), self.step
+        try:
+            while self.step < total:
+                epoch, index = divmod(self.step, per_epoch)
+                out = self.model(batches.batch(epoch, index))
+                loss = out["loss"]
+                if not torch.isfinite(loss):
+                    raise PoeemError(
+                        "training loss",
+                        "a finite value",
+                        f"{float(loss)} at step {self.step}",
+                        "lower the learning rate or the temperature",
+                    )
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == total:
+                    rate = (self.step - started_step) / max(time.perf_counter() - started, 1e-9)
+                    row = {k: float(v.detach()) for k, v in out.items()} | {
+                        "steps_per_s": rate,
+                        "epoch": epoch,
+                    }
+                    bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in _SHOWN})
+                    if self.log:
+                        self.log.write(self.step, row)
+                if self.evaluate and (self.step % eval_every == 0 or self.step == total):
+                    self._evaluate()
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                    self.save()
+        finally:
+            bar.close()
+            if self.log:
+                self.log.close()
+        self.save()
+        return self.history
+
+    def _evaluate(self) -> None:
+        assert self.evaluate is not None
+        self.model.eval()
+        metrics = self.evaluate(self.model)
+        self.model.train()
+        self.history.append({"step": self.step, **metrics})
+        if self.log:
+            self.log.write(self.step, {f"eval/{k}": v for k, v in metrics.items()})
+        tqdm.write(f"step {self.step}: " + ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+
+
+_SHOWN = {"loss", "task_loss", "steps_per_s", "relative_distortion", "subcode_perplexity", "coarse_used"}
