@@ -83,14 +83,13 @@ def run_demo(
         ("Poeem (joint)", poeem_row, results["poeem"]["train_s"], TUTORIAL["poeem"]),
     ]
     typer.echo("")
-    typer.echo(
-        f"{'method':28}{'precision@100':>15}{'tutorial':>10}{'train s':>10}{'index build s':>15}{'search s':>10}"
-    )
+    header = ("method", "precision@100", "tutorial", "train s", "index build s", "search s")
+    typer.echo(f"{header[0]:28}" + "".join(f"{h:>15}" for h in header[1:]))
     rows = []
     for label, row, train_s, ref in table:
         typer.echo(
-            f"{label:28}{row['precision@100']:>15.4f}{ref:>10.4f}{train_s:>10.1f}"
-            f"{row['build_s']:>15.3f}{row['eval_s']:>10.2f}"
+            f"{label:28}{row['precision@100']:>15.4f}{ref:>15.4f}{train_s:>15.1f}"
+            f"{row['build_s']:>15.3f}{row['eval_s']:>15.2f}"
         )
         rows.append(
             {

@@ -67,9 +67,10 @@ def compare_indexes(
     opq_baseline: bool = False,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Metric rows for: ``exact`` (un-quantized items, brute force), ``poeem`` (the learned
-    index exported to FAISS without training, when the model has a layer), ``faiss-ivfpq`` (FAISS trained on the un-quantized items
-    with ``budget`` = (coarse_K, D, K)) and optionally ``faiss-opq-ivfpq``.
+    """Metric rows for: ``exact`` (un-quantized items, brute force); ``poeem`` (the learned
+    index exported to FAISS without training, when the model has a layer); ``faiss-ivfpq``
+    (FAISS trained on the un-quantized items with ``budget`` = (coarse_K, D, K)); and
+    optionally ``faiss-opq-ivfpq``.
 
     Each row holds the metrics, ``nprobe``, ``build_s`` (index build time: FAISS train+add, or
     encoding with the frozen learned index) and ``eval_s``.
@@ -78,7 +79,7 @@ def compare_indexes(
     item_features = torch.from_numpy(data.item_features) if data.item_features is not None else None
     xb = model.all_item_embeddings(item_features).cpu()
     rows = _rows("exact", FlatIndex(xb, "ip"), 0.0, model, data, ks, (1,))
-    if model.index is not None:
+    if model.index is not None and model.index.is_initialized:  # not during the warm start
         started = time.perf_counter()
         learned = learned_index(model.index, xb)
         if is_power_of_two(model.index.config.codebook_size):  # FAISS, as users serve it

@@ -121,10 +121,8 @@ class TorchIVFPQ:
             )
             probed = torch.ones(qr.shape[0], ix.ntotal, dtype=torch.bool, device=qr.device)
         else:
-            if l2:
-                list_score = -torch.cdist(qr, ix.coarse).pow(2)  # higher is nearer
-            else:
-                list_score = qr @ ix.coarse.T  # (nq, coarse_K)
+            # (nq, coarse_K), higher is better: -squared distance for l2
+            list_score = -torch.cdist(qr, ix.coarse).pow(2) if l2 else qr @ ix.coarse.T
             top_lists = list_score.topk(nprobe, dim=1).indices
             probed_list = torch.zeros_like(list_score, dtype=torch.bool).scatter_(1, top_lists, True)
             probed = probed_list[:, ix.coarse_codes]  # (nq, n)

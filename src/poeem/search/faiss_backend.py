@@ -62,7 +62,9 @@ def train_faiss_ivfpq(
     check_metric(metric)
     nbits = nbits_of(codebook_size)
     x = prepare_queries(xb, metric, xb.shape[1]).cpu().numpy()
-    spec = f"{'OPQ%d,' % num_subspaces if opq else ''}{'IVF%d,' % num_coarse if num_coarse else ''}PQ{num_subspaces}x{nbits}"
+    opq_part = f"OPQ{num_subspaces}," if opq else ""
+    ivf_part = f"IVF{num_coarse}," if num_coarse else ""
+    spec = f"{opq_part}{ivf_part}PQ{num_subspaces}x{nbits}"
     fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
     index = faiss.index_factory(x.shape[1], spec, fmetric)
     faiss.ParameterSpace().set_index_parameter(index, "verbose", 0)
