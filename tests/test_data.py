@@ -33,7 +33,10 @@ def test_synthetic_is_seeded() -> None:
 
 
 def test_movielens_u_data_leave_last_out(tmp_path: Path) -> None:
-    f = write(tmp_path / "u.data", "1\t10\t5\t100\n1\t11\t3\t200\n1\t12\t4\t300\n2\t10\t4\t50\n2\t12\t2\t40\n3\t11\t5\t1\n")
+    f = write(
+        tmp_path / "u.data",
+        "1\t10\t5\t100\n1\t11\t3\t200\n1\t12\t4\t300\n2\t10\t4\t50\n2\t12\t2\t40\n3\t11\t5\t1\n",
+    )
     data = load_movielens(tmp_path)
     assert (data.num_queries, data.num_items) == (3, 3)
     # user 1's latest (item 12 -> dense 2) and user 2's latest (item 10 -> 0) are held out

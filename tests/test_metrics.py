@@ -42,8 +42,14 @@ def test_training_items_are_excluded_before_cutting_at_k() -> None:
 
 def test_evaluate_retrieval_end_to_end() -> None:
     # 2 users, 4 items; user 0 trained on item 0, test item 2; user 1 test items 1 and 3
-    data = InteractionData("toy", np.array([0, 1]), np.array([0, 0]), 2, 4,
-                           test=CSR.from_pairs(np.array([0, 1, 1]), np.array([2, 1, 3]), 2))
+    data = InteractionData(
+        "toy",
+        np.array([0, 1]),
+        np.array([0, 0]),
+        2,
+        4,
+        test=CSR.from_pairs(np.array([0, 1, 1]), np.array([2, 1, 3]), 2),
+    )
     items = torch.eye(4)
     queries = torch.tensor([[9.0, 0.0, 1.0, 0.5], [0.0, 2.0, 0.0, 1.0]])
     m = evaluate_retrieval(FlatIndex(items), lambda rows: queries[rows], data, ks=(1, 2))

@@ -17,8 +17,14 @@ def test_in_batch_softmax_masks_duplicate_positives() -> None:
     scores = torch.tensor([[2.0, 5.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
     ids = torch.tensor([7, 7, 8])  # rows 0 and 1 share the positive item
     loss = in_batch_softmax(scores, ids)
-    expected = -(torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0] + torch.log_softmax(torch.tensor([1.0, 0.0]), 0)[0]
-                 + torch.log_softmax(torch.tensor([0.0, 0.0, 3.0]), 0)[2]) / 3
+    expected = (
+        -(
+            torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
+            + torch.log_softmax(torch.tensor([1.0, 0.0]), 0)[0]
+            + torch.log_softmax(torch.tensor([0.0, 0.0, 3.0]), 0)[2]
+        )
+        / 3
+    )
     torch.testing.assert_close(loss, expected)
     # logQ correction subtracts log q of each column's item
     log_q = torch.tensor([0.0, 0.0, 1.0])
@@ -28,8 +34,14 @@ def test_in_batch_softmax_masks_duplicate_positives() -> None:
 def tiny_poeem_model(seed: int = 0) -> tuple[TwoTowerModel, PairBatches]:
     data = synthetic_task(num_pairs=4000, seed=seed)
     torch.manual_seed(seed)
-    layer = {"num_coarse": 4, "num_subspaces": 4, "codebook_size": 16, "warmup_steps": 5, "buffer_size": 256,
-             "kmeans_iters": 3}
+    layer = {
+        "num_coarse": 4,
+        "num_subspaces": 4,
+        "codebook_size": 16,
+        "warmup_steps": 5,
+        "buffer_size": 256,
+        "kmeans_iters": 3,
+    }
     model = TwoTowerModel(ModelConfig(dim=16, temperature=0.1, poeem=layer), 10_000, 10_000)
     return model, PairBatches(data, 128, seed)
 
@@ -51,7 +63,9 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None
     Trainer(straight, cfg).fit(batches)
 
     interrupted, batches = tiny_poeem_model()
-    Trainer(interrupted, TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path).fit(batches)  # still warming up
+    Trainer(interrupted, TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path).fit(
+        batches
+    )  # still warming up
     assert interrupted.index.phase_name == "warmup"
     resumed, batches = tiny_poeem_model(seed=0)
     trainer = Trainer(resumed, cfg, tmp_path)
@@ -65,8 +79,16 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None
 def test_train_run_writes_a_complete_run_folder(tmp_path: Path) -> None:
     cfg = RunConfig(
         data=DataConfig(kind="synthetic", num_pairs=3000),
-        model=ModelConfig(dim=16, poeem={"num_coarse": 2, "num_subspaces": 4, "codebook_size": 16,
-                                          "warmup_steps": 10, "buffer_size": 512}),
+        model=ModelConfig(
+            dim=16,
+            poeem={
+                "num_coarse": 2,
+                "num_subspaces": 4,
+                "codebook_size": 16,
+                "warmup_steps": 10,
+                "buffer_size": 512,
+            },
+        ),
         train=TrainConfig(epochs=2, batch_size=256, progress=False, checkpoint_every=5),
         eval=EvalConfig(ks=(10,), nprobes=(1, 2)),
     )

@@ -1,8 +1,8 @@
 """poeem: joint learning of a retrieval model and its product-quantization index."""
 
+from poeem._version import __version__
 from poeem.errors import PoeemError
 from poeem.index import PoeemConfig, PoeemLayer, PoeemOutput
+from poeem.search.searcher import Searcher
 
-__version__ = "0.1.0"
-
-__all__ = ["PoeemConfig", "PoeemError", "PoeemLayer", "PoeemOutput", "__version__"]
+__all__ = ["PoeemConfig", "PoeemError", "PoeemLayer", "PoeemOutput", "Searcher", "__version__"]

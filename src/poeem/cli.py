@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import numpy as np
 import typer
 
 from poeem.errors import PoeemError
@@ -136,8 +137,156 @@ def evaluate(
     typer.echo(format_rows(rows))
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem train' with a Poeem layer.")],
+    out: Annotated[Path, typer.Option(help="The index directory to create.")],
+    fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
+) -> None:
+    """Export the learned index of a run into a FAISS index directory, with no training."""
+    import time
+
+    from poeem.runs import load_run
+    from poeem.search.searcher import Searcher
+
+    cfg, model = load_run(run_dir)
+    if model.index is None:
+        raise PoeemError(
+            "export",
+            "a run trained with a Poeem layer",
+            f"'{run_dir}' (baseline, no layer)",
+            "train with --poeem, or build a FAISS index the usual way",
+        )
+    started = time.perf_counter()
+    xb = model.all_item_embeddings()
+    tower = model.query_tower
+    args = {
+        "num_ids": tower.embedding.num_embeddings,
+        "dim": cfg.model.dim,
+        "num_numeric": 0 if tower.numeric is None else tower.numeric[0].in_features,
+        "hidden": list(cfg.model.query_hidden),
+        "normalize": cfg.model.score == "cosine",
+    }
+    searcher = Searcher.create(
+        out,
+        model.index,
+        xb,
+        metric=model.config.search_metric,
+        fast_scan=fast_scan,
+        query_tower=tower,
+        query_tower_args=args,
+    )
+    typer.echo(
+        f"exported {searcher.ntotal} items ({searcher.nlist} lists, metric {searcher.metric}) "
+        f"to {out} in {time.perf_counter() - started:.2f}s"
+    )
+
+
+def _read_ids(path: Path) -> np.ndarray:
+    from poeem.data.files import require_file
+
+    require_file(path, "ids file")
+    if path.suffix == ".npy":
+        return np.load(path, allow_pickle=False).astype(np.int64).ravel()
+    values = []
+    for no, line in enumerate(path.read_text().splitlines(), 1):
+        if line.strip():
+            try:
+                values.append(int(line.split(",")[0]))
+            except ValueError:
+                from poeem.data.files import malformed
+
+                raise malformed(path, no, "one integer id per line", line) from None
+    return np.array(values, dtype=np.int64)
+
+
+def _read_vectors(path: Path) -> np.ndarray:
+    from poeem.data.files import require_file
+
+    require_file(path, "embeddings file")
+    if path.suffix != ".npy":
+        raise PoeemError(
+            "embeddings file",
+            "a .npy float array of shape (n, dim)",
+            f"'{path.name}'",
+            "save embeddings with numpy.save",
+        )
+    try:
+        return np.load(path, allow_pickle=False).astype(np.float32)
+    except ValueError as err:
+        raise PoeemError(
+            "embeddings file", "a numeric .npy array", f"'{path}' ({err})", "re-save it"
+        ) from None
+
+
+@app.command()
+def search(
+    index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
+    query_file: Annotated[Path, typer.Option(help="(nq, dim) embeddings as .npy, or query ids (.txt/.csv).")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Results per query.")] = 10,
+    nprobe: Annotated[int, typer.Option(help="IVF lists to probe.")] = 1,
+    backend: Annotated[str, typer.Option(help="faiss | torch")] = "faiss",
+    out: Annotated[Path | None, typer.Option(help="Write results as CSV here (default: stdout).")] = None,
+) -> None:
+    """Search an index directory; prints CSV rows query,rank,id,score."""
+    from poeem.search.searcher import Searcher
+
+    searcher = Searcher.load(index_dir, backend=backend)  # type: ignore[arg-type]
+    if query_file.suffix == ".npy":
+        xq = _read_vectors(query_file)
+        names = list(range(len(xq)))
+    else:
+        qids = _read_ids(query_file)
+        xq, names = searcher.embed_queries(qids), qids.tolist()
+    d, i = searcher.search(xq, k, nprobe)
+    lines = ["query,rank,id,score"] + [
+        f"{names[q]},{r + 1},{i[q, r]},{d[q, r]:.6g}"
+        for q in range(len(names))
+        for r in range(i.shape[1])
+        if i[q, r] >= 0
+    ]
+    text = "\n".join(lines) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        from poeem.training.checkpoint import atomic_write_text
+
+        atomic_write_text(out, text)
+        typer.echo(f"wrote {len(lines) - 1} results to {out}")
+
+
+@app.command()
+def add(
+    index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
+    items: Annotated[Path, typer.Option(help="(n, dim) item embeddings as .npy.")],
+    ids: Annotated[Path, typer.Option(help="n item ids, as .npy or one per line.")],
+) -> None:
+    """Add items, coded with the frozen codebooks (no retraining); saved atomically."""
+    from poeem.search.searcher import Searcher
+
+    searcher = Searcher.load(index_dir)
+    searcher.add(_read_vectors(items), _read_ids(ids))
+    typer.echo(f"index now holds {searcher.ntotal} items")
+
+
+@app.command()
+def remove(
+    index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
+    ids: Annotated[Path, typer.Option(help="Item ids to remove, as .npy or one per line.")],
+) -> None:
+    """Remove items by id; saved atomically."""
+    from poeem.search.searcher import Searcher
+
+    searcher = Searcher.load(index_dir)
+    removed = searcher.remove(_read_ids(ids))
+    typer.echo(f"removed {removed} items; index now holds {searcher.ntotal}")
+
+
 def main() -> None:
     """Entry point: bad input ends with one clear line on stderr and exit code 2."""
+    import warnings
+
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     try:
         app()
     except PoeemError as err:

@@ -24,7 +24,7 @@ TUTORIAL = {"exact": 0.9989, "faiss-ivfpq": 0.9610, "poeem": 0.9805}  # TF 1.15,
 def demo_configs(epochs: int, batch_size: int, num_pairs: int, seed: int) -> tuple[RunConfig, RunConfig]:
     """(baseline, poeem) run configs of the tutorial: cosine with temperature 1/30, Adagrad 0.1."""
     data = DataConfig(kind="synthetic", num_pairs=num_pairs, seed=seed)
-    steps_per_epoch = -(-num_pairs // batch_size)
+    warmup = epochs * -(-num_pairs // batch_size) // 3  # the first third of training
     train = TrainConfig(
         epochs=epochs,
         batch_size=batch_size,
@@ -42,7 +42,7 @@ def demo_configs(epochs: int, batch_size: int, num_pairs: int, seed: int) -> tup
         "num_subspaces": 8,
         "codebook_size": 256,
         "rotation": "none",
-        "warmup_steps": steps_per_epoch,
+        "warmup_steps": warmup,
         "buffer_size": 8192,
     }
     poeem = RunConfig(

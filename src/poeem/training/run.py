@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,14 @@ def train_run(
     started = time.perf_counter()
     history = trainer.fit(PairBatches(data, cfg.train.batch_size, cfg.train.seed, device))
     train_s = time.perf_counter() - started
+    if model.index is not None and not model.index.is_initialized:
+        warnings.warn(
+            "training ended inside the Poeem warm start, so the index was fitted on the final "
+            "item embeddings instead of trained jointly; lower warmup_steps or train longer",
+            stacklevel=2,
+        )
+        features = torch.from_numpy(data.item_features) if data.item_features is not None else None
+        model.index.initialize(model.all_item_embeddings(features), progress=cfg.train.progress)
     save_weights(run_dir, model)
     rows = compare_indexes(
         model, data, ks, cfg.eval.nprobes, cfg.eval.faiss_baseline, budget_of(model, cfg), seed=cfg.train.seed

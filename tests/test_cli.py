@@ -1,0 +1,106 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from typer.testing import CliRunner
+
+from poeem.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str) -> str:
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    out = invoke(
+        "train",
+        "--run-dir",
+        run,
+        "--data",
+        "synthetic",
+        "--config",
+        write_config(tmp_path),
+        "--poeem",
+        "--num-coarse",
+        "4",
+        "--num-subspaces",
+        "4",
+        "--codebook-size",
+        "16",
+        "--warmup-steps",
+        "5",
+        "--buffer-size",
+        "256",
+        "--dim",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--log",
+        "none",
+    )
+    assert "poeem" in out and "faiss-ivfpq" in out
+    assert "precision@10" in invoke("evaluate", run, "--nprobe", "2")
+    index = tmp_path / "ix"
+    assert "exported 10000 items" in invoke("export", run, "--out", index)
+    (tmp_path / "q.txt").write_text("12\n4512\n")
+    lines = invoke(
+        "search", index, "--query-file", tmp_path / "q.txt", "-k", "3", "--nprobe", "4"
+    ).splitlines()
+    assert lines[0] == "query,rank,id,score" and len(lines) == 7
+    np.save(tmp_path / "xq.npy", np.random.default_rng(0).normal(size=(2, 16)).astype(np.float32))
+    invoke(
+        "search",
+        index,
+        "--query-file",
+        tmp_path / "xq.npy",
+        "--out",
+        tmp_path / "res.csv",
+        "--backend",
+        "torch",
+    )
+    assert (tmp_path / "res.csv").read_text().count("\n") == 21
+    np.save(tmp_path / "items.npy", np.random.default_rng(1).normal(size=(3, 16)).astype(np.float32))
+    (tmp_path / "ids.txt").write_text("20000\n20001\n20002\n")
+    assert "10003 items" in invoke(
+        "add", index, "--items", tmp_path / "items.npy", "--ids", tmp_path / "ids.txt"
+    )
+    assert "removed 3 items" in invoke("remove", index, "--ids", tmp_path / "ids.txt")
+
+
+def write_config(tmp_path: Path) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text("[data]\nnum_pairs = 4000\n[eval]\nks = [10]\nnprobes = [1]\n[train]\nprogress = false\n")
+    return path
+
+
+def test_demo_on_a_tiny_task(tmp_path: Path) -> None:
+    out = invoke("demo", "--num-pairs", "5000", "--epochs", "1", "--out", tmp_path / "demo")
+    for label in ("exact (brute force)", "FAISS IVF8,PQ8 (separate)", "Poeem (joint)"):
+        assert label in out
+
+
+def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "poeem.cli", "train", "--data", "movielens", "--run-dir", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: movielens data: expected a path, got none. Fix: pass --data-path PATH"
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "poeem.cli", "search", str(tmp_path), "--query-file", "x.npy"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 2 and "no manifest.json" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,226 @@
+import gc
+import json
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from conftest import correlated
+from faiss.contrib.inspect_tools import get_invlist
+
+from poeem import PoeemError, PoeemLayer, Searcher
+from poeem.export import learned_index, to_faiss
+from poeem.export.faiss_export import pack_sa_codes
+from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
+
+DIM, D = 16, 4
+
+
+def trained_layer(rotation: str, num_coarse: int, k: int = 16) -> tuple[PoeemLayer, torch.Tensor]:
+    x = correlated(1500, DIM, seed=1)
+    layer = PoeemLayer(
+        dim=DIM,
+        num_subspaces=D,
+        codebook_size=k,
+        num_coarse=num_coarse,
+        rotation=rotation,
+        warmup_steps=0,
+        buffer_size=1000,
+        kmeans_iters=4,
+        opq_rounds=1,
+    )
+    layer.initialize(x[:1000])
+    if rotation == "givens":  # move the angles so the rotation is not just the OPQ one
+        with torch.no_grad():
+            layer.givens.angles.uniform_(-0.3, 0.3)
+    return layer, x
+
+
+def assert_same_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray) -> None:
+    """Scores equal; ids equal except among tied scores (compared as sets per score)."""
+    np.testing.assert_allclose(d1, d2, atol=1e-4, rtol=1e-5)
+    for a_d, a_i, b_i in zip(d1, i1, i2, strict=True):
+        kth = a_d[-1]
+        strictly_in = np.abs(a_d - kth) > 1e-4  # not tied with the last kept score
+        assert set(a_i[strictly_in]) == set(b_i[strictly_in])
+
+
+CASES = [
+    (rot, nc, metric) for rot in ("none", "givens") for nc in (0, 8) for metric in ("ip", "cosine", "l2")
+]
+
+
+@pytest.mark.parametrize(("rotation", "num_coarse", "metric"), CASES)
+def test_faiss_export_equals_torch_adc(rotation: str, num_coarse: int, metric: str) -> None:
+    layer, x = trained_layer(rotation, num_coarse)
+    ids = torch.arange(len(x)) * 3 + 1_000_000_007  # 64-bit user ids
+    index = to_faiss(layer, x, ids, metric)
+    gc.collect()  # the sub-objects must stay alive with the index
+    ours = TorchIVFPQ(learned_index(layer, x, ids), metric)
+    xq = torch.randn(40, DIM) * 3
+    nprobe = 3 if num_coarse else 1
+    d1, i1 = FaissSearcher(index).search(xq, 20, nprobe)
+    d2, i2 = ours.search(xq, 20, nprobe)
+    assert_same_topk(d1.numpy(), i1.numpy(), d2.numpy(), i2.numpy())
+    assert set(i1.flatten().tolist()) <= set(ids.tolist())
+
+
+@pytest.mark.parametrize("num_coarse", [0, 8])
+@pytest.mark.parametrize("k", [16, 256])
+def test_faiss_stores_the_layers_codes_bit_for_bit(num_coarse: int, k: int) -> None:
+    layer, x = trained_layer("opq", num_coarse, k)
+    index = to_faiss(layer, x, metric="ip")
+    coarse_codes, codes = layer.encode(x)
+    nbits = k.bit_length() - 1
+    expected = pack_sa_codes(None, codes.numpy(), 0, nbits)
+    inner = faiss.downcast_index(index.index) if isinstance(index, faiss.IndexPreTransform) else index
+    if num_coarse:
+        ivf = faiss.extract_index_ivf(index)
+        for lst in range(ivf.nlist):
+            list_ids, list_codes = get_invlist(ivf.invlists, lst)
+            assert (coarse_codes.numpy()[list_ids] == lst).all()
+            assert np.array_equal(list_codes, expected[list_ids])
+        assert sum(ivf.invlists.list_size(i) for i in range(ivf.nlist)) == len(x)
+    else:
+        pq = faiss.downcast_index(faiss.downcast_index(inner).index)
+        stored = faiss.vector_to_array(pq.codes).reshape(len(x), -1)
+        assert np.array_equal(stored, expected)
+        # and FAISS decodes them to the layer's reconstructions (rotated back)
+        recon = pq.sa_decode(stored) @ layer.rotation_matrix.detach().numpy().T
+        np.testing.assert_allclose(recon, layer.decode(coarse_codes, codes).numpy(), atol=1e-5)
+
+
+def test_sa_code_packing_of_4_bit_codes() -> None:
+    packed = pack_sa_codes(np.array([258]), np.array([[1, 2, 15, 0]]), coarse_code_size=2, nbits=4)
+    assert packed.tolist() == [[2, 1, 0x21, 0x0F]]  # list 258 little-endian, then low nibble first
+
+
+def test_exact_equals_brute_force_scores() -> None:
+    xb, xq = torch.randn(300, 8), torch.randn(5, 8)
+    d, i = FlatIndex(xb, "l2").search(xq, 4)
+    brute = torch.cdist(xq, xb).pow(2)
+    torch.testing.assert_close(d, brute.topk(4, largest=False).values, atol=1e-4, rtol=1e-4)
+
+
+def test_fast_scan_is_close_to_exact_adc() -> None:
+    layer, x = trained_layer("none", 8, k=16)
+    index = to_faiss(layer, x, metric="ip", fast_scan=True)
+    assert isinstance(faiss.downcast_index(index), faiss.IndexIVFPQFastScan)
+    xq = torch.randn(50, DIM)
+    _, i1 = FaissSearcher(index).search(xq, 10, 8)
+    _, i2 = TorchIVFPQ(learned_index(layer, x), "ip").search(xq, 10, 8)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i1.numpy(), i2.numpy(), strict=True)])
+    assert overlap > 0.9
+
+
+def test_fast_scan_needs_4_bits() -> None:
+    layer, x = trained_layer("none", 8, k=256)
+    with pytest.raises(PoeemError, match="fast_scan: expected K = 16"):
+        to_faiss(layer, x, fast_scan=True)
+
+
+def make_dir(tmp_path: Path, backend: str = "faiss") -> tuple[Searcher, PoeemLayer, torch.Tensor]:
+    layer, x = trained_layer("givens", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:1000], ids=np.arange(1000) + 10, metric="cosine")
+    return Searcher.load(tmp_path / "ix", backend=backend), layer, x
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+def test_index_dir_round_trip(tmp_path: Path, backend: str) -> None:
+    searcher, layer, x = make_dir(tmp_path, backend)
+    xq = torch.randn(7, DIM)
+    d, i = searcher.search(xq, 5, nprobe=2)
+    d2, i2 = TorchIVFPQ(learned_index(layer, x[:1000], torch.arange(1000) + 10), "cosine").search(xq, 5, 2)
+    assert_same_topk(d, i, d2.numpy(), i2.numpy())
+    manifest = json.loads((tmp_path / "ix" / "manifest.json").read_text())
+    assert manifest["metric"] == "cosine" and manifest["faiss_version"] == faiss.__version__
+
+
+def test_add_and_remove(tmp_path: Path) -> None:
+    searcher, layer, x = make_dir(tmp_path)
+    new = x[1000:1100]
+    searcher.add(new, np.arange(5000, 5100))
+    assert searcher.ntotal == 1100
+    # adding with the frozen codebooks equals exporting all items at once
+    reloaded = Searcher.load(tmp_path / "ix")
+    all_ids = torch.cat([torch.arange(1000) + 10, torch.arange(5000, 5100)])
+    together = TorchIVFPQ(learned_index(layer, x[:1100], all_ids), "cosine")
+    xq = torch.randn(30, DIM)
+    d, i = reloaded.search(xq, 50, nprobe=3)
+    d2, i2 = together.search(xq, 50, 3)
+    assert_same_topk(d, i, d2.numpy(), i2.numpy())
+    assert np.isin(np.arange(5000, 5100), reloaded.search(xq, 1100, nprobe=8)[1]).all()
+    assert reloaded.remove(np.array([5000, 10])) == 2
+    reloaded = Searcher.load(tmp_path / "ix")
+    assert reloaded.ntotal == 1098
+    _, i = reloaded.search(torch.randn(20, DIM), 1098, nprobe=8)
+    assert 5000 not in i and 10 not in i and 5001 in i
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == [
+        "codes-3.safetensors",
+        "index-3.faiss",
+        "manifest.json",
+    ]
+
+
+def test_duplicate_or_unknown_ids(tmp_path: Path) -> None:
+    searcher, _, x = make_dir(tmp_path)
+    with pytest.raises(
+        PoeemError, match=r"expected ids not already in the index, got 1 existing ids, e.g. \[10\]"
+    ):
+        searcher.add(x[:2], np.array([10, 99999]))
+    with pytest.raises(PoeemError, match="unique ids"):
+        searcher.add(x[:2], np.array([7, 7]))
+    with pytest.raises(PoeemError, match=r"unknown ids \[123456\]"):
+        searcher.remove(np.array([123456]))
+    assert Searcher.load(tmp_path / "ix").ntotal == 1000
+
+
+def test_query_dim_k_and_nprobe_checks(tmp_path: Path) -> None:
+    searcher, _, _ = make_dir(tmp_path)
+    with pytest.raises(PoeemError, match=r"queries: expected shape \(nq, 16\), got shape \(2, 8\)"):
+        searcher.search(torch.randn(2, 8), 5)
+    with pytest.warns(UserWarning, match="k=5000 is larger than the 1000 items"):
+        _, i = searcher.search(torch.randn(2, DIM), 5000, nprobe=8)
+    assert i.shape == (2, 1000)
+    with pytest.warns(UserWarning, match="nprobe=99 is larger than the 8 lists"):
+        searcher.search(torch.randn(2, DIM), 5, nprobe=99)
+
+
+def test_corrupt_or_missing_files_are_clear_and_keep_the_old_index(tmp_path: Path) -> None:
+    make_dir(tmp_path)
+    with pytest.raises(PoeemError, match="no manifest.json"):
+        Searcher.load(tmp_path / "nothing")
+    faiss_file = tmp_path / "ix" / "index-1.faiss"
+    original = faiss_file.read_bytes()
+    faiss_file.write_bytes(original[:-10] + b"corruption")
+    with pytest.raises(PoeemError, match="index file checksum.*corrupt or was changed"):
+        Searcher.load(tmp_path / "ix")
+    faiss_file.write_bytes(original)
+    assert Searcher.load(tmp_path / "ix").ntotal == 1000
+
+
+def test_create_refuses_to_overwrite(tmp_path: Path) -> None:
+    _, layer, x = make_dir(tmp_path)
+    with pytest.raises(PoeemError, match="holds an index"):
+        Searcher.create(tmp_path / "ix", layer, x)
+
+
+def test_interrupted_update_leaves_previous_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    searcher, _, x = make_dir(tmp_path)
+    import poeem.search.index_dir as index_dir
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(index_dir, "atomic_write_text", fail)  # dies before the manifest switches
+    with pytest.raises(OSError, match="disk full"):
+        searcher.add(x[1000:1010], np.arange(9000, 9010))
+    monkeypatch.undo()
+    assert Searcher.load(tmp_path / "ix").ntotal == 1000
+
+
+def test_export_before_training_is_clear() -> None:
+    layer = PoeemLayer(dim=DIM, num_subspaces=D, codebook_size=16, num_coarse=0, buffer_size=16)
+    with pytest.raises(PoeemError, match="expected a trained, initialized PoeemLayer"):
+        to_faiss(layer, torch.randn(4, DIM))
