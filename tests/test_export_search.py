@@ -98,7 +98,7 @@ def test_sa_code_packing_of_4_bit_codes() -> None:
 
 def test_exact_equals_brute_force_scores() -> None:
     xb, xq = torch.randn(300, 8), torch.randn(5, 8)
-    d, i = FlatIndex(xb, "l2").search(xq, 4)
+    d, _ = FlatIndex(xb, "l2").search(xq, 4)
     brute = torch.cdist(xq, xb).pow(2)
     torch.testing.assert_close(d, brute.topk(4, largest=False).values, atol=1e-4, rtol=1e-4)
 
@@ -189,12 +189,12 @@ def test_query_dim_k_and_nprobe_checks(tmp_path: Path) -> None:
 
 def test_corrupt_or_missing_files_are_clear_and_keep_the_old_index(tmp_path: Path) -> None:
     make_dir(tmp_path)
-    with pytest.raises(PoeemError, match="no manifest.json"):
+    with pytest.raises(PoeemError, match=r"no manifest\.json"):
         Searcher.load(tmp_path / "nothing")
     faiss_file = tmp_path / "ix" / "index-1.faiss"
     original = faiss_file.read_bytes()
     faiss_file.write_bytes(original[:-10] + b"corruption")
-    with pytest.raises(PoeemError, match="index file checksum.*corrupt or was changed"):
+    with pytest.raises(PoeemError, match=r"index file checksum.*corrupt or was changed"):
         Searcher.load(tmp_path / "ix")
     faiss_file.write_bytes(original)
     assert Searcher.load(tmp_path / "ix").ntotal == 1000
