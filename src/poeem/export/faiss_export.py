@@ -49,8 +49,11 @@ def pack_sa_codes(
         (n, coarse_code_size + ceil(D * nbits / 8)) uint8.
     """
     n = codes.shape[0]
-    bits = (codes.astype(np.uint64)[..., None] >> np.arange(nbits, dtype=np.uint64)) & np.uint64(1)
-    pq_bytes = np.packbits(bits.reshape(n, -1).astype(np.uint8), axis=1, bitorder="little")
+    if nbits == 8:
+        pq_bytes = codes.astype(np.uint8, copy=False)
+    else:
+        bits = (codes.astype(np.uint64)[..., None] >> np.arange(nbits, dtype=np.uint64)) & np.uint64(1)
+        pq_bytes = np.packbits(bits.reshape(n, -1).astype(np.uint8), axis=1, bitorder="little")
     if coarse_codes is None or coarse_code_size == 0:
         return np.ascontiguousarray(pq_bytes)
     lists = coarse_codes.astype("<u8").view(np.uint8).reshape(n, 8)[:, :coarse_code_size]
