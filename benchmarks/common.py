@@ -28,17 +28,27 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "python": platform.python_version(), "torch": torch.__version__, "faiss": faiss.__version__,
-            "numpy": numpy.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "faiss": faiss.__version__,
+        "numpy": numpy.__version__,
+    }
 
 
 def save_result(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
     """Write ``results_dir/name.json`` with the command line, machine and date added."""
     out_dir = results_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"command": "python " + shlex.join(sys.argv), "machine": machine(),
-              "date": time.strftime("%Y-%m-%d"), **payload}
+    record = {
+        "command": "python " + shlex.join(sys.argv),
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        **payload,
+    }
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))

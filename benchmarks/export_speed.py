@@ -15,12 +15,12 @@ import time
 from pathlib import Path
 
 import faiss
-import numpy as np
 import torch
 
-from common import save_result
 from poeem import PoeemLayer
 from poeem.export import build_faiss_index, learned_index
+
+from common import save_result
 
 
 def clustered_embeddings(n: int, dim: int, seed: int) -> torch.Tensor:
@@ -45,8 +45,15 @@ def main() -> None:
 
     x = clustered_embeddings(args.n, args.dim, args.seed)
     k = 1 << args.nbits
-    layer = PoeemLayer(dim=args.dim, num_subspaces=args.m, codebook_size=k, num_coarse=args.nlist,
-                       warmup_steps=0, buffer_size=max(k, args.nlist), kmeans_iters=10)
+    layer = PoeemLayer(
+        dim=args.dim,
+        num_subspaces=args.m,
+        codebook_size=k,
+        num_coarse=args.nlist,
+        warmup_steps=0,
+        buffer_size=max(k, args.nlist),
+        kmeans_iters=10,
+    )
     layer.initialize(x[: args.fit_sample], progress=True)
     codes = layer.encode(x)  # what training computed for every item
 
@@ -61,7 +68,8 @@ def main() -> None:
 
     xb = x.numpy()
     t = time.perf_counter()
-    baseline = faiss.index_factory(args.dim, f"IVF{args.nlist},PQ{args.m}x{args.nbits}", faiss.METRIC_INNER_PRODUCT)
+    spec = f"IVF{args.nlist},PQ{args.m}x{args.nbits}"
+    baseline = faiss.index_factory(args.dim, spec, faiss.METRIC_INNER_PRODUCT)
     baseline.train(xb)
     trained = time.perf_counter() - t
     baseline.add(xb)
@@ -69,7 +77,8 @@ def main() -> None:
 
     result = {
         "config": vars(args) | {"results_dir": None},
-        "faiss_train_s": trained, "faiss_train_add_s": faiss_total,
+        "faiss_train_s": trained,
+        "faiss_train_add_s": faiss_total,
         "poeem_export_from_codes_s": export_from_codes,
         "poeem_export_from_embeddings_s": export_from_embeddings,
         "speedup_from_codes": faiss_total / export_from_codes,
@@ -81,5 +90,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.random.seed(0)
     main()
