@@ -58,6 +58,10 @@ def train(
     buffer_size: Annotated[int | None, typer.Option(help="Item embeddings for k-means.")] = None,
     dim: Annotated[int | None, typer.Option(help="Embedding size.")] = None,
     temperature: Annotated[float | None, typer.Option(help="Softmax temperature.")] = None,
+    random_negatives: Annotated[
+        int | None, typer.Option(help="Uniform negatives added to each batch.")
+    ] = None,
+    logq: Annotated[bool | None, typer.Option("--logq/--no-logq", help="logQ popularity correction.")] = None,
     epochs: Annotated[int | None, typer.Option()] = None,
     batch_size: Annotated[int | None, typer.Option()] = None,
     lr: Annotated[float | None, typer.Option()] = None,
@@ -76,7 +80,13 @@ def train(
 
     raw = RunConfig.from_file(config).to_dict() if config else RunConfig().to_dict()
     _overrides(raw["data"], kind=data, path=data_path, seed=seed)
-    _overrides(raw["model"], dim=dim, temperature=temperature)
+    _overrides(
+        raw["model"],
+        dim=dim,
+        temperature=temperature,
+        random_negatives=random_negatives,
+        logq_correction=logq,
+    )
     _overrides(
         raw["train"],
         epochs=epochs,
@@ -119,21 +129,12 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
     from poeem.data import load_data
-    from poeem.evaluation.report import compare_indexes
     from poeem.evaluation.table import format_rows
     from poeem.runs import load_run
-    from poeem.training.run import budget_of
+    from poeem.training.run import evaluate_model
 
     cfg, model = load_run(run_dir)
-    rows = compare_indexes(
-        model,
-        load_data(cfg.data),
-        cfg.eval.ks,
-        tuple(nprobe or cfg.eval.nprobes),
-        cfg.eval.faiss_baseline,
-        budget_of(model, cfg),
-        seed=cfg.train.seed,
-    )
+    rows = evaluate_model(model, load_data(cfg.data), cfg, tuple(nprobe) if nprobe else None)
     typer.echo(format_rows(rows))
 
 

@@ -34,6 +34,7 @@ class EvalConfig:
     ks: tuple[int, ...] = (20, 50, 100)
     nprobes: tuple[int, ...] = (1,)  # IVF lists probed; each gets its own rows
     faiss_baseline: bool = True  # also FAISS IVF-PQ trained on the un-quantized item embeddings
+    opq_baseline: bool = False  # also FAISS OPQ + IVF-PQ
     # code budget of the FAISS baseline when the model has no Poeem layer (else the layer's)
     num_coarse: int = 8
     num_subspaces: int = 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -23,6 +24,7 @@ class ModelConfig:
     score: Literal["cosine", "dot"] = "cosine"  # cosine: both towers L2-normalised
     temperature: float = 0.1  # logits are score / temperature
     logq_correction: bool = False  # subtract log item frequency from in-batch logits
+    random_negatives: int = 0  # uniform item samples added as negatives to every row
     query_hidden: tuple[int, ...] = ()  # MLP widths for numeric query features
     item_hidden: tuple[int, ...] = ()
     init_std: float = 0.1
@@ -95,22 +97,34 @@ class TwoTowerModel(nn.Module):
 
         Args:
             batch: ``query_ids`` (B,), ``item_ids`` (B,), optional ``query_features`` (B, Fq)
-                and ``item_features`` (B, Fi).
+                and ``item_features`` (B, Fi), and optional extra negatives ``negative_ids``
+                (N,) with ``negative_features`` (N, Fi).
 
         Returns:
             ``loss`` (task + index), ``task_loss``, ``index_loss``, and the index health stats.
         """
         q = self.encode_queries(batch["query_ids"], batch.get("query_features"))
-        x = self.encode_items(batch["item_ids"], batch.get("item_features"))
+        item_ids = batch["item_ids"]
+        item_features = batch.get("item_features")
+        negatives = batch.get("negative_ids")
+        if negatives is not None:
+            item_ids = torch.cat([item_ids, negatives])
+            if item_features is not None:
+                item_features = torch.cat([item_features, batch["negative_features"]])
+        x = self.encode_items(item_ids, item_features)
         out: dict[str, torch.Tensor] = {}
         index_loss = q.new_zeros(())
         if self.index is not None:
             res = self.index(x)
             x, index_loss = res.output, res.loss
             out.update(res.stats)
-        scores = q @ x.T / self.config.temperature  # (B, B)
-        log_q = self.item_log_q[batch["item_ids"]] if self.config.logq_correction else None
-        task = in_batch_softmax(scores, batch["item_ids"], log_q)
+        scores = q @ x.T / self.config.temperature  # (B, B + N negatives)
+        log_q = None
+        if self.config.logq_correction:
+            n_neg = item_ids.shape[0] - q.shape[0]
+            uniform = torch.full((n_neg,), -math.log(self.num_items), device=q.device)
+            log_q = torch.cat([self.item_log_q[batch["item_ids"]], uniform])
+        task = in_batch_softmax(scores, item_ids, log_q)
         out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
         return out
 

@@ -10,12 +10,19 @@ from poeem.data.interactions import InteractionData
 
 
 class PairBatches:
-    """Shuffled (query, item) batches of an :class:`InteractionData`, as tensors on ``device``."""
+    """Shuffled (query, item) batches of an :class:`InteractionData`, as tensors on ``device``,
+    optionally with ``random_negatives`` uniformly sampled items (``negative_ids``) per batch."""
 
     def __init__(
-        self, data: InteractionData, batch_size: int, seed: int, device: torch.device | str = "cpu"
+        self,
+        data: InteractionData,
+        batch_size: int,
+        seed: int,
+        device: torch.device | str = "cpu",
+        random_negatives: int = 0,
     ) -> None:
         self.data, self.batch_size, self.seed, self.device = data, batch_size, seed, device
+        self.random_negatives = random_negatives
         self.queries = torch.from_numpy(data.train_queries)
         self.items = torch.from_numpy(data.train_items)
         qf, itf = data.query_features, data.item_features
@@ -40,4 +47,10 @@ class PairBatches:
             batch["query_features"] = self.query_features[q]
         if self.item_features is not None:
             batch["item_features"] = self.item_features[i]
+        if self.random_negatives:
+            rng = np.random.default_rng([self.seed, epoch, index, 1])
+            negatives = torch.from_numpy(rng.integers(0, self.data.num_items, self.random_negatives))
+            batch["negative_ids"] = negatives
+            if self.item_features is not None:
+                batch["negative_features"] = self.item_features[negatives]
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}

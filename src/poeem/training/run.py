@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from poeem.data import load_data
+from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes
 from poeem.model import TwoTowerModel
@@ -25,6 +25,13 @@ def budget_of(model: TwoTowerModel, cfg: RunConfig) -> tuple[int, int, int]:
         c = model.index.config
         return c.num_coarse, c.num_subspaces, c.codebook_size
     return cfg.eval.num_coarse, cfg.eval.num_subspaces, cfg.eval.codebook_size
+
+
+def evaluate_model(model: TwoTowerModel, data: InteractionData, cfg: RunConfig,
+                   nprobes: tuple[int, ...] | None = None) -> list[dict[str, Any]]:
+    """The evaluation rows a run's config asks for (see :func:`compare_indexes`)."""
+    return compare_indexes(model, data, cfg.eval.ks, nprobes or cfg.eval.nprobes, cfg.eval.faiss_baseline,
+                           budget_of(model, cfg), cfg.eval.opq_baseline, cfg.train.seed)
 
 
 def train_run(
@@ -79,7 +86,9 @@ def train_run(
     if resume:
         trainer.resume()
     started = time.perf_counter()
-    history = trainer.fit(PairBatches(data, cfg.train.batch_size, cfg.train.seed, device))
+    history = trainer.fit(
+        PairBatches(data, cfg.train.batch_size, cfg.train.seed, device, cfg.model.random_negatives)
+    )
     train_s = time.perf_counter() - started
     if model.index is not None and not model.index.is_initialized:
         warnings.warn(
@@ -90,9 +99,7 @@ def train_run(
         features = torch.from_numpy(data.item_features) if data.item_features is not None else None
         model.index.initialize(model.all_item_embeddings(features), progress=cfg.train.progress)
     save_weights(run_dir, model)
-    rows = compare_indexes(
-        model, data, ks, cfg.eval.nprobes, cfg.eval.faiss_baseline, budget_of(model, cfg), seed=cfg.train.seed
-    )
+    rows = evaluate_model(model, data, cfg)
     metrics = {
         "data": data.summary(),
         "steps": trainer.step,

@@ -1,0 +1,162 @@
+"""Per-dataset settings of the benchmarks: data, model, training and the code budget.
+
+Each preset is what we found to work for the *baseline* (un-quantized) model; the Poeem
+variants reuse it unchanged, so every row compares the same architecture, dim, epochs and seed.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from poeem.data import DataConfig
+from poeem.model import ModelConfig
+from poeem.runs import EvalConfig, RunConfig
+from poeem.training import TrainConfig
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+@dataclass
+class Preset:
+    """A dataset's benchmark setting."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    budget: tuple[int, int, int]  # (coarse_K, D, K)
+    ks: tuple[int, ...] = (20, 50, 100)
+    headline: str = "recall@20"
+    layer: dict[str, Any] = field(default_factory=dict)  # extra PoeemConfig fields
+    warmup_fraction: float = 1 / 3  # of all training steps
+
+    def run_config(self, seed: int, variant: str | None, nprobes: tuple[int, ...]) -> RunConfig:
+        """The RunConfig of one row: ``variant`` None = baseline, else a poeem variant."""
+        steps = self.train.epochs * -(-_num_pairs(self) // self.train.batch_size)
+        poeem = None
+        if variant is not None:
+            coarse, d, k = self.budget
+            poeem = {
+                "num_coarse": coarse,
+                "num_subspaces": d,
+                "codebook_size": k,
+                "warmup_steps": int(steps * self.warmup_fraction),
+                "buffer_size": max(8192, 4 * k),
+                **self.layer,
+                **VARIANTS[variant],
+            }
+            if variant == "poeem-no-warmstart":
+                poeem["buffer_size"] = max(k, coarse)
+        return RunConfig(
+            data=replace(self.data, seed=seed),
+            model=replace(self.model, poeem=poeem),
+            train=replace(self.train, seed=seed),
+            eval=EvalConfig(
+                ks=self.ks,
+                nprobes=nprobes,
+                faiss_baseline=False,
+                num_coarse=self.budget[0],
+                num_subspaces=self.budget[1],
+                codebook_size=self.budget[2],
+            ),
+        )
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "poeem": {"rotation": "none"},
+    "poeem-opq": {"rotation": "opq"},
+    "poeem-givens": {"rotation": "givens"},
+    "poeem-no-warmstart": {"rotation": "none", "warmup_steps": 0, "init": "random"},
+}
+
+_PAIRS: dict[str, int] = {}
+
+
+def _num_pairs(p: Preset) -> int:
+    if p.data.kind == "synthetic":
+        return p.data.num_pairs
+    key = f"{p.data.kind}:{p.data.path}"
+    if key not in _PAIRS:
+        from poeem.data import load_data
+
+        _PAIRS[key] = load_data(p.data).num_train
+    return _PAIRS[key]
+
+
+def data_dir(name: str, given: str | None) -> str:
+    """--data-dir, else $POEEM_DATA_DIR/<name>, else ../shared/datasets/<name>."""
+    if given:
+        return given
+    root = os.environ.get("POEEM_DATA_DIR")
+    return str(Path(root) / name if root else SHARED / name)
+
+
+def preset(name: str, data_path: str | None = None) -> Preset:
+    """The named preset: "synthetic", "ml-100k" or "gowalla"."""
+    if name == "synthetic":  # the original tutorial
+        return Preset(
+            data=DataConfig(kind="synthetic"),
+            model=ModelConfig(dim=64, score="cosine", temperature=1 / 30),
+            train=TrainConfig(
+                epochs=3,
+                batch_size=256,
+                optimizer="adagrad",
+                lr=0.1,
+                checkpoint_every=0,
+                eval_every=10**9,
+                log_every=100,
+                progress=False,
+            ),
+            budget=(8, 8, 256),
+            ks=(100,),
+            headline="precision@100",
+        )
+    if name == "ml-100k":
+        return Preset(
+            data=DataConfig(
+                kind="movielens", path=data_dir("ml-100k", data_path), split="random", test_fraction=0.2
+            ),
+            model=ModelConfig(dim=64, score="cosine", temperature=0.1, random_negatives=1024),
+            train=TrainConfig(
+                epochs=40,
+                batch_size=1024,
+                optimizer="adam",
+                lr=5e-3,
+                checkpoint_every=0,
+                eval_every=10**9,
+                log_every=20,
+                progress=False,
+            ),
+            budget=(8, 8, 256),
+        )
+    if name == "gowalla":
+        return Preset(
+            data=DataConfig(kind="lightgcn", path=data_dir("gowalla", data_path)),
+            model=ModelConfig(dim=64, score="cosine", temperature=0.1, random_negatives=2048),
+            train=TrainConfig(
+                epochs=10,
+                batch_size=2048,
+                optimizer="adam",
+                lr=5e-3,
+                checkpoint_every=0,
+                eval_every=10**9,
+                log_every=20,
+                progress=False,
+            ),
+            budget=(16, 8, 256),
+        )
+    raise SystemExit(f"unknown dataset {name!r}: pick synthetic, ml-100k or gowalla")
+
+
+def tiny(p: Preset) -> Preset:
+    """A seconds-long version of a preset, for the smoke test."""
+    data = replace(p.data, num_pairs=3000) if p.data.kind == "synthetic" else p.data
+    return replace(
+        p,
+        data=data,
+        train=replace(p.train, epochs=1, batch_size=256),
+        budget=(2, 4, 16),
+        layer={"kmeans_iters": 2, "opq_rounds": 1},
+    )

@@ -1,0 +1,180 @@
+"""Retrieval quality at an equal code budget: exact vs FAISS (IVF-PQ, OPQ) vs Poeem variants.
+
+For each seed it trains the baseline two-tower model once (rows exact, faiss-ivfpq,
+faiss-opq-ivfpq) and the same model with the Poeem layer in each variant (poeem, poeem-opq,
+poeem-givens, poeem-no-warmstart), then reports mean and std over seeds.
+
+    python benchmarks/recall.py --dataset synthetic --seeds 0 1 2
+    python benchmarks/recall.py --dataset ml-100k --seeds 0 1 2 --data-dir ../shared/datasets/ml-100k
+    python benchmarks/recall.py --dataset gowalla --seeds 0 --data-dir ../shared/datasets/gowalla
+
+Data is read from --data-dir, else $POEEM_DATA_DIR/<dataset>, else ../shared/datasets/<dataset>.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from poeem.data import load_data
+from poeem.runs import RunConfig
+from poeem.search.faiss_backend import train_faiss_ivfpq
+from poeem.training.run import train_run
+
+from common import save_result
+from presets import VARIANTS, preset, tiny
+
+ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", *VARIANTS]
+
+
+def read_curves(log: Path, names: tuple[str, ...]) -> dict[str, list[list[float]]]:
+    """(step, value) series of the named metrics from a run's log.csv."""
+    curves: dict[str, list[list[float]]] = defaultdict(list)
+    with log.open() as f:
+        for row in csv.DictReader(f):
+            if row["name"] in names:
+                curves[row["name"]].append([int(row["step"]), float(row["value"])])
+    return dict(curves)
+
+
+def list_sizes_poeem(model: Any) -> list[int]:
+    """Items per inverted list of the learned index."""
+    coarse_codes, _ = model.index.encode(model.all_item_embeddings())
+    return np.bincount(coarse_codes.long().numpy(), minlength=model.index.config.num_coarse).tolist()
+
+
+def list_sizes_faiss(xb: torch.Tensor, budget: tuple[int, int, int], seed: int) -> list[int]:
+    """Items per inverted list of FAISS IVF-PQ trained on the same embeddings."""
+    ivf = faiss.extract_index_ivf(train_faiss_ivfpq(xb, *budget, metric="ip", seed=seed))
+    return [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
+
+
+def one_run(cfg: RunConfig, work: Path, name: str) -> tuple[Any, dict[str, Any]]:
+    started = time.perf_counter()
+    model, metrics = train_run(cfg, work / name)
+    print(f"  {name}: {time.perf_counter() - started:.0f}s", flush=True)
+    return model, metrics
+
+
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean and std over seeds of each (row, nprobe, metric)."""
+    grouped: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        for row in run["rows"]:
+            grouped[(row["method"], row["nprobe"])].append(row)
+    out = []
+    for (method, nprobe), rows in sorted(
+        grouped.items(), key=lambda kv: (ROW_ORDER.index(kv[0][0]), kv[0][1])
+    ):
+        entry: dict[str, Any] = {"method": method, "nprobe": nprobe, "seeds": len(rows)}
+        for key in rows[0]:
+            if key in ("method", "nprobe"):
+                continue
+            values = np.array([r[key] for r in rows], dtype=float)
+            entry[key] = float(values.mean())
+            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+        out.append(entry)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["synthetic", "ml-100k", "gowalla"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--nprobes", type=int, nargs="+", default=None, help="default: 1 and all lists")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
+    p.add_argument("--results-dir", type=Path, default=None)
+    args = p.parse_args()
+
+    pre = preset(args.dataset, args.data_dir)
+    if args.tiny:
+        pre = tiny(pre)
+    if args.epochs:
+        pre.train.epochs = args.epochs
+    nprobes = tuple(args.nprobes or (1, pre.budget[0]))
+    work = Path(tempfile.mkdtemp(prefix="poeem-bench-"))
+    runs, curves, sizes = [], {}, {}
+    try:
+        for seed in args.seeds:
+            print(f"{args.dataset} seed {seed}", flush=True)
+            cfg = pre.run_config(seed, None, nprobes)
+            cfg.eval.faiss_baseline = cfg.eval.opq_baseline = True
+            model, metrics = one_run(cfg, work, f"baseline-{seed}")
+            runs.append(
+                {
+                    "seed": seed,
+                    "variant": "baseline",
+                    "rows": metrics["rows"],
+                    "train_s_per_epoch": metrics["train_s"] / pre.train.epochs,
+                }
+            )
+            if seed == args.seeds[0]:
+                sizes["faiss-ivfpq"] = list_sizes_faiss(model.all_item_embeddings(), pre.budget, seed)
+            for variant in args.variants:
+                model, metrics = one_run(pre.run_config(seed, variant, nprobes), work, f"{variant}-{seed}")
+                rows = [dict(r, method=variant) for r in metrics["rows"] if r["method"] == "poeem"]
+                runs.append(
+                    {
+                        "seed": seed,
+                        "variant": variant,
+                        "rows": rows,
+                        "exact_of_joint_model": next(r for r in metrics["rows"] if r["method"] == "exact"),
+                        "train_s_per_epoch": metrics["train_s"] / pre.train.epochs,
+                        "index_stats": metrics["index_stats"],
+                    }
+                )
+                if seed == args.seeds[0] and variant == "poeem":
+                    curves = read_curves(
+                        work / f"{variant}-{seed}" / "log.csv",
+                        ("relative_distortion", "subcode_perplexity", "coarse_perplexity", "task_loss"),
+                    )
+                    sizes["poeem"] = list_sizes_poeem(model)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    data = load_data(pre.run_config(args.seeds[0], None, nprobes).data)
+    coarse, d, k = pre.budget
+    epoch_time = defaultdict(list)
+    for run in runs:
+        epoch_time[run["variant"]].append(run["train_s_per_epoch"])
+    result = {
+        "dataset": args.dataset,
+        "data": data.summary(),
+        "seeds": args.seeds,
+        "tiny": args.tiny,
+        "headline": pre.headline,
+        "budget": {"coarse_K": coarse, "D": d, "K": k, "bytes_per_item": d * (k.bit_length() - 1) / 8},
+        "preset": {
+            "model": pre.model.to_dict(),
+            "train": {k_: v for k_, v in vars(pre.train).items()},
+            "layer": pre.layer,
+            "warmup_fraction": pre.warmup_fraction,
+        },
+        "summary": summarize(runs),
+        "train_s_per_epoch": {k_: float(np.mean(v)) for k_, v in epoch_time.items()},
+        "runs": runs,
+        "curves": curves,
+        "list_sizes": sizes,
+    }
+    path = save_result(f"recall_{args.dataset}{'_tiny' if args.tiny else ''}", result, args.results_dir)
+    for row in result["summary"]:
+        h = pre.headline
+        print(f"{row['method']:20} nprobe={row['nprobe']:<3} {h}={row[h]:.4f} ± {row[h + '_std']:.4f}")
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
