@@ -55,7 +55,8 @@ def list_sizes_poeem(model: Any) -> list[int]:
 
 def list_sizes_faiss(xb: torch.Tensor, budget: tuple[int, int, int], seed: int) -> list[int]:
     """Items per inverted list of FAISS IVF-PQ trained on the same embeddings."""
-    ivf = faiss.extract_index_ivf(train_faiss_ivfpq(xb, *budget, metric="ip", seed=seed))
+    index = train_faiss_ivfpq(xb, *budget, metric="ip", seed=seed)  # keep it alive while ivf is used
+    ivf = faiss.extract_index_ivf(index)
     return [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
 
 

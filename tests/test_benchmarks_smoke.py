@@ -1,0 +1,62 @@
+"""Each benchmark script runs end to end on a tiny configuration, so the scripts cannot rot."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, cwd=BENCH, timeout=600
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("results")
+    run("export_speed.py", "--n", "20000", "--nlist", "32", "--fit-sample", "5000", "--results-dir", str(out))
+    run(
+        "recall.py",
+        "--dataset",
+        "synthetic",
+        "--tiny",
+        "--seeds",
+        "0",
+        "--variants",
+        "poeem",
+        "poeem-givens",
+        "--results-dir",
+        str(out),
+    )
+    run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
+    return out
+
+
+def test_benchmarks_write_results(results: Path) -> None:
+    export = json.loads((results / "export_speed.json").read_text())
+    assert export["faiss_train_add_s"] > 0 and export["poeem_export_from_codes_s"] > 0
+    assert "cpu" in export["machine"] and export["command"].startswith("python ")
+    recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
+    methods = {row["method"] for row in recall["summary"]}
+    assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens"}
+    assert all(0 <= row["precision@100"] <= 1 for row in recall["summary"])
+    sweep = json.loads((results / "sweep_synthetic_tiny.json").read_text())
+    assert [p["parameter"] for p in sweep["points"]] == ["D", "D", "K", "coarse_K"]
+
+
+def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
+    for name in ("recall_synthetic_tiny", "sweep_synthetic_tiny"):  # the report skips *_tiny files
+        (results / f"{name}.json").rename(results / f"{name.replace('_tiny', '')}.json")
+    (results / "sweep_synthetic.json").rename(results / "sweep_gowalla.json")
+    run("report.py", "--results-dir", str(results), "--docs-dir", str(tmp_path))
+    text = (tmp_path / "benchmarks.md").read_text()
+    assert "zero-training export vs FAISS" in text and "Retrieval quality: synthetic" in text
+    assert "Command: `python " in text
+    assert (tmp_path / "img" / "recall_synthetic_nprobe.png").is_file()
+    assert (tmp_path / "img" / "sweep.png").is_file()
