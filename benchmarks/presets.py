@@ -118,9 +118,9 @@ def preset(name: str, data_path: str | None = None) -> Preset:
             data=DataConfig(
                 kind="movielens", path=data_dir("ml-100k", data_path), split="random", test_fraction=0.2
             ),
-            model=ModelConfig(dim=64, score="cosine", temperature=0.1, random_negatives=1024),
+            model=ModelConfig(dim=64, score="cosine", temperature=0.1, logq_correction=True),
             train=TrainConfig(
-                epochs=40,
+                epochs=20,
                 batch_size=1024,
                 optimizer="adam",
                 lr=5e-3,
@@ -129,12 +129,12 @@ def preset(name: str, data_path: str | None = None) -> Preset:
                 log_every=20,
                 progress=False,
             ),
-            budget=(8, 8, 256),
+            budget=(8, 8, 16),  # 4-bit codes, the paper's default K
         )
     if name == "gowalla":
         return Preset(
             data=DataConfig(kind="lightgcn", path=data_dir("gowalla", data_path)),
-            model=ModelConfig(dim=64, score="cosine", temperature=0.1, random_negatives=2048),
+            model=ModelConfig(dim=64, score="cosine", temperature=0.1, logq_correction=True),
             train=TrainConfig(
                 epochs=10,
                 batch_size=2048,

@@ -21,7 +21,7 @@ from poeem.training.run import train_run
 from common import save_result
 from presets import preset, tiny
 
-GRID = {"D": (4, 8, 16), "K": (16, 64, 256), "coarse_K": (4, 16, 64)}
+GRID = {"D": (4, 8, 16), "K": (16, 256), "coarse_K": (4, 64)}
 
 
 def budgets(
