@@ -194,3 +194,25 @@ def test_stats_report_usage_and_distortion() -> None:
     assert 1 <= s["coarse_perplexity"] <= 4
     expected = (x - out.output).pow(2).sum(1).mean()
     assert s["distortion"] == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_givens_matrix_equals_sequential_plane_rotations() -> None:
+    from poeem.index.givens import GivensRotation
+
+    g = GivensRotation(7)  # odd dim: a dummy player sits out each round
+    with torch.no_grad():
+        g.angles.uniform_(-3, 3)
+    expected = torch.eye(7, dtype=torch.float64)
+    for r in range(g.pair_i.shape[0]):
+        for p in range(g.pair_i.shape[1]):
+            i, j, t = int(g.pair_i[r, p]), int(g.pair_j[r, p]), float(g.angles[r, p])
+            rot = torch.eye(7, dtype=torch.float64)
+            rot[i, i] = rot[j, j] = torch.cos(torch.tensor(t, dtype=torch.float64))
+            rot[j, i], rot[i, j] = (
+                -torch.sin(torch.tensor(t, dtype=torch.float64)),
+                torch.sin(torch.tensor(t, dtype=torch.float64)),
+            )
+            expected = expected @ rot
+    torch.testing.assert_close(g.matrix().double(), expected, atol=1e-6, rtol=0)
+    pairs = {(int(a), int(b)) for a, b in zip(g.pair_i.flatten(), g.pair_j.flatten(), strict=True)}
+    assert len(pairs) == 7 * 6 // 2  # every plane exactly once

@@ -2,8 +2,8 @@
 
 There are d(d-1)/2 angles, one per coordinate pair. The pairs are grouped into d-1 rounds (d
 rounds for odd d) of disjoint pairs, a round-robin schedule, so one round is one parallel tensor
-op. The matrix is accumulated in float64 and cast to float32, so it stays orthogonal to float32
-precision whatever the optimizer does to the angles.
+op. Every round is an exact rotation, so the product stays orthogonal to float32 precision
+whatever the optimizer does to the angles.
 """
 
 from __future__ import annotations
@@ -45,11 +45,22 @@ class GivensRotation(nn.Module):
         self.dim = dim
 
     def matrix(self) -> torch.Tensor:
-        """The rotation as a (dim, dim) float32 matrix, differentiable in the angles."""
-        m = torch.eye(self.dim, dtype=torch.float64, device=self.angles.device)
-        cos, sin = self.angles.double().cos(), self.angles.double().sin()  # (R, P)
-        for r in range(self.pair_i.shape[0]):
-            i, j = self.pair_i[r], self.pair_j[r]
-            a, b = m[:, i], m[:, j]  # (dim, P) columns of the two planes
-            m = m.index_copy(1, i, a * cos[r] - b * sin[r]).index_copy(1, j, a * sin[r] + b * cos[r])
-        return m.float()
+        """The rotation as a (dim, dim) float32 matrix, differentiable in the angles.
+
+        Each round G_r is built as a dense matrix in one scatter, then the R rounds are
+        multiplied as a balanced tree (log2 R batched matmuls), so rounding errors stay at
+        float32 precision and no Python loop runs over the rounds.
+        """
+        num_rounds, num_pairs = self.pair_i.shape
+        cos, sin = self.angles.cos(), self.angles.sin()  # (R, P)
+        rounds = torch.arange(num_rounds, device=cos.device).unsqueeze(1).expand(num_rounds, num_pairs)
+        diag = torch.ones(num_rounds, self.dim, device=cos.device, dtype=cos.dtype)
+        diag = diag.index_put((rounds, self.pair_i), cos).index_put((rounds, self.pair_j), cos)
+        # (M G_r)[:, i] = M[:, i] cos - M[:, j] sin and (M G_r)[:, j] = M[:, i] sin + M[:, j] cos
+        g = torch.diag_embed(diag).index_put((rounds, self.pair_j, self.pair_i), -sin)
+        g = g.index_put((rounds, self.pair_i, self.pair_j), sin)  # (R, dim, dim)
+        while g.shape[0] > 1:
+            if g.shape[0] % 2:
+                g = torch.cat([g, torch.eye(self.dim, device=g.device, dtype=g.dtype).unsqueeze(0)])
+            g = g[0::2] @ g[1::2]  # keeps the order G_0 G_1 ... G_{R-1}
+        return g[0]
