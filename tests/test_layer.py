@@ -205,7 +205,7 @@ def test_givens_matrix_equals_sequential_plane_rotations() -> None:
     expected = torch.eye(7, dtype=torch.float64)
     for r in range(g.pair_i.shape[0]):
         for p in range(g.pair_i.shape[1]):
-            i, j, t = int(g.pair_i[r, p]), int(g.pair_j[r, p]), float(g.angles[r, p])
+            i, j, t = int(g.pair_i[r, p]), int(g.pair_j[r, p]), float(g.angles.detach()[r, p])
             rot = torch.eye(7, dtype=torch.float64)
             rot[i, i] = rot[j, j] = torch.cos(torch.tensor(t, dtype=torch.float64))
             rot[j, i], rot[i, j] = (
