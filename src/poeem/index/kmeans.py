@@ -66,14 +66,14 @@ def kmeans_plus_plus(
         x: (G, n, d) float points.
         k: number of centroids.
         generator: a CPU generator; all randomness comes from it.
-        sample_size: seed from a random subset of this many points (default ``min(n, 16 k)``),
-            which keeps seeding O(sample_size * k * d).
+        sample_size: seed from a random subset of this many points (default: 16 k points, at
+            most 100,000 but never fewer than k), which keeps seeding O(sample_size * k * d).
 
     Returns:
         (G, k, d) initial centroids, each one a data point.
     """
     g, n, _ = x.shape
-    m = min(n, sample_size or 16 * k)
+    m = min(n, sample_size or max(k, min(16 * k, 100_000)))
     if m < n:
         sub = torch.randperm(n, generator=generator)[:m].to(x.device)
         x = x[:, sub]
