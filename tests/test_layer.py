@@ -216,3 +216,27 @@ def test_givens_matrix_equals_sequential_plane_rotations() -> None:
     torch.testing.assert_close(g.matrix().double(), expected, atol=1e-6, rtol=0)
     pairs = {(int(a), int(b)) for a, b in zip(g.pair_i.flatten(), g.pair_j.flatten(), strict=True)}
     assert len(pairs) == 7 * 6 // 2  # every plane exactly once
+
+
+def test_inner_product_coarse_assignment_matches_brute_force() -> None:
+    x = correlated(1024, 16)
+    layer = PoeemLayer(
+        dim=16,
+        num_subspaces=4,
+        codebook_size=16,
+        num_coarse=8,
+        coarse_metric="ip",
+        warmup_steps=0,
+        buffer_size=512,
+        kmeans_iters=5,
+    )
+    layer.initialize(x[:512])
+    coarse_codes, codes = layer.encode(x)
+    expected = (x @ layer.coarse.detach().T).argmax(1)
+    assert torch.equal(coarse_codes.long(), expected)
+    assert not torch.equal(expected, torch.cdist(x, layer.coarse.detach()).argmin(1))  # the rules differ here
+    residual = split_subvectors(x - layer.coarse.detach()[expected], 4)
+    for d in range(4):
+        assert torch.equal(
+            codes[:, d].long(), torch.cdist(residual[d], layer.codebooks[d].detach()).argmin(1)
+        )

@@ -23,6 +23,9 @@ class PoeemConfig:
     num_subspaces: int = 8  # D: subvectors per item
     codebook_size: int = 256  # K: codewords per subspace, 2..65536
     num_coarse: int = 8  # coarse_K: IVF lists; 0 turns the coarse quantizer off
+    # list assignment: "l2" nearest centroid, or "ip" largest inner product, the rule by which
+    # an inner-product IVF index (FAISS, poeem's ADC) probes lists for a query
+    coarse_metric: Literal["l2", "ip"] = "l2"
     rotation: Rotation = "none"  # "opq": fixed OPQ rotation; "givens": learnable, OPQ-initialised
     warmup_steps: int = 1000  # training steps with the layer as identity
     buffer_size: int = 8192  # item embeddings collected after warm-up for k-means
@@ -93,6 +96,8 @@ class PoeemConfig:
             raise PoeemError(
                 "rotation", "'none', 'opq' or 'givens'", repr(self.rotation), "pick one of those"
             )
+        if self.coarse_metric not in ("l2", "ip"):
+            raise PoeemError("coarse_metric", "'l2' or 'ip'", repr(self.coarse_metric), "pick one of those")
         if self.init not in ("kmeans", "random"):
             raise PoeemError("init", "'kmeans' or 'random'", repr(self.init), "pick one of those")
         needed = max(self.codebook_size, self.num_coarse)

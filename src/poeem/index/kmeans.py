@@ -16,7 +16,10 @@ DEFAULT_CHUNK_ELEMS = 1 << 20  # distance entries per chunk: 4 MiB of float32, c
 
 
 def nearest_centroid(
-    x: torch.Tensor, c: torch.Tensor, max_chunk_elems: int = DEFAULT_CHUNK_ELEMS
+    x: torch.Tensor,
+    c: torch.Tensor,
+    max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
+    inner_product: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of, and squared distance to, the nearest centroid of each point, in chunks.
 
@@ -24,23 +27,30 @@ def nearest_centroid(
         x: (G, n, d) float points.
         c: (G, k, d) float centroids.
         max_chunk_elems: upper bound on G * chunk * k distance entries held at once.
+        inner_product: pick the centroid of largest inner product instead of the nearest.
 
     Returns:
         codes: (G, n) int64 nearest-centroid indices.
-        dists: (G, n) float squared distances to that centroid.
+        dists: (G, n) float squared distances to that centroid (minus the inner product with
+        ``inner_product``).
     """
     g, n, _ = x.shape
     k = c.shape[1]
     chunk = max(1, max_chunk_elems // max(1, g * k))
     codes = torch.empty(g, n, dtype=torch.long, device=x.device)
     dists = torch.empty(g, n, dtype=x.dtype, device=x.device)
-    c2 = (c * c).sum(-1).unsqueeze(1)  # (G, 1, k)
+    c2 = torch.zeros_like(c[..., 0]) if inner_product else (c * c).sum(-1)
+    c2 = c2.unsqueeze(1)  # (G, 1, k)
     ct = c.transpose(1, 2)
     for start in range(0, n, chunk):
         xs = x[:, start : start + chunk]
-        partial = torch.baddbmm(c2, xs, ct, alpha=-2)  # (G, chunk, k): ||c||^2 - 2 <x, c>
+        # (G, chunk, k): ||c||^2 - 2 <x, c>, or -<x, c>
+        partial = torch.baddbmm(c2, xs, ct, alpha=-1 if inner_product else -2)
         best, codes[:, start : start + chunk] = partial.min(-1)
-        dists[:, start : start + chunk] = (best + (xs * xs).sum(-1)).clamp_min_(0)
+        if inner_product:
+            dists[:, start : start + chunk] = best
+        else:
+            dists[:, start : start + chunk] = (best + (xs * xs).sum(-1)).clamp_min_(0)
     return codes, dists
 
 

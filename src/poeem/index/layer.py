@@ -161,7 +161,9 @@ class PoeemLayer(nn.Module):
         xr = x32 @ rotation if c.rotation != "none" else x32  # (B, dim)
         with torch.no_grad():
             coarse = self.coarse.detach() if self.coarse is not None else None
-            coarse_codes, codes = encode_rotated(xr.detach(), coarse, self.codebooks.detach())
+            coarse_codes, codes = encode_rotated(
+                xr.detach(), coarse, self.codebooks.detach(), c.coarse_metric
+            )
         recon = decode_rotated(coarse_codes, codes, self.coarse, self.codebooks)
         x_hat = recon @ rotation.T if c.rotation != "none" else recon  # (B, dim)
         loss = c.regularizer_weight * (x_hat - x32.detach()).pow(2).sum(-1).mean()
@@ -200,7 +202,14 @@ class PoeemLayer(nn.Module):
         elif c.rotation == "none":
             rotation = torch.eye(c.dim, device=x.device)
             coarse, codebooks = fit_ivf_pq(
-                x, c.num_coarse, c.num_subspaces, c.codebook_size, c.kmeans_iters, c.seed, progress
+                x,
+                c.num_coarse,
+                c.num_subspaces,
+                c.codebook_size,
+                c.kmeans_iters,
+                c.seed,
+                progress,
+                c.coarse_metric,
             )
         else:
             rotation, coarse, codebooks = fit_opq(
@@ -212,6 +221,7 @@ class PoeemLayer(nn.Module):
                 c.opq_rounds,
                 c.seed,
                 progress,
+                c.coarse_metric,
             )
         self.base_rotation.copy_(rotation)
         self.codebooks.copy_(codebooks)
@@ -257,7 +267,7 @@ class PoeemLayer(nn.Module):
         coarse_parts, code_parts = [], []
         for start in range(0, x.shape[0], batch_size):
             xr = x[start : start + batch_size].float().to(rotation.device) @ rotation
-            cc, codes = encode_rotated(xr, coarse, self.codebooks.detach())
+            cc, codes = encode_rotated(xr, coarse, self.codebooks.detach(), c.coarse_metric)
             code_parts.append(codes.to(smallest_uint_dtype(c.codebook_size)))
             if cc is not None:
                 coarse_parts.append(cc.to(smallest_uint_dtype(c.num_coarse)))

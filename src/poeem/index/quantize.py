@@ -21,17 +21,19 @@ def smallest_uint_dtype(n: int) -> torch.dtype:
     return torch.int32
 
 
-def coarse_assign(xr: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
-    """Nearest coarse centroid (L2) of each vector.
+def coarse_assign(xr: torch.Tensor, coarse: torch.Tensor, coarse_metric: str = "l2") -> torch.Tensor:
+    """The coarse centroid (list) of each vector.
 
     Args:
         xr: (B, dim) rotated vectors.
         coarse: (coarse_K, dim) centroids, coarse_K >= 1.
+        coarse_metric: "l2" (nearest centroid) or "ip" (largest inner product, the rule an
+            inner-product IVF index probes lists with).
 
     Returns:
         (B,) int64 coarse codes.
     """
-    codes, _ = nearest_centroid(xr.unsqueeze(0), coarse.unsqueeze(0))
+    codes, _ = nearest_centroid(xr.unsqueeze(0), coarse.unsqueeze(0), inner_product=coarse_metric == "ip")
     return codes[0]
 
 
@@ -71,7 +73,7 @@ def pq_reconstruct(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
 
 
 def encode_rotated(
-    xr: torch.Tensor, coarse: torch.Tensor | None, codebooks: torch.Tensor
+    xr: torch.Tensor, coarse: torch.Tensor | None, codebooks: torch.Tensor, coarse_metric: str = "l2"
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Coarse codes and sub-codes of rotated vectors.
 
@@ -79,13 +81,14 @@ def encode_rotated(
         xr: (B, dim) rotated vectors.
         coarse: (coarse_K, dim) coarse centroids, or None without a coarse quantizer.
         codebooks: (D, K, dsub) codewords.
+        coarse_metric: the list assignment rule, see :func:`coarse_assign`.
 
     Returns:
         coarse_codes: (B,) int64, or None; codes: (B, D) int64.
     """
     if coarse is None:
         return None, pq_assign(xr, codebooks)
-    coarse_codes = coarse_assign(xr, coarse)
+    coarse_codes = coarse_assign(xr, coarse, coarse_metric)
     return coarse_codes, pq_assign(xr - coarse[coarse_codes], codebooks)
 
 
@@ -110,11 +113,14 @@ def fit_ivf_pq(
     iters: int,
     seed: int,
     progress: bool = False,
+    coarse_metric: str = "l2",
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """k-means of the coarse centroids, then of the PQ codebooks on the **residuals**.
 
     Args:
         xr: (n, dim) rotated training vectors.
+        coarse_metric: how vectors are assigned to lists for the residuals (see
+            :func:`coarse_assign`); the centroids themselves come from L2 k-means, as in FAISS.
 
     Returns:
         coarse: (coarse_K, dim) or None when num_coarse is 0; codebooks: (D, K, dsub).
@@ -123,7 +129,7 @@ def fit_ivf_pq(
     residual = xr
     if num_coarse > 0:
         coarse = kmeans(xr, num_coarse, iters=iters, seed=seed, progress=progress)
-        residual = xr - coarse[coarse_assign(xr, coarse)]
+        residual = xr - coarse[coarse_assign(xr, coarse, coarse_metric)]
     sub = split_subvectors(residual, num_subspaces)  # (D, n, dsub)
     codebooks = kmeans(sub, codebook_size, iters=iters, seed=seed + 1, progress=progress)
     return coarse, codebooks
@@ -151,6 +157,7 @@ def fit_opq(
     rounds: int,
     seed: int,
     progress: bool = False,
+    coarse_metric: str = "l2",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """OPQ alternation: fit IVF-PQ on x R, then update R by Procrustes; repeat ``rounds`` times.
 
@@ -164,11 +171,17 @@ def fit_opq(
     for r in range(rounds):
         xr = x @ rotation
         coarse, codebooks = fit_ivf_pq(
-            xr, num_coarse, num_subspaces, codebook_size, max(1, iters // 2), seed + 10 * r
+            xr,
+            num_coarse,
+            num_subspaces,
+            codebook_size,
+            max(1, iters // 2),
+            seed + 10 * r,
+            coarse_metric=coarse_metric,
         )
-        recon = decode_rotated(*encode_rotated(xr, coarse, codebooks), coarse, codebooks)
+        recon = decode_rotated(*encode_rotated(xr, coarse, codebooks, coarse_metric), coarse, codebooks)
         rotation = procrustes_rotation(x, recon)
     coarse, codebooks = fit_ivf_pq(
-        x @ rotation, num_coarse, num_subspaces, codebook_size, iters, seed, progress
+        x @ rotation, num_coarse, num_subspaces, codebook_size, iters, seed, progress, coarse_metric
     )
     return rotation, coarse, codebooks

@@ -238,7 +238,9 @@ class Searcher:
                 "remove them first, or use new ids",
             )
         t = self.tensors
-        cc, codes = encode_rotated(x @ t.rotation, t.coarse, t.codebooks)
+        cc, codes = encode_rotated(
+            x @ t.rotation, t.coarse, t.codebooks, self.manifest.layer.get("coarse_metric", "l2")
+        )
         cc = cc if cc is not None else torch.zeros(x.shape[0], dtype=torch.long)
         self._commit(
             IndexTensors(
