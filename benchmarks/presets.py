@@ -69,6 +69,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "poeem-opq": {"rotation": "opq"},
     "poeem-givens": {"rotation": "givens"},
     "poeem-no-warmstart": {"rotation": "none", "warmup_steps": 0, "init": "random"},
+    "poeem-ip": {"rotation": "none", "coarse_metric": "ip"},
+    "poeem-givens-ip": {"rotation": "givens", "coarse_metric": "ip"},
 }
 
 _PAIRS: dict[str, int] = {}

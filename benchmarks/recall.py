@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -31,7 +34,7 @@ from poeem.runs import RunConfig
 from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.run import train_run
 
-from common import save_result
+from common import RESULTS, save_result
 from presets import VARIANTS, preset, tiny
 
 ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", *VARIANTS]
@@ -67,6 +70,24 @@ def one_run(cfg: RunConfig, work: Path, name: str) -> tuple[Any, dict[str, Any]]
     return model, metrics
 
 
+def train_variant(
+    pre: Any, seed: int, variant: str, nprobes: tuple[int, ...], work: Path, runs: list[dict[str, Any]]
+) -> Any:
+    """Train one Poeem variant, append its run record to ``runs``, return the model."""
+    model, metrics = one_run(pre.run_config(seed, variant, nprobes), work, f"{variant}-{seed}")
+    runs.append(
+        {
+            "seed": seed,
+            "variant": variant,
+            "rows": [dict(r, method=variant) for r in metrics["rows"] if r["method"] == "poeem"],
+            "exact_of_joint_model": next(r for r in metrics["rows"] if r["method"] == "exact"),
+            "train_s_per_epoch": metrics["train_s"] / pre.train.epochs,
+            "index_stats": metrics["index_stats"],
+        }
+    )
+    return model
+
+
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Mean and std over seeds of each (row, nprobe, metric)."""
     grouped: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
@@ -98,6 +119,11 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
     p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="train only --variants and merge them into the existing results file",
+    )
     args = p.parse_args()
 
     pre = preset(args.dataset, args.data_dir)
@@ -111,6 +137,10 @@ def main() -> None:
     try:
         for seed in args.seeds:
             print(f"{args.dataset} seed {seed}", flush=True)
+            if args.merge:
+                for variant in args.variants:
+                    train_variant(pre, seed, variant, nprobes, work, runs)
+                continue
             cfg = pre.run_config(seed, None, nprobes)
             cfg.eval.faiss_baseline = cfg.eval.opq_baseline = True
             model, metrics = one_run(cfg, work, f"baseline-{seed}")
@@ -125,18 +155,7 @@ def main() -> None:
             if seed == args.seeds[0]:
                 sizes["faiss-ivfpq"] = list_sizes_faiss(model.all_item_embeddings(), pre.budget, seed)
             for variant in args.variants:
-                model, metrics = one_run(pre.run_config(seed, variant, nprobes), work, f"{variant}-{seed}")
-                rows = [dict(r, method=variant) for r in metrics["rows"] if r["method"] == "poeem"]
-                runs.append(
-                    {
-                        "seed": seed,
-                        "variant": variant,
-                        "rows": rows,
-                        "exact_of_joint_model": next(r for r in metrics["rows"] if r["method"] == "exact"),
-                        "train_s_per_epoch": metrics["train_s"] / pre.train.epochs,
-                        "index_stats": metrics["index_stats"],
-                    }
-                )
+                model = train_variant(pre, seed, variant, nprobes, work, runs)
                 if seed == args.seeds[0] and variant == "poeem":
                     curves = read_curves(
                         work / f"{variant}-{seed}" / "log.csv",
@@ -146,6 +165,13 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
+    name = f"recall_{args.dataset}{'_tiny' if args.tiny else ''}"
+    commands = []
+    if args.merge:  # keep the other rows, curves and list sizes of the existing results
+        old = json.loads(((args.results_dir or RESULTS) / f"{name}.json").read_text())
+        runs = [r for r in old["runs"] if r["variant"] not in args.variants] + runs
+        curves, sizes = old["curves"], old["list_sizes"]
+        commands = old.get("commands", [old["command"]])
     data = load_data(pre.run_config(args.seeds[0], None, nprobes).data)
     coarse, d, k = pre.budget
     epoch_time = defaultdict(list)
@@ -169,8 +195,9 @@ def main() -> None:
         "runs": runs,
         "curves": curves,
         "list_sizes": sizes,
+        "commands": [*commands, "python " + shlex.join(sys.argv)],
     }
-    path = save_result(f"recall_{args.dataset}{'_tiny' if args.tiny else ''}", result, args.results_dir)
+    path = save_result(name, result, args.results_dir)
     for row in result["summary"]:
         h = pre.headline
         print(f"{row['method']:20} nprobe={row['nprobe']:<3} {h}={row[h]:.4f} ± {row[h + '_std']:.4f}")

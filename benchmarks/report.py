@@ -31,8 +31,9 @@ def load(results: Path) -> dict[str, dict[str, Any]]:
 
 def provenance(r: dict[str, Any]) -> str:
     m = r["machine"]
+    commands = "`, then `".join(r.get("commands", [r["command"]]))
     return (
-        f"Command: `{r['command']}`  \nMachine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, "
+        f"Command: `{commands}`  \nMachine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, "
         f"faiss {m['faiss']}, Python {m['python']}; run on {r['date']}."
     )
 

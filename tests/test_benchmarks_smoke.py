@@ -34,6 +34,8 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--results-dir",
         str(out),
     )
+    run("recall.py", "--dataset", "synthetic", "--tiny", "--seeds", "0", "--variants", "poeem-ip", "--merge",
+        "--results-dir", str(out))
     run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
     return out
 
@@ -44,7 +46,8 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert "cpu" in export["machine"] and export["command"].startswith("python ")
     recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
     methods = {row["method"] for row in recall["summary"]}
-    assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens"}
+    assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens", "poeem-ip"}
+    assert len(recall["commands"]) == 2 and "--merge" in recall["commands"][1]
     assert all(0 <= row["precision@100"] <= 1 for row in recall["summary"])
     sweep = json.loads((results / "sweep_synthetic_tiny.json").read_text())
     assert [p["parameter"] for p in sweep["points"]] == ["D", "D", "K", "coarse_K"]
