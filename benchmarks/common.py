@@ -39,12 +39,19 @@ def machine() -> dict[str, Any]:
     }
 
 
+def command_line() -> str:
+    """This process's command line, as run from the repository root."""
+    script = Path(sys.argv[0])
+    shown = f"benchmarks/{script.name}" if script.parent.name in ("benchmarks", "") else str(script)
+    return "python " + shlex.join([shown, *sys.argv[1:]])
+
+
 def save_result(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
     """Write ``results_dir/name.json`` with the command line, machine and date added."""
     out_dir = results_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {
-        "command": "python " + shlex.join(sys.argv),
+        "command": command_line(),
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d"),
         **payload,

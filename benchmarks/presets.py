@@ -65,10 +65,10 @@ class Preset:
 
 
 VARIANTS: dict[str, dict[str, Any]] = {
-    "poeem": {"rotation": "none"},
-    "poeem-opq": {"rotation": "opq"},
-    "poeem-givens": {"rotation": "givens"},
-    "poeem-no-warmstart": {"rotation": "none", "warmup_steps": 0, "init": "random"},
+    "poeem": {"rotation": "none", "coarse_metric": "l2"},
+    "poeem-opq": {"rotation": "opq", "coarse_metric": "l2"},
+    "poeem-givens": {"rotation": "givens", "coarse_metric": "l2"},
+    "poeem-no-warmstart": {"rotation": "none", "warmup_steps": 0, "init": "random", "coarse_metric": "l2"},
     "poeem-ip": {"rotation": "none", "coarse_metric": "ip"},
     "poeem-givens-ip": {"rotation": "givens", "coarse_metric": "ip"},
 }

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shlex
 import shutil
-import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -34,7 +32,7 @@ from poeem.runs import RunConfig
 from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.run import train_run
 
-from common import RESULTS, save_result
+from common import RESULTS, command_line, save_result
 from presets import VARIANTS, preset, tiny
 
 ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", *VARIANTS]
@@ -195,7 +193,7 @@ def main() -> None:
         "runs": runs,
         "curves": curves,
         "list_sizes": sizes,
-        "commands": [*commands, "python " + shlex.join(sys.argv)],
+        "commands": [*commands, command_line()],
     }
     path = save_result(name, result, args.results_dir)
     for row in result["summary"]:

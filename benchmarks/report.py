@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,9 @@ def load(results: Path) -> dict[str, dict[str, Any]]:
 
 def provenance(r: dict[str, Any]) -> str:
     m = r["machine"]
-    commands = "`, then `".join(r.get("commands", [r["command"]]))
+    commands = "`, then `".join(
+        re.sub(r"^python (\w+\.py)", r"python benchmarks/\1", c) for c in r.get("commands", [r["command"]])
+    )
     return (
         f"Command: `{commands}`  \nMachine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, "
         f"faiss {m['faiss']}, Python {m['python']}; run on {r['date']}."
