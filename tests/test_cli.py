@@ -83,7 +83,7 @@ def write_config(tmp_path: Path) -> Path:
 
 def test_demo_on_a_tiny_task(tmp_path: Path) -> None:
     out = invoke("demo", "--num-pairs", "5000", "--epochs", "1", "--out", tmp_path / "demo")
-    for label in ("exact (brute force)", "FAISS IVF8,PQ8 (separate)", "Poeem (joint)"):
+    for label in ("exact (brute force)", "FAISS IVF8,PQ8 (separate)", "Poeem (joint, Givens)"):
         assert label in out
 
 

@@ -81,7 +81,7 @@ def run_demo(
             results["baseline"]["train_s"],
             TUTORIAL["faiss-ivfpq"],
         ),
-        ("Poeem (joint)", poeem_row, results["poeem"]["train_s"], TUTORIAL["poeem"]),
+        ("Poeem (joint, Givens)", poeem_row, results["poeem"]["train_s"], TUTORIAL["poeem"]),
     ]
     typer.echo("")
     header = ("method", "precision@100", "tutorial", "train s", "index build s", "search s")
