@@ -95,22 +95,18 @@ def data_dir(name: str, given: str | None) -> str:
     return str(Path(root) / name if root else SHARED / name)
 
 
+def quiet_training(**kwargs: Any) -> TrainConfig:
+    """A TrainConfig that evaluates and checkpoints only at the end and shows no progress bar."""
+    return TrainConfig(checkpoint_every=0, eval_every=10**9, progress=False, **kwargs)
+
+
 def preset(name: str, data_path: str | None = None) -> Preset:
     """The named preset: "synthetic", "ml-100k" or "gowalla"."""
     if name == "synthetic":  # the original tutorial
         return Preset(
             data=DataConfig(kind="synthetic"),
             model=ModelConfig(dim=64, score="cosine", temperature=1 / 30),
-            train=TrainConfig(
-                epochs=3,
-                batch_size=256,
-                optimizer="adagrad",
-                lr=0.1,
-                checkpoint_every=0,
-                eval_every=10**9,
-                log_every=100,
-                progress=False,
-            ),
+            train=quiet_training(epochs=3, batch_size=256, optimizer="adagrad", lr=0.1, log_every=100),
             budget=(8, 8, 256),
             ks=(100,),
             headline="precision@100",
@@ -121,32 +117,14 @@ def preset(name: str, data_path: str | None = None) -> Preset:
                 kind="movielens", path=data_dir("ml-100k", data_path), split="random", test_fraction=0.2
             ),
             model=ModelConfig(dim=64, score="cosine", temperature=0.1, logq_correction=True),
-            train=TrainConfig(
-                epochs=20,
-                batch_size=1024,
-                optimizer="adam",
-                lr=5e-3,
-                checkpoint_every=0,
-                eval_every=10**9,
-                log_every=20,
-                progress=False,
-            ),
+            train=quiet_training(epochs=20, batch_size=1024, optimizer="adam", lr=5e-3, log_every=20),
             budget=(8, 8, 16),  # 4-bit codes, the paper's default K
         )
     if name == "gowalla":
         return Preset(
             data=DataConfig(kind="lightgcn", path=data_dir("gowalla", data_path)),
             model=ModelConfig(dim=64, score="cosine", temperature=0.1, logq_correction=True),
-            train=TrainConfig(
-                epochs=10,
-                batch_size=2048,
-                optimizer="adam",
-                lr=5e-3,
-                checkpoint_every=0,
-                eval_every=10**9,
-                log_every=20,
-                progress=False,
-            ),
+            train=quiet_training(epochs=10, batch_size=2048, optimizer="adam", lr=5e-3, log_every=20),
             budget=(16, 8, 256),
         )
     raise SystemExit(f"unknown dataset {name!r}: pick synthetic, ml-100k or gowalla")

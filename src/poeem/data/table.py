@@ -14,28 +14,22 @@ from poeem.errors import PoeemError
 
 
 def _read(path: Path, columns: list[str]) -> pd.DataFrame:
-    if path.suffix == ".parquet":
+    parquet = path.suffix == ".parquet"
+    if parquet:
         import pyarrow.parquet as pq
 
         names = pq.read_schema(path).names
-        missing = [c for c in columns if c not in names]
-        if missing:
-            raise PoeemError(
-                f"{path}",
-                f"columns {columns}",
-                f"columns {names}",
-                "pass the right --query-column/--item-column names",
-            )
-        return pq.read_table(path, columns=columns).to_pandas()
-    header = pd.read_csv(path, nrows=0).columns.tolist()
-    missing = [c for c in columns if c not in header]
-    if missing:
+    else:
+        names = pd.read_csv(path, nrows=0).columns.tolist()
+    if any(c not in names for c in columns):
         raise PoeemError(
             f"{path}",
             f"a header with columns {columns}",
-            f"header {header}",
+            f"header {names}",
             "pass the right --query-column/--item-column names",
         )
+    if parquet:
+        return pq.read_table(path, columns=columns).to_pandas()
     return pd.read_csv(path, usecols=columns, dtype=str, keep_default_na=False)
 
 
