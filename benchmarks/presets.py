@@ -105,7 +105,7 @@ def preset(name: str, data_path: str | None = None) -> Preset:
     if name == "synthetic":  # the original tutorial
         return Preset(
             data=DataConfig(kind="synthetic"),
-            model=ModelConfig(dim=64, score="cosine", temperature=1 / 30),
+            model=ModelConfig(dim=64, score="cosine", temperature=1 / 30, logq_correction=False),
             train=quiet_training(epochs=3, batch_size=256, optimizer="adagrad", lr=0.1, log_every=100),
             budget=(8, 8, 256),
             ks=(100,),

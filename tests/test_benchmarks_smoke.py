@@ -34,8 +34,19 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--results-dir",
         str(out),
     )
-    run("recall.py", "--dataset", "synthetic", "--tiny", "--seeds", "0", "--variants", "poeem-ip", "--merge",
-        "--results-dir", str(out))
+    run(
+        "recall.py",
+        "--dataset",
+        "synthetic",
+        "--tiny",
+        "--seeds",
+        "0",
+        "--variants",
+        "poeem-ip",
+        "--merge",
+        "--results-dir",
+        str(out),
+    )
     run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
     return out
 

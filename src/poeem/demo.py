@@ -37,7 +37,8 @@ def demo_configs(epochs: int, batch_size: int, num_pairs: int, seed: int) -> tup
         eval_every=10**9,
     )
     ev = EvalConfig(ks=(100,), nprobes=(1,), num_coarse=8, num_subspaces=8, codebook_size=256)
-    baseline = RunConfig(data, ModelConfig(dim=64, score="cosine", temperature=1 / 30), train, ev)
+    tutorial_model = {"dim": 64, "score": "cosine", "temperature": 1 / 30, "logq_correction": False}
+    baseline = RunConfig(data, ModelConfig(**tutorial_model), train, ev)
     layer = {
         "num_coarse": 8,
         "num_subspaces": 8,
@@ -48,7 +49,7 @@ def demo_configs(epochs: int, batch_size: int, num_pairs: int, seed: int) -> tup
     }
     poeem = RunConfig(
         data,
-        ModelConfig(dim=64, score="cosine", temperature=1 / 30, poeem=layer),
+        ModelConfig(**tutorial_model, poeem=layer),
         train,
         EvalConfig(ks=(100,), nprobes=(1,), faiss_baseline=False),
     )

@@ -23,7 +23,7 @@ class ModelConfig:
     dim: int = 64
     score: Literal["cosine", "dot"] = "cosine"  # cosine: both towers L2-normalised
     temperature: float = 0.1  # logits are score / temperature
-    logq_correction: bool = False  # subtract log item frequency from in-batch logits
+    logq_correction: bool = True  # subtract log item frequency from in-batch logits (Yi et al. 2019)
     random_negatives: int = 0  # uniform item samples added as negatives to every row
     query_hidden: tuple[int, ...] = ()  # MLP widths for numeric query features
     item_hidden: tuple[int, ...] = ()
