@@ -120,8 +120,10 @@ def main() -> None:
     p.add_argument(
         "--merge",
         action="store_true",
-        help="train only --variants and merge them into the existing results file",
+        help="merge the (seed, variant) runs trained now into the existing results file; "
+        "without --baseline only --variants are trained",
     )
+    p.add_argument("--baseline", action="store_true", help="with --merge: also train the baseline")
     args = p.parse_args()
 
     pre = preset(args.dataset, args.data_dir)
@@ -135,7 +137,7 @@ def main() -> None:
     try:
         for seed in args.seeds:
             print(f"{args.dataset} seed {seed}", flush=True)
-            if args.merge:
+            if args.merge and not args.baseline:
                 for variant in args.variants:
                     train_variant(pre, seed, variant, nprobes, work, runs)
                 continue
@@ -150,11 +152,11 @@ def main() -> None:
                     "train_s_per_epoch": metrics["train_s"] / pre.train.epochs,
                 }
             )
-            if seed == args.seeds[0]:
+            if seed == args.seeds[0] and not args.merge:
                 sizes["faiss-ivfpq"] = list_sizes_faiss(model.all_item_embeddings(), pre.budget, seed)
             for variant in args.variants:
                 model = train_variant(pre, seed, variant, nprobes, work, runs)
-                if seed == args.seeds[0] and variant == "poeem":
+                if seed == args.seeds[0] and variant == "poeem" and not args.merge:
                     curves = read_curves(
                         work / f"{variant}-{seed}" / "log.csv",
                         ("relative_distortion", "subcode_perplexity", "coarse_perplexity", "task_loss"),
@@ -167,7 +169,8 @@ def main() -> None:
     commands = []
     if args.merge:  # keep the other rows, curves and list sizes of the existing results
         old = json.loads(((args.results_dir or RESULTS) / f"{name}.json").read_text())
-        runs = [r for r in old["runs"] if r["variant"] not in args.variants] + runs
+        trained = {(r["seed"], r["variant"]) for r in runs}
+        runs = [r for r in old["runs"] if (r["seed"], r["variant"]) not in trained] + runs
         curves, sizes = old["curves"], old["list_sizes"]
         commands = old.get("commands", [old["command"]])
     data = load_data(pre.run_config(args.seeds[0], None, nprobes).data)
@@ -178,7 +181,7 @@ def main() -> None:
     result = {
         "dataset": args.dataset,
         "data": data.summary(),
-        "seeds": args.seeds,
+        "seeds": sorted({r["seed"] for r in runs}),
         "tiny": args.tiny,
         "headline": pre.headline,
         "budget": {"coarse_K": coarse, "D": d, "K": k, "bytes_per_item": d * (k.bit_length() - 1) / 8},
