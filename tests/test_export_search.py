@@ -17,9 +17,12 @@ from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 DIM, D = 16, 4
 
 
-def trained_layer(rotation: str, num_coarse: int, k: int = 16) -> tuple[PoeemLayer, torch.Tensor]:
+def trained_layer(
+    rotation: str, num_coarse: int, k: int = 16, coarse_metric: str = "ip"
+) -> tuple[PoeemLayer, torch.Tensor]:
     x = correlated(1500, DIM, seed=1)
     layer = PoeemLayer(
+        coarse_metric=coarse_metric,
         dim=DIM,
         num_subspaces=D,
         codebook_size=k,
@@ -53,7 +56,7 @@ CASES = [
 
 @pytest.mark.parametrize(("rotation", "num_coarse", "metric"), CASES)
 def test_faiss_export_equals_torch_adc(rotation: str, num_coarse: int, metric: str) -> None:
-    layer, x = trained_layer(rotation, num_coarse)
+    layer, x = trained_layer(rotation, num_coarse, coarse_metric="l2" if metric == "l2" else "ip")
     ids = torch.arange(len(x)) * 3 + 1_000_000_007  # 64-bit user ids
     index = to_faiss(layer, x, ids, metric)
     gc.collect()  # the sub-objects must stay alive with the index
@@ -224,3 +227,11 @@ def test_export_before_training_is_clear() -> None:
     layer = PoeemLayer(dim=DIM, num_subspaces=D, codebook_size=16, num_coarse=0, buffer_size=16)
     with pytest.raises(PoeemError, match="expected a trained, initialized PoeemLayer"):
         to_faiss(layer, torch.randn(4, DIM))
+
+
+def test_export_warns_when_list_rules_differ() -> None:
+    layer, x = trained_layer("none", 8, coarse_metric="l2")
+    with pytest.warns(
+        UserWarning, match="assigns items to lists by 'l2' but a 'ip' index probes lists by 'ip'"
+    ):
+        to_faiss(layer, x, metric="ip")

@@ -11,6 +11,7 @@ def ready_layer(
 ) -> tuple[PoeemLayer, torch.Tensor]:
     x = correlated(1024, dim)
     layer = PoeemLayer(
+        coarse_metric="l2",  # the brute-force checks below use nearest-centroid lists
         dim=dim,
         num_subspaces=d,
         codebook_size=k,

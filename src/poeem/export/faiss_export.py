@@ -7,6 +7,8 @@ computed them. Nothing on this path calls FAISS ``train()`` or re-encodes vector
 
 from __future__ import annotations
 
+import warnings
+
 import faiss
 import numpy as np
 import torch
@@ -124,6 +126,20 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
     return index
 
 
+def check_list_rule(layer: PoeemLayer, metric: str) -> None:
+    """Warn when items were assigned to lists by another rule than the one search probes with."""
+    if layer.coarse is None:
+        return
+    probe = "l2" if metric == "l2" else "ip"
+    if layer.config.coarse_metric != probe:
+        warnings.warn(
+            f"the layer assigns items to lists by {layer.config.coarse_metric!r} but a {metric!r} "
+            f"index probes lists by {probe!r}, so a query may probe lists that hold none of its "
+            f"neighbours; train the layer with coarse_metric={probe!r}",
+            stacklevel=3,
+        )
+
+
 def to_faiss(
     layer: PoeemLayer,
     items: ItemsOrCodes,
@@ -144,4 +160,5 @@ def to_faiss(
     Returns:
         A ready ``faiss.Index``; ``index.search(xq, k)`` returns (D, I) with your ids.
     """
+    check_list_rule(layer, metric)
     return build_faiss_index(learned_index(layer, items, ids), metric, fast_scan)

@@ -25,7 +25,7 @@ class PoeemConfig:
     num_coarse: int = 8  # coarse_K: IVF lists; 0 turns the coarse quantizer off
     # list assignment: "l2" nearest centroid, or "ip" largest inner product, the rule by which
     # an inner-product IVF index (FAISS, poeem's ADC) probes lists for a query
-    coarse_metric: Literal["l2", "ip"] = "l2"
+    coarse_metric: Literal["l2", "ip"] = "ip"
     rotation: Rotation = "none"  # "opq": fixed OPQ rotation; "givens": learnable, OPQ-initialised
     warmup_steps: int = 1000  # training steps with the layer as identity
     buffer_size: int = 8192  # item embeddings collected after warm-up for k-means

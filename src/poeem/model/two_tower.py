@@ -72,8 +72,7 @@ class TwoTowerModel(nn.Module):
         self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std)
         self.index: PoeemLayer | None = None
         if c.poeem is not None:
-            # scores are inner products, so lists are assigned by the rule IP search probes them by
-            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, "coarse_metric": "ip", **c.poeem}))
+            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, **c.poeem}))
         counts = item_counts if item_counts is not None else torch.ones(num_items)
         self.register_buffer("item_log_q", (counts.float() / counts.sum()).clamp_min(1e-12).log())
 

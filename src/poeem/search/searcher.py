@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from poeem.errors import PoeemError
-from poeem.export.faiss_export import build_faiss_index
+from poeem.export.faiss_export import build_faiss_index, check_list_rule
 from poeem.export.learned import ItemsOrCodes, check_ids, learned_index
 from poeem.index import PoeemLayer
 from poeem.index.quantize import encode_rotated
@@ -84,6 +84,7 @@ class Searcher:
                 f"'{directory}' holds an index",
                 "pass another --out, or use 'poeem add'/'poeem remove' to update it",
             )
+        check_list_rule(layer, metric)
         tensors = learned_index(layer, items, ids)
         manifest = Manifest(
             metric=metric,
