@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -90,12 +91,16 @@ def recall_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
             + " | ".join(fmt(row, m) for m in metrics)
             + f" | {row['build_s']:.2f} |"
         )
-    t = r["train_s_per_epoch"]
+    per_variant: dict[str, list[float]] = {}
+    for run in r["runs"]:
+        per_variant.setdefault(run["variant"], []).append(run["train_s_per_epoch"])
+    t = {k: float(np.median(v)) for k, v in per_variant.items()}  # robust to one disturbed run
     lines += [
         "",
-        "Training time per epoch (s): "
+        "Training time per epoch, median over seeds (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
-        + f". With the layer / without: {t.get('poeem', float('nan')) / t['baseline']:.2f}x.",
+        + f". With the layer / without: {t.get('poeem', float('nan')) / t['baseline']:.2f}x (poeem), "
+        f"{t.get('poeem-ip', float('nan')) / t['baseline']:.2f}x (poeem-ip).",
         "",
     ]
     if r["dataset"] == "gowalla":
