@@ -55,3 +55,12 @@ def test_evaluate_retrieval_end_to_end() -> None:
     m = evaluate_retrieval(FlatIndex(items), lambda rows: queries[rows], data, ks=(1, 2))
     # user 0 ranks 0 (excluded), 2, 3, 1 -> hit at 1; user 1 ranks 1, 3 -> both relevant
     assert m["precision@1"] == 1.0 and m["recall@2"] == 1.0 and m["precision@2"] == pytest.approx(0.75)
+
+
+def test_csr_contains_handles_padding_and_unknown_items() -> None:
+    truth = CSR.from_pairs(np.array([0, 0, 2]), np.array([4, 1, 3]), num_queries=3)
+    items = np.array([[1, 4, -1, 99], [1, 4, 3, 0]])
+    assert truth.contains(np.array([0, 2]), items).tolist() == [
+        [True, True, False, False],
+        [False, False, True, False],
+    ]

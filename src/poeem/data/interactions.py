@@ -40,6 +40,27 @@ class CSR:
         """(num_queries,) number of items per query."""
         return np.diff(self.indptr)
 
+    def contains(self, rows: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Whether ``items[q, r]`` is in the list of query ``rows[q]``; negative items are not.
+
+        Args:
+            rows: (nq,) query ids; items: (nq, K) item ids.
+
+        Returns:
+            (nq, K) bool.
+        """
+        if getattr(self, "_keys", None) is None:  # built once per CSR
+            self._width = int(self.indices.max(initial=0)) + 1
+            query_of = np.repeat(np.arange(len(self.indptr) - 1), self.lengths())
+            self._keys = np.sort(query_of * self._width + self.indices)
+        keys, width = self._keys, self._width
+        valid = (items >= 0) & (items < width)
+        if not len(keys):
+            return np.zeros(items.shape, dtype=bool)
+        query_keys = rows[:, None] * width + np.where(valid, items, 0)
+        pos = np.searchsorted(keys, query_keys).clip(max=len(keys) - 1)
+        return (keys[pos] == query_keys) & valid
+
 
 @dataclass
 class InteractionData:
@@ -92,8 +113,10 @@ class InteractionData:
         return len(self.train_queries)
 
     def train_csr(self) -> CSR:
-        """Training items per query (for masking them at evaluation)."""
-        return CSR.from_pairs(self.train_queries, self.train_items, self.num_queries)
+        """Training items per query (for masking them at evaluation); built once, then reused."""
+        if getattr(self, "_train_csr", None) is None:
+            self._train_csr = CSR.from_pairs(self.train_queries, self.train_items, self.num_queries)
+        return self._train_csr
 
     def eval_queries(self) -> np.ndarray:
         """(nq,) the queries evaluated: all with held-out items, or all for a relevance rule."""

@@ -19,16 +19,6 @@ class Searchable(Protocol):
     def search(self, xq: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def _membership(rows: np.ndarray, topk: np.ndarray, truth: CSR, num_items: int) -> np.ndarray:
-    """(nq, K) bool: is topk[q, r] in truth.row(rows[q])?"""
-    keys = np.repeat(np.arange(len(truth.indptr) - 1), truth.lengths()) * num_items + truth.indices
-    keys.sort()
-    query_keys = rows[:, None] * num_items + np.where(topk < 0, 0, topk)
-    pos = np.searchsorted(keys, query_keys).clip(max=max(len(keys) - 1, 0))
-    found = keys[pos] == query_keys if len(keys) else np.zeros(query_keys.shape, bool)
-    return found & (topk >= 0)
-
-
 def search_excluding(
     index: Searchable,
     xq: torch.Tensor,
@@ -50,7 +40,7 @@ def search_excluding(
     _, ids = index.search(xq, min(k + extra, num_items), nprobe)
     ids = ids.cpu().numpy()
     if exclude is not None and extra:
-        ids = np.where(_membership(rows, ids, exclude, num_items), -1, ids)
+        ids = np.where(exclude.contains(rows, ids), -1, ids)
         keep_order = np.argsort(ids < 0, axis=1, kind="stable")  # valid ids first, order kept
         ids = np.take_along_axis(ids, keep_order, axis=1)
     out = np.full((len(rows), k), -1, dtype=np.int64)
@@ -91,6 +81,6 @@ def evaluate_retrieval(
             nrel_parts.append(data.relevant_counts[rows])
         else:
             assert data.test is not None
-            hits_parts.append(_membership(rows, topk, data.test, data.num_items))
+            hits_parts.append(data.test.contains(rows, topk))
             nrel_parts.append(data.test.lengths()[rows])
     return ranking_metrics(np.concatenate(hits_parts), np.concatenate(nrel_parts), ks)
