@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -18,7 +19,7 @@ from poeem.search.exact import FlatIndex
 from poeem.search.faiss_backend import FaissSearcher, train_faiss_ivfpq
 
 
-def query_encoder(model: TwoTowerModel, data: InteractionData):
+def query_encoder(model: TwoTowerModel, data: InteractionData) -> Callable[[np.ndarray], torch.Tensor]:
     """(nq,) query ids -> (nq, dim) query embeddings, on CPU."""
     device = model.item_log_q.device
     feats = torch.from_numpy(data.query_features) if data.query_features is not None else None

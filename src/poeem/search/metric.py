@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -19,7 +20,7 @@ def check_metric(metric: str) -> None:
         raise PoeemError("metric", "'ip', 'cosine' or 'l2'", repr(metric), "pick one of those")
 
 
-def prepare_queries(xq: torch.Tensor, metric: str, dim: int) -> torch.Tensor:
+def prepare_queries(xq: torch.Tensor | np.ndarray, metric: str, dim: int) -> torch.Tensor:
     """Validate (nq, dim) queries and L2-normalise them for cosine; returns float32."""
     if not isinstance(xq, torch.Tensor):
         xq = torch.as_tensor(xq)

@@ -165,11 +165,7 @@ class Searcher:
             D: (nq, k) float32 scores (similarity for ip/cosine, squared distance for l2);
             I: (nq, k) int64 item ids, -1 where fewer than k were found.
         """
-        xq = prepare_queries(
-            torch.as_tensor(np.asarray(xq)) if not isinstance(xq, torch.Tensor) else xq,
-            "ip",
-            self.manifest.dim,
-        )
+        xq = prepare_queries(xq, "ip", self.manifest.dim)
         if k < 1 or nprobe < 1:
             raise PoeemError(
                 "search", "k >= 1 and nprobe >= 1", f"k={k}, nprobe={nprobe}", "pass positive values"
@@ -226,7 +222,7 @@ class Searcher:
             items: (n, dim) item embeddings, as the item tower produces them (before the layer).
             ids: (n,) int64 ids, none already in the index.
         """
-        x = prepare_queries(torch.as_tensor(np.asarray(items)), "ip", self.manifest.dim)
+        x = prepare_queries(items, "ip", self.manifest.dim)
         if not bool(torch.isfinite(x).all()):
             raise PoeemError("items to add", "finite values", "NaN or inf", "check the embeddings")
         new_ids = check_ids(ids, x.shape[0])

@@ -82,8 +82,8 @@ def train_run(
     save_run(run_dir, cfg, shapes)
     ks = cfg.eval.ks
 
-    def periodic_eval(m: torch.nn.Module) -> dict[str, float]:
-        rows = compare_indexes(m, data, ks, cfg.eval.nprobes[:1], faiss_baseline=False)  # type: ignore[arg-type]
+    def periodic_eval(_: torch.nn.Module) -> dict[str, float]:
+        rows = compare_indexes(model, data, ks, cfg.eval.nprobes[:1], faiss_baseline=False)
         return {
             f"{r['method']}/{name}": v
             for r in rows
