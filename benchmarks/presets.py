@@ -13,7 +13,7 @@ from typing import Any
 
 from poeem.data import DataConfig
 from poeem.model import ModelConfig
-from poeem.runs import EvalConfig, RunConfig
+from poeem.pipeline.config import EvalConfig, RunConfig
 from poeem.training import TrainConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"

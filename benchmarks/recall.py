@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 from poeem.data import load_data
-from poeem.runs import RunConfig
+from poeem.pipeline.config import RunConfig
+from poeem.pipeline.run import train_run
 from poeem.search.faiss_backend import train_faiss_ivfpq
-from poeem.training.run import train_run
 
 from common import RESULTS, command_line, save_result
 from presets import VARIANTS, preset, tiny

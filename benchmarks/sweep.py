@@ -16,7 +16,7 @@ from pathlib import Path
 
 from poeem.data import load_data
 from poeem.evaluation.report import compare_indexes
-from poeem.training.run import train_run
+from poeem.pipeline.run import train_run
 
 from common import save_result
 from presets import preset, tiny

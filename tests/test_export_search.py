@@ -11,7 +11,7 @@ from faiss.contrib.inspect_tools import get_invlist
 
 from poeem import PoeemError, PoeemLayer, Searcher
 from poeem.export import learned_index, to_faiss
-from poeem.export.faiss_export import pack_sa_codes
+from poeem.export.faiss_codec import pack_sa_codes
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 
 DIM, D = 16, 4
@@ -160,7 +160,10 @@ def test_add_and_remove(tmp_path: Path) -> None:
     _, i = reloaded.search(torch.randn(20, DIM), 1098, nprobe=8)
     assert 5000 not in i and 10 not in i and 5001 in i
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == [
+        ".lock",
+        "codes-2.safetensors",  # the previous version stays for readers that just read its manifest
         "codes-3.safetensors",
+        "index-2.faiss",
         "index-3.faiss",
         "manifest.json",
     ]
@@ -181,7 +184,7 @@ def test_duplicate_or_unknown_ids(tmp_path: Path) -> None:
 
 def test_query_dim_k_and_nprobe_checks(tmp_path: Path) -> None:
     searcher, _, _ = make_dir(tmp_path)
-    with pytest.raises(PoeemError, match=r"queries: expected shape \(nq, 16\), got shape \(2, 8\)"):
+    with pytest.raises(PoeemError, match=r"queries: expected shape \(n, 16\), got shape \(2, 8\)"):
         searcher.search(torch.randn(2, 8), 5)
     with pytest.warns(UserWarning, match="k=5000 is larger than the 1000 items"):
         _, i = searcher.search(torch.randn(2, DIM), 5000, nprobe=8)
@@ -216,7 +219,7 @@ def test_interrupted_update_leaves_previous_version(tmp_path: Path, monkeypatch:
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr(index_dir, "atomic_write_text", fail)  # dies before the manifest switches
+    monkeypatch.setattr(index_dir, "atomic_write_json", fail)  # dies before the manifest switches
     with pytest.raises(OSError, match="disk full"):
         searcher.add(x[1000:1010], np.arange(9000, 9010))
     monkeypatch.undo()

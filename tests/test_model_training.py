@@ -8,9 +8,8 @@ from poeem import PoeemError
 from poeem.data import DataConfig
 from poeem.data.synthetic import synthetic_task
 from poeem.model import ModelConfig, TwoTowerModel, in_batch_softmax
-from poeem.runs import EvalConfig, RunConfig, load_run
+from poeem.pipeline import EvalConfig, RunConfig, load_run, train_run
 from poeem.training import PairBatches, TrainConfig, Trainer
-from poeem.training.run import train_run
 
 
 def test_in_batch_softmax_masks_duplicate_positives() -> None:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from poeem.errors import PoeemError
+
+if TYPE_CHECKING:
+    from poeem.ids import IdMap
 
 app = typer.Typer(
     add_completion=False,
@@ -17,10 +20,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Joint training of a retrieval model and its PQ index (Poeem), and FAISS export.",
 )
-
-
-def _overrides(section: dict[str, Any], **values: Any) -> None:
-    section.update({k: v for k, v in values.items() if v is not None})
 
 
 @app.command()
@@ -37,87 +36,207 @@ def demo(
     run_demo(epochs=epochs, batch_size=batch_size, num_pairs=num_pairs, out=out, seed=seed)
 
 
+Opt = typer.Option
+
+
 @app.command()
 def train(
-    run_dir: Annotated[Path, typer.Option(help="Folder for config, checkpoints, weights, metrics.")] = Path(
+    run_dir: Annotated[Path, Opt(help="Folder for config, checkpoints, weights, metrics.")] = Path(
         "runs/latest"
     ),
-    config: Annotated[
-        Path | None, typer.Option(help="A .json or .toml RunConfig; flags override it.")
+    config: Annotated[Path | None, Opt(help="A .json or .toml RunConfig; flags override it.")] = None,
+    resume: Annotated[bool, Opt(help="Continue the run in --run-dir from its checkpoint.")] = False,
+    # data
+    data: Annotated[
+        str | None, Opt(help="synthetic | movielens | lightgcn | table", rich_help_panel="Data")
     ] = None,
-    data: Annotated[str | None, typer.Option(help="synthetic | movielens | lightgcn | table")] = None,
-    data_path: Annotated[str | None, typer.Option(help="File or folder of the data.")] = None,
-    poeem: Annotated[
-        bool | None, typer.Option("--poeem/--no-poeem", help="End the item tower with a Poeem layer.")
+    data_path: Annotated[str | None, Opt(help="File or folder of the data.", rich_help_panel="Data")] = None,
+    data_seed: Annotated[
+        int | None, Opt(help="Seed of the data (synthetic pairs, random splits).", rich_help_panel="Data")
     ] = None,
-    num_coarse: Annotated[int | None, typer.Option(help="coarse_K (IVF lists), 0 = none.")] = None,
-    num_subspaces: Annotated[int | None, typer.Option(help="D, PQ subvectors.")] = None,
-    codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace.")] = None,
-    rotation: Annotated[str | None, typer.Option(help="none | opq | givens")] = None,
-    warmup_steps: Annotated[int | None, typer.Option(help="Steps before the index starts.")] = None,
-    buffer_size: Annotated[int | None, typer.Option(help="Item embeddings for k-means.")] = None,
-    dim: Annotated[int | None, typer.Option(help="Embedding size.")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Softmax temperature.")] = None,
+    num_pairs: Annotated[int | None, Opt(help="synthetic: training pairs.", rich_help_panel="Data")] = None,
+    split: Annotated[
+        str | None, Opt(help="leave-last-out | random (movielens, table).", rich_help_panel="Data")
+    ] = None,
+    test_fraction: Annotated[
+        float | None, Opt(help="Held-out share with --split random.", rich_help_panel="Data")
+    ] = None,
+    min_rating: Annotated[
+        float | None, Opt(help="movielens: drop ratings below.", rich_help_panel="Data")
+    ] = None,
+    query_column: Annotated[str | None, Opt(help="table: query id column.", rich_help_panel="Data")] = None,
+    item_column: Annotated[str | None, Opt(help="table: item id column.", rich_help_panel="Data")] = None,
+    time_column: Annotated[
+        str | None, Opt(help="table: time column (for leave-last-out).", rich_help_panel="Data")
+    ] = None,
+    query_feature: Annotated[
+        list[str] | None, Opt(help="table: numeric query feature column; repeat.", rich_help_panel="Data")
+    ] = None,
+    item_feature: Annotated[
+        list[str] | None, Opt(help="table: numeric item feature column; repeat.", rich_help_panel="Data")
+    ] = None,
+    # model
+    dim: Annotated[int | None, Opt(help="Embedding size.", rich_help_panel="Model")] = None,
+    score: Annotated[str | None, Opt(help="cosine | dot", rich_help_panel="Model")] = None,
+    temperature: Annotated[float | None, Opt(help="Softmax temperature.", rich_help_panel="Model")] = None,
+    logq: Annotated[
+        bool | None, Opt("--logq/--no-logq", help="logQ popularity correction.", rich_help_panel="Model")
+    ] = None,
     random_negatives: Annotated[
-        int | None, typer.Option(help="Uniform negatives added to each batch.")
+        int | None, Opt(help="Uniform negatives added to each batch.", rich_help_panel="Model")
     ] = None,
-    logq: Annotated[bool | None, typer.Option("--logq/--no-logq", help="logQ popularity correction.")] = None,
-    epochs: Annotated[int | None, typer.Option()] = None,
-    batch_size: Annotated[int | None, typer.Option()] = None,
-    lr: Annotated[float | None, typer.Option()] = None,
-    index_lr: Annotated[float | None, typer.Option(help="Learning rate of the index parameters.")] = None,
-    optimizer: Annotated[str | None, typer.Option(help="adam | adamw | adagrad")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu | cuda | auto")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
-    checkpoint_every: Annotated[int | None, typer.Option(help="Steps between checkpoints.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Stop after this many steps.")] = None,
-    log: Annotated[str | None, typer.Option(help="csv | tensorboard | none")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --run-dir from its checkpoint.")] = False,
+    # index layer
+    poeem: Annotated[
+        bool | None,
+        Opt(
+            "--poeem/--no-poeem", help="End the item tower with a Poeem layer.", rich_help_panel="Index layer"
+        ),
+    ] = None,
+    num_coarse: Annotated[
+        int | None, Opt(help="coarse_K (IVF lists), 0 = none.", rich_help_panel="Index layer")
+    ] = None,
+    num_subspaces: Annotated[int | None, Opt(help="D, PQ subvectors.", rich_help_panel="Index layer")] = None,
+    codebook_size: Annotated[
+        int | None, Opt(help="K, codewords per subspace (a power of two).", rich_help_panel="Index layer")
+    ] = None,
+    coarse_metric: Annotated[
+        str | None, Opt(help="List rule: ip | l2.", rich_help_panel="Index layer")
+    ] = None,
+    rotation: Annotated[str | None, Opt(help="none | opq | givens", rich_help_panel="Index layer")] = None,
+    warmup_steps: Annotated[
+        int | None, Opt(help="Steps before the index starts.", rich_help_panel="Index layer")
+    ] = None,
+    buffer_size: Annotated[
+        int | None, Opt(help="Item embeddings for k-means.", rich_help_panel="Index layer")
+    ] = None,
+    regularizer_weight: Annotated[
+        float | None, Opt(help="Weight of the distortion regularizer.", rich_help_panel="Index layer")
+    ] = None,
+    commitment_weight: Annotated[
+        float | None, Opt(help="Weight of the commitment term.", rich_help_panel="Index layer")
+    ] = None,
+    # training
+    epochs: Annotated[
+        int | None, Opt(help="Epochs (safe to change on --resume).", rich_help_panel="Training")
+    ] = None,
+    batch_size: Annotated[int | None, Opt(help="Training batch size.", rich_help_panel="Training")] = None,
+    optimizer: Annotated[str | None, Opt(help="adam | adamw | adagrad", rich_help_panel="Training")] = None,
+    lr: Annotated[float | None, Opt(help="Learning rate.", rich_help_panel="Training")] = None,
+    index_lr: Annotated[
+        float | None,
+        Opt(help="Learning rate of the index parameters (0 freezes them).", rich_help_panel="Training"),
+    ] = None,
+    weight_decay: Annotated[float | None, Opt(rich_help_panel="Training")] = None,
+    seed: Annotated[
+        int | None,
+        Opt(help="Seed of initialisation and batch order (not the data).", rich_help_panel="Training"),
+    ] = None,
+    device: Annotated[
+        str | None, Opt(help="cpu | cuda | auto (safe to change on --resume).", rich_help_panel="Training")
+    ] = None,
+    max_steps: Annotated[
+        int | None, Opt(help="Stop after this many steps (safe on --resume).", rich_help_panel="Training")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None, Opt(help="Steps between checkpoints.", rich_help_panel="Training")
+    ] = None,
+    eval_every: Annotated[
+        int | None, Opt(help="Steps between evaluations (0: each epoch).", rich_help_panel="Training")
+    ] = None,
+    log: Annotated[str | None, Opt(help="csv | tensorboard | none", rich_help_panel="Training")] = None,
+    progress: Annotated[
+        bool | None, Opt("--progress/--no-progress", help="Progress bars.", rich_help_panel="Training")
+    ] = None,
+    # evaluation
+    k: Annotated[
+        list[int] | None, Opt("--k", help="Metric cut-offs; repeat.", rich_help_panel="Evaluation")
+    ] = None,
+    nprobe: Annotated[
+        list[int] | None, Opt(help="IVF lists probed at evaluation; repeat.", rich_help_panel="Evaluation")
+    ] = None,
 ) -> None:
-    """Train a two-tower model (with or without the Poeem layer), then evaluate it."""
-    from poeem.runs import RunConfig
-    from poeem.training.run import train_run
+    """Train a two-tower model (with or without the Poeem layer), then evaluate it.
 
-    raw = RunConfig.from_file(config).to_dict() if config else RunConfig().to_dict()
-    _overrides(raw["data"], kind=data, path=data_path, seed=seed)
-    _overrides(
-        raw["model"],
-        dim=dim,
-        temperature=temperature,
-        random_negatives=random_negatives,
-        logq_correction=logq,
-    )
-    _overrides(
-        raw["train"],
-        epochs=epochs,
-        batch_size=batch_size,
-        lr=lr,
-        index_lr=index_lr,
-        optimizer=optimizer,
-        device=device,
-        seed=seed,
-        checkpoint_every=checkpoint_every,
-        max_steps=max_steps,
-        log=log,
-    )
-    if poeem is False:
-        raw["model"]["poeem"] = None
-    elif poeem or any(
-        v is not None for v in (num_coarse, num_subspaces, codebook_size, rotation, warmup_steps, buffer_size)
-    ):
-        raw["model"]["poeem"] = raw["model"].get("poeem") or {}
-        _overrides(
-            raw["model"]["poeem"],
-            num_coarse=num_coarse,
-            num_subspaces=num_subspaces,
-            codebook_size=codebook_size,
-            rotation=rotation,
-            warmup_steps=warmup_steps,
-            buffer_size=buffer_size,
-        )
-    _, metrics = train_run(RunConfig.from_dict(raw), run_dir, resume)
-    from poeem.evaluation.table import format_rows
+    Flags override --config; settings not shown here are set in the config file's sections
+    [data], [model] (with [model.poeem]), [train] and [eval].
+    """
+    from poeem.evaluation.format import format_rows
+    from poeem.pipeline import RunConfig, resume_config, train_run
 
+    def given(**values: Any) -> dict[str, Any]:
+        return {key: value for key, value in values.items() if value is not None}
+
+    overrides = {
+        "data": given(
+            kind=data,
+            path=data_path,
+            seed=data_seed,
+            num_pairs=num_pairs,
+            split=split,
+            test_fraction=test_fraction,
+            min_rating=min_rating,
+            query_column=query_column,
+            item_column=item_column,
+            time_column=time_column,
+            query_feature_columns=query_feature,
+            item_feature_columns=item_feature,
+        ),
+        "model": given(
+            dim=dim,
+            score=score,
+            temperature=temperature,
+            logq_correction=logq,
+            random_negatives=random_negatives,
+        ),
+        "train": given(
+            epochs=epochs,
+            batch_size=batch_size,
+            optimizer=optimizer,
+            lr=lr,
+            index_lr=index_lr,
+            weight_decay=weight_decay,
+            seed=seed,
+            device=device,
+            max_steps=max_steps,
+            checkpoint_every=checkpoint_every,
+            eval_every=eval_every,
+            log=log,
+            progress=progress,
+        ),
+        "eval": given(ks=tuple(k) if k else None, nprobes=tuple(nprobe) if nprobe else None),
+    }
+    layer = given(
+        num_coarse=num_coarse,
+        num_subspaces=num_subspaces,
+        codebook_size=codebook_size,
+        coarse_metric=coarse_metric,
+        rotation=rotation,
+        warmup_steps=warmup_steps,
+        buffer_size=buffer_size,
+        regularizer_weight=regularizer_weight,
+        commitment_weight=commitment_weight,
+    )
+    if resume:
+        if config is not None or poeem is not None or layer:
+            raise PoeemError(
+                "--resume",
+                "the run's stored config",
+                "--config or index-layer flags",
+                "drop them: a resumed run keeps its model; start a new --run-dir to change it",
+            )
+        cfg, applied = resume_config(run_dir, overrides)
+        for line in applied:
+            typer.echo(f"resume: {line}")
+    else:
+        raw = RunConfig.from_file(config).to_dict() if config else RunConfig().to_dict()
+        for section, values in overrides.items():
+            raw[section].update(values)
+        if poeem is False:
+            raw["model"]["poeem"] = None
+        elif poeem or layer:
+            raw["model"]["poeem"] = {**(raw["model"].get("poeem") or {}), **layer}
+        cfg = RunConfig.from_dict(raw)
+    _, metrics = train_run(cfg, run_dir, resume)
     typer.echo(format_rows(metrics["rows"]))
     typer.echo(f"run folder: {run_dir}")
 
@@ -129,9 +248,8 @@ def evaluate(
 ) -> None:
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
     from poeem.data import load_data
-    from poeem.evaluation.table import format_rows
-    from poeem.runs import load_run
-    from poeem.training.run import evaluate_model
+    from poeem.evaluation.format import format_rows
+    from poeem.pipeline import evaluate_model, load_run
 
     cfg, model = load_run(run_dir)
     rows = evaluate_model(model, load_data(cfg.data), cfg, tuple(nprobe) if nprobe else None)
@@ -147,127 +265,137 @@ def export(
     """Export the learned index of a run into a FAISS index directory, with no training."""
     import time
 
-    from poeem.runs import load_run
-    from poeem.search.searcher import Searcher
+    from poeem.pipeline import export_run
 
-    cfg, model = load_run(run_dir)
-    if model.index is None:
-        raise PoeemError(
-            "export",
-            "a run trained with a Poeem layer",
-            f"'{run_dir}' (baseline, no layer)",
-            "train with --poeem, or build a FAISS index the usual way",
-        )
     started = time.perf_counter()
-    xb = model.all_item_embeddings()
-    tower = model.query_tower
-    args = {
-        "num_ids": tower.embedding.num_embeddings,
-        "dim": cfg.model.dim,
-        "num_numeric": 0 if tower.numeric is None else tower.numeric[0].in_features,
-        "hidden": list(cfg.model.query_hidden),
-        "normalize": cfg.model.score == "cosine",
-    }
-    searcher = Searcher.create(
-        out,
-        model.index,
-        xb,
-        metric=model.config.search_metric,
-        fast_scan=fast_scan,
-        query_tower=tower,
-        query_tower_args=args,
-    )
+    searcher = export_run(run_dir, out, fast_scan)
     typer.echo(
         f"exported {searcher.ntotal} items ({searcher.nlist} lists, metric {searcher.metric}) "
         f"to {out} in {time.perf_counter() - started:.2f}s"
     )
 
 
-def _read_ids(path: Path) -> np.ndarray:
-    from poeem.data.files import require_file
+def _read_ids(path: Path, keys: IdMap | None) -> np.ndarray:
+    """The ids in a .npy array or a text file (one per line, first CSV field), typed like ``keys``
+    (integers when there is no map)."""
+    from poeem.data.files import malformed, require_file
+    from poeem.ids import check_ids
 
     require_file(path, "ids file")
     if path.suffix == ".npy":
-        return np.load(path, allow_pickle=False).astype(np.int64).ravel()
-    values = []
+        values = np.load(path, allow_pickle=False).ravel()
+        return values if keys is not None and not keys.is_integer else check_ids(values, unique=False).numpy()
+    out: list[Any] = []
     for no, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                values.append(int(line.split(",")[0]))
-            except ValueError:
-                from poeem.data.files import malformed
+        text = line.split(",")[0].strip()
+        if not text:
+            continue
+        try:
+            out.append(keys.parse(text) if keys is not None else int(text))
+        except (ValueError, PoeemError):
+            raise malformed(
+                path,
+                no,
+                "one id per line" + (" (an integer)" if keys is None or keys.is_integer else ""),
+                line,
+            ) from None
+    return np.array(out, dtype=None if out else np.int64)
 
-                raise malformed(path, no, "one integer id per line", line) from None
-    return np.array(values, dtype=np.int64)
 
-
-def _read_vectors(path: Path) -> np.ndarray:
+def _read_array(path: Path, what: str) -> np.ndarray:
     from poeem.data.files import require_file
 
-    require_file(path, "embeddings file")
+    require_file(path, what)
     if path.suffix != ".npy":
         raise PoeemError(
-            "embeddings file",
-            "a .npy float array of shape (n, dim)",
-            f"'{path.name}'",
-            "save embeddings with numpy.save",
+            what, "a .npy float array of shape (n, dim)", f"'{path.name}'", "save it with numpy.save"
         )
     try:
-        return np.load(path, allow_pickle=False).astype(np.float32)
+        return np.load(path, allow_pickle=False)
     except ValueError as err:
-        raise PoeemError(
-            "embeddings file", "a numeric .npy array", f"'{path}' ({err})", "re-save it"
-        ) from None
+        raise PoeemError(what, "a numeric .npy array", f"'{path}' ({err})", "re-save it") from None
 
 
 @app.command()
 def search(
     index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
     query_file: Annotated[Path, typer.Option(help="(nq, dim) embeddings as .npy, or query ids (.txt/.csv).")],
+    query_features: Annotated[
+        Path | None,
+        typer.Option(help="(nq, F) .npy features of the query ids (default: the features saved at export)."),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Results per query.")] = 10,
     nprobe: Annotated[int, typer.Option(help="IVF lists to probe.")] = 1,
     backend: Annotated[str, typer.Option(help="faiss | torch")] = "faiss",
     out: Annotated[Path | None, typer.Option(help="Write results as CSV here (default: stdout).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Queries searched and written at a time.")] = 4096,
 ) -> None:
-    """Search an index directory; prints CSV rows query,rank,id,score."""
+    """Search an index directory; prints CSV rows query,rank,id,score in the data's own ids."""
     from poeem.search.searcher import Searcher
+    from poeem.storage import atomic_write
 
     searcher = Searcher.load(index_dir, backend=backend)  # type: ignore[arg-type]
-    if query_file.suffix == ".npy":
-        xq = _read_vectors(query_file)
-        names = list(range(len(xq)))
+    by_embedding = query_file.suffix == ".npy"
+    if by_embedding:
+        queries: np.ndarray = _read_array(query_file, "query embeddings")
+        names: np.ndarray = np.arange(len(queries))
     else:
-        qids = _read_ids(query_file)
-        xq, names = searcher.embed_queries(qids), qids.tolist()
-    d, i = searcher.search(xq, k, nprobe)
-    lines = ["query,rank,id,score"] + [
-        f"{names[q]},{r + 1},{i[q, r]},{d[q, r]:.6g}"
-        for q in range(len(names))
-        for r in range(i.shape[1])
-        if i[q, r] >= 0
-    ]
-    text = "\n".join(lines) + "\n"
-    if out is None:
-        typer.echo(text, nl=False)
-    else:
-        from poeem.training.checkpoint import atomic_write_text
+        names = _read_ids(query_file, searcher.query_keys)
+        queries = names
+    feats = _read_array(query_features, "query features") if query_features is not None else None
+    if feats is not None and (by_embedding or len(feats) != len(names)):
+        raise PoeemError(
+            "--query-features",
+            f"{len(names)} rows, with query ids",
+            f"{len(feats)} rows",
+            "pass one feature row per query id",
+        )
+    written = 0
 
-        atomic_write_text(out, text)
-        typer.echo(f"wrote {len(lines) - 1} results to {out}")
+    def write_rows(stream: Any) -> None:
+        nonlocal written
+        stream.write("query,rank,id,score\n")
+        for start in range(0, len(names), batch_size):
+            part = slice(start, start + batch_size)
+            xq = (
+                queries[part]
+                if by_embedding
+                else searcher.embed_queries(queries[part], feats[part] if feats is not None else None)
+            )
+            d, i = searcher.search(xq, k, nprobe)
+            for name, scores, ids in zip(names[part].tolist(), d, i, strict=True):
+                found = [
+                    (r, item, score)
+                    for r, (item, score) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True), 1)
+                    if item not in (-1, "")
+                ]
+                stream.write("".join(f"{name},{r},{item},{score:.6g}\n" for r, item, score in found))
+                written += len(found)
+
+    if out is None:
+        write_rows(sys.stdout)
+    else:
+
+        def to_file(tmp: Path) -> None:
+            with tmp.open("w") as f:
+                write_rows(f)
+
+        atomic_write(out, to_file)
+        typer.echo(f"wrote {written} results to {out}")
 
 
 @app.command()
 def add(
     index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
     items: Annotated[Path, typer.Option(help="(n, dim) item embeddings as .npy.")],
-    ids: Annotated[Path, typer.Option(help="n item ids, as .npy or one per line.")],
+    ids: Annotated[Path, typer.Option(help="n item ids (the data's own), as .npy or one per line.")],
 ) -> None:
     """Add items, coded with the frozen codebooks (no retraining); saved atomically."""
     from poeem.search.searcher import Searcher
 
     searcher = Searcher.load(index_dir)
-    searcher.add(_read_vectors(items), _read_ids(ids))
-    typer.echo(f"index now holds {searcher.ntotal} items")
+    searcher.add(_read_array(items, "item embeddings"), _read_ids(ids, searcher.item_keys))
+    typer.echo(f"index now holds {searcher.ntotal} items (version {searcher.version})")
 
 
 @app.command()
@@ -279,8 +407,8 @@ def remove(
     from poeem.search.searcher import Searcher
 
     searcher = Searcher.load(index_dir)
-    removed = searcher.remove(_read_ids(ids))
-    typer.echo(f"removed {removed} items; index now holds {searcher.ntotal}")
+    removed = searcher.remove(_read_ids(ids, searcher.item_keys))
+    typer.echo(f"removed {removed} items; index now holds {searcher.ntotal} (version {searcher.version})")
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ import typer
 
 from poeem.data import DataConfig
 from poeem.model import ModelConfig
-from poeem.runs import EvalConfig, RunConfig
-from poeem.training.run import train_run
+from poeem.pipeline.config import EvalConfig, RunConfig
+from poeem.pipeline.run import train_run
 from poeem.training.trainer import TrainConfig
 
 TUTORIAL = {"exact": 0.9989, "faiss-ivfpq": 0.9610, "poeem": 0.9805}  # TF 1.15, 3 epochs, nprobe 1

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from poeem.errors import PoeemError
+from poeem.ids import IdMap
 
 
 def require_file(path: str | Path, what: str) -> Path:
@@ -89,11 +90,25 @@ def read_numeric_table(
         raise malformed(path, found[0], expected, found[1]) from None
 
 
-def dense_ids(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def dense_ids(raw: np.ndarray) -> tuple[np.ndarray, IdMap]:
     """Map arbitrary ids to 0..n-1.
 
+    Integer ids stay integers (also when read as text, like "0042" -> 42, unless that would
+    merge two ids); anything else is kept as strings.
+
     Returns:
-        dense: (len(raw),) int64 dense ids; originals: (n,) the original id of each dense id.
+        dense: (len(raw),) int64 dense ids; the :class:`IdMap` back to the original ids.
     """
+    raw = np.asarray(raw)
+    if raw.dtype.kind in "fc":
+        if not np.all(np.isfinite(raw)) or np.any(raw != np.round(raw)):
+            raise PoeemError("ids", "integer or string ids", "fractional numbers", "fix the id column")
+        raw = raw.astype(np.int64)
+    if raw.dtype.kind in "UO":
+        as_int = pd.to_numeric(pd.Series(raw), errors="coerce")
+        if not as_int.isna().any() and (as_int == as_int.round()).all():
+            ints = as_int.to_numpy().astype(np.int64)
+            if len(np.unique(ints)) == len(np.unique(raw)):
+                raw = ints
     originals, dense = np.unique(raw, return_inverse=True)
-    return dense.astype(np.int64), originals
+    return dense.astype(np.int64), IdMap(originals)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from poeem.errors import PoeemError
+from poeem.ids import IdMap
 
 # relevance(queries (n,), items (n, k)) -> (n, k) bool, for tasks whose truth is a rule
 RelevanceFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -66,8 +67,10 @@ class CSR:
 class InteractionData:
     """A retrieval task: training pairs, and either held-out pairs or a relevance rule.
 
-    Ids are dense: queries in [0, num_queries), items in [0, num_items). Optional numeric side
-    features are per id: ``query_features`` (num_queries, Fq), ``item_features`` (num_items, Fi).
+    Ids are dense: queries in [0, num_queries), items in [0, num_items). ``query_keys`` and
+    ``item_keys`` map them back to the data's own ids (None when the data's ids are already
+    dense). Optional numeric side features are per id: ``query_features`` (num_queries, Fq),
+    ``item_features`` (num_items, Fi).
     """
 
     name: str
@@ -81,6 +84,8 @@ class InteractionData:
     exclude_train: bool = True  # mask each query's training items at evaluation
     query_features: np.ndarray | None = None
     item_features: np.ndarray | None = None
+    query_keys: IdMap | None = None
+    item_keys: IdMap | None = None
 
     def __post_init__(self) -> None:
         self.train_queries = np.asarray(self.train_queries, dtype=np.int64)

@@ -61,8 +61,8 @@ def load_movielens(
     df = df[df["rating"] >= min_rating]
     if df.empty:
         raise PoeemError(f"{file}", f"ratings >= min_rating={min_rating}", "none", "lower min_rating")
-    users, _ = dense_ids(df["user"].to_numpy())
-    items, _ = dense_ids(df["item"].to_numpy())
+    users, user_keys = dense_ids(df["user"].to_numpy())
+    items, item_keys = dense_ids(df["item"].to_numpy())
     num_users, num_items = int(users.max()) + 1, int(items.max()) + 1
     train_q, train_i, test = split_per_query(
         users, items, df["time"].to_numpy(), num_users, split, test_fraction, seed
@@ -74,4 +74,6 @@ def load_movielens(
         num_queries=num_users,
         num_items=num_items,
         test=test,
+        query_keys=user_keys,
+        item_keys=item_keys,
     )

@@ -22,6 +22,9 @@ def split_per_query(
 ) -> tuple[np.ndarray, np.ndarray, CSR]:
     """Hold out items per query; queries with a single interaction stay fully in training.
 
+    A (query, item) pair seen several times counts once, at its latest time, so a held-out
+    item never also sits in training.
+
     Args:
         queries, items, times: (n,) arrays of one interaction each.
         how: "leave-last-out" holds out each query's latest interaction; "random" holds out a
@@ -31,6 +34,11 @@ def split_per_query(
         train_queries (m,), train_items (m,), and the held-out items as a :class:`CSR`.
     """
     rng = np.random.default_rng(seed)
+    by_pair = np.lexsort((times, items, queries))  # the last row of each pair is its latest
+    last = np.ones(len(by_pair), dtype=bool)
+    last[:-1] = (queries[by_pair][1:] != queries[by_pair][:-1]) | (items[by_pair][1:] != items[by_pair][:-1])
+    unique_rows = np.sort(by_pair[last])
+    queries, items, times = queries[unique_rows], items[unique_rows], times[unique_rows]
     tiebreak = rng.random(len(queries))
     if how == "leave-last-out":
         order = np.lexsort((tiebreak, times, queries))  # by query, then time

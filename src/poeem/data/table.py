@@ -76,8 +76,8 @@ def load_table(
     df = _read(path, list(dict.fromkeys(columns)))
     if df.empty:
         raise PoeemError(f"{path}", "at least one interaction row", "an empty table", "check the file")
-    queries, _ = dense_ids(df[query_column].astype(str).to_numpy())
-    items, _ = dense_ids(df[item_column].astype(str).to_numpy())
+    queries, query_keys = dense_ids(df[query_column].astype(str).to_numpy())
+    items, item_keys = dense_ids(df[item_column].astype(str).to_numpy())
     nq, ni = int(queries.max()) + 1, int(items.max()) + 1
     times = _to_numeric(df, time_column, path) if time_column else np.zeros(len(df))
     how: Split = split if time_column else "random"
@@ -98,4 +98,6 @@ def load_table(
         test=test,
         query_features=features(query_feature_columns, queries, nq),
         item_features=features(item_feature_columns, items, ni),
+        query_keys=query_keys,
+        item_keys=item_keys,
     )

@@ -11,10 +11,9 @@ import torch
 
 from poeem.data.interactions import InteractionData
 from poeem.evaluation.evaluate import Searchable, evaluate_retrieval
-from poeem.export.faiss_export import build_faiss_index, is_power_of_two
+from poeem.export.faiss_codec import build_faiss_index
 from poeem.export.learned import learned_index
 from poeem.model import TwoTowerModel
-from poeem.search.adc import TorchIVFPQ
 from poeem.search.exact import FlatIndex
 from poeem.search.faiss_backend import FaissSearcher, train_faiss_ivfpq
 
@@ -82,11 +81,7 @@ def compare_indexes(
     rows = _rows("exact", FlatIndex(xb, "ip"), 0.0, model, data, ks, (1,))
     if model.index is not None and model.index.is_initialized:  # not during the warm start
         started = time.perf_counter()
-        learned = learned_index(model.index, xb)
-        if is_power_of_two(model.index.config.codebook_size):  # FAISS, as users serve it
-            searcher: Searchable = FaissSearcher(build_faiss_index(learned, "ip"))
-        else:
-            searcher = TorchIVFPQ(learned, "ip")
+        searcher = FaissSearcher(build_faiss_index(learned_index(model.index, xb), "ip"))  # as users serve it
         rows += _rows("poeem", searcher, time.perf_counter() - started, model, data, ks, nprobes)
     baselines = [("faiss-ivfpq", False)] * faiss_baseline + [("faiss-opq-ivfpq", True)] * opq_baseline
     for name, opq in baselines:

@@ -1,27 +1,21 @@
-"""The learned index as plain tensors: what training computed, with no further fitting."""
+"""Zero-training export of a trained layer: its learned index as tensors, and as FAISS."""
 
 from __future__ import annotations
 
+import warnings
+
+import faiss
 import numpy as np
 import torch
 
 from poeem.errors import PoeemError
+from poeem.export.faiss_codec import build_faiss_index
+from poeem.ids import check_ids
 from poeem.index import PoeemLayer
-from poeem.search.adc import IndexTensors
+from poeem.index.tensors import IndexTensors
+from poeem.metric import Metric, list_rule
 
 ItemsOrCodes = torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]
-
-
-def check_ids(ids: torch.Tensor | np.ndarray | None, n: int) -> torch.Tensor:
-    """(n,) int64 ids, 0..n-1 by default; rejects a wrong length and duplicates."""
-    if ids is None:
-        return torch.arange(n)
-    ids = torch.as_tensor(np.asarray(ids), dtype=torch.long).flatten()
-    if ids.numel() != n:
-        raise PoeemError("ids", f"one id per item ({n})", f"{ids.numel()} ids", "pass one 64-bit id per item")
-    if ids.unique().numel() != n:
-        raise PoeemError("ids", "unique ids", f"{n - ids.unique().numel()} duplicates", "deduplicate the ids")
-    return ids
 
 
 def learned_index(
@@ -33,10 +27,10 @@ def learned_index(
         layer: an initialized :class:`PoeemLayer`.
         items: (n, dim) item embeddings (encoded with the layer's frozen codebooks), or the
             ``(coarse_codes, codes)`` pair that :meth:`PoeemLayer.encode` returned.
-        ids: (n,) int64 item ids; 0..n-1 by default.
+        ids: (n,) non-negative int64 item ids; 0..n-1 by default.
 
     Returns:
-        :class:`IndexTensors` on CPU.
+        :class:`IndexTensors` on CPU, validated (codes in range, ids non-negative and unique).
     """
     if not layer.is_initialized:
         raise PoeemError(
@@ -56,13 +50,6 @@ def learned_index(
                 f"shape {tuple(codes.shape)}",
                 "pass codes from layer.encode()",
             )
-        if codes.numel() and int(codes.long().max()) >= layer.config.codebook_size:
-            raise PoeemError(
-                "codes",
-                f"values < K={layer.config.codebook_size}",
-                "larger values",
-                "pass codes from this layer's encode()",
-            )
     n = codes.shape[0]
     if coarse_codes is None:
         if layer.coarse is not None:
@@ -80,5 +67,61 @@ def learned_index(
         codebooks=layer.codebooks.detach().cpu().float(),
         coarse_codes=coarse_codes.cpu().long(),
         codes=codes.cpu().long(),
-        ids=check_ids(ids, n),
-    )
+        ids=check_ids(ids, n, "item ids"),
+    ).validate()
+
+
+def check_list_rule(layer: PoeemLayer, metric: str) -> None:
+    """Warn when items were assigned to lists by another rule than the one search probes with."""
+    if layer.coarse is None:
+        return
+    probe = list_rule(metric)
+    if layer.config.coarse_metric != probe:
+        warnings.warn(
+            f"the layer assigns items to lists by {layer.config.coarse_metric!r} but a {metric!r} "
+            f"index probes lists by {probe!r}, so a query may probe lists that hold none of its "
+            f"neighbours; train the layer with coarse_metric={probe!r}",
+            stacklevel=3,
+        )
+
+
+def export_learned(
+    layer: PoeemLayer,
+    items: ItemsOrCodes,
+    ids: torch.Tensor | np.ndarray | None = None,
+    metric: Metric = "ip",
+    fast_scan: bool = False,
+) -> tuple[IndexTensors, faiss.Index]:
+    """The one export chain: list-rule check, learned index tensors, FAISS index.
+
+    Args: as :func:`to_faiss`.
+
+    Returns:
+        The learned index as tensors, and the FAISS index holding exactly those codes.
+    """
+    check_list_rule(layer, metric)
+    tensors = learned_index(layer, items, ids)
+    return tensors, build_faiss_index(tensors, metric, fast_scan)
+
+
+def to_faiss(
+    layer: PoeemLayer,
+    items: ItemsOrCodes,
+    ids: torch.Tensor | np.ndarray | None = None,
+    metric: Metric = "ip",
+    fast_scan: bool = False,
+) -> faiss.Index:
+    """Export a trained :class:`PoeemLayer` and its items into a FAISS index, with no training.
+
+    Args:
+        layer: an initialized layer.
+        items: (n, dim) item embeddings (coded with the layer's frozen codebooks), or the
+            ``(coarse_codes, codes)`` that :meth:`PoeemLayer.encode` returned.
+        ids: (n,) non-negative int64 item ids kept by FAISS; 0..n-1 by default.
+        metric: "ip", "cosine" (queries normalised by the index) or "l2".
+        fast_scan: 4-bit fast-scan index (K must be 16).
+
+    Returns:
+        A ready ``faiss.Index``; ``index.search(xq, k)`` returns (D, I) with your ids.
+    """
+    return export_learned(layer, items, ids, metric, fast_scan)[1]

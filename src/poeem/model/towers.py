@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
+
+from poeem.errors import PoeemError
 
 
 class Tower(nn.Module):
     """Maps an id (and optional numeric features) to a ``dim``-dimensional embedding.
 
     With no numeric features and no hidden layers this is matrix factorisation's embedding
-    table. Numeric features go through an MLP whose output is added to the id embedding.
+    table. Numeric features go through an MLP whose output is added to the id embedding; a
+    tower built with ``num_numeric > 0`` needs them on every call.
     """
 
     def __init__(
@@ -22,6 +27,7 @@ class Tower(nn.Module):
         init_std: float = 0.1,
     ) -> None:
         super().__init__()
+        self.num_numeric, self.hidden = num_numeric, tuple(hidden)
         self.embedding = nn.Embedding(num_ids, dim)
         nn.init.normal_(self.embedding.weight, std=init_std)
         self.numeric: nn.Module | None = None
@@ -34,9 +40,56 @@ class Tower(nn.Module):
             layers.append(nn.Linear(width, dim))
             self.numeric = nn.Sequential(*layers)
 
+    @property
+    def num_ids(self) -> int:
+        """Rows of the id embedding table."""
+        return self.embedding.num_embeddings
+
+    def config(self) -> dict[str, Any]:
+        """The arguments that rebuild this tower (JSON-serialisable); see :meth:`from_config`."""
+        return {
+            "num_ids": self.num_ids,
+            "dim": self.embedding.embedding_dim,
+            "num_numeric": self.num_numeric,
+            "hidden": list(self.hidden),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Tower:
+        """A fresh tower shaped like the one :meth:`config` described (load weights after)."""
+        try:
+            return cls(
+                int(config["num_ids"]),
+                int(config["dim"]),
+                int(config.get("num_numeric", 0)),
+                tuple(int(h) for h in config.get("hidden", ())),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise PoeemError(
+                "tower config", "num_ids, dim, num_numeric, hidden", f"{config!r} ({err})", "re-export"
+            ) from None
+
     def forward(self, ids: torch.Tensor, numeric: torch.Tensor | None = None) -> torch.Tensor:
-        """Args: ids (B,) int64; numeric (B, F) float or None. Returns (B, dim)."""
+        """Args: ids (B,) int64; numeric (B, F) float, required iff the tower has features.
+
+        Returns:
+            (B, dim) embeddings.
+        """
         out = self.embedding(ids)
+        if (numeric is None) != (self.numeric is None):
+            raise PoeemError(
+                "tower features",
+                f"{self.num_numeric} numeric features per row" if self.num_numeric else "no features",
+                "none" if numeric is None else f"features of shape {tuple(numeric.shape)}",
+                "pass the same feature columns the model was trained with",
+            )
         if self.numeric is not None and numeric is not None:
+            if numeric.dim() != 2 or numeric.shape != (ids.shape[0], self.num_numeric):
+                raise PoeemError(
+                    "tower features",
+                    f"shape ({ids.shape[0]}, {self.num_numeric})",
+                    f"shape {tuple(numeric.shape)}",
+                    "pass one row of the training feature columns per id",
+                )
             out = out + self.numeric(numeric)
         return out

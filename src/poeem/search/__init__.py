@@ -1,8 +1,8 @@
 """Search backends (exact, torch ADC, FAISS) and the index directory a server loads."""
 
-from poeem.search.adc import IndexTensors, TorchIVFPQ
+from poeem.search.adc import TorchIVFPQ
 from poeem.search.exact import FlatIndex
 from poeem.search.faiss_backend import FaissSearcher
 from poeem.search.searcher import Searcher
 
-__all__ = ["FaissSearcher", "FlatIndex", "IndexTensors", "Searcher", "TorchIVFPQ"]
+__all__ = ["FaissSearcher", "FlatIndex", "Searcher", "TorchIVFPQ"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from poeem.search.metric import Metric, check_metric, prepare_queries
+from poeem.metric import Metric, check_metric, prepare_queries
 
 
 def chunk_rows(n_queries: int, n_items: int, budget: int = 1 << 24) -> int:

@@ -7,8 +7,8 @@ import faiss
 import numpy as np
 import torch
 
-from poeem.export.faiss_export import nbits_of
-from poeem.search.metric import Metric, check_metric, prepare_queries
+from poeem.export.faiss_codec import faiss_metric, nbits_of
+from poeem.metric import Metric, check_metric, check_search_args, prepare_queries
 
 
 def set_nprobe(index: faiss.Index, nprobe: int) -> int:
@@ -37,6 +37,7 @@ class FaissSearcher:
 
     def search(self, xq: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """Args: xq (nq, dim). Returns D (nq, k) float32 scores and I (nq, k) int64 ids."""
+        check_search_args(k, nprobe)
         metric = "cosine" if self.normalize else "ip"
         q = prepare_queries(xq, metric, self.index.d).cpu().numpy()
         set_nprobe(self.index, nprobe)
@@ -65,8 +66,7 @@ def train_faiss_ivfpq(
     opq_part = f"OPQ{num_subspaces}," if opq else ""
     ivf_part = f"IVF{num_coarse}," if num_coarse else ""
     spec = f"{opq_part}{ivf_part}PQ{num_subspaces}x{nbits}"
-    fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    index = faiss.index_factory(x.shape[1], spec, fmetric)
+    index = faiss.index_factory(x.shape[1], spec, faiss_metric(metric))
     faiss.ParameterSpace().set_index_parameter(index, "verbose", 0)
     _seed_clustering(index, seed)
     index.train(x)

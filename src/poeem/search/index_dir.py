@@ -1,36 +1,51 @@
-"""The index directory: a learned index saved for serving, updated atomically.
+"""The index directory: a learned index saved for serving, updated safely by several processes.
 
 ::
 
-    INDEX_DIR/manifest.json             format, versions, metric, layer config, file names, sha256s
-    INDEX_DIR/index-<v>.faiss           the FAISS index (FAISS's own format, no pickle)
-    INDEX_DIR/codes-<v>.safetensors     the same index as tensors: rotation, centroids, codebooks,
-                                        codes and item ids (the source of truth for updates)
-    INDEX_DIR/query_tower.safetensors   optional: the query tower, to search by query id/features
+    INDEX_DIR/manifest.json                 format, version, metric, layer config, files, sha256s
+    INDEX_DIR/index-<v>.faiss               the FAISS index (FAISS's own format, no pickle)
+    INDEX_DIR/codes-<v>.safetensors         the same index as tensors: rotation, centroids,
+                                            codebooks, codes and FAISS ids (source of truth)
+    INDEX_DIR/query_tower-<v>.safetensors   optional: the query tower, to search by query id
+    INDEX_DIR/query_features-<v>.safetensors  optional: each query's numeric features
+    INDEX_DIR/query_keys-<v>.json           optional: the raw id of each query-tower row
+    INDEX_DIR/item_keys-<v>.json            optional: raw item ids when they are not integers
+    INDEX_DIR/.lock                         taken by writers
 
-Every update writes version v+1's files, then atomically replaces the manifest, then deletes
-version v's files: an interrupted update leaves the previous index intact and loadable.
+An update takes the writer lock, checks that the manifest on disk is still the version it
+started from (compare-and-swap: a stale writer gets an error instead of dropping another
+writer's items), writes version v+1's files (fsynced), atomically replaces the manifest, and
+deletes the files of versions older than v. Version v stays on disk, so a reader that has just
+read manifest v can still open its files; a reader that loses that race reloads.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
-import json
-from dataclasses import dataclass, field
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import faiss
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from poeem._version import __version__
 from poeem.errors import PoeemError
-from poeem.search.adc import IndexTensors
-from poeem.training.checkpoint import atomic_write, atomic_write_text
+from poeem.index.config import PoeemConfig
+from poeem.index.tensors import IndexTensors
+from poeem.metric import METRICS
+from poeem.storage import atomic_write, atomic_write_json, fsync_dir, read_json, save_tensors
 
 FORMAT = "poeem-index/1"
+LOCK_NAME = ".lock"
+REQUIRED_ROLES = ("faiss", "codes")
+_VERSIONED = re.compile(r"^[a-z_]+-(\d+)\.(faiss|safetensors|json)$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+REEXPORT = "re-export the index with 'poeem export', or restore the directory from a backup"
 
 
 def sha256(path: Path) -> str:
@@ -53,116 +68,203 @@ class Manifest:
     fast_scan: bool = False
     files: dict[str, str] = field(default_factory=dict)  # role -> file name
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> digest
-    query_tower: dict[str, Any] | None = None  # Tower arguments + "normalize"
+    query_tower: dict[str, Any] | None = None  # Tower.config() + "normalize"
     poeem_version: str = __version__
     faiss_version: str = faiss.__version__
     format: str = FORMAT
 
+    @property
+    def layer_config(self) -> PoeemConfig:
+        """The layer's config (validated when the manifest was read)."""
+        return PoeemConfig.from_dict(self.layer)
 
-def tensors_to_dict(ix: IndexTensors) -> dict[str, torch.Tensor]:
-    """Flat name -> tensor mapping for safetensors."""
-    out = {
-        "rotation": ix.rotation,
-        "codebooks": ix.codebooks,
-        "coarse_codes": ix.coarse_codes,
-        "codes": ix.codes,
-        "ids": ix.ids,
-    }
-    if ix.coarse is not None:
-        out["coarse"] = ix.coarse
-    return {k: v.contiguous() for k, v in out.items()}
+    @classmethod
+    def from_json(cls, raw: Any) -> Manifest:
+        """A validated manifest; every malformed field is a clear :class:`PoeemError`."""
 
+        def bad(what: str, expected: str, got: Any) -> PoeemError:
+            return PoeemError(f"index manifest field '{what}'", expected, repr(got)[:80], REEXPORT)
 
-def tensors_from_dict(d: dict[str, torch.Tensor]) -> IndexTensors:
-    """Inverse of :func:`tensors_to_dict`."""
-    return IndexTensors(
-        rotation=d["rotation"],
-        coarse=d.get("coarse"),
-        codebooks=d["codebooks"],
-        coarse_codes=d["coarse_codes"],
-        codes=d["codes"],
-        ids=d["ids"],
-    )
-
-
-def write_version(
-    directory: Path,
-    manifest: Manifest,
-    index: faiss.Index,
-    tensors: IndexTensors,
-    extra: dict[str, dict[str, torch.Tensor]] | None = None,
-) -> Manifest:
-    """Write a new version of the index directory (see the module docstring for atomicity).
-
-    Args:
-        manifest: the current manifest (its version is incremented).
-        extra: additional safetensors files by role, e.g. ``{"query_tower": state_dict}``.
-
-    Returns:
-        The new manifest.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    old_files = set(manifest.files.values())
-    v = manifest.version + 1
-    files = {"faiss": f"index-{v}.faiss", "codes": f"codes-{v}.safetensors"}
-    atomic_write(directory / files["faiss"], lambda tmp: faiss.write_index(index, str(tmp)))
-    atomic_write(directory / files["codes"], lambda tmp: save_file(tensors_to_dict(tensors), str(tmp)))
-    kept = {role: name for role, name in manifest.files.items() if role not in files}
-    for role, state in (extra or {}).items():
-        kept[role] = f"{role}-{v}.safetensors"
-        atomic_write(directory / kept[role], lambda tmp, s=state: save_file(s, str(tmp)))
-    files.update(kept)
-    new = Manifest(
-        **{
-            **manifest.__dict__,
-            "version": v,
-            "files": files,
-            "sha256": {name: sha256(directory / name) for name in files.values()},
-            "poeem_version": __version__,
-            "faiss_version": faiss.__version__,
-        }
-    )
-    atomic_write_text(directory / "manifest.json", json.dumps(new.__dict__, indent=2))
-    for name in old_files - set(files.values()):
-        (directory / name).unlink(missing_ok=True)
-    return new
+        if not isinstance(raw, dict):
+            raise bad("(top level)", "a JSON object", raw)
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise bad("(keys)", f"keys among {sorted(known)}", unknown)
+        if raw.get("format") != FORMAT:
+            raise PoeemError("index format", FORMAT, repr(raw.get("format")), REEXPORT)
+        for name in ("metric", "dim", "layer"):
+            if name not in raw:
+                raise bad(name, "a value", "missing")
+        if raw["metric"] not in METRICS:
+            raise bad("metric", "'ip', 'cosine' or 'l2'", raw["metric"])
+        for name in ("dim", "version"):
+            value = raw.get(name, 0)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise bad(name, "a non-negative integer", value)
+        files, digests = raw.get("files", {}), raw.get("sha256", {})
+        if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+            raise bad("files", "an object of role -> file name", files)
+        for role in REQUIRED_ROLES:
+            if role not in files:
+                raise bad("files", f"an entry for '{role}'", sorted(files))
+        if any("/" in name or name.startswith(".") for name in files.values()):
+            raise bad("files", "plain file names inside the directory", files)
+        if not isinstance(digests, dict) or not all(
+            isinstance(v, str) and _SHA256.match(v) for v in digests.values()
+        ):
+            raise bad("sha256", "an object of file name -> 64 hex digits", digests)
+        unchecked = sorted(set(files.values()) - set(digests))
+        if unchecked:
+            raise bad("sha256", "a digest for every file", f"none for {unchecked}")
+        if not isinstance(raw["layer"], dict):
+            raise bad("layer", "an object of PoeemConfig fields", raw["layer"])
+        PoeemConfig.from_dict(raw["layer"])  # raises a clear error when invalid
+        tower = raw.get("query_tower")
+        if tower is not None and not isinstance(tower, dict):
+            raise bad("query_tower", "an object or null", tower)
+        return cls(**raw)
 
 
-def read_manifest(directory: Path) -> Manifest:
-    """Load and validate ``manifest.json`` and the checksums of the files it names."""
+def read_manifest(directory: Path, verify: bool = True) -> Manifest:
+    """Load and validate ``manifest.json``, and (with ``verify``) the files and their checksums."""
     path = directory / "manifest.json"
     if not path.is_file():
         raise PoeemError(
             "index directory", f"'{path}'", "no manifest.json", "pass a folder written by 'poeem export'"
         )
-    try:
-        raw = json.loads(path.read_text())
-        manifest = Manifest(**raw)
-    except (json.JSONDecodeError, TypeError) as err:
-        raise PoeemError(
-            "index manifest", "a poeem manifest.json", f"unreadable ({err})", "re-export the index"
-        ) from None
-    if manifest.format != FORMAT:
-        raise PoeemError("index format", FORMAT, manifest.format, "re-export with this poeem version")
-    for name, digest in manifest.sha256.items():
-        file = directory / name
-        if not file.is_file():
-            raise PoeemError("index directory", f"'{name}'", "it is missing", "re-export the index")
-        if sha256(file) != digest:
-            raise PoeemError(
-                "index file checksum",
-                f"sha256 {digest[:12]}... for '{name}'",
-                "a different checksum (the file is corrupt or was changed)",
-                "restore the file or re-export the index",
-            )
+    manifest = Manifest.from_json(read_json(path, "index manifest", REEXPORT))
+    if verify:
+        for name in manifest.files.values():
+            file = directory / name
+            if not file.is_file():
+                raise MissingIndexFile(name)
+            if sha256(file) != manifest.sha256[name]:
+                raise PoeemError(
+                    "index file checksum",
+                    f"sha256 {manifest.sha256[name][:12]}... for '{name}'",
+                    "a different checksum (the file is corrupt or was changed)",
+                    "restore the file or re-export the index",
+                )
     return manifest
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, with a clear error when unreadable."""
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError) as err:
-        raise PoeemError(
-            "index file", "a readable safetensors file", f"'{path}' ({err})", "re-export the index"
-        ) from None
+class MissingIndexFile(PoeemError):
+    """A file the manifest names is gone (e.g. deleted by a newer version's writer)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__("index directory", f"'{name}'", "it is missing", REEXPORT)
+
+
+class StaleIndexError(PoeemError):
+    """The directory moved on since this copy was loaded; the update was not applied."""
+
+
+@contextmanager
+def writer_lock(directory: Path, timeout_s: float = 60.0) -> Iterator[None]:
+    """Hold the directory's exclusive writer lock (an advisory ``flock`` on ``.lock``)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / LOCK_NAME).open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise PoeemError(
+                        "index directory lock",
+                        f"the writer lock of '{directory}' within {timeout_s:.0f}s",
+                        "another process still holds it",
+                        "wait for the other update to finish, then retry",
+                    ) from None
+                time.sleep(0.02)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def _write_role(directory: Path, name: str, payload: Any) -> None:
+    if name.endswith(".json"):
+        atomic_write_json(directory / name, payload)
+    else:
+        save_tensors(directory / name, payload)
+
+
+def write_version(
+    directory: Path,
+    base: Manifest | None,
+    new: Manifest,
+    index: faiss.Index,
+    tensors: IndexTensors,
+    extra: dict[str, Any] | None = None,
+) -> Manifest:
+    """Publish a new version of the index directory (see the module docstring).
+
+    Args:
+        directory: the index directory.
+        base: the manifest this update started from, or None to create the directory (an
+            existing index there is then an error).
+        new: the manifest to publish; its version, files and checksums are filled in here.
+        index: the FAISS index; tensors: the same index as tensors.
+        extra: more files by role: ``{"query_tower": state_dict}`` (safetensors) or
+            ``{"item_keys": [...]}`` (roles ending in ``_keys`` are JSON). Roles of ``base`` not
+            rewritten here are kept.
+
+    Returns:
+        The published manifest.
+
+    Raises:
+        StaleIndexError: the manifest on disk is not ``base`` any more.
+    """
+    with writer_lock(directory):
+        on_disk = read_manifest(directory, verify=False) if (directory / "manifest.json").exists() else None
+        if (on_disk is None) != (base is None) or (
+            on_disk is not None and base is not None and on_disk.version != base.version
+        ):
+            if base is None:
+                raise PoeemError(
+                    "index directory",
+                    "a new or empty folder",
+                    f"'{directory}' holds an index",
+                    "pass another --out, or use 'poeem add'/'poeem remove' to update it",
+                )
+            raise StaleIndexError(
+                "index update",
+                f"the version this copy loaded ({base.version})",
+                f"version {on_disk.version if on_disk else 'none'} on disk (another writer updated it)",
+                "reload the index (Searcher.load, or POST /reload) and apply the update again",
+            )
+        v = (base.version if base else 0) + 1
+        files = {"faiss": f"index-{v}.faiss", "codes": f"codes-{v}.safetensors"}
+        atomic_write(directory / files["faiss"], lambda tmp: faiss.write_index(index, str(tmp)))
+        save_tensors(directory / files["codes"], tensors.to_dict())
+        for role, payload in (extra or {}).items():
+            files[role] = f"{role}-{v}." + ("json" if role.endswith("_keys") else "safetensors")
+            _write_role(directory, files[role], payload)
+        for role, name in (base.files if base else {}).items():
+            files.setdefault(role, name)
+        published = Manifest(
+            **{
+                **asdict(new),
+                "version": v,
+                "files": files,
+                "sha256": {name: sha256(directory / name) for name in files.values()},
+                "poeem_version": __version__,
+                "faiss_version": faiss.__version__,
+            }
+        )
+        atomic_write_json(directory / "manifest.json", asdict(published))
+        _delete_older(directory, keep=set(files.values()) | set(base.files.values() if base else ()))
+    return published
+
+
+def _delete_older(directory: Path, keep: set[str]) -> None:
+    """Remove versioned files that neither the new nor the previous manifest names, and
+    temporary files of crashed writers (safe: we hold the writer lock)."""
+    for path in directory.iterdir():
+        stale_tmp = path.name.startswith(".") and path.name.endswith(".tmp")
+        if stale_tmp or (_VERSIONED.match(path.name) and path.name not in keep):
+            path.unlink(missing_ok=True)
+    fsync_dir(directory)

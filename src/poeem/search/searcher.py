@@ -1,12 +1,16 @@
 """``poeem.Searcher``: load an index directory once, then search it, add and remove items.
 
 Made for a long-running server: loading verifies checksums, searching is read-only and
-batched, and updates are written atomically as a new version of the directory.
+batched, and updates are published as a new version of the directory under a writer lock
+with a compare-and-swap on the version (see :mod:`poeem.search.index_dir`). Ids are the
+user's own at every entry and exit: item ids in results, ``add`` and ``remove``; query ids
+in :meth:`Searcher.embed_queries`.
 """
 
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,17 +19,27 @@ import torch
 import torch.nn.functional as F
 
 from poeem.errors import PoeemError
-from poeem.export.faiss_export import build_faiss_index, check_list_rule
-from poeem.export.learned import ItemsOrCodes, check_ids, learned_index
+from poeem.export.faiss_codec import build_faiss_index
+from poeem.export.learned import ItemsOrCodes, export_learned
+from poeem.ids import IdMap, check_ids
 from poeem.index import PoeemLayer
 from poeem.index.quantize import encode_rotated
+from poeem.index.tensors import IndexTensors
+from poeem.metric import Metric, check_search_args, prepare_queries
 from poeem.model.towers import Tower
-from poeem.search.adc import IndexTensors, TorchIVFPQ
+from poeem.search.adc import TorchIVFPQ
 from poeem.search.faiss_backend import FaissSearcher
-from poeem.search.index_dir import Manifest, read_manifest, read_safetensors, tensors_from_dict, write_version
-from poeem.search.metric import Metric, prepare_queries
+from poeem.search.index_dir import (
+    REEXPORT,
+    Manifest,
+    MissingIndexFile,
+    read_manifest,
+    write_version,
+)
+from poeem.storage import read_json, read_tensors
 
 Backend = Literal["faiss", "torch"]
+LOAD_ATTEMPTS = 5
 
 
 class Searcher:
@@ -44,11 +58,15 @@ class Searcher:
         backend: Backend = "faiss",
         device: str = "cpu",
         query_tower: Tower | None = None,
+        query_features: torch.Tensor | None = None,
+        query_keys: IdMap | None = None,
+        item_keys: IdMap | None = None,
     ) -> None:
         if backend not in ("faiss", "torch"):
             raise PoeemError("backend", "'faiss' or 'torch'", repr(backend), "pick one of those")
         self.directory, self.manifest, self.tensors = directory, manifest, tensors
         self.backend, self.device, self.query_tower = backend, device, query_tower
+        self.query_features, self.query_keys, self.item_keys = query_features, query_keys, item_keys
         self._build_engine()
 
     # ----------------------------------------------------------- create / load
@@ -58,11 +76,13 @@ class Searcher:
         directory: str | Path,
         layer: PoeemLayer,
         items: ItemsOrCodes,
-        ids: torch.Tensor | np.ndarray | None = None,
+        ids: Any = None,
         metric: Metric = "ip",
         fast_scan: bool = False,
         query_tower: Tower | None = None,
-        query_tower_args: dict[str, Any] | None = None,
+        normalize_queries: bool = False,
+        query_keys: IdMap | None = None,
+        query_features: torch.Tensor | None = None,
     ) -> Searcher:
         """Export a trained layer and its items into a new index directory (no training).
 
@@ -70,70 +90,122 @@ class Searcher:
             directory: where to write; an existing index there is an error.
             layer: the trained :class:`PoeemLayer`.
             items: (n, dim) item embeddings, or ``layer.encode()``'s (coarse_codes, codes).
-            ids: (n,) int64 item ids, 0..n-1 by default.
+            ids: (n,) the items' own ids: non-negative integers (stored in FAISS as they are)
+                or strings (FAISS stores row numbers, and the directory maps them back);
+                0..n-1 by default.
             metric: "ip", "cosine" or "l2", as the model was trained.
             fast_scan: 4-bit fast-scan FAISS index (K = 16).
-            query_tower, query_tower_args: a query tower and the arguments that rebuild it
-                (``num_ids``, ``dim``, ``num_numeric``, ``hidden``, ``normalize``).
+            query_tower: the query tower, to search by query id.
+            normalize_queries: whether the tower's output is L2-normalised (cosine models).
+            query_keys: the raw query id of each tower row; None when ids are the rows.
+            query_features: (num_queries, F) numeric features of each query row, for a tower
+                with a feature MLP.
         """
         directory = Path(directory)
-        if (directory / "manifest.json").exists():
-            raise PoeemError(
-                "index directory",
-                "a new or empty folder",
-                f"'{directory}' holds an index",
-                "pass another --out, or use 'poeem add'/'poeem remove' to update it",
-            )
-        check_list_rule(layer, metric)
-        tensors = learned_index(layer, items, ids)
+        item_keys = None
+        if ids is not None and np.asarray(ids).dtype.kind in "UO":
+            item_keys = IdMap(np.asarray(ids))
+            ids = np.arange(len(item_keys))
+        tensors, index = export_learned(layer, items, ids, metric, fast_scan)
+        extra: dict[str, Any] = {}
+        if query_tower is not None:
+            extra["query_tower"] = query_tower.state_dict()
+            if query_features is not None:
+                extra["query_features"] = {"features": query_features.float()}
+            if query_keys is not None:
+                extra["query_keys"] = query_keys.to_json()
+        if item_keys is not None:
+            extra["item_keys"] = item_keys.to_json()
+        tower_config = (
+            None if query_tower is None else {**query_tower.config(), "normalize": normalize_queries}
+        )
         manifest = Manifest(
             metric=metric,
             dim=layer.config.dim,
             layer=layer.config.to_dict(),
             fast_scan=fast_scan,
-            query_tower=query_tower_args,
+            query_tower=tower_config,
         )
-        extra = (
-            {"query_tower": {k: v.detach().cpu().contiguous() for k, v in query_tower.state_dict().items()}}
-            if query_tower is not None
-            else None
-        )
-        index = build_faiss_index(tensors, metric, fast_scan)
-        write_version(directory, manifest, index, tensors, extra)
+        write_version(directory, None, manifest, index, tensors, extra)
         return cls.load(directory)
 
     @classmethod
     def load(cls, directory: str | Path, backend: Backend = "faiss", device: str = "cpu") -> Searcher:
-        """Open an index directory, verifying its checksums."""
+        """Open an index directory, verifying its checksums.
+
+        A writer may publish a newer version while this loads and delete the files this load
+        was reading; the load then starts over from the new manifest.
+        """
         directory = Path(directory)
+        for attempt in range(LOAD_ATTEMPTS):
+            try:
+                return cls._load_once(directory, backend, device)
+            except MissingIndexFile:
+                if attempt == LOAD_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _load_once(cls, directory: Path, backend: Backend, device: str) -> Searcher:
         manifest = read_manifest(directory)
-        tensors = tensors_from_dict(read_safetensors(directory / manifest.files["codes"]))
-        tower = None
-        if manifest.query_tower is not None and "query_tower" in manifest.files:
-            args = dict(manifest.query_tower)
-            args.pop("normalize", None)
-            tower = Tower(
-                args["num_ids"], args["dim"], args.get("num_numeric", 0), tuple(args.get("hidden", ()))
-            )
-            tower.load_state_dict(read_safetensors(directory / manifest.files["query_tower"]))
+        files = manifest.files
+
+        def tensors_of(role: str) -> dict[str, torch.Tensor]:
+            if not (directory / files[role]).is_file():
+                raise MissingIndexFile(files[role])
+            return read_tensors(directory / files[role], f"index file '{files[role]}'", REEXPORT)
+
+        def keys_of(role: str) -> IdMap | None:
+            if role not in files:
+                return None
+            if not (directory / files[role]).is_file():
+                raise MissingIndexFile(files[role])
+            return IdMap.from_json(read_json(directory / files[role], role, REEXPORT), role)
+
+        tensors = IndexTensors.from_dict(tensors_of("codes"))
+        tower, features = None, None
+        if manifest.query_tower is not None and "query_tower" in files:
+            tower = Tower.from_config(manifest.query_tower)
+            try:
+                tower.load_state_dict(tensors_of("query_tower"))
+            except RuntimeError as err:
+                raise PoeemError(
+                    "query tower file", "weights matching its config", str(err)[:200], REEXPORT
+                ) from None
             tower.eval()
-        return cls(directory, manifest, tensors, backend, device, tower)
+            if "query_features" in files:
+                features = tensors_of("query_features").get("features")
+        searcher = cls(
+            directory,
+            manifest,
+            tensors,
+            backend,
+            device,
+            tower,
+            features,
+            keys_of("query_keys"),
+            keys_of("item_keys"),
+        )
+        if searcher.backend == "faiss" and not (directory / files["faiss"]).is_file():
+            raise MissingIndexFile(files["faiss"])
+        return searcher
 
     def _build_engine(self) -> None:
         import faiss
 
         if self.backend == "faiss":
-            index = faiss.read_index(str(self.directory / self.manifest.files["faiss"]))
+            path = self.directory / self.manifest.files["faiss"]
+            try:
+                index = faiss.read_index(str(path))
+            except RuntimeError as err:
+                if not path.is_file():
+                    raise MissingIndexFile(path.name) from None
+                raise PoeemError(
+                    "FAISS index file", "a readable index", f"'{path}' ({err})", REEXPORT
+                ) from None
             self._engine: Any = FaissSearcher(index)
         else:
-            t = self.tensors
-            moved = IndexTensors(
-                *(
-                    x.to(self.device) if x is not None else None
-                    for x in (t.rotation, t.coarse, t.codebooks, t.coarse_codes, t.codes, t.ids)
-                )
-            )
-            self._engine = TorchIVFPQ(moved, self.metric)  # type: ignore[arg-type]
+            self._engine = TorchIVFPQ(self.tensors.to(self.device), self.metric)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ search
     @property
@@ -151,25 +223,28 @@ class Searcher:
         """Number of IVF lists (1 without a coarse quantizer)."""
         return self.tensors.nlist
 
+    @property
+    def version(self) -> int:
+        """The index directory version this searcher holds."""
+        return self.manifest.version
+
     def search(
         self, xq: torch.Tensor | np.ndarray, k: int = 10, nprobe: int = 1, batch_size: int = 4096
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items of each query embedding.
 
         Args:
-            xq: (nq, dim) float query embeddings.
+            xq: (nq, dim) finite float query embeddings.
             k: results per query; more than the index holds is clamped, with a warning.
             nprobe: IVF lists probed; more than there are is clamped, with a warning.
 
         Returns:
             D: (nq, k) float32 scores (similarity for ip/cosine, squared distance for l2);
-            I: (nq, k) int64 item ids, -1 where fewer than k were found.
+            I: (nq, k) the items' own ids: int64 with -1 where fewer than k were found, or
+            strings with "" there, for an index with string ids.
         """
+        check_search_args(k, nprobe)
         xq = prepare_queries(xq, "ip", self.manifest.dim)
-        if k < 1 or nprobe < 1:
-            raise PoeemError(
-                "search", "k >= 1 and nprobe >= 1", f"k={k}, nprobe={nprobe}", "pass positive values"
-            )
         if k > self.ntotal:
             warnings.warn(
                 f"k={k} is larger than the {self.ntotal} items in the index; using k={self.ntotal}",
@@ -189,10 +264,22 @@ class Searcher:
             i_parts.append(i.cpu().numpy())
         if not d_parts:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        return np.concatenate(d_parts), np.concatenate(i_parts)
+        ids = np.concatenate(i_parts)
+        return np.concatenate(d_parts), self._raw_item_ids(ids)
 
-    def embed_queries(self, query_ids: np.ndarray, features: np.ndarray | None = None) -> torch.Tensor:
-        """(nq,) query ids (+ (nq, F) features) -> (nq, dim) embeddings through the saved tower."""
+    def embed_queries(
+        self, query_ids: Any, features: torch.Tensor | np.ndarray | None = None
+    ) -> torch.Tensor:
+        """Query embeddings through the saved query tower.
+
+        Args:
+            query_ids: (nq,) the queries' own ids (as in the training data).
+            features: (nq, F) numeric features of these queries; by default the features
+                saved at export for each query. Needed iff the tower has a feature MLP.
+
+        Returns:
+            (nq, dim) float32 embeddings, as the model scores them.
+        """
         if self.query_tower is None:
             raise PoeemError(
                 "query ids",
@@ -200,78 +287,108 @@ class Searcher:
                 "an index without one",
                 "search with query embeddings (.npy), or export from a training run",
             )
-        ids = torch.as_tensor(np.asarray(query_ids), dtype=torch.long)
-        num_ids = self.query_tower.embedding.num_embeddings
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_ids):
-            raise PoeemError(
-                "query ids",
-                f"ids in [0, {num_ids})",
-                f"range [{int(ids.min())}, {int(ids.max())}]",
-                "pass ids of queries the model was trained on",
-            )
-        feats = torch.as_tensor(features, dtype=torch.float32) if features is not None else None
+        if self.query_keys is not None:
+            rows = torch.from_numpy(self.query_keys.rows(query_ids, "query ids"))
+        else:
+            rows = check_ids(query_ids, what="query ids", unique=False)
+            num_ids = self.query_tower.num_ids
+            if rows.numel() and int(rows.max()) >= num_ids:
+                raise PoeemError(
+                    "query ids",
+                    f"ids in [0, {num_ids})",
+                    f"max {int(rows.max())}",
+                    "pass ids of queries the model was trained on",
+                )
+        feats = None
+        if self.query_tower.num_numeric:
+            if features is not None:
+                feats = prepare_queries(features, "ip", self.query_tower.num_numeric, "query features")
+            elif self.query_features is not None:
+                feats = self.query_features[rows]
+            else:
+                raise PoeemError(
+                    "query features",
+                    f"{self.query_tower.num_numeric} features per query",
+                    "none given and none saved in the index",
+                    "pass the query features, or export the index from its training run",
+                )
         with torch.no_grad():
-            q = self.query_tower(ids, feats)
+            q = self.query_tower(rows, feats)
         return F.normalize(q, dim=-1) if (self.manifest.query_tower or {}).get("normalize") else q
 
     # ----------------------------------------------------------------- updates
-    def add(self, items: torch.Tensor | np.ndarray, ids: torch.Tensor | np.ndarray) -> None:
-        """Add items, coded with the frozen codebooks (no retraining), and save atomically.
+    def add(self, items: torch.Tensor | np.ndarray, ids: Any) -> None:
+        """Add items, coded with the frozen codebooks (no retraining), and publish a new version.
 
         Args:
             items: (n, dim) item embeddings, as the item tower produces them (before the layer).
-            ids: (n,) int64 ids, none already in the index.
+            ids: (n,) the items' own ids, none already in the index.
+
+        Raises:
+            StaleIndexError: another writer changed the directory since this was loaded.
         """
-        x = prepare_queries(items, "ip", self.manifest.dim)
-        if not bool(torch.isfinite(x).all()):
-            raise PoeemError("items to add", "finite values", "NaN or inf", "check the embeddings")
-        new_ids = check_ids(ids, x.shape[0])
+        x = prepare_queries(items, "ip", self.manifest.dim, what="items to add")
+        item_keys = self.item_keys
+        if item_keys is None:
+            new_ids = check_ids(ids, x.shape[0], "ids to add")
+        else:
+            item_keys, rows = item_keys.extend(ids, x.shape[0])
+            new_ids = torch.from_numpy(rows)
         taken = torch.isin(new_ids, self.tensors.ids)
         if taken.any():
+            shown = new_ids[taken][:5].numpy()
             raise PoeemError(
                 "ids to add",
                 "ids not already in the index",
-                f"{int(taken.sum())} existing ids, e.g. {new_ids[taken][:5].tolist()}",
+                f"{int(taken.sum())} existing ids, e.g. {self._raw_item_ids(shown, item_keys).tolist()}",
                 "remove them first, or use new ids",
             )
         t = self.tensors
         cc, codes = encode_rotated(
-            x @ t.rotation, t.coarse, t.codebooks, self.manifest.layer.get("coarse_metric", "l2")
+            x @ t.rotation, t.coarse, t.codebooks, self.manifest.layer_config.coarse_metric
         )
         cc = cc if cc is not None else torch.zeros(x.shape[0], dtype=torch.long)
-        self._commit(
-            IndexTensors(
-                t.rotation,
-                t.coarse,
-                t.codebooks,
-                torch.cat([t.coarse_codes, cc]),
-                torch.cat([t.codes, codes]),
-                torch.cat([t.ids, new_ids]),
-            )
+        updated = replace(
+            t,
+            coarse_codes=torch.cat([t.coarse_codes, cc]),
+            codes=torch.cat([t.codes, codes]),
+            ids=torch.cat([t.ids, new_ids]),
         )
+        self._commit(updated, item_keys)
 
-    def remove(self, ids: torch.Tensor | np.ndarray) -> int:
-        """Remove items by id and save atomically; returns how many were removed.
+    def remove(self, ids: Any) -> int:
+        """Remove items by their own ids and publish a new version; returns how many were removed.
 
-        Unknown ids are a clear error (nothing is changed)."""
-        drop = torch.as_tensor(np.asarray(ids), dtype=torch.long).flatten()
+        Unknown ids are a clear error (nothing is changed).
+        """
+        if self.item_keys is not None:
+            drop = torch.from_numpy(self.item_keys.rows(ids, "ids to remove"))
+        else:
+            drop = check_ids(ids, what="ids to remove", unique=False)
         unknown = drop[~torch.isin(drop, self.tensors.ids)]
         if unknown.numel():
+            shown = unknown[:5].numpy()
             raise PoeemError(
                 "ids to remove",
                 "ids present in the index",
-                f"unknown ids {unknown[:5].tolist()}",
+                f"unknown ids {self._raw_item_ids(shown).tolist()}",
                 "check the ids (nothing was removed)",
             )
         t = self.tensors
         keep = ~torch.isin(t.ids, drop)
-        self._commit(
-            IndexTensors(t.rotation, t.coarse, t.codebooks, t.coarse_codes[keep], t.codes[keep], t.ids[keep])
-        )
+        self._commit(replace(t, coarse_codes=t.coarse_codes[keep], codes=t.codes[keep], ids=t.ids[keep]))
         return int((~keep).sum())
 
-    def _commit(self, tensors: IndexTensors) -> None:
+    def _raw_item_ids(self, faiss_ids: np.ndarray, keys: IdMap | None = None) -> np.ndarray:
+        """The items' own ids of FAISS ids (the same array without an item map)."""
+        keys = keys or self.item_keys
+        return keys.raw(faiss_ids) if keys is not None else faiss_ids
+
+    def _commit(self, tensors: IndexTensors, item_keys: IdMap | None = None) -> None:
         index = build_faiss_index(tensors, self.metric, self.manifest.fast_scan)  # type: ignore[arg-type]
-        self.manifest = write_version(self.directory, self.manifest, index, tensors)
+        extra = {"item_keys": item_keys.to_json()} if item_keys is not None else None
+        self.manifest = write_version(self.directory, self.manifest, self.manifest, index, tensors, extra)
         self.tensors = tensors
+        if item_keys is not None:
+            self.item_keys = item_keys
         self._build_engine()

@@ -36,7 +36,7 @@ class TrainConfig:
     batch_size: int = 1024
     optimizer: OptimizerName = "adam"
     lr: float = 1e-2
-    index_lr: float | None = None  # learning rate of the index (codebooks, rotation); None = lr
+    index_lr: float | None = None  # learning rate of the index (codebooks, rotation); None = lr, 0 freezes
     weight_decay: float = 0.0
     seed: int = 0
     device: str = "auto"  # "cpu", "cuda", "cuda:1" or "auto"
@@ -46,6 +46,24 @@ class TrainConfig:
     log: Literal["csv", "tensorboard", "none"] = "csv"
     max_steps: int | None = None  # stop early (a checkpoint is still written)
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("epochs", self.epochs >= 0, "a non-negative integer"),
+            ("batch_size", self.batch_size >= 1, "a positive integer"),
+            ("lr", self.lr > 0, "a positive number"),
+            ("index_lr", self.index_lr is None or self.index_lr >= 0, "None or a number >= 0"),
+            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
+            ("eval_every", self.eval_every >= 0, "an integer >= 0"),
+            ("log_every", self.log_every >= 1, "a positive integer"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 0, "None or an integer >= 0"),
+        ]
+        for name, ok, expected in checks:
+            if not ok:
+                raise PoeemError(
+                    f"train.{name}", expected, repr(getattr(self, name)), f"fix --{name.replace('_', '-')}"
+                )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -68,7 +86,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     rest = [p for p in model.parameters() if id(p) not in index_ids]
     groups: list[dict[str, Any]] = [{"params": rest}]
     if index_params:
-        groups.append({"params": index_params, "lr": cfg.index_lr or cfg.lr, "weight_decay": 0.0})
+        index_lr = cfg.lr if cfg.index_lr is None else cfg.index_lr
+        groups.append({"params": index_params, "lr": index_lr, "weight_decay": 0.0})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":
@@ -98,6 +117,7 @@ class Trainer:
         self.model, self.cfg, self.run_dir, self.evaluate = model, cfg, run_dir, evaluate
         self.optimizer = build_optimizer(model, cfg)
         self.step = 0
+        self.eval_s = 0.0  # seconds spent in evaluation callbacks during fit()
         self.history: list[dict[str, float]] = []  # evaluation results, with "step"
         self.log = MetricsLog(run_dir, cfg.log) if run_dir is not None else None
 
@@ -140,7 +160,7 @@ class Trainer:
             mininterval=1.0,
         )
         self.model.train()
-        started, started_step = time.perf_counter(), self.step
+        started, started_step, eval_before = time.perf_counter(), self.step, self.eval_s
         try:
             while self.step < total:
                 epoch, index = divmod(self.step, per_epoch)
@@ -159,7 +179,8 @@ class Trainer:
                 self.step += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == total:
-                    rate = (self.step - started_step) / max(time.perf_counter() - started, 1e-9)
+                    busy = time.perf_counter() - started - (self.eval_s - eval_before)
+                    rate = (self.step - started_step) / max(busy, 1e-9)
                     row = {k: float(v.detach()) for k, v in out.items()} | {
                         "steps_per_s": rate,
                         "epoch": epoch,
@@ -180,9 +201,11 @@ class Trainer:
 
     def _evaluate(self) -> None:
         assert self.evaluate is not None
+        started = time.perf_counter()
         self.model.eval()
         metrics = self.evaluate(self.model)
         self.model.train()
+        self.eval_s += time.perf_counter() - started
         self.history.append({"step": self.step, **metrics})
         if self.log:
             self.log.write(self.step, {f"eval/{k}": v for k, v in metrics.items()})

@@ -1,23 +1,19 @@
-"""Zero-training export of a learned Poeem index into FAISS.
+"""The FAISS codec: learned index tensors in, a ready FAISS index out, with no training.
 
 The coarse centroids, PQ codebooks and rotation are copied in, ``is_trained`` is set, and the
 item codes go in through FAISS's code-level API (``add_sa_codes``) exactly as the layer
-computed them. Nothing on this path calls FAISS ``train()`` or re-encodes vectors.
+computed them. Nothing here calls FAISS ``train()`` or re-encodes vectors.
 """
 
 from __future__ import annotations
-
-import warnings
 
 import faiss
 import numpy as np
 import torch
 
 from poeem.errors import PoeemError
-from poeem.export.learned import ItemsOrCodes, learned_index
-from poeem.index import PoeemLayer
-from poeem.search.adc import IndexTensors
-from poeem.search.metric import Metric, check_metric
+from poeem.index.tensors import IndexTensors
+from poeem.metric import Metric, check_metric, list_rule
 
 
 def is_power_of_two(n: int) -> bool:
@@ -32,7 +28,7 @@ def nbits_of(codebook_size: int) -> int:
             "codebook_size for FAISS",
             "a power of two (16, 256, 4096 ...)",
             f"K={codebook_size}",
-            "retrain with K = 2**nbits, or search with poeem's torch backend",
+            "use K = 2**nbits",
         )
     return codebook_size.bit_length() - 1
 
@@ -62,6 +58,11 @@ def pack_sa_codes(
     return np.ascontiguousarray(np.concatenate([lists, pq_bytes], axis=1))
 
 
+def faiss_metric(metric: str) -> int:
+    """The FAISS metric constant of a poeem metric (cosine is inner product on normalised vectors)."""
+    return faiss.METRIC_L2 if list_rule(metric) == "l2" else faiss.METRIC_INNER_PRODUCT
+
+
 def _is_identity(m: torch.Tensor) -> bool:
     return bool(torch.equal(m, torch.eye(m.shape[0], dtype=m.dtype)))
 
@@ -80,15 +81,16 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
             so they are approximate.
     """
     check_metric(metric)
+    ix.validate()
     d, m, k = ix.dim, ix.codebooks.shape[0], ix.codebooks.shape[1]
     nbits = nbits_of(k)
     if fast_scan and nbits != 4:
         raise PoeemError("fast_scan", "K = 16 (4-bit codes)", f"K={k}", "export without --fast-scan")
-    fmetric = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    fmetric = faiss_metric(metric)
     centroids = ix.codebooks.numpy().astype(np.float32).ravel()  # (D, K, dsub) flattened
     ids = ix.ids.numpy().astype(np.int64)
     if ix.coarse is not None:
-        quantizer = faiss.IndexFlatL2(d) if metric == "l2" else faiss.IndexFlatIP(d)
+        quantizer = faiss.IndexFlat(d, fmetric)
         quantizer.add(np.ascontiguousarray(ix.coarse.numpy(), dtype=np.float32))
         inner = faiss.IndexIVFPQ(quantizer, d, ix.nlist, m, nbits, fmetric)
         faiss.copy_array_to_vector(centroids, inner.pq.centroids)
@@ -124,41 +126,3 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
     for t in reversed(transforms):  # prepend_transform: the last prepended runs first
         index.prepend_transform(t)
     return index
-
-
-def check_list_rule(layer: PoeemLayer, metric: str) -> None:
-    """Warn when items were assigned to lists by another rule than the one search probes with."""
-    if layer.coarse is None:
-        return
-    probe = "l2" if metric == "l2" else "ip"
-    if layer.config.coarse_metric != probe:
-        warnings.warn(
-            f"the layer assigns items to lists by {layer.config.coarse_metric!r} but a {metric!r} "
-            f"index probes lists by {probe!r}, so a query may probe lists that hold none of its "
-            f"neighbours; train the layer with coarse_metric={probe!r}",
-            stacklevel=3,
-        )
-
-
-def to_faiss(
-    layer: PoeemLayer,
-    items: ItemsOrCodes,
-    ids: torch.Tensor | np.ndarray | None = None,
-    metric: Metric = "ip",
-    fast_scan: bool = False,
-) -> faiss.Index:
-    """Export a trained :class:`PoeemLayer` and its items into a FAISS index, with no training.
-
-    Args:
-        layer: an initialized layer.
-        items: (n, dim) item embeddings (coded with the layer's frozen codebooks), or the
-            ``(coarse_codes, codes)`` that :meth:`PoeemLayer.encode` returned.
-        ids: (n,) int64 item ids kept by FAISS; 0..n-1 by default.
-        metric: "ip", "cosine" (queries normalised by the index) or "l2".
-        fast_scan: 4-bit fast-scan index (K must be 16).
-
-    Returns:
-        A ready ``faiss.Index``; ``index.search(xq, k)`` returns (D, I) with your ids.
-    """
-    check_list_rule(layer, metric)
-    return build_faiss_index(learned_index(layer, items, ids), metric, fast_scan)

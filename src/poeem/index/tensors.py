@@ -1,0 +1,125 @@
+"""The learned IVF-PQ index as plain tensors, validated, and its safetensors form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from poeem.errors import PoeemError
+
+
+@dataclass
+class IndexTensors:
+    """Everything an IVF-PQ index holds, as CPU or device tensors (no FAISS objects).
+
+    rotation: (dim, dim); the index codes x @ rotation.
+    coarse: (coarse_K, dim) coarse centroids, or None (plain PQ).
+    codebooks: (D, K, dsub).
+    coarse_codes: (n,) int64 list of each item (zeros without IVF).
+    codes: (n, D) int64 sub-codes.
+    ids: (n,) int64 non-negative ids of the items, as FAISS stores them.
+    """
+
+    rotation: torch.Tensor
+    coarse: torch.Tensor | None
+    codebooks: torch.Tensor
+    coarse_codes: torch.Tensor
+    codes: torch.Tensor
+    ids: torch.Tensor
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension."""
+        return self.rotation.shape[0]
+
+    @property
+    def ntotal(self) -> int:
+        """Number of items."""
+        return self.codes.shape[0]
+
+    @property
+    def nlist(self) -> int:
+        """Number of inverted lists (1 without IVF)."""
+        return self.coarse.shape[0] if self.coarse is not None else 1
+
+    def to(self, device: torch.device | str) -> IndexTensors:
+        """A copy with every tensor on ``device``."""
+        moved = (self.rotation, self.coarse, self.codebooks, self.coarse_codes, self.codes, self.ids)
+        return IndexTensors(*(t.to(device) if t is not None else None for t in moved))
+
+    def validate(self) -> IndexTensors:
+        """Check shapes and code ranges; returns self, or raises :class:`PoeemError`."""
+        d = self.rotation.shape[0]
+        if self.rotation.shape != (d, d) or self.codebooks.dim() != 3:
+            raise PoeemError(
+                "index tensors",
+                "rotation (dim, dim) and codebooks (D, K, dsub)",
+                f"{tuple(self.rotation.shape)} and {tuple(self.codebooks.shape)}",
+                "export the index from a trained PoeemLayer",
+            )
+        m, k, dsub = self.codebooks.shape
+        n = self.codes.shape[0]
+        shapes_ok = (
+            m * dsub == d
+            and self.codes.shape == (n, m)
+            and self.coarse_codes.shape == (n,)
+            and self.ids.shape == (n,)
+            and (self.coarse is None or (self.coarse.dim() == 2 and self.coarse.shape[1] == d))
+        )
+        if not shapes_ok:
+            raise PoeemError(
+                "index tensors",
+                f"codes (n, {m}), coarse_codes (n,), ids (n,) and coarse (nlist, {d})",
+                f"codes {tuple(self.codes.shape)}, coarse_codes {tuple(self.coarse_codes.shape)}, "
+                f"ids {tuple(self.ids.shape)}",
+                "pass one row of codes, one list and one id per item",
+            )
+        _check_range("sub-codes", self.codes, k, "K")
+        _check_range("coarse codes", self.coarse_codes, self.nlist, "nlist")
+        if n and int(self.ids.min()) < 0:
+            raise PoeemError(
+                "ids", "non-negative integers", f"min {int(self.ids.min())}", "-1 means 'no result'"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor mapping for safetensors."""
+        out = {
+            "rotation": self.rotation,
+            "codebooks": self.codebooks,
+            "coarse_codes": self.coarse_codes,
+            "codes": self.codes,
+            "ids": self.ids,
+        }
+        if self.coarse is not None:
+            out["coarse"] = self.coarse
+        return {k: v.contiguous() for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor]) -> IndexTensors:
+        """Inverse of :meth:`to_dict`, validated; missing tensors are a clear error."""
+        needed = ("rotation", "codebooks", "coarse_codes", "codes", "ids")
+        missing = [k for k in needed if k not in d]
+        if missing:
+            raise PoeemError(
+                "index codes file", f"tensors {list(needed)}", f"{missing} missing", "re-export the index"
+            )
+        return cls(
+            rotation=d["rotation"],
+            coarse=d.get("coarse"),
+            codebooks=d["codebooks"],
+            coarse_codes=d["coarse_codes"].long(),
+            codes=d["codes"].long(),
+            ids=d["ids"].long(),
+        ).validate()
+
+
+def _check_range(what: str, codes: torch.Tensor, limit: int, name: str) -> None:
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= limit):
+        raise PoeemError(
+            what,
+            f"values in [0, {name}={limit})",
+            f"range [{int(codes.min())}, {int(codes.max())}]",
+            "pass the codes that layer.encode() returned",
+        )

@@ -1,0 +1,82 @@
+"""Search metrics shared by the layer, export and every search backend."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from poeem.errors import PoeemError
+
+Metric = Literal["ip", "cosine", "l2"]
+ListRule = Literal["l2", "ip"]
+METRICS = ("ip", "cosine", "l2")
+
+
+def check_metric(metric: str) -> None:
+    """Raise a clear error for an unknown metric."""
+    if metric not in METRICS:
+        raise PoeemError("metric", "'ip', 'cosine' or 'l2'", repr(metric), "pick one of those")
+
+
+def list_rule(metric: str) -> ListRule:
+    """How an index of this metric probes IVF lists: nearest centroid ("l2") for L2, largest
+    inner product ("ip") for ip and cosine (queries are normalised before probing)."""
+    check_metric(metric)
+    return "l2" if metric == "l2" else "ip"
+
+
+def check_search_args(k: int, nprobe: int) -> None:
+    """Raise a clear error unless ``k`` and ``nprobe`` are positive integers."""
+    ok = all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in (k, nprobe))
+    if not ok or k < 1 or nprobe < 1:
+        raise PoeemError(
+            "search", "integers k >= 1 and nprobe >= 1", f"k={k!r}, nprobe={nprobe!r}", "pass positive values"
+        )
+
+
+def prepare_queries(
+    xq: torch.Tensor | np.ndarray, metric: str, dim: int, what: str = "queries"
+) -> torch.Tensor:
+    """Validate (nq, dim) finite vectors and L2-normalise them for cosine; returns float32.
+
+    Args:
+        xq: (nq, dim) numbers.
+        metric: "ip", "cosine" or "l2".
+        dim: the index's dimension.
+        what: how error messages name the vectors.
+    """
+    if not isinstance(xq, torch.Tensor):
+        try:
+            xq = torch.as_tensor(np.asarray(xq, dtype=np.float32))
+        except (TypeError, ValueError) as err:
+            raise PoeemError(
+                what, f"an (n, {dim}) array of numbers", f"{err}", "pass float vectors"
+            ) from None
+    if xq.dim() != 2 or xq.shape[1] != dim:
+        raise PoeemError(
+            what,
+            f"shape (n, {dim})",
+            f"shape {tuple(xq.shape)}",
+            f"pass vectors of dimension {dim} (the index's dim)",
+        )
+    if xq.dtype == torch.bool or xq.is_complex():
+        raise PoeemError(what, "real numbers", str(xq.dtype), "pass float vectors")
+    xq = xq.float()
+    finite = torch.isfinite(xq).all(-1)
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).flatten()
+        raise PoeemError(
+            what,
+            "finite values",
+            f"NaN or inf in {bad.numel()} rows, e.g. row {int(bad[0])}",
+            "check the embeddings (a NaN query would silently return nothing)",
+        )
+    return F.normalize(xq, dim=-1) if metric == "cosine" else xq
+
+
+def worst_score(metric: str) -> float:
+    """The score of a missing result: -inf for similarities, +inf for L2 distances."""
+    return float("inf") if metric == "l2" else float("-inf")

@@ -1,0 +1,223 @@
+"""A run end to end: data, model and trainer wired into a run folder; evaluation; export."""
+
+from __future__ import annotations
+
+import copy
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from poeem.data import InteractionData, load_data
+from poeem.errors import PoeemError
+from poeem.evaluation.report import compare_indexes
+from poeem.model import TwoTowerModel
+from poeem.pipeline.config import RunConfig
+from poeem.pipeline.run_dir import (
+    RunArtifacts,
+    build_model,
+    load_run,
+    model_shapes,
+    read_artifacts,
+    read_config,
+    save_run,
+    save_weights,
+    write_metrics,
+)
+from poeem.search.searcher import Searcher
+from poeem.training.batches import PairBatches
+from poeem.training.trainer import Trainer, resolve_device
+
+# Settings that a resumed run may change: they alter neither the model nor the batches seen.
+SAFE_ON_RESUME = {
+    "train": {
+        "epochs",
+        "max_steps",
+        "device",
+        "checkpoint_every",
+        "eval_every",
+        "log_every",
+        "log",
+        "progress",
+    }
+}
+
+
+def budget_of(model: TwoTowerModel, cfg: RunConfig) -> tuple[int, int, int]:
+    """(coarse_K, D, K) for the FAISS baseline: the layer's, else the eval config's."""
+    if model.index is not None:
+        c = model.index.config
+        return c.num_coarse, c.num_subspaces, c.codebook_size
+    return cfg.eval.num_coarse, cfg.eval.num_subspaces, cfg.eval.codebook_size
+
+
+def evaluate_model(
+    model: TwoTowerModel, data: InteractionData, cfg: RunConfig, nprobes: tuple[int, ...] | None = None
+) -> list[dict[str, Any]]:
+    """The evaluation rows a run's config asks for (see :func:`compare_indexes`)."""
+    return compare_indexes(
+        model,
+        data,
+        cfg.eval.ks,
+        nprobes or cfg.eval.nprobes,
+        cfg.eval.faiss_baseline,
+        budget_of(model, cfg),
+        cfg.eval.opq_baseline,
+        cfg.train.seed,
+    )
+
+
+def resume_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[RunConfig, list[str]]:
+    """The stored config of a run, with the settings that are safe to change on resume applied.
+
+    Args:
+        run_dir: a run folder with ``config.json``.
+        overrides: settings the user passed, by section, e.g. ``{"train": {"epochs": 5}}``.
+
+    Returns:
+        The config, and one ``"train.epochs: 3 -> 5"`` line per applied change.
+
+    Raises:
+        PoeemError: an override that would change the model, the data or the batches.
+    """
+    if not (run_dir / "config.json").is_file():
+        raise PoeemError(
+            "--resume", "a run folder with config.json", f"'{run_dir}'", "drop --resume to start a new run"
+        )
+    cfg, _ = read_config(run_dir)
+    stored = cfg.to_dict()
+    refused = [
+        f"{section}.{key}"
+        for section, values in overrides.items()
+        for key, value in values.items()
+        if key not in SAFE_ON_RESUME.get(section, set()) and stored[section].get(key) != value
+    ]
+    if refused:
+        safe = sorted(f"--{k.replace('_', '-')}" for k in SAFE_ON_RESUME["train"])
+        raise PoeemError(
+            "--resume",
+            f"only settings that are safe to change on a resumed run ({', '.join(safe)})",
+            f"changes to {', '.join(refused)}",
+            "drop those flags to continue the run as it was configured, or start a new run "
+            "in another --run-dir",
+        )
+    applied = []
+    raw = copy.deepcopy(stored)
+    for section, values in overrides.items():
+        for key, value in values.items():
+            if raw[section].get(key) != value:
+                applied.append(f"{section}.{key}: {raw[section].get(key)} -> {value}")
+                raw[section][key] = value
+    return RunConfig.from_dict(raw), applied
+
+
+def train_run(
+    cfg: RunConfig, run_dir: str | Path, resume: bool = False
+) -> tuple[TwoTowerModel, dict[str, Any]]:
+    """Train, checkpoint and evaluate; everything lands in ``run_dir``.
+
+    Args:
+        cfg: the run's config; with ``resume``, the config :func:`resume_config` returned.
+        run_dir: the run folder; it must not hold a trained run unless ``resume``.
+        resume: continue from the folder's checkpoint, exactly where it stopped.
+
+    Returns:
+        The trained model and the metrics written to ``metrics.json``; ``train_s`` is the
+        training time without the periodic evaluations.
+    """
+    run_dir = Path(run_dir)
+    if not resume and (
+        (run_dir / "model.safetensors").exists() or (run_dir / "checkpoint.safetensors").exists()
+    ):
+        raise PoeemError(
+            "run folder",
+            "a new or empty folder",
+            f"'{run_dir}' holds a trained run",
+            "pass --resume to continue it, or another --run-dir (nothing was overwritten)",
+        )
+    device = resolve_device(cfg.train.device)
+    data = load_data(cfg.data)
+    shapes = model_shapes(data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity())).to(device)
+    artifacts = RunArtifacts.of(data)
+    save_run(run_dir, cfg, shapes, artifacts)
+    ks = cfg.eval.ks
+
+    def periodic_eval(_: torch.nn.Module) -> dict[str, float]:
+        rows = compare_indexes(model, data, ks, cfg.eval.nprobes[:1], faiss_baseline=False)
+        return {
+            f"{r['method']}/{name}": v
+            for r in rows
+            for name, v in r.items()
+            if name.split("@")[0] in ("recall", "precision", "ndcg")
+        }
+
+    trainer = Trainer(model, cfg.train, run_dir, periodic_eval)
+    if resume:
+        trainer.resume()
+    started = time.perf_counter()
+    history = trainer.fit(
+        PairBatches(data, cfg.train.batch_size, cfg.train.seed, device, cfg.model.random_negatives)
+    )
+    train_s = time.perf_counter() - started - trainer.eval_s
+    if model.index is not None and not model.index.is_initialized:
+        warnings.warn(
+            "training ended inside the Poeem warm start, so the index was fitted on the final "
+            "item embeddings instead of trained jointly; lower warmup_steps or train longer",
+            stacklevel=2,
+        )
+        model.index.initialize(
+            model.all_item_embeddings(artifacts.item_features), progress=cfg.train.progress
+        )
+    save_weights(run_dir, model)
+    rows = evaluate_model(model, data, cfg)
+    metrics = {
+        "data": data.summary(),
+        "steps": trainer.step,
+        "train_s": train_s,
+        "eval_during_training_s": trainer.eval_s,
+        "rows": rows,
+        "history": history,
+        "index_stats": model.index.stats() if model.index is not None else {},
+    }
+    write_metrics(run_dir, metrics)
+    return model, metrics
+
+
+def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) -> Searcher:
+    """Export a trained run's learned index, query tower, features and ids (no training).
+
+    Items are encoded with their saved features, exactly as the model embeds them; FAISS
+    stores the data's own item ids when they are non-negative integers (else row numbers,
+    mapped back by the index directory).
+    """
+    run_dir = Path(run_dir)
+    cfg, model = load_run(run_dir)
+    if model.index is None:
+        raise PoeemError(
+            "export",
+            "a run trained with a Poeem layer",
+            f"'{run_dir}' (baseline, no layer)",
+            "train with --poeem, or build a FAISS index the usual way",
+        )
+    art = read_artifacts(run_dir)
+    xb = model.all_item_embeddings(art.item_features)
+    ids = None
+    if art.item_keys is not None:
+        keys = art.item_keys.keys
+        ids = keys if art.item_keys.is_integer and keys.min(initial=0) >= 0 else keys.astype(str)
+    return Searcher.create(
+        out,
+        model.index,
+        xb,
+        ids,
+        metric=model.config.search_metric,
+        fast_scan=fast_scan,
+        query_tower=model.query_tower,
+        normalize_queries=cfg.model.score == "cosine",
+        query_keys=art.query_keys,
+        query_features=art.query_features,
+    )

@@ -1,0 +1,143 @@
+"""The run folder: config, final weights, id maps, features and metrics of one training run.
+
+::
+
+    RUN_DIR/config.json              RunConfig plus the vocabulary sizes the model was built with
+    RUN_DIR/model.safetensors        final weights (safetensors: loading executes no code)
+    RUN_DIR/checkpoint.safetensors   model + optimizer + step, for --resume
+    RUN_DIR/ids.json                 the data's own query and item ids of each dense row
+    RUN_DIR/features.safetensors     per-id numeric features, when the data has feature columns
+    RUN_DIR/metrics.json             evaluation results
+    RUN_DIR/log.csv                  training curves
+
+Export and search read ids and features from here, so they use exactly the embeddings the
+model computes and answer in the data's own ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from poeem.data import InteractionData
+from poeem.errors import PoeemError
+from poeem.ids import IdMap
+from poeem.model import ModelConfig, TwoTowerModel
+from poeem.pipeline.config import RunConfig
+from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
+
+FIX_RUN = "pass the folder 'poeem train' wrote, after training finished (or retrain)"
+
+
+@dataclass
+class RunArtifacts:
+    """What a finished run folder holds besides the weights: ids and per-id features."""
+
+    query_keys: IdMap | None = None
+    item_keys: IdMap | None = None
+    query_features: torch.Tensor | None = None  # (num_queries, Fq)
+    item_features: torch.Tensor | None = None  # (num_items, Fi)
+
+    @classmethod
+    def of(cls, data: InteractionData) -> RunArtifacts:
+        """The ids and features of ``data``."""
+
+        def tensor(a: Any) -> torch.Tensor | None:
+            return torch.from_numpy(a).float() if a is not None else None
+
+        return cls(data.query_keys, data.item_keys, tensor(data.query_features), tensor(data.item_features))
+
+
+def model_shapes(data: InteractionData) -> dict[str, int]:
+    """The vocabulary and feature sizes a model for ``data`` is built with."""
+    return {
+        "num_queries": data.num_queries,
+        "num_items": data.num_items,
+        "num_query_features": 0 if data.query_features is None else data.query_features.shape[1],
+        "num_item_features": 0 if data.item_features is None else data.item_features.shape[1],
+    }
+
+
+def build_model(
+    cfg: ModelConfig, shapes: dict[str, int], item_counts: torch.Tensor | None = None
+) -> TwoTowerModel:
+    """A fresh :class:`TwoTowerModel` for the given shapes."""
+    try:
+        return TwoTowerModel(
+            cfg,
+            int(shapes["num_queries"]),
+            int(shapes["num_items"]),
+            int(shapes["num_query_features"]),
+            int(shapes["num_item_features"]),
+            item_counts,
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise PoeemError("run config 'shapes'", "the model's vocabulary sizes", repr(err), FIX_RUN) from None
+
+
+def save_run(run_dir: Path, cfg: RunConfig, shapes: dict[str, int], artifacts: RunArtifacts) -> None:
+    """Write ``config.json``, ``ids.json`` and ``features.safetensors`` (each atomically)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "shapes": shapes})
+    keys = {"queries": artifacts.query_keys, "items": artifacts.item_keys}
+    atomic_write_json(
+        run_dir / "ids.json", {k: v.to_json() if v is not None else None for k, v in keys.items()}
+    )
+    features = {"query": artifacts.query_features, "item": artifacts.item_features}
+    present = {k: v for k, v in features.items() if v is not None}
+    if present:
+        save_tensors(run_dir / "features.safetensors", present)
+
+
+def save_weights(run_dir: Path, model: torch.nn.Module) -> None:
+    """Write ``model.safetensors`` atomically."""
+    save_tensors(run_dir / "model.safetensors", model.state_dict())
+
+
+def read_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
+    """The run's :class:`RunConfig` and the raw dict (with ``shapes``) of ``config.json``."""
+    raw = read_json(run_dir / "config.json", "run config", FIX_RUN)
+    if not isinstance(raw, dict):
+        raise PoeemError("run config", "a JSON object", type(raw).__name__, FIX_RUN)
+    return RunConfig.from_dict(raw), raw
+
+
+def read_artifacts(run_dir: Path) -> RunArtifacts:
+    """The ids and features saved with a run (runs of dense-id data have neither)."""
+    out = RunArtifacts()
+    if (run_dir / "ids.json").is_file():
+        raw = read_json(run_dir / "ids.json", "run id maps", FIX_RUN)
+        if not isinstance(raw, dict):
+            raise PoeemError("run id maps", "a JSON object", type(raw).__name__, FIX_RUN)
+        if raw.get("queries") is not None:
+            out.query_keys = IdMap.from_json(raw["queries"], "run query ids")
+        if raw.get("items") is not None:
+            out.item_keys = IdMap.from_json(raw["items"], "run item ids")
+    if (run_dir / "features.safetensors").is_file():
+        feats = read_tensors(run_dir / "features.safetensors", "run features", FIX_RUN)
+        out.query_features, out.item_features = feats.get("query"), feats.get("item")
+    return out
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[RunConfig, TwoTowerModel]:
+    """The config and the trained model (eval mode) of a finished run."""
+    run_dir = Path(run_dir)
+    for name in ("config.json", "model.safetensors"):
+        if not (run_dir / name).is_file():
+            raise PoeemError("run folder", f"'{name}' inside '{run_dir}'", "it is missing", FIX_RUN)
+    cfg, raw = read_config(run_dir)
+    model = build_model(cfg.model, raw.get("shapes") or {})
+    weights = read_tensors(run_dir / "model.safetensors", "run weights", FIX_RUN)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as err:
+        raise PoeemError("run weights", "weights matching config.json", str(err)[:200], FIX_RUN) from None
+    return cfg, model.to(device).eval()
+
+
+def write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` atomically."""
+    atomic_write_json(run_dir / "metrics.json", metrics)
