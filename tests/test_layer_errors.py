@@ -14,8 +14,13 @@ def small(**kw: object) -> PoeemLayer:
     ("kwargs", "pattern"),
     [
         (dict(dim=10, num_subspaces=4), r"num_subspaces: expected a divisor of dim=10, got num_subspaces=4"),
-        (dict(codebook_size=1), r"codebook_size: expected K between 2 and 65536, got K=1"),
-        (dict(codebook_size=70000, buffer_size=70000), r"expected K between 2 and 65536, got K=70000"),
+        (dict(codebook_size=1), r"codebook_size: expected K a power of two between 2 and 65536.*got K=1"),
+        (dict(codebook_size=70000, buffer_size=70000), r"expected K a power of two .*got K=70000"),
+        # regression: K=300 trained, then could never be exported to FAISS
+        (dict(codebook_size=300, buffer_size=300), r"K a power of two .*FAISS stores whole bits\), got K=300"),
+        (dict(eval_before_init="skip"), r"eval_before_init: expected 'raise' or 'identity', got 'skip'"),
+        (dict(regularizer_weight=-1.0), r"regularizer_weight: expected a finite number >= 0, got -1.0"),
+        (dict(commitment_weight=float("nan")), r"commitment_weight: expected a finite number >= 0, got nan"),
         (dict(codebook_size=8, buffer_size=4), r"buffer_size: expected at least max\(K, coarse_K\) = 8"),
         (dict(num_coarse=32, buffer_size=16), r"at least max\(K, coarse_K\) = 32 embeddings.*buffer_size=16"),
         (dict(rotation="pca"), r"rotation: expected 'none', 'opq' or 'givens', got 'pca'"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ class PoeemConfig:
 
     dim: int  # embedding size; must be divisible by num_subspaces
     num_subspaces: int = 8  # D: subvectors per item
-    codebook_size: int = 256  # K: codewords per subspace, 2..65536
+    codebook_size: int = 256  # K: codewords per subspace, a power of two in 2..65536
     num_coarse: int = 8  # coarse_K: IVF lists; 0 turns the coarse quantizer off
     # list assignment: "l2" nearest centroid, or "ip" largest inner product, the rule by which
     # an inner-product IVF index (FAISS, poeem's ADC) probes lists for a query
@@ -78,11 +79,13 @@ class PoeemConfig:
                 f"num_subspaces={self.num_subspaces}",
                 "pick D such that dim % D == 0, e.g. 8 for dim 64",
             )
-        if not 2 <= self.codebook_size <= MAX_CODEBOOK_SIZE:
+        k = self.codebook_size
+        if not 2 <= k <= MAX_CODEBOOK_SIZE or k & (k - 1):
             raise PoeemError(
                 "codebook_size",
-                f"K between 2 and {MAX_CODEBOOK_SIZE}",
-                f"K={self.codebook_size}",
+                f"K a power of two between 2 and {MAX_CODEBOOK_SIZE} (a code is log2(K) bits, "
+                "and FAISS stores whole bits)",
+                f"K={k}",
                 "use e.g. K=256 (8 bits) or K=16 (4 bits)",
             )
         if self.num_coarse < 0:
@@ -100,6 +103,16 @@ class PoeemConfig:
             raise PoeemError("coarse_metric", "'l2' or 'ip'", repr(self.coarse_metric), "pick one of those")
         if self.init not in ("kmeans", "random"):
             raise PoeemError("init", "'kmeans' or 'random'", repr(self.init), "pick one of those")
+        if self.eval_before_init not in ("raise", "identity"):
+            raise PoeemError(
+                "eval_before_init", "'raise' or 'identity'", repr(self.eval_before_init), "pick one of those"
+            )
+        for name in ("regularizer_weight", "commitment_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+                raise PoeemError(
+                    name, "a finite number >= 0", repr(value), "a weight of 0 turns the term off"
+                )
         needed = max(self.codebook_size, self.num_coarse)
         if self.buffer_size < needed:
             raise PoeemError(

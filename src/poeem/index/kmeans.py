@@ -109,8 +109,13 @@ def kmeans(
     seed: int = 0,
     max_chunk_elems: int = DEFAULT_CHUNK_ELEMS,
     progress: bool = False,
+    spherical: bool = False,
 ) -> torch.Tensor:
     """Lloyd's k-means with k-means++ seeding and empty-cluster repair, batched over groups.
+
+    With ``spherical``, centroids are unit vectors, points go to the centroid of largest inner
+    product, and each centroid becomes the normalised sum of its points: Lloyd's algorithm for
+    maximising sum_i <x_i, u_a(i)>.
 
     Runs on the device of ``x`` in float32. Seeded: the same input and seed give the same
     centroids. An empty cluster is re-seeded at the point farthest from its centroid, so all k
@@ -123,6 +128,7 @@ def kmeans(
         seed: random seed.
         max_chunk_elems: memory bound on distance entries held at once.
         progress: show a progress bar.
+        spherical: unit centroids and inner-product assignment (see above).
 
     Returns:
         (k, d) or (G, k, d) float32 centroids, matching the rank of ``x``.
@@ -143,14 +149,24 @@ def kmeans(
         )
     generator = torch.Generator().manual_seed(seed)
     c = kmeans_plus_plus(xg, k, generator)
+    if spherical:
+        c = torch.nn.functional.normalize(c, dim=-1)
     for _ in tqdm(range(iters), desc=f"k-means k={k}", disable=not progress, leave=False):
-        codes, dists = nearest_centroid(xg, c, max_chunk_elems)  # (G, n)
+        # (G, n); for spherical, dists are minus the inner product, so "far" still means badly served
+        codes, dists = nearest_centroid(xg, c, max_chunk_elems, inner_product=spherical)
         sums = torch.zeros(g, k, d, device=xg.device).scatter_add_(1, codes.unsqueeze(-1).expand(g, n, d), xg)
         counts = torch.zeros(g, k, device=xg.device).scatter_add_(1, codes, torch.ones_like(dists))
-        c = torch.where(counts.unsqueeze(-1) > 0, sums / counts.clamp_min(1).unsqueeze(-1), c)
+        update = (
+            torch.nn.functional.normalize(sums, dim=-1)
+            if spherical
+            else sums / counts.clamp_min(1).unsqueeze(-1)
+        )
+        c = torch.where(counts.unsqueeze(-1) > 0, update, c)
         empty = counts == 0  # (G, k)
         if empty.any():
             c = _reseed_empty(xg, c, empty, dists)
+            if spherical:
+                c = torch.nn.functional.normalize(c, dim=-1)
     return c.squeeze(0) if squeeze else c
 
 

@@ -23,6 +23,13 @@ from poeem.index.quantize import (
 from poeem.index.stats import index_stats
 
 WARMUP, COLLECT, QUANTIZE = 0, 1, 2
+
+
+def _full_precision(x: torch.Tensor) -> torch.autocast:
+    """Autocast off for the device of ``x``: codes must not depend on the caller's precision."""
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
 PHASE_NAMES = {WARMUP: "warmup", COLLECT: "collect", QUANTIZE: "quantize"}
 
 
@@ -59,6 +66,11 @@ class PoeemLayer(nn.Module):
     initialization the buffer is released (its shape becomes (0, dim)).
 
     Non-finite inputs raise :class:`PoeemError` before they can reach the codebooks.
+
+    Mixed precision: the index parameters and buffers stay float32 when the model is cast
+    (``model.to(torch.bfloat16)``, ``.half()``), and autocast is off inside the layer, so codes
+    computed in training are the codes computed at export. Half-precision inputs are
+    quantized in float32 and the output is returned in the input's dtype.
 
     Build with keyword arguments (``PoeemLayer(dim=64, num_subspaces=8, ...)``) or a
     :class:`PoeemConfig`.
@@ -113,6 +125,15 @@ class PoeemLayer(nn.Module):
         """Index health of the last quantized batch, as floats (empty before quantization)."""
         return {k: float(v) for k, v in self._last_stats.items()}
 
+    def _apply(self, fn: Any, recurse: bool = True) -> PoeemLayer:
+        """Module casts move the layer between devices but keep its floats in float32."""
+
+        def keep_float32(t: torch.Tensor) -> torch.Tensor:
+            out = fn(t)
+            return out.float() if t.is_floating_point() and out.is_floating_point() else out
+
+        return super()._apply(keep_float32, recurse)
+
     # ---------------------------------------------------------------- forward
     def forward(self, x: torch.Tensor) -> PoeemOutput:
         """Quantize a batch of item embeddings (see the class docstring for the phases).
@@ -124,6 +145,10 @@ class PoeemLayer(nn.Module):
             :class:`PoeemOutput`.
         """
         self._check_input(x)
+        with _full_precision(x):
+            return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> PoeemOutput:
         x32 = x.float()
         if self.training:
             self._advance(x32.detach())
@@ -187,6 +212,10 @@ class PoeemLayer(nn.Module):
             progress: show k-means progress bars.
         """
         self._check_input(x)
+        with _full_precision(x):
+            self._initialize(x, progress)
+
+    def _initialize(self, x: torch.Tensor, progress: bool) -> None:
         c = self.config
         needed = max(c.codebook_size, c.num_coarse)
         if x.shape[0] < needed:
@@ -266,8 +295,9 @@ class PoeemLayer(nn.Module):
         coarse = self.coarse.detach() if self.coarse is not None else None
         coarse_parts, code_parts = [], []
         for start in range(0, x.shape[0], batch_size):
-            xr = x[start : start + batch_size].float().to(rotation.device) @ rotation
-            cc, codes = encode_rotated(xr, coarse, self.codebooks.detach(), c.coarse_metric)
+            with _full_precision(x):
+                xr = x[start : start + batch_size].float().to(rotation.device) @ rotation
+                cc, codes = encode_rotated(xr, coarse, self.codebooks.detach(), c.coarse_metric)
             code_parts.append(codes.to(smallest_uint_dtype(c.codebook_size)))
             if cc is not None:
                 coarse_parts.append(cc.to(smallest_uint_dtype(c.num_coarse)))
@@ -319,10 +349,11 @@ class PoeemLayer(nn.Module):
                 if coarse_codes is not None
                 else None
             )
-            recon = decode_rotated(
-                cc, codes[start : start + batch_size].to(device).long(), self.coarse, self.codebooks
-            )
-            parts.append(recon @ rotation.T)
+            with _full_precision(rotation):
+                recon = decode_rotated(
+                    cc, codes[start : start + batch_size].to(device).long(), self.coarse, self.codebooks
+                )
+                parts.append(recon @ rotation.T)
         return torch.cat(parts) if parts else torch.zeros(0, c.dim, device=device)
 
     # ------------------------------------------------------------- checking

@@ -119,8 +119,8 @@ def fit_ivf_pq(
 
     Args:
         xr: (n, dim) rotated training vectors.
-        coarse_metric: how vectors are assigned to lists for the residuals (see
-            :func:`coarse_assign`); the centroids themselves come from L2 k-means, as in FAISS.
+        coarse_metric: the list rule (see :func:`coarse_assign`), and how the centroids are
+            fitted: L2 k-means for "l2"; for "ip", :func:`inner_product_centroids`.
 
     Returns:
         coarse: (coarse_K, dim) or None when num_coarse is 0; codebooks: (D, K, dsub).
@@ -128,11 +128,37 @@ def fit_ivf_pq(
     coarse = None
     residual = xr
     if num_coarse > 0:
-        coarse = kmeans(xr, num_coarse, iters=iters, seed=seed, progress=progress)
+        if coarse_metric == "ip":
+            coarse = inner_product_centroids(xr, num_coarse, iters, seed, progress)
+        else:
+            coarse = kmeans(xr, num_coarse, iters=iters, seed=seed, progress=progress)
         residual = xr - coarse[coarse_assign(xr, coarse, coarse_metric)]
     sub = split_subvectors(residual, num_subspaces)  # (D, n, dsub)
     codebooks = kmeans(sub, codebook_size, iters=iters, seed=seed + 1, progress=progress)
     return coarse, codebooks
+
+
+def inner_product_centroids(
+    x: torch.Tensor, num_coarse: int, iters: int, seed: int, progress: bool = False
+) -> torch.Tensor:
+    """Coarse centroids fitted for the inner-product list rule.
+
+    L2 k-means centroids have unequal norms, and under the inner-product rule the long ones
+    take most items (lists empty out, residuals grow). Here all centroids share one norm:
+    directions u from spherical k-means, scaled by the s that minimises the residual energy
+    sum_i ||x_i - s u_a(i)||^2, which is s = mean_i <x_i, u_a(i)>. With equal norms the
+    inner-product and the L2 rules pick the same list.
+
+    Args:
+        x: (n, dim) rotated vectors.
+
+    Returns:
+        (num_coarse, dim) centroids.
+    """
+    directions = kmeans(x, num_coarse, iters=iters, seed=seed, progress=progress, spherical=True)
+    best, _ = nearest_centroid(x.unsqueeze(0), directions.unsqueeze(0), inner_product=True)
+    scale = (x * directions[best[0]]).sum(-1).mean().clamp_min(1e-12)
+    return directions * scale
 
 
 def procrustes_rotation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
