@@ -104,3 +104,33 @@ def test_bad_input_is_one_clear_line(tmp_path: Path) -> None:
     )
     assert result.returncode == 2 and "no manifest.json" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_import_poeem_stays_light() -> None:
+    """`import poeem` must not pull in pandas, the data loaders or the trainer."""
+    code = (
+        "import sys, poeem; heavy = [m for m in ('pandas', 'pyarrow', 'poeem.training.trainer', "
+        "'poeem.data', 'poeem.pipeline') if m in sys.modules]; print(heavy)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_float_ids_in_npy_files_are_refused(tmp_path: Path) -> None:
+    from test_export_search import make_dir
+
+    make_dir(tmp_path)
+    np.save(tmp_path / "items.npy", np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32))
+    np.save(tmp_path / "ids.npy", np.array([20000.7, 20001.2]))
+    result = runner.invoke(
+        app,
+        [
+            "add",
+            str(tmp_path / "ix"),
+            "--items",
+            str(tmp_path / "items.npy"),
+            "--ids",
+            str(tmp_path / "ids.npy"),
+        ],
+    )
+    assert result.exit_code != 0 and "expected 64-bit integer ids, got dtype float64" in str(result.exception)

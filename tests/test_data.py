@@ -112,3 +112,22 @@ def test_missing_path_is_clear(tmp_path: Path) -> None:
         load_data(DataConfig(kind="lightgcn", path=str(tmp_path)))
     with pytest.raises(PoeemError, match="expected a path"):
         load_data(DataConfig(kind="movielens"))
+
+
+def test_duplicate_rows_never_put_a_held_out_item_in_training(tmp_path: Path) -> None:
+    """Regression: the table loader kept duplicate (user, item) rows, so the held-out latest
+    interaction could also sit in training."""
+    rows = "user,item,time\na,x,1\na,y,2\na,x,3\nb,x,1\nb,y,2\n"
+    data = load_table(write(tmp_path / "t.csv", rows), time_column="time", split="leave-last-out")
+    users, items = data.query_keys, data.item_keys
+    a, x = users.rows(["a"])[0], items.rows(["x"])[0]
+    assert data.test.row(a).tolist() == [x]  # a's latest is x (time 3)
+    train_a = data.train_items[data.train_queries == a].tolist()
+    assert x not in train_a and train_a == [items.rows(["y"])[0]]
+
+
+def test_table_ids_keep_their_type(tmp_path: Path) -> None:
+    numeric = load_table(write(tmp_path / "n.csv", "user,item\n0042,7\n17,8\n17,7\n"))
+    assert numeric.query_keys.is_integer and numeric.query_keys.keys.tolist() == [17, 42]
+    text = load_table(write(tmp_path / "s.csv", "user,item\nann,7\nbob,8\nbob,7\n"))
+    assert text.query_keys.keys.tolist() == ["ann", "bob"] and text.item_keys.is_integer

@@ -266,3 +266,36 @@ def test_inner_product_lists_are_fitted_for_their_rule() -> None:
             l2_rule = torch.cdist(x, layer.coarse.detach()).argmin(1)
             assert (l2_rule == coarse_codes.long()).float().mean() > 0.999  # the rules agree
     assert distortion["ip"] < 1.05 * distortion["l2"]
+
+
+def test_index_stays_float32_when_the_model_is_cast() -> None:
+    """Regression: layer.to(torch.bfloat16) raised a raw dtype error."""
+    layer, x = ready_layer("givens")
+    layer.to(torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in layer.parameters())
+    out = layer(x[:8].bfloat16())
+    assert out.output.dtype == torch.bfloat16 and out.loss.dtype == torch.float32
+
+
+def test_codes_under_autocast_equal_the_exported_codes() -> None:
+    """Regression: under CPU autocast 1.75% of items got other codes in training than at export,
+    and the warm-start k-means ran in bf16."""
+    x = correlated(3000, 32, seed=2)
+    tower = torch.nn.Linear(32, 32)
+    layer = PoeemLayer(
+        dim=32,
+        num_subspaces=8,
+        codebook_size=16,
+        num_coarse=8,
+        rotation="givens",
+        warmup_steps=2,
+        buffer_size=1024,
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for i in range(4):  # warm-up, collect, k-means, quantize: all under autocast
+            layer(tower(x[i * 512 : (i + 1) * 512]))
+        emb = tower(x[2048:])
+        out = layer(emb)
+    assert emb.dtype == torch.bfloat16 and layer.codebooks.dtype == torch.float32
+    coarse_codes, codes = layer.encode(emb.detach())
+    assert torch.equal(codes.long(), out.codes) and torch.equal(coarse_codes.long(), out.coarse_codes)

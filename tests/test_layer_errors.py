@@ -17,7 +17,10 @@ def small(**kw: object) -> PoeemLayer:
         (dict(codebook_size=1), r"codebook_size: expected K a power of two between 2 and 65536.*got K=1"),
         (dict(codebook_size=70000, buffer_size=70000), r"expected K a power of two .*got K=70000"),
         # regression: K=300 trained, then could never be exported to FAISS
-        (dict(codebook_size=300, buffer_size=300), r"K a power of two .*FAISS stores whole bits\), got K=300"),
+        (
+            dict(codebook_size=300, buffer_size=300),
+            r"K a power of two .*FAISS stores whole bits\), got K=300",
+        ),
         (dict(eval_before_init="skip"), r"eval_before_init: expected 'raise' or 'identity', got 'skip'"),
         (dict(regularizer_weight=-1.0), r"regularizer_weight: expected a finite number >= 0, got -1.0"),
         (dict(commitment_weight=float("nan")), r"commitment_weight: expected a finite number >= 0, got nan"),

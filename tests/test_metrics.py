@@ -64,3 +64,29 @@ def test_csr_contains_handles_padding_and_unknown_items() -> None:
         [True, True, False, False],
         [False, False, True, False],
     ]
+
+
+class Recording(Scripted):
+    """A scripted backend that records how many results each call asked for."""
+
+    def __init__(self, ranking: list[int]) -> None:
+        super().__init__(ranking)
+        self.widths: list[tuple[int, int]] = []
+
+    def search(self, xq: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        self.widths.append((xq.shape[0], k))
+        return super().search(xq, k, nprobe)
+
+
+def test_exclusion_memory_is_bounded_by_the_heavy_queries() -> None:
+    """Regression: every query of a batch fetched k + the largest exclusion count of the batch."""
+    num_items = 2000
+    heavy = np.arange(1000)  # query 0 excludes 1000 items, the 99 others exclude one each
+    queries = np.concatenate([np.zeros(1000, dtype=np.int64), np.arange(1, 100)])
+    items = np.concatenate([heavy, np.full(99, 1500)])
+    exclude = CSR.from_pairs(queries, items, num_queries=100)
+    backend = Recording(list(range(num_items)))
+    ids = search_excluding(backend, torch.zeros(100, 2), np.arange(100), 5, 1, exclude, num_items)
+    assert ids[0].tolist() == [1000, 1001, 1002, 1003, 1004]  # the heavy query is still right
+    assert ids[1].tolist() == [0, 1, 2, 3, 4]
+    assert backend.widths == [(100, 5 + 256), (1, 1005)]  # only the heavy query is re-searched

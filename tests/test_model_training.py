@@ -1,3 +1,5 @@
+import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +11,7 @@ from poeem.data import DataConfig
 from poeem.data.synthetic import synthetic_task
 from poeem.model import ModelConfig, TwoTowerModel, in_batch_softmax
 from poeem.pipeline import EvalConfig, RunConfig, load_run, train_run
-from poeem.training import PairBatches, TrainConfig, Trainer
+from poeem.training import PairBatches, TrainConfig, Trainer, build_optimizer
 
 
 def test_in_batch_softmax_masks_duplicate_positives() -> None:
@@ -100,3 +102,88 @@ def test_train_run_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert model.index.is_initialized
     with pytest.raises(PoeemError, match="holds a trained run"):
         train_run(cfg, tmp_path / "run")
+
+
+def tiny_config() -> RunConfig:
+    layer = {"num_coarse": 2, "num_subspaces": 4, "codebook_size": 16, "warmup_steps": 4, "buffer_size": 256}
+    return RunConfig(
+        data=DataConfig(kind="synthetic", num_pairs=2000),
+        model=ModelConfig(dim=16, poeem=layer),
+        train=TrainConfig(epochs=1, batch_size=256, progress=False, checkpoint_every=0, log="none"),
+        eval=EvalConfig(ks=(10,), faiss_baseline=False),
+    )
+
+
+def tiny_run(tmp_path: Path) -> Path:
+    """A finished run folder of a tiny synthetic Poeem run."""
+    train_run(tiny_config(), tmp_path / "run")
+    return tmp_path / "run"
+
+
+def test_resume_applies_safe_flags_and_refuses_the_others(tmp_path: Path) -> None:
+    """Regression: --resume silently kept the stored --epochs/--lr/--device."""
+    from typer.testing import CliRunner
+
+    from poeem.cli import app
+
+    run = tiny_run(tmp_path)
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "--run-dir", str(run), "--resume", "--lr", "0.5"])
+    assert result.exit_code != 0
+    assert "changes to train.lr" in str(result.exception) and "--epochs" in str(result.exception)
+    result = runner.invoke(app, ["train", "--run-dir", str(run), "--resume", "--num-coarse", "8"])
+    assert "a resumed run keeps its model" in str(result.exception)
+    result = runner.invoke(
+        app, ["train", "--run-dir", str(run), "--resume", "--epochs", "2", "--device", "cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (
+        "resume: train.epochs: 1 -> 2" in result.output
+        and "resume: train.device: auto -> cpu" in result.output
+    )
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 16  # 2 epochs of 8 batches: the new --epochs was applied
+    assert json.loads((run / "config.json").read_text())["train"]["epochs"] == 2
+
+
+def test_index_lr_zero_freezes_the_index() -> None:
+    """Regression: index_lr=0 fell back to lr."""
+    model, _ = tiny_poeem_model()
+    optimizer = build_optimizer(model, TrainConfig(lr=0.1, index_lr=0.0))
+    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.0]
+    with pytest.raises(PoeemError, match=r"train.index_lr: expected None or a number >= 0, got -1"):
+        TrainConfig(index_lr=-1)
+
+
+def test_training_time_excludes_evaluation(tmp_path: Path) -> None:
+    """Regression: train_s included the periodic evaluation passes."""
+    model, batches = tiny_poeem_model()
+    slow_eval_s = 0.3
+
+    def slow_eval(_: object) -> dict[str, float]:
+        time.sleep(slow_eval_s)
+        return {"x": 1.0}
+
+    cfg = TrainConfig(epochs=1, batch_size=128, progress=False, checkpoint_every=0, eval_every=10, log="none")
+    trainer = Trainer(model, cfg, None, slow_eval)
+    trainer.fit(batches)
+    assert len(trainer.history) == 4 and trainer.eval_s >= 4 * slow_eval_s
+
+
+def test_seed_does_not_change_the_data() -> None:
+    """Regression: --seed also re-drew the data split; --data-seed does that now."""
+    from typer.testing import CliRunner
+
+    import poeem.pipeline as pipeline
+    from poeem.cli import app
+
+    seen = []
+    original = pipeline.train_run
+    pipeline.train_run = lambda cfg, run_dir, resume: seen.append(cfg) or (None, {"rows": []})
+    try:
+        CliRunner().invoke(app, ["train", "--seed", "7"], catch_exceptions=False)
+        CliRunner().invoke(app, ["train", "--data-seed", "3"], catch_exceptions=False)
+    finally:
+        pipeline.train_run = original
+    assert (seen[0].train.seed, seen[0].data.seed) == (7, 0)
+    assert (seen[1].train.seed, seen[1].data.seed) == (0, 3)

@@ -39,7 +39,7 @@ def check_ids(ids: Ids | None, n: int | None = None, what: str = "ids", unique: 
         raise PoeemError(
             what,
             "64-bit integer ids",
-            f"dtype {array.dtype}" + (f", e.g. {array.ravel()[0]!r}" if array.size else ""),
+            f"dtype {array.dtype}" + (f", e.g. {array.ravel()[0].item()!r}" if array.size else ""),
             "pass whole-number ids (floats are not truncated, to avoid silent collisions)",
         )
     out = torch.from_numpy(np.ascontiguousarray(array.astype(np.int64).ravel()))
@@ -133,9 +133,9 @@ class IdMap:
                 "ids", "unique ids", f"{len(values) - len(set(values))} duplicates", "deduplicate"
             )
         fresh = [v for v in values if v not in self._row]
-        grown = (
-            IdMap(np.concatenate([self.keys, np.asarray(fresh, dtype=self.keys.dtype)])) if fresh else self
-        )
+        # as objects: numpy's fixed-width strings would cut longer new ids short
+        dtype = np.int64 if self.is_integer else object
+        grown = IdMap(np.array(self.keys.tolist() + fresh, dtype=dtype)) if fresh else self
         return grown, grown.rows(values)
 
     def raw(self, rows: np.ndarray) -> np.ndarray:

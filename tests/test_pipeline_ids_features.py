@@ -1,0 +1,165 @@
+"""Export and search use exactly the model's embeddings (features included) and speak the
+data's own ids. Regressions of issue 8: features were dropped at export (every code differed)
+and raw ids were lost (a raw user id silently answered for another user)."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from poeem import PoeemError, Searcher
+from poeem.cli import app
+from poeem.data import DataConfig
+from poeem.model import ModelConfig
+from poeem.pipeline import EvalConfig, RunConfig, export_run, load_run, train_run
+from poeem.pipeline.run_dir import read_artifacts
+from poeem.training import TrainConfig
+
+LAYER = {
+    "num_coarse": 4,
+    "num_subspaces": 4,
+    "codebook_size": 16,
+    "warmup_steps": 4,
+    "buffer_size": 256,
+    "kmeans_iters": 3,
+}
+
+
+def write_table(path: Path, seed: int = 0) -> Path:
+    """Interactions with string ids, a time column, and numeric user and item features."""
+    rng = np.random.default_rng(seed)
+    users = [f"user-{u:03d}" for u in range(60)]
+    items = [f"sku-{i:04d}" for i in rng.choice(9000, 200, replace=False)]
+    item_price = rng.normal(size=200)
+    user_age = rng.normal(size=60)
+    rows = ["user,item,time,age,price,weight"]
+    for t in range(3000):
+        u = int(rng.integers(60))
+        i = int((u * 3 + rng.integers(12)) % 200)
+        rows.append(f"{users[u]},{items[i]},{t},{user_age[u]:.3f},{item_price[i]:.3f},{i % 7}")
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def table_config(path: Path) -> RunConfig:
+    data = DataConfig(
+        kind="table",
+        path=str(path),
+        time_column="time",
+        query_feature_columns=["age"],
+        item_feature_columns=["price", "weight"],
+    )
+    model = ModelConfig(dim=16, query_hidden=(8,), item_hidden=(8,), poeem=LAYER)
+    train = TrainConfig(epochs=2, batch_size=128, progress=False, log="none", checkpoint_every=0)
+    return RunConfig(data, model, train, EvalConfig(ks=(10,), faiss_baseline=False))
+
+
+@pytest.fixture(scope="module")
+def table_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Searcher]:
+    tmp = tmp_path_factory.mktemp("table")
+    run = tmp / "run"
+    train_run(table_config(write_table(tmp / "events.csv")), run)
+    return run, export_run(run, tmp / "ix")
+
+
+def test_export_encodes_items_with_their_features(table_run: tuple[Path, Searcher]) -> None:
+    run, searcher = table_run
+    _, model = load_run(run)
+    art = read_artifacts(run)
+    assert art.item_features is not None and art.item_features.shape == (model.num_items, 2)
+    with torch.no_grad():
+        coarse_codes, codes = model.index.encode(model.all_item_embeddings(art.item_features))
+    assert torch.equal(searcher.tensors.codes, codes.long())
+    assert torch.equal(searcher.tensors.coarse_codes, coarse_codes.long())
+    with pytest.raises(PoeemError, match="tower features: expected 2 numeric features per row, got none"):
+        model.all_item_embeddings()  # the tower no longer skips its feature MLP silently
+
+
+def test_search_by_raw_query_id_matches_the_model(table_run: tuple[Path, Searcher]) -> None:
+    run, searcher = table_run
+    _, model = load_run(run)
+    art = read_artifacts(run)
+    raw_users = np.array(["user-007", "user-042"])
+    rows = torch.from_numpy(art.query_keys.rows(raw_users))
+    with torch.no_grad():
+        expected_q = model.encode_queries(rows, art.query_features[rows])
+    torch.testing.assert_close(searcher.embed_queries(raw_users), expected_q)
+    _, ids = searcher.search(searcher.embed_queries(raw_users), 5, nprobe=4)
+    assert ids.dtype.kind == "U" and all(str(i).startswith("sku-") for i in ids.ravel())
+    with pytest.raises(PoeemError, match=r"unknown ids \['user-999'\]"):
+        searcher.embed_queries(np.array(["user-999"]))
+
+
+def test_string_item_ids_through_add_and_remove(table_run: tuple[Path, Searcher], tmp_path: Path) -> None:
+    _, exported = table_run
+    import shutil
+
+    shutil.copytree(exported.directory, tmp_path / "ix")
+    searcher = Searcher.load(tmp_path / "ix")
+    new = torch.randn(2, 16)
+    searcher.add(new, np.array(["sku-new-1", "sku-new-2"]))
+    reloaded = Searcher.load(tmp_path / "ix")
+    _, ids = reloaded.search(new, 1, nprobe=4)
+    assert ids[:, 0].tolist() == ["sku-new-1", "sku-new-2"]
+    with pytest.raises(PoeemError, match=r"existing ids, e\.g\. \['sku-new-1'\]"):
+        reloaded.add(new[:1], np.array(["sku-new-1"]))
+    assert reloaded.remove(np.array(["sku-new-2"])) == 1
+    with pytest.raises(PoeemError, match=r"unknown ids \['sku-nope'\]"):
+        reloaded.remove(np.array(["sku-nope"]))
+
+
+def test_movielens_raw_ids_end_to_end_through_the_cli(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    lines = []
+    for t in range(2500):
+        user = 1000 + int(rng.integers(40)) * 7  # raw user ids far from 0..n-1
+        movie = 500 + int((user + rng.integers(40)) % 150) * 3
+        lines.append(f"{user}\t{movie}\t{int(rng.integers(1, 6))}\t{t}")
+    (tmp_path / "ml").mkdir()
+    (tmp_path / "ml" / "u.data").write_text("\n".join(lines) + "\n")
+    runner = CliRunner()
+    args = [
+        "train",
+        "--run-dir",
+        str(tmp_path / "run"),
+        "--data",
+        "movielens",
+        "--data-path",
+        str(tmp_path / "ml"),
+    ]
+    args += [
+        "--poeem",
+        "--num-coarse",
+        "4",
+        "--num-subspaces",
+        "4",
+        "--codebook-size",
+        "16",
+        "--warmup-steps",
+        "3",
+    ]
+    args += ["--buffer-size", "256", "--dim", "16", "--epochs", "1", "--batch-size", "128", "--log", "none"]
+    args += ["--no-progress", "--k", "10"]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "ix")])
+    assert result.exit_code == 0, result.output
+    (tmp_path / "users.txt").write_text("1007\n1014\n")
+    result = runner.invoke(app, ["search", str(tmp_path / "ix"), "--query-file", str(tmp_path / "users.txt")])
+    assert result.exit_code == 0, result.output
+    rows = [line.split(",") for line in result.output.strip().splitlines()[1:]]
+    assert {r[0] for r in rows} == {"1007", "1014"}
+    movies = {int(r[2]) for r in rows}
+    assert all(m >= 500 and (m - 500) % 3 == 0 for m in movies)  # raw MovieLens ids, not rows
+    # the same answer as the model itself, for the raw user 1014
+    _, model = load_run(tmp_path / "run")
+    art = read_artifacts(tmp_path / "run")
+    row = torch.from_numpy(art.query_keys.rows([1014]))
+    searcher = Searcher.load(tmp_path / "ix")
+    _, ids = searcher.search(model.encode_queries(row).detach(), 10)
+    assert [int(r[2]) for r in rows if r[0] == "1014"] == ids[0][ids[0] >= 0].tolist()
+    (tmp_path / "bad.txt").write_text("1007\n1\n")
+    result = runner.invoke(app, ["search", str(tmp_path / "ix"), "--query-file", str(tmp_path / "bad.txt")])
+    assert result.exit_code != 0 and "unknown ids [1]" in str(result.exception)
