@@ -21,6 +21,7 @@ def run(script: str, *args: str) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("results")
     run("export_speed.py", "--n", "20000", "--nlist", "32", "--fit-sample", "5000", "--results-dir", str(out))
+    run("search_speed.py", "--n", "30000", "--queries", "50", "--repeats", "1", "--results-dir", str(out))
     run(
         "recall.py",
         "--dataset",
@@ -55,6 +56,11 @@ def test_benchmarks_write_results(results: Path) -> None:
     export = json.loads((results / "export_speed.json").read_text())
     assert export["faiss_train_add_s"] > 0 and export["poeem_export_from_codes_s"] > 0
     assert "cpu" in export["machine"] and export["command"].startswith("python ")
+    speed = json.loads((results / "search_speed.json").read_text())
+    assert {(r["backend"], r["nprobe"]) for r in speed["rows"]} == {
+        (b, p) for b in ("faiss", "torch") for p in (1, 8)
+    }
+    assert all(r["topk_overlap_with_faiss"] > 0.99 for r in speed["rows"] if r["backend"] == "torch")
     recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
     methods = {row["method"] for row in recall["summary"]}
     assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens", "poeem-ip"}
@@ -71,6 +77,7 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     run("report.py", "--results-dir", str(results), "--docs-dir", str(tmp_path))
     text = (tmp_path / "benchmarks.md").read_text()
     assert "zero-training export vs FAISS" in text and "Retrieval quality: synthetic" in text
+    assert "Search time of the index directory's backends" in text
     assert "Command: `python " in text
     assert (tmp_path / "img" / "recall_synthetic_nprobe.png").is_file()
     assert (tmp_path / "img" / "sweep.png").is_file()
