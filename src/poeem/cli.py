@@ -157,8 +157,9 @@ def train(
 ) -> None:
     """Train a two-tower model (with or without the Poeem layer), then evaluate it.
 
-    Flags override --config; settings not shown here are set in the config file's sections
-    [data], [model] (with [model.poeem]), [train] and [eval].
+    Flags override --config. Every other setting goes in the config file, a .toml or .json
+    RunConfig with the sections data, model (the layer under model.poeem), train and eval.
+    With --resume, only the flags marked safe may change; the rest is refused.
     """
     from poeem.evaluation.format import format_rows
     from poeem.pipeline import RunConfig, resume_config, train_run
