@@ -95,6 +95,45 @@ def search_speed_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def serve_section(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "## Serving: `poeem serve` under load",
+        "",
+        f"Index: {r['index']} ({r['items']:,} items), top-{r['config']['k']}, nprobe 1. Each level sends a "
+        "fixed number of requests from keep-alive HTTP clients on 127.0.0.1; the same searches then run "
+        "in process (`IndexService.search`, no HTTP) from as many threads. Clients and server share "
+        "the machine's cores.",
+        "",
+        "| batch | clients | req/s | queries/s | p50 ms | p99 ms | failed | in-process queries/s "
+        "| service / in-process |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        sv = row["service"]
+        cells = [
+            row["batch"],
+            row["clients"],
+            f"{sv['requests_per_s']:,.0f}",
+            f"{row['queries_per_s_service']:,.0f}",
+            f"{sv['p50_ms']:.1f}",
+            f"{sv['p99_ms']:.1f}",
+            sv["failures"],
+            f"{row['queries_per_s_in_process']:,.0f}",
+            f"{row['service_over_in_process']:.2f}",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    side = [s for row in r["rows"] for s in row["reload_and_add_statuses"]]
+    lines += [
+        "",
+        f"A reload and an add were sent during the 8-client batch-1 level (statuses {side}); failed "
+        f"requests over the whole run: {r['total_failures']}.",
+        "",
+        provenance(r),
+        "",
+    ]
+    return lines
+
+
 def fmt(row: dict[str, Any], key: str) -> str:
     std = row.get(f"{key}_std", 0.0)
     return f"{row[key]:.4f} ± {std:.4f}" if row.get("seeds", 1) > 1 else f"{row[key]:.4f}"
@@ -242,6 +281,8 @@ def main() -> None:
         lines += export_section(results["export_speed"])
     if "search_speed" in results:
         lines += search_speed_section(results["search_speed"])
+    if "serve_load" in results:
+        lines += serve_section(results["serve_load"])
     for name in ("recall_synthetic", "recall_ml-100k", "recall_gowalla"):
         if name in results:
             lines += recall_section(name, results[name], img)

@@ -23,6 +23,18 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run("export_speed.py", "--n", "20000", "--nlist", "32", "--fit-sample", "5000", "--results-dir", str(out))
     run("search_speed.py", "--n", "30000", "--queries", "50", "--repeats", "1", "--results-dir", str(out))
     run(
+        "serve_load.py",
+        "--items",
+        "5000",
+        "--requests",
+        "100",
+        "--clients",
+        "1",
+        "8",
+        "--results-dir",
+        str(out),
+    )
+    run(
         "recall.py",
         "--dataset",
         "synthetic",
@@ -61,6 +73,14 @@ def test_benchmarks_write_results(results: Path) -> None:
         (b, p) for b in ("faiss", "torch") for p in (1, 8)
     }
     assert all(r["topk_overlap_with_faiss"] > 0.99 for r in speed["rows"] if r["backend"] == "torch")
+    load = json.loads((results / "serve_load.json").read_text())
+    assert load["total_failures"] == 0 and [(r["batch"], r["clients"]) for r in load["rows"]] == [
+        (1, 1),
+        (1, 8),
+        (32, 1),
+        (32, 8),
+    ]
+    assert load["rows"][1]["reload_and_add_statuses"] == [200, 200]
     recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
     methods = {row["method"] for row in recall["summary"]}
     assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens", "poeem-ip"}
@@ -77,7 +97,7 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     run("report.py", "--results-dir", str(results), "--docs-dir", str(tmp_path))
     text = (tmp_path / "benchmarks.md").read_text()
     assert "zero-training export vs FAISS" in text and "Retrieval quality: synthetic" in text
-    assert "Search time of the index directory's backends" in text
+    assert "Search time of the index directory's backends" in text and "`poeem serve` under load" in text
     assert "Command: `python " in text
     assert (tmp_path / "img" / "recall_synthetic_nprobe.png").is_file()
     assert (tmp_path / "img" / "sweep.png").is_file()

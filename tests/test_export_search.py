@@ -57,6 +57,8 @@ CASES = [
 @pytest.mark.parametrize(("rotation", "num_coarse", "metric"), CASES)
 def test_faiss_export_equals_torch_adc(rotation: str, num_coarse: int, metric: str) -> None:
     layer, x = trained_layer(rotation, num_coarse, coarse_metric="l2" if metric == "l2" else "ip")
+    if metric == "cosine":  # export codes unit vectors for cosine; code the same ones here
+        x = torch.nn.functional.normalize(x, dim=1)
     ids = torch.arange(len(x)) * 3 + 1_000_000_007  # 64-bit user ids
     index = to_faiss(layer, x, ids, metric)
     gc.collect()  # the sub-objects must stay alive with the index
@@ -125,6 +127,7 @@ def test_fast_scan_needs_4_bits() -> None:
 
 def make_dir(tmp_path: Path, backend: str = "faiss") -> tuple[Searcher, PoeemLayer, torch.Tensor]:
     layer, x = trained_layer("givens", 8)
+    x = torch.nn.functional.normalize(x, dim=1)  # a cosine model's items are unit vectors
     Searcher.create(tmp_path / "ix", layer, x[:1000], ids=np.arange(1000) + 10, metric="cosine")
     return Searcher.load(tmp_path / "ix", backend=backend), layer, x
 

@@ -299,3 +299,21 @@ def test_codes_under_autocast_equal_the_exported_codes() -> None:
     assert emb.dtype == torch.bfloat16 and layer.codebooks.dtype == torch.float32
     coarse_codes, codes = layer.encode(emb.detach())
     assert torch.equal(codes.long(), out.codes) and torch.equal(coarse_codes.long(), out.coarse_codes)
+
+
+def test_auto_coarse_fit_follows_the_item_norms() -> None:
+    """Equal-norm centroids only where L2 k-means fails the inner-product rule: varying norms.
+    Normalised items (cosine models) keep the L2 k-means fit."""
+    from poeem.index.quantize import resolve_coarse_fit
+
+    x = correlated(2000, 16)
+    unit = torch.nn.functional.normalize(x, dim=1)
+    assert resolve_coarse_fit(x, "ip", "auto") == "equal_norm"
+    assert resolve_coarse_fit(unit, "ip", "auto") == "kmeans"
+    assert resolve_coarse_fit(x, "l2", "auto") == "kmeans"
+    layer = PoeemLayer(
+        dim=16, num_subspaces=4, codebook_size=16, num_coarse=8, coarse_fit="equal_norm", buffer_size=2000
+    )
+    layer.initialize(unit)
+    norms = layer.coarse.detach().norm(dim=1)
+    torch.testing.assert_close(norms, norms.mean().expand(8))

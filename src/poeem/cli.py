@@ -1,4 +1,4 @@
-"""The ``poeem`` command line: demo, train, evaluate, export, search, add, remove."""
+"""The ``poeem`` command line: demo, train, evaluate, export, search, add, remove, serve."""
 
 from __future__ import annotations
 
@@ -410,6 +410,70 @@ def remove(
     searcher = Searcher.load(index_dir)
     removed = searcher.remove(_read_ids(ids, searcher.item_keys))
     typer.echo(f"removed {removed} items; index now holds {searcher.ntotal} (version {searcher.version})")
+
+
+@app.command()
+def serve(
+    index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Server processes (each loads the index).")] = 1,
+    backend: Annotated[str, typer.Option(help="faiss | torch")] = "faiss",
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="File holding the bearer token of the write endpoints (or set POEEM_TOKEN); "
+            "without a token they are off."
+        ),
+    ] = None,
+    max_k: Annotated[int, typer.Option(help="Largest k a request may ask for.")] = 1000,
+    max_batch: Annotated[int, typer.Option(help="Most queries (or items) per request.")] = 1024,
+    max_body_mb: Annotated[float, typer.Option(help="Largest request body, in MiB.")] = 8.0,
+    poll_s: Annotated[
+        float, typer.Option(help="Seconds between checks for a newer index version (0: off).")
+    ] = 2.0,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve an index directory over HTTP: POST /search, /items, /reload; GET /health, /ready,
+    /info, /metrics; the API documentation is at /docs."""
+    import json
+    import os
+
+    try:
+        import uvicorn
+    except ImportError:
+        raise PoeemError(
+            "poeem serve", "uvicorn and fastapi installed", "missing", "pip install 'poeem[serve]'"
+        ) from None
+
+    from poeem.search.index_dir import read_manifest
+    from poeem.serve.app import CONFIG_ENV, TOKEN_ENV, ServeConfig
+
+    read_manifest(index_dir)  # a clear error now, before any worker starts
+    token = os.environ.get(TOKEN_ENV)
+    if token_file is not None:
+        from poeem.data.files import require_file
+
+        token = require_file(token_file, "token file").read_text().strip()
+    if token is not None and len(token) < 16:
+        raise PoeemError(
+            "token", "at least 16 characters", f"{len(token)} characters", "use a long random token"
+        )
+    config = ServeConfig(
+        str(index_dir.resolve()), backend, max_k, max_batch, int(max_body_mb * (1 << 20)), token, poll_s
+    )
+    os.environ[CONFIG_ENV] = json.dumps(config.__dict__)
+    typer.echo(
+        f"serving {index_dir} on http://{host}:{port} (writes {'on' if token else 'off'}); docs at /docs"
+    )
+    uvicorn.run(
+        "poeem.serve.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+    )
 
 
 def main() -> None:

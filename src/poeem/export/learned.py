@@ -7,6 +7,7 @@ import warnings
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from poeem.errors import PoeemError
 from poeem.export.faiss_codec import build_faiss_index
@@ -100,6 +101,8 @@ def export_learned(
         The learned index as tensors, and the FAISS index holding exactly those codes.
     """
     check_list_rule(layer, metric)
+    if metric == "cosine" and isinstance(items, torch.Tensor):
+        items = F.normalize(items.float(), dim=-1)  # a cosine model codes unit vectors
     tensors = learned_index(layer, items, ids)
     return tensors, build_faiss_index(tensors, metric, fast_scan)
 
@@ -118,7 +121,7 @@ def to_faiss(
         items: (n, dim) item embeddings (coded with the layer's frozen codebooks), or the
             ``(coarse_codes, codes)`` that :meth:`PoeemLayer.encode` returned.
         ids: (n,) non-negative int64 item ids kept by FAISS; 0..n-1 by default.
-        metric: "ip", "cosine" (queries normalised by the index) or "l2".
+        metric: "ip", "cosine" (items normalised here, queries by the index) or "l2".
         fast_scan: 4-bit fast-scan index (K must be 16).
 
     Returns:

@@ -27,6 +27,10 @@ class PoeemConfig:
     # list assignment: "l2" nearest centroid, or "ip" largest inner product, the rule by which
     # an inner-product IVF index (FAISS, poeem's ADC) probes lists for a query
     coarse_metric: Literal["l2", "ip"] = "ip"
+    # how the warm start fits the coarse centroids for the "ip" rule: "kmeans" (L2 k-means),
+    # "equal_norm" (spherical k-means, one shared norm), or "auto": equal_norm when the item
+    # norms vary (dot-product models), kmeans when they do not (cosine models)
+    coarse_fit: Literal["auto", "kmeans", "equal_norm"] = "auto"
     rotation: Rotation = "none"  # "opq": fixed OPQ rotation; "givens": learnable, OPQ-initialised
     warmup_steps: int = 1000  # training steps with the layer as identity
     buffer_size: int = 8192  # item embeddings collected after warm-up for k-means
@@ -101,6 +105,10 @@ class PoeemConfig:
             )
         if self.coarse_metric not in ("l2", "ip"):
             raise PoeemError("coarse_metric", "'l2' or 'ip'", repr(self.coarse_metric), "pick one of those")
+        if self.coarse_fit not in ("auto", "kmeans", "equal_norm"):
+            raise PoeemError(
+                "coarse_fit", "'auto', 'kmeans' or 'equal_norm'", repr(self.coarse_fit), "pick one of those"
+            )
         if self.init not in ("kmeans", "random"):
             raise PoeemError("init", "'kmeans' or 'random'", repr(self.init), "pick one of those")
         if self.eval_before_init not in ("raise", "identity"):

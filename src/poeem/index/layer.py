@@ -239,6 +239,7 @@ class PoeemLayer(nn.Module):
                 c.seed,
                 progress,
                 c.coarse_metric,
+                c.coarse_fit,
             )
         else:
             rotation, coarse, codebooks = fit_opq(
@@ -251,6 +252,7 @@ class PoeemLayer(nn.Module):
                 c.seed,
                 progress,
                 c.coarse_metric,
+                c.coarse_fit,
             )
         self.base_rotation.copy_(rotation)
         self.codebooks.copy_(codebooks)

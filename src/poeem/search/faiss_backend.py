@@ -11,14 +11,24 @@ from poeem.export.faiss_codec import faiss_metric, nbits_of
 from poeem.metric import Metric, check_metric, check_search_args, prepare_queries
 
 
-def set_nprobe(index: faiss.Index, nprobe: int) -> int:
-    """Set nprobe on the IVF inside ``index`` (if any), clamped to its list count; returns it."""
+def search_parameters(index: faiss.Index, nprobe: int) -> list[faiss.SearchParameters]:
+    """Per-call parameters probing ``nprobe`` lists (clamped) of the IVF inside ``index``.
+
+    Nothing is set on the index itself, so concurrent searches with different nprobe are safe.
+    Returns the parameter objects outermost first (keep them all alive during the search);
+    an empty list for an index without IVF.
+    """
     try:
         ivf = faiss.extract_index_ivf(index)
     except RuntimeError:
-        return 1
-    ivf.nprobe = max(1, min(nprobe, ivf.nlist))
-    return ivf.nprobe
+        return []
+    chain = [faiss.SearchParametersIVF(nprobe=max(1, min(nprobe, ivf.nlist)))]
+    while isinstance(index, faiss.IndexPreTransform):
+        outer = faiss.SearchParametersPreTransform()
+        outer.index_params = chain[0]
+        chain.insert(0, outer)
+        index = faiss.downcast_index(index.index)
+    return chain
 
 
 class FaissSearcher:
@@ -40,8 +50,10 @@ class FaissSearcher:
         check_search_args(k, nprobe)
         metric = "cosine" if self.normalize else "ip"
         q = prepare_queries(xq, metric, self.index.d).cpu().numpy()
-        set_nprobe(self.index, nprobe)
-        d, i = self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        params = search_parameters(self.index, nprobe)
+        d, i = self.index.search(
+            np.ascontiguousarray(q, dtype=np.float32), k, params=params[0] if params else None
+        )
         return torch.from_numpy(d), torch.from_numpy(i)
 
 

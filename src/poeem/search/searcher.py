@@ -321,13 +321,15 @@ class Searcher:
         """Add items, coded with the frozen codebooks (no retraining), and publish a new version.
 
         Args:
-            items: (n, dim) item embeddings, as the item tower produces them (before the layer).
+            items: (n, dim) item embeddings, as the item tower produces them (before the layer);
+                normalised here for a cosine index.
             ids: (n,) the items' own ids, none already in the index.
 
         Raises:
             StaleIndexError: another writer changed the directory since this was loaded.
         """
-        x = prepare_queries(items, "ip", self.manifest.dim, what="items to add")
+        # a cosine model L2-normalises items before its layer: code them the same way
+        x = prepare_queries(items, self.metric, self.manifest.dim, what="items to add")
         item_keys = self.item_keys
         if item_keys is None:
             new_ids = check_ids(ids, x.shape[0], "ids to add")

@@ -1,0 +1,358 @@
+"""``poeem serve``: the HTTP API over an index directory (FastAPI, run by uvicorn).
+
+Endpoints: ``POST /search``, ``GET /health``, ``GET /ready``, ``GET /info``, ``GET /metrics``,
+and, behind a bearer token, ``POST /items``, ``DELETE /items`` and ``POST /reload``. Every
+error is JSON with a 4xx status; an unexpected failure is a 500 with a short JSON message (the
+traceback goes to the server log, never to the client).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import platform
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+from poeem._version import __version__
+from poeem.errors import PoeemError
+from poeem.search.index_dir import StaleIndexError
+from poeem.serve.service import IndexService, Query
+
+log = logging.getLogger("poeem.serve")
+RawId = StrictInt | StrictStr
+CONFIG_ENV = "POEEM_SERVE_CONFIG"
+TOKEN_ENV = "POEEM_TOKEN"
+
+
+@dataclass
+class ServeConfig:
+    """Settings of one server process."""
+
+    index_dir: str
+    backend: str = "faiss"
+    max_k: int = 1000
+    max_batch: int = 1024
+    max_body_bytes: int = 8 << 20
+    token: str | None = None  # bearer token of the write endpoints; None turns them off
+    poll_s: float = 2.0  # how often to look for a newer version on disk (0: never)
+
+
+class QueryIn(BaseModel):
+    """A query: ``id`` (with optional ``features``) or ``embedding``, and ids to ``exclude``."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: RawId | None = None
+    features: list[float] | None = None
+    embedding: list[float] | None = None
+    exclude: list[RawId] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> QueryIn:
+        if (self.id is None) == (self.embedding is None):
+            raise ValueError("give exactly one of 'id' and 'embedding'")
+        if self.features is not None and self.id is None:
+            raise ValueError("'features' go with a query 'id'")
+        return self
+
+
+class SearchIn(BaseModel):
+    """``POST /search``."""
+
+    model_config = ConfigDict(extra="forbid")
+    queries: list[QueryIn] = Field(min_length=1)
+    k: StrictInt = 10
+    nprobe: StrictInt = 1
+
+
+class ItemIn(BaseModel):
+    """An item to add: its own id and its embedding (the item tower's output)."""
+
+    model_config = ConfigDict(extra="forbid")
+    id: RawId
+    embedding: list[float]
+
+
+class AddIn(BaseModel):
+    """``POST /items``."""
+
+    model_config = ConfigDict(extra="forbid")
+    items: list[ItemIn] = Field(min_length=1)
+
+
+class RemoveIn(BaseModel):
+    """``DELETE /items``."""
+
+    model_config = ConfigDict(extra="forbid")
+    ids: list[RawId] = Field(min_length=1)
+
+
+class HttpError(Exception):
+    """An error answered with ``status`` and a JSON body."""
+
+    def __init__(self, status: int, message: str, **detail: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.detail = status, message, detail
+
+
+def error_body(message: str, **detail: Any) -> dict[str, Any]:
+    """The JSON body of every error response."""
+    return {"error": {"message": message, **detail}}
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over ``max_bytes`` gets 413, whether its length is declared
+    or it is streamed. The body is read here (at most ``max_bytes`` held) and replayed to the app."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            if message["type"] != "http.request" or not message.get("more_body"):
+                break
+        pending = iter(messages)
+
+        async def replay() -> dict:
+            return next(pending, None) or await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: dict, receive: Callable, send: Callable) -> None:
+        body = error_body(f"request body over {self.max_bytes} bytes", fix="send smaller batches")
+        await JSONResponse(body, status_code=413)(scope, receive, send)
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The FastAPI application serving ``config.index_dir``."""
+    registry = CollectorRegistry()
+    requests = Counter("poeem_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
+    latency = Histogram(
+        "poeem_request_seconds",
+        "Request latency",
+        ["endpoint"],
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        registry=registry,
+    )
+    items_gauge = Gauge("poeem_index_items", "Items in the served index", registry=registry)
+    version_gauge = Gauge("poeem_index_version", "Served index version", registry=registry)
+    state: dict[str, Any] = {}
+
+    def service() -> IndexService:
+        if "service" not in state:
+            raise HttpError(503, "the index is not loaded yet")
+        return state["service"]
+
+    def poll(stop: threading.Event) -> None:
+        while not stop.wait(config.poll_s):
+            try:
+                service().reload_if_changed()
+            except Exception:  # keep polling; the current index keeps serving
+                log.exception("polling the index directory failed")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        state["service"] = IndexService(config.index_dir, config.backend)  # type: ignore[arg-type]
+        stop = threading.Event()
+        if config.poll_s > 0:
+            threading.Thread(target=poll, args=(stop,), daemon=True, name="poeem-poll").start()
+        yield
+        stop.set()
+
+    app = FastAPI(
+        title="poeem",
+        version=__version__,
+        summary="Search a jointly trained product-quantization index (Poeem) exported to FAISS.",
+        lifespan=lifespan,
+    )
+
+    @app.exception_handler(HttpError)
+    async def _http_error(_: Request, err: HttpError) -> JSONResponse:
+        return JSONResponse(error_body(err.message, **err.detail), status_code=err.status)
+
+    @app.exception_handler(PoeemError)
+    async def _poeem_error(_: Request, err: PoeemError) -> JSONResponse:
+        status = 409 if isinstance(err, StaleIndexError) else 400
+        detail = {"what": err.what, "expected": err.expected, "received": err.received, "fix": err.fix}
+        return JSONResponse(error_body(str(err), **detail), status_code=status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+        problems = [
+            {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
+            for e in err.errors()
+        ]
+        return JSONResponse(error_body("invalid request", problems=problems), status_code=422)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return JSONResponse(error_body(f"internal error ({type(err).__name__})"), status_code=500)
+
+    @app.middleware("http")
+    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        endpoint = f"{request.method} {route.path}" if route is not None else "other"
+        requests.labels(endpoint, str(response.status_code)).inc()
+        latency.labels(endpoint).observe(time.perf_counter() - started)
+        return response
+
+    def require_token(request: Request) -> None:
+        if config.token is None:
+            raise HttpError(
+                403,
+                "write endpoints are off: the server has no token",
+                fix=f"start 'poeem serve' with {TOKEN_ENV} set or --token-file",
+            )
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {config.token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HttpError(401, "missing or wrong bearer token", fix="send 'Authorization: Bearer <token>'")
+
+    def check_limits(k: int, nprobe: int, batch: int) -> None:
+        if not 1 <= k <= config.max_k:
+            raise HttpError(400, f"k must be between 1 and {config.max_k}", received=k)
+        if nprobe < 1:
+            raise HttpError(400, "nprobe must be at least 1", received=nprobe)
+        if batch > config.max_batch:
+            raise HttpError(
+                400, f"at most {config.max_batch} per request", received=batch, fix="split the batch"
+            )
+
+    @app.post("/search")
+    def search(body: SearchIn) -> dict[str, Any]:
+        """Top-k items of each query, best first, in the items' own ids."""
+        check_limits(body.k, body.nprobe, len(body.queries))
+        queries = [Query(q.id, q.features, q.embedding, q.exclude) for q in body.queries]
+        hits, version = service().search(queries, body.k, body.nprobe)
+        return {"version": version, "results": [asdict(h) for h in hits]}
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        """Liveness: the process answers."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    def ready() -> dict[str, Any]:
+        """Readiness: an index is loaded (503 otherwise)."""
+        s = service()
+        return {"status": "ready", "version": s.searcher.version}
+
+    @app.get("/info")
+    def info() -> dict[str, Any]:
+        """The served index: config, size, version, and library versions."""
+        s = service().searcher
+        m = s.manifest
+        return {
+            "index_dir": str(s.directory),
+            "version": m.version,
+            "items": s.ntotal,
+            "lists": s.nlist,
+            "metric": m.metric,
+            "dim": m.dim,
+            "layer": m.layer,
+            "fast_scan": m.fast_scan,
+            "backend": s.backend,
+            "query_tower": m.query_tower is not None,
+            "writes_enabled": config.token is not None,
+            "limits": {
+                "max_k": config.max_k,
+                "max_batch": config.max_batch,
+                "max_body_bytes": config.max_body_bytes,
+            },
+            "versions": {
+                "poeem": __version__,
+                "faiss": faiss.__version__,
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "index_written_by_poeem": m.poeem_version,
+            },
+        }
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus text format."""
+        s = state.get("service")
+        if s is not None:
+            items_gauge.set(s.searcher.ntotal)
+            version_gauge.set(s.searcher.version)
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/items")
+    def add_items(body: AddIn, request: Request) -> dict[str, Any]:
+        """Add items by embedding (coded with the frozen codebooks); publishes a new version."""
+        require_token(request)
+        check_limits(1, 1, len(body.items))
+        ids = np.array([item.id for item in body.items])
+        embeddings = np.array([item.embedding for item in body.items], dtype=np.float32)
+        if embeddings.ndim != 2:
+            raise HttpError(400, "every embedding must have the same length")
+        version = service().add(embeddings, ids)
+        return {"added": len(body.items), "version": version, "items": service().searcher.ntotal}
+
+    @app.delete("/items")
+    def remove_items(body: RemoveIn, request: Request) -> dict[str, Any]:
+        """Remove items by their own ids; publishes a new version."""
+        require_token(request)
+        check_limits(1, 1, len(body.ids))
+        removed, version = service().remove(np.array(body.ids))
+        return {"removed": removed, "version": version, "items": service().searcher.ntotal}
+
+    @app.post("/reload")
+    def reload(request: Request) -> dict[str, Any]:
+        """Load the newest version on disk and swap it in; a broken one is refused (the old one stays)."""
+        if config.token is not None:
+            require_token(request)
+        previous, current = service().reload()
+        return {"previous_version": previous, "version": current}
+
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app for uvicorn's ``--factory`` (several workers): the config comes from the environment."""
+    raw = os.environ.get(CONFIG_ENV)
+    if raw is None:
+        raise PoeemError(
+            "serve config", f"the {CONFIG_ENV} environment variable", "none", "start with 'poeem serve'"
+        )
+    return create_app(ServeConfig(**json.loads(raw)))

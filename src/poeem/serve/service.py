@@ -1,0 +1,160 @@
+"""The index behind the HTTP service: searches on an immutable snapshot, copy-on-write updates.
+
+A :class:`~poeem.Searcher` is never changed while requests use it. ``add``, ``remove`` and
+``reload`` build a new one, publish it (for writes, through the index directory's lock and
+compare-and-swap), then swap the reference; requests already running finish on the old one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poeem.errors import PoeemError
+from poeem.search.index_dir import StaleIndexError, read_manifest
+from poeem.search.searcher import Backend, Searcher
+
+
+@dataclass
+class Query:
+    """One query of a search request: a query id (with optional features) or an embedding."""
+
+    id: Any = None
+    features: list[float] | None = None
+    embedding: list[float] | None = None
+    exclude: list[Any] = field(default_factory=list)
+
+
+@dataclass
+class Hits:
+    """Results of one query, best first, in the items' own ids."""
+
+    ids: list[Any]
+    scores: list[float]
+
+
+class IndexService:
+    """A served index directory.
+
+    Args:
+        directory: written by ``poeem export``.
+        backend: "faiss" or "torch".
+    """
+
+    def __init__(self, directory: str | Path, backend: Backend = "faiss") -> None:
+        self.directory, self.backend = Path(directory), backend
+        self._searcher = Searcher.load(self.directory, backend=backend)
+        self._write_lock = threading.Lock()
+        self.loaded_at = time.time()
+
+    @property
+    def searcher(self) -> Searcher:
+        """The snapshot new requests use."""
+        return self._searcher
+
+    # ------------------------------------------------------------------ search
+    def search(self, queries: list[Query], k: int, nprobe: int) -> tuple[list[Hits], int]:
+        """Top-k of each query, with each query's ``exclude`` ids removed.
+
+        Returns:
+            One :class:`Hits` per query, and the index version that answered.
+        """
+        searcher = self._searcher  # one snapshot for the whole request
+        xq = self._embed(searcher, queries)
+        extra = max((len(q.exclude) for q in queries), default=0)
+        width = min(k + extra, max(1, searcher.ntotal))
+        scores, ids = searcher.search(xq, width, min(nprobe, searcher.nlist))
+        out = []
+        for q, row_ids, row_scores in zip(queries, ids, scores, strict=True):
+            dropped = {str(x) for x in q.exclude}
+            kept = [
+                (item, float(score))
+                for item, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
+                if item not in (-1, "") and str(item) not in dropped
+            ][:k]
+            out.append(Hits([i for i, _ in kept], [s for _, s in kept]))
+        return out, searcher.version
+
+    @staticmethod
+    def _embed(searcher: Searcher, queries: list[Query]) -> torch.Tensor:
+        """(nq, dim) query embeddings, in request order."""
+        by_id = [i for i, q in enumerate(queries) if q.embedding is None]
+        xq = torch.zeros(len(queries), searcher.manifest.dim)
+        given = [i for i, q in enumerate(queries) if q.embedding is not None]
+        if given:
+            from poeem.metric import prepare_queries
+
+            xq[given] = prepare_queries([queries[i].embedding for i in given], "ip", searcher.manifest.dim)
+        if by_id:
+            with_features = [queries[i].features is not None for i in by_id]
+            if any(with_features) and not all(with_features):
+                raise PoeemError(
+                    "queries",
+                    "features on every query id of a request, or on none",
+                    f"{sum(with_features)} of {len(by_id)}",
+                    "send the features of every query, or none (the saved ones are used)",
+                )
+            ids = np.array([queries[i].id for i in by_id])
+            features = np.array([queries[i].features for i in by_id]) if all(with_features) else None
+            xq[by_id] = searcher.embed_queries(ids, features)
+        return xq
+
+    # ----------------------------------------------------------------- updates
+    def add(self, embeddings: np.ndarray, ids: np.ndarray) -> int:
+        """Add items and publish a new version; returns it."""
+        return self._write(lambda s: s.add(embeddings, ids))
+
+    def remove(self, ids: np.ndarray) -> tuple[int, int]:
+        """Remove items and publish a new version; returns (removed, version)."""
+        removed: list[int] = []
+        version = self._write(lambda s: removed.append(s.remove(ids)))
+        return removed[0], version
+
+    def _write(self, update: Any) -> int:
+        with self._write_lock:
+            for attempt in range(2):
+                fresh = Searcher.load(self.directory, backend=self.backend)
+                try:
+                    update(fresh)
+                except StaleIndexError:  # another process published in between: retry once
+                    if attempt:
+                        raise
+                    continue
+                self._swap(fresh)
+                return fresh.version
+        raise AssertionError("unreachable")
+
+    def reload(self) -> tuple[int, int]:
+        """Load the newest version and swap it in; a broken one is refused and the old one kept.
+
+        Returns:
+            (previous version, current version).
+        """
+        with self._write_lock:
+            previous = self._searcher.version
+            self._swap(Searcher.load(self.directory, backend=self.backend))
+            return previous, self._searcher.version
+
+    def reload_if_changed(self) -> bool:
+        """Reload when the manifest on disk names another version (cheap: reads the manifest)."""
+        try:
+            on_disk = read_manifest(self.directory, verify=False).version
+        except PoeemError:
+            return False  # a broken manifest is not served; the current index stays
+        if on_disk == self._searcher.version:
+            return False
+        try:
+            self.reload()
+        except PoeemError:
+            return False
+        return True
+
+    def _swap(self, searcher: Searcher) -> None:
+        self._searcher = searcher
+        self.loaded_at = time.time()

@@ -1,0 +1,292 @@
+"""`poeem serve` as a user runs it: a real server process on a free loopback port."""
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from poeem import Searcher
+from poeem.pipeline import export_run, train_run
+
+TOKEN = "test-token-0123456789abcdef"
+DIM = 16
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An index directory exported from a tiny synthetic run (with its query tower)."""
+    from test_model_training import tiny_config
+
+    tmp = tmp_path_factory.mktemp("serve")
+    train_run(tiny_config(), tmp / "run")
+    export_run(tmp / "run", tmp / "ix")
+    return tmp / "ix"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `poeem serve` subprocess and a tiny JSON client for it."""
+
+    def __init__(self, index_dir: Path, token: str | None = TOKEN, *extra: str) -> None:
+        self.port = free_port()
+        args = [sys.executable, "-m", "poeem.cli", "serve", str(index_dir), "--port", str(self.port)]
+        args += ["--log-level", "warning", "--poll-s", "0.2", *extra]
+        env = {k: v for k, v in os.environ.items() if k != "POEEM_TOKEN"}
+        if token is not None:
+            env["POEEM_TOKEN"] = token
+        self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(self.process.stdout.read().decode())
+            try:
+                if self.call("GET", "/ready")[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError("server did not become ready")
+
+    def call(
+        self, method: str, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None
+    ) -> tuple[int, Any]:
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
+        request.add_header("content-type", "application/json")
+        if token is not None:
+            request.add_header("authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                text = response.read().decode()
+                status = response.status
+        except urllib.error.HTTPError as err:
+            text, status = err.read().decode(), err.code
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def index_dir(exported: Path, tmp_path: Path) -> Path:
+    shutil.copytree(exported, tmp_path / "ix")
+    return tmp_path / "ix"
+
+
+@pytest.fixture
+def server(index_dir: Path) -> Iterator[Server]:
+    s = Server(index_dir)
+    yield s
+    s.stop()
+
+
+def unit(seed: int, n: int = 1) -> list[list[float]]:
+    x = np.random.default_rng(seed).normal(size=(n, DIM))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).tolist()
+
+
+def test_search_matches_the_searcher_and_excludes(server: Server, index_dir: Path) -> None:
+    status, body = server.call(
+        "POST", "/search", {"queries": [{"id": 12}, {"embedding": unit(0)[0]}], "k": 5}
+    )
+    assert status == 200 and body["version"] == 1 and len(body["results"]) == 2
+    searcher = Searcher.load(index_dir)
+    _, ids = searcher.search(searcher.embed_queries(np.array([12])), 5)
+    assert body["results"][0]["ids"] == ids[0].tolist()
+    top = body["results"][0]["ids"]
+    status, body = server.call("POST", "/search", {"queries": [{"id": 12, "exclude": top[:2]}], "k": 3})
+    assert body["results"][0]["ids"] == top[2:5]  # excluded ids removed, the rest shift up
+
+
+def test_health_ready_info_metrics_docs(server: Server) -> None:
+    assert server.call("GET", "/health") == (200, {"status": "ok"})
+    status, info = server.call("GET", "/info")
+    assert status == 200 and info["items"] == 10_000 and info["metric"] == "cosine" and info["query_tower"]
+    assert {"poeem", "faiss", "torch"} <= set(info["versions"])
+    server.call("POST", "/search", {"queries": [{"id": 1}]})
+    status, text = server.call("GET", "/metrics")
+    assert 'poeem_requests_total{endpoint="POST /search",status="200"} 1.0' in text
+    assert "poeem_index_items 10000.0" in text and "poeem_request_seconds_bucket" in text
+    assert server.call("GET", "/docs")[0] == 200 and server.call("GET", "/openapi.json")[0] == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "message"),
+    [
+        ({"queries": [{"id": 1}], "k": 5000}, 400, "k must be between 1 and 1000"),
+        ({"queries": [{"id": 1}] * 1025}, 400, "at most 1024 per request"),
+        ({"queries": [{"embedding": [0.1, 0.2]}]}, 400, "expected shape (n, 16), got shape (1, 2)"),
+        ({"queries": [{"id": 123456}]}, 400, "query ids: expected ids in [0, 10000)"),
+        ({"queries": [{"id": 1.5}]}, 422, "invalid request"),
+        ({"queries": [{"id": "abc"}]}, 400, "query ids: expected 64-bit integer ids"),
+        ({"queries": [{"id": 1, "embedding": [0.0] * 16}]}, 422, "invalid request"),
+        ({"queries": []}, 422, "invalid request"),
+        ({"queries": [{"id": 1}], "k": "ten"}, 422, "invalid request"),
+    ],
+)
+def test_bad_requests_get_a_4xx_with_a_clear_json_error(
+    server: Server, body: dict, status: int, message: str
+) -> None:
+    got, answer = server.call("POST", "/search", body)
+    assert got == status and message in answer["error"]["message"], answer
+
+
+def test_a_nan_embedding_is_a_clear_400(server: Server) -> None:
+    nan = b'{"queries": [{"embedding": [NaN' + b", 0" * 15 + b"]}]}"
+    status, answer = server.call("POST", "/search", raw=nan)
+    assert status == 400 and "expected finite values" in answer["error"]["message"]
+
+
+def test_bodies_over_the_limit_get_413(index_dir: Path) -> None:
+    server = Server(index_dir, TOKEN, "--max-body-mb", "0.01")  # 10,485 bytes
+    try:
+        big = json.dumps({"queries": [{"embedding": [0.5] * 16}] * 200}).encode()  # about 20 KB
+        status, answer = server.call("POST", "/search", raw=big)  # declared Content-Length
+        assert status == 413 and "over 10485 bytes" in answer["error"]["message"]
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+        chunks = (big[i : i + 4096] for i in range(0, len(big), 4096))  # streamed, no length
+        conn.request("POST", "/search", chunks, {"content-type": "application/json"}, encode_chunked=True)
+        response = conn.getresponse()
+        assert response.status == 413 and b"over 10485 bytes" in response.read()
+        assert server.call("GET", "/health")[0] == 200  # still serving
+    finally:
+        server.stop()
+
+
+def test_writes_need_the_token(server: Server, index_dir: Path) -> None:
+    item = {"items": [{"id": 50_000, "embedding": unit(1)[0]}]}
+    assert server.call("POST", "/items", item)[0] == 401
+    assert server.call("POST", "/items", item, token="wrong-token-0000000000")[0] == 401
+    status, body = server.call("POST", "/items", item, token=TOKEN)
+    assert status == 200 and body == {"added": 1, "version": 2, "items": 10_001}
+    status, body = server.call("POST", "/items", item, token=TOKEN)
+    assert status == 400 and "ids not already in the index" in body["error"]["message"]
+    status, body = server.call("DELETE", "/items", {"ids": [50_000]}, token=TOKEN)
+    assert status == 200 and body["removed"] == 1 and body["version"] == 3
+    assert Searcher.load(index_dir).version == 3
+
+
+def test_without_a_token_writes_are_off(index_dir: Path) -> None:
+    server = Server(index_dir, token=None)
+    try:
+        status, body = server.call(
+            "POST", "/items", {"items": [{"id": 1, "embedding": unit(1)[0]}]}, token=TOKEN
+        )
+        assert status == 403 and "write endpoints are off" in body["error"]["message"]
+    finally:
+        server.stop()
+
+
+def test_updates_and_reloads_under_concurrent_searches_never_fail(server: Server, index_dir: Path) -> None:
+    failures: list[Any] = []
+    done = threading.Event()
+    count = [0]
+
+    def client(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        while not done.is_set():
+            body = {"queries": [{"id": int(rng.integers(10_000))}, {"embedding": unit(seed)[0]}], "k": 10}
+            status, answer = server.call("POST", "/search", body)
+            count[0] += 1
+            if status != 200 or len(answer["results"][0]["ids"]) != 10:
+                failures.append((status, answer))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for i in range(4):
+        assert (
+            server.call(
+                "POST", "/items", {"items": [{"id": 60_000 + i, "embedding": unit(i)[0]}]}, token=TOKEN
+            )[0]
+            == 200
+        )
+        assert server.call("POST", "/reload", token=TOKEN)[0] == 200
+    other = Searcher.load(index_dir)  # another process publishes a version; the poll picks it up
+    other.add(np.array(unit(9)), np.array([70_000]))
+    deadline = time.monotonic() + 10
+    while server.call("GET", "/info")[1]["version"] != other.version and time.monotonic() < deadline:
+        time.sleep(0.1)
+    done.set()
+    for t in threads:
+        t.join()
+    assert failures == [] and count[0] > 20
+    assert server.call("GET", "/info")[1]["items"] == 10_005
+
+
+def test_a_corrupt_new_version_is_refused_and_the_old_one_keeps_serving(
+    server: Server, index_dir: Path
+) -> None:
+    manifest_path = index_dir / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["version"] = 2
+    manifest["files"]["codes"] = "codes-2.safetensors"  # half-written: the file never arrived
+    manifest["sha256"]["codes-2.safetensors"] = "0" * 64
+    manifest_path.write_text(json.dumps(manifest))
+    status, body = server.call("POST", "/reload", token=TOKEN)
+    assert status == 400 and "codes-2.safetensors" in body["error"]["message"]
+    time.sleep(0.5)  # the poll sees version 2 on disk too, and must not swap it in
+    status, body = server.call("POST", "/search", {"queries": [{"id": 3}], "k": 2})
+    assert status == 200 and body["version"] == 1
+
+
+def test_two_servers_on_one_directory_lose_no_items(index_dir: Path) -> None:
+    first, second = Server(index_dir), Server(index_dir)
+    try:
+        assert (
+            first.call("POST", "/items", {"items": [{"id": 80_001, "embedding": unit(1)[0]}]}, token=TOKEN)[0]
+            == 200
+        )
+        # the second server still serves version 1; its write goes through the lock and CAS
+        assert (
+            second.call("POST", "/items", {"items": [{"id": 80_002, "embedding": unit(2)[0]}]}, token=TOKEN)[
+                0
+            ]
+            == 200
+        )
+    finally:
+        first.stop()
+        second.stop()
+    final = Searcher.load(index_dir)
+    assert final.version == 3 and {80_001, 80_002} <= set(final.tensors.ids.tolist())
+
+
+def test_a_writer_killed_mid_add_leaves_a_loadable_index(index_dir: Path) -> None:
+    server = Server(index_dir)
+    items = [{"id": 100_000 + i, "embedding": e} for i, e in enumerate(unit(5, 15_000))]
+    payload = {"items": items}
+    sender = threading.Thread(target=lambda: server.call("POST", "/items", payload, token=TOKEN))
+    sender.start()
+    time.sleep(1.0)  # mid-request: parsing, encoding or writing version 2
+    server.stop(signal.SIGKILL)
+    sender.join()
+    loaded = Searcher.load(index_dir)
+    assert loaded.version in (1, 2) and loaded.ntotal in (10_000, 25_000)
+    restarted = Server(index_dir)
+    try:
+        assert restarted.call("POST", "/search", {"queries": [{"id": 5}], "k": 3})[0] == 200
+    finally:
+        restarted.stop()
