@@ -95,11 +95,19 @@ def search_speed_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def index_description(r: dict[str, Any]) -> str:
+    """The load test's index: synthetic, or an exported one (built as the notes below say)."""
+    if r["config"].get("index_dir"):
+        return f"the exported index `{r['config']['index_dir']}` (how it was built: the notes at the end)"
+    return r["index"]
+
+
 def serve_section(r: dict[str, Any]) -> list[str]:
     lines = [
         "## Serving: `poeem serve` under load",
         "",
-        f"Index: {r['index']} ({r['items']:,} items), top-{r['config']['k']}, nprobe 1. Each level sends a "
+        f"Index: {index_description(r)} ({r['items']:,} items), top-{r['config']['k']}, nprobe 1. "
+        "Each level sends a "
         "fixed number of requests from keep-alive HTTP clients on 127.0.0.1; the same searches then run "
         "in process (`IndexService.search`, no HTTP) from as many threads. Clients and server share "
         "the machine's cores.",

@@ -35,7 +35,7 @@ import torch
 from export_speed import clustered_embeddings
 
 from poeem import PoeemLayer, Searcher
-from poeem.serve.service import IndexService, Query
+from poeem.serve.service import IndexService, Query, set_search_threads
 
 from common import save_result
 
@@ -156,10 +156,11 @@ def reload_and_add(port: int, searcher: Searcher, statuses: list[int]) -> None:
     statuses.append(post(port, "/items", {"items": [item]}))
 
 
-def start_server(index_dir: Path) -> tuple[subprocess.Popen, int]:
+def start_server(index_dir: Path, search_threads: int, workers: int) -> tuple[subprocess.Popen, int]:
     """`poeem serve` on a free loopback port, once it is ready."""
     port = free_port()
     args = [sys.executable, "-m", "poeem.cli", "serve", str(index_dir), "--port", str(port)]
+    args += ["--search-threads", str(search_threads), "--workers", str(workers)]
     server = subprocess.Popen(
         [*args, "--log-level", "warning", "--poll-s", "0"], env={**os.environ, "POEEM_TOKEN": TOKEN}
     )
@@ -219,6 +220,8 @@ def main() -> None:
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     p.add_argument("--k", type=int, default=20)
+    p.add_argument("--search-threads", type=int, default=1, help="as `poeem serve --search-threads`")
+    p.add_argument("--workers", type=int, default=1, help="as `poeem serve --workers`")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results-dir", type=Path, default=None)
     args = p.parse_args()
@@ -231,8 +234,9 @@ def main() -> None:
         else:
             shutil.copytree(args.index_dir, index_dir)  # the test adds an item: never touch the original
             source = str(args.index_dir)
+        set_search_threads(args.search_threads)  # in process as in the server
         service = IndexService(index_dir)
-        server, port = start_server(index_dir)
+        server, port = start_server(index_dir, args.search_threads, args.workers)
         try:
             rows = run_levels(port, service, args)
         finally:

@@ -8,7 +8,7 @@
 # any FAISS training. It ends by checking that FAISS returns the same top-k as the model's
 # own quantized scores.
 #
-#     python examples/custom_model.py             # about a minute on 2 CPU cores
+#     python examples/custom_model.py             # about 10 s on 2 CPU cores
 #     python examples/custom_model.py --tiny      # seconds (what CI runs)
 
 # %%

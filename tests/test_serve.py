@@ -290,3 +290,13 @@ def test_a_writer_killed_mid_add_leaves_a_loadable_index(index_dir: Path) -> Non
         assert restarted.call("POST", "/search", {"queries": [{"id": 5}], "k": 3})[0] == 200
     finally:
         restarted.stop()
+
+
+def test_several_workers_serve_the_same_index(index_dir: Path) -> None:
+    server = Server(index_dir, TOKEN, "--workers", "2")
+    try:
+        for _ in range(6):  # requests spread over both worker processes
+            status, body = server.call("POST", "/search", {"queries": [{"id": 7}], "k": 3})
+            assert status == 200 and len(body["results"][0]["ids"]) == 3
+    finally:
+        server.stop()

@@ -432,6 +432,9 @@ def serve(
     poll_s: Annotated[
         float, typer.Option(help="Seconds between checks for a newer index version (0: off).")
     ] = 2.0,
+    search_threads: Annotated[
+        int, typer.Option(help="FAISS/torch threads inside one search; requests already run concurrently.")
+    ] = 1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an index directory over HTTP: POST /search, /items, /reload; GET /health, /ready,
@@ -459,8 +462,9 @@ def serve(
         raise PoeemError(
             "token", "at least 16 characters", f"{len(token)} characters", "use a long random token"
         )
+    max_body = int(max_body_mb * (1 << 20))
     config = ServeConfig(
-        str(index_dir.resolve()), backend, max_k, max_batch, int(max_body_mb * (1 << 20)), token, poll_s
+        str(index_dir.resolve()), backend, max_k, max_batch, max_body, token, poll_s, search_threads
     )
     os.environ[CONFIG_ENV] = json.dumps(config.__dict__)
     typer.echo(

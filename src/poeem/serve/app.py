@@ -39,7 +39,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_v
 from poeem._version import __version__
 from poeem.errors import PoeemError
 from poeem.search.index_dir import StaleIndexError
-from poeem.serve.service import IndexService, Query
+from poeem.serve.service import IndexService, Query, set_search_threads
 
 log = logging.getLogger("poeem.serve")
 RawId = StrictInt | StrictStr
@@ -58,6 +58,7 @@ class ServeConfig:
     max_body_bytes: int = 8 << 20
     token: str | None = None  # bearer token of the write endpoints; None turns them off
     poll_s: float = 2.0  # how often to look for a newer version on disk (0: never)
+    search_threads: int = 1  # FAISS/torch threads inside one search (requests run concurrently)
 
 
 class QueryIn(BaseModel):
@@ -188,6 +189,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        set_search_threads(config.search_threads)
         state["service"] = IndexService(config.index_dir, config.backend)  # type: ignore[arg-type]
         stop = threading.Event()
         if config.poll_s > 0:
@@ -258,12 +260,13 @@ def create_app(config: ServeConfig) -> FastAPI:
             )
 
     @app.post("/search")
-    def search(body: SearchIn) -> dict[str, Any]:
-        """Top-k items of each query, best first, in the items' own ids."""
+    def search(body: SearchIn) -> JSONResponse:
+        """Top-k items of each query, best first, in the items' own ids:
+        ``{"version": v, "results": [{"ids": [...], "scores": [...]}, ...]}``."""
         check_limits(body.k, body.nprobe, len(body.queries))
         queries = [Query(q.id, q.features, q.embedding, q.exclude) for q in body.queries]
         hits, version = service().search(queries, body.k, body.nprobe)
-        return {"version": version, "results": [asdict(h) for h in hits]}
+        return JSONResponse({"version": version, "results": [asdict(h) for h in hits]})
 
     @app.get("/health")
     def health() -> dict[str, str]:

@@ -39,6 +39,15 @@ class Hits:
     scores: list[float]
 
 
+def set_search_threads(threads: int) -> None:
+    """Threads FAISS (OpenMP) and torch use inside one search. A server runs many searches at
+    once from its request thread pool, so 1 avoids oversubscribing the cores."""
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    torch.set_num_threads(threads)
+
+
 class IndexService:
     """A served index directory.
 
