@@ -106,7 +106,9 @@ def serve_section(r: dict[str, Any]) -> list[str]:
     lines = [
         "## Serving: `poeem serve` under load",
         "",
-        f"Index: {index_description(r)} ({r['items']:,} items), top-{r['config']['k']}, nprobe 1. "
+        f"Index: {index_description(r)} ({r['items']:,} items), top-{r['config']['k']}, nprobe 1, "
+        f"{r['config'].get('workers', 1)} server worker(s), {r['config'].get('search_threads', 1)} "
+        "search thread(s) each. "
         "Each level sends a "
         "fixed number of requests from keep-alive HTTP clients on 127.0.0.1; the same searches then run "
         "in process (`IndexService.search`, no HTTP) from as many threads. Clients and server share "

@@ -300,3 +300,23 @@ def test_several_workers_serve_the_same_index(index_dir: Path) -> None:
             assert status == 200 and len(body["results"][0]["ids"]) == 3
     finally:
         server.stop()
+
+
+def test_the_listening_socket_disables_nagle() -> None:
+    """Regression: with --workers > 1 every response waited ~44 ms for a delayed ACK, because
+    uvicorn's own socket left Nagle's algorithm on. Accepted connections inherit the option."""
+    import socket as sockets
+
+    from poeem.serve.app import NoDelayConfig
+
+    sock = NoDelayConfig("poeem.serve.app:app_from_env", host="127.0.0.1", port=free_port()).bind_socket()
+    try:
+        assert sock.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_NODELAY) == 1
+        sock.listen()
+        client = sockets.create_connection(sock.getsockname())
+        accepted, _ = sock.accept()
+        assert accepted.getsockopt(sockets.IPPROTO_TCP, sockets.TCP_NODELAY) == 1
+        accepted.close()
+        client.close()
+    finally:
+        sock.close()

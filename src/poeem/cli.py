@@ -439,18 +439,16 @@ def serve(
 ) -> None:
     """Serve an index directory over HTTP: POST /search, /items, /reload; GET /health, /ready,
     /info, /metrics; the API documentation is at /docs."""
-    import json
+    import importlib.util
     import os
 
-    try:
-        import uvicorn
-    except ImportError:
+    if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         raise PoeemError(
             "poeem serve", "uvicorn and fastapi installed", "missing", "pip install 'poeem[serve]'"
-        ) from None
+        )
 
     from poeem.search.index_dir import read_manifest
-    from poeem.serve.app import CONFIG_ENV, TOKEN_ENV, ServeConfig
+    from poeem.serve.app import TOKEN_ENV, ServeConfig, run_server
 
     read_manifest(index_dir)  # a clear error now, before any worker starts
     token = os.environ.get(TOKEN_ENV)
@@ -466,18 +464,10 @@ def serve(
     config = ServeConfig(
         str(index_dir.resolve()), backend, max_k, max_batch, max_body, token, poll_s, search_threads
     )
-    os.environ[CONFIG_ENV] = json.dumps(config.__dict__)
     typer.echo(
         f"serving {index_dir} on http://{host}:{port} (writes {'on' if token else 'off'}); docs at /docs"
     )
-    uvicorn.run(
-        "poeem.serve.app:app_from_env",
-        factory=True,
-        host=host,
-        port=port,
-        workers=workers,
-        log_level=log_level,
-    )
+    run_server(config, host, port, workers, log_level)
 
 
 def main() -> None:

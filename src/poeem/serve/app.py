@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import platform
+import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -359,3 +360,47 @@ def app_from_env() -> FastAPI:
             "serve config", f"the {CONFIG_ENV} environment variable", "none", "start with 'poeem serve'"
         )
     return create_app(ServeConfig(**json.loads(raw)))
+
+
+def run_server(config: ServeConfig, host: str, port: int, workers: int = 1, log_level: str = "info") -> None:
+    """Run the service under uvicorn: one process, or ``workers`` processes sharing one socket."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    os.environ[CONFIG_ENV] = json.dumps(asdict(config))  # what each worker's app_from_env reads
+    uv_config = NoDelayConfig(
+        "poeem.serve.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level=log_level,
+    )
+    if workers > 1:
+        Multiprocess(uv_config, sockets=[uv_config.bind_socket()]).run()
+    else:
+        uv_config.load_app()
+        uvicorn.Server(uv_config).run()
+
+
+try:
+    import uvicorn as _uvicorn
+
+    class NoDelayConfig(_uvicorn.Config):
+        """uvicorn's config, with TCP_NODELAY on the listening socket.
+
+        With several workers uvicorn binds the socket itself, and asyncio then leaves Nagle's
+        algorithm on for its connections (it only sets TCP_NODELAY on sockets created for TCP
+        by protocol number): every response waited for a 40 ms delayed ACK. Accepted
+        connections inherit TCP_NODELAY from the listening socket on Linux. (Module level, so
+        that the worker processes can unpickle it.)
+        """
+
+        def bind_socket(self) -> socket.socket:
+            sock = super().bind_socket()
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock
+
+except ImportError:  # the serve extra is not installed; `poeem serve` says so
+    pass
