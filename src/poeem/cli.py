@@ -332,9 +332,11 @@ def search(
     batch_size: Annotated[int, typer.Option(help="Queries searched and written at a time.")] = 4096,
 ) -> None:
     """Search an index directory; prints CSV rows query,rank,id,score in the data's own ids."""
+    from poeem.metric import check_search_args
     from poeem.search.searcher import Searcher
     from poeem.storage import atomic_write
 
+    check_search_args(k, nprobe)  # before any output
     searcher = Searcher.load(index_dir, backend=backend)  # type: ignore[arg-type]
     by_embedding = query_file.suffix == ".npy"
     if by_embedding:
