@@ -15,7 +15,7 @@ def require_file(path: str | Path, what: str) -> Path:
     """The path, if it is an existing file; else a clear error."""
     path = Path(path)
     if not path.is_file():
-        raise PoeemError(what, "an existing file", f"'{path}' (missing)", "check the path or --data-dir")
+        raise PoeemError(what, "an existing file", f"'{path}' (missing)", "check the path or --data-path")
     return path
 
 

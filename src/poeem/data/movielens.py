@@ -28,7 +28,7 @@ def find_ratings_file(path: str | Path) -> Path:
             "MovieLens folder",
             f"one of {list(FORMATS)} inside",
             f"'{path}'",
-            "point --data-dir at an extracted MovieLens folder",
+            "point --data-path at an extracted MovieLens folder",
         )
     return require_file(path, "MovieLens ratings file")
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from poeem.data.interactions import InteractionData
+from poeem.evaluation.cost import search_cost
 from poeem.evaluation.evaluate import Searchable, evaluate_retrieval
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.export.learned import learned_index
@@ -41,19 +42,35 @@ def _rows(
     nprobes: tuple[int, ...],
 ) -> list[dict[str, Any]]:
     out = []
+    encode = query_encoder(model, data)
     for nprobe in nprobes:
         started = time.perf_counter()
-        metrics = evaluate_retrieval(index, query_encoder(model, data), data, ks, nprobe)
+        metrics = evaluate_retrieval(index, encode, data, ks, nprobe)
+        eval_s = time.perf_counter() - started
         out.append(
             {
                 "method": name,
                 "nprobe": nprobe,
                 **metrics,
+                **_mean_cost(index, encode, data, nprobe),
                 "build_s": build_s,
-                "eval_s": time.perf_counter() - started,
+                "eval_s": eval_s,
             }
         )
     return out
+
+
+def _mean_cost(
+    index: Searchable, encode: Callable[[np.ndarray], torch.Tensor], data: InteractionData, nprobe: int
+) -> dict[str, float]:
+    """``codes_scanned`` averaged over the evaluation queries (in batches), and ``imbalance``."""
+    rows_all = data.eval_queries()
+    total, cost = 0.0, {"codes_scanned": 0.0, "imbalance": 1.0}
+    for start in range(0, len(rows_all), 65536):
+        rows = rows_all[start : start + 65536]
+        cost = search_cost(index, encode(rows), nprobe, data.num_items)
+        total += cost["codes_scanned"] * len(rows)
+    return {"codes_scanned": total / max(1, len(rows_all)), "imbalance": cost["imbalance"]}
 
 
 @torch.no_grad()
@@ -72,8 +89,9 @@ def compare_indexes(
     (FAISS trained on the un-quantized items with ``budget`` = (coarse_K, D, K)); and
     optionally ``faiss-opq-ivfpq``.
 
-    Each row holds the metrics, ``nprobe``, ``build_s`` (index build time: FAISS train+add, or
-    encoding with the frozen learned index) and ``eval_s``.
+    Each row holds the metrics, ``nprobe``, ``codes_scanned`` (mean codes a query scans at that
+    nprobe, from its real routing), ``imbalance`` (FAISS's list imbalance factor), ``build_s``
+    (index build time: FAISS train+add, or encoding with the frozen learned index) and ``eval_s``.
     """
     model.eval()
     item_features = torch.from_numpy(data.item_features) if data.item_features is not None else None

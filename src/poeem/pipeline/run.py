@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +138,8 @@ def train_run(
             f"'{run_dir}' holds a trained run",
             "pass --resume to continue it, or another --run-dir (nothing was overwritten)",
         )
+    if cfg.data.path and Path(cfg.data.path).exists():  # the run must find its data from anywhere
+        cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
     device = resolve_device(cfg.train.device)
     data = load_data(cfg.data)
     shapes = model_shapes(data)
