@@ -159,3 +159,16 @@ def test_truncated_run_files_are_clear_errors(tmp_path: Path) -> None:
     config.write_text(config.read_text()[:50])
     with pytest.raises(PoeemError, match="run config: expected valid JSON"):
         load_run(run)
+
+
+def test_id_maps_extend_without_truncating_or_confusing_an_empty_map() -> None:
+    from poeem.ids import IdMap
+
+    numbers = IdMap(np.array([10, 20]))
+    with pytest.raises(PoeemError, match="expected 64-bit integer ids, got dtype float64"):
+        numbers.extend(np.array([30.7]), 1)  # was truncated to 30
+    grown, rows = numbers.extend(np.array([20, 30]), 2)
+    assert grown.is_integer and rows.tolist() == [1, 2] and grown.keys.tolist() == [10, 20, 30]
+    empty = IdMap(np.array([], dtype=str))
+    grown, rows = empty.extend(np.array(["a-long-new-id"]), 1)
+    assert grown.keys.tolist() == ["a-long-new-id"] and rows.tolist() == [0]

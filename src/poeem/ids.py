@@ -124,18 +124,22 @@ class IdMap:
         """A map that also knows the new raw ids, and the (n,) rows of all of ``raw``.
 
         Known ids keep their row; unknown ones get rows after the existing ones."""
+        if self.is_integer:
+            values = check_ids(raw, n).tolist()
+            fresh = [v for v in values if v not in self._row]
+            grown = IdMap(np.array(self.keys.tolist() + fresh, dtype=np.int64)) if fresh else self
+            return grown, grown.rows(values)
         values = np.asarray(raw).ravel()
         if len(values) != n:
             raise PoeemError("ids", f"one id per item ({n})", f"{len(values)} ids", "pass one id per item")
-        values = values.astype(np.int64 if self.is_integer else str).tolist()
+        values = values.astype(str).tolist()
         if len(set(values)) != len(values):
             raise PoeemError(
                 "ids", "unique ids", f"{len(values) - len(set(values))} duplicates", "deduplicate"
             )
         fresh = [v for v in values if v not in self._row]
         # as objects: numpy's fixed-width strings would cut longer new ids short
-        dtype = np.int64 if self.is_integer else object
-        grown = IdMap(np.array(self.keys.tolist() + fresh, dtype=dtype)) if fresh else self
+        grown = IdMap(np.array(self.keys.tolist() + fresh, dtype=object)) if fresh else self
         return grown, grown.rows(values)
 
     def raw(self, rows: np.ndarray) -> np.ndarray:

@@ -7,14 +7,13 @@ import warnings
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from poeem.errors import PoeemError
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.ids import check_ids
 from poeem.index import PoeemLayer
 from poeem.index.tensors import IndexTensors
-from poeem.metric import Metric, list_rule
+from poeem.metric import Metric, list_rule, prepare_queries
 
 ItemsOrCodes = torch.Tensor | tuple[torch.Tensor | None, torch.Tensor]
 
@@ -101,8 +100,8 @@ def export_learned(
         The learned index as tensors, and the FAISS index holding exactly those codes.
     """
     check_list_rule(layer, metric)
-    if metric == "cosine" and isinstance(items, torch.Tensor):
-        items = F.normalize(items.float(), dim=-1)  # a cosine model codes unit vectors
+    if isinstance(items, torch.Tensor):  # a cosine model codes unit vectors
+        items = prepare_queries(items, metric, layer.config.dim, what="items")
     tensors = learned_index(layer, items, ids)
     return tensors, build_faiss_index(tensors, metric, fast_scan)
 

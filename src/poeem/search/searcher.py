@@ -175,7 +175,7 @@ class Searcher:
             tower.eval()
             if "query_features" in files:
                 features = tensors_of("query_features").get("features")
-        searcher = cls(
+        return cls(
             directory,
             manifest,
             tensors,
@@ -186,9 +186,6 @@ class Searcher:
             keys_of("query_keys"),
             keys_of("item_keys"),
         )
-        if searcher.backend == "faiss" and not (directory / files["faiss"]).is_file():
-            raise MissingIndexFile(files["faiss"])
-        return searcher
 
     def _build_engine(self) -> None:
         import faiss
@@ -383,7 +380,7 @@ class Searcher:
 
     def _raw_item_ids(self, faiss_ids: np.ndarray, keys: IdMap | None = None) -> np.ndarray:
         """The items' own ids of FAISS ids (the same array without an item map)."""
-        keys = keys or self.item_keys
+        keys = keys if keys is not None else self.item_keys
         return keys.raw(faiss_ids) if keys is not None else faiss_ids
 
     def _commit(self, tensors: IndexTensors, item_keys: IdMap | None = None) -> None:

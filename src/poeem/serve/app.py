@@ -24,6 +24,7 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -36,6 +37,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from uvicorn.supervisors import Multiprocess
 
 from poeem._version import __version__
 from poeem.errors import PoeemError
@@ -362,11 +364,25 @@ def app_from_env() -> FastAPI:
     return create_app(ServeConfig(**json.loads(raw)))
 
 
+class NoDelayConfig(uvicorn.Config):
+    """uvicorn's config, with TCP_NODELAY on the listening socket.
+
+    With several workers uvicorn binds the socket itself, and asyncio then leaves Nagle's
+    algorithm on for its connections (it only sets TCP_NODELAY on sockets created for TCP by
+    protocol number): every response waited for a 40 ms delayed ACK. Accepted connections
+    inherit TCP_NODELAY from the listening socket on Linux. (Module level, so that the worker
+    processes can unpickle it.)
+    """
+
+    def bind_socket(self) -> socket.socket:
+        sock = super().bind_socket()
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+
 def run_server(config: ServeConfig, host: str, port: int, workers: int = 1, log_level: str = "info") -> None:
     """Run the service under uvicorn: one process, or ``workers`` processes sharing one socket."""
-    import uvicorn
-    from uvicorn.supervisors import Multiprocess
-
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))  # what each worker's app_from_env reads
     uv_config = NoDelayConfig(
         "poeem.serve.app:app_from_env",
@@ -381,26 +397,3 @@ def run_server(config: ServeConfig, host: str, port: int, workers: int = 1, log_
     else:
         uv_config.load_app()
         uvicorn.Server(uv_config).run()
-
-
-try:
-    import uvicorn as _uvicorn
-
-    class NoDelayConfig(_uvicorn.Config):
-        """uvicorn's config, with TCP_NODELAY on the listening socket.
-
-        With several workers uvicorn binds the socket itself, and asyncio then leaves Nagle's
-        algorithm on for its connections (it only sets TCP_NODELAY on sockets created for TCP
-        by protocol number): every response waited for a 40 ms delayed ACK. Accepted
-        connections inherit TCP_NODELAY from the listening socket on Linux. (Module level, so
-        that the worker processes can unpickle it.)
-        """
-
-        def bind_socket(self) -> socket.socket:
-            sock = super().bind_socket()
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-
-except ImportError:  # the serve extra is not installed; `poeem serve` says so
-    pass

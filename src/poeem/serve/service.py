@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from poeem.errors import PoeemError
+from poeem.metric import prepare_queries
 from poeem.search.index_dir import StaleIndexError, read_manifest
 from poeem.search.searcher import Backend, Searcher
 
@@ -97,8 +98,6 @@ class IndexService:
         xq = torch.zeros(len(queries), searcher.manifest.dim)
         given = [i for i, q in enumerate(queries) if q.embedding is not None]
         if given:
-            from poeem.metric import prepare_queries
-
             xq[given] = prepare_queries([queries[i].embedding for i in given], "ip", searcher.manifest.dim)
         if by_id:
             with_features = [queries[i].features is not None for i in by_id]
