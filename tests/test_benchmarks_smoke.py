@@ -21,6 +21,7 @@ def run(script: str, *args: str) -> None:
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("results")
     run("export_speed.py", "--n", "20000", "--nlist", "32", "--fit-sample", "5000", "--results-dir", str(out))
+    run("coarse_fit.py", "--results-dir", str(out))
     run("search_speed.py", "--n", "30000", "--queries", "50", "--repeats", "1", "--results-dir", str(out))
     run(
         "serve_load.py",
@@ -73,6 +74,9 @@ def test_benchmarks_write_results(results: Path) -> None:
         (b, p) for b in ("faiss", "torch") for p in (1, 8)
     }
     assert all(r["topk_overlap_with_faiss"] > 0.99 for r in speed["rows"] if r["backend"] == "torch")
+    fits = {(r["rule"], r["fit"]): r for r in json.loads((results / "coarse_fit.json").read_text())["rows"]}
+    assert fits[("ip", "equal_norm")]["empty_lists"] == 0
+    assert fits[("ip", "equal_norm")]["relative_distortion"] < fits[("ip", "kmeans")]["relative_distortion"]
     load = json.loads((results / "serve_load.json").read_text())
     assert load["total_failures"] == 0 and [(r["batch"], r["clients"]) for r in load["rows"]] == [
         (1, 1),
