@@ -43,7 +43,7 @@ def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
         "1",
         "--batch-size",
         "128",
-        "--log",
+        "--logger",
         "none",
     )
     assert "poeem" in out and "faiss-ivfpq" in out

@@ -140,8 +140,8 @@ def test_movielens_raw_ids_end_to_end_through_the_cli(tmp_path: Path) -> None:
         "--warmup-steps",
         "3",
     ]
-    args += ["--buffer-size", "256", "--dim", "16", "--epochs", "1", "--batch-size", "128", "--log", "none"]
-    args += ["--no-progress", "--k", "10"]
+    args += ["--buffer-size", "256", "--dim", "16", "--epochs", "1", "--batch-size", "128"]
+    args += ["--logger", "none", "--no-progress", "--k", "10"]
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "ix")])

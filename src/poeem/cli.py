@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -143,10 +144,20 @@ def train(
     eval_every: Annotated[
         int | None, Opt(help="Steps between evaluations (0: each epoch).", rich_help_panel="Training")
     ] = None,
-    log: Annotated[str | None, Opt(help="csv | tensorboard | none", rich_help_panel="Training")] = None,
+    logger: Annotated[
+        str | None, Opt(help="Training curves: csv | tensorboard | none.", rich_help_panel="Training")
+    ] = None,
     progress: Annotated[
         bool | None, Opt("--progress/--no-progress", help="Progress bars.", rich_help_panel="Training")
     ] = None,
+    nproc: Annotated[
+        int,
+        Opt(
+            help="Processes on this machine: relaunches through torchrun (--batch-size is the global "
+            "batch). For several machines call torchrun yourself (docs/distributed.md).",
+            rich_help_panel="Training",
+        ),
+    ] = 1,
     # evaluation
     k: Annotated[
         list[int] | None, Opt("--k", help="Metric cut-offs; repeat.", rich_help_panel="Evaluation")
@@ -161,8 +172,16 @@ def train(
     RunConfig with the sections data, model (the layer under model.poeem), train and eval.
     With --resume, only the flags marked safe may change; the rest is refused.
     """
+    from poeem import distributed
     from poeem.evaluation.format import format_rows
     from poeem.pipeline import RunConfig, resume_config, train_run
+
+    if nproc < 1:
+        raise PoeemError("--nproc", "a positive integer", str(nproc), "pass 1 or more")
+    if nproc > 1 and not distributed.launched_by_torchrun():
+        _relaunch_with_torchrun(nproc)
+        return
+    main_rank = os.environ.get("RANK", "0") == "0"
 
     def given(**values: Any) -> dict[str, Any]:
         return {key: value for key, value in values.items() if value is not None}
@@ -201,7 +220,7 @@ def train(
             max_steps=max_steps,
             checkpoint_every=checkpoint_every,
             eval_every=eval_every,
-            log=log,
+            log=logger,
             progress=progress,
         ),
         "eval": given(ks=tuple(k) if k else None, nprobes=tuple(nprobe) if nprobe else None),
@@ -226,7 +245,7 @@ def train(
                 "drop them: a resumed run keeps its model; start a new --run-dir to change it",
             )
         cfg, applied = resume_config(run_dir, overrides)
-        for line in applied:
+        for line in applied if main_rank else []:
             typer.echo(f"resume: {line}")
     else:
         raw = RunConfig.from_file(config).to_dict() if config else RunConfig().to_dict()
@@ -238,8 +257,28 @@ def train(
             raw["model"]["poeem"] = {**(raw["model"].get("poeem") or {}), **layer}
         cfg = RunConfig.from_dict(raw)
     _, metrics = train_run(cfg, run_dir, resume)
-    typer.echo(format_rows(metrics["rows"]))
-    typer.echo(f"run folder: {run_dir}")
+    if metrics:  # rank 0
+        typer.echo(format_rows(metrics["rows"]))
+        typer.echo(f"run folder: {run_dir}")
+
+
+def _relaunch_with_torchrun(nproc: int) -> None:
+    """Run this same command line as ``torchrun --standalone --nproc-per-node N -m poeem ...``."""
+    import subprocess
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    typer.echo(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m poeem ...")
+    code = subprocess.run([*command, "-m", "poeem", *args], check=False).returncode
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
@@ -263,13 +302,17 @@ def export(
     out: Annotated[Path, typer.Option(help="The index directory to create.")],
     fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
 ) -> None:
-    """Export the learned index of a run into a FAISS index directory, with no training."""
+    """Export the learned index of a run into a FAISS index directory, with no training.
+
+    Under torchrun each process encodes its share of the items; rank 0 writes the index."""
     import time
 
     from poeem.pipeline import export_run
 
     started = time.perf_counter()
     searcher = export_run(run_dir, out, fast_scan)
+    if searcher is None:  # not rank 0 under torchrun
+        return
     typer.echo(
         f"exported {searcher.ntotal} items ({searcher.nlist} lists, metric {searcher.metric}) "
         f"to {out} in {time.perf_counter() - started:.2f}s"
@@ -442,7 +485,6 @@ def serve(
     """Serve an index directory over HTTP: POST /search, /items, /reload; GET /health, /ready,
     /info, /metrics; the API documentation is at /docs."""
     import importlib.util
-    import os
 
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         raise PoeemError(
@@ -477,6 +519,8 @@ def main() -> None:
     import warnings
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    from poeem import distributed
+
     try:
         app()
     except PoeemError as err:
@@ -485,6 +529,8 @@ def main() -> None:
     except KeyboardInterrupt:
         print("interrupted (checkpoints written so far are intact)", file=sys.stderr)
         sys.exit(130)
+    finally:
+        distributed.teardown()
 
 
 if __name__ == "__main__":

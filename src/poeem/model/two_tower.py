@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from poeem import distributed
 from poeem.errors import PoeemError
 from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model.loss import in_batch_softmax
@@ -25,6 +26,9 @@ class ModelConfig:
     temperature: float = 0.1  # logits are score / temperature
     logq_correction: bool = True  # subtract log item frequency from in-batch logits (Yi et al. 2019)
     random_negatives: int = 0  # uniform item samples added as negatives to every row
+    # under torch.distributed, score against every rank's positives (N ranks of batch B/N
+    # then train like one rank of batch B); else each rank uses its own B/N
+    cross_rank_negatives: bool = True
     query_hidden: tuple[int, ...] = ()  # MLP widths for numeric query features
     item_hidden: tuple[int, ...] = ()
     init_std: float = 0.1
@@ -98,14 +102,16 @@ class TwoTowerModel(nn.Module):
         Args:
             batch: ``query_ids`` (B,), ``item_ids`` (B,), optional ``query_features`` (B, Fq)
                 and ``item_features`` (B, Fi), and optional extra negatives ``negative_ids``
-                (N,) with ``negative_features`` (N, Fi).
+                (N,) with ``negative_features`` (N, Fi). Under torch.distributed B is this
+                rank's share; with ``cross_rank_negatives`` the queries are scored against the
+                positives of all ranks (gathered with gradient).
 
         Returns:
             ``loss`` (task + index), ``task_loss``, ``index_loss``, and the index health stats.
         """
         q = self.encode_queries(batch["query_ids"], batch.get("query_features"))
-        item_ids = batch["item_ids"]
-        item_features = batch.get("item_features")
+        positives = batch["item_ids"]
+        item_ids, item_features = positives, batch.get("item_features")
         negatives = batch.get("negative_ids")
         if negatives is not None:
             item_ids = torch.cat([item_ids, negatives])
@@ -118,25 +124,41 @@ class TwoTowerModel(nn.Module):
             res = self.index(x)
             x, index_loss = res.output, res.loss
             out.update(res.stats)
-        scores = q @ x.T / self.config.temperature  # (B, B + N negatives)
+        b, offset = positives.shape[0], 0
+        if self.config.cross_rank_negatives and distributed.is_active():
+            offset = distributed.rank() * b
+            x = torch.cat([distributed.gather_with_grad(x[:b]), x[b:]])
+            positives = distributed.gather_rows(positives)
+            item_ids = torch.cat([positives, item_ids[b:]])
+        scores = q @ x.T / self.config.temperature  # (B, positives + negatives)
         log_q = None
         if self.config.logq_correction:
-            n_neg = item_ids.shape[0] - q.shape[0]
+            n_neg = item_ids.shape[0] - positives.shape[0]
             uniform = torch.full((n_neg,), -math.log(self.num_items), device=q.device)
-            log_q = torch.cat([self.item_log_q[batch["item_ids"]], uniform])
-        task = in_batch_softmax(scores, item_ids, log_q)
+            log_q = torch.cat([self.item_log_q[positives], uniform])
+        task = in_batch_softmax(scores, item_ids, log_q, offset)
         out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
         return out
 
     @torch.no_grad()
     def all_item_embeddings(
-        self, item_features: torch.Tensor | None = None, batch_size: int = 65536
+        self, item_features: torch.Tensor | None = None, batch_size: int = 65536, rows: slice | None = None
     ) -> torch.Tensor:
-        """(num_items, dim) un-quantized embeddings of every item, in id order."""
+        """(num_items, dim) un-quantized embeddings of every item, in id order.
+
+        Args:
+            item_features: (num_items, Fi) features of every item, or None.
+            batch_size: items embedded at once.
+            rows: a contiguous range of item ids (e.g. this rank's share); all items by default.
+
+        Returns:
+            (len(rows), dim) embeddings of those items.
+        """
         device = self.item_log_q.device
-        parts = []
-        for start in range(0, self.num_items, batch_size):
-            ids = torch.arange(start, min(start + batch_size, self.num_items), device=device)
+        start, stop, _ = (rows or slice(None)).indices(self.num_items)
+        parts = [torch.zeros(0, self.config.dim, device=device)]
+        for lo in range(start, stop, batch_size):
+            ids = torch.arange(lo, min(lo + batch_size, stop), device=device)
             feats = item_features[ids.cpu()].to(device) if item_features is not None else None
             parts.append(self.encode_items(ids, feats))
         return torch.cat(parts)

@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 
+from poeem import distributed
 from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes
+from poeem.metric import prepare_queries
 from poeem.model import TwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run_dir import (
@@ -96,7 +98,7 @@ def resume_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[
         if key not in SAFE_ON_RESUME.get(section, set()) and stored[section].get(key) != value
     ]
     if refused:
-        safe = sorted(f"--{k.replace('_', '-')}" for k in SAFE_ON_RESUME["train"])
+        safe = sorted(f"--{'logger' if k == 'log' else k.replace('_', '-')}" for k in SAFE_ON_RESUME["train"])
         raise PoeemError(
             "--resume",
             f"only settings that are safe to change on a resumed run ({', '.join(safe)})",
@@ -124,9 +126,12 @@ def train_run(
         run_dir: the run folder; it must not hold a trained run unless ``resume``.
         resume: continue from the folder's checkpoint, exactly where it stopped.
 
+    Under ``torchrun`` every rank trains its share of each batch (see
+    :class:`~poeem.training.batches.PairBatches`); rank 0 writes the folder and evaluates.
+
     Returns:
-        The trained model and the metrics written to ``metrics.json``; ``train_s`` is the
-        training time without the periodic evaluations.
+        The trained model and the metrics written to ``metrics.json`` (empty on ranks other
+        than 0); ``train_s`` is the training time without the periodic evaluations.
     """
     run_dir = Path(run_dir)
     if not resume and (
@@ -140,13 +145,14 @@ def train_run(
         )
     if cfg.data.path and Path(cfg.data.path).exists():  # the run must find its data from anywhere
         cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
-    device = resolve_device(cfg.train.device)
+    device = distributed.setup(resolve_device(cfg.train.device))
     data = load_data(cfg.data)
     shapes = model_shapes(data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity())).to(device)
     artifacts = RunArtifacts.of(data)
-    save_run(run_dir, cfg, shapes, artifacts)
+    if distributed.is_main():
+        save_run(run_dir, cfg, shapes, artifacts)
     ks = cfg.eval.ks
 
     def periodic_eval(_: torch.nn.Module) -> dict[str, float]:
@@ -175,6 +181,8 @@ def train_run(
         model.index.initialize(
             model.all_item_embeddings(artifacts.item_features), progress=cfg.train.progress
         )
+    if not distributed.is_main():
+        return model, {}
     save_weights(run_dir, model)
     rows = evaluate_model(model, data, cfg)
     metrics = {
@@ -190,14 +198,20 @@ def train_run(
     return model, metrics
 
 
-def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) -> Searcher:
+def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
 
     Items are encoded with their saved features, exactly as the model embeds them; FAISS
     stores the data's own item ids when they are non-negative integers (else row numbers,
-    mapped back by the index directory).
+    mapped back by the index directory). Under ``torchrun`` each rank embeds and encodes its
+    contiguous share of the items and rank 0 writes the one index from the gathered codes,
+    byte-identical to a single-process export.
+
+    Returns:
+        The new index's :class:`Searcher` on rank 0; None on the other ranks.
     """
     run_dir = Path(run_dir)
+    distributed.setup(torch.device("cpu"))
     cfg, model = load_run(run_dir)
     if model.index is None:
         raise PoeemError(
@@ -207,7 +221,9 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
             "train with --poeem, or build a FAISS index the usual way",
         )
     art = read_artifacts(run_dir)
-    xb = model.all_item_embeddings(art.item_features)
+    coarse_codes, codes = encode_items(model, art.item_features)
+    if not distributed.is_main():
+        return None
     ids = None
     if art.item_keys is not None:
         keys = art.item_keys.keys
@@ -215,7 +231,7 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
     return Searcher.create(
         out,
         model.index,
-        xb,
+        (coarse_codes, codes),
         ids,
         metric=model.config.search_metric,
         fast_scan=fast_scan,
@@ -224,3 +240,25 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
         query_keys=art.query_keys,
         query_features=art.query_features,
     )
+
+
+@torch.no_grad()
+def encode_items(
+    model: TwoTowerModel, item_features: torch.Tensor | None = None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """The codes of every item, each rank encoding its share and all ranks gathering them.
+
+    Args:
+        model: a trained model with an initialized Poeem layer.
+        item_features: (num_items, Fi) features of every item, or None.
+
+    Returns:
+        (num_items,) coarse codes (None without IVF) and (num_items, D) sub-codes, in id order.
+    """
+    assert model.index is not None
+    x = model.all_item_embeddings(item_features, rows=distributed.shard(model.num_items))
+    coarse, codes = model.index.encode(prepare_queries(x, model.config.search_metric, x.shape[1], "items"))
+    codes = distributed.gather_rows(codes.long()).to(codes.dtype)
+    if coarse is not None:
+        coarse = distributed.gather_rows(coarse.long()).to(coarse.dtype)
+    return coarse, codes

@@ -29,10 +29,10 @@ class MetricsLog:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
                 raise PoeemError(
-                    "--log tensorboard",
+                    "--logger tensorboard",
                     "the tensorboard package",
                     "not installed",
-                    "pip install tensorboard, or use --log csv",
+                    "pip install tensorboard, or use --logger csv",
                 ) from None
             self._tb = SummaryWriter(str(run_dir / "tensorboard"))
         elif kind != "none":

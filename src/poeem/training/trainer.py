@@ -1,5 +1,8 @@
 """A trainer that knows nothing about the model: the model maps a batch to a dict of scalars
-holding ``loss``; evaluation and logging join through callbacks."""
+holding ``loss``; evaluation and logging join through callbacks.
+
+Under torch.distributed (see :mod:`poeem.distributed`) the model is wrapped in
+DistributedDataParallel; progress, logs, evaluation and checkpoints happen on rank 0 only."""
 
 from __future__ import annotations
 
@@ -11,8 +14,10 @@ from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from poeem import distributed
 from poeem.errors import PoeemError
 from poeem.training.checkpoint import load_checkpoint, save_checkpoint
 from poeem.training.metrics_log import MetricsLog
@@ -101,10 +106,13 @@ class Trainer:
     """Runs epochs of ``model(batch)["loss"]`` with checkpoints, evaluation and logs.
 
     Args:
-        model: maps a batch dict to a dict of scalar tensors that includes ``loss``.
+        model: maps a batch dict to a dict of scalar tensors that includes ``loss``; under
+            torch.distributed it is wrapped in DistributedDataParallel (gradients averaged over
+            ranks; the Poeem layer keeps its own state identical on every rank).
         cfg: the :class:`TrainConfig`.
         run_dir: folder for ``checkpoint.safetensors`` and ``log.csv``; None keeps nothing.
-        evaluate: called with the model at each evaluation; returns named metrics.
+            Every rank reads the checkpoint on resume, so it must be on a shared file system.
+        evaluate: called with the model at each evaluation, on rank 0; returns named metrics.
     """
 
     def __init__(
@@ -115,11 +123,12 @@ class Trainer:
         evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
     ) -> None:
         self.model, self.cfg, self.run_dir, self.evaluate = model, cfg, run_dir, evaluate
+        self.main = distributed.is_main()
         self.optimizer = build_optimizer(model, cfg)
         self.step = 0
         self.eval_s = 0.0  # seconds spent in evaluation callbacks during fit()
         self.history: list[dict[str, float]] = []  # evaluation results, with "step"
-        self.log = MetricsLog(run_dir, cfg.log) if run_dir is not None else None
+        self.log = MetricsLog(run_dir, cfg.log) if run_dir is not None and self.main else None
 
     @property
     def checkpoint_path(self) -> Path | None:
@@ -133,8 +142,8 @@ class Trainer:
         self.step, self.history = int(state["step"]), list(state.get("history", []))
 
     def save(self) -> None:
-        """Write a checkpoint atomically (no-op without a run folder)."""
-        if self.checkpoint_path is not None:
+        """Write a checkpoint atomically, on rank 0 (no-op without a run folder)."""
+        if self.checkpoint_path is not None and self.main:
             save_checkpoint(
                 self.checkpoint_path, self.model, self.optimizer, {"step": self.step, "history": self.history}
             )
@@ -153,24 +162,26 @@ class Trainer:
         bar = tqdm(
             total=total,
             initial=self.step,
-            disable=not cfg.progress,
+            disable=not (cfg.progress and self.main),
             desc="train",
             dynamic_ncols=True,
             leave=False,
             mininterval=1.0,
         )
+        net = self._distributed_model()
         self.model.train()
         started, started_step, eval_before = time.perf_counter(), self.step, self.eval_s
         try:
             while self.step < total:
                 epoch, index = divmod(self.step, per_epoch)
-                out = self.model(batches.batch(epoch, index))
+                out = net(batches.batch(epoch, index))
                 loss = out["loss"]
-                if not torch.isfinite(loss):
+                shown = distributed.mean_across_ranks(loss.detach())  # every rank stops together
+                if not torch.isfinite(shown):
                     raise PoeemError(
                         "training loss",
                         "a finite value",
-                        f"{float(loss)} at step {self.step}",
+                        f"{float(shown)} at step {self.step}",
                         "lower the learning rate or the temperature",
                     )
                 self.optimizer.zero_grad(set_to_none=True)
@@ -182,13 +193,14 @@ class Trainer:
                     busy = time.perf_counter() - started - (self.eval_s - eval_before)
                     rate = (self.step - started_step) / max(busy, 1e-9)
                     row = {k: float(v.detach()) for k, v in out.items()} | {
+                        "loss": float(shown),
                         "steps_per_s": rate,
                         "epoch": epoch,
                     }
                     bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in _SHOWN})
                     if self.log:
                         self.log.write(self.step, row)
-                if self.evaluate and (self.step % eval_every == 0 or self.step == total):
+                if self.evaluate and self.main and (self.step % eval_every == 0 or self.step == total):
                     self._evaluate()
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save()
@@ -198,6 +210,20 @@ class Trainer:
                 self.log.close()
         self.save()
         return self.history
+
+    def _distributed_model(self) -> nn.Module:
+        """The model, wrapped in DistributedDataParallel under torch.distributed."""
+        if not distributed.is_active():
+            return self.model
+        device = next(self.model.parameters()).device
+        index = getattr(self.model, "index", None)
+        return DistributedDataParallel(
+            self.model,
+            device_ids=[device] if device.type == "cuda" else None,
+            # an index still in its warm start gets no gradient until k-means has run
+            find_unused_parameters=index is not None and not getattr(index, "is_initialized", True),
+            forward_sync_buffers=False,  # the layer keeps its state identical on every rank itself
+        )
 
     def _evaluate(self) -> None:
         assert self.evaluate is not None
