@@ -95,6 +95,68 @@ def search_speed_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def scale_section(r: dict[str, Any], img: Path) -> list[str]:
+    c, rows = r["config"], r["rows"]
+    lines = [
+        "## Scale: how each cost grows with the catalogue",
+        "",
+        f"Synthetic catalogue, dim {c['dim']}, 8 bytes per item (IVF coarse_K, PQ8x8; coarse_K the power "
+        f"of two nearest sqrt(n)), {c['num_queries']:,} query ids, global batch {c['batch_size']}, "
+        f"{c['steps']} timed steps after {c['warm']}. Untrained towers: these are costs, not quality.",
+        "",
+        "| items | coarse_K | steps/s no layer | steps/s layer | peak memory GB | warm-start k-means s "
+        "| poeem embed + encode + export s | FAISS train + add s | search ms/query poeem / FAISS, nprobe 1 "
+        "| nprobe 16 | list imbalance poeem / FAISS |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        ms = row["search_ms_per_query"]
+        poeem_build = row["embed_s"] + row["encode_s"] + row["export_s"]
+        lines.append(
+            f"| {row['items']:,} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
+            f"{row['poeem_steps_per_s']:.2f} | {row['peak_rss_gb']:.1f} | {row['warm_start_kmeans_s']:.1f} | "
+            f"{poeem_build:.1f} | {row['faiss_train_s'] + row['faiss_add_s']:.1f} | "
+            f"{ms['poeem@1']:.3f} / {ms['faiss@1']:.3f} | {ms['poeem@16']:.3f} / {ms['faiss@16']:.3f} | "
+            f"{row['imbalance']['poeem']:.2f} / {row['imbalance']['faiss']:.2f} |"
+        )
+    lines += [
+        "",
+        f"Largest size run: {max(row['items'] for row in rows):,} items, peak resident memory "
+        f"{max(row['peak_rss_gb'] for row in rows):.1f} GB.",
+        "",
+        "Training with the layer on 1 and 2 processes (torch.distributed, gloo, same global batch; "
+        "the layer's k-means replaced by a random init, since only steps/s count here):",
+        "",
+        "| items | processes | steps/s | samples/s |",
+        "|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        for world, rate in row.get("processes", {}).items():
+            lines.append(
+                f"| {row['items']:,} | {world} | {rate['steps_per_s']:.2f} | {rate['samples_per_s']:,.0f} |"
+            )
+    n = [row["items"] for row in rows]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    curves = {
+        "training step, no layer": [1 / row["baseline_steps_per_s"] for row in rows],
+        "training step, with layer": [1 / row["poeem_steps_per_s"] for row in rows],
+        "warm-start k-means": [row["warm_start_kmeans_s"] for row in rows],
+        "poeem embed + encode + export": [row["embed_s"] + row["encode_s"] + row["export_s"] for row in rows],
+        "FAISS train + add": [row["faiss_train_s"] + row["faiss_add_s"] for row in rows],
+        "1,000 searches, nprobe 16 (poeem)": [row["search_ms_per_query"]["poeem@16"] for row in rows],
+    }
+    for label, values in curves.items():
+        ax.loglog(n, values, marker="o", label=label)
+    ax.set_xlabel("items in the catalogue")
+    ax.set_ylabel("seconds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(img / "scale.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", "![cost against catalogue size](img/scale.png)", "", provenance(r), ""]
+
+
 def index_description(r: dict[str, Any]) -> str:
     """The load test's index: synthetic, or an exported one (built as the notes below say)."""
     if r["config"].get("index_dir"):
@@ -293,6 +355,8 @@ def main() -> None:
         lines += search_speed_section(results["search_speed"])
     if "serve_load" in results:
         lines += serve_section(results["serve_load"])
+    if "scale" in results:
+        lines += scale_section(results["scale"], img)
     for name in ("recall_synthetic", "recall_ml-100k", "recall_gowalla"):
         if name in results:
             lines += recall_section(name, results[name], img)

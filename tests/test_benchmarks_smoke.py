@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+TINY_SCALE = ["--sizes", "5000", "--steps", "2", "--warm", "1", "--kmeans-iters", "2"]
 
 
 def run(script: str, *args: str) -> None:
@@ -22,6 +23,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("results")
     run("export_speed.py", "--n", "20000", "--nlist", "32", "--fit-sample", "5000", "--results-dir", str(out))
     run("coarse_fit.py", "--results-dir", str(out))
+    run("scale.py", *TINY_SCALE, "--results-dir", str(out))
     run("search_speed.py", "--n", "30000", "--queries", "50", "--repeats", "1", "--results-dir", str(out))
     run(
         "serve_load.py",
@@ -90,6 +92,9 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens", "poeem-ip"}
     assert len(recall["commands"]) == 2 and "--merge" in recall["commands"][1]
     assert all(0 <= row["precision@100"] <= 1 for row in recall["summary"])
+    scale = json.loads((results / "scale.json").read_text())["rows"][0]
+    assert scale["items"] == 5000 and set(scale["processes"]) == {"1", "2"}
+    assert scale["poeem_steps_per_s"] > 0 and scale["search_ms_per_query"]["poeem@1"] > 0
     sweep = json.loads((results / "sweep_synthetic_tiny.json").read_text())
     assert [p["parameter"] for p in sweep["points"]] == ["D", "D", "K", "coarse_K"]
 
@@ -102,6 +107,7 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     text = (tmp_path / "benchmarks.md").read_text()
     assert "zero-training export vs FAISS" in text and "Retrieval quality: synthetic" in text
     assert "Search time of the index directory's backends" in text and "`poeem serve` under load" in text
-    assert "Command: `python " in text
+    assert "Command: `python " in text and "Scale: how each cost grows" in text
+    assert (tmp_path / "img" / "scale.png").is_file()
     assert (tmp_path / "img" / "recall_synthetic_nprobe.png").is_file()
     assert (tmp_path / "img" / "sweep.png").is_file()

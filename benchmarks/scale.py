@@ -1,0 +1,259 @@
+"""How poeem's costs grow with the catalogue: training, warm start, export and search, on 1 and 2
+processes.
+
+For each catalogue size n (dim 64, 8 bytes per item: IVF{coarse_K},PQ8x8, coarse_K the power of two
+nearest sqrt(n)) it measures, in a fresh process so that peak memory is per size:
+
+- training steps/s of the two-tower model (id towers, cosine, in-batch softmax, Adam) without and
+  with the Poeem layer, and the process's peak resident memory;
+- the warm-start k-means on 64 x coarse_K item embeddings;
+- poeem's indexing (embed, encode with the frozen layer, export to FAISS) against FAISS's train on
+  the same sample + add of all items;
+- search time of both indexes at equal bytes and nprobe;
+- up to ``--ddp-max-size``: steps/s with 1 and 2 processes (torch.distributed, gloo), same global
+  batch.
+
+The towers are untrained (random embeddings): the numbers are costs, not quality.
+
+    python benchmarks/scale.py                                 # 100k, 1M, 10M items
+    python benchmarks/scale.py --sizes 100000 --steps 5        # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from poeem import distributed
+from poeem.export import export_learned
+from poeem.index import PoeemConfig, PoeemLayer
+from poeem.model import ModelConfig, TwoTowerModel
+from poeem.training import TrainConfig, Trainer
+
+from common import save_result
+
+DIM, NUM_QUERIES, SEARCH_QUERIES = 64, 100_000, 10_000
+
+
+class RandomPairs:
+    """Uniform (query, item) batches; under torch.distributed each rank takes its share."""
+
+    def __init__(self, num_items: int, batch_size: int) -> None:
+        self.num_items, self.batch_size = num_items, batch_size
+
+    def __len__(self) -> int:
+        return 1 << 30
+
+    def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(index)
+        q = torch.randint(NUM_QUERIES, (self.batch_size,), generator=g)
+        i = torch.randint(self.num_items, (self.batch_size,), generator=g)
+        share = distributed.shard(self.batch_size)
+        return {"query_ids": q[share], "item_ids": i[share]}
+
+
+def coarse_lists(n: int) -> int:
+    """The power of two nearest sqrt(n)."""
+    return 1 << round(math.log2(math.sqrt(n)))
+
+
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process so far, GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def steps_per_s(model: TwoTowerModel, batch_size: int, steps: int, warm: int) -> float:
+    """Training steps/s after ``warm`` untimed steps (which allocate the optimizer state)."""
+    cfg = TrainConfig(
+        epochs=1, batch_size=batch_size, lr=1e-3, progress=False, log="none", checkpoint_every=0
+    )
+    trainer = Trainer(model, cfg)
+    pairs = RandomPairs(model.num_items, batch_size)
+    trainer.cfg.max_steps = warm
+    trainer.fit(pairs)
+    distributed.barrier()
+    trainer.cfg.max_steps = warm + steps
+    started = time.perf_counter()
+    trainer.fit(pairs)
+    distributed.barrier()
+    return steps / (time.perf_counter() - started)
+
+
+def layer_config(n: int, kmeans_iters: int, init: str = "kmeans") -> dict[str, Any]:
+    k = coarse_lists(n)
+    return {
+        "num_coarse": k,
+        "num_subspaces": 8,
+        "codebook_size": 256,
+        "warmup_steps": 0,
+        "buffer_size": min(n, 64 * k),
+        "kmeans_iters": kmeans_iters,
+        "init": init,
+    }
+
+
+def search_seconds(index: faiss.Index, xq: np.ndarray, nprobe: int, k: int = 10) -> float:
+    params = faiss.SearchParametersIVF(nprobe=nprobe)
+    started = time.perf_counter()
+    index.search(xq, k, params=params)
+    return time.perf_counter() - started
+
+
+def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Every single-process cost for a catalogue of ``n`` items."""
+    torch.manual_seed(0)
+    layer_cfg = layer_config(n, args.kmeans_iters)
+    model = TwoTowerModel(ModelConfig(dim=DIM), NUM_QUERIES, n)
+    row: dict[str, Any] = {
+        "items": n,
+        "coarse_K": layer_cfg["num_coarse"],
+        "train_rows": layer_cfg["buffer_size"],
+    }
+    row["baseline_steps_per_s"] = steps_per_s(model, args.batch_size, args.steps, args.warm)
+    print(f"n={n:,}: baseline {row['baseline_steps_per_s']:.2f} steps/s", flush=True)
+
+    sample_ids = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: layer_cfg["buffer_size"]]
+    with torch.no_grad():
+        sample = model.encode_items(sample_ids)
+    model.index = PoeemLayer(PoeemConfig(dim=DIM, **layer_cfg))
+    started = time.perf_counter()
+    model.index.initialize(sample)
+    row["warm_start_kmeans_s"] = time.perf_counter() - started
+    row["poeem_steps_per_s"] = steps_per_s(model, args.batch_size, args.steps, args.warm)
+    row["peak_rss_training_gb"] = peak_rss_gb()
+    print(f"n={n:,}: k-means {row['warm_start_kmeans_s']:.1f}s, layer {row['poeem_steps_per_s']:.2f} steps/s")
+
+    model.eval()
+    started = time.perf_counter()
+    xb = model.all_item_embeddings()
+    row["embed_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    codes = model.index.encode(xb)
+    row["encode_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    _, poeem_index = export_learned(model.index, codes, metric="cosine")
+    row["export_s"] = time.perf_counter() - started
+    del codes
+
+    xb_np, sample_np = xb.numpy(), sample.numpy()
+    started = time.perf_counter()
+    baseline = faiss.index_factory(DIM, f"IVF{layer_cfg['num_coarse']},PQ8x8", faiss.METRIC_INNER_PRODUCT)
+    baseline.train(sample_np)
+    row["faiss_train_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    baseline.add(xb_np)
+    row["faiss_add_s"] = time.perf_counter() - started
+    del xb, xb_np
+    print(
+        f"n={n:,}: poeem encode+export {row['encode_s'] + row['export_s']:.1f}s, faiss train+add "
+        f"{row['faiss_train_s'] + row['faiss_add_s']:.1f}s",
+        flush=True,
+    )
+
+    with torch.no_grad():
+        xq = model.encode_queries(torch.randint(NUM_QUERIES, (SEARCH_QUERIES,))).numpy()
+    poeem_ivf = faiss.extract_index_ivf(poeem_index)
+    row["imbalance"] = {
+        "poeem": poeem_ivf.invlists.imbalance_factor(),
+        "faiss": baseline.invlists.imbalance_factor(),
+    }
+    row["search_ms_per_query"] = {
+        f"{name}@{nprobe}": 1000 * search_seconds(index, xq, nprobe) / SEARCH_QUERIES
+        for nprobe in args.nprobes
+        for name, index in (("poeem", poeem_index), ("faiss", baseline))
+    }
+    row["peak_rss_gb"] = peak_rss_gb()
+    return row
+
+
+# ------------------------------------------------------------ 1 vs 2 processes
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, n: int, args: argparse.Namespace, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        poeem = layer_config(n, 1, init="random")  # steps/s only: skip the k-means
+        model = TwoTowerModel(ModelConfig(dim=DIM, poeem=poeem), NUM_QUERIES, n)
+        model.index.initialize(model.all_item_embeddings(rows=slice(0, poeem["buffer_size"])))
+        rate = steps_per_s(model, args.batch_size, args.steps, args.warm)
+        if rank == 0:
+            Path(out).write_text(json.dumps({"steps_per_s": rate, "peak_rss_gb_rank0": peak_rss_gb()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def processes(n: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Steps/s and samples/s of training with the layer on 1 and 2 processes."""
+    out: dict[str, Any] = {}
+    for world in (1, 2):
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            mp.spawn(ddp_worker, args=(world, free_port(), n, args, f.name), nprocs=world, join=True)
+            rate = json.loads(Path(f.name).read_text())
+        rate["samples_per_s"] = rate["steps_per_s"] * args.batch_size
+        out[str(world)] = rate
+        print(f"n={n:,}: {world} process(es) {rate['steps_per_s']:.2f} steps/s", flush=True)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000, 10_000_000])
+    p.add_argument("--batch-size", type=int, default=1024, help="global batch")
+    p.add_argument("--steps", type=int, default=20, help="timed training steps")
+    p.add_argument("--warm", type=int, default=3, help="untimed training steps before")
+    p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--nprobes", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--ddp-max-size", type=int, default=1_000_000, help="largest size run on 2 processes")
+    p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size
+    p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--results-dir", type=Path, default=None)
+    args = p.parse_args()
+
+    if args.one is not None:  # a child process: one size, peak memory of its own
+        row = measure(args.one, args)
+        if args.one <= args.ddp_max_size:
+            row["processes"] = processes(args.one, args)
+        args.out.write_text(json.dumps(row))
+        return
+
+    rows = []
+    for n in args.sizes:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "row.json"
+            child = [a for a in sys.argv[1:]]
+            subprocess.run([sys.executable, __file__, *child, "--one", str(n), "--out", str(out)], check=True)
+            rows.append(json.loads(out.read_text()))
+    config = {k: v for k, v in vars(args).items() if k not in ("one", "out", "results_dir")}
+    result = {
+        "config": config | {"dim": DIM, "num_queries": NUM_QUERIES, "search_queries": SEARCH_QUERIES},
+        "faiss_threads": faiss.omp_get_max_threads(),
+        "rows": rows,
+    }
+    print("wrote", save_result("scale", result, args.results_dir))
+
+
+if __name__ == "__main__":
+    main()
