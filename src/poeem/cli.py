@@ -49,7 +49,7 @@ def train(
     resume: Annotated[bool, Opt(help="Continue the run in --run-dir from its checkpoint.")] = False,
     # data
     data: Annotated[
-        str | None, Opt(help="synthetic | movielens | lightgcn | table", rich_help_panel="Data")
+        str | None, Opt(help="synthetic | movielens | lightgcn | table | beir", rich_help_panel="Data")
     ] = None,
     data_path: Annotated[str | None, Opt(help="File or folder of the data.", rich_help_panel="Data")] = None,
     data_seed: Annotated[
@@ -85,6 +85,18 @@ def train(
     ] = None,
     random_negatives: Annotated[
         int | None, Opt(help="Uniform negatives added to each batch.", rich_help_panel="Model")
+    ] = None,
+    text_encoder: Annotated[
+        str | None,
+        Opt(
+            help="Text towers (--data beir): a sentence-transformers folder or installed model "
+            "(default all-MiniLM-L6-v2).",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    text_mode: Annotated[
+        str | None,
+        Opt(help="Text towers: frozen | query | both (what fine-tunes).", rich_help_panel="Model"),
     ] = None,
     # index layer
     poeem: Annotated[
@@ -236,8 +248,9 @@ def train(
         regularizer_weight=regularizer_weight,
         commitment_weight=commitment_weight,
     )
+    text = given(encoder=text_encoder, mode=text_mode)
     if resume:
-        if config is not None or poeem is not None or layer:
+        if config is not None or poeem is not None or layer or text:
             raise PoeemError(
                 "--resume",
                 "the run's stored config",
@@ -255,11 +268,23 @@ def train(
             raw["model"]["poeem"] = None
         elif poeem or layer:
             raw["model"]["poeem"] = {**(raw["model"].get("poeem") or {}), **layer}
+        if text or (raw["data"]["kind"] == "beir" and raw["model"].get("text") is None):
+            raw["model"]["text"] = {**(raw["model"].get("text") or {}), **text}
+            if dim is None and config is None:  # text towers keep the encoder's size by default
+                raw["model"]["dim"] = _text_encoder_dim(raw["model"]["text"])
         cfg = RunConfig.from_dict(raw)
     _, metrics = train_run(cfg, run_dir, resume)
     if metrics:  # rank 0
         typer.echo(format_rows(metrics["rows"]))
         typer.echo(f"run folder: {run_dir}")
+
+
+def _text_encoder_dim(text: dict[str, Any]) -> int:
+    """The embedding size of the configured text encoder: text towers default to it."""
+    from poeem.model.text import TextConfig, encoder_dim, load_encoder
+
+    cfg = TextConfig(**text)
+    return encoder_dim(load_encoder(cfg.encoder, cfg.max_seq_length))
 
 
 def _relaunch_with_torchrun(nproc: int) -> None:
@@ -289,10 +314,11 @@ def evaluate(
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
     from poeem.data import load_data
     from poeem.evaluation.format import format_rows
-    from poeem.pipeline import evaluate_model, load_run
+    from poeem.pipeline import attach_data, evaluate_model, load_run
 
     cfg, model = load_run(run_dir)
-    rows = evaluate_model(model, load_data(cfg.data), cfg, tuple(nprobe) if nprobe else None)
+    data = load_data(cfg.data)
+    rows = evaluate_model(attach_data(model, data), data, cfg, tuple(nprobe) if nprobe else None)
     typer.echo(format_rows(rows))
 
 
@@ -363,7 +389,12 @@ def _read_array(path: Path, what: str) -> np.ndarray:
 @app.command()
 def search(
     index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
-    query_file: Annotated[Path, typer.Option(help="(nq, dim) embeddings as .npy, or query ids (.txt/.csv).")],
+    query_file: Annotated[
+        Path | None, typer.Option(help="(nq, dim) embeddings as .npy, or query ids (.txt/.csv).")
+    ] = None,
+    query: Annotated[
+        list[str] | None, typer.Option(help="A query text (indexes of text models); repeat for several.")
+    ] = None,
     query_features: Annotated[
         Path | None,
         typer.Option(help="(nq, F) .npy features of the query ids (default: the features saved at export)."),
@@ -374,18 +405,26 @@ def search(
     out: Annotated[Path | None, typer.Option(help="Write results as CSV here (default: stdout).")] = None,
     batch_size: Annotated[int, typer.Option(help="Queries searched and written at a time.")] = 4096,
 ) -> None:
-    """Search an index directory; prints CSV rows query,rank,id,score in the data's own ids."""
+    """Search an index directory; prints CSV rows query,rank,id,score in the data's own ids.
+
+    The query column is the query id, or the row number of a .npy embedding or --query text."""
     from poeem.metric import check_search_args
     from poeem.search.searcher import Searcher
     from poeem.storage import atomic_write
 
     check_search_args(k, nprobe)  # before any output
+    if (query_file is None) == (not query):
+        raise PoeemError("search", "--query-file or --query (one of them)", "both or neither", "pass one")
     searcher = Searcher.load(index_dir, backend=backend)  # type: ignore[arg-type]
-    by_embedding = query_file.suffix == ".npy"
-    if by_embedding:
+    by_embedding = query_file is None or query_file.suffix == ".npy"
+    if query:
+        queries = searcher.embed_texts(query).numpy()
+        names = np.arange(len(queries))
+    elif query_file is not None and by_embedding:
         queries: np.ndarray = _read_array(query_file, "query embeddings")
         names: np.ndarray = np.arange(len(queries))
     else:
+        assert query_file is not None
         names = _read_ids(query_file, searcher.query_keys)
         queries = names
     feats = _read_array(query_features, "query features") if query_features is not None else None

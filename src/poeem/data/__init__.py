@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from poeem.data.beir import beir_task, load_beir
 from poeem.data.interactions import CSR, InteractionData
 from poeem.data.lightgcn import load_lightgcn
 from poeem.data.movielens import load_movielens
@@ -13,7 +14,7 @@ from poeem.data.synthetic import synthetic_task
 from poeem.data.table import load_table
 from poeem.errors import PoeemError
 
-DataKind = Literal["synthetic", "movielens", "lightgcn", "table"]
+DataKind = Literal["synthetic", "movielens", "lightgcn", "table", "beir"]
 
 
 @dataclass
@@ -38,10 +39,10 @@ def load_data(cfg: DataConfig) -> InteractionData:
     """Load the data a :class:`DataConfig` names."""
     if cfg.kind == "synthetic":
         return synthetic_task(cfg.num_pairs, cfg.seed)
-    if cfg.kind not in ("movielens", "lightgcn", "table"):
+    if cfg.kind not in ("movielens", "lightgcn", "table", "beir"):
         raise PoeemError(
             "data kind",
-            "'synthetic', 'movielens', 'lightgcn' or 'table'",
+            "'synthetic', 'movielens', 'lightgcn', 'table' or 'beir'",
             repr(cfg.kind),
             "pick one of those",
         )
@@ -51,6 +52,8 @@ def load_data(cfg: DataConfig) -> InteractionData:
         return load_movielens(cfg.path, cfg.min_rating, cfg.split, cfg.test_fraction, cfg.seed)
     if cfg.kind == "lightgcn":
         return load_lightgcn(cfg.path)
+    if cfg.kind == "beir":
+        return beir_task(cfg.path)
     return load_table(
         cfg.path,
         cfg.query_column,
@@ -68,6 +71,8 @@ __all__ = [
     "CSR",
     "DataConfig",
     "InteractionData",
+    "beir_task",
+    "load_beir",
     "load_data",
     "load_lightgcn",
     "load_movielens",

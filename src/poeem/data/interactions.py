@@ -70,7 +70,7 @@ class InteractionData:
     Ids are dense: queries in [0, num_queries), items in [0, num_items). ``query_keys`` and
     ``item_keys`` map them back to the data's own ids (None when the data's ids are already
     dense). Optional numeric side features are per id: ``query_features`` (num_queries, Fq),
-    ``item_features`` (num_items, Fi).
+    ``item_features`` (num_items, Fi); text data carries ``query_texts`` and ``item_texts``.
     """
 
     name: str
@@ -86,6 +86,8 @@ class InteractionData:
     item_features: np.ndarray | None = None
     query_keys: IdMap | None = None
     item_keys: IdMap | None = None
+    query_texts: list[str] | None = None  # (num_queries,) for text towers
+    item_texts: list[str] | None = None  # (num_items,)
 
     def __post_init__(self) -> None:
         self.train_queries = np.asarray(self.train_queries, dtype=np.int64)

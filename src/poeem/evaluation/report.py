@@ -14,12 +14,12 @@ from poeem.evaluation.cost import search_cost
 from poeem.evaluation.evaluate import Searchable, evaluate_retrieval
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.export.learned import learned_index
-from poeem.model import TwoTowerModel
+from poeem.model import RetrievalModel
 from poeem.search.exact import FlatIndex
 from poeem.search.faiss_backend import FaissSearcher, train_faiss_ivfpq
 
 
-def query_encoder(model: TwoTowerModel, data: InteractionData) -> Callable[[np.ndarray], torch.Tensor]:
+def query_encoder(model: RetrievalModel, data: InteractionData) -> Callable[[np.ndarray], torch.Tensor]:
     """(nq,) query ids -> (nq, dim) query embeddings, on CPU."""
     device = model.item_log_q.device
     feats = torch.from_numpy(data.query_features) if data.query_features is not None else None
@@ -36,7 +36,7 @@ def _rows(
     name: str,
     index: Searchable,
     build_s: float,
-    model: TwoTowerModel,
+    model: RetrievalModel,
     data: InteractionData,
     ks: tuple[int, ...],
     nprobes: tuple[int, ...],
@@ -75,7 +75,7 @@ def _mean_cost(
 
 @torch.no_grad()
 def compare_indexes(
-    model: TwoTowerModel,
+    model: RetrievalModel,
     data: InteractionData,
     ks: tuple[int, ...],
     nprobes: tuple[int, ...],

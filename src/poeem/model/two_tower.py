@@ -1,65 +1,17 @@
-"""Two-tower retrieval model whose item tower may end with a :class:`PoeemLayer`."""
+"""Two-tower retrieval model over ids (and numeric features), matrix factorisation at its simplest."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
-
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from poeem import distributed
-from poeem.errors import PoeemError
-from poeem.index import PoeemConfig, PoeemLayer
-from poeem.model.loss import in_batch_softmax
+from poeem.model.config import ModelConfig
+from poeem.model.retrieval import RetrievalModel
 from poeem.model.towers import Tower
 
 
-@dataclass
-class ModelConfig:
-    """Architecture and scoring of a :class:`TwoTowerModel`."""
-
-    dim: int = 64
-    score: Literal["cosine", "dot"] = "cosine"  # cosine: both towers L2-normalised
-    temperature: float = 0.1  # logits are score / temperature
-    logq_correction: bool = True  # subtract log item frequency from in-batch logits (Yi et al. 2019)
-    random_negatives: int = 0  # uniform item samples added as negatives to every row
-    # under torch.distributed, score against every rank's positives (N ranks of batch B/N
-    # then train like one rank of batch B); else each rank uses its own B/N
-    cross_rank_negatives: bool = True
-    query_hidden: tuple[int, ...] = ()  # MLP widths for numeric query features
-    item_hidden: tuple[int, ...] = ()
-    init_std: float = 0.1
-    poeem: dict[str, Any] | None = field(default=None)  # PoeemConfig fields; None = baseline
-
-    def __post_init__(self) -> None:
-        if self.score not in ("cosine", "dot"):
-            raise PoeemError("score", "'cosine' or 'dot'", repr(self.score), "pick one of those")
-        if self.temperature <= 0:
-            raise PoeemError("temperature", "a positive number", str(self.temperature), "e.g. 0.1")
-        self.query_hidden, self.item_hidden = tuple(self.query_hidden), tuple(self.item_hidden)
-        if self.poeem is not None:
-            PoeemConfig(**{"dim": self.dim, **self.poeem})  # validate early
-
-    @property
-    def search_metric(self) -> Literal["cosine", "ip"]:
-        """How the index is searched: "cosine" (normalise queries, then inner product) or "ip"."""
-        return "cosine" if self.score == "cosine" else "ip"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable copy."""
-        return asdict(self)
-
-
-class TwoTowerModel(nn.Module):
-    """Query tower and item tower trained with in-batch softmax.
-
-    Scores are <q, x_hat> / temperature where x_hat is the item tower's output after the
-    Poeem layer (if any); with cosine scoring q and the item embedding are L2-normalised
-    before the layer, so the index is searched by inner product with normalised queries.
-    """
+class TwoTowerModel(RetrievalModel):
+    """A query tower and an item tower of id embeddings (plus optional feature MLPs), trained
+    with in-batch softmax; see :class:`RetrievalModel`."""
 
     def __init__(
         self,
@@ -70,95 +22,16 @@ class TwoTowerModel(nn.Module):
         num_item_features: int = 0,
         item_counts: torch.Tensor | None = None,
     ) -> None:
-        super().__init__()
-        self.config = c = config
+        super().__init__(config, num_items, item_counts)
+        c = config
         self.query_tower = Tower(num_queries, c.dim, num_query_features, c.query_hidden, c.init_std)
         self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std)
-        self.index: PoeemLayer | None = None
-        if c.poeem is not None:
-            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, **c.poeem}))
-        counts = item_counts if item_counts is not None else torch.ones(num_items)
-        self.register_buffer("item_log_q", (counts.float() / counts.sum()).clamp_min(1e-12).log())
-
-    @property
-    def num_items(self) -> int:
-        """Size of the item vocabulary."""
-        return self.item_tower.embedding.num_embeddings
 
     def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) query ids (+ (B, Fq) features) -> (B, dim) query embeddings, as searched."""
-        q = self.query_tower(ids, features)
-        return F.normalize(q, dim=-1) if self.config.score == "cosine" else q
+        return self._normalized(self.query_tower(ids, features))
 
     def encode_items(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) item ids (+ (B, Fi) features) -> (B, dim) un-quantized item embeddings, the
         Poeem layer's input."""
-        x = self.item_tower(ids, features)
-        return F.normalize(x, dim=-1) if self.config.score == "cosine" else x
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One training step's losses.
-
-        Args:
-            batch: ``query_ids`` (B,), ``item_ids`` (B,), optional ``query_features`` (B, Fq)
-                and ``item_features`` (B, Fi), and optional extra negatives ``negative_ids``
-                (N,) with ``negative_features`` (N, Fi). Under torch.distributed B is this
-                rank's share; with ``cross_rank_negatives`` the queries are scored against the
-                positives of all ranks (gathered with gradient).
-
-        Returns:
-            ``loss`` (task + index), ``task_loss``, ``index_loss``, and the index health stats.
-        """
-        q = self.encode_queries(batch["query_ids"], batch.get("query_features"))
-        positives = batch["item_ids"]
-        item_ids, item_features = positives, batch.get("item_features")
-        negatives = batch.get("negative_ids")
-        if negatives is not None:
-            item_ids = torch.cat([item_ids, negatives])
-            if item_features is not None:
-                item_features = torch.cat([item_features, batch["negative_features"]])
-        x = self.encode_items(item_ids, item_features)
-        out: dict[str, torch.Tensor] = {}
-        index_loss = q.new_zeros(())
-        if self.index is not None:
-            res = self.index(x)
-            x, index_loss = res.output, res.loss
-            out.update(res.stats)
-        b, offset = positives.shape[0], 0
-        if self.config.cross_rank_negatives and distributed.is_active():
-            offset = distributed.rank() * b
-            x = torch.cat([distributed.gather_with_grad(x[:b]), x[b:]])
-            positives = distributed.gather_rows(positives)
-            item_ids = torch.cat([positives, item_ids[b:]])
-        scores = q @ x.T / self.config.temperature  # (B, positives + negatives)
-        log_q = None
-        if self.config.logq_correction:
-            n_neg = item_ids.shape[0] - positives.shape[0]
-            uniform = torch.full((n_neg,), -math.log(self.num_items), device=q.device)
-            log_q = torch.cat([self.item_log_q[positives], uniform])
-        task = in_batch_softmax(scores, item_ids, log_q, offset)
-        out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
-        return out
-
-    @torch.no_grad()
-    def all_item_embeddings(
-        self, item_features: torch.Tensor | None = None, batch_size: int = 65536, rows: slice | None = None
-    ) -> torch.Tensor:
-        """(num_items, dim) un-quantized embeddings of every item, in id order.
-
-        Args:
-            item_features: (num_items, Fi) features of every item, or None.
-            batch_size: items embedded at once.
-            rows: a contiguous range of item ids (e.g. this rank's share); all items by default.
-
-        Returns:
-            (len(rows), dim) embeddings of those items.
-        """
-        device = self.item_log_q.device
-        start, stop, _ = (rows or slice(None)).indices(self.num_items)
-        parts = [torch.zeros(0, self.config.dim, device=device)]
-        for lo in range(start, stop, batch_size):
-            ids = torch.arange(lo, min(lo + batch_size, stop), device=device)
-            feats = item_features[ids.cpu()].to(device) if item_features is not None else None
-            parts.append(self.encode_items(ids, feats))
-        return torch.cat(parts)
+        return self._normalized(self.item_tower(ids, features))

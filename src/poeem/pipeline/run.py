@@ -16,7 +16,8 @@ from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes
 from poeem.metric import prepare_queries
-from poeem.model import TwoTowerModel
+from poeem.model import RetrievalModel
+from poeem.model.text import TextTwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run_dir import (
     RunArtifacts,
@@ -48,7 +49,19 @@ SAFE_ON_RESUME = {
 }
 
 
-def budget_of(model: TwoTowerModel, cfg: RunConfig) -> tuple[int, int, int]:
+def attach_data(model: RetrievalModel, data: InteractionData, progress: bool = True) -> RetrievalModel:
+    """Give a text model its data's texts (frozen sides are embedded once, and cached); other
+    models are returned as they are."""
+    if isinstance(model, TextTwoTowerModel):
+        if data.query_texts is None or data.item_texts is None:
+            raise PoeemError(
+                "text towers", "data with texts", f"{data.name} (ids only)", "train with --data beir"
+            )
+        model.attach_texts(data.query_texts, data.item_texts, progress)
+    return model
+
+
+def budget_of(model: RetrievalModel, cfg: RunConfig) -> tuple[int, int, int]:
     """(coarse_K, D, K) for the FAISS baseline: the layer's, else the eval config's."""
     if model.index is not None:
         c = model.index.config
@@ -57,7 +70,7 @@ def budget_of(model: TwoTowerModel, cfg: RunConfig) -> tuple[int, int, int]:
 
 
 def evaluate_model(
-    model: TwoTowerModel, data: InteractionData, cfg: RunConfig, nprobes: tuple[int, ...] | None = None
+    model: RetrievalModel, data: InteractionData, cfg: RunConfig, nprobes: tuple[int, ...] | None = None
 ) -> list[dict[str, Any]]:
     """The evaluation rows a run's config asks for (see :func:`compare_indexes`)."""
     return compare_indexes(
@@ -118,7 +131,7 @@ def resume_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[
 
 def train_run(
     cfg: RunConfig, run_dir: str | Path, resume: bool = False
-) -> tuple[TwoTowerModel, dict[str, Any]]:
+) -> tuple[RetrievalModel, dict[str, Any]]:
     """Train, checkpoint and evaluate; everything lands in ``run_dir``.
 
     Args:
@@ -150,6 +163,7 @@ def train_run(
     shapes = model_shapes(data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity())).to(device)
+    attach_data(model, data, cfg.train.progress and distributed.is_main())
     artifacts = RunArtifacts.of(data)
     if distributed.is_main():
         save_run(run_dir, cfg, shapes, artifacts)
@@ -221,6 +235,10 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
             "train with --poeem, or build a FAISS index the usual way",
         )
     art = read_artifacts(run_dir)
+    text_query = None
+    if isinstance(model, TextTwoTowerModel):
+        attach_data(model, load_data(cfg.data), distributed.is_main())
+        text_query = model.query_side()
     coarse_codes, codes = encode_items(model, art.item_features)
     if not distributed.is_main():
         return None
@@ -235,16 +253,17 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
         ids,
         metric=model.config.search_metric,
         fast_scan=fast_scan,
-        query_tower=model.query_tower,
+        query_tower=getattr(model, "query_tower", None),
         normalize_queries=cfg.model.score == "cosine",
         query_keys=art.query_keys,
         query_features=art.query_features,
+        text_query=text_query,
     )
 
 
 @torch.no_grad()
 def encode_items(
-    model: TwoTowerModel, item_features: torch.Tensor | None = None
+    model: RetrievalModel, item_features: torch.Tensor | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The codes of every item, each rank encoding its share and all ranks gathering them.
 

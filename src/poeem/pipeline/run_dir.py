@@ -25,7 +25,7 @@ import torch
 from poeem.data import InteractionData
 from poeem.errors import PoeemError
 from poeem.ids import IdMap
-from poeem.model import ModelConfig, TwoTowerModel
+from poeem.model import ModelConfig, RetrievalModel, TwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
 
@@ -63,9 +63,14 @@ def model_shapes(data: InteractionData) -> dict[str, int]:
 
 def build_model(
     cfg: ModelConfig, shapes: dict[str, int], item_counts: torch.Tensor | None = None
-) -> TwoTowerModel:
-    """A fresh :class:`TwoTowerModel` for the given shapes."""
+) -> RetrievalModel:
+    """A fresh model for the given shapes: text towers when ``cfg.text`` is set (they still need
+    :func:`poeem.pipeline.run.attach_data`), else id towers."""
     try:
+        if cfg.text is not None:
+            from poeem.model.text import TextTwoTowerModel
+
+            return TextTwoTowerModel(cfg, int(shapes["num_items"]), item_counts)
         return TwoTowerModel(
             cfg,
             int(shapes["num_queries"]),
@@ -122,7 +127,7 @@ def read_artifacts(run_dir: Path) -> RunArtifacts:
     return out
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[RunConfig, TwoTowerModel]:
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[RunConfig, RetrievalModel]:
     """The config and the trained model (eval mode) of a finished run."""
     run_dir = Path(run_dir)
     for name in ("config.json", "model.safetensors"):

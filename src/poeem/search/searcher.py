@@ -67,6 +67,7 @@ class Searcher:
         self.directory, self.manifest, self.tensors = directory, manifest, tensors
         self.backend, self.device, self.query_tower = backend, device, query_tower
         self.query_features, self.query_keys, self.item_keys = query_features, query_keys, item_keys
+        self._text_encoder: Any = None  # loaded on the first text query
         self._build_engine()
 
     # ----------------------------------------------------------- create / load
@@ -83,6 +84,7 @@ class Searcher:
         normalize_queries: bool = False,
         query_keys: IdMap | None = None,
         query_features: torch.Tensor | None = None,
+        text_query: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
     ) -> Searcher:
         """Export a trained layer and its items into a new index directory (no training).
 
@@ -100,6 +102,7 @@ class Searcher:
             query_keys: the raw query id of each tower row; None when ids are the rows.
             query_features: (num_queries, F) numeric features of each query row, for a tower
                 with a feature MLP.
+            text_query: a text model's ``query_side()`` (config, weights), to search by text.
         """
         directory = Path(directory)
         item_keys = None
@@ -116,6 +119,8 @@ class Searcher:
                 extra["query_keys"] = query_keys.to_json()
         if item_keys is not None:
             extra["item_keys"] = item_keys.to_json()
+        if text_query is not None:
+            extra["text_query"] = text_query[1]
         tower_config = (
             None if query_tower is None else {**query_tower.config(), "normalize": normalize_queries}
         )
@@ -125,6 +130,7 @@ class Searcher:
             layer=layer.config.to_dict(),
             fast_scan=fast_scan,
             query_tower=tower_config,
+            text_query=text_query[0] if text_query is not None else None,
         )
         write_version(directory, None, manifest, index, tensors, extra)
         return cls.load(directory)
@@ -312,6 +318,32 @@ class Searcher:
         with torch.no_grad():
             q = self.query_tower(rows, feats)
         return F.normalize(q, dim=-1) if (self.manifest.query_tower or {}).get("normalize") else q
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Query embeddings of texts, through the saved text query encoder.
+
+        Args:
+            texts: (nq,) query texts.
+
+        Returns:
+            (nq, dim) float32 embeddings, as the text model scores them.
+        """
+        if self.manifest.text_query is None:
+            raise PoeemError(
+                "query text",
+                "an index exported from a text model",
+                "an index without a text query encoder",
+                "search with query ids or embeddings, or export a run trained with --data beir",
+            )
+        if self._text_encoder is None:
+            from poeem.model.text import TextQueryEncoder
+
+            path = self.directory / self.manifest.files["text_query"]
+            if not path.is_file():
+                raise MissingIndexFile(path.name)
+            state = read_tensors(path, "text query encoder", REEXPORT)
+            self._text_encoder = TextQueryEncoder.from_state(self.manifest.text_query, state)
+        return self._text_encoder(texts)
 
     # ----------------------------------------------------------------- updates
     def add(self, items: torch.Tensor | np.ndarray, ids: Any) -> None:

@@ -65,18 +65,20 @@ class ServeConfig:
 
 
 class QueryIn(BaseModel):
-    """A query: ``id`` (with optional ``features``) or ``embedding``, and ids to ``exclude``."""
+    """A query: ``id`` (with optional ``features``), ``embedding`` or ``text`` (indexes of text
+    models), and ids to ``exclude``."""
 
     model_config = ConfigDict(extra="forbid")
     id: RawId | None = None
     features: list[float] | None = None
     embedding: list[float] | None = None
+    text: str | None = Field(default=None, min_length=1)
     exclude: list[RawId] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _one_kind(self) -> QueryIn:
-        if (self.id is None) == (self.embedding is None):
-            raise ValueError("give exactly one of 'id' and 'embedding'")
+        if sum(v is not None for v in (self.id, self.embedding, self.text)) != 1:
+            raise ValueError("give exactly one of 'id', 'embedding' and 'text'")
         if self.features is not None and self.id is None:
             raise ValueError("'features' go with a query 'id'")
         return self
@@ -267,7 +269,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Top-k items of each query, best first, in the items' own ids:
         ``{"version": v, "results": [{"ids": [...], "scores": [...]}, ...]}``."""
         check_limits(body.k, body.nprobe, len(body.queries))
-        queries = [Query(q.id, q.features, q.embedding, q.exclude) for q in body.queries]
+        queries = [Query(q.id, q.features, q.embedding, q.text, q.exclude) for q in body.queries]
         hits, version = service().search(queries, body.k, body.nprobe)
         return JSONResponse({"version": version, "results": [asdict(h) for h in hits]})
 

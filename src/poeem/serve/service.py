@@ -24,11 +24,12 @@ from poeem.search.searcher import Backend, Searcher
 
 @dataclass
 class Query:
-    """One query of a search request: a query id (with optional features) or an embedding."""
+    """One query of a search request: a query id (with optional features), an embedding or a text."""
 
     id: Any = None
     features: list[float] | None = None
     embedding: list[float] | None = None
+    text: str | None = None
     exclude: list[Any] = field(default_factory=list)
 
 
@@ -94,11 +95,14 @@ class IndexService:
     @staticmethod
     def _embed(searcher: Searcher, queries: list[Query]) -> torch.Tensor:
         """(nq, dim) query embeddings, in request order."""
-        by_id = [i for i, q in enumerate(queries) if q.embedding is None]
+        by_id = [i for i, q in enumerate(queries) if q.id is not None]
         xq = torch.zeros(len(queries), searcher.manifest.dim)
         given = [i for i, q in enumerate(queries) if q.embedding is not None]
         if given:
             xq[given] = prepare_queries([queries[i].embedding for i in given], "ip", searcher.manifest.dim)
+        texts = [i for i, q in enumerate(queries) if q.text is not None]
+        if texts:
+            xq[texts] = searcher.embed_texts([str(queries[i].text) for i in texts])
         if by_id:
             with_features = [queries[i].features is not None for i in by_id]
             if any(with_features) and not all(with_features):

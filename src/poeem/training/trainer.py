@@ -84,15 +84,20 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer; parameters of any ``index`` submodule get ``index_lr``."""
-    index = getattr(model, "index", None)
-    index_params = list(index.parameters()) if isinstance(index, nn.Module) else []
-    index_ids = {id(p) for p in index_params}
-    rest = [p for p in model.parameters() if id(p) not in index_ids]
-    groups: list[dict[str, Any]] = [{"params": rest}]
-    if index_params:
-        index_lr = cfg.lr if cfg.index_lr is None else cfg.index_lr
-        groups.append({"params": index_params, "lr": index_lr, "weight_decay": 0.0})
+    """The configured optimizer. Parameters of an ``index`` submodule get ``index_lr``; a model
+    may name other submodules' learning rates in ``model.lr_overrides`` ({name: lr})."""
+    index_lr = cfg.lr if cfg.index_lr is None else cfg.index_lr
+    overrides = {"index": index_lr, **getattr(model, "lr_overrides", {})}
+    groups: list[dict[str, Any]] = []
+    taken: set[int] = set()
+    for name, lr in overrides.items():
+        sub = getattr(model, name, None)
+        params = [p for p in sub.parameters() if id(p) not in taken] if isinstance(sub, nn.Module) else []
+        if params:
+            groups.append({"params": params, "lr": lr, "weight_decay": 0.0})
+            taken.update(id(p) for p in params)
+    rest = [p for p in model.parameters() if id(p) not in taken]
+    groups.insert(0, {"params": rest})
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "adamw":

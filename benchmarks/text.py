@@ -1,0 +1,204 @@
+"""Text retrieval on a BEIR dataset (SciFact): BM25, a sentence-transformers model zero-shot and
+fine-tuned, FAISS PQ/OPQ at equal bytes, and the model fine-tuned jointly with the Poeem layer.
+
+Budgets: 48 bytes per document (PQ48x8 on 384 dims, 32x smaller than float32) and 16 bytes
+(PQ16x8). SciFact has 5,183 documents, so the indexes are PQ without IVF (coarse_K = 0).
+Training uses the train qrels, evaluation the test qrels (ndcg@10, recall@100).
+
+Fine-tuning mode ``query``: the query side fine-tunes its copy of the encoder with a projection
+head; documents are embedded once by the frozen encoder (cached), then go through their own head
+and, for the poeem rows, the layer.
+
+    python benchmarks/text.py --data-dir ../shared/datasets/scifact --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from poeem.data import DataConfig, load_beir, load_data
+from poeem.evaluation.metrics import ranking_metrics
+from poeem.evaluation.report import compare_indexes
+from poeem.pipeline.config import RunConfig
+from poeem.pipeline.run import train_run
+
+from common import save_result
+
+KS = (10, 100)
+BUDGETS = {48: 48, 16: 16}  # bytes -> PQ subspaces (K = 256)
+ROTATIONS = ("none", "opq", "givens")
+SHOWN = {
+    "exact": "exact",
+    "faiss-ivfpq": "+ FAISS PQ",
+    "faiss-opq-ivfpq": "+ FAISS OPQ,PQ",
+    "poeem": "+ its learned index",
+}
+
+
+def data_dir(arg: Path | None) -> Path:
+    if arg is not None:
+        return arg
+    if os.environ.get("POEEM_DATA_DIR"):
+        return Path(os.environ["POEEM_DATA_DIR"]) / "scifact"
+    return Path(__file__).resolve().parents[2] / "shared" / "datasets" / "scifact"
+
+
+def bm25_row(path: Path) -> dict[str, Any]:
+    """BM25 (bm25s, English stop words and Snowball stemming) on the test queries."""
+    import bm25s
+    import Stemmer
+
+    data = load_beir(path, ("test",))
+    stemmer = Stemmer.Stemmer("english")
+    started = time.perf_counter()
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(data.doc_texts, stopwords="en", stemmer=stemmer, show_progress=False))
+    build_s = time.perf_counter() - started
+    rows = data.query_rows("test")
+    queries = [data.query_texts[r] for r in rows]
+    tokens = bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, show_progress=False)
+    found, _ = retriever.retrieve(tokens, k=max(KS), show_progress=False)
+    hits = np.zeros(found.shape, dtype=bool)
+    relevant = np.zeros(len(rows))
+    for i, r in enumerate(rows):
+        judged = {d for d, s in data.qrels["test"][data.query_ids[r]].items() if s > 0}
+        relevant[i] = len(judged)
+        hits[i] = [data.doc_ids[j] in judged for j in found[i]]
+    return {"method": "bm25", **ranking_metrics(hits, relevant, KS), "build_s": build_s}
+
+
+def run_config(
+    path: Path, args: argparse.Namespace, seed: int, subspaces: int | None = None, rotation: str = "none"
+) -> RunConfig:
+    """A fine-tuning run; with ``subspaces`` the document tower ends with the layer (PQ only)."""
+    layer = None
+    if subspaces is not None:
+        layer = {
+            "num_coarse": 0,
+            "num_subspaces": subspaces,
+            "codebook_size": 256,
+            "rotation": rotation,
+            "warmup_steps": args.warmup_steps,
+            "buffer_size": args.buffer_size,
+        }
+    text = {"encoder": args.encoder, "mode": args.mode, "encoder_lr": args.encoder_lr}
+    return RunConfig.from_dict(
+        {
+            "data": {"kind": "beir", "path": str(path)},
+            "model": {
+                "dim": 384,
+                "temperature": args.temperature,
+                "random_negatives": args.random_negatives,
+                "text": text,
+                "poeem": layer,
+            },
+            "train": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "lr": args.lr,
+                "seed": seed,
+                "progress": False,
+                "log": "none",
+                "checkpoint_every": 0,
+                "eval_every": 10**9,
+            },
+            "eval": {"ks": KS, "nprobes": (1,), "faiss_baseline": False},
+        }
+    )
+
+
+def faiss_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, Any]]:
+    """Exact, and FAISS PQ and OPQ+PQ trained on the model's document embeddings, at ``budget`` bytes."""
+    return compare_indexes(model, data, KS, (1,), True, (0, budget, 256), opq_baseline=True, seed=seed)
+
+
+def summarize(per_seed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    out = []
+    for name, runs in per_seed.items():
+        summary: dict[str, Any] = {"method": name, "seeds": len(runs)}
+        for key in ("ndcg@10", "recall@100", "train_s", "build_s", "index_bytes"):
+            values = [r[key] for r in runs if key in r]
+            if values:
+                summary[key], summary[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+        out.append(summary)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--encoder", default="all-MiniLM-L6-v2")
+    p.add_argument("--mode", default="query", choices=["frozen", "query", "both"])
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--encoder-lr", type=float, default=2e-5)
+    p.add_argument("--temperature", type=float, default=0.05)
+    p.add_argument("--random-negatives", type=int, default=64)
+    p.add_argument("--warmup-steps", type=int, default=20)
+    p.add_argument("--buffer-size", type=int, default=4096)
+    p.add_argument("--rotations", nargs="+", default=list(ROTATIONS))
+    p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="bytes per document")
+    p.add_argument("--no-bm25", action="store_true")
+    p.add_argument("--results-dir", type=Path, default=None)
+    args = p.parse_args()
+    path = data_dir(args.data_dir)
+    data = load_data(DataConfig(kind="beir", path=str(path)))
+    print(data.summary(), flush=True)
+
+    rows: list[dict[str, Any]] = [] if args.no_bm25 else [bm25_row(path)]
+    per_seed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+
+    def record(prefix: str, found: list[dict[str, Any]], budget: int, train_s: float) -> None:
+        for r in found:
+            exact = r["method"] == "exact"
+            name = f"{prefix} {SHOWN[r['method']]}"
+            if r["method"].startswith("faiss"):
+                name += f" {budget}B"
+            size = {} if exact else {"index_bytes": budget * data.num_items}
+            per_seed[name].append(r | size | {"train_s": train_s})
+        print(prefix, budget, [(r["method"], round(r["ndcg@10"], 4)) for r in found], flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        zero = run_config(path, args, 0)
+        zero.train.epochs = 0  # identity heads: scores exactly like the encoder
+        model, _ = train_run(zero, Path(tmp) / "zero")
+        for budget in args.budgets:
+            found = faiss_rows(model, data, budget, 0)
+            record("zero-shot", found if budget == args.budgets[0] else found[1:], budget, 0.0)
+        for seed in args.seeds:
+            model, metrics = train_run(run_config(path, args, seed), Path(tmp) / f"ft-{seed}")
+            for budget in args.budgets:
+                found = faiss_rows(model, data, budget, seed)
+                record(
+                    "fine-tuned",
+                    found if budget == args.budgets[0] else found[1:],
+                    budget,
+                    metrics["train_s"],
+                )
+            for budget in args.budgets:
+                for rotation in args.rotations:
+                    cfg = run_config(path, args, seed, BUDGETS[budget], rotation)
+                    _, metrics = train_run(cfg, Path(tmp) / f"poeem-{seed}-{budget}-{rotation}")
+                    record(f"poeem-{rotation} {budget}B", metrics["rows"], budget, metrics["train_s"])
+    rows += summarize(per_seed)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    print(
+        "wrote",
+        save_result(
+            "text_scifact", {"config": config, "data": data.summary(), "rows": rows}, args.results_dir
+        ),
+    )
+
+
+if __name__ == "__main__":
+    main()

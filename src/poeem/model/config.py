@@ -1,0 +1,51 @@
+"""The configuration of a retrieval model: towers, scoring, loss, and the Poeem layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from poeem.errors import PoeemError
+from poeem.index import PoeemConfig
+
+
+@dataclass
+class ModelConfig:
+    """Architecture and scoring of a retrieval model: id towers, or text towers with ``text``."""
+
+    dim: int = 64
+    score: Literal["cosine", "dot"] = "cosine"  # cosine: both towers L2-normalised
+    temperature: float = 0.1  # logits are score / temperature
+    logq_correction: bool = True  # subtract log item frequency from in-batch logits (Yi et al. 2019)
+    random_negatives: int = 0  # uniform item samples added as negatives to every row
+    # under torch.distributed, score against every rank's positives (N ranks of batch B/N
+    # then train like one rank of batch B); else each rank uses its own B/N
+    cross_rank_negatives: bool = True
+    query_hidden: tuple[int, ...] = ()  # MLP widths for numeric query features
+    item_hidden: tuple[int, ...] = ()
+    init_std: float = 0.1
+    poeem: dict[str, Any] | None = field(default=None)  # PoeemConfig fields; None = baseline
+    # TextConfig fields: sentence-transformers towers over the data's texts; None = id towers
+    text: dict[str, Any] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.score not in ("cosine", "dot"):
+            raise PoeemError("score", "'cosine' or 'dot'", repr(self.score), "pick one of those")
+        if self.temperature <= 0:
+            raise PoeemError("temperature", "a positive number", str(self.temperature), "e.g. 0.1")
+        self.query_hidden, self.item_hidden = tuple(self.query_hidden), tuple(self.item_hidden)
+        if self.poeem is not None:
+            PoeemConfig(**{"dim": self.dim, **self.poeem})  # validate early
+        if self.text is not None:
+            from poeem.model.text import TextConfig
+
+            TextConfig(**self.text)
+
+    @property
+    def search_metric(self) -> Literal["cosine", "ip"]:
+        """How the index is searched: "cosine" (normalise queries, then inner product) or "ip"."""
+        return "cosine" if self.score == "cosine" else "ip"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy."""
+        return asdict(self)

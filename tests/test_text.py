@@ -1,0 +1,212 @@
+"""Text towers on a tiny sentence-transformers model built here (no download, no ../shared):
+the BEIR loader, the model, training with the layer, export, search by text, and serving."""
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sentence_transformers")
+
+from typer.testing import CliRunner
+
+from poeem import PoeemError, Searcher
+from poeem.cli import app
+from poeem.data import beir_task, load_beir
+from poeem.model import ModelConfig
+from poeem.model.text import TextQueryEncoder, TextTwoTowerModel, embed_texts, load_encoder
+from poeem.pipeline import load_run
+
+WORDS = [f"w{i}" for i in range(40)]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-layer BERT with mean pooling and normalisation, saved as a sentence-transformers folder."""
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("encoder")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]))
+    torch.manual_seed(0)
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(WORDS) + 5,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=64,
+        )
+    )
+    bert.save_pretrained(root / "bert")
+    BertTokenizerFast(str(root / "vocab.txt")).save_pretrained(
+        root / "bert"
+    )  # the vocabulary file, positionally
+    transformer = models.Transformer(str(root / "bert"), max_seq_length=32)
+    st = SentenceTransformer(modules=[transformer, models.Pooling(16, "mean"), models.Normalize()])
+    st.save(str(root / "st"))
+    return root / "st"
+
+
+def write_beir(root: Path, seed: int = 0) -> Path:
+    """60 documents, 40 queries; a query shares two words with each of its relevant documents."""
+    rng = random.Random(seed)
+    docs = [" ".join(rng.sample(WORDS, 6)) for _ in range(60)]
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "qrels").mkdir(exist_ok=True)
+    with (root / "corpus.jsonl").open("w") as f:
+        for i, text in enumerate(docs):
+            f.write(json.dumps({"_id": f"d{i}", "title": "", "text": text}) + "\n")
+    qrels = {"train": ["query-id\tcorpus-id\tscore"], "test": ["query-id\tcorpus-id\tscore"]}
+    with (root / "queries.jsonl").open("w") as f:
+        for q in range(40):
+            doc = rng.randrange(60)
+            f.write(json.dumps({"_id": f"q{q}", "text": " ".join(docs[doc].split()[:2])}) + "\n")
+            qrels["train" if q < 30 else "test"].append(f"q{q}\td{doc}\t1")
+    for split, lines in qrels.items():
+        (root / "qrels" / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("POEEM_CACHE", str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------------ data
+def test_beir_loader_reads_ids_texts_and_judgements(tmp_path: Path) -> None:
+    data = load_beir(write_beir(tmp_path / "beir"))
+    assert len(data.doc_ids) == 60 and len(data.query_ids) == 40
+    assert len(data.qrels["train"]) == 30 and len(data.qrels["test"]) == 10
+    task = beir_task(tmp_path / "beir")
+    assert (
+        task.num_train == 30 and task.item_keys.keys[0] == "d0" and task.query_texts[0] == data.query_texts[0]
+    )
+
+
+@pytest.mark.parametrize(
+    "file, line, needle",
+    [
+        ("corpus.jsonl", "{not json\n", "corpus.jsonl, line 61"),
+        ("qrels/test.tsv", "q1\tnope\t1\n", "a corpus id that corpus.jsonl holds"),
+        ("qrels/train.tsv", "q1\td1\n", "query-id<TAB>corpus-id<TAB>score"),
+    ],
+)
+def test_beir_errors_name_the_file_and_line(tmp_path: Path, file: str, line: str, needle: str) -> None:
+    root = write_beir(tmp_path / "beir")
+    with (root / file).open("a") as f:
+        f.write(line)
+    with pytest.raises(PoeemError, match=needle.replace("<", ".").replace(">", ".")):
+        load_beir(root)
+
+
+def test_missing_qrels_is_a_clear_error(tmp_path: Path) -> None:
+    root = write_beir(tmp_path / "beir")
+    (root / "qrels" / "test.tsv").unlink()
+    with pytest.raises(PoeemError, match="BEIR test qrels"):
+        load_beir(root)
+
+
+# ----------------------------------------------------------------------- model
+def test_untrained_text_model_scores_like_the_encoder(tmp_path: Path, tiny_encoder: Path) -> None:
+    data = beir_task(write_beir(tmp_path / "beir"))
+    config = ModelConfig(dim=16, text={"encoder": str(tiny_encoder)})
+    model = TextTwoTowerModel(config, data.num_items)
+    model.attach_texts(data.query_texts, data.item_texts, progress=False)
+    encoder = load_encoder(str(tiny_encoder))
+    expected = encoder.encode(data.item_texts, convert_to_tensor=True)
+    torch.testing.assert_close(model.all_item_embeddings(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_embeddings_are_cached(tmp_path: Path, tiny_encoder: Path) -> None:
+    encoder = load_encoder(str(tiny_encoder))
+    first = embed_texts(encoder, ["w1 w2", "w3"], progress=False, cache_key="tiny")
+    encoder.encode = None  # a second call must not encode again
+    assert torch.equal(embed_texts(encoder, ["w1 w2", "w3"], progress=False, cache_key="tiny"), first)
+    assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 1
+
+
+def test_a_missing_encoder_is_a_clear_error() -> None:
+    with pytest.raises(PoeemError, match="nothing is downloaded"):
+        load_encoder("no-such-model-anywhere")
+
+
+# ------------------------------------------------------------------ end to end
+def train(tmp_path: Path, encoder: Path, mode: str) -> tuple[Path, Path]:
+    beir = write_beir(tmp_path / "beir")
+    run_dir, index = tmp_path / f"run-{mode}", tmp_path / f"index-{mode}"
+    args = ["train", "--data", "beir", "--data-path", str(beir), "--text-encoder", str(encoder)]
+    args += ["--text-mode", mode, "--poeem", "--num-coarse", "0", "--num-subspaces", "4"]
+    args += ["--codebook-size", "16", "--warmup-steps", "4", "--buffer-size", "64", "--batch-size", "8"]
+    args += ["--random-negatives", "8", "--epochs", "6", "--lr", "0.01", "--k", "10"]
+    args += ["--no-progress", "--logger", "none", "--run-dir", str(run_dir)]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "poeem" in result.output
+    result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(index)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return run_dir, index
+
+
+@pytest.mark.parametrize("mode", ["frozen", "query", "both"])
+def test_train_export_and_search_by_text(tmp_path: Path, tiny_encoder: Path, mode: str) -> None:
+    run_dir, index = train(tmp_path, tiny_encoder, mode)
+    cfg, model = load_run(run_dir)
+    data = beir_task(cfg.data.path)
+    model.attach_texts(data.query_texts, data.item_texts, progress=False)
+    if mode != "frozen":  # the query encoder fine-tuned, and the index carries its weights
+        tuned = model.encoder.state_dict()
+        base = load_encoder(str(tiny_encoder)).state_dict()
+        assert any(not torch.equal(tuned[k], base[k]) for k in tuned)
+    searcher = Searcher.load(index)
+    texts = ["w1 w2", data.query_texts[35]]
+    own = model.encode_query_texts(texts)
+    torch.testing.assert_close(searcher.embed_texts(texts), own, atol=1e-5, rtol=1e-5)
+    # the index answers in the corpus' own ids, like the model's own quantized scores
+    scores, ids = searcher.search(searcher.embed_texts(texts), k=5)
+    assert len(set(scores[0].tolist())) > 1  # a discriminative model, not a tie of every document
+    assert ids.dtype.kind == "U" and all(i.startswith("d") for i in ids.ravel())
+    result = CliRunner().invoke(app, ["search", str(index), "--query", "w1 w2", "-k", "3"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split(",") for line in result.output.splitlines() if line.startswith("0,")]
+    assert [r[2] for r in rows] == list(ids[0, :3])
+    result = CliRunner().invoke(app, ["evaluate", str(run_dir)])
+    assert result.exit_code == 0 and "poeem" in result.output, result.output
+
+
+def test_text_query_head_must_match_the_encoder(tmp_path: Path, tiny_encoder: Path) -> None:
+    with pytest.raises(PoeemError, match="text query head"):
+        TextQueryEncoder.from_state({"encoder": str(tiny_encoder)}, {"head.weight": torch.zeros(4, 7)})
+
+
+def test_search_by_text_needs_a_text_index(tmp_path: Path) -> None:
+    from poeem import PoeemLayer
+
+    layer = PoeemLayer(dim=8, num_subspaces=2, codebook_size=4, warmup_steps=0, buffer_size=16)
+    layer.initialize(torch.randn(16, 8))
+    searcher = Searcher.create(tmp_path / "ix", layer, torch.randn(16, 8))
+    with pytest.raises(PoeemError, match="an index exported from a text model"):
+        searcher.embed_texts(["hello"])
+    result = CliRunner().invoke(app, ["search", str(tmp_path / "ix")])
+    assert result.exit_code != 0
+
+
+def test_serve_accepts_text_queries(tmp_path: Path, tiny_encoder: Path) -> None:
+    from test_serve import Server
+
+    _, index = train(tmp_path, tiny_encoder, "frozen")
+    server = Server(index, None)
+    try:
+        status, body = server.call("POST", "/search", {"queries": [{"text": "w1 w2"}], "k": 3})
+        assert status == 200, body
+        searcher = Searcher.load(index)
+        _, ids = searcher.search(searcher.embed_texts(["w1 w2"]), k=3)
+        assert body["results"][0]["ids"] == list(ids[0])
+        assert np.isfinite(body["results"][0]["scores"]).all()
+        assert server.call("POST", "/search", {"queries": [{"text": "w1", "id": "q1"}]})[0] == 422
+    finally:
+        server.stop()
