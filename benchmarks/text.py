@@ -60,12 +60,13 @@ def bm25_row(path: Path) -> dict[str, Any]:
     stemmer = Stemmer.Stemmer("english")
     started = time.perf_counter()
     retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(data.doc_texts, stopwords="en", stemmer=stemmer, show_progress=False))
+    tokens = bm25s.tokenize(data.doc_texts, stopwords="en", stemmer=stemmer, show_progress=False)
+    retriever.index(tokens, show_progress=False)
     build_s = time.perf_counter() - started
     rows = data.query_rows("test")
     queries = [data.query_texts[r] for r in rows]
-    tokens = bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, show_progress=False)
-    found, _ = retriever.retrieve(tokens, k=max(KS), show_progress=False)
+    query_tokens = bm25s.tokenize(queries, stopwords="en", stemmer=stemmer, show_progress=False)
+    found, _ = retriever.retrieve(query_tokens, k=max(KS), show_progress=False)
     hits = np.zeros(found.shape, dtype=bool)
     relevant = np.zeros(len(rows))
     for i, r in enumerate(rows):

@@ -210,3 +210,17 @@ def test_serve_accepts_text_queries(tmp_path: Path, tiny_encoder: Path) -> None:
         assert server.call("POST", "/search", {"queries": [{"text": "w1", "id": "q1"}]})[0] == 422
     finally:
         server.stop()
+
+
+def test_a_relative_encoder_folder_is_recorded_absolute(
+    tmp_path: Path, tiny_encoder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    beir = write_beir(tmp_path / "beir")
+    monkeypatch.chdir(tiny_encoder.parent)
+    args = ["train", "--data", "beir", "--data-path", str(beir), "--text-encoder", tiny_encoder.name]
+    args += ["--epochs", "1", "--no-progress", "--logger", "none", "--run-dir", str(tmp_path / "run")]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert f"text towers: {tiny_encoder.name}, mode frozen, dim 16" in result.output
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())["model"]["text"]["encoder"]
+    assert stored == str(tiny_encoder.resolve())

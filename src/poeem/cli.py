@@ -272,6 +272,10 @@ def train(
             raw["model"]["text"] = {**(raw["model"].get("text") or {}), **text}
             if dim is None and config is None:  # text towers keep the encoder's size by default
                 raw["model"]["dim"] = _text_encoder_dim(raw["model"]["text"])
+            from poeem.model.text import TextConfig
+
+            shown = TextConfig(**raw["model"]["text"])
+            typer.echo(f"text towers: {shown.encoder}, mode {shown.mode}, dim {raw['model']['dim']}")
         cfg = RunConfig.from_dict(raw)
     _, metrics = train_run(cfg, run_dir, resume)
     if metrics:  # rank 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -102,6 +103,13 @@ def compare_indexes(
         searcher = FaissSearcher(build_faiss_index(learned_index(model.index, xb), "ip"))  # as users serve it
         rows += _rows("poeem", searcher, time.perf_counter() - started, model, data, ks, nprobes)
     baselines = [("faiss-ivfpq", False)] * faiss_baseline + [("faiss-opq-ivfpq", True)] * opq_baseline
+    if baselines and xb.shape[0] < max(budget[0], budget[2]):
+        warnings.warn(
+            f"no FAISS baseline: {xb.shape[0]} items are too few to train IVF{budget[0]},PQ{budget[1]} "
+            f"with {budget[2]} codewords per subspace",
+            stacklevel=2,
+        )
+        baselines = []
     for name, opq in baselines:
         started = time.perf_counter()
         index = train_faiss_ivfpq(xb, *budget, metric="ip", opq=opq, seed=seed)

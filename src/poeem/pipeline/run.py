@@ -158,6 +158,10 @@ def train_run(
         )
     if cfg.data.path and Path(cfg.data.path).exists():  # the run must find its data from anywhere
         cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+    encoder = (cfg.model.text or {}).get("encoder")
+    if encoder and Path(encoder).is_dir():  # and its text encoder (an index names it too)
+        text = {**(cfg.model.text or {}), "encoder": str(Path(encoder).resolve())}
+        cfg = replace(cfg, model=replace(cfg.model, text=text))
     device = distributed.setup(resolve_device(cfg.train.device))
     data = load_data(cfg.data)
     shapes = model_shapes(data)
