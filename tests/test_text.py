@@ -208,6 +208,7 @@ def test_serve_accepts_text_queries(tmp_path: Path, tiny_encoder: Path) -> None:
         assert body["results"][0]["ids"] == list(ids[0])
         assert np.isfinite(body["results"][0]["scores"]).all()
         assert server.call("POST", "/search", {"queries": [{"text": "w1", "id": "q1"}]})[0] == 422
+        assert server.call("GET", "/info")[1]["text_queries"] is True
     finally:
         server.stop()
 

@@ -300,6 +300,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             "fast_scan": m.fast_scan,
             "backend": s.backend,
             "query_tower": m.query_tower is not None,
+            "text_queries": m.text_query is not None,
             "writes_enabled": config.token is not None,
             "limits": {
                 "max_k": config.max_k,
