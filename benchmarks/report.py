@@ -176,7 +176,7 @@ def text_section(r: dict[str, Any]) -> list[str]:
     exact = {}
     for row in r["rows"]:
         if row["method"].endswith("exact"):
-            exact[row["method"].split(" exact")[0].rstrip(":")] = row["ndcg@10"]
+            exact[row["method"].split(" exact")[0]] = row["ndcg@10"]
 
     def cell(row: dict[str, Any], key: str) -> str:
         if key not in row:

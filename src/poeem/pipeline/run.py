@@ -243,7 +243,7 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
     if isinstance(model, TextTwoTowerModel):
         attach_data(model, load_data(cfg.data), distributed.is_main())
         text_query = model.query_side()
-    coarse_codes, codes = encode_items(model, art.item_features)
+    coarse_codes, codes = item_codes(model, art.item_features)
     if not distributed.is_main():
         return None
     ids = None
@@ -266,7 +266,7 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
 
 
 @torch.no_grad()
-def encode_items(
+def item_codes(
     model: RetrievalModel, item_features: torch.Tensor | None = None
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The codes of every item, each rank encoding its share and all ranks gathering them.
