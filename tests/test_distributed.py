@@ -255,6 +255,11 @@ def test_batch_size_must_split_across_ranks(tmp_path: Path) -> None:
     assert "a multiple of the number of processes (2)" in done.stderr
 
 
+def test_nproc_must_be_positive(tmp_path: Path) -> None:
+    done = cli("train", "--run-dir", str(tmp_path), *TINY_RUN, "--nproc", "0", ok=False)
+    assert "--nproc" in done.stderr and "a positive integer" in done.stderr
+
+
 # ------------------------------------------------------------------------ CUDA
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_training_and_export_match_the_cpu_codes(tmp_path: Path) -> None:
