@@ -564,8 +564,13 @@ def main() -> None:
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     from poeem import distributed
 
+    finished = False
     try:
         app()
+        finished = True
+    except SystemExit as done:
+        finished = not done.code
+        raise
     except PoeemError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -573,6 +578,8 @@ def main() -> None:
         print("interrupted (checkpoints written so far are intact)", file=sys.stderr)
         sys.exit(130)
     finally:
+        if finished:  # ranks leave together: gloo may abort a rank that quits while others work
+            distributed.barrier()
         distributed.teardown()
 
 
