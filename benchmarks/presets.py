@@ -64,11 +64,29 @@ class Preset:
         )
 
 
+# the paper's losses only (distortion regularizer + straight-through estimator): every option
+# that trains the index for retrieval (docs/design.md, issue 9) off
+PAPER_LOSSES: dict[str, Any] = {
+    "routing_weight": 0.0,
+    "route_centroids": False,
+    "index_task_grad": False,
+    "balance_weight": 0.0,
+    "reseed_after": 0,
+    "unquantized_loss_weight": 0.0,
+}
+# the "poeem*" variants with L2 lists reproduce the paper's layer; the "-ip" ones use the
+# layer's defaults (inner-product lists and the retrieval options)
 VARIANTS: dict[str, dict[str, Any]] = {
-    "poeem": {"rotation": "none", "coarse_metric": "l2"},
-    "poeem-opq": {"rotation": "opq", "coarse_metric": "l2"},
-    "poeem-givens": {"rotation": "givens", "coarse_metric": "l2"},
-    "poeem-no-warmstart": {"rotation": "none", "warmup_steps": 0, "init": "random", "coarse_metric": "l2"},
+    "poeem": {"rotation": "none", "coarse_metric": "l2", **PAPER_LOSSES},
+    "poeem-opq": {"rotation": "opq", "coarse_metric": "l2", **PAPER_LOSSES},
+    "poeem-givens": {"rotation": "givens", "coarse_metric": "l2", **PAPER_LOSSES},
+    "poeem-no-warmstart": {
+        "rotation": "none",
+        "warmup_steps": 0,
+        "init": "random",
+        "coarse_metric": "l2",
+        **PAPER_LOSSES,
+    },
     "poeem-ip": {"rotation": "none", "coarse_metric": "ip"},
     "poeem-givens-ip": {"rotation": "givens", "coarse_metric": "ip"},
 }

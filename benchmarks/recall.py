@@ -36,6 +36,7 @@ from common import RESULTS, command_line, save_result
 from presets import VARIANTS, preset, tiny
 
 ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", *VARIANTS]
+DEFAULT_VARIANT = "poeem-ip"  # the layer's defaults; its list sizes and training curves are plotted
 
 
 def read_curves(log: Path, names: tuple[str, ...]) -> dict[str, list[list[float]]]:
@@ -112,7 +113,15 @@ def main() -> None:
     p.add_argument("--dataset", required=True, choices=["synthetic", "ml-100k", "gowalla"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--nprobes", type=int, nargs="+", default=None, help="default: 1 and all lists")
+    p.add_argument(
+        "--nprobes", type=int, nargs="+", default=None, help="default: powers of two up to all lists"
+    )
+    p.add_argument(
+        "--num-subspaces",
+        type=int,
+        default=None,
+        help="override the preset's D (bytes per item at K=256); results go to recall_<dataset>_D<D>",
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
@@ -131,7 +140,10 @@ def main() -> None:
         pre = tiny(pre)
     if args.epochs:
         pre.train.epochs = args.epochs
-    nprobes = tuple(args.nprobes or (1, pre.budget[0]))
+    if args.num_subspaces:
+        pre.budget = (pre.budget[0], args.num_subspaces, pre.budget[2])
+    nprobes = tuple(args.nprobes or [2**i for i in range(pre.budget[0].bit_length()) if 2**i < pre.budget[0]])
+    nprobes = tuple(sorted({*nprobes, pre.budget[0]})) if not args.nprobes else nprobes
     work = Path(tempfile.mkdtemp(prefix="poeem-bench-"))
     runs, curves, sizes = [], {}, {}
     try:
@@ -152,26 +164,27 @@ def main() -> None:
                     "train_s_per_epoch": metrics["train_s"] / pre.train.epochs,
                 }
             )
-            if seed == args.seeds[0] and not args.merge:
+            if seed == args.seeds[0]:
                 sizes["faiss-ivfpq"] = list_sizes_faiss(model.all_item_embeddings(), pre.budget, seed)
             for variant in args.variants:
                 model = train_variant(pre, seed, variant, nprobes, work, runs)
-                if seed == args.seeds[0] and variant == "poeem" and not args.merge:
+                if seed == args.seeds[0] and variant == DEFAULT_VARIANT:
                     curves = read_curves(
                         work / f"{variant}-{seed}" / "log.csv",
                         ("relative_distortion", "subcode_perplexity", "coarse_perplexity", "task_loss"),
                     )
-                    sizes["poeem"] = list_sizes_poeem(model)
+                    sizes[variant] = list_sizes_poeem(model)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    name = f"recall_{args.dataset}{'_tiny' if args.tiny else ''}"
+    suffix = f"_D{args.num_subspaces}" if args.num_subspaces else ""
+    name = f"recall_{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
     commands = []
     if args.merge:  # keep the other rows, curves and list sizes of the existing results
         old = json.loads(((args.results_dir or RESULTS) / f"{name}.json").read_text())
         trained = {(r["seed"], r["variant"]) for r in runs}
         runs = [r for r in old["runs"] if (r["seed"], r["variant"]) not in trained] + runs
-        curves, sizes = old["curves"], old["list_sizes"]
+        curves, sizes = curves or old["curves"], sizes or old["list_sizes"]
         commands = old.get("commands", [old["command"]])
     data = load_data(pre.run_config(args.seeds[0], None, nprobes).data)
     coarse, d, k = pre.budget
@@ -181,6 +194,7 @@ def main() -> None:
     result = {
         "dataset": args.dataset,
         "data": data.summary(),
+        "num_eval_queries": len(data.eval_queries()),
         "seeds": sorted({r["seed"] for r in runs}),
         "tiny": args.tiny,
         "headline": pre.headline,

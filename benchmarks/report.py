@@ -264,21 +264,29 @@ def recall_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
     h = r["headline"]
     metrics = [h] + [k for k in ("recall@50", "recall@100", "ndcg@20") if k in r["summary"][0] and k != h]
     b = r["budget"]
+    budget = f"IVF{b['coarse_K']},PQ{b['D']}x{b['K'].bit_length() - 1}"
     lines = [
-        f"## Retrieval quality: {r['dataset']}",
+        f"## Retrieval quality: {r['dataset']}, {budget}",
         "",
-        f"{r['data']}. Code budget IVF{b['coarse_K']},"
-        f"PQ{b['D']}x{b['K'].bit_length() - 1} ({b['bytes_per_item']:g} bytes per item plus the list id); "
-        "mean ± std over the seeds in the 'seeds' column.",
+        f"{r['data']}. Code budget {budget} ({b['bytes_per_item']:g} bytes per item plus the list id); "
+        "mean ± std over the seeds in the 'seeds' column. 'codes scanned' is the mean number of "
+        "item codes a query scans at that nprobe (its real routing); 'eval ms/query' is the "
+        "measured time of the whole evaluation (search of the top 100, masking of training items, "
+        "metrics) per query. Rows without them were measured before they were recorded.",
         "",
-        "| row | nprobe | seeds | " + " | ".join(metrics) + " | index build s |",
-        "|---|---:|---:|" + "---:|" * len(metrics) + "---:|",
+        "| row | nprobe | seeds | "
+        + " | ".join(metrics)
+        + " | codes scanned | eval ms/query | index build s |",
+        "|---|---:|---:|" + "---:|" * len(metrics) + "---:|---:|---:|",
     ]
+    nq = r.get("num_eval_queries")
     for row in r["summary"]:
+        scanned = f"{row['codes_scanned']:.0f}" if "codes_scanned" in row else "—"
+        ms = f"{1000 * row['eval_s'] / nq:.3f}" if nq and "codes_scanned" in row else "—"
         lines.append(
             f"| {row['method']} | {row['nprobe']} | {row['seeds']} | "
             + " | ".join(fmt(row, m) for m in metrics)
-            + f" | {row['build_s']:.2f} |"
+            + f" | {scanned} | {ms} | {row['build_s']:.2f} |"
         )
     per_variant: dict[str, list[float]] = {}
     for run in r["runs"]:
@@ -322,6 +330,22 @@ def plots(name: str, r: dict[str, Any], img: Path) -> list[str]:
     fig.savefig(img / f"{name}_nprobe.png", dpi=120)
     plt.close(fig)
     out.append(f"![{h} against nprobe](img/{name}_nprobe.png)")
+    scanned = [x for x in r["summary"] if "codes_scanned" in x and x["method"] != "exact"]
+    if scanned:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        for method in dict.fromkeys(x["method"] for x in scanned):
+            pts = sorted((x["codes_scanned"], x[h]) for x in scanned if x["method"] == method)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        exact = next(x for x in r["summary"] if x["method"] == "exact")
+        ax.axhline(exact[h], color="k", ls="--", lw=1, label="exact")
+        ax.set_xlabel("codes scanned per query (mean, real routing)")
+        ax.set_ylabel(h)
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(img / f"{name}_scanned.png", dpi=120)
+        plt.close(fig)
+        out.append(f"![{h} against codes scanned per query](img/{name}_scanned.png)")
     if r.get("curves"):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
         for key, ax in zip(("relative_distortion", "subcode_perplexity"), axes, strict=True):
@@ -382,6 +406,52 @@ def sweep_section(r: dict[str, Any], img: Path) -> list[str]:
     return [*lines, "", "![recall against bytes per item](img/sweep.png)", "", provenance(r), ""]
 
 
+ABLATION_COLUMNS = (
+    ("nprobe1", "nprobe 1"),
+    ("all_lists", "all lists"),
+    ("exact_of_joint_model", "joint model, exact"),
+    ("codes_scanned_nprobe1", "codes scanned, nprobe 1"),
+    ("imbalance", "imbalance"),
+    ("train_s_per_epoch", "train s/epoch"),
+)
+
+
+def ablation_section(r: dict[str, Any], img: Path) -> list[str]:
+    """Table and bar plot of ``benchmarks/ablation.py``: each option alone and together."""
+    h, name = r["headline"], r["dataset"]
+    lines = [
+        f"### Ablation: {name}",
+        "",
+        f"{h} of the `poeem-ip` variant with each option (mean ± std over the listed seeds).",
+        "",
+        "| options | seeds | " + " | ".join(label for _, label in ABLATION_COLUMNS) + " |",
+        "|---|---|" + "---:|" * len(ABLATION_COLUMNS),
+    ]
+    for row in r["summary"]:
+        cells = []
+        for key, _ in ABLATION_COLUMNS:
+            digits = 4 if key in ("nprobe1", "all_lists", "exact_of_joint_model") else 1
+            digits = 3 if key == "imbalance" else digits
+            std = f" ± {row[key + '_std']:.{digits}f}" if len(row["seeds"]) > 1 else ""
+            cells.append(f"{row[key]:.{digits}f}{std}")
+        seeds = ",".join(map(str, row["seeds"]))
+        lines.append(f"| {row['option']} | {seeds} | " + " | ".join(cells) + " |")
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = [row["option"] for row in r["summary"]]
+    ys = np.arange(len(labels))
+    ax.barh(ys - 0.2, [row["nprobe1"] for row in r["summary"]], 0.4, label="nprobe 1")
+    ax.barh(ys + 0.2, [row["all_lists"] for row in r["summary"]], 0.4, label="all lists")
+    ax.set_yticks(ys, labels, fontsize=7)
+    ax.set_xlabel(h)
+    lo = min(row["nprobe1"] for row in r["summary"])
+    ax.set_xlim(lo * 0.95, max(row["exact_of_joint_model"] for row in r["summary"]) * 1.01)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(img / f"ablation_{name}.png", dpi=120)
+    plt.close(fig)
+    return [*lines, "", f"![ablation on {name}](img/ablation_{name}.png)", "", provenance(r), ""]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--results-dir", type=Path, default=RESULTS)
@@ -408,9 +478,14 @@ def main() -> None:
         lines += scale_section(results["scale"], img)
     if "text_scifact" in results:
         lines += text_section(results["text_scifact"])
-    for name in ("recall_synthetic", "recall_ml-100k", "recall_gowalla"):
+    for name in ("recall_synthetic", "recall_ml-100k", "recall_gowalla", "recall_gowalla_D16"):
         if name in results:
             lines += recall_section(name, results[name], img)
+    ablations = [n for n in ("ablation_synthetic", "ablation_ml-100k", "ablation_gowalla") if n in results]
+    if ablations:
+        lines += ["## Closing the gap to exact search: ablation (issue 9)", ""]
+        for name in ablations:
+            lines += ablation_section(results[name], img)
     if "sweep_gowalla" in results:
         lines += sweep_section(results["sweep_gowalla"], img)
     notes = args.docs_dir / "benchmarks_notes.md"

@@ -64,6 +64,17 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(out),
     )
     run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
+    run(
+        "ablation.py",
+        "--dataset",
+        "synthetic",
+        "--tiny",
+        "--options",
+        "none",
+        "default",
+        "--results-dir",
+        str(out),
+    )
     return out
 
 
@@ -95,12 +106,20 @@ def test_benchmarks_write_results(results: Path) -> None:
     scale = json.loads((results / "scale.json").read_text())["rows"][0]
     assert scale["items"] == 5000 and set(scale["processes"]) == {"1", "2"}
     assert scale["poeem_steps_per_s"] > 0 and scale["search_ms_per_query"]["poeem@1"] > 0
+    assert all("codes_scanned" in row for row in recall["summary"] if row["method"] != "exact")
+    ablation = json.loads((results / "ablation_synthetic_tiny.json").read_text())
+    assert [r["option"] for r in ablation["summary"]] == ["none", "default"]
+    assert ablation["runs"][0]["layer"]["routing_weight"] == 0 and ablation["runs"][1]["layer"] == {}
     sweep = json.loads((results / "sweep_synthetic_tiny.json").read_text())
     assert [p["parameter"] for p in sweep["points"]] == ["D", "D", "K", "coarse_K"]
 
 
 def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
-    for name in ("recall_synthetic_tiny", "sweep_synthetic_tiny"):  # the report skips *_tiny files
+    for name in (
+        "recall_synthetic_tiny",
+        "sweep_synthetic_tiny",
+        "ablation_synthetic_tiny",
+    ):  # report skips *_tiny
         (results / f"{name}.json").rename(results / f"{name.replace('_tiny', '')}.json")
     (results / "sweep_synthetic.json").rename(results / "sweep_gowalla.json")
     run("report.py", "--results-dir", str(results), "--docs-dir", str(tmp_path))
@@ -111,3 +130,5 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     assert (tmp_path / "img" / "scale.png").is_file()
     assert (tmp_path / "img" / "recall_synthetic_nprobe.png").is_file()
     assert (tmp_path / "img" / "sweep.png").is_file()
+    assert "Ablation: synthetic" in text and (tmp_path / "img" / "ablation_synthetic.png").is_file()
+    assert (tmp_path / "img" / "recall_synthetic_scanned.png").is_file()

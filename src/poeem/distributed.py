@@ -160,3 +160,9 @@ def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
         return
     for t in tensors:
         dist.broadcast(t.data, src=0)
+
+
+def all_reduce_max(x: torch.Tensor) -> None:
+    """Replace ``x``, in place, with its element-wise maximum over ranks (no-op in one process)."""
+    if is_active():
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)

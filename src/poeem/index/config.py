@@ -41,6 +41,21 @@ class PoeemConfig:
     commitment_weight: float = 0.0  # weight of ||x - sg(x_hat)||^2, pulls items to codewords
     eval_before_init: Literal["raise", "identity"] = "raise"  # eval() before k-means
     seed: int = 0
+    # --- training the index for retrieval (docs/design.md, "Closing the gap to exact search")
+    # routing loss: cross-entropy of the query's soft list choice against its positive's list;
+    # the model adds it when it calls PoeemLayer.routing_loss (it moves the query tower, and
+    # the centroids too with route_centroids); nothing to route without lists (num_coarse=0)
+    routing_weight: float = 1.0
+    route_centroids: bool = False
+    # retrieval-aware index: the task loss's gradient reaches codebooks and centroids through
+    # the reconstruction (the items still get the straight-through identity)
+    index_task_grad: bool = False
+    balance_weight: float = 0.0  # KL(mean soft list assignment || uniform), moves the centroids
+    list_temperature: float = 0.1  # temperature of the soft list assignments of both terms
+    reseed_after: int = 500  # re-seed a codeword or list unused for this many steps (0: never)
+    # keep the towers whole: the model's task loss also scores the un-quantized items, at
+    # this weight (RetrievalModel does it; a model of your own adds the term itself)
+    unquantized_loss_weight: float = 1.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -115,12 +130,27 @@ class PoeemConfig:
             raise PoeemError(
                 "eval_before_init", "'raise' or 'identity'", repr(self.eval_before_init), "pick one of those"
             )
-        for name in ("regularizer_weight", "commitment_weight"):
+        for name in (
+            "regularizer_weight",
+            "commitment_weight",
+            "routing_weight",
+            "balance_weight",
+            "unquantized_loss_weight",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
                 raise PoeemError(
                     name, "a finite number >= 0", repr(value), "a weight of 0 turns the term off"
                 )
+        if not math.isfinite(self.list_temperature) or self.list_temperature <= 0:
+            raise PoeemError("list_temperature", "a positive number", repr(self.list_temperature), "e.g. 0.1")
+        if self.balance_weight and self.num_coarse == 0:
+            raise PoeemError(
+                "balance_weight",
+                "a coarse quantizer (num_coarse > 0) to balance",
+                f"balance_weight={self.balance_weight}, num_coarse=0",
+                "set num_coarse, or leave balance_weight at 0",
+            )
         needed = max(self.codebook_size, self.num_coarse)
         if self.buffer_size < needed:
             raise PoeemError(
@@ -129,10 +159,10 @@ class PoeemConfig:
                 f"buffer_size={self.buffer_size}",
                 f"set buffer_size >= {needed} (10-50x that is better)",
             )
-        if self.warmup_steps < 0 or self.kmeans_iters < 0 or self.opq_rounds < 0:
+        if min(self.warmup_steps, self.kmeans_iters, self.opq_rounds, self.reseed_after) < 0:
             raise PoeemError(
-                "warmup_steps, kmeans_iters, opq_rounds",
+                "warmup_steps, kmeans_iters, opq_rounds, reseed_after",
                 "non-negative integers",
-                f"{self.warmup_steps}, {self.kmeans_iters}, {self.opq_rounds}",
+                f"{self.warmup_steps}, {self.kmeans_iters}, {self.opq_rounds}, {self.reseed_after}",
                 "pass values >= 0",
             )

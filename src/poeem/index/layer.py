@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from poeem.distributed import broadcast_from_rank0, gather_rows
+from poeem.distributed import all_reduce_max, broadcast_from_rank0, gather_rows
 from poeem.errors import PoeemError
 from poeem.index.config import PoeemConfig
 from poeem.index.givens import GivensRotation
@@ -97,6 +98,10 @@ class PoeemLayer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("buffer", torch.zeros(c.buffer_size, c.dim))
         self.register_buffer("buffer_count", torch.zeros((), dtype=torch.long))
+        # the last step each codeword and each list coded an item (for reseed_after)
+        words = (c.num_subspaces, c.codebook_size)
+        self.register_buffer("codeword_last_used", torch.zeros(words, dtype=torch.long))
+        self.register_buffer("list_last_used", torch.zeros(c.num_coarse, dtype=torch.long))
         self._last_stats: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------- state
@@ -165,9 +170,11 @@ class PoeemLayer(nn.Module):
         return self._quantize(x, x32)
 
     def _advance(self, x: torch.Tensor) -> None:
-        """One training step of the warm-start state machine."""
+        """One training step of the warm-start state machine (and of re-seeding after it)."""
         self.step += 1
         if self.is_initialized:
+            if self.config.reseed_after and int(self.step) % self.config.reseed_after == 0:
+                self._reseed(x)
             return
         if int(self.step) <= self.config.warmup_steps:
             return
@@ -194,10 +201,116 @@ class PoeemLayer(nn.Module):
         loss = c.regularizer_weight * (x_hat - x32.detach()).pow(2).sum(-1).mean()
         if c.commitment_weight:
             loss = loss + c.commitment_weight * (x32 - x_hat.detach()).pow(2).sum(-1).mean()
+        if c.balance_weight and coarse_codes is not None:
+            loss = loss + c.balance_weight * self.balance_loss(xr.detach())
+        if self.training and c.reseed_after:
+            self._mark_used(coarse_codes, codes)
         stats = index_stats(x32, x_hat, coarse_codes, codes, c.num_coarse, c.codebook_size)
         self._last_stats = stats
-        output = (x32 + (x_hat - x32).detach()).to(x.dtype)  # straight-through estimator
-        return PoeemOutput(output, loss, coarse_codes, codes, stats, quantized=True)
+        # straight-through estimator: value x_hat, identity gradient to the items; with
+        # index_task_grad the task's gradient reaches the index through x_hat as well
+        ste = x_hat if c.index_task_grad else x_hat.detach()
+        output = ste + (x32 - x32.detach())
+        return PoeemOutput(output.to(x.dtype), loss, coarse_codes, codes, stats, quantized=True)
+
+    # ------------------------------------------------------- list training
+    def list_logits(self, v: torch.Tensor, centroids_grad: bool = True) -> torch.Tensor:
+        """Soft list choice of vectors under the list rule: (B, dim) -> (B, coarse_K) logits.
+
+        Logits are <v R, c_l> / list_temperature for the "ip" rule and
+        -||v R - c_l||^2 / list_temperature for "l2"; their argmax is the list the index assigns
+        an item to, or probes first for a query.
+        """
+        c = self.config
+        if self.coarse is None:
+            raise PoeemError("list_logits()", "a coarse quantizer", "num_coarse=0", "set num_coarse > 0")
+        with _full_precision(v):
+            vr = v.float() @ self.rotation_matrix if c.rotation != "none" else v.float()
+            coarse = self.coarse if centroids_grad else self.coarse.detach()
+            scores = vr @ coarse.T
+            if c.coarse_metric == "l2":
+                scores = 2 * scores - coarse.pow(2).sum(-1) - vr.pow(2).sum(-1, keepdim=True)
+            return scores / c.list_temperature
+
+    def routing_loss(self, queries: torch.Tensor, coarse_codes: torch.Tensor) -> torch.Tensor:
+        """Routing term: the query's soft list choice against the list of its positive item.
+
+        Weighted by ``routing_weight``; it moves the query tower (and the centroids when
+        ``route_centroids``), never the items' lists directly.
+
+        Args:
+            queries: (B, dim) query embeddings, as searched.
+            coarse_codes: (B,) the list of each query's positive item (``PoeemOutput.coarse_codes``).
+
+        Returns:
+            Scalar float32 loss (0 while the index is not quantizing or the weight is 0).
+        """
+        c = self.config
+        if not c.routing_weight or not self.is_initialized:
+            return queries.new_zeros((), dtype=torch.float32)
+        logits = self.list_logits(queries, centroids_grad=c.route_centroids)
+        return c.routing_weight * F.cross_entropy(logits, coarse_codes.long())
+
+    def balance_loss(self, xr: torch.Tensor) -> torch.Tensor:
+        """KL(mean soft list assignment of a batch || uniform); 0 when lists are equally used.
+
+        Args:
+            xr: (B, dim) rotated item embeddings (no gradient reaches them).
+
+        Returns:
+            Scalar loss whose gradient moves the centroids only.
+        """
+        c = self.config
+        scores = xr @ self.coarse.T
+        if c.coarse_metric == "l2":
+            scores = 2 * scores - self.coarse.pow(2).sum(-1)
+        mean_p = torch.softmax(scores / c.list_temperature, dim=-1).mean(0)
+        return (mean_p * (mean_p * c.num_coarse).clamp_min(1e-12).log()).sum()
+
+    # ------------------------------------------------------------ re-seeding
+    @torch.no_grad()
+    def _mark_used(self, coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> None:
+        step = self.step.expand(codes.shape)
+        subspace = torch.arange(codes.shape[1], device=codes.device).expand(codes.shape)
+        self.codeword_last_used[subspace, codes] = step
+        if coarse_codes is not None:
+            self.list_last_used[coarse_codes] = self.step.expand(coarse_codes.shape)
+        all_reduce_max(self.codeword_last_used)  # every rank's usage: replicas stay identical
+        all_reduce_max(self.list_last_used)
+
+    @torch.no_grad()
+    def _reseed(self, x: torch.Tensor) -> None:
+        """Move codewords and lists unused for ``reseed_after`` steps onto this step's items.
+
+        A dead list's centroid becomes an item embedding (at the mean centroid norm for the
+        "ip" rule); a dead codeword becomes an item's residual subvector, so that item takes it
+        at once. Under torch.distributed the usage was merged every step, the rows are gathered,
+        and the random picks depend on (seed, step) only, so every rank re-seeds alike.
+        """
+        c = self.config
+        step = int(self.step)
+        dead_words = (step - self.codeword_last_used) >= c.reseed_after  # (D, K)
+        dead_lists = (step - self.list_last_used) >= c.reseed_after  # (coarse_K,)
+        if not bool(dead_words.any()) and not bool(dead_lists.any()):
+            return
+        xr = gather_rows(x).to(self.codebooks.device)
+        xr = xr @ self.rotation_matrix if c.rotation != "none" else xr
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        if self.coarse is not None and bool(dead_lists.any()):
+            lists = dead_lists.nonzero()[:, 0]
+            rows = xr[torch.randint(xr.shape[0], (lists.numel(),), generator=g).to(xr.device)]
+            if c.coarse_metric == "ip":
+                rows = F.normalize(rows, dim=-1) * self.coarse.norm(dim=-1).mean()
+            self.coarse[lists] = rows
+            self.list_last_used[lists] = step
+        coarse = self.coarse.detach() if self.coarse is not None else None
+        coarse_codes, _ = encode_rotated(xr, coarse, self.codebooks, c.coarse_metric)
+        residual = xr - coarse[coarse_codes] if coarse is not None else xr
+        sub = split_subvectors(residual, c.num_subspaces)  # (D, n, dsub)
+        d, k = dead_words.nonzero(as_tuple=True)
+        pick = torch.randint(xr.shape[0], (d.numel(),), generator=g).to(xr.device)
+        self.codebooks[d, k] = sub[d, pick]
+        self.codeword_last_used[d, k] = step
 
     # ------------------------------------------------------------ initialise
     @torch.no_grad()
@@ -260,6 +373,8 @@ class PoeemLayer(nn.Module):
             self.coarse.copy_(coarse)
         if self.givens is not None:
             self.givens.angles.zero_()
+        self.codeword_last_used.fill_(int(self.step))
+        self.list_last_used.fill_(int(self.step))
         broadcast_from_rank0([p for p in (self.base_rotation, self.codebooks, self.coarse) if p is not None])
         self.initialized.fill_(True)
         self.phase.fill_(QUANTIZE)
@@ -397,6 +512,9 @@ class PoeemLayer(nn.Module):
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
         own = self.state_dict()
+        for key in ("codeword_last_used", "list_last_used"):  # absent from older checkpoints
+            if prefix + key not in state_dict and prefix + "step" in state_dict:
+                state_dict[prefix + key] = torch.full_like(own[key], int(state_dict[prefix + "step"]))
         mismatched = []
         for key, value in own.items():
             incoming = state_dict.get(prefix + key)

@@ -61,7 +61,9 @@ class RetrievalModel(nn.Module):
                 positives of all ranks (gathered with gradient).
 
         Returns:
-            ``loss`` (task + index), ``task_loss``, ``index_loss``, and the index health stats.
+            ``loss`` (task + index), ``task_loss``, ``index_loss`` (distortion regularizer,
+            routing and balance terms), ``routing_loss``, and the index health stats. With the
+            layer's ``unquantized_loss_weight`` the task loss also scores the un-quantized items.
         """
         q = self.encode_queries(batch["query_ids"], batch.get("query_features"))
         positives = batch["item_ids"]
@@ -74,10 +76,27 @@ class RetrievalModel(nn.Module):
         x = self.encode_items(item_ids, item_features)
         out: dict[str, torch.Tensor] = {}
         index_loss = q.new_zeros(())
+        task = q.new_zeros(())
         if self.index is not None:
             res = self.index(x)
+            weight = self.index.config.unquantized_loss_weight
+            if res.quantized and weight:
+                task = weight * self._task_loss(q, x, positives, item_ids)
             x, index_loss = res.output, res.loss
             out.update(res.stats)
+            if res.coarse_codes is not None:
+                routing = self.index.routing_loss(q, res.coarse_codes[: positives.shape[0]])
+                index_loss = index_loss + routing
+                out["routing_loss"] = routing.detach()
+        task = task + self._task_loss(q, x, positives, item_ids)
+        out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
+        return out
+
+    def _task_loss(
+        self, q: torch.Tensor, x: torch.Tensor, positives: torch.Tensor, item_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """In-batch softmax of queries (B, dim) against items x (B + N, dim): positives, then
+        extra negatives; across ranks with ``cross_rank_negatives``."""
         b, offset = positives.shape[0], 0
         if self.config.cross_rank_negatives and distributed.is_active():
             offset = distributed.rank() * b
@@ -90,9 +109,7 @@ class RetrievalModel(nn.Module):
             n_neg = item_ids.shape[0] - positives.shape[0]
             uniform = torch.full((n_neg,), -math.log(self.num_items), device=q.device)
             log_q = torch.cat([self.item_log_q[positives], uniform])
-        task = in_batch_softmax(scores, item_ids, log_q, offset)
-        out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
-        return out
+        return in_batch_softmax(scores, item_ids, log_q, offset)
 
     @torch.no_grad()
     def all_item_embeddings(

@@ -1,0 +1,146 @@
+"""The options that train the index for retrieval: routing, balance, re-seeding, task gradient."""
+
+import faiss
+import numpy as np
+import torch
+from conftest import correlated
+from faiss.contrib.inspect_tools import get_invlist
+
+from poeem import PoeemLayer
+from poeem.evaluation.cost import imbalance_factor
+from poeem.export import to_faiss
+from poeem.export.faiss_codec import pack_sa_codes
+from poeem.model import ModelConfig, TwoTowerModel
+
+
+def layer_on(x: torch.Tensor, **options: object) -> PoeemLayer:
+    settings = {"num_subspaces": 4, "codebook_size": 16, "num_coarse": 4, "warmup_steps": 0}
+    layer = PoeemLayer(dim=x.shape[1], buffer_size=len(x), kmeans_iters=5, **{**settings, **options})
+    layer.initialize(x)
+    return layer
+
+
+def test_routing_loss_moves_the_positives_list_towards_the_query() -> None:
+    x = torch.nn.functional.normalize(correlated(512, 16), dim=1)
+    layer = layer_on(x, routing_weight=1.0, route_centroids=True)
+    q = torch.nn.functional.normalize(torch.randn(1, 16), dim=1).requires_grad_(True)
+    routed = int(layer.list_logits(q).argmax())
+    target = torch.tensor([(routed + 1) % 4])  # its positive lives in another list
+    before = layer.list_logits(q.detach())[0].detach()
+    opt = torch.optim.SGD([*layer.parameters(), q], lr=0.05)
+    layer.routing_loss(q, target).backward()
+    assert q.grad.abs().sum() > 0  # the query tower learns to route
+    opt.step()
+    after = layer.list_logits(q.detach())[0].detach()
+    gain = after - before
+    assert gain[target] > 0 and gain[target] == gain.max()  # the target list gained the most
+    assert gain[routed] < 0
+
+
+def test_routing_loss_leaves_centroids_alone_by_default() -> None:
+    x = correlated(512, 16)
+    layer = layer_on(x, routing_weight=1.0)
+    q = torch.randn(8, 16, requires_grad=True)
+    layer.routing_loss(q, torch.zeros(8, dtype=torch.long)).backward()
+    assert layer.coarse.grad is None and q.grad.abs().sum() > 0
+
+
+def test_balance_lowers_the_imbalance_factor_on_skewed_data() -> None:
+    g = torch.Generator().manual_seed(0)
+    crowd = torch.randn(900, 16, generator=g) * 0.3 + 1.0  # most items in one corner
+    x = torch.nn.functional.normalize(torch.cat([crowd, torch.randn(300, 16, generator=g)]), dim=1)
+    layer = layer_on(x, balance_weight=1.0)  # inner-product lists, regularizer on
+
+    def imbalance() -> float:
+        return imbalance_factor(np.bincount(layer.encode(x)[0].long().numpy(), minlength=4))
+
+    before = imbalance()
+    opt = torch.optim.Adam([layer.coarse], lr=0.01)
+    for _ in range(200):
+        opt.zero_grad()
+        layer(x).loss.backward()
+        opt.step()
+    assert before > 2 and imbalance() < 1.1
+
+
+def test_a_dead_codeword_is_reseeded_and_then_used() -> None:
+    x = correlated(512, 16)
+    layer = layer_on(x, reseed_after=5)
+    with torch.no_grad():
+        layer.codebooks[1, 3] = 1e3  # nothing is near it: it codes no item
+    for _ in range(5):
+        layer(x[:256])
+    assert layer.codebooks[1, 3].abs().max() < 100  # moved onto an item's residual
+    assert (layer.encode(x[:256])[1][:, 1] == 3).any()
+
+
+def test_a_dead_list_is_reseeded_on_an_item() -> None:
+    x = correlated(512, 16)
+    layer = layer_on(x, reseed_after=3)
+    with torch.no_grad():
+        layer.coarse[2] = -50 * layer.coarse[0]  # a list nobody picks
+    for _ in range(3):
+        layer(x[:256])
+    assert (layer.encode(x)[0] == 2).any()
+
+
+def test_task_gradient_reaches_the_index_and_items_keep_the_identity() -> None:
+    x = correlated(512, 16)
+    layer = layer_on(x, index_task_grad=True, regularizer_weight=0.0)
+    xb = x[:64].clone().requires_grad_(True)
+    out = layer(xb)
+    upstream = torch.randn_like(xb)
+    (out.output * upstream).sum().backward()
+    torch.testing.assert_close(xb.grad, upstream)
+    assert layer.codebooks.grad.abs().sum() > 0 and layer.coarse.grad.abs().sum() > 0
+    torch.testing.assert_close(out.output, layer.decode(out.coarse_codes, out.codes), rtol=0, atol=0)
+
+
+def test_a_model_trained_with_every_option_exports_its_codes_bit_for_bit() -> None:
+    options = {
+        "num_subspaces": 4,
+        "codebook_size": 16,
+        "num_coarse": 4,
+        "warmup_steps": 2,
+        "buffer_size": 64,
+        "kmeans_iters": 3,
+        "routing_weight": 1.0,
+        "route_centroids": True,
+        "index_task_grad": True,
+        "balance_weight": 1.0,
+        "reseed_after": 3,
+        "unquantized_loss_weight": 1.0,
+    }
+    model = TwoTowerModel(ModelConfig(dim=16, poeem=options), 50, 80)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        batch = {
+            "query_ids": torch.randint(50, (32,), generator=g),
+            "item_ids": torch.randint(80, (32,), generator=g),
+        }
+        out = model(batch)
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert out["routing_loss"] > 0  # the last steps quantized and routed
+    model.eval()
+    x = model.all_item_embeddings()
+    index = to_faiss(model.index, x, metric="cosine")
+    coarse_codes, codes = model.index.encode(x)
+    expected = pack_sa_codes(None, codes.numpy(), 0, 4)
+    ivf = faiss.extract_index_ivf(index)
+    for lst in range(ivf.nlist):
+        ids, stored = get_invlist(ivf.invlists, lst)
+        assert (coarse_codes.numpy()[ids] == lst).all()
+        assert np.array_equal(stored, expected[ids])
+
+
+def test_checkpoints_without_usage_buffers_still_load() -> None:
+    x = correlated(512, 16)
+    layer = layer_on(x, reseed_after=10)
+    state = {k: v for k, v in layer.state_dict().items() if not k.endswith("_last_used")}
+    fresh = PoeemLayer(layer.config)
+    fresh.load_state_dict(state)
+    assert (fresh.codeword_last_used == int(layer.step)).all()
+    torch.testing.assert_close(fresh.encode(x)[1], layer.encode(x)[1])
