@@ -181,11 +181,12 @@ def main() -> None:
     name = f"recall_{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
     commands = []
     if args.merge:  # keep the other rows, curves and list sizes of the existing results
-        old = json.loads(((args.results_dir or RESULTS) / f"{name}.json").read_text())
+        path = (args.results_dir or RESULTS) / f"{name}.json"
+        old = json.loads(path.read_text()) if path.exists() else {"runs": [], "curves": {}, "list_sizes": {}}
         trained = {(r["seed"], r["variant"]) for r in runs}
         runs = [r for r in old["runs"] if (r["seed"], r["variant"]) not in trained] + runs
         curves, sizes = curves or old["curves"], sizes or old["list_sizes"]
-        commands = old.get("commands", [old["command"]])
+        commands = old.get("commands", [old["command"]] if "command" in old else [])
     data = load_data(pre.run_config(args.seeds[0], None, nprobes).data)
     coarse, d, k = pre.budget
     epoch_time = defaultdict(list)

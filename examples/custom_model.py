@@ -59,7 +59,9 @@ print(f"{args.users} users, {args.items} items, {len(clicks_user)} clicks")
 # ## Your model, with the layer at the end of the item tower
 #
 # `PoeemLayer(...)` returns a `PoeemOutput`: `.output` is the quantized item (its gradient passes
-# straight through to the tower) and `.loss` trains the codebooks and the rotation. For the first
+# straight through to the tower) and `.loss` trains the codebooks and the rotation. Once it
+# quantizes, two more terms train for retrieval: the task loss on the un-quantized items too,
+# and `routing_loss`, which teaches the query tower the list its items are in. For the first
 # `warmup_steps` it is the identity; then it collects `buffer_size` item embeddings, runs
 # k-means (here with an OPQ rotation) and starts quantizing. Budget: 16 lists, 8 sub-codes of
 # 8 bits, so 8 bytes per item.
@@ -90,10 +92,16 @@ class TwoTower(nn.Module):
         return F.normalize(self.item_mlp(features), dim=1)
 
     def forward(self, users: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        quantized = self.index(self.item_vectors(features))
-        logits = self.user_vectors(users) @ quantized.output.T / 0.05  # in-batch softmax
-        task = F.cross_entropy(logits, torch.arange(len(users)))
-        return task, quantized.loss
+        q, x = self.user_vectors(users), self.item_vectors(features)
+        quantized = self.index(x)
+        target = torch.arange(len(users))
+        task = F.cross_entropy(q @ quantized.output.T / 0.05, target)  # in-batch softmax
+        index_loss = quantized.loss
+        if quantized.quantized:  # the two retrieval terms of the layer's defaults (docs/design.md)
+            weight = self.index.config.unquantized_loss_weight  # keeps the towers whole
+            task = task + weight * F.cross_entropy(q @ x.T / 0.05, target)
+            index_loss = index_loss + self.index.routing_loss(q, quantized.coarse_codes)  # routing
+        return task, index_loss
 
 
 model = TwoTower(args.users)
@@ -102,7 +110,7 @@ optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
 # %% [markdown]
 # ## A hand-written training loop
 #
-# The only Poeem-specific line is adding the layer's loss to the task loss.
+# The only Poeem-specific line is adding the layer's losses to the task loss.
 
 # %%
 started = time.perf_counter()

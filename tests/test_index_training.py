@@ -37,12 +37,13 @@ def test_routing_loss_moves_the_positives_list_towards_the_query() -> None:
     assert gain[routed] < 0
 
 
-def test_routing_loss_leaves_centroids_alone_by_default() -> None:
+def test_routing_loss_moves_only_the_queries_by_default() -> None:
     x = correlated(512, 16)
-    layer = layer_on(x, routing_weight=1.0)
+    layer = layer_on(x, routing_weight=1.0, rotation="givens")
     q = torch.randn(8, 16, requires_grad=True)
     layer.routing_loss(q, torch.zeros(8, dtype=torch.long)).backward()
-    assert layer.coarse.grad is None and q.grad.abs().sum() > 0
+    assert layer.coarse.grad is None and layer.givens.angles.grad is None  # item codes stay put
+    assert q.grad.abs().sum() > 0
 
 
 def test_balance_lowers_the_imbalance_factor_on_skewed_data() -> None:

@@ -44,7 +44,7 @@ class PoeemConfig:
     # --- training the index for retrieval (docs/design.md, "Closing the gap to exact search")
     # routing loss: cross-entropy of the query's soft list choice against its positive's list;
     # the model adds it when it calls PoeemLayer.routing_loss (it moves the query tower, and
-    # the centroids too with route_centroids); nothing to route without lists (num_coarse=0)
+    # the centroids and rotation too with route_centroids); nothing to route without lists
     routing_weight: float = 1.0
     route_centroids: bool = False
     # retrieval-aware index: the task loss's gradient reaches codebooks and centroids through

@@ -214,19 +214,21 @@ class PoeemLayer(nn.Module):
         return PoeemOutput(output.to(x.dtype), loss, coarse_codes, codes, stats, quantized=True)
 
     # ------------------------------------------------------- list training
-    def list_logits(self, v: torch.Tensor, centroids_grad: bool = True) -> torch.Tensor:
+    def list_logits(self, v: torch.Tensor, index_grad: bool = True) -> torch.Tensor:
         """Soft list choice of vectors under the list rule: (B, dim) -> (B, coarse_K) logits.
 
         Logits are <v R, c_l> / list_temperature for the "ip" rule and
         -||v R - c_l||^2 / list_temperature for "l2"; their argmax is the list the index assigns
-        an item to, or probes first for a query.
+        an item to, or probes first for a query. With ``index_grad`` False, no gradient reaches
+        the centroids or the rotation (only ``v``).
         """
         c = self.config
         if self.coarse is None:
             raise PoeemError("list_logits()", "a coarse quantizer", "num_coarse=0", "set num_coarse > 0")
         with _full_precision(v):
-            vr = v.float() @ self.rotation_matrix if c.rotation != "none" else v.float()
-            coarse = self.coarse if centroids_grad else self.coarse.detach()
+            rotation = self.rotation_matrix if index_grad else self.rotation_matrix.detach()
+            vr = v.float() @ rotation if c.rotation != "none" else v.float()
+            coarse = self.coarse if index_grad else self.coarse.detach()
             scores = vr @ coarse.T
             if c.coarse_metric == "l2":
                 scores = 2 * scores - coarse.pow(2).sum(-1) - vr.pow(2).sum(-1, keepdim=True)
@@ -235,8 +237,8 @@ class PoeemLayer(nn.Module):
     def routing_loss(self, queries: torch.Tensor, coarse_codes: torch.Tensor) -> torch.Tensor:
         """Routing term: the query's soft list choice against the list of its positive item.
 
-        Weighted by ``routing_weight``; it moves the query tower (and the centroids when
-        ``route_centroids``), never the items' lists directly.
+        Weighted by ``routing_weight``; it moves the query tower only (and the centroids and
+        the learnable rotation too with ``route_centroids``): the items' codes stay put.
 
         Args:
             queries: (B, dim) query embeddings, as searched.
@@ -248,7 +250,7 @@ class PoeemLayer(nn.Module):
         c = self.config
         if not c.routing_weight or not self.is_initialized:
             return queries.new_zeros((), dtype=torch.float32)
-        logits = self.list_logits(queries, centroids_grad=c.route_centroids)
+        logits = self.list_logits(queries, index_grad=c.route_centroids)
         return c.routing_weight * F.cross_entropy(logits, coarse_codes.long())
 
     def balance_loss(self, xr: torch.Tensor) -> torch.Tensor:
