@@ -2,6 +2,7 @@
 data's own ids. Regressions of issue 8: features were dropped at export (every code differed)
 and raw ids were lost (a raw user id silently answered for another user)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -142,8 +143,11 @@ def test_movielens_raw_ids_end_to_end_through_the_cli(tmp_path: Path) -> None:
     ]
     args += ["--buffer-size", "256", "--dim", "16", "--epochs", "1", "--batch-size", "128"]
     args += ["--logger", "none", "--no-progress", "--k", "10"]
+    args += ["--routing-weight", "0.5", "--reseed-after", "7"]
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
+    layer = json.loads((tmp_path / "run" / "config.json").read_text())["model"]["poeem"]
+    assert layer["routing_weight"] == 0.5 and layer["reseed_after"] == 7
     result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "ix")])
     assert result.exit_code == 0, result.output
     (tmp_path / "users.txt").write_text("1007\n1014\n")

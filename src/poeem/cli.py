@@ -128,6 +128,21 @@ def train(
     commitment_weight: Annotated[
         float | None, Opt(help="Weight of the commitment term.", rich_help_panel="Index layer")
     ] = None,
+    routing_weight: Annotated[
+        float | None,
+        Opt(help="Weight of the routing loss (queries learn their lists).", rich_help_panel="Index layer"),
+    ] = None,
+    unquantized_loss_weight: Annotated[
+        float | None,
+        Opt(help="Weight of the task loss on un-quantized items.", rich_help_panel="Index layer"),
+    ] = None,
+    balance_weight: Annotated[
+        float | None, Opt(help="Weight of the list-balance term.", rich_help_panel="Index layer")
+    ] = None,
+    reseed_after: Annotated[
+        int | None,
+        Opt(help="Re-seed codes unused this many steps (0: never).", rich_help_panel="Index layer"),
+    ] = None,
     # training
     epochs: Annotated[
         int | None, Opt(help="Epochs (safe to change on --resume).", rich_help_panel="Training")
@@ -247,6 +262,10 @@ def train(
         buffer_size=buffer_size,
         regularizer_weight=regularizer_weight,
         commitment_weight=commitment_weight,
+        routing_weight=routing_weight,
+        unquantized_loss_weight=unquantized_loss_weight,
+        balance_weight=balance_weight,
+        reseed_after=reseed_after,
     )
     text = given(encoder=text_encoder, mode=text_mode)
     if resume:
