@@ -406,6 +406,23 @@ def sweep_section(r: dict[str, Any], img: Path) -> list[str]:
     return [*lines, "", "![recall against bytes per item](img/sweep.png)", "", provenance(r), ""]
 
 
+def train_cost_section(r: dict[str, Any]) -> list[str]:
+    """Table of ``benchmarks/train_cost.py``: steps/s without the layer and with it."""
+    lines = [
+        f"### Training cost: {r['dataset']}",
+        "",
+        f"Training steps per second on the preset's batches (batch {r['rows'][0]['batch_size']}, "
+        f"{r['threads']} torch threads), every timed step quantizing.",
+        "",
+        "| setting | steps/s | time per step vs no layer |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {x['setting']} | {x['steps_per_s']:.2f} | {x['time_vs_no_layer']:.2f}x |" for x in r["rows"]
+    ]
+    return [*lines, "", provenance(r), ""]
+
+
 ABLATION_COLUMNS = (
     ("nprobe1", "nprobe 1"),
     ("all_lists", "all lists"),
@@ -486,6 +503,9 @@ def main() -> None:
         lines += ["## Closing the gap to exact search: ablation (issue 9)", ""]
         for name in ablations:
             lines += ablation_section(results[name], img)
+    for name in ("train_cost_gowalla", "train_cost_synthetic"):
+        if name in results:
+            lines += train_cost_section(results[name])
     if "sweep_gowalla" in results:
         lines += sweep_section(results["sweep_gowalla"], img)
     notes = args.docs_dir / "benchmarks_notes.md"

@@ -65,6 +65,18 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
     run(
+        "train_cost.py",
+        "--dataset",
+        "synthetic",
+        "--tiny",
+        "--steps",
+        "3",
+        "--warm",
+        "1",
+        "--results-dir",
+        str(out),
+    )
+    run(
         "ablation.py",
         "--dataset",
         "synthetic",
@@ -107,6 +119,9 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert scale["items"] == 5000 and set(scale["processes"]) == {"1", "2"}
     assert scale["poeem_steps_per_s"] > 0 and scale["search_ms_per_query"]["poeem@1"] > 0
     assert all("codes_scanned" in row for row in recall["summary"] if row["method"] != "exact")
+    cost = json.loads((results / "train_cost_synthetic_tiny.json").read_text())["rows"]
+    assert [r["setting"] for r in cost] == ["no layer", "layer, paper losses", "layer, defaults"]
+    assert cost[0]["time_vs_no_layer"] == 1.0 and all(r["steps_per_s"] > 0 for r in cost)
     ablation = json.loads((results / "ablation_synthetic_tiny.json").read_text())
     assert [r["option"] for r in ablation["summary"]] == ["none", "default"]
     assert ablation["runs"][0]["layer"]["routing_weight"] == 0 and ablation["runs"][1]["layer"] == {}
@@ -115,11 +130,8 @@ def test_benchmarks_write_results(results: Path) -> None:
 
 
 def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
-    for name in (
-        "recall_synthetic_tiny",
-        "sweep_synthetic_tiny",
-        "ablation_synthetic_tiny",
-    ):  # report skips *_tiny
+    tiny = ("recall_synthetic", "sweep_synthetic", "ablation_synthetic", "train_cost_synthetic")
+    for name in (f"{t}_tiny" for t in tiny):  # the report skips *_tiny files
         (results / f"{name}.json").rename(results / f"{name.replace('_tiny', '')}.json")
     (results / "sweep_synthetic.json").rename(results / "sweep_gowalla.json")
     run("report.py", "--results-dir", str(results), "--docs-dir", str(tmp_path))
@@ -130,5 +142,6 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     assert (tmp_path / "img" / "scale.png").is_file()
     assert (tmp_path / "img" / "recall_synthetic_nprobe.png").is_file()
     assert (tmp_path / "img" / "sweep.png").is_file()
+    assert "Training cost: synthetic" in text and "| layer, defaults |" in text
     assert "Ablation: synthetic" in text and (tmp_path / "img" / "ablation_synthetic.png").is_file()
     assert (tmp_path / "img" / "recall_synthetic_scanned.png").is_file()
