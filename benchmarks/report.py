@@ -18,6 +18,7 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 
 from common import RESULTS
 
@@ -341,6 +342,7 @@ def plots(name: str, r: dict[str, Any], img: Path) -> list[str]:
         ax.set_xlabel("codes scanned per query (mean, real routing)")
         ax.set_ylabel(h)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(img / f"{name}_scanned.png", dpi=120)
@@ -447,13 +449,13 @@ def ablation_section(r: dict[str, Any], img: Path) -> list[str]:
     for row in r["summary"]:
         cells = []
         for key, _ in ABLATION_COLUMNS:
-            digits = 4 if key in ("nprobe1", "all_lists", "exact_of_joint_model") else 1
-            digits = 3 if key == "imbalance" else digits
+            digits = {"nprobe1": 4, "all_lists": 4, "exact_of_joint_model": 4, "imbalance": 3}.get(key, 1)
+            digits = 0 if key == "codes_scanned_nprobe1" else digits
             std = f" ± {row[key + '_std']:.{digits}f}" if len(row["seeds"]) > 1 else ""
             cells.append(f"{row[key]:.{digits}f}{std}")
         seeds = ",".join(map(str, row["seeds"]))
         lines.append(f"| {row['option']} | {seeds} | " + " | ".join(cells) + " |")
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(7, 3.2))
     labels = [row["option"] for row in r["summary"]]
     ys = np.arange(len(labels))
     ax.barh(ys - 0.2, [row["nprobe1"] for row in r["summary"]], 0.4, label="nprobe 1")
@@ -462,7 +464,7 @@ def ablation_section(r: dict[str, Any], img: Path) -> list[str]:
     ax.set_xlabel(h)
     lo = min(row["nprobe1"] for row in r["summary"])
     ax.set_xlim(lo * 0.95, max(row["exact_of_joint_model"] for row in r["summary"]) * 1.01)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(img / f"ablation_{name}.png", dpi=120)
     plt.close(fig)
