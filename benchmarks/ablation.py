@@ -23,11 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from poeem.pipeline.run import train_run
 
-from common import RESULTS, command_line, save_result
+from common import RESULTS, add_mean_std, command_line, save_result
 from presets import PAPER_LOSSES, preset, tiny
 
 # PoeemConfig fields of each option, set on top of PAPER_LOSSES (every option off)
@@ -131,9 +129,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "imbalance",
             "train_s_per_epoch",
         ):
-            values = np.array([r[key] for r in rows], dtype=float)
-            entry[key] = float(values.mean())
-            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            add_mean_std(entry, key, [r[key] for r in rows])
         out.append(entry)
     return out
 

@@ -61,3 +61,28 @@ def save_result(name: str, payload: dict[str, Any], results_dir: Path | None = N
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
     return path
+
+
+def add_mean_std(entry: dict[str, Any], key: str, values: list[float]) -> None:
+    """Set ``entry[key]`` to the mean of ``values`` and ``entry[key + "_std"]`` to their sample
+    std (0 for a single value)."""
+    import numpy
+
+    array = numpy.asarray(values, dtype=float)
+    entry[key] = float(array.mean())
+    entry[f"{key}_std"] = float(array.std(ddof=1)) if len(array) > 1 else 0.0
+
+
+def timed_steps_per_s(trainer: Any, batches: Any, warm: int, steps: int) -> float:
+    """Training steps/s of ``trainer`` on ``batches`` over ``steps`` steps, after ``warm``
+    untimed ones (which allocate the optimizer state); every rank waits for the others."""
+    from poeem import distributed
+
+    trainer.cfg.max_steps = warm
+    trainer.fit(batches)
+    distributed.barrier()
+    trainer.cfg.max_steps = warm + steps
+    started = time.perf_counter()
+    trainer.fit(batches)
+    distributed.barrier()
+    return steps / (time.perf_counter() - started)

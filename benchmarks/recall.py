@@ -32,7 +32,7 @@ from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run import train_run
 from poeem.search.faiss_backend import train_faiss_ivfpq
 
-from common import RESULTS, command_line, save_result
+from common import RESULTS, add_mean_std, command_line, save_result
 from presets import VARIANTS, preset, tiny
 
 ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", *VARIANTS]
@@ -101,9 +101,7 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for key in rows[0]:
             if key in ("method", "nprobe"):
                 continue
-            values = np.array([r[key] for r in rows], dtype=float)
-            entry[key] = float(values.mean())
-            entry[f"{key}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            add_mean_std(entry, key, [r[key] for r in rows])
         out.append(entry)
     return out
 

@@ -46,7 +46,7 @@ from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model import ModelConfig, TwoTowerModel
 from poeem.training import TrainConfig, Trainer
 
-from common import save_result
+from common import save_result, timed_steps_per_s
 
 DIM, NUM_QUERIES, SEARCH_QUERIES = 64, 100_000, 10_000
 
@@ -83,16 +83,7 @@ def steps_per_s(model: TwoTowerModel, batch_size: int, steps: int, warm: int) ->
     cfg = TrainConfig(
         epochs=1, batch_size=batch_size, lr=1e-3, progress=False, log="none", checkpoint_every=0
     )
-    trainer = Trainer(model, cfg)
-    pairs = RandomPairs(model.num_items, batch_size)
-    trainer.cfg.max_steps = warm
-    trainer.fit(pairs)
-    distributed.barrier()
-    trainer.cfg.max_steps = warm + steps
-    started = time.perf_counter()
-    trainer.fit(pairs)
-    distributed.barrier()
-    return steps / (time.perf_counter() - started)
+    return timed_steps_per_s(Trainer(model, cfg), RandomPairs(model.num_items, batch_size), warm, steps)
 
 
 def layer_config(n: int, kmeans_iters: int, init: str = "kmeans") -> dict[str, Any]:

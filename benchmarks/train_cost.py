@@ -10,7 +10,6 @@ quantizes. Steps after ``--warm`` untimed ones (optimizer state allocation) are 
 from __future__ import annotations
 
 import argparse
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from poeem.data import load_data
 from poeem.pipeline.run_dir import build_model, model_shapes
 from poeem.training import PairBatches, Trainer
 
-from common import save_result
+from common import save_result, timed_steps_per_s
 from presets import PAPER_LOSSES, preset, tiny
 
 SETTINGS = {"no layer": None, "layer, paper losses": PAPER_LOSSES, "layer, defaults": {}}
@@ -36,14 +35,9 @@ def steps_per_s(pre: Any, data: Any, layer: dict[str, Any] | None, steps: int, w
     model = build_model(cfg.model, model_shapes(data), torch.from_numpy(data.item_popularity()))
     if model.index is not None:
         model.index.initialize(model.all_item_embeddings()[: cfg.model.poeem["buffer_size"]])
-    train = replace(cfg.train, progress=False, log="none", checkpoint_every=0, max_steps=warm)
-    trainer = Trainer(model, train)
+    train = replace(cfg.train, progress=False, log="none", checkpoint_every=0)
     batches = PairBatches(data, train.batch_size, 0, "cpu", cfg.model.random_negatives)
-    trainer.fit(batches)
-    trainer.cfg.max_steps = warm + steps
-    started = time.perf_counter()
-    trainer.fit(batches)
-    return steps / (time.perf_counter() - started)
+    return timed_steps_per_s(Trainer(model, train), batches, warm, steps)
 
 
 def main() -> None:

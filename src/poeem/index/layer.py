@@ -228,11 +228,14 @@ class PoeemLayer(nn.Module):
         with _full_precision(v):
             rotation = self.rotation_matrix if index_grad else self.rotation_matrix.detach()
             vr = v.float() @ rotation if c.rotation != "none" else v.float()
-            coarse = self.coarse if index_grad else self.coarse.detach()
-            scores = vr @ coarse.T
-            if c.coarse_metric == "l2":
-                scores = 2 * scores - coarse.pow(2).sum(-1) - vr.pow(2).sum(-1, keepdim=True)
-            return scores / c.list_temperature
+            return self._rotated_list_logits(vr, self.coarse if index_grad else self.coarse.detach())
+
+    def _rotated_list_logits(self, vr: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
+        """(B, dim) rotated vectors, (coarse_K, dim) centroids -> (B, coarse_K) list logits."""
+        scores = vr @ coarse.T
+        if self.config.coarse_metric == "l2":
+            scores = 2 * scores - coarse.pow(2).sum(-1) - vr.pow(2).sum(-1, keepdim=True)
+        return scores / self.config.list_temperature
 
     def routing_loss(self, queries: torch.Tensor, coarse_codes: torch.Tensor) -> torch.Tensor:
         """Routing term: the query's soft list choice against the list of its positive item.
@@ -262,12 +265,8 @@ class PoeemLayer(nn.Module):
         Returns:
             Scalar loss whose gradient moves the centroids only.
         """
-        c = self.config
-        scores = xr @ self.coarse.T
-        if c.coarse_metric == "l2":
-            scores = 2 * scores - self.coarse.pow(2).sum(-1)
-        mean_p = torch.softmax(scores / c.list_temperature, dim=-1).mean(0)
-        return (mean_p * (mean_p * c.num_coarse).clamp_min(1e-12).log()).sum()
+        mean_p = torch.softmax(self._rotated_list_logits(xr, self.coarse), dim=-1).mean(0)
+        return (mean_p * (mean_p * self.config.num_coarse).clamp_min(1e-12).log()).sum()
 
     # ------------------------------------------------------------ re-seeding
     @torch.no_grad()
