@@ -1,8 +1,10 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from poeem.cli import app
@@ -134,3 +136,39 @@ def test_float_ids_in_npy_files_are_refused(tmp_path: Path) -> None:
         ],
     )
     assert result.exit_code != 0 and "expected 64-bit integer ids, got dtype float64" in str(result.exception)
+
+
+# Fills every new float32 numpy buffer with FLT_MAX: the state in which faiss 1.15's fast-scan
+# search (reading its uninitialised output as a threshold) used to drop every row.
+POISONED_EMPTY = (
+    "import sys, numpy as np\n"
+    "empty = np.empty\n"
+    "def poisoned(*args, **kwargs):\n"
+    "    out = empty(*args, **kwargs)\n"
+    "    if out.dtype == np.float32:\n"
+    "        out.fill(np.finfo(np.float32).max)\n"
+    "    return out\n"
+    "np.empty = poisoned\n"
+    "from poeem.cli import main\n"
+    "sys.argv = ['poeem', *sys.argv[1:]]\n"
+    "main()\n"
+)
+
+
+@pytest.mark.parametrize("threads", ["1", "2"])
+@pytest.mark.parametrize("poison", [False, True])
+def test_first_search_of_a_fast_scan_index_returns_k_rows(tmp_path: Path, threads: str, poison: bool) -> None:
+    from test_export_search import trained_layer
+
+    from poeem import Searcher
+
+    layer, x = trained_layer("none", 8, k=16)
+    Searcher.create(tmp_path / "ix", layer, x, metric="ip", fast_scan=True)
+    np.save(tmp_path / "q.npy", np.random.default_rng(0).normal(size=(40, 16)).astype(np.float32))
+    args = ["search", str(tmp_path / "ix"), "--query-file", str(tmp_path / "q.npy"), "-k", "3"]
+    launch = ["-c", POISONED_EMPTY] if poison else ["-m", "poeem"]
+    command = [sys.executable, *launch, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": threads}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+    rows = result.stdout.strip().splitlines()[1:]
+    assert len(rows) == 40 * 3, result.stdout

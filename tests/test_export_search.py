@@ -119,6 +119,21 @@ def test_fast_scan_is_close_to_exact_adc() -> None:
     assert overlap > 0.9
 
 
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_fast_scan_search_ignores_what_the_output_buffer_held(metric: str) -> None:
+    """faiss 1.15's fast-scan heap takes the caller's first output distance as a threshold: a
+    buffer that starts with the worst-possible value of the other sign keeps nothing."""
+    layer, x = trained_layer("none", 8, k=16, coarse_metric="l2" if metric == "l2" else "ip")
+    index = to_faiss(layer, x, metric=metric, fast_scan=True)
+    xq = torch.randn(6, DIM)
+    poison = np.finfo(np.float32).max if metric == "ip" else np.finfo(np.float32).min
+    d, i = np.full((6, 3), poison, np.float32), np.full((6, 3), 7, np.int64)
+    index.search(xq.numpy(), 3, D=d, I=i)
+    assert (i == -1).all()  # the trigger, in FAISS itself
+    _, ids = FaissSearcher(index).search(xq, 3, 8)
+    assert (ids >= 0).all()
+
+
 def test_fast_scan_needs_4_bits() -> None:
     layer, x = trained_layer("none", 8, k=256)
     with pytest.raises(PoeemError, match="fast_scan: expected K = 16"):

@@ -121,7 +121,10 @@ def to_faiss(
             ``(coarse_codes, codes)`` that :meth:`PoeemLayer.encode` returned.
         ids: (n,) non-negative int64 item ids kept by FAISS; 0..n-1 by default.
         metric: "ip", "cosine" (items normalised here, queries by the index) or "l2".
-        fast_scan: 4-bit fast-scan index (K must be 16).
+        fast_scan: 4-bit fast-scan index (K must be 16). Search it through
+            :class:`poeem.search.FaissSearcher`, or pass ``D`` and ``I`` from
+            :func:`poeem.search.faiss_backend.worst_results` to ``index.search``: faiss 1.15
+            reads its output buffer as a threshold, and a plain call can drop rows.
 
     Returns:
         A ready ``faiss.Index``; ``index.search(xq, k)`` returns (D, I) with your ids.

@@ -51,10 +51,27 @@ class FaissSearcher:
         metric = "cosine" if self.normalize else "ip"
         q = prepare_queries(xq, metric, self.index.d).cpu().numpy()
         params = search_parameters(self.index, nprobe)
-        d, i = self.index.search(
-            np.ascontiguousarray(q, dtype=np.float32), k, params=params[0] if params else None
+        d, i = worst_results(len(q), k, self.index.metric_type)
+        self.index.search(
+            np.ascontiguousarray(q, dtype=np.float32), k, params=params[0] if params else None, D=d, I=i
         )
         return torch.from_numpy(d), torch.from_numpy(i)
+
+
+def worst_results(nq: int, k: int, metric_type: int) -> tuple[np.ndarray, np.ndarray]:
+    """Output buffers for ``index.search``, filled with the metric's worst score and id -1.
+
+    FAISS's fast-scan heap (faiss 1.15, k <= 20) reads the caller's first output distance as a
+    starting threshold. Python's default output is uninitialised memory: when it happens to
+    hold FLT_MAX, the search keeps nothing and returns only -1 ids. Pre-filled buffers make
+    every search start from the neutral threshold.
+
+    Returns:
+        D (nq, k) float32 and I (nq, k) int64.
+    """
+    f32 = np.finfo(np.float32)
+    worst = f32.max if metric_type == faiss.METRIC_L2 else f32.min
+    return np.full((nq, k), worst, np.float32), np.full((nq, k), -1, np.int64)
 
 
 def train_faiss_ivfpq(
