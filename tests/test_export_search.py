@@ -213,8 +213,11 @@ def test_query_dim_k_and_nprobe_checks(tmp_path: Path) -> None:
 
 def test_corrupt_or_missing_files_are_clear_and_keep_the_old_index(tmp_path: Path) -> None:
     make_dir(tmp_path)
-    with pytest.raises(PoeemError, match=r"no manifest\.json"):
+    with pytest.raises(PoeemError, match=r"'.*nothing', which does not exist"):
         Searcher.load(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PoeemError, match=r"no manifest\.json"):
+        Searcher.load(tmp_path / "empty")
     faiss_file = tmp_path / "ix" / "index-1.faiss"
     original = faiss_file.read_bytes()
     faiss_file.write_bytes(original[:-10] + b"corruption")

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import numpy as np
 import typer
 
 from poeem.errors import PoeemError
-
-if TYPE_CHECKING:
-    from poeem.ids import IdMap
+from poeem.user_files import read_array, read_ids, require_file
 
 app = typer.Typer(
     add_completion=False,
@@ -206,7 +204,9 @@ def train(
     if nproc < 1:
         raise PoeemError("--nproc", "a positive integer", str(nproc), "pass 1 or more")
     if nproc > 1 and not distributed.launched_by_torchrun():
-        _relaunch_with_torchrun(nproc)
+        code = distributed.relaunch_with_torchrun(nproc)
+        if code:
+            raise typer.Exit(code)
         return
     main_rank = os.environ.get("RANK", "0") == "0"
 
@@ -310,25 +310,6 @@ def _text_encoder_dim(text: dict[str, Any]) -> int:
     return encoder_dim(load_encoder(cfg.encoder, cfg.max_seq_length))
 
 
-def _relaunch_with_torchrun(nproc: int) -> None:
-    """Run this same command line as ``torchrun --standalone --nproc-per-node N -m poeem ...``."""
-    import subprocess
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    typer.echo(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m poeem ...")
-    code = subprocess.run([*command, "-m", "poeem", *args], check=False).returncode
-    if code:
-        raise typer.Exit(code)
-
-
 @app.command()
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem train'.")],
@@ -368,47 +349,6 @@ def export(
     )
 
 
-def _read_ids(path: Path, keys: IdMap | None) -> np.ndarray:
-    """The ids in a .npy array or a text file (one per line, first CSV field), typed like ``keys``
-    (integers when there is no map)."""
-    from poeem.data.files import malformed, require_file
-    from poeem.ids import check_ids
-
-    require_file(path, "ids file")
-    if path.suffix == ".npy":
-        values = np.load(path, allow_pickle=False).ravel()
-        return values if keys is not None and not keys.is_integer else check_ids(values, unique=False).numpy()
-    out: list[Any] = []
-    for no, line in enumerate(path.read_text().splitlines(), 1):
-        text = line.split(",")[0].strip()
-        if not text:
-            continue
-        try:
-            out.append(keys.parse(text) if keys is not None else int(text))
-        except (ValueError, PoeemError):
-            raise malformed(
-                path,
-                no,
-                "one id per line" + (" (an integer)" if keys is None or keys.is_integer else ""),
-                line,
-            ) from None
-    return np.array(out, dtype=None if out else np.int64)
-
-
-def _read_array(path: Path, what: str) -> np.ndarray:
-    from poeem.data.files import require_file
-
-    require_file(path, what)
-    if path.suffix != ".npy":
-        raise PoeemError(
-            what, "a .npy float array of shape (n, dim)", f"'{path.name}'", "save it with numpy.save"
-        )
-    try:
-        return np.load(path, allow_pickle=False)
-    except ValueError as err:
-        raise PoeemError(what, "a numeric .npy array", f"'{path}' ({err})", "re-save it") from None
-
-
 @app.command()
 def search(
     index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
@@ -422,6 +362,13 @@ def search(
         Path | None,
         typer.Option(help="(nq, F) .npy features of the query ids (default: the features saved at export)."),
     ] = None,
+    exclude: Annotated[
+        Path | None,
+        typer.Option(
+            help="Pairs 'query,item' (comma, tab or space separated, e.g. the training interactions) "
+            "whose items are left out of that query's results."
+        ),
+    ] = None,
     k: Annotated[int, typer.Option("-k", "--k", help="Results per query.")] = 10,
     nprobe: Annotated[int, typer.Option(help="IVF lists to probe.")] = 1,
     backend: Annotated[str, typer.Option(help="faiss | torch")] = "faiss",
@@ -430,10 +377,14 @@ def search(
 ) -> None:
     """Search an index directory; prints CSV rows query,rank,id,score in the data's own ids.
 
-    The query column is the query id, or the row number of a .npy embedding or --query text."""
+    The query column is the query id, or the row number of a .npy embedding or --query text.
+    A query whose probed lists hold fewer than k items gets fewer rows, with a warning."""
+    import warnings
+
     from poeem.metric import check_search_args
-    from poeem.search.searcher import Searcher
+    from poeem.search.searcher import Searcher, found
     from poeem.storage import atomic_write
+    from poeem.user_files import read_pairs
 
     check_search_args(k, nprobe)  # before any output
     if (query_file is None) == (not query):
@@ -444,13 +395,14 @@ def search(
         queries = searcher.embed_texts(query).numpy()
         names = np.arange(len(queries))
     elif query_file is not None and by_embedding:
-        queries: np.ndarray = _read_array(query_file, "query embeddings")
+        queries: np.ndarray = read_array(query_file, "query embeddings")
         names: np.ndarray = np.arange(len(queries))
     else:
         assert query_file is not None
-        names = _read_ids(query_file, searcher.query_keys)
+        names = read_ids(query_file, searcher.query_keys)
+        searcher.query_rows(names)  # unknown ids fail here, before any output
         queries = names
-    feats = _read_array(query_features, "query features") if query_features is not None else None
+    feats = read_array(query_features, "query features") if query_features is not None else None
     if feats is not None and (by_embedding or len(feats) != len(names)):
         raise PoeemError(
             "--query-features",
@@ -458,10 +410,12 @@ def search(
             f"{len(feats)} rows",
             "pass one feature row per query id",
         )
-    written = 0
+    seen = read_pairs(exclude, "--exclude file") if exclude is not None else None
+    wanted = min(k, searcher.ntotal)
+    written, short, fewest = 0, 0, wanted
 
     def write_rows(stream: Any) -> None:
-        nonlocal written
+        nonlocal written, short, fewest
         stream.write("query,rank,id,score\n")
         for start in range(0, len(names), batch_size):
             part = slice(start, start + batch_size)
@@ -470,15 +424,18 @@ def search(
                 if by_embedding
                 else searcher.embed_queries(queries[part], feats[part] if feats is not None else None)
             )
-            d, i = searcher.search(xq, k, nprobe)
-            for name, scores, ids in zip(names[part].tolist(), d, i, strict=True):
-                found = [
-                    (r, item, score)
-                    for r, (item, score) in enumerate(zip(ids.tolist(), scores.tolist(), strict=True), 1)
-                    if item not in (-1, "")
-                ]
-                stream.write("".join(f"{name},{r},{item},{score:.6g}\n" for r, item, score in found))
-                written += len(found)
+            skip = [seen.get(str(name), ()) for name in names[part].tolist()] if seen is not None else None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # k and nprobe clamps: the summary below says it
+                d, i = searcher.search(xq, k, nprobe, exclude=skip)
+            for name, scores, ids, hits in zip(names[part].tolist(), d, i, found(i), strict=True):
+                rows = zip(ids[hits].tolist(), scores[hits].tolist(), strict=True)
+                stream.write(
+                    "".join(f"{name},{r},{item},{score:.6g}\n" for r, (item, score) in enumerate(rows, 1))
+                )
+                written += int(hits.sum())
+                if hits.sum() < wanted:
+                    short, fewest = short + 1, min(fewest, int(hits.sum()))
 
     if out is None:
         write_rows(sys.stdout)
@@ -490,6 +447,19 @@ def search(
 
         atomic_write(out, to_file)
         typer.echo(f"wrote {written} results to {out}")
+    if k > searcher.ntotal:
+        warnings.warn(f"k={k} is larger than the {searcher.ntotal} items in the index", stacklevel=1)
+    if short:
+        hint = (
+            f"pass a larger --nprobe (now {min(nprobe, searcher.nlist)} of {searcher.nlist} lists)"
+            if nprobe < searcher.nlist
+            else "every list was probed: the index holds fewer items than asked for"
+        )
+        warnings.warn(
+            f"{short} of {len(names)} queries got fewer than {wanted} results (fewest: {fewest}), "
+            f"because the lists they probe hold too few items{' after --exclude' if seen else ''}; {hint}",
+            stacklevel=1,
+        )
 
 
 @app.command()
@@ -502,7 +472,7 @@ def add(
     from poeem.search.searcher import Searcher
 
     searcher = Searcher.load(index_dir)
-    searcher.add(_read_array(items, "item embeddings"), _read_ids(ids, searcher.item_keys))
+    searcher.add(read_array(items, "item embeddings"), read_ids(ids, searcher.item_keys))
     typer.echo(f"index now holds {searcher.ntotal} items (version {searcher.version})")
 
 
@@ -515,7 +485,7 @@ def remove(
     from poeem.search.searcher import Searcher
 
     searcher = Searcher.load(index_dir)
-    removed = searcher.remove(_read_ids(ids, searcher.item_keys))
+    removed = searcher.remove(read_ids(ids, searcher.item_keys))
     typer.echo(f"removed {removed} items; index now holds {searcher.ntotal} (version {searcher.version})")
 
 
@@ -559,8 +529,6 @@ def serve(
     read_manifest(index_dir)  # a clear error now, before any worker starts
     token = os.environ.get(TOKEN_ENV)
     if token_file is not None:
-        from poeem.data.files import require_file
-
         token = require_file(token_file, "token file").read_text().strip()
     if token is not None and len(token) < 16:
         raise PoeemError(

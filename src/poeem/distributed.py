@@ -166,3 +166,22 @@ def all_reduce_max(x: torch.Tensor) -> None:
     """Replace ``x``, in place, with its element-wise maximum over ranks (no-op in one process)."""
     if is_active():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
+
+
+def relaunch_with_torchrun(nproc: int) -> int:
+    """Run this same command line as ``torchrun --standalone --nproc-per-node N -m poeem ...``,
+    without its ``--nproc`` option; returns torchrun's exit code."""
+    import subprocess
+    import sys
+
+    args, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            args.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+    print(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m poeem ...")
+    return subprocess.run([*command, "-m", "poeem", *args], check=False).returncode

@@ -107,9 +107,7 @@ class IdMap:
                 f"e.g. {next(v for v in values if not isinstance(v, int))!r}",
                 "pass the ids the data used",
             )
-        out = np.fromiter(
-            (self._row.get(v if self.is_integer else str(v), -1) for v in values), np.int64, len(values)
-        )
+        out = self.lookup(values)
         if (out < 0).any():
             unknown = [values[i] for i in np.flatnonzero(out < 0)[:5]]
             raise PoeemError(
@@ -119,6 +117,13 @@ class IdMap:
                 "check the ids (they are the data's original ids)",
             )
         return out
+
+    def lookup(self, raw: Any) -> np.ndarray:
+        """(n,) int64 dense rows of raw ids, -1 for an id this map does not know."""
+        values = np.asarray(raw).ravel().tolist()
+        if self.is_integer:
+            return np.fromiter((self._row.get(v, -1) if isinstance(v, int) else -1 for v in values), np.int64)
+        return np.fromiter((self._row.get(str(v), -1) for v in values), np.int64, len(values))
 
     def extend(self, raw: Any, n: int) -> tuple[IdMap, np.ndarray]:
         """A map that also knows the new raw ids, and the (n,) rows of all of ``raw``.

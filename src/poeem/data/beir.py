@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-from poeem.data.files import malformed, require_file
+from poeem.data.files import DATA_PATH_FIX
 from poeem.data.interactions import CSR, InteractionData
 from poeem.errors import PoeemError
 from poeem.ids import IdMap
+from poeem.user_files import malformed, require_file
 
 Qrels = dict[str, dict[str, int]]  # query id -> {document id: relevance}
 
@@ -120,8 +121,8 @@ def load_beir(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> 
     root = Path(path)
     if not root.is_dir():
         raise PoeemError("BEIR dataset", "a folder", f"'{root}'", "pass the folder that holds corpus.jsonl")
-    corpus_path = require_file(root / "corpus.jsonl", "BEIR corpus")
-    queries_path = require_file(root / "queries.jsonl", "BEIR queries")
+    corpus_path = require_file(root / "corpus.jsonl", "BEIR corpus", DATA_PATH_FIX)
+    queries_path = require_file(root / "queries.jsonl", "BEIR queries", DATA_PATH_FIX)
     corpus = _read_jsonl(corpus_path, ("_id", "title", "text"))
     queries = _read_jsonl(queries_path, ("_id", "text"))
     doc_ids = [str(r["_id"]) for r in corpus]
@@ -131,7 +132,9 @@ def load_beir(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> 
     doc_texts = [f"{r.get('title', '')} {r.get('text', '')}".strip() for r in corpus]
     qrels = {
         split: _read_qrels(
-            require_file(root / "qrels" / f"{split}.tsv", f"BEIR {split} qrels"), set(query_ids), set(doc_ids)
+            require_file(root / "qrels" / f"{split}.tsv", f"BEIR {split} qrels", DATA_PATH_FIX),
+            set(query_ids),
+            set(doc_ids),
         )
         for split in splits
     }

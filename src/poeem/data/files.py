@@ -9,20 +9,9 @@ import pandas as pd
 
 from poeem.errors import PoeemError
 from poeem.ids import IdMap
+from poeem.user_files import malformed
 
-
-def require_file(path: str | Path, what: str) -> Path:
-    """The path, if it is an existing file; else a clear error."""
-    path = Path(path)
-    if not path.is_file():
-        raise PoeemError(what, "an existing file", f"'{path}' (missing)", "check the path or --data-path")
-    return path
-
-
-def malformed(path: Path, line_no: int, expected: str, line: str) -> PoeemError:
-    """The error for one bad line (1-based line number)."""
-    shown = line.rstrip("\n")[:80]
-    return PoeemError(f"{path}, line {line_no}", expected, repr(shown), "fix or remove that line")
+DATA_PATH_FIX = "check the path given as --data-path (DataConfig.path)"
 
 
 def _first_bad_line(

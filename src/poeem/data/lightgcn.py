@@ -7,8 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from poeem.data.files import malformed, require_file
+from poeem.data.files import DATA_PATH_FIX
 from poeem.data.interactions import CSR, InteractionData
+from poeem.user_files import malformed, require_file
 
 
 def read_adjacency_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -35,8 +36,12 @@ def read_adjacency_lines(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def load_lightgcn(folder: str | Path) -> InteractionData:
     """Load ``train.txt`` and ``test.txt`` from a LightGCN-style dataset folder."""
     folder = Path(folder)
-    train_u, train_i = read_adjacency_lines(require_file(folder / "train.txt", "LightGCN train.txt"))
-    test_u, test_i = read_adjacency_lines(require_file(folder / "test.txt", "LightGCN test.txt"))
+    train_u, train_i = read_adjacency_lines(
+        require_file(folder / "train.txt", "LightGCN train.txt", DATA_PATH_FIX)
+    )
+    test_u, test_i = read_adjacency_lines(
+        require_file(folder / "test.txt", "LightGCN test.txt", DATA_PATH_FIX)
+    )
     num_users = int(max(train_u.max(initial=-1), test_u.max(initial=-1))) + 1
     num_items = int(max(train_i.max(initial=-1), test_i.max(initial=-1))) + 1
     return InteractionData(

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from poeem.data.files import dense_ids, read_numeric_table, require_file
+from poeem.data.files import DATA_PATH_FIX, dense_ids, read_numeric_table
 from poeem.data.interactions import InteractionData
 from poeem.data.splits import Split, split_per_query
 from poeem.errors import PoeemError
+from poeem.user_files import require_file
 
 COLUMNS = ["user", "item", "rating", "time"]
 FORMATS = {  # file name -> (separator, header, what a line looks like)
@@ -30,7 +31,7 @@ def find_ratings_file(path: str | Path) -> Path:
             f"'{path}'",
             "point --data-path at an extracted MovieLens folder",
         )
-    return require_file(path, "MovieLens ratings file")
+    return require_file(path, "MovieLens ratings file", DATA_PATH_FIX)
 
 
 def load_movielens(

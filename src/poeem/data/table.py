@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from poeem.data.files import dense_ids, malformed, require_file
+from poeem.data.files import DATA_PATH_FIX, dense_ids
 from poeem.data.interactions import InteractionData
 from poeem.data.splits import Split, split_per_query
 from poeem.errors import PoeemError
+from poeem.user_files import malformed, require_file
 
 
 def _read(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -65,7 +66,7 @@ def load_table(
     Query and item values may be any strings or numbers; they are mapped to dense ids. Numeric
     feature columns become per-id side features of the query or item tower.
     """
-    path = require_file(path, "interactions table")
+    path = require_file(path, "interactions table", DATA_PATH_FIX)
     columns = [
         query_column,
         item_column,

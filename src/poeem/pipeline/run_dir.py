@@ -28,6 +28,7 @@ from poeem.ids import IdMap
 from poeem.model import ModelConfig, RetrievalModel, TwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
+from poeem.user_files import require_folder
 
 FIX_RUN = "pass the folder 'poeem train' wrote, after training finished (or retrain)"
 
@@ -129,7 +130,7 @@ def read_artifacts(run_dir: Path) -> RunArtifacts:
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[RunConfig, RetrievalModel]:
     """The config and the trained model (eval mode) of a finished run."""
-    run_dir = Path(run_dir)
+    run_dir = require_folder(run_dir, "run folder", FIX_RUN)
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise PoeemError("run folder", f"'{name}' inside '{run_dir}'", "it is missing", FIX_RUN)

@@ -40,6 +40,7 @@ from poeem.index.config import PoeemConfig
 from poeem.index.tensors import IndexTensors
 from poeem.metric import METRICS
 from poeem.storage import atomic_write, atomic_write_json, fsync_dir, read_json, save_tensors
+from poeem.user_files import require_folder
 
 FORMAT = "poeem-index/1"
 LOCK_NAME = ".lock"
@@ -47,6 +48,7 @@ REQUIRED_ROLES = ("faiss", "codes")
 _VERSIONED = re.compile(r"^[a-z_]+-(\d+)\.(faiss|safetensors|json)$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 REEXPORT = "re-export the index with 'poeem export', or restore the directory from a backup"
+FIX_INDEX_DIR = "pass a folder written by 'poeem export'"
 
 
 def sha256(path: Path) -> str:
@@ -130,11 +132,9 @@ class Manifest:
 
 def read_manifest(directory: Path, verify: bool = True) -> Manifest:
     """Load and validate ``manifest.json``, and (with ``verify``) the files and their checksums."""
-    path = directory / "manifest.json"
+    path = require_folder(directory, "index directory", FIX_INDEX_DIR) / "manifest.json"
     if not path.is_file():
-        raise PoeemError(
-            "index directory", f"'{path}'", "no manifest.json", "pass a folder written by 'poeem export'"
-        )
+        raise PoeemError("index directory", f"'{path}'", "no manifest.json", FIX_INDEX_DIR)
     manifest = Manifest.from_json(read_json(path, "index manifest", REEXPORT))
     if verify:
         for name in manifest.files.values():

@@ -10,6 +10,7 @@ in :meth:`Searcher.embed_queries`.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,12 @@ from poeem.storage import read_json, read_tensors
 
 Backend = Literal["faiss", "torch"]
 LOAD_ATTEMPTS = 5
+
+
+def found(ids: np.ndarray) -> np.ndarray:
+    """Which entries of :meth:`Searcher.search`'s ids are results: (nq, k) bool, False where the
+    row ran short (-1, or "" for string ids)."""
+    return ids != ("" if ids.dtype.kind in "UO" else -1)
 
 
 class Searcher:
@@ -232,7 +239,12 @@ class Searcher:
         return self.manifest.version
 
     def search(
-        self, xq: torch.Tensor | np.ndarray, k: int = 10, nprobe: int = 1, batch_size: int = 4096
+        self,
+        xq: torch.Tensor | np.ndarray,
+        k: int = 10,
+        nprobe: int = 1,
+        batch_size: int = 4096,
+        exclude: Sequence[Iterable[Any]] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items of each query embedding.
 
@@ -240,6 +252,9 @@ class Searcher:
             xq: (nq, dim) finite float query embeddings.
             k: results per query; more than the index holds is clamped, with a warning.
             nprobe: IVF lists probed; more than there are is clamped, with a warning.
+            exclude: nq collections of the items' own ids to leave out of each query's
+                results (ids the index does not hold are ignored). A query searches k plus
+                its own number of excluded items, so one long list costs only that query.
 
         Returns:
             D: (nq, k) float32 scores (similarity for ip/cosine, squared distance for l2);
@@ -248,6 +263,10 @@ class Searcher:
         """
         check_search_args(k, nprobe)
         xq = prepare_queries(xq, "ip", self.manifest.dim)
+        if exclude is not None and len(exclude) != xq.shape[0]:
+            raise PoeemError(
+                "exclude", f"one collection of ids per query ({xq.shape[0]})", str(len(exclude)), "align them"
+            )
         if k > self.ntotal:
             warnings.warn(
                 f"k={k} is larger than the {self.ntotal} items in the index; using k={self.ntotal}",
@@ -260,15 +279,79 @@ class Searcher:
                 stacklevel=2,
             )
             nprobe = self.nlist
+        d, i = self._search_batched(xq, k, nprobe, batch_size)
+        if exclude is not None:
+            d, i = self._exclude(xq, k, nprobe, batch_size, d, i, [self._index_ids(e) for e in exclude])
+        return d, self._raw_item_ids(i)
+
+    def _search_batched(
+        self, xq: torch.Tensor, k: int, nprobe: int, batch_size: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(nq, k) scores and FAISS ids, searched ``batch_size`` queries at a time."""
         d_parts, i_parts = [], []
         for start in range(0, xq.shape[0], batch_size):
             d, i = self._engine.search(xq[start : start + batch_size], k, nprobe)
             d_parts.append(d.cpu().numpy())
             i_parts.append(i.cpu().numpy())
         if not d_parts:
-            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-        ids = np.concatenate(i_parts)
-        return np.concatenate(d_parts), self._raw_item_ids(ids)
+            return np.zeros((0, k), np.float32), np.full((0, k), -1, np.int64)
+        return np.concatenate(d_parts), np.concatenate(i_parts)
+
+    def _index_ids(self, raw: Iterable[Any]) -> np.ndarray:
+        """FAISS ids of the items' own ids that the index holds (others dropped)."""
+        values = list(raw)
+        if self.item_keys is None or self.item_keys.is_integer:  # "12" names item 12 too
+            values = [int(v) for v in values if isinstance(v, int | np.integer) or str(v).isdigit()]
+        rows = self.item_keys.lookup(values) if self.item_keys is not None else np.array(values, np.int64)
+        return rows[np.isin(rows, self.tensors.ids.numpy())]
+
+    def _exclude(
+        self,
+        xq: torch.Tensor,
+        k: int,
+        nprobe: int,
+        batch_size: int,
+        d: np.ndarray,
+        i: np.ndarray,
+        dropped: list[np.ndarray],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Results without each query's dropped ids; queries that lost some are searched again,
+        grouped by their own width (k plus their number of dropped items)."""
+        widths = np.array([min(k + len(x), self.ntotal) for x in dropped], np.int64)
+        hit = np.array([bool(np.isin(row, x).any()) for row, x in zip(i, dropped, strict=True)], bool)
+        out_d = np.full_like(d, np.finfo(np.float32).max if self.metric == "l2" else np.finfo(np.float32).min)
+        out_i = np.full_like(i, -1)
+        for width in np.unique(widths[hit]):
+            rows = np.flatnonzero(hit & (widths == width))
+            wd, wi = self._search_batched(xq[torch.from_numpy(rows)], int(width), nprobe, batch_size)
+            for r, row_d, row_i in zip(rows, wd, wi, strict=True):
+                keep = ~np.isin(row_i, dropped[r])
+                n = min(k, int(keep.sum()))
+                out_d[r, :n], out_i[r, :n] = row_d[keep][:n], row_i[keep][:n]
+        out_d[~hit], out_i[~hit] = d[~hit], i[~hit]
+        return out_d, out_i
+
+    def query_rows(self, query_ids: Any) -> torch.Tensor:
+        """The query tower's (nq,) int64 rows of the queries' own ids; unknown ids are an error."""
+        if self.query_tower is None:
+            raise PoeemError(
+                "query ids",
+                "an index exported with its query tower",
+                "an index without one",
+                "search with query embeddings (.npy), or export from a training run",
+            )
+        if self.query_keys is not None:
+            return torch.from_numpy(self.query_keys.rows(query_ids, "query ids"))
+        rows = check_ids(query_ids, what="query ids", unique=False)
+        num_ids = self.query_tower.num_ids
+        if rows.numel() and int(rows.max()) >= num_ids:
+            raise PoeemError(
+                "query ids",
+                f"ids in [0, {num_ids})",
+                f"max {int(rows.max())}",
+                "pass ids of queries the model was trained on",
+            )
+        return rows
 
     def embed_queries(
         self, query_ids: Any, features: torch.Tensor | np.ndarray | None = None
@@ -283,25 +366,15 @@ class Searcher:
         Returns:
             (nq, dim) float32 embeddings, as the model scores them.
         """
-        if self.query_tower is None:
+        rows = self.query_rows(query_ids)
+        assert self.query_tower is not None  # query_rows checked it
+        if features is not None and not self.query_tower.num_numeric:
             raise PoeemError(
-                "query ids",
-                "an index exported with its query tower",
-                "an index without one",
-                "search with query embeddings (.npy), or export from a training run",
+                "query features",
+                "none: this index's query tower takes no features",
+                f"{len(features)} feature rows",
+                "search by query id alone",
             )
-        if self.query_keys is not None:
-            rows = torch.from_numpy(self.query_keys.rows(query_ids, "query ids"))
-        else:
-            rows = check_ids(query_ids, what="query ids", unique=False)
-            num_ids = self.query_tower.num_ids
-            if rows.numel() and int(rows.max()) >= num_ids:
-                raise PoeemError(
-                    "query ids",
-                    f"ids in [0, {num_ids})",
-                    f"max {int(rows.max())}",
-                    "pass ids of queries the model was trained on",
-                )
         feats = None
         if self.query_tower.num_numeric:
             if features is not None:

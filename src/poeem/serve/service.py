@@ -19,7 +19,7 @@ import torch
 from poeem.errors import PoeemError
 from poeem.metric import prepare_queries
 from poeem.search.index_dir import StaleIndexError, read_manifest
-from poeem.search.searcher import Backend, Searcher
+from poeem.search.searcher import Backend, Searcher, found
 
 
 @dataclass
@@ -78,18 +78,13 @@ class IndexService:
         """
         searcher = self._searcher  # one snapshot for the whole request
         xq = self._embed(searcher, queries)
-        extra = max((len(q.exclude) for q in queries), default=0)
-        width = min(k + extra, max(1, searcher.ntotal))
-        scores, ids = searcher.search(xq, width, min(nprobe, searcher.nlist))
+        exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
+        scores, ids = searcher.search(
+            xq, min(k, max(1, searcher.ntotal)), min(nprobe, searcher.nlist), exclude=exclude
+        )
         out = []
-        for q, row_ids, row_scores in zip(queries, ids, scores, strict=True):
-            dropped = {str(x) for x in q.exclude}
-            kept = [
-                (item, float(score))
-                for item, score in zip(row_ids.tolist(), row_scores.tolist(), strict=True)
-                if item not in (-1, "") and str(item) not in dropped
-            ][:k]
-            out.append(Hits([i for i, _ in kept], [s for _, s in kept]))
+        for row_ids, row_scores, row_found in zip(ids, scores, found(ids), strict=True):
+            out.append(Hits(row_ids[row_found].tolist(), row_scores[row_found].tolist()))
         return out, searcher.version
 
     @staticmethod
