@@ -132,9 +132,13 @@ def test_resume_applies_safe_flags_and_refuses_the_others(tmp_path: Path) -> Non
     assert result.exit_code != 0
     assert "changes to train.lr" in str(result.exception) and "--epochs" in str(result.exception)
     result = runner.invoke(app, ["train", "--run-dir", str(run), "--resume", "--num-coarse", "8"])
-    assert "a resumed run keeps its model" in str(result.exception)
+    assert "changes to model.poeem.num_coarse" in str(result.exception)
+    result = runner.invoke(app, ["train", "--run-dir", str(run), "--resume", "--no-poeem"])
+    assert "changes to --no-poeem" in str(result.exception)
+    # the layer's own values (stored or default) are no change: the command that trained it resumes it
+    same = ["--num-coarse", "2", "--codebook-size", "16", "--rotation", "none", "--poeem"]
     result = runner.invoke(
-        app, ["train", "--run-dir", str(run), "--resume", "--epochs", "2", "--device", "cpu"]
+        app, ["train", "--run-dir", str(run), "--resume", *same, "--epochs", "2", "--device", "cpu"]
     )
     assert result.exit_code == 0, result.output
     assert (

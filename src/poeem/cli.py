@@ -28,11 +28,16 @@ def demo(
     num_pairs: Annotated[int, typer.Option(help="Synthetic training pairs.")] = 1_000_000,
     out: Annotated[Path, typer.Option(help="Folder for both runs.")] = Path("runs/demo"),
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    progress: Annotated[
+        bool, typer.Option("--progress/--no-progress", help="Progress bars (shown only on a terminal).")
+    ] = True,
 ) -> None:
-    """The main job: baseline vs Poeem on the tutorial's synthetic task, one comparison table."""
+    """The main job: baseline vs Poeem on the tutorial's synthetic task, one comparison table.
+
+    Running it again replaces the runs of the previous demo in --out."""
     from poeem.demo import run_demo
 
-    run_demo(epochs=epochs, batch_size=batch_size, num_pairs=num_pairs, out=out, seed=seed)
+    run_demo(epochs=epochs, batch_size=batch_size, num_pairs=num_pairs, out=out, seed=seed, progress=progress)
 
 
 Opt = typer.Option
@@ -172,6 +177,9 @@ def train(
     logger: Annotated[
         str | None, Opt(help="Training curves: csv | tensorboard | none.", rich_help_panel="Training")
     ] = None,
+    log_every: Annotated[
+        int | None, Opt(help="Steps between rows of the training curves.", rich_help_panel="Training")
+    ] = None,
     progress: Annotated[
         bool | None, Opt("--progress/--no-progress", help="Progress bars.", rich_help_panel="Training")
     ] = None,
@@ -248,6 +256,7 @@ def train(
             checkpoint_every=checkpoint_every,
             eval_every=eval_every,
             log=logger,
+            log_every=log_every,
             progress=progress,
         ),
         "eval": given(ks=tuple(k) if k else None, nprobes=tuple(nprobe) if nprobe else None),
@@ -269,17 +278,22 @@ def train(
     )
     text = given(encoder=text_encoder, mode=text_mode)
     if resume:
-        if config is not None or poeem is not None or layer or text:
+        if config is not None:
             raise PoeemError(
                 "--resume",
                 "the run's stored config",
-                "--config or index-layer flags",
-                "drop them: a resumed run keeps its model; start a new --run-dir to change it",
+                "--config",
+                "drop it: a resumed run keeps its config.json; pass changed settings as flags",
             )
-        cfg, applied = resume_config(run_dir, overrides)
+        cfg, applied = resume_config(run_dir, overrides, layer, text, poeem)
         for line in applied if main_rank else []:
             typer.echo(f"resume: {line}")
     else:
+        if data is None and config is None:
+            typer.echo(
+                "no --data given: training on the built-in synthetic task "
+                "(--data movielens | lightgcn | table | beir with --data-path for real data)"
+            )
         raw = RunConfig.from_file(config).to_dict() if config else RunConfig().to_dict()
         for section, values in overrides.items():
             raw[section].update(values)

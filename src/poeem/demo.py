@@ -8,21 +8,35 @@ of exact search, FAISS and Poeem at nprobe 1.
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import typer
 
 from poeem.data import DataConfig
+from poeem.errors import PoeemError
 from poeem.model import ModelConfig
 from poeem.pipeline.config import EvalConfig, RunConfig
 from poeem.pipeline.run import train_run
 from poeem.training.trainer import TrainConfig
 
+RUN_FILES = {
+    "config.json",
+    "ids.json",
+    "features.safetensors",
+    "model.safetensors",
+    "checkpoint.safetensors",
+    "metrics.json",
+    "log.csv",
+    "tensorboard",
+}
 TUTORIAL = {"exact": 0.9989, "faiss-ivfpq": 0.9610, "poeem": 0.9805}  # TF 1.15, 3 epochs, nprobe 1
 
 
-def demo_configs(epochs: int, batch_size: int, num_pairs: int, seed: int) -> tuple[RunConfig, RunConfig]:
+def demo_configs(
+    epochs: int, batch_size: int, num_pairs: int, seed: int, progress: bool = True
+) -> tuple[RunConfig, RunConfig]:
     """(baseline, poeem) run configs of the tutorial: cosine with temperature 1/30, Adagrad 0.1."""
     data = DataConfig(kind="synthetic", num_pairs=num_pairs, seed=seed)
     warmup = epochs * -(-num_pairs // batch_size) // 3  # the first third of training
@@ -35,6 +49,7 @@ def demo_configs(epochs: int, batch_size: int, num_pairs: int, seed: int) -> tup
         device="auto",
         checkpoint_every=0,
         eval_every=10**9,
+        progress=progress,
     )
     ev = EvalConfig(ks=(100,), nprobes=(1,), num_coarse=8, num_subspaces=8, codebook_size=256)
     tutorial_model = {"dim": 64, "score": "cosine", "temperature": 1 / 30, "logq_correction": False}
@@ -56,12 +71,41 @@ def demo_configs(epochs: int, batch_size: int, num_pairs: int, seed: int) -> tup
     return baseline, poeem
 
 
+def _clear_previous_run(run_dir: Path) -> None:
+    """Delete a run folder that an earlier demo wrote (it holds config.json and only run files)."""
+    if not run_dir.exists():
+        return
+    # besides run files, an interrupted demo may leave atomic-write temporaries (.NAME.*.tmp)
+    entries = (
+        {p.name for p in run_dir.iterdir() if not p.name.endswith(".tmp")} if run_dir.is_dir() else {"?"}
+    )
+    if entries and ("config.json" not in entries or not entries <= RUN_FILES):
+        raise PoeemError(
+            "demo output",
+            f"'{run_dir}' empty or holding an earlier demo run",
+            f"other files there ({', '.join(sorted(entries - RUN_FILES)[:3]) or 'no config.json'})",
+            "pass another --out",
+        )
+    typer.echo(f"replacing the earlier demo run in {run_dir}/")
+    shutil.rmtree(run_dir)
+
+
 def run_demo(
-    epochs: int = 3, batch_size: int = 256, num_pairs: int = 1_000_000, out: Path | None = None, seed: int = 0
+    epochs: int = 3,
+    batch_size: int = 256,
+    num_pairs: int = 1_000_000,
+    out: Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
 ) -> list[dict[str, float | str]]:
-    """Train both models, print the comparison table, and return its rows."""
+    """Train both models, print the comparison table, and return its rows.
+
+    The runs go to ``out/baseline`` and ``out/poeem``; a previous demo's runs there are replaced,
+    anything else there is refused."""
     out = out or Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
-    baseline_cfg, poeem_cfg = demo_configs(epochs, batch_size, num_pairs, seed)
+    baseline_cfg, poeem_cfg = demo_configs(epochs, batch_size, num_pairs, seed, progress)
+    for name in ("baseline", "poeem"):
+        _clear_previous_run(out / name)
     steps = -(-num_pairs // batch_size)
     typer.echo(
         f"poeem demo: synthetic task, {num_pairs:,} pairs, {epochs} epochs x {steps:,} steps "

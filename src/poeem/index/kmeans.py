@@ -151,7 +151,7 @@ def kmeans(
     c = kmeans_plus_plus(xg, k, generator)
     if spherical:
         c = torch.nn.functional.normalize(c, dim=-1)
-    for _ in tqdm(range(iters), desc=f"k-means k={k}", disable=not progress, leave=False):
+    for _ in tqdm(range(iters), desc=f"k-means k={k}", disable=None if progress else True, leave=False):
         # (G, n); for spherical, dists are minus the inner product, so "far" still means badly served
         codes, dists = nearest_centroid(xg, c, max_chunk_elems, inner_product=spherical)
         sums = torch.zeros(g, k, d, device=xg.device).scatter_add_(1, codes.unsqueeze(-1).expand(g, n, d), xg)

@@ -21,7 +21,7 @@ from poeem.index.quantize import (
     smallest_uint_dtype,
     split_subvectors,
 )
-from poeem.index.stats import index_stats
+from poeem.index.stats import code_usage, index_stats
 
 WARMUP, COLLECT, QUANTIZE = 0, 1, 2
 
@@ -32,6 +32,7 @@ def _full_precision(x: torch.Tensor) -> torch.autocast:
 
 
 PHASE_NAMES = {WARMUP: "warmup", COLLECT: "collect", QUANTIZE: "quantize"}
+USAGE_WINDOW = 4096  # rows behind the code-usage statistics of a training step
 
 
 @dataclass
@@ -103,6 +104,9 @@ class PoeemLayer(nn.Module):
         self.register_buffer("codeword_last_used", torch.zeros(words, dtype=torch.long))
         self.register_buffer("list_last_used", torch.zeros(c.num_coarse, dtype=torch.long))
         self._last_stats: dict[str, torch.Tensor] = {}
+        # code usage of the last USAGE_WINDOW training rows (not saved): a last short batch
+        # alone would make the usage statistics look like dying codes
+        self._recent_codes: list[tuple[torch.Tensor | None, torch.Tensor]] = []
 
     # ----------------------------------------------------------------- state
     @property
@@ -206,6 +210,8 @@ class PoeemLayer(nn.Module):
         if self.training and c.reseed_after:
             self._mark_used(coarse_codes, codes)
         stats = index_stats(x32, x_hat, coarse_codes, codes, c.num_coarse, c.codebook_size)
+        if self.training:
+            stats |= self._window_usage(coarse_codes, codes)
         self._last_stats = stats
         # straight-through estimator: value x_hat, identity gradient to the items; with
         # index_task_grad the task's gradient reaches the index through x_hat as well
@@ -270,6 +276,19 @@ class PoeemLayer(nn.Module):
 
     # ------------------------------------------------------------ re-seeding
     @torch.no_grad()
+    def _window_usage(
+        self, coarse_codes: torch.Tensor | None, codes: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Code usage statistics over the last :data:`USAGE_WINDOW` training rows, this batch's
+        (B,) lists and (B, D) codes included."""
+        self._recent_codes.append((coarse_codes, codes))
+        while sum(len(b) for _, b in self._recent_codes[1:]) >= USAGE_WINDOW:
+            self._recent_codes.pop(0)
+        lists = [cc for cc, _ in self._recent_codes]
+        window_lists = torch.cat(lists) if coarse_codes is not None and None not in lists else None
+        window_codes = torch.cat([b for _, b in self._recent_codes])
+        return code_usage(window_lists, window_codes, self.config.num_coarse, self.config.codebook_size)
+
     def _mark_used(self, coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> None:
         step = self.step.expand(codes.shape)
         subspace = torch.arange(codes.shape[1], device=codes.device).expand(codes.shape)

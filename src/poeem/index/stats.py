@@ -50,6 +50,16 @@ def index_stats(
             "distortion": err.mean(),
             "relative_distortion": err.sum() / x.pow(2).sum().clamp_min(1e-12),
         }
+    return stats | code_usage(coarse_codes, codes, num_coarse, codebook_size)
+
+
+def code_usage(
+    coarse_codes: torch.Tensor | None, codes: torch.Tensor, num_coarse: int, codebook_size: int
+) -> dict[str, torch.Tensor]:
+    """``subcodes_used`` and ``subcode_perplexity`` (means over subspaces), and with a coarse
+    quantizer ``coarse_used`` and ``coarse_perplexity``, of (N, D) codes and (N,) lists."""
+    with torch.no_grad():
+        stats = {}
         used, ppl = usage_perplexity(codes.T, codebook_size)
         stats["subcodes_used"], stats["subcode_perplexity"] = used.mean(), ppl.mean()
         if coarse_codes is not None:

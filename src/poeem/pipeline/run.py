@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,10 @@ from poeem import distributed
 from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes
+from poeem.index.config import PoeemConfig
 from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
-from poeem.model.text import TextTwoTowerModel
+from poeem.model.text import TextConfig, TextTwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run_dir import (
     RunArtifacts,
@@ -85,12 +86,21 @@ def evaluate_model(
     )
 
 
-def resume_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[RunConfig, list[str]]:
+def resume_config(
+    run_dir: Path,
+    overrides: dict[str, dict[str, Any]],
+    layer: dict[str, Any] | None = None,
+    text: dict[str, Any] | None = None,
+    poeem: bool | None = None,
+) -> tuple[RunConfig, list[str]]:
     """The stored config of a run, with the settings that are safe to change on resume applied.
 
     Args:
         run_dir: a run folder with ``config.json``.
         overrides: settings the user passed, by section, e.g. ``{"train": {"epochs": 5}}``.
+        layer, text: index-layer and text-tower settings the user passed; they must equal
+            the stored ones (the model of a run cannot change).
+        poeem: whether the user asked for a layer (True), for none (False), or did not say.
 
     Returns:
         The config, and one ``"train.epochs: 3 -> 5"`` line per applied change.
@@ -110,11 +120,17 @@ def resume_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[
         for key, value in values.items()
         if key not in SAFE_ON_RESUME.get(section, set()) and stored[section].get(key) != value
     ]
+    for name, given in (("poeem", layer), ("text", text)):
+        kept = _with_defaults(name, stored["model"]) if given else {}
+        refused += [f"model.{name}.{key}" for key, value in (given or {}).items() if kept.get(key) != value]
+    if poeem is not None and poeem != (stored["model"].get("poeem") is not None):
+        refused.append("--poeem" if poeem else "--no-poeem")
     if refused:
         safe = sorted(f"--{'logger' if k == 'log' else k.replace('_', '-')}" for k in SAFE_ON_RESUME["train"])
         raise PoeemError(
             "--resume",
-            f"only settings that are safe to change on a resumed run ({', '.join(safe)})",
+            f"only settings that are safe to change on a resumed run ({', '.join(safe)}), or the "
+            "run's own values",
             f"changes to {', '.join(refused)}",
             "drop those flags to continue the run as it was configured, or start a new run "
             "in another --run-dir",
@@ -127,6 +143,16 @@ def resume_config(run_dir: Path, overrides: dict[str, dict[str, Any]]) -> tuple[
                 applied.append(f"{section}.{key}: {raw[section].get(key)} -> {value}")
                 raw[section][key] = value
     return RunConfig.from_dict(raw), applied
+
+
+def _with_defaults(name: str, model: dict[str, Any]) -> dict[str, Any]:
+    """The stored model config's layer ("poeem") or text towers ("text"), defaults filled in."""
+    stored = model.get(name)
+    if stored is None:
+        return {}
+    if name == "poeem":
+        return PoeemConfig(**{"dim": model["dim"], **stored}).to_dict()
+    return asdict(TextConfig(**stored))
 
 
 def train_run(
@@ -183,12 +209,19 @@ def train_run(
         }
 
     trainer = Trainer(model, cfg.train, run_dir, periodic_eval)
+    batches = PairBatches(data, cfg.train.batch_size, cfg.train.seed, device, cfg.model.random_negatives)
     if resume:
         trainer.resume()
+    if distributed.is_main():
+        kind = "two-tower model with a Poeem layer" if cfg.model.poeem is not None else "two-tower model"
+        span = f"{cfg.train.epochs} epochs" if cfg.train.max_steps is None else "--max-steps"
+        print(
+            f"training a {kind} on {data.summary()}; {trainer.total_steps(len(batches))} steps of "
+            f"batch {cfg.train.batch_size} ({span}) into {run_dir}/",
+            flush=True,
+        )
     started = time.perf_counter()
-    history = trainer.fit(
-        PairBatches(data, cfg.train.batch_size, cfg.train.seed, device, cfg.model.random_negatives)
-    )
+    history = trainer.fit(batches)
     train_s = time.perf_counter() - started - trainer.eval_s
     if model.index is not None and not model.index.is_initialized:
         warnings.warn(

@@ -153,6 +153,11 @@ class Trainer:
                 self.checkpoint_path, self.model, self.optimizer, {"step": self.step, "history": self.history}
             )
 
+    def total_steps(self, per_epoch: int) -> int:
+        """Where training stops: ``epochs`` epochs of ``per_epoch`` steps, or ``max_steps``."""
+        every = self.cfg.epochs * per_epoch
+        return every if self.cfg.max_steps is None else min(self.cfg.max_steps, every)
+
     def fit(self, batches: BatchSource) -> list[dict[str, float]]:
         """Train from the current step to ``cfg.epochs`` epochs (or ``cfg.max_steps``).
 
@@ -160,14 +165,19 @@ class Trainer:
             The evaluation history.
         """
         cfg, per_epoch = self.cfg, len(batches)
-        total = (
-            cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
-        )
+        total = self.total_steps(per_epoch)
+        if self.step >= total:
+            if self.main:
+                tqdm.write(
+                    f"already at step {self.step} of {total}, nothing to train "
+                    "(raise --epochs or --max-steps to continue)"
+                )
+            return self.history
         eval_every = cfg.eval_every or per_epoch
         bar = tqdm(
             total=total,
             initial=self.step,
-            disable=not (cfg.progress and self.main),
+            disable=None if cfg.progress and self.main else True,  # None: off when not a terminal
             desc="train",
             dynamic_ncols=True,
             leave=False,
