@@ -66,11 +66,18 @@ class Server:
         raise RuntimeError("server did not become ready")
 
     def call(
-        self, method: str, path: str, body: Any = None, token: str | None = None, raw: bytes | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        token: str | None = None,
+        raw: bytes | None = None,
+        content_type: str | None = "application/json",
     ) -> tuple[int, Any]:
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
-        request.add_header("content-type", "application/json")
+        if content_type is not None:
+            request.add_header("content-type", content_type)
         if token is not None:
             request.add_header("authorization", f"Bearer {token}")
         try:
@@ -320,3 +327,39 @@ def test_the_listening_socket_disables_nagle() -> None:
         client.close()
     finally:
         sock.close()
+
+
+def test_json_bodies_need_no_content_type_and_unknown_routes_answer_the_error_shape(server: Server) -> None:
+    body = {"queries": [{"id": 12}], "k": 3}
+    expected = server.call("POST", "/search", body)
+    assert expected[0] == 200
+    # urllib, like curl -d, sends form-urlencoded unless told otherwise
+    assert server.call("POST", "/search", body, content_type=None) == expected
+    assert server.call("POST", "/search", body, content_type="text/plain") == expected
+    status, answer = server.call("GET", "/nothing-here")
+    assert status == 404 and answer == {"error": {"message": "Not Found"}}
+    status, answer = server.call("GET", "/search")
+    assert status == 405 and answer == {"error": {"message": "Method Not Allowed"}}
+
+
+def test_query_features_on_a_tower_without_features_are_a_400(server: Server) -> None:
+    status, body = server.call("POST", "/search", {"queries": [{"id": 1, "features": [1.0, 2.0]}]})
+    assert status == 400 and "takes no features" in body["error"]["message"]
+
+
+def test_a_busy_port_is_a_clear_error(index_dir: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "poeem", "serve", str(index_dir), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: --port: expected a port free on 127.0.0.1, got {port} (Address already in use). "
+        "Fix: pass another --port, or stop the server already listening there"
+    ]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import numpy as np
 import typer
 
 from poeem.errors import PoeemError
 from poeem.user_files import read_array, read_ids, require_file
+
+if TYPE_CHECKING:
+    from poeem.ids import IdMap
 
 app = typer.Typer(
     add_completion=False,
@@ -345,6 +348,13 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem train' with a Poeem layer.")],
     out: Annotated[Path, typer.Option(help="The index directory to create.")],
     fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
+    replace: Annotated[
+        bool,
+        typer.Option(
+            help="--out holds an index: publish this export as its next version (servers pick it up "
+            "by polling or POST /reload; readers of the old version are not disturbed)."
+        ),
+    ] = False,
 ) -> None:
     """Export the learned index of a run into a FAISS index directory, with no training.
 
@@ -354,13 +364,55 @@ def export(
     from poeem.pipeline import export_run
 
     started = time.perf_counter()
-    searcher = export_run(run_dir, out, fast_scan)
+    searcher = export_run(run_dir, out, fast_scan, replace)
     if searcher is None:  # not rank 0 under torchrun
         return
     typer.echo(
         f"exported {searcher.ntotal} items ({searcher.nlist} lists, metric {searcher.metric}) "
-        f"to {out} in {time.perf_counter() - started:.2f}s"
+        f"to {out} (version {searcher.version}) in {time.perf_counter() - started:.2f}s"
     )
+
+
+@app.command()
+def embed(
+    run_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem train'.")],
+    ids: Annotated[Path, typer.Option(help="Item ids (the data's own), as .npy or one per line.")],
+    out: Annotated[Path, typer.Option(help="Where to write the (n, dim) embeddings (.npy).")],
+    item_features: Annotated[
+        Path | None,
+        typer.Option(help="(n, F) .npy features of these items (default: the features saved with the run)."),
+    ] = None,
+    mean: Annotated[
+        bool,
+        typer.Option(
+            help="Write one row, the mean of the items' embeddings: a cold-start embedding for a new "
+            "item made of similar ones."
+        ),
+    ] = False,
+) -> None:
+    """Embed items with a run's item tower: the (n, dim) .npy that 'poeem add --items' takes."""
+    from poeem.pipeline.embed import embed_items
+    from poeem.storage import atomic_write
+
+    if out.suffix != ".npy":
+        raise PoeemError("--out", "a .npy file name", f"'{out}'", "name it like items.npy")
+    feats = read_array(item_features, "item features") if item_features is not None else None
+    x = embed_items(run_dir, read_ids(ids, _run_item_keys(run_dir)), feats)
+    if mean:
+        x = x.mean(axis=0, keepdims=True)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:  # a file object: np.save would add .npy to the temporary name
+            np.save(f, x)
+
+    atomic_write(out, write)
+    typer.echo(f"wrote {x.shape[0]} item embeddings of size {x.shape[1]} to {out}")
+
+
+def _run_item_keys(run_dir: Path) -> IdMap | None:
+    from poeem.pipeline.run_dir import read_artifacts
+
+    return read_artifacts(run_dir).item_keys
 
 
 @app.command()
@@ -552,10 +604,8 @@ def serve(
     config = ServeConfig(
         str(index_dir.resolve()), backend, max_k, max_batch, max_body, token, poll_s, search_threads
     )
-    typer.echo(
-        f"serving {index_dir} on http://{host}:{port} (writes {'on' if token else 'off'}); docs at /docs"
-    )
-    run_server(config, host, port, workers, log_level)
+    banner = f"serving {index_dir} on http://{host}:{port} (writes {'on' if token else 'off'}); docs at /docs"
+    run_server(config, host, port, workers, log_level, banner)
 
 
 def main() -> None:

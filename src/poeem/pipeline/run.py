@@ -249,7 +249,9 @@ def train_run(
     return model, metrics
 
 
-def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) -> Searcher | None:
+def export_run(
+    run_dir: str | Path, out: str | Path, fast_scan: bool = False, replace: bool = False
+) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
 
     Items are encoded with their saved features, exactly as the model embeds them; FAISS
@@ -295,6 +297,7 @@ def export_run(run_dir: str | Path, out: str | Path, fast_scan: bool = False) ->
         query_keys=art.query_keys,
         query_features=art.query_features,
         text_query=text_query,
+        replace=replace,
     )
 
 

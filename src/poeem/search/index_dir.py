@@ -201,18 +201,21 @@ def write_version(
     index: faiss.Index,
     tensors: IndexTensors,
     extra: dict[str, Any] | None = None,
+    replace: bool = False,
 ) -> Manifest:
     """Publish a new version of the index directory (see the module docstring).
 
     Args:
         directory: the index directory.
         base: the manifest this update started from, or None to create the directory (an
-            existing index there is then an error).
+            existing index there is then an error, unless ``replace``).
         new: the manifest to publish; its version, files and checksums are filled in here.
         index: the FAISS index; tensors: the same index as tensors.
         extra: more files by role: ``{"query_tower": state_dict}`` (safetensors) or
             ``{"item_keys": [...]}`` (roles ending in ``_keys`` are JSON). Roles of ``base`` not
-            rewritten here are kept.
+            rewritten here are kept, unless ``replace``.
+        replace: publish a whole new index (a new export) as the next version of whatever the
+            directory holds; nothing of the old version is kept.
 
     Returns:
         The published manifest.
@@ -222,6 +225,8 @@ def write_version(
     """
     with writer_lock(directory):
         on_disk = read_manifest(directory, verify=False) if (directory / "manifest.json").exists() else None
+        if replace:  # the next version of whatever is there
+            base = on_disk
         if (on_disk is None) != (base is None) or (
             on_disk is not None and base is not None and on_disk.version != base.version
         ):
@@ -230,7 +235,7 @@ def write_version(
                     "index directory",
                     "a new or empty folder",
                     f"'{directory}' holds an index",
-                    "pass another --out, or use 'poeem add'/'poeem remove' to update it",
+                    "pass --replace to publish a new version there, or another --out",
                 )
             raise StaleIndexError(
                 "index update",
@@ -245,7 +250,7 @@ def write_version(
         for role, payload in (extra or {}).items():
             files[role] = f"{role}-{v}." + ("json" if role.endswith("_keys") else "safetensors")
             _write_role(directory, files[role], payload)
-        for role, name in (base.files if base else {}).items():
+        for role, name in (base.files if base and not replace else {}).items():
             files.setdefault(role, name)
         published = Manifest(
             **{

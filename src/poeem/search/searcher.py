@@ -92,11 +92,13 @@ class Searcher:
         query_keys: IdMap | None = None,
         query_features: torch.Tensor | None = None,
         text_query: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+        replace: bool = False,
     ) -> Searcher:
         """Export a trained layer and its items into a new index directory (no training).
 
         Args:
-            directory: where to write; an existing index there is an error.
+            directory: where to write; an existing index there is an error, unless ``replace``
+                (then this export is published there as its next version).
             layer: the trained :class:`PoeemLayer`.
             items: (n, dim) item embeddings, or ``layer.encode()``'s (coarse_codes, codes).
             ids: (n,) the items' own ids: non-negative integers (stored in FAISS as they are)
@@ -139,7 +141,7 @@ class Searcher:
             query_tower=tower_config,
             text_query=text_query[0] if text_query is not None else None,
         )
-        write_version(directory, None, manifest, index, tensors, extra)
+        write_version(directory, None, manifest, index, tensors, extra, replace=replace)
         return cls.load(directory)
 
     @classmethod

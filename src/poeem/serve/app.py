@@ -37,6 +37,7 @@ from prometheus_client import (
     generate_latest,
 )
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.supervisors import Multiprocess
 
 from poeem._version import __version__
@@ -139,7 +140,12 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        if scope["method"] in ("POST", "DELETE", "PUT") and b"json" not in headers.get(b"content-type", b""):
+            # every body here is JSON: accept it without the header (or with curl -d's form type)
+            kept = [(k, v) for k, v in scope.get("headers") or [] if k != b"content-type"]
+            scope = {**scope, "headers": [*kept, (b"content-type", b"application/json")]}
+        declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             await self._reject(scope, receive, send)
             return
@@ -218,6 +224,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         status = 409 if isinstance(err, StaleIndexError) else 400
         detail = {"what": err.what, "expected": err.expected, "received": err.received, "fix": err.fix}
         return JSONResponse(error_body(str(err), **detail), status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _routing_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -384,8 +394,42 @@ class NoDelayConfig(uvicorn.Config):
         return sock
 
 
-def run_server(config: ServeConfig, host: str, port: int, workers: int = 1, log_level: str = "info") -> None:
-    """Run the service under uvicorn: one process, or ``workers`` processes sharing one socket."""
+def check_port_free(host: str, port: int) -> None:
+    """A clear error, before any worker starts, when ``host:port`` cannot be listened on."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise PoeemError(
+            "--host", "an address of this machine", f"'{host}' ({err})", "pass e.g. 127.0.0.1"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise PoeemError(
+                "--port",
+                f"a port free on {host}",
+                f"{port} ({err.strerror})",
+                "pass another --port, or stop the server already listening there",
+            ) from None
+
+
+def run_server(
+    config: ServeConfig,
+    host: str,
+    port: int,
+    workers: int = 1,
+    log_level: str = "info",
+    banner: str | None = None,
+) -> None:
+    """Run the service under uvicorn: one process, or ``workers`` processes sharing one socket.
+
+    A busy port is a clear error before anything starts; ``banner`` is printed once it is free."""
+    check_port_free(host, port)
+    if banner:
+        print(banner, flush=True)
     os.environ[CONFIG_ENV] = json.dumps(asdict(config))  # what each worker's app_from_env reads
     uv_config = NoDelayConfig(
         "poeem.serve.app:app_from_env",
