@@ -148,8 +148,8 @@ print(f"exported {searcher.ntotal} movies in {time.perf_counter() - started:.2f}
 # %%
 seen_rows = data.train_items[data.train_queries == data.query_keys.rows([args.user])[0]]
 seen = set(data.item_keys.raw(seen_rows).tolist())
-_, movie_ids = searcher.search(searcher.embed_queries([args.user]), 10 + len(seen), nprobe=1)
-top10 = [m for m in movie_ids[0].tolist() if m not in seen and m >= 0][:10]
+_, movie_ids = searcher.search(searcher.embed_queries([args.user]), 10, nprobe=1, exclude=[seen])
+top10 = [m for m in movie_ids[0].tolist() if m >= 0]  # -1: the probed list ran short
 print(f"user {args.user} rated {len(seen)} movies; top-10 new ones:")
 for rank, movie in enumerate(top10, 1):
     print(f"{rank:>3}. {titles.get(movie, ('?', []))[0]}")
@@ -192,8 +192,8 @@ for movie in neighbours[0].tolist():
 # for the current version (which now holds the new movie too).
 
 # %%
-_, again = searcher.search(searcher.embed_queries([args.user]), 10 + len(seen), nprobe=1)
-expected = [m for m in again[0].tolist() if m not in seen and m >= 0][:10]
+_, again = searcher.search(searcher.embed_queries([args.user]), 10, nprobe=1, exclude=[seen])
+expected = [m for m in again[0].tolist() if m >= 0]
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]

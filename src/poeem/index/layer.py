@@ -21,7 +21,7 @@ from poeem.index.quantize import (
     smallest_uint_dtype,
     split_subvectors,
 )
-from poeem.index.stats import code_usage, index_stats
+from poeem.index.stats import UsageCounts, batch_usage_counts, index_stats
 
 WARMUP, COLLECT, QUANTIZE = 0, 1, 2
 
@@ -106,7 +106,8 @@ class PoeemLayer(nn.Module):
         self._last_stats: dict[str, torch.Tensor] = {}
         # code usage of the last USAGE_WINDOW training rows (not saved): a last short batch
         # alone would make the usage statistics look like dying codes
-        self._recent_codes: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        self._recent_codes: list[tuple[int, UsageCounts]] = []  # (rows, counts) of each batch
+        self._window_counts: UsageCounts | None = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -141,6 +142,7 @@ class PoeemLayer(nn.Module):
             out = fn(t)
             return out.float() if t.is_floating_point() and out.is_floating_point() else out
 
+        self._recent_codes, self._window_counts = [], None  # usage counts live on the old device
         return super()._apply(keep_float32, recurse)
 
     # ---------------------------------------------------------------- forward
@@ -209,9 +211,8 @@ class PoeemLayer(nn.Module):
             loss = loss + c.balance_weight * self.balance_loss(xr.detach())
         if self.training and c.reseed_after:
             self._mark_used(coarse_codes, codes)
-        stats = index_stats(x32, x_hat, coarse_codes, codes, c.num_coarse, c.codebook_size)
-        if self.training:
-            stats |= self._window_usage(coarse_codes, codes)
+        usage = batch_usage_counts(coarse_codes, codes, c.num_coarse, c.codebook_size)
+        stats = index_stats(x32, x_hat, self._window_usage(len(codes), usage) if self.training else usage)
         self._last_stats = stats
         # straight-through estimator: value x_hat, identity gradient to the items; with
         # index_task_grad the task's gradient reaches the index through x_hat as well
@@ -276,18 +277,19 @@ class PoeemLayer(nn.Module):
 
     # ------------------------------------------------------------ re-seeding
     @torch.no_grad()
-    def _window_usage(
-        self, coarse_codes: torch.Tensor | None, codes: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        """Code usage statistics over the last :data:`USAGE_WINDOW` training rows, this batch's
-        (B,) lists and (B, D) codes included."""
-        self._recent_codes.append((coarse_codes, codes))
-        while sum(len(b) for _, b in self._recent_codes[1:]) >= USAGE_WINDOW:
-            self._recent_codes.pop(0)
-        lists = [cc for cc, _ in self._recent_codes]
-        window_lists = torch.cat(lists) if coarse_codes is not None and None not in lists else None
-        window_codes = torch.cat([b for _, b in self._recent_codes])
-        return code_usage(window_lists, window_codes, self.config.num_coarse, self.config.codebook_size)
+    def _window_usage(self, rows: int, batch: UsageCounts) -> UsageCounts:
+        """Code usage over the last :data:`USAGE_WINDOW` training rows, this batch's ``rows``
+        included. Counts are kept per batch and summed as batches come and go."""
+        total = self._window_counts
+        if total is None or (total[1] is None) != (batch[1] is None):
+            self._recent_codes.clear()
+            total = (torch.zeros_like(batch[0]), None if batch[1] is None else torch.zeros_like(batch[1]))
+        total = _add_counts(total, batch)
+        self._recent_codes.append((rows, batch))
+        while sum(n for n, _ in self._recent_codes[1:]) >= USAGE_WINDOW:
+            total = _add_counts(total, self._recent_codes.pop(0)[1], -1)
+        self._window_counts = total
+        return total
 
     def _mark_used(self, coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> None:
         step = self.step.expand(codes.shape)
@@ -555,3 +557,9 @@ class PoeemLayer(nn.Module):
                 "build the layer with the config the checkpoint was saved with",
             )
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def _add_counts(total: UsageCounts, batch: UsageCounts, sign: int = 1) -> UsageCounts:
+    """``total + sign * batch``, space by space."""
+    lists = None if total[1] is None or batch[1] is None else total[1] + sign * batch[1]
+    return total[0] + sign * batch[0], lists
