@@ -308,3 +308,30 @@ def test_progress_bars_stay_off_when_output_is_not_a_terminal(tmp_path: Path) ->
     )
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "train:" not in done.stderr
+
+
+def test_the_readme_command_line_block_runs_line_by_line(tmp_path: Path) -> None:
+    """Every command of the README's MovieLens block, on a small generated u.data (the same ids
+    the README uses), each input made by a line before it."""
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"## Command line\n.*?```bash\n(.*?)```", readme, re.S).group(1)
+    data = tmp_path / "ml"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(1, 61, 3000), rng.integers(1, 201, 3000)
+    rows = {(int(u), int(i)) for u, i in zip(users, items, strict=True)} | {(1, 50), (42, 172), (42, 181)}
+    (data / "u.data").write_text("".join(f"{u}\t{i}\t4\t{t}\n" for t, (u, i) in enumerate(sorted(rows))))
+    script = block.replace("../shared/datasets/ml-100k", str(data)).replace("--epochs 20 ", "--epochs 2 ")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "removed 1 items" in done.stdout and "(version 4)" in done.stdout
+    hits = [line for line in done.stdout.splitlines() if line.startswith(("1,", "42,"))]
+    assert hits and not any(line.startswith("1,") and line.split(",")[2] == "50" for line in hits)
