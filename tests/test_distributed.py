@@ -272,3 +272,31 @@ def test_cuda_training_and_export_match_the_cpu_codes(tmp_path: Path) -> None:
     gpu_codes = model.index.encode(x)[1].cpu()
     cpu_codes = model.cpu().index.encode(x.cpu())[1]
     assert (gpu_codes == cpu_codes).float().mean() > 0.99  # ties may break differently
+
+
+def test_epoch_length_depends_on_the_global_batch_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: 256 * 7 + 1 pairs made 8 batches on 1 process and 7 on 2, so a run resumed on
+    another world size mapped step 8 to another batch."""
+    from poeem import distributed as dist_helpers
+    from poeem.data import DataConfig, load_data
+    from poeem.training.batches import PairBatches
+
+    data = load_data(DataConfig(kind="synthetic", num_pairs=256 * 7 + 1))
+    assert data.num_train == 256 * 7 + 1
+    one = PairBatches(data, 256, seed=3)
+
+    def batches_of(rank: int) -> PairBatches:
+        monkeypatch.setattr(dist_helpers, "world_size", lambda: 2)
+        monkeypatch.setattr(dist_helpers, "rank", lambda: rank)
+        return PairBatches(data, 256, seed=3)
+
+    halves = [batches_of(0), batches_of(1)]
+    assert len(one) == len(halves[0]) == 8
+    for epoch in range(2):
+        for step in range(8):
+            whole = one.batch(epoch, step)["query_ids"]
+            split = torch.cat([h.batch(epoch, step)["query_ids"] for h in halves])
+            if step < 7:
+                assert torch.equal(whole, split)
+            else:  # the one leftover pair is shorter than the world: the epoch's first 2 pairs
+                assert whole.numel() == 1 and torch.equal(split, one.batch(epoch, 0)["query_ids"][:2])

@@ -578,6 +578,12 @@ def serve(
     search_threads: Annotated[
         int, typer.Option(help="FAISS/torch threads inside one search; requests already run concurrently.")
     ] = 1,
+    max_exclude: Annotated[
+        int, typer.Option(help="Most ids one query may exclude (each widens that query's search).")
+    ] = 10_000,
+    max_nprobe: Annotated[
+        int, typer.Option(help="Larger nprobe values of a request are clamped to this.")
+    ] = 256,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an index directory over HTTP: POST /search, /items, /reload; GET /health, /ready,
@@ -594,15 +600,30 @@ def serve(
 
     read_manifest(index_dir)  # a clear error now, before any worker starts
     token = os.environ.get(TOKEN_ENV)
+    token = token.strip() if token is not None else None  # like --token-file: no trailing newline
     if token_file is not None:
         token = require_file(token_file, "token file").read_text().strip()
     if token is not None and len(token) < 16:
         raise PoeemError(
             "token", "at least 16 characters", f"{len(token)} characters", "use a long random token"
         )
-    max_body = int(max_body_mb * (1 << 20))
+    if workers < 1:
+        raise PoeemError("--workers", "at least 1", str(workers), "pass --workers 1 (or one per core)")
+    if not 0 < max_body_mb < 1 << 20:  # NaN too
+        raise PoeemError(
+            "--max-body-mb", "a size in MiB above 0", str(max_body_mb), "pass e.g. --max-body-mb 8"
+        )
     config = ServeConfig(
-        str(index_dir.resolve()), backend, max_k, max_batch, max_body, token, poll_s, search_threads
+        str(index_dir.resolve()),
+        backend,
+        max_k,
+        max_batch,
+        int(max_body_mb * (1 << 20)),
+        token,
+        poll_s,
+        search_threads,
+        max_exclude,
+        max_nprobe,
     )
     banner = f"serving {index_dir} on http://{host}:{port} (writes {'on' if token else 'off'}); docs at /docs"
     run_server(config, host, port, workers, log_level, banner)

@@ -34,6 +34,11 @@ def check_ids(ids: Ids | None, n: int | None = None, what: str = "ids", unique: 
         return torch.arange(n)
     array = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
     if array.dtype == object and all(isinstance(v, int | np.integer) for v in array.ravel()):
+        huge = [v for v in array.ravel() if not -(2**63) <= v < 2**63]
+        if huge:
+            raise PoeemError(
+                what, "64-bit integer ids", f"{len(huge)} out of range, e.g. {huge[0]}", "pass smaller ids"
+            )
         array = array.astype(np.int64)
     if array.dtype.kind not in "iu" or (array.dtype == np.uint64 and array.size and array.max() > 2**63 - 1):
         raise PoeemError(
@@ -72,6 +77,13 @@ class IdMap:
             keys = keys.astype(np.int64)
         elif keys.dtype.kind in "UO":
             keys = keys.astype(str)
+            if (keys == "").any():  # "" means "no result" in string search results
+                raise PoeemError(
+                    "ids",
+                    "non-empty string ids",
+                    f"{int((keys == '').sum())} empty ids",
+                    "give every item an id",
+                )
         else:
             raise PoeemError("id map", "integer or string ids", f"dtype {keys.dtype}", "pass raw ids")
         self.keys = keys

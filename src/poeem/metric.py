@@ -74,7 +74,19 @@ def prepare_queries(
             f"NaN or inf in {bad.numel()} rows, e.g. row {int(bad[0])}",
             "check the embeddings (a NaN query would silently return nothing)",
         )
-    return F.normalize(xq, dim=-1) if metric == "cosine" else xq
+    if metric != "cosine":
+        return xq
+    scale = xq.abs().amax(-1, keepdim=True)  # first to max |x| = 1: huge values do not overflow
+    zero = scale.squeeze(-1) == 0
+    if bool(zero.any()):
+        bad = torch.nonzero(zero).flatten()
+        raise PoeemError(
+            what,
+            "non-zero vectors (cosine has no direction for zero)",
+            f"{bad.numel()} all-zero rows, e.g. row {int(bad[0])}",
+            "drop those rows",
+        )
+    return F.normalize(xq / scale, dim=-1)
 
 
 def worst_score(metric: str) -> float:

@@ -51,7 +51,8 @@ def pack_sa_codes(
         pq_bytes = codes.astype(np.uint8, copy=False)
     else:
         bits = (codes.astype(np.uint64)[..., None] >> np.arange(nbits, dtype=np.uint64)) & np.uint64(1)
-        pq_bytes = np.packbits(bits.reshape(n, -1).astype(np.uint8), axis=1, bitorder="little")
+        width = codes.shape[1] * nbits  # explicit: an empty index has n = 0
+        pq_bytes = np.packbits(bits.reshape(n, width).astype(np.uint8), axis=1, bitorder="little")
     if coarse_codes is None or coarse_code_size == 0:
         return np.ascontiguousarray(pq_bytes)
     lists = coarse_codes.astype("<u8").view(np.uint8).reshape(n, 8)[:, :coarse_code_size]
@@ -104,10 +105,13 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
         pq_index = faiss.IndexPQ(d, m, nbits, fmetric)
         faiss.copy_array_to_vector(centroids, pq_index.pq.centroids)
         pq_index.is_trained = True
-        if fast_scan:
-            pq_index = faiss.IndexPQFastScan(pq_index)
         inner = faiss.IndexIDMap2(pq_index)
         inner.add_sa_codes(pack_sa_codes(None, ix.codes.numpy(), 0, nbits), ids)
+        if fast_scan:  # IndexPQFastScan takes no codes itself: convert the filled IndexPQ
+            fast = faiss.IndexPQFastScan(pq_index)
+            inner.index = fast
+            # a self-contained copy: the id map no longer points at objects of this function
+            inner = faiss.deserialize_index(faiss.serialize_index(inner))
     transforms = []
     if metric == "cosine":
         transforms.append(faiss.NormalizationTransform(d, 2.0))

@@ -43,6 +43,13 @@ class IndexTensors:
         """Number of inverted lists (1 without IVF)."""
         return self.coarse.shape[0] if self.coarse is not None else 1
 
+    def max_norm(self) -> float:
+        """An upper bound of every reconstruction's L2 norm: the largest coarse centroid plus
+        the largest codeword of each subspace (the rotation keeps norms)."""
+        words = self.codebooks.double().norm(dim=-1).amax(-1).sum()
+        coarse = self.coarse.double().norm(dim=-1).max() if self.coarse is not None else 0.0
+        return float(words + coarse)
+
     def to(self, device: torch.device | str) -> IndexTensors:
         """A copy with every tensor on ``device``."""
         moved = (self.rotation, self.coarse, self.codebooks, self.coarse_codes, self.codes, self.ids)

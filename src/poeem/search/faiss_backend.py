@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from poeem.export.faiss_codec import faiss_metric, nbits_of
-from poeem.metric import Metric, check_metric, check_search_args, prepare_queries
+from poeem.metric import Metric, check_metric, check_search_args, prepare_queries, worst_score
 
 
 def search_parameters(index: faiss.Index, nprobe: int) -> list[faiss.SearchParameters]:
@@ -64,13 +64,12 @@ def worst_results(nq: int, k: int, metric_type: int) -> tuple[np.ndarray, np.nda
     FAISS's fast-scan heap (faiss 1.15, k <= 20) reads the caller's first output distance as a
     starting threshold. Python's default output is uninitialised memory: when it happens to
     hold FLT_MAX, the search keeps nothing and returns only -1 ids. Pre-filled buffers make
-    every search start from the neutral threshold.
+    every search start from the neutral threshold (an infinite worst score is neither).
 
     Returns:
         D (nq, k) float32 and I (nq, k) int64.
     """
-    f32 = np.finfo(np.float32)
-    worst = f32.max if metric_type == faiss.METRIC_L2 else f32.min
+    worst = worst_score("l2" if metric_type == faiss.METRIC_L2 else "ip")
     return np.full((nq, k), worst, np.float32), np.full((nq, k), -1, np.int64)
 
 

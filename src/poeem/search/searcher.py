@@ -26,7 +26,7 @@ from poeem.ids import IdMap, check_ids
 from poeem.index import PoeemLayer
 from poeem.index.quantize import encode_rotated
 from poeem.index.tensors import IndexTensors
-from poeem.metric import Metric, check_search_args, prepare_queries
+from poeem.metric import Metric, check_search_args, prepare_queries, worst_score
 from poeem.model.towers import Tower
 from poeem.search.adc import TorchIVFPQ
 from poeem.search.faiss_backend import FaissSearcher
@@ -41,6 +41,14 @@ from poeem.storage import read_json, read_tensors
 
 Backend = Literal["faiss", "torch"]
 LOAD_ATTEMPTS = 5
+
+
+def _version_on_disk(directory: Path) -> int | None:
+    """The version the directory's manifest names now (None when it cannot be read)."""
+    try:
+        return read_manifest(directory, verify=False).version
+    except (PoeemError, OSError):
+        return None
 
 
 def found(ids: np.ndarray) -> np.ndarray:
@@ -75,6 +83,7 @@ class Searcher:
         self.backend, self.device, self.query_tower = backend, device, query_tower
         self.query_features, self.query_keys, self.item_keys = query_features, query_keys, item_keys
         self._text_encoder: Any = None  # loaded on the first text query
+        self._max_norm = tensors.max_norm()
         self._build_engine()
 
     # ----------------------------------------------------------- create / load
@@ -153,10 +162,12 @@ class Searcher:
         """
         directory = Path(directory)
         for attempt in range(LOAD_ATTEMPTS):
+            before = _version_on_disk(directory)
             try:
                 return cls._load_once(directory, backend, device)
-            except MissingIndexFile:
-                if attempt == LOAD_ATTEMPTS - 1:
+            except (PoeemError, OSError):
+                # a file that vanished or changed under a new version: any error of the read
+                if attempt == LOAD_ATTEMPTS - 1 or before is None or _version_on_disk(directory) == before:
                     raise
         raise AssertionError("unreachable")
 
@@ -264,7 +275,8 @@ class Searcher:
             strings with "" there, for an index with string ids.
         """
         check_search_args(k, nprobe)
-        xq = prepare_queries(xq, "ip", self.manifest.dim)
+        xq = prepare_queries(xq, self.metric, self.manifest.dim)  # cosine: normalised robustly here
+        self._check_scores_fit(xq)
         if exclude is not None and len(exclude) != xq.shape[0]:
             raise PoeemError(
                 "exclude", f"one collection of ids per query ({xq.shape[0]})", str(len(exclude)), "align them"
@@ -286,6 +298,23 @@ class Searcher:
             d, i = self._exclude(xq, k, nprobe, batch_size, d, i, [self._index_ids(e) for e in exclude])
         return d, self._raw_item_ids(i)
 
+    def _check_scores_fit(self, xq: torch.Tensor) -> None:
+        """Refuse queries whose scores could overflow float32 (FAISS then drops every result, and
+        JSON cannot carry inf): |<q, x>| <= ||q|| ||x|| and ||q - x||^2 <= (||q|| + ||x||)^2."""
+        if self.metric == "cosine":  # queries are normalised
+            return
+        q = xq.double().norm(dim=-1)
+        bound = (q + self._max_norm) ** 2 if self.metric == "l2" else q * self._max_norm
+        too_big = bound > float(np.finfo(np.float32).max) / 2
+        if bool(too_big.any()):
+            rows = torch.nonzero(too_big).flatten()
+            raise PoeemError(
+                "queries",
+                "vectors whose scores fit in float32",
+                f"{rows.numel()} rows too large, e.g. row {int(rows[0])} (norm {float(q[rows[0]]):.3g})",
+                "scale those query embeddings down",
+            )
+
     def _search_batched(
         self, xq: torch.Tensor, k: int, nprobe: int, batch_size: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -304,6 +333,7 @@ class Searcher:
         values = list(raw)
         if self.item_keys is None or self.item_keys.is_integer:  # "12" names item 12 too
             values = [int(v) for v in values if isinstance(v, int | np.integer) or str(v).isdigit()]
+            values = [v for v in values if 0 <= v < 2**63]  # no FAISS id lies outside
         rows = self.item_keys.lookup(values) if self.item_keys is not None else np.array(values, np.int64)
         return rows[np.isin(rows, self.tensors.ids.numpy())]
 
@@ -321,7 +351,7 @@ class Searcher:
         grouped by their own width (k plus their number of dropped items)."""
         widths = np.array([min(k + len(x), self.ntotal) for x in dropped], np.int64)
         hit = np.array([bool(np.isin(row, x).any()) for row, x in zip(i, dropped, strict=True)], bool)
-        out_d = np.full_like(d, np.finfo(np.float32).max if self.metric == "l2" else np.finfo(np.float32).min)
+        out_d = np.full_like(d, worst_score(self.metric))
         out_i = np.full_like(i, -1)
         for width in np.unique(widths[hit]):
             rows = np.flatnonzero(hit & (widths == width))
@@ -494,7 +524,7 @@ class Searcher:
         index = build_faiss_index(tensors, self.metric, self.manifest.fast_scan)  # type: ignore[arg-type]
         extra = {"item_keys": item_keys.to_json()} if item_keys is not None else None
         self.manifest = write_version(self.directory, self.manifest, self.manifest, index, tensors, extra)
-        self.tensors = tensors
+        self.tensors, self._max_norm = tensors, tensors.max_norm()
         if item_keys is not None:
             self.item_keys = item_keys
         self._build_engine()

@@ -19,7 +19,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import faiss
 import numpy as np
@@ -36,7 +36,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.supervisors import Multiprocess
 
@@ -46,7 +46,11 @@ from poeem.search.index_dir import StaleIndexError
 from poeem.serve.service import IndexService, Query, set_search_threads
 
 log = logging.getLogger("poeem.serve")
-RawId = StrictInt | StrictStr
+# a raw id: a 64-bit integer (FAISS ids) or a non-empty string ("" means "no result")
+RawId = (
+    Annotated[int, Field(strict=True, ge=-(2**63), le=2**63 - 1)]
+    | Annotated[str, Field(strict=True, min_length=1)]
+)
 CONFIG_ENV = "POEEM_SERVE_CONFIG"
 TOKEN_ENV = "POEEM_TOKEN"
 
@@ -63,6 +67,26 @@ class ServeConfig:
     token: str | None = None  # bearer token of the write endpoints; None turns them off
     poll_s: float = 2.0  # how often to look for a newer version on disk (0: never)
     search_threads: int = 1  # FAISS/torch threads inside one search (requests run concurrently)
+    max_exclude: int = 10_000  # ids one query may exclude (each one widens that query's search)
+    max_nprobe: int = 256  # larger nprobe values are clamped to this
+
+    def __post_init__(self) -> None:
+        for name, low in (
+            ("max_k", 1),
+            ("max_batch", 1),
+            ("max_body_bytes", 1024),
+            ("search_threads", 1),
+            ("max_exclude", 0),
+            ("max_nprobe", 1),
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                flag = "--max-body-mb" if name == "max_body_bytes" else f"--{name.replace('_', '-')}"
+                raise PoeemError(
+                    flag, f"an integer >= {low}", repr(value), f"pass {flag} {max(low, 1)} or more"
+                )
+        if not self.poll_s >= 0:  # NaN too
+            raise PoeemError("--poll-s", "seconds >= 0 (0: never)", repr(self.poll_s), "pass --poll-s 2")
 
 
 class QueryIn(BaseModel):
@@ -247,7 +271,8 @@ def create_app(config: ServeConfig) -> FastAPI:
         started = time.perf_counter()
         response = await call_next(request)
         route = request.scope.get("route")
-        endpoint = f"{request.method} {route.path}" if route is not None else "other"
+        known = route is not None and request.method in (getattr(route, "methods", None) or ())
+        endpoint = f"{request.method} {route.path}" if known else "other"  # bounded label set
         requests.labels(endpoint, str(response.status_code)).inc()
         latency.labels(endpoint).observe(time.perf_counter() - started)
         return response
@@ -277,10 +302,19 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.post("/search")
     def search(body: SearchIn) -> JSONResponse:
         """Top-k items of each query, best first, in the items' own ids:
-        ``{"version": v, "results": [{"ids": [...], "scores": [...]}, ...]}``."""
+        ``{"version": v, "results": [{"ids": [...], "scores": [...]}, ...]}``. ``nprobe`` above
+        the server's ``max_nprobe`` is clamped to it; a query may exclude ``max_exclude`` ids."""
         check_limits(body.k, body.nprobe, len(body.queries))
+        longest = max(len(q.exclude) for q in body.queries)
+        if longest > config.max_exclude:
+            raise HttpError(
+                400,
+                f"at most {config.max_exclude} excluded ids per query",
+                received=longest,
+                fix="filter long exclusion lists on the client, or ask for a larger k",
+            )
         queries = [Query(q.id, q.features, q.embedding, q.text, q.exclude) for q in body.queries]
-        hits, version = service().search(queries, body.k, body.nprobe)
+        hits, version = service().search(queries, body.k, min(body.nprobe, config.max_nprobe))
         return JSONResponse({"version": version, "results": [asdict(h) for h in hits]})
 
     @app.get("/health")
@@ -316,6 +350,8 @@ def create_app(config: ServeConfig) -> FastAPI:
                 "max_k": config.max_k,
                 "max_batch": config.max_batch,
                 "max_body_bytes": config.max_body_bytes,
+                "max_exclude": config.max_exclude,
+                "max_nprobe": config.max_nprobe,
             },
             "versions": {
                 "poeem": __version__,
@@ -340,26 +376,26 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Add items by embedding (coded with the frozen codebooks); publishes a new version."""
         require_token(request)
         check_limits(1, 1, len(body.items))
+        lengths = {len(item.embedding) for item in body.items}
+        if len(lengths) != 1:
+            raise HttpError(400, "every embedding must have the same length", received=sorted(lengths)[:5])
         ids = np.array([item.id for item in body.items])
         embeddings = np.array([item.embedding for item in body.items], dtype=np.float32)
-        if embeddings.ndim != 2:
-            raise HttpError(400, "every embedding must have the same length")
-        version = service().add(embeddings, ids)
-        return {"added": len(body.items), "version": version, "items": service().searcher.ntotal}
+        published = service().add(embeddings, ids)
+        return {"added": len(body.items), "version": published.version, "items": published.ntotal}
 
     @app.delete("/items")
     def remove_items(body: RemoveIn, request: Request) -> dict[str, Any]:
         """Remove items by their own ids; publishes a new version."""
         require_token(request)
         check_limits(1, 1, len(body.ids))
-        removed, version = service().remove(np.array(body.ids))
-        return {"removed": removed, "version": version, "items": service().searcher.ntotal}
+        removed, published = service().remove(np.array(body.ids))
+        return {"removed": removed, "version": published.version, "items": published.ntotal}
 
     @app.post("/reload")
     def reload(request: Request) -> dict[str, Any]:
         """Load the newest version on disk and swap it in; a broken one is refused (the old one stays)."""
-        if config.token is not None:
-            require_token(request)
+        require_token(request)  # a reload re-reads and checks the whole index: a write
         previous, current = service().reload()
         return {"previous_version": previous, "version": current}
 

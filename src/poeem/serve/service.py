@@ -113,17 +113,17 @@ class IndexService:
         return xq
 
     # ----------------------------------------------------------------- updates
-    def add(self, embeddings: np.ndarray, ids: np.ndarray) -> int:
-        """Add items and publish a new version; returns it."""
+    def add(self, embeddings: np.ndarray, ids: np.ndarray) -> Searcher:
+        """Add items and publish a new version; returns the searcher of that version."""
         return self._write(lambda s: s.add(embeddings, ids))
 
-    def remove(self, ids: np.ndarray) -> tuple[int, int]:
-        """Remove items and publish a new version; returns (removed, version)."""
+    def remove(self, ids: np.ndarray) -> tuple[int, Searcher]:
+        """Remove items and publish a new version; returns (removed, the new version's searcher)."""
         removed: list[int] = []
-        version = self._write(lambda s: removed.append(s.remove(ids)))
-        return removed[0], version
+        published = self._write(lambda s: removed.append(s.remove(ids)))
+        return removed[0], published
 
-    def _write(self, update: Any) -> int:
+    def _write(self, update: Any) -> Searcher:
         with self._write_lock:
             for attempt in range(2):
                 fresh = Searcher.load(self.directory, backend=self.backend)
@@ -134,7 +134,7 @@ class IndexService:
                         raise
                     continue
                 self._swap(fresh)
-                return fresh.version
+                return fresh
         raise AssertionError("unreachable")
 
     def reload(self) -> tuple[int, int]:

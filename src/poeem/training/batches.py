@@ -21,8 +21,10 @@ class PairBatches:
     optionally with ``random_negatives`` uniformly sampled items (``negative_ids``) per batch.
 
     Under torch.distributed each rank gets ``batch_size / world_size`` rows of every batch (the
-    negatives are shared), and the last batch of an epoch is cut to a multiple of the world size
-    (at most N - 1 pairs per epoch are skipped).
+    negatives are shared). The number of batches per epoch depends on the global batch only, so
+    step s is the same batch on any number of processes; only the epoch's last, short batch is
+    cut to a multiple of the world size (at most N - 1 pairs skipped), or, when it is shorter
+    than N, replaced by the epoch's first N pairs.
     """
 
     def __init__(
@@ -51,9 +53,8 @@ class PairBatches:
         self._epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     def __len__(self) -> int:
-        """Batches per epoch (a last batch smaller than the world size is skipped)."""
-        full, rest = divmod(self.data.num_train, self.batch_size)
-        return full + (rest >= self.world_size)
+        """Batches per epoch: a function of the data and the global batch size only."""
+        return -(-self.data.num_train // self.batch_size)
 
     def batch(self, epoch: int, index: int) -> dict[str, torch.Tensor]:
         """Batch ``index`` of ``epoch``: ``query_ids`` (B,), ``item_ids`` (B,), and features;
@@ -64,6 +65,8 @@ class PairBatches:
             self._epoch = epoch
         rows = self._order[index * self.batch_size : (index + 1) * self.batch_size]
         if self.world_size > 1:
+            usable = rows.shape[0] - rows.shape[0] % self.world_size
+            rows = rows[:usable] if usable else self._order[: self.world_size]
             share = rows.shape[0] // self.world_size
             rows = rows[self.rank * share : (self.rank + 1) * share]
         q, i = self.queries[rows], self.items[rows]
