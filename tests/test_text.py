@@ -104,6 +104,14 @@ def test_beir_errors_name_the_file_and_line(tmp_path: Path, file: str, line: str
         load_beir(root)
 
 
+def test_a_query_without_text_names_its_line(tmp_path: Path) -> None:
+    root = write_beir(tmp_path / "beir")
+    with (root / "queries.jsonl").open("a") as f:
+        f.write(json.dumps({"_id": "q99"}) + "\n")
+    with pytest.raises(PoeemError, match=r"queries.jsonl, line 41: expected the field\(s\) \['text'\]"):
+        load_beir(root)
+
+
 def test_missing_qrels_is_a_clear_error(tmp_path: Path) -> None:
     root = write_beir(tmp_path / "beir")
     (root / "qrels" / "test.tsv").unlink()
@@ -128,6 +136,27 @@ def test_frozen_embeddings_are_cached(tmp_path: Path, tiny_encoder: Path) -> Non
     encoder.encode = None  # a second call must not encode again
     assert torch.equal(embed_texts(encoder, ["w1 w2", "w3"], progress=False, cache_key="tiny"), first)
     assert len(list((tmp_path / "cache" / "embeddings").glob("*.safetensors"))) == 1
+
+
+def test_the_cache_keys_on_the_weights_and_on_unambiguous_texts(tmp_path: Path, tiny_encoder: Path) -> None:
+    """Regressions: a retrained encoder in the same folder got the old embeddings back, and
+    ["x\0y"] then ["x", "y"] returned one row for two texts."""
+    from poeem.model.text import encoder_fingerprint
+
+    encoder = load_encoder(str(tiny_encoder))
+    key = encoder_fingerprint(encoder, 32)
+    before = embed_texts(encoder, ["w1 w2"], progress=False, cache_key=key)
+    with torch.no_grad():
+        next(encoder.parameters()).add_(0.5)  # "retrained", same name and settings
+    retrained_key = encoder_fingerprint(encoder, 32)
+    assert retrained_key != key
+    after = embed_texts(encoder, ["w1 w2"], progress=False, cache_key=retrained_key)
+    assert not torch.allclose(before, after)
+    joined = embed_texts(encoder, ["w1\0w2"], progress=False, cache_key=key)
+    split = embed_texts(encoder, ["w1", "w2"], progress=False, cache_key=key)
+    assert joined.shape[0] == 1 and split.shape[0] == 2
+    lone = embed_texts(encoder, ["w1 \ud800"], progress=False, cache_key=key)  # no UnicodeEncodeError
+    assert lone.shape[0] == 1
 
 
 def test_a_missing_encoder_is_a_clear_error() -> None:

@@ -59,7 +59,8 @@ class BeirData:
         return f"{len(self.doc_ids):,} documents, {len(self.query_ids):,} queries ({splits})"
 
 
-def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
+def _read_jsonl(path: Path, fields: tuple[str, ...], required: tuple[str, ...]) -> list[dict[str, str]]:
+    """Records of a JSON-lines file: ``fields`` must be strings where present, ``required`` present."""
     rows = []
     with path.open(encoding="utf-8") as f:
         for no, line in enumerate(f, 1):
@@ -73,6 +74,9 @@ def _read_jsonl(path: Path, fields: tuple[str, ...]) -> list[dict[str, str]]:
                 raise malformed(path, no, f"a JSON object with string fields {fields}", line)
             if not row.get("_id"):
                 raise malformed(path, no, "a non-empty '_id'", line)
+            missing = [k for k in required if k not in row]
+            if missing:
+                raise malformed(path, no, f"the field(s) {missing}", line)
             rows.append(row)
     if not rows:
         raise PoeemError(str(path), "at least one record", "an empty file", "check the dataset folder")
@@ -123,8 +127,8 @@ def load_beir(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> 
         raise PoeemError("BEIR dataset", "a folder", f"'{root}'", "pass the folder that holds corpus.jsonl")
     corpus_path = require_file(root / "corpus.jsonl", "BEIR corpus", DATA_PATH_FIX)
     queries_path = require_file(root / "queries.jsonl", "BEIR queries", DATA_PATH_FIX)
-    corpus = _read_jsonl(corpus_path, ("_id", "title", "text"))
-    queries = _read_jsonl(queries_path, ("_id", "text"))
+    corpus = _read_jsonl(corpus_path, ("_id", "title", "text"), ("_id",))
+    queries = _read_jsonl(queries_path, ("_id", "text"), ("_id", "text"))
     doc_ids = [str(r["_id"]) for r in corpus]
     query_ids = [str(r["_id"]) for r in queries]
     _unique(doc_ids, corpus_path)

@@ -152,21 +152,27 @@ def embed_texts(
         texts: n texts.
         batch_size: texts per forward pass.
         progress: show a progress bar.
-        cache_key: the encoder's identity (name and settings); the cache file is named by a
-            hash of it and of the texts, so a changed corpus is re-encoded.
+        cache_key: the encoder's identity (:func:`encoder_fingerprint`: settings and a hash of
+            its weights); the cache file is named by a hash of it and of the texts (each one
+            length-prefixed, so no two lists of texts share a key), and a cached tensor is used
+            only if it has one row per text.
 
     Returns:
         (n, d) float32 embeddings on CPU.
     """
+    texts = unicode_texts(texts)
     path = None
     if cache_key is not None:
         digest = hashlib.sha256(cache_key.encode())
         for t in texts:
-            digest.update(t.encode())
-            digest.update(b"\0")
+            raw = t.encode()
+            digest.update(len(raw).to_bytes(8, "little"))
+            digest.update(raw)
         path = cache_dir() / f"{digest.hexdigest()[:32]}.safetensors"
         if path.is_file():
-            return read_tensors(path, "embedding cache", f"delete {path}")["embeddings"]
+            cached = read_tensors(path, "embedding cache", f"delete {path}").get("embeddings")
+            if cached is not None and cached.dim() == 2 and cached.shape[0] == len(texts):
+                return cached
     with torch.no_grad():
         out = encoder.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress)
     out = out.float().cpu().reshape(len(texts), -1)
@@ -174,6 +180,22 @@ def embed_texts(
         path.parent.mkdir(parents=True, exist_ok=True)
         save_tensors(path, {"embeddings": out})
     return out
+
+
+def unicode_texts(texts: list[str]) -> list[str]:
+    """The texts with lone surrogates (JSON allows them, UTF-8 and tokenizers do not) replaced by
+    U+FFFD, as any UTF-8 decoder would."""
+    return [t.encode("utf-8", "surrogatepass").decode("utf-8", "replace") for t in texts]
+
+
+def encoder_fingerprint(encoder: nn.Module, max_seq_length: int) -> str:
+    """An encoder's identity for the embedding cache: its settings and a hash of its weights, so
+    an encoder retrained into the same folder gets new cache entries."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in encoder.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{type(encoder).__name__}|{max_seq_length}|{digest.hexdigest()}"
 
 
 def _identity_head(d_in: int, d_out: int) -> nn.Linear:
@@ -259,7 +281,7 @@ class TextTwoTowerModel(RetrievalModel):
             )
         self.query_texts, self.item_texts = list(query_texts), list(item_texts)
         device = self.item_log_q.device
-        key = f"{self.text.encoder}|{self.text.max_seq_length}"
+        key = encoder_fingerprint(self.frozen_encoder, self.text.max_seq_length)
         if self.text.mode == "frozen":
             self.query_cache = embed_texts(
                 self.frozen_encoder, self.query_texts, self.text.batch_size, progress, key
@@ -270,7 +292,7 @@ class TextTwoTowerModel(RetrievalModel):
             ).to(device)
 
     def _embed(self, encoder: nn.Module, texts: list[str], rows: torch.Tensor) -> torch.Tensor:
-        picked = [texts[i] for i in rows.tolist()]
+        picked = unicode_texts([texts[i] for i in rows.tolist()])
         if not picked:
             return torch.zeros(0, self.query_head.in_features, device=self.item_log_q.device)
         prepare = getattr(encoder, "preprocess", None) or encoder.tokenize  # sentence-transformers 6 / 5
