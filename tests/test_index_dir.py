@@ -172,3 +172,44 @@ def test_id_maps_extend_without_truncating_or_confusing_an_empty_map() -> None:
     empty = IdMap(np.array([], dtype=str))
     grown, rows = empty.extend(np.array(["a-long-new-id"]), 1)
     assert grown.keys.tolist() == ["a-long-new-id"] and rows.tolist() == [0]
+
+
+def test_a_file_that_vanishes_mid_read_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: only MissingIndexFile was retried; a file deleted by a writer between the
+    manifest check and its read (here: inside the tensor read) failed the load."""
+    make_dir(tmp_path)
+    real_read = searcher_module.read_tensors
+    writes = iter([True])
+
+    def read_while_a_writer_publishes(path: Path, *args: object) -> dict[str, torch.Tensor]:
+        if next(writes, False):  # two publishes: version 1's files are deleted
+            writer = Searcher.load(tmp_path / "ix")
+            writer.add(torch.randn(1, DIM), np.array([60_000]))
+            Searcher.load(tmp_path / "ix").add(torch.randn(1, DIM), np.array([60_001]))
+            assert not Path(path).exists()
+        return real_read(path, *args)
+
+    monkeypatch.setattr(searcher_module, "read_tensors", read_while_a_writer_publishes)
+    loaded = Searcher.load(tmp_path / "ix")
+    assert loaded.version == 3 and loaded.ntotal == 1002
+
+
+def test_empty_string_ids_are_refused(tmp_path: Path) -> None:
+    """Regression: an item with id "" was accepted and never returned ("" means no result)."""
+    layer, x = trained_layer("none", 8)
+    with pytest.raises(PoeemError, match="ids: expected non-empty string ids, got 1 empty ids"):
+        Searcher.create(tmp_path / "ix", layer, x[:3], ids=np.array(["a", "", "c"]))
+    from poeem.ids import IdMap
+
+    with pytest.raises(PoeemError, match="non-empty string ids"):
+        IdMap(np.array(["a", "b"])).extend(["c", ""], 2)
+
+
+def test_queries_whose_scores_overflow_are_refused(tmp_path: Path) -> None:
+    layer, x = trained_layer("none", 8)
+    Searcher.create(tmp_path / "ip", layer, x, metric="ip")
+    for backend in ("faiss", "torch"):
+        searcher = Searcher.load(tmp_path / "ip", backend=backend)
+        with pytest.raises(PoeemError, match="vectors whose scores fit in float32"):
+            searcher.search(np.full((1, DIM), 3e38, np.float32), 3)
+        assert (searcher.search(np.full((1, DIM), 1e30, np.float32), 3)[1] >= 0).all()

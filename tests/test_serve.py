@@ -203,8 +203,15 @@ def test_without_a_token_writes_are_off(index_dir: Path) -> None:
             "POST", "/items", {"items": [{"id": 1, "embedding": unit(1)[0]}]}, token=TOKEN
         )
         assert status == 403 and "write endpoints are off" in body["error"]["message"]
+        status, body = server.call("POST", "/reload")  # re-reads the whole index: a write
+        assert status == 403 and "write endpoints are off" in body["error"]["message"]
     finally:
         server.stop()
+
+
+def test_reload_needs_the_token_when_writes_are_on(server: Server) -> None:
+    assert server.call("POST", "/reload")[0] == 401
+    assert server.call("POST", "/reload", token=TOKEN)[0] == 200
 
 
 def test_updates_and_reloads_under_concurrent_searches_never_fail(server: Server, index_dir: Path) -> None:
@@ -363,3 +370,94 @@ def test_a_busy_port_is_a_clear_error(index_dir: Path) -> None:
         f"error: --port: expected a port free on 127.0.0.1, got {port} (Address already in use). "
         "Fix: pass another --port, or stop the server already listening there"
     ]
+
+
+def test_exclusions_are_bounded_per_query_and_nprobe_is_clamped(index_dir: Path) -> None:
+    server = Server(index_dir, TOKEN, "--max-exclude", "100", "--max-nprobe", "1")
+    try:
+        status, body = server.call("POST", "/search", {"queries": [{"id": 1, "exclude": list(range(101))}]})
+        assert status == 400 and "at most 100 excluded ids per query" in body["error"]["message"]
+        assert server.call("POST", "/search", {"queries": [{"id": 1, "exclude": list(range(100))}]})[0] == 200
+        huge = server.call("POST", "/search", {"queries": [{"id": 1}], "nprobe": 10**9})
+        assert huge == server.call("POST", "/search", {"queries": [{"id": 1}], "nprobe": 1})
+        assert server.call("GET", "/info")[1]["limits"]["max_nprobe"] == 1
+    finally:
+        server.stop()
+
+
+def test_unknown_methods_share_one_metric_label(server: Server) -> None:
+    for i in range(20):
+        server.call(f"X{i}", "/search")
+    text = server.call("GET", "/metrics")[1]
+    assert 'endpoint="other"' in text and "X1" not in text and "X19" not in text
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        (
+            "POST",
+            "/items",
+            {"items": [{"id": 7, "embedding": [0.1] * 16}, {"id": 8, "embedding": [0.1]}]},
+            400,
+            "every embedding must have the same length",
+        ),
+        ("POST", "/items", {"items": [{"id": 2**64, "embedding": [0.1] * 16}]}, 422, "invalid request"),
+        ("DELETE", "/items", {"ids": [-(2**63) - 1]}, 422, "invalid request"),
+        ("POST", "/search", {"queries": [{"id": 2**64}]}, 422, "invalid request"),
+        ("POST", "/search", {"queries": [{"id": 1, "exclude": [2**70]}]}, 422, "invalid request"),
+        ("POST", "/items", {"items": [{"id": "", "embedding": [0.1] * 16}]}, 422, "invalid request"),
+    ],
+)
+def test_bad_items_and_ids_are_4xx(
+    server: Server, method: str, path: str, body: Any, status: int, message: str
+) -> None:
+    got, answer = server.call(method, path, body, token=TOKEN)
+    assert got == status and message in answer["error"]["message"], answer
+
+
+def test_huge_query_values_are_refused_or_normalised(server: Server) -> None:
+    status, body = server.call("POST", "/search", {"queries": [{"embedding": [3e38] * DIM}], "k": 3})
+    expected = server.call("POST", "/search", {"queries": [{"embedding": [1.0] * DIM}], "k": 3})
+    assert status == 200 and body == expected[1]  # a cosine index: same direction, same answer
+
+
+def test_removing_every_item_of_a_4_bit_index_leaves_an_empty_working_index(
+    server: Server, index_dir: Path
+) -> None:
+    every = Searcher.load(index_dir).tensors.ids.tolist()
+    assert Searcher.load(index_dir).manifest.layer["codebook_size"] == 16
+    for start in range(0, len(every), 1024):
+        status, body = server.call("DELETE", "/items", {"ids": every[start : start + 1024]}, token=TOKEN)
+        assert status == 200, body
+    assert body["items"] == 0
+    status, body = server.call("POST", "/search", {"queries": [{"id": 1}], "k": 5})
+    assert status == 200 and body["results"] == [{"ids": [], "scores": []}]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--search-threads", "0"], "--search-threads: expected at least 1, got 0"),
+        (["--max-k", "0"], "--max-k: expected at least 1, got 0"),
+        (["--max-body-mb", "-1"], "--max-body-mb: expected a size in MiB above 0"),
+        (["--workers", "0"], "--workers: expected at least 1, got 0"),
+        (["--poll-s", "nan"], "--poll-s: expected seconds >= 0"),
+    ],
+)
+def test_serve_flags_are_validated(index_dir: Path, flags: list[str], message: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "poeem", "serve", str(index_dir), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr
+
+
+def test_a_token_with_a_trailing_newline_still_authorises(index_dir: Path) -> None:
+    server = Server(index_dir, TOKEN + "\n")
+    try:
+        assert server.call("POST", "/reload", token=TOKEN)[0] == 200
+    finally:
+        server.stop()

@@ -82,9 +82,8 @@ class ServeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 flag = "--max-body-mb" if name == "max_body_bytes" else f"--{name.replace('_', '-')}"
-                raise PoeemError(
-                    flag, f"an integer >= {low}", repr(value), f"pass {flag} {max(low, 1)} or more"
-                )
+                low_text = "1 KiB" if name == "max_body_bytes" else str(low)
+                raise PoeemError(flag, f"at least {low_text}", repr(value), f"pass a larger {flag}")
         if not self.poll_s >= 0:  # NaN too
             raise PoeemError("--poll-s", "seconds >= 0 (0: never)", repr(self.poll_s), "pass --poll-s 2")
 
