@@ -177,14 +177,20 @@ def test_add_and_remove(tmp_path: Path) -> None:
     assert reloaded.ntotal == 1098
     _, i = reloaded.search(torch.randn(20, DIM), 1098, nprobe=8)
     assert 5000 not in i and 10 not in i and 5001 in i
+    # updates write what they change: a segment of the added items, then the removed ids
     assert sorted(p.name for p in (tmp_path / "ix").iterdir()) == [
         ".lock",
-        "codes-2.safetensors",  # the previous version stays for readers that just read its manifest
-        "codes-3.safetensors",
-        "index-2.faiss",
-        "index-3.faiss",
+        "codes-1.safetensors",
+        "index-1.faiss",
         "manifest.json",
+        "segment-2.safetensors",
+        "tombstones-3.safetensors",
     ]
+    reloaded.compact()
+    compacted = Searcher.load(tmp_path / "ix")
+    assert compacted.version == 4 and compacted.ntotal == 1098
+    assert sorted(compacted.manifest.files) == ["codes", "faiss"]
+    torch.testing.assert_close(compacted.tensors.codes, reloaded.tensors.codes)
 
 
 def test_duplicate_or_unknown_ids(tmp_path: Path) -> None:

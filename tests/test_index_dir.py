@@ -36,17 +36,20 @@ def test_a_reader_that_read_an_old_manifest_reloads(tmp_path: Path, monkeypatch:
     old_manifest = read_manifest(tmp_path / "ix")
     writer = Searcher.load(tmp_path / "ix")
     writer.add(torch.randn(1, DIM), np.array([70_000]))
+    writer.compact()  # version 3: a new base
     assert (tmp_path / "ix" / old_manifest.files["codes"]).exists()  # v1 kept for readers
-    writer.add(torch.randn(1, DIM), np.array([70_001]))  # now v1's files are gone
+    writer.add(torch.randn(1, DIM), np.array([70_001]))
+    writer.compact()  # version 5: now v1's files are gone
+    assert not (tmp_path / "ix" / old_manifest.files["codes"]).exists()
     real, calls = searcher_module.read_manifest, []
 
     def racing(directory: Path, verify: bool = True) -> object:  # a load that read v1 just before
         calls.append(1)
-        return old_manifest if len(calls) == 1 else real(directory, verify)
+        return old_manifest if len(calls) <= 2 else real(directory, verify)
 
     monkeypatch.setattr(searcher_module, "read_manifest", racing)
     loaded = Searcher.load(tmp_path / "ix")
-    assert len(calls) == 2 and loaded.version == 3 and loaded.ntotal == 1002
+    assert len(calls) > 2 and loaded.version == 5 and loaded.ntotal == 1002
 
 
 def test_files_are_readable_by_other_users(tmp_path: Path) -> None:
@@ -182,16 +185,18 @@ def test_a_file_that_vanishes_mid_read_reloads(tmp_path: Path, monkeypatch: pyte
     writes = iter([True])
 
     def read_while_a_writer_publishes(path: Path, *args: object) -> dict[str, torch.Tensor]:
-        if next(writes, False):  # two publishes: version 1's files are deleted
+        if next(writes, False):  # two compactions: version 1's files are deleted
             writer = Searcher.load(tmp_path / "ix")
             writer.add(torch.randn(1, DIM), np.array([60_000]))
-            Searcher.load(tmp_path / "ix").add(torch.randn(1, DIM), np.array([60_001]))
+            writer.compact()
+            writer.add(torch.randn(1, DIM), np.array([60_001]))
+            writer.compact()
             assert not Path(path).exists()
         return real_read(path, *args)
 
     monkeypatch.setattr(searcher_module, "read_tensors", read_while_a_writer_publishes)
     loaded = Searcher.load(tmp_path / "ix")
-    assert loaded.version == 3 and loaded.ntotal == 1002
+    assert loaded.version == 5 and loaded.ntotal == 1002
 
 
 def test_empty_string_ids_are_refused(tmp_path: Path) -> None:

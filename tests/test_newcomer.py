@@ -267,7 +267,9 @@ def test_export_replace_publishes_a_new_version(run_and_index: tuple[Path, Path]
     assert "exported 10000 items" in out and "(version 3)" in out
     searcher = Searcher.load(ix)
     assert searcher.version == 3 and searcher.ntotal == 10_000
-    assert {p.name for p in ix.glob("index-*.faiss")} == {"index-2.faiss", "index-3.faiss"}
+    # version 2 (the base of version 1 plus tombstones) stays for readers that just read it
+    assert {p.name for p in ix.glob("index-*.faiss")} == {"index-1.faiss", "index-3.faiss"}
+    assert "tombstones" not in searcher.manifest.files
 
 
 # --------------------------------------------------------------------------- health window

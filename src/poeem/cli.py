@@ -1,4 +1,5 @@
-"""The ``poeem`` command line: demo, train, evaluate, export, search, add, remove, serve."""
+"""The ``poeem`` command line: demo, train, evaluate, export, embed, search, add, remove,
+compact, serve."""
 
 from __future__ import annotations
 
@@ -554,6 +555,23 @@ def remove(
     searcher = Searcher.load(index_dir)
     removed = searcher.remove(read_ids(ids, searcher.item_keys))
     typer.echo(f"removed {removed} items; index now holds {searcher.ntotal} (version {searcher.version})")
+
+
+@app.command()
+def compact(
+    index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
+) -> None:
+    """Fold the segments of added items and the removed ids into a new base index, saved
+    atomically. Updates run it themselves once segments hold a tenth of the index."""
+    from poeem.search.searcher import Searcher
+
+    searcher = Searcher.load(index_dir)
+    segments, removed = len(searcher.index.segments), int(searcher.index.removed.numel())
+    searcher.compact()
+    typer.echo(
+        f"merged {segments} segments and {removed} removed ids: {searcher.ntotal} items "
+        f"(version {searcher.version})"
+    )
 
 
 @app.command()

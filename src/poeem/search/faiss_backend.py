@@ -11,18 +11,26 @@ from poeem.export.faiss_codec import faiss_metric, nbits_of
 from poeem.metric import Metric, check_metric, check_search_args, prepare_queries, worst_score
 
 
-def search_parameters(index: faiss.Index, nprobe: int) -> list[faiss.SearchParameters]:
-    """Per-call parameters probing ``nprobe`` lists (clamped) of the IVF inside ``index``.
+def search_parameters(
+    index: faiss.Index, nprobe: int, selector: faiss.IDSelector | None = None
+) -> list[faiss.SearchParameters]:
+    """Per-call parameters probing ``nprobe`` lists (clamped) of the IVF inside ``index``, and
+    keeping only the ids ``selector`` accepts (all when None).
 
     Nothing is set on the index itself, so concurrent searches with different nprobe are safe.
     Returns the parameter objects outermost first (keep them all alive during the search);
-    an empty list for an index without IVF.
+    an empty list when there is nothing to set.
     """
     try:
         ivf = faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return []
-    chain = [faiss.SearchParametersIVF(nprobe=max(1, min(nprobe, ivf.nlist)))]
+        inner = faiss.SearchParametersIVF(nprobe=max(1, min(nprobe, ivf.nlist)))
+    except RuntimeError:  # no IVF
+        if selector is None:
+            return []
+        inner = faiss.SearchParameters()
+    if selector is not None:
+        inner.sel = selector
+    chain = [inner]
     while isinstance(index, faiss.IndexPreTransform):
         outer = faiss.SearchParametersPreTransform()
         outer.index_params = chain[0]
@@ -34,11 +42,14 @@ def search_parameters(index: faiss.Index, nprobe: int) -> list[faiss.SearchParam
 class FaissSearcher:
     """``search(xq, k, nprobe) -> (D, I)`` on a FAISS index, in torch tensors.
 
-    Queries are validated (and normalised for cosine when the index does not do it itself).
+    Queries are validated (and normalised for cosine when the index does not do it itself);
+    with a ``selector`` only the ids it accepts are searched.
     """
 
-    def __init__(self, index: faiss.Index, normalize_queries: bool = False) -> None:
-        self.index, self.normalize = index, normalize_queries
+    def __init__(
+        self, index: faiss.Index, normalize_queries: bool = False, selector: faiss.IDSelector | None = None
+    ) -> None:
+        self.index, self.normalize, self.selector = index, normalize_queries, selector
 
     @property
     def ntotal(self) -> int:
@@ -50,7 +61,7 @@ class FaissSearcher:
         check_search_args(k, nprobe)
         metric = "cosine" if self.normalize else "ip"
         q = prepare_queries(xq, metric, self.index.d).cpu().numpy()
-        params = search_parameters(self.index, nprobe)
+        params = search_parameters(self.index, nprobe, self.selector)
         d, i = worst_results(len(q), k, self.index.metric_type)
         self.index.search(
             np.ascontiguousarray(q, dtype=np.float32), k, params=params[0] if params else None, D=d, I=i

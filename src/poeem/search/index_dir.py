@@ -37,7 +37,6 @@ import faiss
 from poeem._version import __version__
 from poeem.errors import PoeemError
 from poeem.index.config import PoeemConfig
-from poeem.index.tensors import IndexTensors
 from poeem.metric import METRICS
 from poeem.storage import atomic_write, atomic_write_json, fsync_dir, read_json, save_tensors
 from poeem.user_files import require_folder
@@ -187,8 +186,22 @@ def writer_lock(directory: Path, timeout_s: float = 60.0) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def role_stem(role: str) -> str:
+    """The file-name stem of a role: a segment's role ``segment:<v>`` is stored as
+    ``segment-<v>.safetensors``."""
+    return role.split(":")[0]
+
+
+def _role_file(role: str, version: int, payload: Any) -> str:
+    if isinstance(payload, faiss.Index):
+        return f"index-{version}.faiss"  # the one FAISS role, "faiss"
+    return f"{role_stem(role)}-{version}." + ("json" if role_stem(role).endswith("_keys") else "safetensors")
+
+
 def _write_role(directory: Path, name: str, payload: Any) -> None:
-    if name.endswith(".json"):
+    if name.endswith(".faiss"):
+        atomic_write(directory / name, lambda tmp: faiss.write_index(payload, str(tmp)))
+    elif name.endswith(".json"):
         atomic_write_json(directory / name, payload)
     else:
         save_tensors(directory / name, payload)
@@ -198,10 +211,9 @@ def write_version(
     directory: Path,
     base: Manifest | None,
     new: Manifest,
-    index: faiss.Index,
-    tensors: IndexTensors,
-    extra: dict[str, Any] | None = None,
+    payloads: dict[str, Any],
     replace: bool = False,
+    drop: tuple[str, ...] = (),
 ) -> Manifest:
     """Publish a new version of the index directory (see the module docstring).
 
@@ -210,12 +222,13 @@ def write_version(
         base: the manifest this update started from, or None to create the directory (an
             existing index there is then an error, unless ``replace``).
         new: the manifest to publish; its version, files and checksums are filled in here.
-        index: the FAISS index; tensors: the same index as tensors.
-        extra: more files by role: ``{"query_tower": state_dict}`` (safetensors) or
-            ``{"item_keys": [...]}`` (roles ending in ``_keys`` are JSON). Roles of ``base`` not
-            rewritten here are kept, unless ``replace``.
+        payloads: the files this version writes, by role: ``{"faiss": faiss.Index}``,
+            safetensors roles as ``{"codes": {name: tensor}}``, JSON roles (``*_keys``) as
+            lists. A new index needs ``faiss`` and ``codes``.
         replace: publish a whole new index (a new export) as the next version of whatever the
             directory holds; nothing of the old version is kept.
+        drop: roles of ``base`` that this version no longer has (e.g. merged segments).
+            Roles of ``base`` neither rewritten nor dropped are kept.
 
     Returns:
         The published manifest.
@@ -244,20 +257,25 @@ def write_version(
                 "reload the index (Searcher.load, or POST /reload) and apply the update again",
             )
         v = (base.version if base else 0) + 1
-        files = {"faiss": f"index-{v}.faiss", "codes": f"codes-{v}.safetensors"}
-        atomic_write(directory / files["faiss"], lambda tmp: faiss.write_index(index, str(tmp)))
-        save_tensors(directory / files["codes"], tensors.to_dict())
-        for role, payload in (extra or {}).items():
-            files[role] = f"{role}-{v}." + ("json" if role.endswith("_keys") else "safetensors")
+        files: dict[str, str] = {}
+        for role, payload in payloads.items():
+            files[role] = _role_file(role, v, payload)
             _write_role(directory, files[role], payload)
         for role, name in (base.files if base and not replace else {}).items():
-            files.setdefault(role, name)
+            if role not in drop:
+                files.setdefault(role, name)
         published = Manifest(
             **{
                 **asdict(new),
                 "version": v,
                 "files": files,
-                "sha256": {name: sha256(directory / name) for name in files.values()},
+                # kept files keep their digest: an update hashes only what it wrote
+                "sha256": {
+                    name: base.sha256[name]
+                    if base and role not in payloads and name in base.sha256
+                    else sha256(directory / name)
+                    for role, name in files.items()
+                },
                 "poeem_version": __version__,
                 "faiss_version": faiss.__version__,
             }

@@ -9,6 +9,7 @@ in :meth:`Searcher.embed_queries`.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -29,18 +30,30 @@ from poeem.index.tensors import IndexTensors
 from poeem.metric import Metric, check_search_args, prepare_queries, worst_score
 from poeem.model.towers import Tower
 from poeem.search.adc import TorchIVFPQ
-from poeem.search.faiss_backend import FaissSearcher
 from poeem.search.index_dir import (
     REEXPORT,
     Manifest,
     MissingIndexFile,
     read_manifest,
+    role_stem,
     write_version,
+)
+from poeem.search.segments import (
+    SEGMENT_ROLE,
+    TOMBSTONES_ROLE,
+    SegmentedFaissSearcher,
+    SegmentedIndex,
+    segment_payload,
 )
 from poeem.storage import read_json, read_tensors
 
 Backend = Literal["faiss", "torch"]
 LOAD_ATTEMPTS = 5
+
+
+def _role_version(role: str) -> int:
+    """The version that wrote a segment role ``segment:<v>``."""
+    return int(role.split(":")[1])
 
 
 def _version_on_disk(directory: Path) -> int | None:
@@ -69,7 +82,7 @@ class Searcher:
         self,
         directory: Path,
         manifest: Manifest,
-        tensors: IndexTensors,
+        index: SegmentedIndex,
         backend: Backend = "faiss",
         device: str = "cpu",
         query_tower: Tower | None = None,
@@ -79,12 +92,23 @@ class Searcher:
     ) -> None:
         if backend not in ("faiss", "torch"):
             raise PoeemError("backend", "'faiss' or 'torch'", repr(backend), "pick one of those")
-        self.directory, self.manifest, self.tensors = directory, manifest, tensors
+        self.directory, self.manifest, self.index = directory, manifest, index
         self.backend, self.device, self.query_tower = backend, device, query_tower
         self.query_features, self.query_keys, self.item_keys = query_features, query_keys, item_keys
         self._text_encoder: Any = None  # loaded on the first text query
-        self._max_norm = tensors.max_norm()
+        self._max_norm = index.base.max_norm()  # segments share the base's centroids and codebooks
+        self._base_faiss: Any = None  # the base's FAISS index, read once (shared by forks)
         self._build_engine()
+
+    @property
+    def tensors(self) -> IndexTensors:
+        """The live index (base and segments, removed items left out) as tensors."""
+        return self.index.live
+
+    def fork(self) -> Searcher:
+        """A copy to update while this one keeps serving: it shares the immutable base (and its
+        FAISS index), and an update replaces the copy's state without touching this one's."""
+        return copy.copy(self)
 
     # ----------------------------------------------------------- create / load
     @classmethod
@@ -150,7 +174,8 @@ class Searcher:
             query_tower=tower_config,
             text_query=text_query[0] if text_query is not None else None,
         )
-        write_version(directory, None, manifest, index, tensors, extra, replace=replace)
+        payloads = {"faiss": index, "codes": tensors.to_dict(), **extra}
+        write_version(directory, None, manifest, payloads, replace=replace)
         return cls.load(directory)
 
     @classmethod
@@ -188,7 +213,18 @@ class Searcher:
                 raise MissingIndexFile(files[role])
             return IdMap.from_json(read_json(directory / files[role], role, REEXPORT), role)
 
-        tensors = IndexTensors.from_dict(tensors_of("codes"))
+        base = IndexTensors.from_dict(tensors_of("codes"))
+        index = SegmentedIndex(base)
+        item_keys = keys_of("item_keys")
+        for role in sorted((r for r in files if role_stem(r) == SEGMENT_ROLE), key=_role_version):
+            part = tensors_of(role)
+            index = index.with_segment(index.segment_of(part["coarse_codes"], part["codes"], part["ids"]))
+            keys = keys_of(f"segment_keys:{_role_version(role)}")
+            if keys is not None:
+                assert item_keys is not None
+                item_keys = IdMap(np.concatenate([item_keys.keys.astype(object), keys.keys.astype(object)]))
+        if TOMBSTONES_ROLE in files:
+            index = index.without(tensors_of(TOMBSTONES_ROLE)["ids"].long())
         tower, features = None, None
         if manifest.query_tower is not None and "query_tower" in files:
             tower = Tower.from_config(manifest.query_tower)
@@ -202,31 +238,27 @@ class Searcher:
             if "query_features" in files:
                 features = tensors_of("query_features").get("features")
         return cls(
-            directory,
-            manifest,
-            tensors,
-            backend,
-            device,
-            tower,
-            features,
-            keys_of("query_keys"),
-            keys_of("item_keys"),
+            directory, manifest, index, backend, device, tower, features, keys_of("query_keys"), item_keys
         )
 
     def _build_engine(self) -> None:
         import faiss
 
         if self.backend == "faiss":
-            path = self.directory / self.manifest.files["faiss"]
-            try:
-                index = faiss.read_index(str(path))
-            except RuntimeError as err:
-                if not path.is_file():
-                    raise MissingIndexFile(path.name) from None
-                raise PoeemError(
-                    "FAISS index file", "a readable index", f"'{path}' ({err})", REEXPORT
-                ) from None
-            self._engine: Any = FaissSearcher(index)
+            if self._base_faiss is None:
+                path = self.directory / self.manifest.files["faiss"]
+                try:
+                    self._base_faiss = faiss.read_index(str(path))
+                except RuntimeError as err:
+                    if not path.is_file():
+                        raise MissingIndexFile(path.name) from None
+                    raise PoeemError(
+                        "FAISS index file", "a readable index", f"'{path}' ({err})", REEXPORT
+                    ) from None
+            metric = self.metric
+            self._engine: Any = SegmentedFaissSearcher(
+                self._base_faiss, self.index, metric, self.manifest.fast_scan
+            )  # type: ignore[arg-type]
         else:
             self._engine = TorchIVFPQ(self.tensors.to(self.device), self.metric)  # type: ignore[arg-type]
 
@@ -239,7 +271,7 @@ class Searcher:
     @property
     def ntotal(self) -> int:
         """Number of items in the index."""
-        return self.tensors.ntotal
+        return self.index.ntotal
 
     @property
     def nlist(self) -> int:
@@ -454,6 +486,10 @@ class Searcher:
     def add(self, items: torch.Tensor | np.ndarray, ids: Any) -> None:
         """Add items, coded with the frozen codebooks (no retraining), and publish a new version.
 
+        The new items go to a new segment file (the update writes what it adds); re-adding an
+        id removed since the last compaction, or segments grown past their share of the index,
+        folds everything into a new base instead (:meth:`compact`).
+
         Args:
             items: (n, dim) item embeddings, as the item tower produces them (before the layer);
                 normalised here for a cosine index.
@@ -470,7 +506,7 @@ class Searcher:
         else:
             item_keys, rows = item_keys.extend(ids, x.shape[0])
             new_ids = torch.from_numpy(rows)
-        taken = torch.isin(new_ids, self.tensors.ids)
+        taken = self.index.holds(new_ids)
         if taken.any():
             shown = new_ids[taken][:5].numpy()
             raise PoeemError(
@@ -479,29 +515,53 @@ class Searcher:
                 f"{int(taken.sum())} existing ids, e.g. {self._raw_item_ids(shown, item_keys).tolist()}",
                 "remove them first, or use new ids",
             )
-        t = self.tensors
+        base = self.index.base
         cc, codes = encode_rotated(
-            x @ t.rotation, t.coarse, t.codebooks, self.manifest.layer_config.coarse_metric
+            x @ base.rotation, base.coarse, base.codebooks, self.manifest.layer_config.coarse_metric
         )
         cc = cc if cc is not None else torch.zeros(x.shape[0], dtype=torch.long)
-        updated = replace(
-            t,
-            coarse_codes=torch.cat([t.coarse_codes, cc]),
-            codes=torch.cat([t.codes, codes]),
-            ids=torch.cat([t.ids, new_ids]),
-        )
-        self._commit(updated, item_keys)
+        segment = self.index.segment_of(cc, codes, new_ids)
+        grown = self.index.with_segment(segment)
+        if self.index.ever_held(new_ids).any():
+            # a removed id comes back while its old row is still stored: fold into a new base
+            old = self.index.live
+            self._compact(
+                replace(
+                    old,
+                    coarse_codes=torch.cat([old.coarse_codes, cc]),
+                    codes=torch.cat([old.codes, codes]),
+                    ids=torch.cat([old.ids, new_ids]),
+                ),
+                item_keys,
+            )
+            return
+        if grown.needs_compaction() or (grown.needs_merge() and item_keys is not None):
+            self._compact(grown.live, item_keys)
+            return
+        role = f"{SEGMENT_ROLE}:{self.version + 1}"  # the version this update publishes
+        if grown.needs_merge():  # many small segments become one (integer ids: no key files)
+            grown = grown.merged()
+            old_segments = tuple(r for r in self.manifest.files if role_stem(r) == SEGMENT_ROLE)
+            self._publish({role: segment_payload(grown.segments[0])}, grown, drop=old_segments)
+            return
+        payloads: dict[str, Any] = {role: segment_payload(segment)}
+        if item_keys is not None and len(item_keys) > len(self.item_keys or ()):
+            payloads[f"segment_keys:{self.version + 1}"] = item_keys.keys[
+                len(self.item_keys or ()) :
+            ].tolist()
+        self._publish(payloads, grown, item_keys)
 
     def remove(self, ids: Any) -> int:
         """Remove items by their own ids and publish a new version; returns how many were removed.
 
-        Unknown ids are a clear error (nothing is changed).
+        The update writes the removed ids (tombstones), not the index. Unknown ids are a clear
+        error (nothing is changed).
         """
         if self.item_keys is not None:
             drop = torch.from_numpy(self.item_keys.rows(ids, "ids to remove"))
         else:
             drop = check_ids(ids, what="ids to remove", unique=False)
-        unknown = drop[~torch.isin(drop, self.tensors.ids)]
+        unknown = drop[~self.index.holds(drop)]
         if unknown.numel():
             shown = unknown[:5].numpy()
             raise PoeemError(
@@ -510,21 +570,48 @@ class Searcher:
                 f"unknown ids {self._raw_item_ids(shown).tolist()}",
                 "check the ids (nothing was removed)",
             )
-        t = self.tensors
-        keep = ~torch.isin(t.ids, drop)
-        self._commit(replace(t, coarse_codes=t.coarse_codes[keep], codes=t.codes[keep], ids=t.ids[keep]))
-        return int((~keep).sum())
+        smaller = self.index.without(drop)
+        if smaller.needs_compaction():
+            self._compact(smaller.live)
+        else:
+            self._publish({TOMBSTONES_ROLE: {"ids": smaller.removed}}, smaller)
+        return int(drop.unique().numel())
+
+    def compact(self) -> None:
+        """Fold the segments and tombstones into a new base (one FAISS index and one codes
+        file) and publish it; searches return the same results before and after."""
+        self._compact(self.index.live)
 
     def _raw_item_ids(self, faiss_ids: np.ndarray, keys: IdMap | None = None) -> np.ndarray:
         """The items' own ids of FAISS ids (the same array without an item map)."""
         keys = keys if keys is not None else self.item_keys
         return keys.raw(faiss_ids) if keys is not None else faiss_ids
 
-    def _commit(self, tensors: IndexTensors, item_keys: IdMap | None = None) -> None:
-        index = build_faiss_index(tensors, self.metric, self.manifest.fast_scan)  # type: ignore[arg-type]
-        extra = {"item_keys": item_keys.to_json()} if item_keys is not None else None
-        self.manifest = write_version(self.directory, self.manifest, self.manifest, index, tensors, extra)
-        self.tensors, self._max_norm = tensors, tensors.max_norm()
+    def _compact(self, live: IndexTensors, item_keys: IdMap | None = None) -> None:
+        faiss_index = build_faiss_index(live, self.metric, self.manifest.fast_scan)  # type: ignore[arg-type]
+        keys = item_keys if item_keys is not None else self.item_keys
+        payloads: dict[str, Any] = {"faiss": faiss_index, "codes": live.to_dict()}
+        if keys is not None:
+            payloads["item_keys"] = keys.to_json()
+        merged = tuple(
+            r for r in self.manifest.files if role_stem(r) in (SEGMENT_ROLE, "segment_keys", TOMBSTONES_ROLE)
+        )
+        self._publish(payloads, SegmentedIndex(live), keys, drop=merged, base_faiss=faiss_index)
+
+    def _publish(
+        self,
+        payloads: dict[str, Any],
+        index: SegmentedIndex,
+        item_keys: IdMap | None = None,
+        drop: tuple[str, ...] = (),
+        base_faiss: Any = None,
+    ) -> None:
+        """Write ``payloads`` as the next version and make ``index`` (with ``base_faiss``, the
+        FAISS index of a new base) this searcher's state."""
+        self.manifest = write_version(self.directory, self.manifest, self.manifest, payloads, drop=drop)
+        self.index = index
+        if base_faiss is not None:
+            self._base_faiss = base_faiss
         if item_keys is not None:
             self.item_keys = item_keys
         self._build_engine()

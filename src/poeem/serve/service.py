@@ -126,7 +126,7 @@ class IndexService:
     def _write(self, update: Any) -> Searcher:
         with self._write_lock:
             for attempt in range(2):
-                fresh = Searcher.load(self.directory, backend=self.backend)
+                fresh = self._writable()
                 try:
                     update(fresh)
                 except StaleIndexError:  # another process published in between: retry once
@@ -136,6 +136,17 @@ class IndexService:
                 self._swap(fresh)
                 return fresh
         raise AssertionError("unreachable")
+
+    def _writable(self) -> Searcher:
+        """A searcher to update: a fork of the served one while it is the newest version (an
+        update then costs what it adds), else a fresh load."""
+        try:
+            on_disk = read_manifest(self.directory, verify=False).version
+        except PoeemError:
+            on_disk = None
+        if on_disk == self._searcher.version:
+            return self._searcher.fork()
+        return Searcher.load(self.directory, backend=self.backend)
 
     def reload(self) -> tuple[int, int]:
         """Load the newest version and swap it in; a broken one is refused and the old one kept.

@@ -1,0 +1,211 @@
+"""An index as an immutable base plus small appended segments and tombstones (as Lucene and
+Milvus keep theirs), so that an update writes what it adds, not the whole index.
+
+The live index is: the base's items that are not removed, then each segment's items that are
+not removed. FAISS searches the base once (its removed ids filtered by an ``IDSelector``) and
+a small in-memory index of the live segment items built from the same centroids and
+codebooks; both probe the same lists and score alike, so the merged top-k is the top-k of the
+rebuilt index. Compaction folds segments and tombstones into a new base.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import cached_property
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from poeem.export.faiss_codec import build_faiss_index
+from poeem.index.tensors import IndexTensors
+from poeem.metric import Metric
+from poeem.search.faiss_backend import FaissSearcher
+
+SEGMENT_ROLE = "segment"  # roles "segment:<v>" (codes) and "segment_keys:<v>" (string ids)
+TOMBSTONES_ROLE = "tombstones"
+# compaction runs when the segments hold this share of the base, or there are this many
+COMPACT_SHARE = 0.1
+COMPACT_MIN_ROWS = 10_000
+MAX_SEGMENTS = 64
+
+
+def segment_payload(segment: IndexTensors) -> dict[str, torch.Tensor]:
+    """What a segment file holds: (n,) lists, (n, D) codes and (n,) FAISS ids."""
+    return {"coarse_codes": segment.coarse_codes, "codes": segment.codes, "ids": segment.ids}
+
+
+@dataclass(frozen=True)
+class SegmentedIndex:
+    """The live index of a directory version: ``base`` plus ``segments``, minus ``removed``.
+
+    base: the exported (or last compacted) index.
+    segments: items added since, oldest first (they share the base's centroids and codebooks).
+    removed: (t,) FAISS ids removed since the base (from the base or a segment).
+    """
+
+    base: IndexTensors
+    segments: tuple[IndexTensors, ...] = ()
+    removed: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    # the base's ids, sorted once and shared by every later version (membership in O(log n))
+    base_sorted_ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.base_sorted_ids is None:
+            object.__setattr__(self, "base_sorted_ids", torch.sort(self.base.ids).values)
+
+    @property
+    def ntotal(self) -> int:
+        """Live items."""
+        return self.base.ntotal + self.segment_rows - int(self.removed.numel())
+
+    def ever_held(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: which FAISS ``ids`` the base or a segment holds, removed or not."""
+        ids = ids.long()
+        sorted_ids = self.base_sorted_ids
+        assert sorted_ids is not None
+        where = torch.searchsorted(sorted_ids, ids).clamp_max(max(sorted_ids.numel() - 1, 0))
+        held = sorted_ids[where] == ids if sorted_ids.numel() else torch.zeros_like(ids, dtype=torch.bool)
+        for segment in self.segments:
+            held |= torch.isin(ids, segment.ids)
+        return held
+
+    def holds(self, ids: torch.Tensor) -> torch.Tensor:
+        """(n,) bool: which FAISS ``ids`` are live items."""
+        return self.ever_held(ids) & ~torch.isin(ids, self.removed)
+
+    def segment_of(self, coarse_codes: torch.Tensor, codes: torch.Tensor, ids: torch.Tensor) -> IndexTensors:
+        """A segment of new items: (n,) lists, (n, D) codes, (n,) FAISS ids (validated)."""
+        return replace(self.base, coarse_codes=coarse_codes, codes=codes, ids=ids).validate()
+
+    def with_segment(self, segment: IndexTensors) -> SegmentedIndex:
+        """This index plus ``segment``."""
+        return SegmentedIndex(self.base, (*self.segments, segment), self.removed, self.base_sorted_ids)
+
+    def without(self, ids: torch.Tensor) -> SegmentedIndex:
+        """This index minus the FAISS ``ids`` (which it holds)."""
+        removed = torch.cat([self.removed, ids.long()]).unique()
+        return SegmentedIndex(self.base, self.segments, removed, self.base_sorted_ids)
+
+    @cached_property
+    def live(self) -> IndexTensors:
+        """Every live item, base first: what a rebuilt index would hold."""
+        parts = [self.base, *self.segments]
+        merged = replace(
+            self.base,
+            coarse_codes=torch.cat([p.coarse_codes for p in parts]),
+            codes=torch.cat([p.codes for p in parts]),
+            ids=torch.cat([p.ids for p in parts]),
+        )
+        return _drop(merged, self.removed)
+
+    @cached_property
+    def delta(self) -> IndexTensors | None:
+        """The live segment items, or None when there are none."""
+        if not self.segments:
+            return None
+        return _drop(self.merged().segments[0], self.removed)
+
+    @property
+    def segment_rows(self) -> int:
+        """Items held in segments (removed ones included)."""
+        return sum(s.ntotal for s in self.segments)
+
+    def needs_compaction(self) -> bool:
+        """Whether the segments or tombstones have grown enough to fold them into the base."""
+        grown = max(self.segment_rows, int(self.removed.numel()))
+        return grown >= max(COMPACT_MIN_ROWS, COMPACT_SHARE * self.base.ntotal)
+
+    def needs_merge(self) -> bool:
+        """Whether there are so many segments that they should become one."""
+        return len(self.segments) >= MAX_SEGMENTS
+
+    def merged(self) -> SegmentedIndex:
+        """The same index with its segments concatenated into one (oldest first)."""
+        parts = self.segments
+        one = replace(
+            self.base,
+            coarse_codes=torch.cat([p.coarse_codes for p in parts]),
+            codes=torch.cat([p.codes for p in parts]),
+            ids=torch.cat([p.ids for p in parts]),
+        )
+        return SegmentedIndex(self.base, (one,), self.removed, self.base_sorted_ids)
+
+
+def _drop(index: IndexTensors, removed: torch.Tensor) -> IndexTensors:
+    if not removed.numel():
+        return index
+    keep = ~torch.isin(index.ids, removed)
+    return replace(index, coarse_codes=index.coarse_codes[keep], codes=index.codes[keep], ids=index.ids[keep])
+
+
+class SegmentedFaissSearcher:
+    """``search(xq, k, nprobe) -> (D, I)`` over a base FAISS index and the live segment items.
+
+    Args:
+        base: the base's FAISS index (read from the directory; never changed).
+        index: the live index it belongs to.
+        metric: "ip", "cosine" or "l2".
+        fast_scan: whether the segment index is built as fast scan, like the base.
+    """
+
+    def __init__(self, base: faiss.Index, index: SegmentedIndex, metric: Metric, fast_scan: bool) -> None:
+        self.metric, self.removed = metric, index.removed
+        removed = np.ascontiguousarray(index.removed.numpy(), dtype=np.int64)
+        self._selector: Any = None
+        # an IVF filters removed ids while it scans; a flat PQ takes no selector (FAISS refuses
+        # search parameters there), so its results are over-fetched and filtered instead
+        self._filter_after = bool(removed.size) and not _has_ivf(base)
+        if removed.size and not self._filter_after:
+            batch = faiss.IDSelectorBatch(removed)
+            self._selector = faiss.IDSelectorNot(batch)
+            self._selector.referenced_batch = batch  # keep it alive as long as the selector
+        self.base = FaissSearcher(base, selector=self._selector)
+        delta = index.delta
+        self.delta = (
+            FaissSearcher(build_faiss_index(delta, metric, fast_scan))
+            if delta is not None and delta.ntotal
+            else None
+        )
+
+    @property
+    def ntotal(self) -> int:
+        """Live items."""
+        return self.base.ntotal + (self.delta.ntotal if self.delta is not None else 0)
+
+    def search(self, xq: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Args: xq (nq, dim). Returns D (nq, k) float32 scores and I (nq, k) int64 ids."""
+        if self._filter_after:
+            width = min(k + int(self.removed.numel()), self.base.ntotal)
+            d, i = self.base.search(xq, max(width, 1), nprobe)
+            i = torch.where(torch.isin(i, self.removed), torch.full_like(i, -1), i)
+            d, i = merge_top_k(d, i, k, self.metric)
+        else:
+            d, i = self.base.search(xq, k, nprobe)
+        if self.delta is None:
+            return d, i
+        d2, i2 = self.delta.search(xq, k, nprobe)
+        return merge_top_k(torch.cat([d, d2], 1), torch.cat([i, i2], 1), k, self.metric)
+
+
+def _has_ivf(index: faiss.Index) -> bool:
+    try:
+        faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return False
+    return True
+
+
+def merge_top_k(
+    scores: torch.Tensor, ids: torch.Tensor, k: int, metric: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best of each row of (nq, m) candidates; rows' missing entries (-1) sort last.
+
+    Returns:
+        (nq, k) scores and ids.
+    """
+    worst = float("inf") if metric == "l2" else float("-inf")
+    keyed = torch.where(ids >= 0, scores, torch.full_like(scores, worst))
+    order = torch.argsort(keyed, dim=1, descending=metric != "l2", stable=True)[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)

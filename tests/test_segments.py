@@ -1,0 +1,167 @@
+"""Updates as segments and tombstones (issue 18): an update writes what it adds, and searching
+base + segments - tombstones returns what a fully rebuilt index returns."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import correlated
+from test_export_search import DIM, assert_same_topk, trained_layer
+from typer.testing import CliRunner
+
+import poeem.search.segments as segments
+from poeem import Searcher
+from poeem.cli import app
+from poeem.export.faiss_codec import build_faiss_index
+from poeem.search import FaissSearcher, TorchIVFPQ
+
+
+def rebuilt_search(
+    searcher: Searcher, xq: torch.Tensor, k: int, nprobe: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """What a FAISS index built from scratch over the live items answers (raw ids)."""
+    live = searcher.tensors
+    engine = FaissSearcher(build_faiss_index(live, searcher.metric, searcher.manifest.fast_scan))
+    d, i = engine.search(xq, k, nprobe)
+    ids = i.numpy()
+    return d.numpy(), searcher.item_keys.raw(ids) if searcher.item_keys is not None else ids
+
+
+CASES = [  # (rotation, num_coarse, K, metric, fast_scan, string ids)
+    ("givens", 8, 16, "ip", False, False),
+    ("none", 8, 16, "l2", False, False),
+    ("none", 8, 16, "ip", True, False),
+    ("givens", 0, 16, "cosine", False, True),
+]
+
+
+@pytest.mark.parametrize(("rotation", "num_coarse", "k", "metric", "fast_scan", "strings"), CASES)
+def test_segments_and_tombstones_search_like_a_rebuilt_index(
+    tmp_path: Path, rotation: str, num_coarse: int, k: int, metric: str, fast_scan: bool, strings: bool
+) -> None:
+    layer, x = trained_layer(rotation, num_coarse, k=k, coarse_metric="l2" if metric == "l2" else "ip")
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    names = np.array([f"item-{i}" for i in range(1500)]) if strings else np.arange(1500) + 7
+    Searcher.create(tmp_path / "ix", layer, x[:1000], ids=names[:1000], metric=metric, fast_scan=fast_scan)
+    rng = np.random.default_rng(0)
+    xq = correlated(40, DIM, seed=5)
+    for step, (start, stop) in enumerate([(1000, 1100), (1100, 1101), (1101, 1300)]):
+        writer = Searcher.load(tmp_path / "ix")
+        writer.add(x[start:stop], names[start:stop])
+        live_ids = writer.item_keys.raw(writer.tensors.ids.numpy()) if strings else writer.tensors.ids.numpy()
+        writer.remove(rng.choice(live_ids, 30 + step, replace=False))
+        for backend in ("faiss", "torch"):
+            searcher = Searcher.load(tmp_path / "ix", backend=backend)
+            assert len(searcher.index.segments) == step + 1 and searcher.index.removed.numel() > 0
+            d, i = searcher.search(xq, 20, nprobe=3)
+            d2, i2 = rebuilt_search(searcher, xq, 20, 3)
+            if fast_scan:  # 8-bit lookup tables: scores are close, not equal
+                overlap = np.mean([len(set(a) & set(b)) / 20 for a, b in zip(i, i2, strict=True)])
+                assert overlap > 0.95
+            elif backend == "faiss":
+                assert_same_topk(d, i, d2, i2)
+            else:
+                assert_same_topk(d, i, d2, i2)  # torch ADC scores exactly as FAISS
+    assert searcher.ntotal == 1000 + 300 - (30 + 31 + 32)
+
+
+def test_adding_one_item_writes_one_small_segment(tmp_path: Path) -> None:
+    layer, x = trained_layer("givens", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:1400], metric="ip")
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "ix").iterdir()}
+    searcher = Searcher.load(tmp_path / "ix")
+    searcher.add(x[1400:1401], [50_000])
+    written = {
+        p.name: p.stat().st_size
+        for p in (tmp_path / "ix").iterdir()
+        if before.get(p.name) != p.stat().st_mtime_ns
+    }
+    assert set(written) == {"manifest.json", "segment-2.safetensors"}
+    assert written["segment-2.safetensors"] < 1000 and sum(written.values()) < 10_000
+    d, i = searcher.search(x[1390:1401], 5, nprobe=8)
+    assert_same_topk(d, i, *rebuilt_search(searcher, x[1390:1401], 5, 8))
+    assert 50_000 in searcher.search(x[1400:1401], 1401, nprobe=8)[1]
+
+
+def test_a_removed_id_can_come_back(tmp_path: Path) -> None:
+    layer, x = trained_layer("none", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:1000], metric="ip")
+    searcher = Searcher.load(tmp_path / "ix")
+    searcher.remove([5])
+    searcher.add(x[1000:1001], [5])  # a new embedding under the old id: folded into a new base
+    assert "tombstones" not in searcher.manifest.files and searcher.ntotal == 1000
+    reloaded = Searcher.load(tmp_path / "ix")
+    assert torch.equal(reloaded.tensors.ids, searcher.tensors.ids)
+    assert 5 in reloaded.search(x[1000:1001], 1000, nprobe=8)[1]
+    d, i = reloaded.search(x[:20], 10, nprobe=2)
+    assert_same_topk(d, i, *rebuilt_search(reloaded, x[:20], 10, 2))
+
+
+def test_updates_compact_past_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segments, "COMPACT_MIN_ROWS", 50)
+    layer, x = trained_layer("none", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:300], metric="ip")
+    searcher = Searcher.load(tmp_path / "ix")
+    searcher.add(x[300:320], np.arange(2000, 2020))
+    assert len(searcher.index.segments) == 1
+    searcher.add(x[320:360], np.arange(3000, 3040))  # 60 segment rows >= max(50, 10% of 300)
+    assert searcher.index.segments == () and sorted(searcher.manifest.files) == ["codes", "faiss"]
+    assert searcher.ntotal == 360 and Searcher.load(tmp_path / "ix").ntotal == 360
+
+
+def test_many_segments_merge_into_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segments, "MAX_SEGMENTS", 3)
+    layer, x = trained_layer("givens", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:500], metric="ip")
+    searcher = Searcher.load(tmp_path / "ix")
+    for i in range(4):
+        searcher.add(x[500 + i : 501 + i], [800 + i])
+    searcher.remove([801])
+    reloaded = Searcher.load(tmp_path / "ix")
+    assert len(reloaded.index.segments) == 2 and reloaded.ntotal == 503  # 3 merged, then 1
+    assert sorted(reloaded.manifest.files) == ["codes", "faiss", "segment:4", "segment:5", "tombstones"]
+    xq = x[490:504]
+    assert_same_topk(*reloaded.search(xq, 10, nprobe=3), *rebuilt_search(reloaded, xq, 10, 3))
+
+
+def test_poeem_compact(tmp_path: Path) -> None:
+    layer, x = trained_layer("none", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:500], metric="ip")
+    searcher = Searcher.load(tmp_path / "ix")
+    searcher.add(x[500:510], np.arange(900, 910))
+    searcher.remove([0, 1, 2])
+    xq = torch.randn(10, DIM)
+    before = searcher.search(xq, 10, nprobe=8)
+    result = CliRunner().invoke(app, ["compact", str(tmp_path / "ix")])
+    assert result.exit_code == 0, result.output
+    assert "merged 1 segments and 3 removed ids: 507 items (version 4)" in result.output
+    after = Searcher.load(tmp_path / "ix").search(xq, 10, nprobe=8)
+    assert_same_topk(*before, *after)
+    assert sorted(p.name for p in (tmp_path / "ix").iterdir() if p.name != ".lock") == [
+        "codes-1.safetensors",  # version 3's files stay for readers that just read its manifest
+        "codes-4.safetensors",
+        "index-1.faiss",
+        "index-4.faiss",
+        "manifest.json",
+        "segment-2.safetensors",
+        "tombstones-3.safetensors",
+    ]
+
+
+def test_a_fork_updates_without_touching_the_served_searcher(tmp_path: Path) -> None:
+    layer, x = trained_layer("none", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:500], metric="ip")
+    served = Searcher.load(tmp_path / "ix")
+    xq = torch.randn(5, DIM)
+    before = served.search(xq, 5, nprobe=8)
+    fork = served.fork()
+    fork.add(x[500:520], np.arange(700, 720))
+    fork.remove([3])
+    assert served.version == 1 and served.ntotal == 500 and fork.ntotal == 519
+    np.testing.assert_array_equal(served.search(xq, 5, nprobe=8)[1], before[1])
+    assert (
+        TorchIVFPQ(fork.tensors, "ip").search(xq, 5, 8)[1].tolist()
+        == fork.search(xq, 5, nprobe=8)[1].tolist()
+    )
