@@ -256,6 +256,39 @@ def serve_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def update_cost_section(r: dict[str, Any]) -> list[str]:
+    quiet, loaded, compaction = r["quiet"], r["under_search_load"], r["compaction"]
+    search = loaded["search"]
+    lines = [
+        "## Updates: what adding one item costs (segments)",
+        "",
+        f"A synthetic index of {r['items']:,} items (dim 64, IVF16,PQ8x8, cosine; "
+        f"{r['index_bytes'] / 1e6:.1f} MB on disk) served by `poeem serve` (1 worker). Each "
+        "`POST /items` adds one item: it writes a segment file and the manifest. The bytes are "
+        "every file an add created or changed.",
+        "",
+        "| phase | adds | failed | p50 ms | p99 ms | max ms | bytes written per add (mean / max) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in (("quiet server", quiet), (f"{loaded['search_clients']} clients searching", loaded)):
+        lines.append(
+            f"| {name} | {row['adds']} | {row['failures']} | {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | "
+            f"{row['max_ms']:.1f} | {row['bytes_written_mean']:,.0f} / {row['bytes_written_max']:,} |"
+        )
+    lines += [
+        "",
+        f"The searches beside the second phase: {search['requests']:,} batch-1 requests, "
+        f"{search['requests_per_s']:,.0f}/s, p50 {search['p50_ms']:.1f} ms, p99 {search['p99_ms']:.1f} ms, "
+        f"{search['failures']} failed. Folding the {compaction['segments']} segments into a new base "
+        f"(`poeem compact`, which every update did before segments existed) wrote "
+        f"{compaction['bytes_written'] / 1e6:.1f} MB in {compaction['seconds']:.2f} s.",
+        "",
+        provenance(r),
+        "",
+    ]
+    return lines
+
+
 def fmt(row: dict[str, Any], key: str) -> str:
     std = row.get(f"{key}_std", 0.0)
     return f"{row[key]:.4f} ± {std:.4f}" if row.get("seeds", 1) > 1 else f"{row[key]:.4f}"
@@ -495,6 +528,8 @@ def main() -> None:
         lines += search_speed_section(results["search_speed"])
     if "serve_load" in results:
         lines += serve_section(results["serve_load"])
+    if "update_cost" in results:
+        lines += update_cost_section(results["update_cost"])
     if "scale" in results:
         lines += scale_section(results["scale"], img)
     if "text_scifact" in results:

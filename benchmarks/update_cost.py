@@ -58,7 +58,7 @@ def adds(port: int, directory: Path, count: int, first_id: int, seed: int) -> di
         latencies.append(ms)
         failures += status != 200
         written.append(
-            sum(size for name, size in after.items() if before.get(name) != size or name not in before)
+            sum(size for name, (size, mtime) in after.items() if before.get(name) != (size, mtime))
         )
     conn.close()
     lat = np.array(latencies)

@@ -37,6 +37,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--results-dir",
         str(out),
     )
+    run("update_cost.py", "--items", "5000", "--adds", "10", "--clients", "2", "--results-dir", str(out))
     run(
         "recall.py",
         "--dataset",
@@ -110,6 +111,9 @@ def test_benchmarks_write_results(results: Path) -> None:
         (32, 8),
     ]
     assert load["rows"][1]["reload_and_add_statuses"] == [200, 200]
+    update = json.loads((results / "update_cost.json").read_text())
+    assert update["quiet"]["failures"] == update["under_search_load"]["failures"] == 0
+    assert 0 < update["quiet"]["bytes_written_mean"] < update["compaction"]["bytes_written"]
     recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
     methods = {row["method"] for row in recall["summary"]}
     assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens", "poeem-ip"}
@@ -139,6 +143,7 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     assert "zero-training export vs FAISS" in text and "Retrieval quality: synthetic" in text
     assert "Search time of the index directory's backends" in text and "`poeem serve` under load" in text
     assert "Command: `python " in text and "Scale: how each cost grows" in text
+    assert "Updates: what adding one item costs" in text
     assert (tmp_path / "img" / "scale.png").is_file()
     assert (tmp_path / "img" / "recall_synthetic_nprobe.png").is_file()
     assert (tmp_path / "img" / "sweep.png").is_file()

@@ -334,6 +334,7 @@ def test_the_readme_command_line_block_runs_line_by_line(tmp_path: Path) -> None
         timeout=600,
     )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    assert "removed 1 items" in done.stdout and "(version 4)" in done.stdout
+    assert "removed 1 items" in done.stdout and "merged 1 segments and 1 removed ids" in done.stdout
+    assert "(version 5)" in done.stdout
     hits = [line for line in done.stdout.splitlines() if line.startswith(("1,", "42,"))]
     assert hits and not any(line.startswith("1,") and line.split(",")[2] == "50" for line in hits)

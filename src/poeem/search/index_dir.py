@@ -11,13 +11,18 @@
     INDEX_DIR/query_features-<v>.safetensors  optional: each query's numeric features
     INDEX_DIR/query_keys-<v>.json           optional: the raw id of each query-tower row
     INDEX_DIR/item_keys-<v>.json            optional: raw item ids when they are not integers
+    INDEX_DIR/segment-<v>.safetensors       items added by version v: lists, codes, FAISS ids
+    INDEX_DIR/segment_keys-<v>.json         their raw ids, for string ids
+    INDEX_DIR/tombstones-<v>.safetensors    every FAISS id removed since the base (cumulative)
     INDEX_DIR/.lock                         taken by writers
 
-An update takes the writer lock, checks that the manifest on disk is still the version it
-started from (compare-and-swap: a stale writer gets an error instead of dropping another
-writer's items), writes version v+1's files (fsynced), atomically replaces the manifest, and
-deletes the files of versions older than v. Version v stays on disk, so a reader that has just
-read manifest v can still open its files; a reader that loses that race reloads.
+The ``faiss`` and ``codes`` files are the base; the live index is the base plus the segments
+minus the tombstones (see :mod:`poeem.search.segments`). An update takes the writer lock,
+checks that the manifest on disk is still the version it started from (compare-and-swap: a
+stale writer gets an error instead of dropping another writer's items), writes only the files
+it changes for version v+1 (fsynced), atomically replaces the manifest, and deletes the files
+that neither v nor v+1 names. Version v's files stay on disk, so a reader that has just read
+manifest v can still open them; a reader that loses that race reloads.
 """
 
 from __future__ import annotations
