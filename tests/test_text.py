@@ -17,7 +17,7 @@ from poeem import PoeemError, Searcher
 from poeem.cli import app
 from poeem.data import beir_task, load_beir
 from poeem.model import ModelConfig
-from poeem.model.text import TextQueryEncoder, TextTwoTowerModel, embed_texts, load_encoder
+from poeem.model.text import TextSideEncoder, TextTwoTowerModel, embed_texts, load_encoder
 from poeem.pipeline import load_run
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -205,11 +205,30 @@ def test_train_export_and_search_by_text(tmp_path: Path, tiny_encoder: Path, mod
     assert [r[2] for r in rows] == list(ids[0, :3])
     result = CliRunner().invoke(app, ["evaluate", str(run_dir)])
     assert result.exit_code == 0 and "poeem" in result.output, result.output
+    # documents are embedded by text exactly as the model's document tower does
+    rows = torch.tensor([3, 17])
+    with torch.no_grad():
+        own_docs = model.encode_items(rows)
+    torch.testing.assert_close(
+        searcher.embed_item_texts([data.item_texts[3], data.item_texts[17]]), own_docs, atol=1e-5, rtol=1e-5
+    )
+    # a document added by text is coded like the trained ones: a copy of d3 under a new id
+    # scores exactly like d3 for any query
+    copy = {"_id": "new-doc", "title": "", "text": data.item_texts[3]}
+    (tmp_path / "new.jsonl").write_text(json.dumps(copy) + "\n")
+    result = CliRunner().invoke(app, ["add", str(index), "--texts", str(tmp_path / "new.jsonl")])
+    assert result.exit_code == 0 and "61 items" in result.output, result.output
+    reloaded = Searcher.load(index)
+    scores, found = reloaded.search(reloaded.embed_texts(["w1 w2", data.item_texts[3]]), k=61)
+    for row_scores, row_ids in zip(scores, found.tolist(), strict=True):
+        assert row_scores[row_ids.index("new-doc")] == pytest.approx(
+            row_scores[row_ids.index("d3")], abs=1e-5
+        )
 
 
 def test_text_query_head_must_match_the_encoder(tmp_path: Path, tiny_encoder: Path) -> None:
     with pytest.raises(PoeemError, match="text query head"):
-        TextQueryEncoder.from_state({"encoder": str(tiny_encoder)}, {"head.weight": torch.zeros(4, 7)})
+        TextSideEncoder.from_state({"encoder": str(tiny_encoder)}, {"head.weight": torch.zeros(4, 7)})
 
 
 def test_search_by_text_needs_a_text_index(tmp_path: Path) -> None:
@@ -225,11 +244,20 @@ def test_search_by_text_needs_a_text_index(tmp_path: Path) -> None:
 
 
 def test_serve_accepts_text_queries(tmp_path: Path, tiny_encoder: Path) -> None:
-    from test_serve import Server
+    from test_serve import TOKEN, Server
 
     _, index = train(tmp_path, tiny_encoder, "frozen")
-    server = Server(index, None)
+    server = Server(index)
     try:
+        doc = beir_task(tmp_path / "beir").item_texts[5]
+        item = {"items": [{"id": "added-by-text", "text": doc}]}
+        status, body = server.call("POST", "/items", item, token=TOKEN)
+        assert status == 200 and body["items"] == 61, body
+        status, body = server.call("POST", "/search", {"queries": [{"text": doc}], "k": 61})
+        hits = dict(zip(body["results"][0]["ids"], body["results"][0]["scores"], strict=True))
+        assert hits["added-by-text"] == pytest.approx(hits["d5"], abs=1e-5)  # coded like its twin
+        both = {"items": [{"id": "x", "text": doc, "embedding": [0.1] * 16}]}
+        assert server.call("POST", "/items", both, token=TOKEN)[0] == 422
         status, body = server.call("POST", "/search", {"queries": [{"text": "w1 w2"}], "k": 3})
         assert status == 200, body
         searcher = Searcher.load(index)
@@ -238,6 +266,7 @@ def test_serve_accepts_text_queries(tmp_path: Path, tiny_encoder: Path) -> None:
         assert np.isfinite(body["results"][0]["scores"]).all()
         assert server.call("POST", "/search", {"queries": [{"text": "w1", "id": "q1"}]})[0] == 422
         assert server.call("GET", "/info")[1]["text_queries"] is True
+        assert server.call("GET", "/info")[1]["text_items"] is True
     finally:
         server.stop()
 

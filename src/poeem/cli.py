@@ -533,14 +533,39 @@ def search(
 @app.command()
 def add(
     index_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem export'.")],
-    items: Annotated[Path, typer.Option(help="(n, dim) item embeddings as .npy.")],
-    ids: Annotated[Path, typer.Option(help="n item ids (the data's own), as .npy or one per line.")],
+    items: Annotated[Path | None, typer.Option(help="(n, dim) item embeddings as .npy.")] = None,
+    texts: Annotated[
+        Path | None,
+        typer.Option(
+            help="Documents to add by text (indexes of text models): a .jsonl of "
+            '{"_id", "title", "text"} objects, like a BEIR corpus.'
+        ),
+    ] = None,
+    ids: Annotated[
+        Path | None,
+        typer.Option(
+            help="n item ids (the data's own), as .npy or one per line (default with --texts: _id)."
+        ),
+    ] = None,
 ) -> None:
-    """Add items, coded with the frozen codebooks (no retraining); saved atomically."""
+    """Add items, coded with the frozen codebooks (no retraining); saved atomically as a new segment."""
     from poeem.search.searcher import Searcher
 
+    if (items is None) == (texts is None):
+        raise PoeemError("add", "--items or --texts (one of them)", "both or neither", "pass one")
     searcher = Searcher.load(index_dir)
-    searcher.add(read_array(items, "item embeddings"), read_ids(ids, searcher.item_keys))
+    if texts is not None:
+        from poeem.data.beir import read_documents
+
+        doc_ids, doc_texts = read_documents(require_file(texts, "--texts file"))
+        embeddings = searcher.embed_item_texts(doc_texts)
+        new_ids = read_ids(ids, searcher.item_keys) if ids is not None else np.array(doc_ids)
+    else:
+        assert items is not None
+        if ids is None:
+            raise PoeemError("add", "--ids with --items", "no --ids", "pass --ids FILE (one id per item)")
+        embeddings, new_ids = read_array(items, "item embeddings"), read_ids(ids, searcher.item_keys)
+    searcher.add(embeddings, new_ids)
     typer.echo(f"index now holds {searcher.ntotal} items (version {searcher.version})")
 
 

@@ -83,6 +83,18 @@ def _read_jsonl(path: Path, fields: tuple[str, ...], required: tuple[str, ...]) 
     return rows
 
 
+def read_documents(path: Path) -> tuple[list[str], list[str]]:
+    """The documents of a BEIR-style corpus file, one ``{"_id", "title", "text"}`` object per line.
+
+    Returns:
+        (n,) unique ids and (n,) texts, each its title and text joined by a space (as trained).
+    """
+    rows = _read_jsonl(path, ("_id", "title", "text"), ("_id",))
+    ids = [str(r["_id"]) for r in rows]
+    _unique(ids, path)
+    return ids, [f"{r.get('title', '')} {r.get('text', '')}".strip() for r in rows]
+
+
 def _unique(ids: list[str], path: Path) -> None:
     seen: set[str] = set()
     for no, i in enumerate(ids, 1):
@@ -127,13 +139,10 @@ def load_beir(path: str | Path, splits: tuple[str, ...] = ("train", "test")) -> 
         raise PoeemError("BEIR dataset", "a folder", f"'{root}'", "pass the folder that holds corpus.jsonl")
     corpus_path = require_file(root / "corpus.jsonl", "BEIR corpus", DATA_PATH_FIX)
     queries_path = require_file(root / "queries.jsonl", "BEIR queries", DATA_PATH_FIX)
-    corpus = _read_jsonl(corpus_path, ("_id", "title", "text"), ("_id",))
+    doc_ids, doc_texts = read_documents(corpus_path)
     queries = _read_jsonl(queries_path, ("_id", "text"), ("_id", "text"))
-    doc_ids = [str(r["_id"]) for r in corpus]
     query_ids = [str(r["_id"]) for r in queries]
-    _unique(doc_ids, corpus_path)
     _unique(query_ids, queries_path)
-    doc_texts = [f"{r.get('title', '')} {r.get('text', '')}".strip() for r in corpus]
     qrels = {
         split: _read_qrels(
             require_file(root / "qrels" / f"{split}.tsv", f"BEIR {split} qrels", DATA_PATH_FIX),

@@ -308,38 +308,53 @@ class TextTwoTowerModel(RetrievalModel):
         return self._normalized(self.query_head(self._embed(encoder, list(texts), torch.arange(len(texts)))))
 
     def query_side(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """What searching by text needs, for :meth:`TextQueryEncoder.from_state`: the config,
+        """What searching by text needs, for :meth:`TextSideEncoder.from_state`: the config,
         and the query head's weights plus the fine-tuned query encoder's (modes ``query`` and
         ``both``)."""
+        return self._side_state(self.query_head, self.query_encoder)
+
+    def item_side(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """What adding documents by text needs, for :meth:`TextSideEncoder.from_state`: the
+        config, and the document head's weights plus the fine-tuned document encoder's (mode
+        ``both``)."""
+        return self._side_state(self.item_head, self.item_encoder)
+
+    def _side_state(
+        self, head: nn.Linear, encoder: nn.Module | None
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         config = {**self.text.to_dict(), "dim": self.config.dim, "normalize": self.config.score == "cosine"}
-        state = {f"head.{k}": v.detach().cpu() for k, v in self.query_head.state_dict().items()}
-        if self.query_encoder is not None:
-            state.update(
-                {f"encoder.{k}": v.detach().cpu() for k, v in self.query_encoder.state_dict().items()}
-            )
+        state = {f"head.{k}": v.detach().cpu() for k, v in head.state_dict().items()}
+        if encoder is not None:
+            state.update({f"encoder.{k}": v.detach().cpu() for k, v in encoder.state_dict().items()})
         return config, state
 
 
-class TextQueryEncoder:
-    """Query texts -> query embeddings, as a trained :class:`TextTwoTowerModel` computes them.
+class TextSideEncoder:
+    """Texts -> embeddings of one side (queries or documents), as a trained
+    :class:`TextTwoTowerModel` computes them.
 
-    Build with :meth:`from_state` from what :meth:`TextTwoTowerModel.query_side` returned (an
-    index directory stores exactly that).
+    Build with :meth:`from_state` from what :meth:`TextTwoTowerModel.query_side` or
+    :meth:`~TextTwoTowerModel.item_side` returned (an index directory stores exactly that).
     """
 
-    def __init__(self, encoder: SentenceTransformer, head: nn.Linear, normalize: bool) -> None:
-        self.encoder, self.head, self.normalize = encoder.eval(), head.eval(), normalize
+    def __init__(
+        self, encoder: SentenceTransformer, head: nn.Linear, normalize: bool, side: str = "query"
+    ) -> None:
+        self.encoder, self.head, self.normalize, self.side = encoder.eval(), head.eval(), normalize, side
 
     @classmethod
-    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> TextQueryEncoder:
-        """Load the encoder named in ``config`` and apply the saved weights."""
+    def from_state(
+        cls, config: dict[str, Any], state: dict[str, torch.Tensor], side: str = "query"
+    ) -> TextSideEncoder:
+        """Load the encoder named in ``config`` and apply the saved weights of ``side`` ("query"
+        or "document")."""
         text = TextConfig(**{k: v for k, v in config.items() if k in TextConfig.__dataclass_fields__})
         encoder = load_encoder(text.encoder, text.max_seq_length)
         tuned = {k[len("encoder.") :]: v for k, v in state.items() if k.startswith("encoder.")}
         head_weight = state.get("head.weight")
         if head_weight is None or head_weight.shape[1] != encoder_dim(encoder):
             raise PoeemError(
-                "text query head",
+                f"text {side} head",
                 f"a (dim, {encoder_dim(encoder)}) weight for encoder '{text.encoder}'",
                 "none" if head_weight is None else f"shape {tuple(head_weight.shape)}",
                 "export the index again from its training run",
@@ -349,17 +364,19 @@ class TextQueryEncoder:
                 encoder.load_state_dict(tuned)
         except RuntimeError as err:
             raise PoeemError(
-                "text query encoder", f"weights of '{text.encoder}'", str(err)[:200], "export again"
+                f"text {side} encoder", f"weights of '{text.encoder}'", str(err)[:200], "export again"
             ) from None
         head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
         head.load_state_dict({"weight": head_weight})
-        return cls(encoder, head, bool(config.get("normalize", True)))
+        return cls(encoder, head, bool(config.get("normalize", True)), side)
 
     @torch.no_grad()
     def __call__(self, texts: list[str]) -> torch.Tensor:
-        """(n,) texts -> (n, dim) float32 query embeddings."""
+        """(n,) texts -> (n, dim) float32 embeddings of this side."""
         if not texts or not all(isinstance(t, str) and t.strip() for t in texts):
-            raise PoeemError("query texts", "non-empty strings", repr(texts)[:80], "pass the query text")
+            raise PoeemError(
+                f"{self.side} texts", "non-empty strings", repr(texts)[:80], f"pass the {self.side} text"
+            )
         base = embed_texts(self.encoder, list(texts), progress=False)
         q = self.head(base)
         return torch.nn.functional.normalize(q, dim=-1) if self.normalize else q

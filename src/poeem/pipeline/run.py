@@ -275,10 +275,10 @@ def export_run(
             "train with --poeem, or build a FAISS index the usual way",
         )
     art = read_artifacts(run_dir)
-    text_query = None
+    text_query = text_item = None
     if isinstance(model, TextTwoTowerModel):
         attach_data(model, load_data(cfg.data), distributed.is_main())
-        text_query = model.query_side()
+        text_query, text_item = model.query_side(), model.item_side()
     coarse_codes, codes = item_codes(model, art.item_features)
     if not distributed.is_main():
         return None
@@ -298,6 +298,7 @@ def export_run(
         query_keys=art.query_keys,
         query_features=art.query_features,
         text_query=text_query,
+        text_item=text_item,
         replace=replace,
     )
 

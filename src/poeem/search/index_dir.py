@@ -8,6 +8,7 @@
                                             codebooks, codes and FAISS ids (source of truth)
     INDEX_DIR/query_tower-<v>.safetensors   optional: the query tower, to search by query id
     INDEX_DIR/text_query-<v>.safetensors    optional: text query head (+ tuned encoder), to search by text
+    INDEX_DIR/text_item-<v>.safetensors     optional: text document head (+ tuned encoder), to add by text
     INDEX_DIR/query_features-<v>.safetensors  optional: each query's numeric features
     INDEX_DIR/query_keys-<v>.json           optional: the raw id of each query-tower row
     INDEX_DIR/item_keys-<v>.json            optional: raw item ids when they are not integers
@@ -77,6 +78,7 @@ class Manifest:
     sha256: dict[str, str] = field(default_factory=dict)  # file name -> digest
     query_tower: dict[str, Any] | None = None  # Tower.config() + "normalize"
     text_query: dict[str, Any] | None = None  # TextConfig fields + "dim", "normalize"
+    text_item: dict[str, Any] | None = None  # the same, of the document side
     poeem_version: str = __version__
     faiss_version: str = faiss.__version__
     format: str = FORMAT
@@ -128,7 +130,7 @@ class Manifest:
         if not isinstance(raw["layer"], dict):
             raise bad("layer", "an object of PoeemConfig fields", raw["layer"])
         PoeemConfig.from_dict(raw["layer"])  # raises a clear error when invalid
-        for name in ("query_tower", "text_query"):
+        for name in ("query_tower", "text_query", "text_item"):
             if raw.get(name) is not None and not isinstance(raw[name], dict):
                 raise bad(name, "an object or null", raw[name])
         return cls(**raw)

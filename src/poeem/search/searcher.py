@@ -95,7 +95,7 @@ class Searcher:
         self.directory, self.manifest, self.index = directory, manifest, index
         self.backend, self.device, self.query_tower = backend, device, query_tower
         self.query_features, self.query_keys, self.item_keys = query_features, query_keys, item_keys
-        self._text_encoder: Any = None  # loaded on the first text query
+        self._text_encoders: dict[str, Any] = {}  # text query/document encoders, loaded when first used
         self._max_norm = index.base.max_norm()  # segments share the base's centroids and codebooks
         self._base_faiss: Any = None  # the base's FAISS index, read once (shared by forks)
         self._build_engine()
@@ -126,6 +126,7 @@ class Searcher:
         query_features: torch.Tensor | None = None,
         text_query: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
         replace: bool = False,
+        text_item: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
     ) -> Searcher:
         """Export a trained layer and its items into a new index directory (no training).
 
@@ -145,6 +146,7 @@ class Searcher:
             query_features: (num_queries, F) numeric features of each query row, for a tower
                 with a feature MLP.
             text_query: a text model's ``query_side()`` (config, weights), to search by text.
+            text_item: a text model's ``item_side()``, to add documents by text.
         """
         directory = Path(directory)
         item_keys = None
@@ -163,6 +165,8 @@ class Searcher:
             extra["item_keys"] = item_keys.to_json()
         if text_query is not None:
             extra["text_query"] = text_query[1]
+        if text_item is not None:
+            extra["text_item"] = text_item[1]
         tower_config = (
             None if query_tower is None else {**query_tower.config(), "normalize": normalize_queries}
         )
@@ -173,6 +177,7 @@ class Searcher:
             fast_scan=fast_scan,
             query_tower=tower_config,
             text_query=text_query[0] if text_query is not None else None,
+            text_item=text_item[0] if text_item is not None else None,
         )
         payloads = {"faiss": index, "codes": tensors.to_dict(), **extra}
         write_version(directory, None, manifest, payloads, replace=replace)
@@ -465,22 +470,39 @@ class Searcher:
         Returns:
             (nq, dim) float32 embeddings, as the text model scores them.
         """
-        if self.manifest.text_query is None:
-            raise PoeemError(
-                "query text",
-                "an index exported from a text model",
-                "an index without a text query encoder",
-                "search with query ids or embeddings, or export a run trained with --data beir",
-            )
-        if self._text_encoder is None:
-            from poeem.model.text import TextQueryEncoder
+        return self._text_side("query", texts)
 
-            path = self.directory / self.manifest.files["text_query"]
+    def embed_item_texts(self, texts: list[str]) -> torch.Tensor:
+        """Document embeddings of texts, through the saved text document encoder: what
+        :meth:`add` takes to add documents by text.
+
+        Args:
+            texts: (n,) document texts (a title and a body joined by a space, as in training).
+
+        Returns:
+            (n, dim) float32 embeddings, as the text model's document tower computes them.
+        """
+        return self._text_side("item", texts)
+
+    def _text_side(self, side: Literal["query", "item"], texts: list[str]) -> torch.Tensor:
+        config = self.manifest.text_query if side == "query" else self.manifest.text_item
+        role, name = f"text_{side}", "query" if side == "query" else "document"
+        if config is None or role not in self.manifest.files:
+            raise PoeemError(
+                f"{name} text",
+                f"an index exported from a text model (with its {name} encoder)",
+                f"an index without a text {name} encoder",
+                f"use {name} ids or embeddings, or export a run trained with --data beir again",
+            )
+        if side not in self._text_encoders:
+            from poeem.model.text import TextSideEncoder
+
+            path = self.directory / self.manifest.files[role]
             if not path.is_file():
                 raise MissingIndexFile(path.name)
-            state = read_tensors(path, "text query encoder", REEXPORT)
-            self._text_encoder = TextQueryEncoder.from_state(self.manifest.text_query, state)
-        return self._text_encoder(texts)
+            state = read_tensors(path, f"text {name} encoder", REEXPORT)
+            self._text_encoders[side] = TextSideEncoder.from_state(config, state, name)
+        return self._text_encoders[side](texts)
 
     # ----------------------------------------------------------------- updates
     def add(self, items: torch.Tensor | np.ndarray, ids: Any) -> None:

@@ -118,11 +118,19 @@ class SearchIn(BaseModel):
 
 
 class ItemIn(BaseModel):
-    """An item to add: its own id and its embedding (the item tower's output)."""
+    """An item to add: its own id, and its ``embedding`` (the item tower's output) or, for an
+    index of a text model, its ``text``."""
 
     model_config = ConfigDict(extra="forbid")
     id: RawId
-    embedding: list[float]
+    embedding: list[float] | None = None
+    text: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ItemIn:
+        if (self.embedding is None) == (self.text is None):
+            raise ValueError("give exactly one of 'embedding' and 'text'")
+        return self
 
 
 class AddIn(BaseModel):
@@ -344,6 +352,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             "backend": s.backend,
             "query_tower": m.query_tower is not None,
             "text_queries": m.text_query is not None,
+            "text_items": m.text_item is not None,
             "writes_enabled": config.token is not None,
             "limits": {
                 "max_k": config.max_k,
@@ -372,15 +381,17 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post("/items")
     def add_items(body: AddIn, request: Request) -> dict[str, Any]:
-        """Add items by embedding (coded with the frozen codebooks); publishes a new version."""
+        """Add items by embedding or by text (coded with the frozen codebooks); publishes a new
+        version."""
         require_token(request)
         check_limits(1, 1, len(body.items))
-        lengths = {len(item.embedding) for item in body.items}
-        if len(lengths) != 1:
+        lengths = {len(item.embedding) for item in body.items if item.embedding is not None}
+        if len(lengths) > 1:
             raise HttpError(400, "every embedding must have the same length", received=sorted(lengths)[:5])
         ids = np.array([item.id for item in body.items])
-        embeddings = np.array([item.embedding for item in body.items], dtype=np.float32)
-        published = service().add(embeddings, ids)
+        published = service().add(
+            [item.embedding for item in body.items], [item.text for item in body.items], ids
+        )
         return {"added": len(body.items), "version": published.version, "items": published.ntotal}
 
     @app.delete("/items")

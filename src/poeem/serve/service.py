@@ -113,9 +113,22 @@ class IndexService:
         return xq
 
     # ----------------------------------------------------------------- updates
-    def add(self, embeddings: np.ndarray, ids: np.ndarray) -> Searcher:
-        """Add items and publish a new version; returns the searcher of that version."""
-        return self._write(lambda s: s.add(embeddings, ids))
+    def add(self, embeddings: list[list[float] | None], texts: list[str | None], ids: np.ndarray) -> Searcher:
+        """Add items, each given by its embedding or (text indexes) its text, and publish a new
+        version; returns the searcher of that version."""
+
+        def update(searcher: Searcher) -> None:
+            dim = searcher.manifest.dim
+            x = torch.zeros(len(ids), dim)
+            given = [i for i, e in enumerate(embeddings) if e is not None]
+            if given:
+                x[given] = prepare_queries([embeddings[i] for i in given], "ip", dim, "items to add")
+            written = [i for i, t in enumerate(texts) if t is not None]
+            if written:
+                x[written] = searcher.embed_item_texts([str(texts[i]) for i in written])
+            searcher.add(x, ids)
+
+        return self._write(update)
 
     def remove(self, ids: np.ndarray) -> tuple[int, Searcher]:
         """Remove items and publish a new version; returns (removed, the new version's searcher)."""
