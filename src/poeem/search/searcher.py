@@ -220,14 +220,16 @@ class Searcher:
 
         base = IndexTensors.from_dict(tensors_of("codes"))
         index = SegmentedIndex(base)
-        item_keys = keys_of("item_keys")
+        item_keys, added_keys = keys_of("item_keys"), []
         for role in sorted((r for r in files if role_stem(r) == SEGMENT_ROLE), key=_role_version):
             part = tensors_of(role)
             index = index.with_segment(index.segment_of(part["coarse_codes"], part["codes"], part["ids"]))
             keys = keys_of(f"segment_keys:{_role_version(role)}")
             if keys is not None:
-                assert item_keys is not None
-                item_keys = IdMap(np.concatenate([item_keys.keys.astype(object), keys.keys.astype(object)]))
+                added_keys.append(keys.keys.astype(object))
+        if added_keys:  # string ids of the segments' items follow the base's
+            assert item_keys is not None
+            item_keys = IdMap(np.concatenate([item_keys.keys.astype(object), *added_keys]))
         if TOMBSTONES_ROLE in files:
             index = index.without(tensors_of(TOMBSTONES_ROLE)["ids"].long())
         tower, features = None, None
@@ -372,7 +374,8 @@ class Searcher:
             values = [int(v) for v in values if isinstance(v, int | np.integer) or str(v).isdigit()]
             values = [v for v in values if 0 <= v < 2**63]  # no FAISS id lies outside
         rows = self.item_keys.lookup(values) if self.item_keys is not None else np.array(values, np.int64)
-        return rows[np.isin(rows, self.tensors.ids.numpy())]
+        rows = np.asarray(rows, np.int64)
+        return rows[self.index.holds(torch.from_numpy(rows)).numpy()]
 
     def _exclude(
         self,
