@@ -165,3 +165,17 @@ def test_a_fork_updates_without_touching_the_served_searcher(tmp_path: Path) -> 
         TorchIVFPQ(fork.tensors, "ip").search(xq, 5, 8)[1].tolist()
         == fork.search(xq, 5, nprobe=8)[1].tolist()
     )
+
+
+def test_an_update_answers_from_the_version_it_published(tmp_path: Path) -> None:
+    """Regression: POST /items read `version` from its update and `items` from whatever the
+    server held a moment later (possibly another writer's newer version)."""
+    from poeem.serve.service import IndexService
+
+    layer, x = trained_layer("none", 8)
+    Searcher.create(tmp_path / "ix", layer, x[:300], metric="ip")
+    service = IndexService(tmp_path / "ix")
+    first = service.add([x[300].tolist()], [None], np.array([9000]))
+    second = service.add([x[301].tolist(), x[302].tolist()], [None, None], np.array([9001, 9002]))
+    assert (first.version, first.ntotal) == (2, 301) and (second.version, second.ntotal) == (3, 303)
+    assert service.searcher is second

@@ -1,5 +1,5 @@
-"""The ``poeem`` command line: demo, train, evaluate, export, embed, search, add, remove,
-compact, serve."""
+"""The ``poeem`` command line: demo, train, evaluate, export, distill, embed, search, add,
+remove, compact, serve."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import numpy as np
 import typer
 
 from poeem.errors import PoeemError
-from poeem.user_files import read_array, read_ids, require_file
+from poeem.user_files import read_array, read_ids, read_new_ids, require_file
 
 if TYPE_CHECKING:
     from poeem.ids import IdMap
@@ -373,6 +373,83 @@ def export(
         f"exported {searcher.ntotal} items ({searcher.nlist} lists, metric {searcher.metric}) "
         f"to {out} (version {searcher.version}) in {time.perf_counter() - started:.2f}s"
     )
+
+
+@app.command()
+def distill(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="A folder written by 'poeem train' (or use --items and --queries).")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="The index directory to write.")] = Path("index/distilled"),
+    items: Annotated[Path | None, typer.Option(help="Any (n, dim) item embeddings as .npy.")] = None,
+    queries: Annotated[
+        Path | None,
+        typer.Option(help="(nq, dim) .npy query embeddings like those the index will serve; no labels."),
+    ] = None,
+    ids: Annotated[
+        Path | None,
+        typer.Option(help="With --items: the n item ids, as .npy or one per line (default: rows)."),
+    ] = None,
+    metric: Annotated[str, typer.Option(help="With --items: ip | cosine.")] = "ip",
+    num_coarse: Annotated[int | None, typer.Option(help="coarse_K (IVF lists), 0 = none.")] = None,
+    num_subspaces: Annotated[int | None, typer.Option(help="D, PQ subvectors (bytes at K=256).")] = None,
+    codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace.")] = None,
+    rotation: Annotated[str | None, typer.Option(help="none | opq | givens")] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds; item codes are re-assigned between them.")] = 3,
+    epochs: Annotated[int, typer.Option(help="Passes over the queries per round.")] = 10,
+    reassign: Annotated[
+        bool, typer.Option("--reassign/--no-reassign", help="Re-assign item codes between rounds.")
+    ] = True,
+    teacher_k: Annotated[int, typer.Option(help="Exact top-k per query that the teacher ranks.")] = 100,
+    fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
+    replace: Annotated[
+        bool, typer.Option(help="--out holds an index: publish this one as its next version.")
+    ] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+) -> None:
+    """Distil an index from a model's own ranking: the exact top-k of each query teaches the
+    coarse centroids, codebooks and rotation (ListNet), with no labels and no model training.
+
+    For a run (its training queries are the teacher's; a run without a Poeem layer needs the
+    layer flags), or for any embeddings with --items and --queries."""
+    from poeem.training.distill import DistillConfig
+
+    config = DistillConfig(rounds=rounds, epochs=epochs, reassign=reassign, teacher_k=teacher_k)
+    settings = {
+        key: value
+        for key, value in {
+            "num_coarse": num_coarse,
+            "num_subspaces": num_subspaces,
+            "codebook_size": codebook_size,
+            "rotation": rotation,
+        }.items()
+        if value is not None
+    }
+    if (run_dir is None) == (items is None):
+        raise PoeemError("distill", "a RUN_DIR or --items (one of them)", "both or neither", "pass one")
+    if run_dir is not None:
+        from poeem.pipeline import export_run
+
+        searcher = export_run(
+            run_dir, out, fast_scan, replace, distill=config, layer_settings=settings or None
+        )
+        assert searcher is not None
+    else:
+        from poeem.pipeline.distill import distill_embeddings
+
+        assert items is not None
+        if queries is None:
+            raise PoeemError("distill", "--queries with --items", "no --queries", "pass --queries FILE.npy")
+        x, q = read_array(items, "item embeddings"), read_array(queries, "query embeddings")
+        item_ids = read_new_ids(ids) if ids is not None else None
+        if item_ids is not None and len(item_ids) != len(x):
+            raise PoeemError("--ids", f"one id per item ({len(x)})", f"{len(item_ids)} ids", "align them")
+        if "num_subspaces" not in settings:
+            raise PoeemError("distill", "--num-subspaces with --items", "none", "pass e.g. --num-subspaces 8")
+        searcher, _ = distill_embeddings(
+            x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress
+        )
+    typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.nlist} lists) written to {out}")
 
 
 @app.command()

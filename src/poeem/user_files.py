@@ -100,3 +100,20 @@ def read_pairs(path: Path, what: str) -> dict[str, list[str]]:
             raise malformed(path, no, "'query,item' on each line", line)
         out.setdefault(fields[0], []).append(fields[1])
     return out
+
+
+def read_new_ids(path: Path, what: str = "ids file") -> np.ndarray:
+    """Ids for a new index: a ``.npy`` array, or one per line (first CSV field); integers when
+    every one is an integer, else strings.
+
+    Returns:
+        (n,) int64 or str ids.
+    """
+    if path.suffix == ".npy":
+        return np.load(require_file(path, what), allow_pickle=False).ravel()
+    texts = [line.split(",")[0].strip() for line in require_file(path, what).read_text().splitlines()]
+    texts = [t for t in texts if t]
+    try:
+        return np.array([int(t) for t in texts], dtype=np.int64)
+    except ValueError:
+        return np.array(texts)

@@ -34,6 +34,7 @@ from poeem.pipeline.run_dir import (
 )
 from poeem.search.searcher import Searcher
 from poeem.training.batches import PairBatches
+from poeem.training.distill import DistillConfig
 from poeem.training.trainer import Trainer, resolve_device
 
 # Settings that a resumed run may change: they alter neither the model nor the batches seen.
@@ -251,9 +252,18 @@ def train_run(
 
 
 def export_run(
-    run_dir: str | Path, out: str | Path, fast_scan: bool = False, replace: bool = False
+    run_dir: str | Path,
+    out: str | Path,
+    fast_scan: bool = False,
+    replace: bool = False,
+    distill: DistillConfig | None = None,
+    layer_settings: dict[str, Any] | None = None,
 ) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
+
+    With ``distill``, the index is first distilled from the model's own ranking of its
+    training queries (:func:`poeem.pipeline.distill.distill_run_index`; a run without a layer
+    gets a new one with ``layer_settings``); the run itself is not changed.
 
     Items are encoded with their saved features, exactly as the model embeds them; FAISS
     stores the data's own item ids when they are non-negative integers (else row numbers,
@@ -267,19 +277,32 @@ def export_run(
     run_dir = Path(run_dir)
     distributed.setup(torch.device("cpu"))
     cfg, model = load_run(run_dir)
-    if model.index is None:
+    if model.index is None and distill is None:
         raise PoeemError(
             "export",
             "a run trained with a Poeem layer",
             f"'{run_dir}' (baseline, no layer)",
-            "train with --poeem, or build a FAISS index the usual way",
+            "train with --poeem, or distil an index for it with 'poeem distill'",
         )
     art = read_artifacts(run_dir)
     text_query = text_item = None
+    data = load_data(cfg.data) if distill is not None or isinstance(model, TextTwoTowerModel) else None
     if isinstance(model, TextTwoTowerModel):
-        attach_data(model, load_data(cfg.data), distributed.is_main())
+        assert data is not None
+        attach_data(model, data, distributed.is_main())
         text_query, text_item = model.query_side(), model.item_side()
-    coarse_codes, codes = item_codes(model, art.item_features)
+    if distill is not None:
+        from poeem.pipeline.distill import distill_run_index
+
+        assert data is not None
+        layer, result = distill_run_index(
+            model, data, art.item_features, distill, layer_settings, cfg.train.progress
+        )
+        coarse_codes, codes = result.coarse_codes, result.codes
+    else:
+        assert model.index is not None
+        layer = model.index
+        coarse_codes, codes = item_codes(model, art.item_features)
     if not distributed.is_main():
         return None
     ids = None
@@ -288,7 +311,7 @@ def export_run(
         ids = keys if art.item_keys.is_integer and keys.min(initial=0) >= 0 else keys.astype(str)
     return Searcher.create(
         out,
-        model.index,
+        layer,
         (coarse_codes, codes),
         ids,
         metric=model.config.search_metric,

@@ -1,0 +1,116 @@
+"""Index distillation as a pipeline stage: for a trained run (``poeem distill RUN_DIR``) and for
+any embeddings (``poeem distill --items --queries``). See :mod:`poeem.training.distill`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from poeem import distributed
+from poeem.data import InteractionData
+from poeem.errors import PoeemError
+from poeem.evaluation.report import query_encoder
+from poeem.index import PoeemLayer
+from poeem.metric import prepare_queries
+from poeem.model import RetrievalModel
+from poeem.search.searcher import Searcher
+from poeem.training.distill import DistillConfig, DistillResult, distill_index
+
+
+def new_layer(dim: int, settings: dict[str, Any], items: torch.Tensor, progress: bool) -> PoeemLayer:
+    """A layer with ``settings`` (PoeemConfig fields), fitted on ``items`` (n, dim) by k-means."""
+    defaults = {"warmup_steps": 0, "buffer_size": max(8192, settings.get("codebook_size", 256))}
+    layer = PoeemLayer(dim=dim, **{**defaults, **settings})
+    layer.initialize(items, progress=progress)
+    return layer
+
+
+def distill_run_index(
+    model: RetrievalModel,
+    data: InteractionData,
+    item_features: torch.Tensor | None,
+    config: DistillConfig,
+    layer_settings: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> tuple[PoeemLayer, DistillResult]:
+    """Distill a run's index from its own model's ranking of its training queries.
+
+    Args:
+        model: the trained model; its layer is distilled (a copy: the run is not changed), or
+            for a run without a layer, a new one with ``layer_settings`` is fitted first.
+        data: the run's data (its training queries are the teacher's queries).
+        item_features: (num_items, Fi) the run's item features, or None.
+
+    Returns:
+        The distilled layer and its item codes.
+    """
+    if distributed.is_active():
+        raise PoeemError("distill", "one process", "torchrun", "run 'poeem distill' without torchrun")
+    with torch.no_grad():
+        items = model.all_item_embeddings(item_features)
+        queries = query_encoder(model, data)(np.unique(data.train_queries))
+    if model.index is not None:
+        if layer_settings:
+            raise PoeemError(
+                "distill", "no layer flags for a run with a Poeem layer", sorted(layer_settings), "drop them"
+            )
+        layer = model.index
+    elif not layer_settings:
+        raise PoeemError(
+            "distill",
+            "layer flags (e.g. --num-subspaces 8) for a run trained without a Poeem layer",
+            "none",
+            "pass --num-coarse, --num-subspaces, --codebook-size and --rotation",
+        )
+    else:
+        layer = new_layer(model.config.dim, layer_settings, items, progress)
+    return layer, distill_index(layer, items, queries, config, progress)
+
+
+def distill_embeddings(
+    items: np.ndarray,
+    queries: np.ndarray,
+    out: str | Path,
+    layer_settings: dict[str, Any],
+    metric: str = "ip",
+    ids: Any = None,
+    config: DistillConfig | None = None,
+    fast_scan: bool = False,
+    replace: bool = False,
+    progress: bool = True,
+) -> tuple[Searcher, DistillResult]:
+    """Fit and distill an index for any embeddings, and write it as an index directory.
+
+    Args:
+        items: (n, dim) item embeddings.
+        queries: (nq, dim) query embeddings of the kind the index will serve (logged or
+            generated queries; no labels).
+        out: the index directory to write (``Searcher.load`` and ``poeem serve`` open it).
+        layer_settings: PoeemConfig fields (num_coarse, num_subspaces, codebook_size, rotation ...).
+        metric: "ip" or "cosine" (vectors are normalised for cosine).
+        ids: (n,) the items' own ids (integers or strings); row numbers by default.
+
+    Returns:
+        The new index's searcher and the distillation's codes and history.
+    """
+    if metric not in ("ip", "cosine"):
+        raise PoeemError(
+            "--metric", "'ip' or 'cosine' (the teacher ranks by inner product)", repr(metric), "pick one"
+        )
+    x = prepare_queries(items, metric, np.asarray(items).shape[-1] if np.ndim(items) == 2 else -1, "items")
+    q = prepare_queries(queries, metric, x.shape[1], "queries")
+    layer = new_layer(x.shape[1], layer_settings, x, progress)
+    result = distill_index(layer, x, q, config, progress)
+    searcher = Searcher.create(
+        out,
+        layer,
+        (result.coarse_codes, result.codes),
+        ids,
+        metric=metric,
+        fast_scan=fast_scan,
+        replace=replace,
+    )
+    return searcher, result

@@ -1,0 +1,211 @@
+"""Index distillation: teach a trained index the model's own ranking (Distill-VQ's idea).
+
+The embeddings stay frozen. For each batch of queries the teacher is the exact score <q, x_d>
+over the candidates: every query's exact top ``teacher_k`` items, pooled over the batch (so each
+query also sees the others' candidates, like in-batch negatives). Two students score the same
+candidates with the index: the list score <qR, c_list(d)> and the code score
+<qR, c_list(d) + PQ(d)>. Each is pulled to the teacher with a ListNet loss,
+``-sum softmax(t / tau) * log softmax(s / tau)``, which moves the coarse centroids, the
+codebooks and (for a Givens rotation) the rotation. No labels are needed.
+
+The item assignments (lists and codes) stay frozen while the codewords move, so the codebooks
+cannot collapse the way a task gradient with live re-assignment does; with ``reassign`` they are
+recomputed between rounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from poeem.errors import PoeemError
+from poeem.index import PoeemLayer
+from poeem.index.quantize import pq_reconstruct
+from poeem.search.exact import FlatIndex
+
+
+@dataclass
+class DistillConfig:
+    """How the index is distilled.
+
+    rounds: passes of ``epochs`` epochs each; item codes are frozen within a round.
+    reassign: re-encode the items between rounds (else their first codes are kept: JPQ-style).
+    teacher_k: the exact top-k per query that the teacher ranks.
+    temperature: of both softmaxes, in score units; None: the mean over queries of the std of
+        their teacher top-k scores.
+    list_weight: weight of the list student's loss (the code student has weight 1).
+    holdout: share of the queries kept out of training; after every epoch their loss is
+        measured, and the index of the best epoch is the one kept (early stopping).
+    """
+
+    rounds: int = 3
+    epochs: int = 10
+    reassign: bool = True
+    teacher_k: int = 100
+    batch_size: int = 128
+    temperature: float | None = None
+    list_weight: float = 1.0
+    coarse_lr: float = 1e-3
+    codebook_lr: float = 1e-3
+    rotation_lr: float = 1e-3
+    holdout: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "epochs", "teacher_k", "batch_size"):
+            if getattr(self, name) < 1:
+                raise PoeemError(f"distill {name}", "at least 1", str(getattr(self, name)), "raise it")
+        if self.temperature is not None and not self.temperature > 0:
+            raise PoeemError(
+                "distill temperature", "a positive number or None", str(self.temperature), "e.g. 0.05"
+            )
+        if not 0 <= self.holdout < 1:
+            raise PoeemError("distill holdout", "a share in [0, 1)", str(self.holdout), "e.g. 0.1")
+        for name in ("list_weight", "coarse_lr", "codebook_lr", "rotation_lr"):
+            if not getattr(self, name) >= 0:
+                raise PoeemError(f"distill {name}", "a number >= 0", str(getattr(self, name)), "fix it")
+
+
+@dataclass
+class DistillResult:
+    """The distilled codes and what the loss did.
+
+    coarse_codes: (n,) int64 list of each item, or None without lists; codes: (n, D) int64.
+    history: one row per epoch: round, epoch, mean ListNet loss of each student, and the
+        held-out queries' code loss.
+    best: the history row whose index was kept.
+    """
+
+    coarse_codes: torch.Tensor | None
+    codes: torch.Tensor
+    history: list[dict[str, float]] = field(default_factory=list)
+    best: dict[str, float] = field(default_factory=dict)
+
+
+def listnet(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean over rows of ``-sum softmax(teacher / T) * log softmax(student / T)``; (B, M) scores."""
+    target = F.softmax(teacher / temperature, dim=-1)
+    return -(target * F.log_softmax(student / temperature, dim=-1)).sum(-1).mean()
+
+
+def distill_index(
+    layer: PoeemLayer,
+    items: torch.Tensor,
+    queries: torch.Tensor,
+    config: DistillConfig | None = None,
+    progress: bool = True,
+) -> DistillResult:
+    """Distill ``layer``'s index (in place) from the exact ranking of ``queries`` over ``items``.
+
+    Args:
+        layer: an initialized :class:`PoeemLayer` (its centroids, codebooks and Givens angles train).
+        items: (n, dim) item embeddings, as the layer sees them (cosine models: normalised).
+        queries: (nq, dim) query embeddings, as searched (any query set: logged, generated,
+            the training queries); no labels.
+        config: see :class:`DistillConfig`.
+        progress: show a progress bar.
+
+    Returns:
+        The items' final codes (export them with the layer) and the loss history.
+    """
+    cfg = config or DistillConfig()
+    _check_inputs(layer, items, queries, cfg)
+    device = layer.codebooks.device
+    items, queries = items.detach().float().to(device), queries.detach().float().to(device)
+    _, teacher_ids = FlatIndex(items, "ip").search(queries, cfg.teacher_k)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(queries.shape[0], generator=g).to(device)
+    held = int(cfg.holdout * queries.shape[0]) if queries.shape[0] >= 20 else 0
+    val, fit = order[:held], order[held:]
+    temperature = cfg.temperature or float(
+        (queries[fit[:1024]] @ items.T).gather(1, teacher_ids[fit[:1024]]).std(dim=1).mean().clamp_min(1e-6)
+    )
+    groups = [{"params": [layer.codebooks], "lr": cfg.codebook_lr}]
+    if layer.coarse is not None:
+        groups.append({"params": [layer.coarse], "lr": cfg.coarse_lr})
+    if layer.givens is not None:
+        groups.append({"params": list(layer.givens.parameters()), "lr": cfg.rotation_lr})
+    optimizer = torch.optim.Adam(groups)
+    trained = [p for group in groups for p in group["params"]]
+    coarse_codes, codes = _encode(layer, items)
+    history: list[dict[str, float]] = []
+    best: tuple[float, list[torch.Tensor], dict[str, float]] | None = None
+    steps = cfg.rounds * cfg.epochs * -(-fit.numel() // cfg.batch_size)
+    bar = tqdm(total=steps, desc="distill", disable=None if progress else True, leave=False)
+
+    def losses(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        q, cand = queries[rows], teacher_ids[rows].unique()
+        teacher = q @ items[cand].T  # (B, M) exact scores over the pooled candidates
+        qr = q @ layer.rotation_matrix
+        lists = layer.coarse[coarse_codes[cand]] if layer.coarse is not None else None
+        recon = pq_reconstruct(codes[cand], layer.codebooks)
+        code_loss = listnet(teacher, qr @ (recon if lists is None else recon + lists).T, temperature)
+        list_loss = listnet(teacher, qr @ lists.T, temperature) if lists is not None else None
+        return code_loss, list_loss
+
+    for round_no in range(cfg.rounds):
+        if round_no and cfg.reassign:
+            coarse_codes, codes = _encode(layer, items)
+        for epoch in range(cfg.epochs):
+            sums, count = {"code_loss": 0.0, "list_loss": 0.0}, 0
+            for rows in fit[torch.randperm(fit.numel(), generator=g).to(device)].split(cfg.batch_size):
+                code_loss, list_loss = losses(rows)
+                loss = code_loss if list_loss is None else code_loss + cfg.list_weight * list_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                sums["code_loss"] += float(code_loss.detach())
+                sums["list_loss"] += float(list_loss.detach()) if list_loss is not None else 0.0
+                count += 1
+                bar.update(1)
+            row = {"round": round_no, "epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}}
+            if held:
+                with torch.no_grad():
+                    row["heldout_code_loss"] = float(losses(val)[0])
+                if best is None or row["heldout_code_loss"] < best[0]:
+                    best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row)
+            history.append(row)
+            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
+    bar.close()
+    if best is not None:  # the epoch the held-out queries liked best
+        with torch.no_grad():
+            for p, kept in zip(trained, best[1], strict=True):
+                p.copy_(kept)
+    if cfg.reassign:
+        coarse_codes, codes = _encode(layer, items)
+    return DistillResult(coarse_codes, codes, history, best[2] if best is not None else history[-1])
+
+
+def _encode(layer: PoeemLayer, items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    cc, codes = layer.encode(items)
+    return (cc.long() if cc is not None else None), codes.long()
+
+
+def _check_inputs(layer: PoeemLayer, items: torch.Tensor, queries: torch.Tensor, cfg: DistillConfig) -> None:
+    if not layer.is_initialized:
+        raise PoeemError(
+            "distill",
+            "an initialized index",
+            "a layer still in its warm start",
+            "call layer.initialize(items)",
+        )
+    dim = layer.config.dim
+    for what, x in (("items", items), ("queries", queries)):
+        if x.dim() != 2 or x.shape[1] != dim:
+            raise PoeemError(
+                f"distill {what}", f"shape (n, {dim})", f"shape {tuple(x.shape)}", f"pass {dim}-dim vectors"
+            )
+        if not bool(torch.isfinite(x).all()):
+            raise PoeemError(f"distill {what}", "finite values", "NaN or inf", "check the embeddings")
+    if items.shape[0] < cfg.teacher_k:
+        raise PoeemError(
+            "distill teacher_k",
+            f"at most the {items.shape[0]} items",
+            str(cfg.teacher_k),
+            "lower --teacher-k",
+        )
+    if queries.shape[0] == 0:
+        raise PoeemError("distill queries", "at least one query", "none", "pass query embeddings")

@@ -1,0 +1,193 @@
+"""Index distillation (issue 17): the index learns the model's own ranking, with no labels."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import correlated
+from test_export_search import assert_same_topk
+from test_model_training import tiny_config
+from typer.testing import CliRunner
+
+from poeem import PoeemError, PoeemLayer, Searcher
+from poeem.cli import app
+from poeem.export import learned_index
+from poeem.pipeline import train_run
+from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
+from poeem.training.distill import DistillConfig, distill_index, listnet
+
+DIM = 16
+
+
+def clustered(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(40, DIM, generator=g)
+    return centres[torch.randint(40, (n,), generator=g)] + 0.4 * torch.randn(n, DIM, generator=g)
+
+
+def fitted_layer(items: torch.Tensor, rotation: str = "givens", num_coarse: int = 8) -> PoeemLayer:
+    layer = PoeemLayer(
+        dim=DIM,
+        num_subspaces=4,
+        codebook_size=16,
+        num_coarse=num_coarse,
+        rotation=rotation,
+        coarse_metric="ip",
+        warmup_steps=0,
+        buffer_size=256,
+        kmeans_iters=5,
+        opq_rounds=1,
+    )
+    layer.initialize(items)
+    return layer
+
+
+def overlap_with_teacher(
+    layer: PoeemLayer, items: torch.Tensor, queries: torch.Tensor, codes: tuple, k: int = 10
+) -> float:
+    _, exact = FlatIndex(items, "ip").search(queries, k)
+    _, got = TorchIVFPQ(learned_index(layer, codes), "ip").search(queries, k, layer.config.num_coarse)
+    return float(
+        np.mean([len(set(a) & set(b)) / k for a, b in zip(exact.tolist(), got.tolist(), strict=True)])
+    )
+
+
+def test_distillation_lowers_the_loss_and_matches_the_teacher_better() -> None:
+    items, queries = clustered(1500, 0), clustered(600, 1)
+    layer = fitted_layer(items)
+    before = overlap_with_teacher(layer, items, queries, layer.encode(items))
+    config = DistillConfig(rounds=2, epochs=5, teacher_k=30, batch_size=64, codebook_lr=3e-3, holdout=0.0)
+    result = distill_index(layer, items, queries, config, progress=False)
+    losses = [row["code_loss"] for row in result.history]
+    assert losses[-1] < losses[0] and result.history[-1]["list_loss"] < result.history[0]["list_loss"]
+    after = overlap_with_teacher(layer, items, queries, (result.coarse_codes, result.codes))
+    assert after > before + 0.01, (before, after)  # measured: 0.314 -> 0.332
+
+
+def test_listnet_is_smallest_when_the_student_ranks_like_the_teacher() -> None:
+    teacher = torch.randn(4, 30)
+    assert listnet(teacher, teacher, 0.5) < listnet(teacher, -teacher, 0.5)
+    assert listnet(teacher, teacher, 0.5) < listnet(teacher, torch.randn(4, 30), 0.5)
+
+
+def test_frozen_codes_stay_frozen_and_in_range() -> None:
+    items, queries = clustered(800, 2), clustered(200, 3)
+    layer = fitted_layer(items)
+    cc, codes = layer.encode(items)
+    config = DistillConfig(rounds=2, epochs=2, reassign=False, teacher_k=20, batch_size=50)
+    result = distill_index(layer, items, queries, config, progress=False)
+    assert torch.equal(result.codes, codes.long()) and torch.equal(result.coarse_codes, cc.long())
+    reassigned = distill_index(
+        layer, items, queries, DistillConfig(rounds=2, epochs=1, teacher_k=20), progress=False
+    )
+    assert int(reassigned.codes.max()) < 16 and int(reassigned.coarse_codes.max()) < 8
+    # the rotation stays orthogonal while the Givens angles train
+    r = layer.rotation_matrix.detach()
+    torch.testing.assert_close(r @ r.T, torch.eye(DIM), atol=1e-5, rtol=0)
+
+
+def test_the_heldout_queries_pick_the_epoch_kept() -> None:
+    items, queries = clustered(800, 4), clustered(300, 5)
+    layer = fitted_layer(items, rotation="none")
+    result = distill_index(
+        layer, items, queries, DistillConfig(rounds=1, epochs=4, teacher_k=20), progress=False
+    )
+    best = min(result.history, key=lambda row: row["heldout_code_loss"])
+    assert result.best == best
+
+
+@pytest.mark.parametrize("rotation", ["none", "givens"])
+def test_a_distilled_index_exports_bit_for_bit_to_faiss(tmp_path: Path, rotation: str) -> None:
+    items, queries = clustered(900, 6), clustered(200, 7)
+    layer = fitted_layer(items, rotation)
+    result = distill_index(
+        layer, items, queries, DistillConfig(rounds=1, epochs=2, teacher_k=20), progress=False
+    )
+    searcher = Searcher.create(tmp_path / "ix", layer, (result.coarse_codes, result.codes), metric="ip")
+    xq = correlated(25, DIM, seed=8)
+    d, i = searcher.search(xq, 10, nprobe=3)
+    d2, i2 = TorchIVFPQ(learned_index(layer, (result.coarse_codes, result.codes)), "ip").search(xq, 10, 3)
+    assert_same_topk(d, i, d2.numpy(), i2.numpy())
+    assert torch.equal(searcher.tensors.codes, result.codes)
+    assert isinstance(searcher._engine.base, FaissSearcher)
+
+
+def test_any_embeddings_through_the_cli(tmp_path: Path) -> None:
+    items, queries = clustered(1200, 9), clustered(300, 10)
+    np.save(tmp_path / "items.npy", items.numpy())
+    np.save(tmp_path / "queries.npy", queries.numpy())
+    (tmp_path / "ids.txt").write_text("".join(f"doc-{i}\n" for i in range(1200)))
+    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
+    args += ["--ids", str(tmp_path / "ids.txt"), "--out", str(tmp_path / "ix"), "--num-coarse", "8"]
+    args += ["--num-subspaces", "4", "--codebook-size", "16", "--rotation", "opq", "--rounds", "1"]
+    args += ["--epochs", "2", "--teacher-k", "20", "--no-progress", "--metric", "cosine"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "distilled index of 1200 items (8 lists)" in result.output
+    searcher = Searcher.load(tmp_path / "ix")
+    _, ids = searcher.search(queries[:3], 5, nprobe=8)
+    assert ids.dtype.kind == "U" and all(i.startswith("doc-") for i in ids.ravel())
+
+
+def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
+    items = clustered(300, 11)
+    layer = fitted_layer(items)
+    with pytest.raises(PoeemError, match=r"distill queries: expected shape \(n, 16\), got shape \(5, 8\)"):
+        distill_index(layer, items, torch.randn(5, 8), progress=False)
+    bad = torch.randn(5, DIM)
+    bad[2, 3] = float("nan")
+    with pytest.raises(PoeemError, match="distill queries: expected finite values"):
+        distill_index(layer, items, bad, progress=False)
+    with pytest.raises(PoeemError, match="distill teacher_k: expected at most the 300 items"):
+        distill_index(layer, items, torch.randn(5, DIM), DistillConfig(teacher_k=400), progress=False)
+    with pytest.raises(PoeemError, match="distill: expected an initialized index"):
+        distill_index(PoeemLayer(dim=DIM, num_subspaces=4, codebook_size=16), items, items, progress=False)
+    np.save(tmp_path / "few.npy", np.random.default_rng(0).normal(size=(100, DIM)).astype(np.float32))
+    args = ["distill", "--items", str(tmp_path / "few.npy"), "--queries", str(tmp_path / "few.npy")]
+    args += ["--num-subspaces", "4", "--codebook-size", "256", "--out", str(tmp_path / "ix")]
+    result = CliRunner().invoke(app, args)
+    assert "at least max(K, coarse_K) = 256 embeddings" in str(result.exception)
+    result = CliRunner().invoke(app, ["distill", "--out", str(tmp_path / "ix")])
+    assert "a RUN_DIR or --items (one of them)" in str(result.exception)
+
+
+def test_a_run_is_distilled_without_changing_it(tmp_path: Path) -> None:
+    train_run(tiny_config(), tmp_path / "run")
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    args = ["distill", str(tmp_path / "run"), "--out", str(tmp_path / "ix"), "--rounds", "1", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--teacher-k", "20", "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    searcher = Searcher.load(tmp_path / "ix")
+    assert searcher.ntotal == 10_000 and searcher.query_tower is not None
+    baseline = copy.deepcopy(tiny_config())
+    baseline.model.poeem = None
+    train_run(baseline, tmp_path / "base")
+    result = CliRunner().invoke(app, ["distill", str(tmp_path / "base"), "--out", str(tmp_path / "ix2")])
+    assert "layer flags (e.g. --num-subspaces 8)" in str(result.exception)
+    result = CliRunner().invoke(
+        app,
+        [
+            "distill",
+            str(tmp_path / "base"),
+            "--out",
+            str(tmp_path / "ix2"),
+            "--num-coarse",
+            "4",
+            "--num-subspaces",
+            "4",
+            "--codebook-size",
+            "16",
+            "--rounds",
+            "1",
+            "--epochs",
+            "1",
+            "--teacher-k",
+            "20",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert Searcher.load(tmp_path / "ix2").nlist == 4
