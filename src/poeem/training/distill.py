@@ -26,6 +26,8 @@ from poeem.index import PoeemLayer
 from poeem.index.quantize import pq_reconstruct
 from poeem.search.exact import FlatIndex
 
+MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
+
 
 @dataclass
 class DistillConfig:
@@ -37,8 +39,8 @@ class DistillConfig:
     temperature: of both softmaxes, in score units; None: the mean over queries of the std of
         their teacher top-k scores.
     list_weight: weight of the list student's loss (the code student has weight 1).
-    holdout: share of the queries kept out of training; after every epoch their loss is
-        measured, and the index of the best epoch is the one kept (early stopping).
+    holdout: share of the queries (at most 1,024) kept out of training; after every epoch their
+        loss is measured, and the index of the best epoch is the one kept (early stopping).
     """
 
     rounds: int = 3
@@ -118,7 +120,7 @@ def distill_index(
     _, teacher_ids = FlatIndex(items, "ip").search(queries, cfg.teacher_k)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(queries.shape[0], generator=g).to(device)
-    held = int(cfg.holdout * queries.shape[0]) if queries.shape[0] >= 20 else 0
+    held = min(int(cfg.holdout * queries.shape[0]), MAX_HELDOUT) if queries.shape[0] >= 20 else 0
     val, fit = order[:held], order[held:]
     temperature = cfg.temperature or float(
         (queries[fit[:1024]] @ items.T).gather(1, teacher_ids[fit[:1024]]).std(dim=1).mean().clamp_min(1e-6)
@@ -163,8 +165,9 @@ def distill_index(
                 bar.update(1)
             row = {"round": round_no, "epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}}
             if held:
-                with torch.no_grad():
-                    row["heldout_code_loss"] = float(losses(val)[0])
+                with torch.no_grad():  # in batches: a batch's pooled candidates stay small
+                    parts = [float(losses(rows)[0]) * rows.numel() for rows in val.split(cfg.batch_size)]
+                    row["heldout_code_loss"] = sum(parts) / val.numel()
                 if best is None or row["heldout_code_loss"] < best[0]:
                     best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row)
             history.append(row)
