@@ -91,14 +91,7 @@ class SegmentedIndex:
     @cached_property
     def live(self) -> IndexTensors:
         """Every live item, base first: what a rebuilt index would hold."""
-        parts = [self.base, *self.segments]
-        merged = replace(
-            self.base,
-            coarse_codes=torch.cat([p.coarse_codes for p in parts]),
-            codes=torch.cat([p.codes for p in parts]),
-            ids=torch.cat([p.ids for p in parts]),
-        )
-        return _drop(merged, self.removed)
+        return _drop(_concat(self.base, [self.base, *self.segments]), self.removed)
 
     @cached_property
     def delta(self) -> IndexTensors | None:
@@ -123,14 +116,18 @@ class SegmentedIndex:
 
     def merged(self) -> SegmentedIndex:
         """The same index with its segments concatenated into one (oldest first)."""
-        parts = self.segments
-        one = replace(
-            self.base,
-            coarse_codes=torch.cat([p.coarse_codes for p in parts]),
-            codes=torch.cat([p.codes for p in parts]),
-            ids=torch.cat([p.ids for p in parts]),
-        )
+        one = _concat(self.base, self.segments)
         return SegmentedIndex(self.base, (one,), self.removed, self.base_sorted_ids)
+
+
+def _concat(base: IndexTensors, parts: list[IndexTensors] | tuple[IndexTensors, ...]) -> IndexTensors:
+    """The rows of ``parts`` one after the other, with ``base``'s centroids and codebooks."""
+    return replace(
+        base,
+        coarse_codes=torch.cat([p.coarse_codes for p in parts]),
+        codes=torch.cat([p.codes for p in parts]),
+        ids=torch.cat([p.ids for p in parts]),
+    )
 
 
 def _drop(index: IndexTensors, removed: torch.Tensor) -> IndexTensors:
