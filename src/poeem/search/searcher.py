@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +42,7 @@ from poeem.search.segments import (
     TOMBSTONES_ROLE,
     SegmentedFaissSearcher,
     SegmentedIndex,
+    concat_rows,
     segment_payload,
 )
 from poeem.storage import read_json, read_tensors
@@ -262,10 +262,12 @@ class Searcher:
                     raise PoeemError(
                         "FAISS index file", "a readable index", f"'{path}' ({err})", REEXPORT
                     ) from None
-            metric = self.metric
             self._engine: Any = SegmentedFaissSearcher(
-                self._base_faiss, self.index, metric, self.manifest.fast_scan
-            )  # type: ignore[arg-type]
+                self._base_faiss,
+                self.index,
+                self.metric,  # type: ignore[arg-type]
+                self.manifest.fast_scan,
+            )
         else:
             self._engine = TorchIVFPQ(self.tensors.to(self.device), self.metric)  # type: ignore[arg-type]
 
@@ -531,7 +533,8 @@ class Searcher:
         else:
             item_keys, rows = item_keys.extend(ids, x.shape[0])
             new_ids = torch.from_numpy(rows)
-        taken = self.index.holds(new_ids)
+        held = self.index.ever_held(new_ids)  # also removed ones, whose rows are still stored
+        taken = held & ~torch.isin(new_ids, self.index.removed)
         if taken.any():
             shown = new_ids[taken][:5].numpy()
             raise PoeemError(
@@ -546,20 +549,11 @@ class Searcher:
         )
         cc = cc if cc is not None else torch.zeros(x.shape[0], dtype=torch.long)
         segment = self.index.segment_of(cc, codes, new_ids)
-        grown = self.index.with_segment(segment)
-        if self.index.ever_held(new_ids).any():
-            # a removed id comes back while its old row is still stored: fold into a new base
-            old = self.index.live
-            self._compact(
-                replace(
-                    old,
-                    coarse_codes=torch.cat([old.coarse_codes, cc]),
-                    codes=torch.cat([old.codes, codes]),
-                    ids=torch.cat([old.ids, new_ids]),
-                ),
-                item_keys,
-            )
+        if held.any():  # a removed id comes back while its old row is still stored: fold into a new base
+            live = self.index.live
+            self._compact(concat_rows(live, [live, segment]), item_keys)
             return
+        grown = self.index.with_segment(segment)
         if grown.needs_compaction() or (grown.needs_merge() and item_keys is not None):
             self._compact(grown.live, item_keys)
             return
@@ -570,10 +564,9 @@ class Searcher:
             self._publish({role: segment_payload(grown.segments[0])}, grown, drop=old_segments)
             return
         payloads: dict[str, Any] = {role: segment_payload(segment)}
-        if item_keys is not None and len(item_keys) > len(self.item_keys or ()):
-            payloads[f"segment_keys:{self.version + 1}"] = item_keys.keys[
-                len(self.item_keys or ()) :
-            ].tolist()
+        known = len(self.item_keys or ())
+        if item_keys is not None and len(item_keys) > known:  # string ids: the new ones
+            payloads[f"segment_keys:{self.version + 1}"] = item_keys.keys[known:].tolist()
         self._publish(payloads, grown, item_keys)
 
     def remove(self, ids: Any) -> int:

@@ -91,7 +91,7 @@ class SegmentedIndex:
     @cached_property
     def live(self) -> IndexTensors:
         """Every live item, base first: what a rebuilt index would hold."""
-        return _drop(_concat(self.base, [self.base, *self.segments]), self.removed)
+        return _drop(concat_rows(self.base, [self.base, *self.segments]), self.removed)
 
     @cached_property
     def delta(self) -> IndexTensors | None:
@@ -116,12 +116,13 @@ class SegmentedIndex:
 
     def merged(self) -> SegmentedIndex:
         """The same index with its segments concatenated into one (oldest first)."""
-        one = _concat(self.base, self.segments)
+        one = concat_rows(self.base, self.segments)
         return SegmentedIndex(self.base, (one,), self.removed, self.base_sorted_ids)
 
 
-def _concat(base: IndexTensors, parts: list[IndexTensors] | tuple[IndexTensors, ...]) -> IndexTensors:
-    """The rows of ``parts`` one after the other, with ``base``'s centroids and codebooks."""
+def concat_rows(base: IndexTensors, parts: list[IndexTensors] | tuple[IndexTensors, ...]) -> IndexTensors:
+    """The rows (lists, codes, ids) of ``parts`` one after the other, with ``base``'s rotation,
+    centroids and codebooks."""
     return replace(
         base,
         coarse_codes=torch.cat([p.coarse_codes for p in parts]),
