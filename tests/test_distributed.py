@@ -92,14 +92,23 @@ def test_ranks_share_one_index(tmp_path: Path) -> None:
 
 
 # -------------------------------------------------------------------- training
-def train_worker(out: str, steps: int, cross_rank: bool, run_dir: str | None, resume: bool) -> None:
+def train_worker(
+    out: str, steps: int, cross_rank: bool, run_dir: str | None, resume: bool, table_optimizer: str = "dense"
+) -> None:
     """Train the tiny model to ``steps``; save each rank's state and the index after the warm start."""
     data = synthetic_task(num_pairs=4000, seed=0)
     torch.manual_seed(0)
     config = ModelConfig(dim=16, temperature=0.1, poeem=LAYER, cross_rank_negatives=cross_rank)
     model = TwoTowerModel(config, data.num_queries, data.num_items)
     cfg = TrainConfig(
-        epochs=1, batch_size=BATCH, lr=0.05, progress=False, log="none", checkpoint_every=0, max_steps=steps
+        epochs=1,
+        batch_size=BATCH,
+        lr=0.05,
+        progress=False,
+        log="none",
+        checkpoint_every=0,
+        max_steps=steps,
+        table_optimizer=table_optimizer,  # type: ignore[arg-type]
     )
     trainer = Trainer(model, cfg, Path(run_dir) if run_dir else None)
     if resume:
@@ -140,6 +149,19 @@ def test_two_ranks_of_half_batch_train_like_one_rank(
         assert torch.equal(r0[name], r1[name]), name
     # 2 ranks x B/2 with gathered negatives = 1 rank x B, up to float summation order (1.2e-7 seen)
     assert max_difference(r0, single_rank[str(steps)]) < 1e-5
+
+
+@pytest.mark.parametrize("table_optimizer", ["rowwise_adagrad", "sparse_adam"])
+def test_two_ranks_with_sparse_tables_train_like_one_rank(tmp_path: Path, table_optimizer: str) -> None:
+    """Sparse table gradients are averaged over ranks (gloo's sparse all-reduce) like dense ones."""
+    single = tmp_path / "single"
+    single.mkdir()
+    train_worker(str(single), 12, True, None, False, table_optimizer)
+    run_ranks(train_worker, str(tmp_path), 12, True, None, False, table_optimizer)
+    r0, r1 = states(tmp_path, 2)
+    for name in r0:
+        assert torch.equal(r0[name], r1[name]), name
+    assert max_difference(r0, states(single, 1)[0]) < 1e-5
 
 
 def test_without_cross_rank_negatives_the_ranks_train_another_model(

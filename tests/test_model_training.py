@@ -58,8 +58,17 @@ def test_loss_decreases_on_tiny_data() -> None:
     assert model.index.is_initialized
 
 
-def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path) -> None:
-    cfg = TrainConfig(epochs=2, batch_size=128, lr=0.05, progress=False, checkpoint_every=7, log="none")
+@pytest.mark.parametrize("table_optimizer", ["dense", "rowwise_adagrad", "sparse_adam"])
+def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, table_optimizer: str) -> None:
+    cfg = TrainConfig(
+        epochs=2,
+        batch_size=128,
+        lr=0.05,
+        progress=False,
+        checkpoint_every=7,
+        log="none",
+        table_optimizer=table_optimizer,  # type: ignore[arg-type]
+    )
     straight, batches = tiny_poeem_model()
     Trainer(straight, cfg).fit(batches)
 

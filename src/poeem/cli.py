@@ -162,6 +162,17 @@ def train(
         Opt(help="Learning rate of the index parameters (0 freezes them).", rich_help_panel="Training"),
     ] = None,
     weight_decay: Annotated[float | None, Opt(rich_help_panel="Training")] = None,
+    table_optimizer: Annotated[
+        str | None,
+        Opt(
+            help="Id tables: dense (the --optimizer) | rowwise_adagrad | sparse_adam (sparse: a step "
+            "updates only the rows its batch used).",
+            rich_help_panel="Training",
+        ),
+    ] = None,
+    table_lr: Annotated[
+        float | None, Opt(help="Learning rate of the id tables (default: --lr).", rich_help_panel="Training")
+    ] = None,
     seed: Annotated[
         int | None,
         Opt(help="Seed of initialisation and batch order (not the data).", rich_help_panel="Training"),
@@ -254,6 +265,8 @@ def train(
             lr=lr,
             index_lr=index_lr,
             weight_decay=weight_decay,
+            table_optimizer=table_optimizer,
+            table_lr=table_lr,
             seed=seed,
             device=device,
             max_steps=max_steps,

@@ -13,6 +13,7 @@ from poeem import distributed
 from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model.config import ModelConfig
 from poeem.model.loss import in_batch_softmax
+from poeem.model.towers import Tower
 
 
 class RetrievalModel(nn.Module):
@@ -37,6 +38,10 @@ class RetrievalModel(nn.Module):
     def num_items(self) -> int:
         """Size of the item vocabulary."""
         return self.item_log_q.shape[0]
+
+    def id_tables(self) -> list[nn.Embedding]:
+        """The id embedding tables of the towers (the rows a sparse optimizer updates)."""
+        return [m.embedding for m in self.modules() if isinstance(m, Tower)]
 
     def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) query ids (+ (B, Fq) features) -> (B, dim) query embeddings, as searched."""

@@ -2,10 +2,12 @@
 
 from poeem.training.batches import PairBatches
 from poeem.training.checkpoint import load_checkpoint, save_checkpoint
-from poeem.training.trainer import TrainConfig, Trainer, build_optimizer, resolve_device
+from poeem.training.optimizers import RowWiseAdagrad, build_optimizer
+from poeem.training.trainer import TrainConfig, Trainer, resolve_device
 
 __all__ = [
     "PairBatches",
+    "RowWiseAdagrad",
     "TrainConfig",
     "Trainer",
     "build_optimizer",

@@ -17,6 +17,7 @@ from torch import nn
 
 from poeem.errors import PoeemError
 from poeem.storage import save_tensors
+from poeem.training.optimizers import AnyOptimizer
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -42,7 +43,7 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None, trainer_state: dict[str, Any]
+    path: Path, model: nn.Module, optimizer: AnyOptimizer | None, trainer_state: dict[str, Any]
 ) -> None:
     """Save model, optimizer and trainer state to one safetensors file, atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -78,7 +79,7 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
 def load_checkpoint(
     path: Path,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
+    optimizer: AnyOptimizer | None = None,
     map_location: torch.device | str = "cpu",
 ) -> dict[str, Any]:
     """Restore model (and optimizer) state in place; returns the trainer state."""

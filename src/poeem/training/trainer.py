@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import torch
 from torch import nn
@@ -21,8 +21,7 @@ from poeem import distributed
 from poeem.errors import PoeemError
 from poeem.training.checkpoint import load_checkpoint, save_checkpoint
 from poeem.training.metrics_log import MetricsLog
-
-OptimizerName = Literal["adam", "adamw", "adagrad"]
+from poeem.training.optimizers import OptimizerName, TableOptimizerName, build_optimizer
 
 
 class BatchSource(Protocol):
@@ -43,6 +42,10 @@ class TrainConfig:
     lr: float = 1e-2
     index_lr: float | None = None  # learning rate of the index (codebooks, rotation); None = lr, 0 freezes
     weight_decay: float = 0.0
+    # id tables: "dense" (the optimizer above) or a sparse optimizer that updates only the rows
+    # a batch touched ("rowwise_adagrad", "sparse_adam"), see poeem.training.optimizers
+    table_optimizer: TableOptimizerName = "dense"
+    table_lr: float | None = None  # learning rate of the id tables; None = lr
     seed: int = 0
     device: str = "auto"  # "cpu", "cuda", "cuda:1" or "auto"
     checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end)
@@ -59,6 +62,12 @@ class TrainConfig:
             ("lr", self.lr > 0, "a positive number"),
             ("index_lr", self.index_lr is None or self.index_lr >= 0, "None or a number >= 0"),
             ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
+            ("table_lr", self.table_lr is None or self.table_lr > 0, "None or a positive number"),
+            (
+                "table_optimizer",
+                self.table_optimizer in ("dense", "rowwise_adagrad", "sparse_adam"),
+                "'dense', 'rowwise_adagrad' or 'sparse_adam'",
+            ),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
             ("eval_every", self.eval_every >= 0, "an integer >= 0"),
             ("log_every", self.log_every >= 1, "a positive integer"),
@@ -81,30 +90,6 @@ def resolve_device(name: str) -> torch.device:
             "device", "an available device", f"'{name}' (no CUDA here)", "pass --device cpu or --device auto"
         )
     return device
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimizer. Parameters of an ``index`` submodule get ``index_lr``; a model
-    may name other submodules' learning rates in ``model.lr_overrides`` ({name: lr})."""
-    index_lr = cfg.lr if cfg.index_lr is None else cfg.index_lr
-    overrides = {"index": index_lr, **getattr(model, "lr_overrides", {})}
-    groups: list[dict[str, Any]] = []
-    taken: set[int] = set()
-    for name, lr in overrides.items():
-        sub = getattr(model, name, None)
-        params = [p for p in sub.parameters() if id(p) not in taken] if isinstance(sub, nn.Module) else []
-        if params:
-            groups.append({"params": params, "lr": lr, "weight_decay": 0.0})
-            taken.update(id(p) for p in params)
-    rest = [p for p in model.parameters() if id(p) not in taken]
-    groups.insert(0, {"params": rest})
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adagrad":
-        return torch.optim.Adagrad(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    raise PoeemError("optimizer", "'adam', 'adamw' or 'adagrad'", repr(cfg.optimizer), "pick one")
 
 
 class Trainer:

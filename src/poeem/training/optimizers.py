@@ -1,0 +1,198 @@
+"""Optimizers of a training run: one dense optimizer for the towers and the index, and, for
+large id tables, a sparse one that touches only the rows a batch used.
+
+With dense gradients, Adam reads and writes every row of every id table (and its two moment
+buffers) on each step, so the step time grows with the catalogue. With ``table_optimizer``
+set, the id tables emit sparse gradients (``nn.Embedding(sparse=True)``) and get their own
+optimizer:
+
+- ``rowwise_adagrad``: Adagrad with one accumulator per row (the mean of the row's squared
+  gradient), as TorchRec/FBGEMM's row-wise Adagrad: 4 bytes of state per row;
+- ``sparse_adam``: ``torch.optim.SparseAdam`` (lazy Adam: only the touched rows' moments move;
+  two dense moment buffers of the table's size).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+import torch
+from torch import nn
+
+from poeem.errors import PoeemError
+
+if TYPE_CHECKING:
+    from poeem.training.trainer import TrainConfig
+
+OptimizerName = Literal["adam", "adamw", "adagrad"]
+TableOptimizerName = Literal["dense", "rowwise_adagrad", "sparse_adam"]
+
+
+class RowWiseAdagrad(torch.optim.Optimizer):
+    """Adagrad with one accumulator per table row, for sparse (or dense) gradients of 2-D tables.
+
+    For each touched row r with gradient g_r (dim,): ``sum_r += mean(g_r**2)``;
+    ``w_r -= lr * g_r / (sqrt(sum_r) + eps)``. ``weight_decay`` adds ``weight_decay * w_r`` to
+    the gradient of touched rows only (rows a batch used; with a dense gradient, rows with a
+    non-zero entry). State: ``sum`` (rows,) float32.
+    """
+
+    def __init__(self, params: Any, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
+        if lr <= 0 or eps <= 0 or weight_decay < 0:
+            raise ValueError(f"invalid lr={lr}, eps={eps} or weight_decay={weight_decay}")
+        super().__init__(params, {"lr": lr, "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:
+        """One update of every table that has a gradient; returns ``closure()`` if given."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for weight in group["params"]:
+                if weight.grad is None:
+                    continue
+                if weight.dim() != 2:
+                    raise ValueError("RowWiseAdagrad updates 2-D tables only")
+                state = self.state[weight]
+                if "sum" not in state:
+                    state["sum"] = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                rows, grad = _touched_rows(weight.grad)
+                grad = grad.float()
+                if group["weight_decay"]:
+                    grad = grad + group["weight_decay"] * weight[rows].float()
+                total = state["sum"].index_add_(0, rows, grad.pow(2).mean(1))[rows]
+                step = grad / (total.sqrt() + group["eps"]).unsqueeze(1)
+                weight.index_add_(0, rows, step.to(weight.dtype), alpha=-group["lr"])
+        return loss
+
+
+def _touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows (R,), gradients (R, dim)) of a sparse or dense table gradient, each row once; a
+    dense gradient's touched rows are those with a non-zero entry."""
+    if grad.is_sparse:
+        grad = grad.coalesce()
+        return grad.indices()[0], grad.values()
+    rows = grad.ne(0).any(1).nonzero().squeeze(1)
+    return rows, grad[rows]
+
+
+def id_tables(model: nn.Module) -> list[nn.Embedding]:
+    """The model's id embedding tables (``model.id_tables()``), or none if it names none."""
+    tables = getattr(model, "id_tables", None)
+    return list(tables()) if callable(tables) else []
+
+
+class SplitOptimizer:
+    """A dense optimizer and a table optimizer stepped together, seen as one optimizer.
+
+    Its state dict is the two state dicts joined (the table's parameter indices follow the
+    dense ones, its groups are marked ``"table": True``), so a checkpoint stores it like any
+    optimizer and resumes it exactly.
+    """
+
+    def __init__(self, dense: torch.optim.Optimizer, table: torch.optim.Optimizer) -> None:
+        self.dense, self.table = dense, table
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The dense groups, then the table groups."""
+        return self.dense.param_groups + self.table.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gradients of both parts."""
+        self.dense.zero_grad(set_to_none)
+        self.table.zero_grad(set_to_none)
+
+    def step(self) -> None:
+        """One update of both parts."""
+        self.dense.step()
+        self.table.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        """Both parts' states, the table's parameter indices shifted past the dense ones."""
+        dense, table = self.dense.state_dict(), self.table.state_dict()
+        shift = sum(len(g["params"]) for g in dense["param_groups"])
+        groups = dense["param_groups"] + [
+            {**g, "params": [i + shift for i in g["params"]], "table": True} for g in table["param_groups"]
+        ]
+        state = {**dense["state"], **{i + shift: s for i, s in table["state"].items()}}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore both parts from :meth:`state_dict`'s output."""
+        groups = state_dict["param_groups"]
+        dense_groups = [g for g in groups if not g.get("table")]
+        table_groups = [{k: v for k, v in g.items() if k != "table"} for g in groups if g.get("table")]
+        if not table_groups:
+            raise ValueError("the checkpoint's optimizer has no table optimizer state")
+        shift = sum(len(g["params"]) for g in dense_groups)
+        state = {int(i): s for i, s in state_dict["state"].items()}
+        self.dense.load_state_dict(
+            {"state": {i: s for i, s in state.items() if i < shift}, "param_groups": dense_groups}
+        )
+        self.table.load_state_dict(
+            {
+                "state": {i - shift: s for i, s in state.items() if i >= shift},
+                "param_groups": [{**g, "params": [i - shift for i in g["params"]]} for g in table_groups],
+            }
+        )
+
+
+AnyOptimizer: TypeAlias = "torch.optim.Optimizer | SplitOptimizer"
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
+    """The optimizer of a training run, from ``cfg``'s optimizer settings.
+
+    Parameters of an ``index`` submodule get ``cfg.index_lr`` (None: ``lr``); a model may name
+    other submodules' learning rates in ``model.lr_overrides`` ({name: lr}). With
+    ``cfg.table_optimizer`` other than "dense", the model's id tables (``model.id_tables()``)
+    switch to sparse gradients and get that optimizer at ``cfg.table_lr`` (None: ``lr``);
+    everything else gets ``cfg.optimizer``.
+    """
+    table_optimizer, lr, weight_decay = cfg.table_optimizer, cfg.lr, cfg.weight_decay
+    index_lr = cfg.index_lr
+    tables = id_tables(model) if table_optimizer != "dense" else []
+    table_params = {id(t.weight) for t in tables}
+    overrides = {"index": lr if index_lr is None else index_lr, **getattr(model, "lr_overrides", {})}
+    groups: list[dict[str, Any]] = []
+    taken: set[int] = set(table_params)
+    for sub_name, sub_lr in overrides.items():
+        sub = getattr(model, sub_name, None)
+        params = [p for p in sub.parameters() if id(p) not in taken] if isinstance(sub, nn.Module) else []
+        if params:
+            groups.append({"params": params, "lr": sub_lr, "weight_decay": 0.0})
+            taken.update(id(p) for p in params)
+    groups.insert(0, {"params": [p for p in model.parameters() if id(p) not in taken]})
+    dense = _dense_optimizer(groups, cfg.optimizer, lr, weight_decay)
+    if not tables:
+        return dense
+    for table in tables:
+        table.sparse = True
+    weights = [t.weight for t in tables]
+    table_lr = lr if cfg.table_lr is None else cfg.table_lr
+    if table_optimizer == "rowwise_adagrad":
+        return SplitOptimizer(dense, RowWiseAdagrad(weights, lr=table_lr, weight_decay=weight_decay))
+    if table_optimizer == "sparse_adam":
+        if weight_decay:
+            raise PoeemError(
+                "weight_decay",
+                "0 with table_optimizer 'sparse_adam' (SparseAdam has none)",
+                repr(weight_decay),
+                "drop --weight-decay or use --table-optimizer rowwise_adagrad",
+            )
+        return SplitOptimizer(dense, torch.optim.SparseAdam(weights, lr=table_lr))
+    raise PoeemError(
+        "table_optimizer", "'dense', 'rowwise_adagrad' or 'sparse_adam'", repr(table_optimizer), "pick one"
+    )
+
+
+def _dense_optimizer(
+    groups: list[dict[str, Any]], name: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adagrad":
+        return torch.optim.Adagrad(groups, lr=lr, weight_decay=weight_decay)
+    raise PoeemError("optimizer", "'adam', 'adamw' or 'adagrad'", repr(name), "pick one")

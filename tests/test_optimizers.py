@@ -1,0 +1,115 @@
+"""Sparse id-table optimizers: row-wise Adagrad, SparseAdam, and the split optimizer."""
+
+import pytest
+import torch
+from torch import nn
+
+from poeem import PoeemError
+from poeem.model import ModelConfig, TwoTowerModel
+from poeem.training import RowWiseAdagrad, TrainConfig, build_optimizer
+
+
+def table_steps(table: nn.Embedding, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
+    for ids in batches:
+        optimizer.zero_grad()
+        (table(ids).pow(2).sum() + table(ids).sum()).backward()
+        optimizer.step()
+
+
+def id_batches(rows: int, steps: int = 5, size: int = 6) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(rows, (size,), generator=g) for _ in range(steps)]  # repeats included
+
+
+def test_rowwise_adagrad_on_one_column_tables_is_adagrad() -> None:
+    torch.manual_seed(0)
+    ours, ref = nn.Embedding(20, 1, sparse=True), nn.Embedding(20, 1, sparse=True)
+    ref.load_state_dict(ours.state_dict())
+    batches = id_batches(20)
+    table_steps(ours, RowWiseAdagrad(ours.parameters(), lr=0.3, eps=1e-10), batches)
+    table_steps(ref, torch.optim.Adagrad(ref.parameters(), lr=0.3, eps=1e-10), batches)
+    torch.testing.assert_close(ours.weight, ref.weight)
+
+
+def test_rowwise_adagrad_sparse_and_dense_gradients_agree_and_untouched_rows_stay() -> None:
+    torch.manual_seed(0)
+    sparse, dense = nn.Embedding(50, 8, sparse=True), nn.Embedding(50, 8)
+    dense.load_state_dict(sparse.state_dict())
+    before = sparse.weight.detach().clone()
+    batches = id_batches(50)
+    opt = RowWiseAdagrad(sparse.parameters(), lr=0.1, weight_decay=0.01)
+    table_steps(sparse, opt, batches)
+    table_steps(dense, RowWiseAdagrad(dense.parameters(), lr=0.1, weight_decay=0.01), batches)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=0, atol=1e-6)
+    touched = torch.zeros(50, dtype=torch.bool)
+    touched[torch.cat(batches)] = True
+    assert torch.equal(sparse.weight[~touched], before[~touched])
+    assert not torch.isclose(sparse.weight[touched], before[touched]).all(-1).any()
+    state = opt.state[sparse.weight]["sum"]
+    assert state.shape == (50,) and (state[~touched] == 0).all() and (state[touched] > 0).all()
+
+
+def test_sparse_adam_equals_adam_when_every_row_is_touched() -> None:
+    """SparseAdam is lazy Adam: with every row in every batch it is Adam."""
+    torch.manual_seed(0)
+    sparse, dense = nn.Embedding(6, 4, sparse=True), nn.Embedding(6, 4)
+    dense.load_state_dict(sparse.state_dict())
+    batches = [torch.randperm(6) for _ in range(5)]
+    table_steps(sparse, torch.optim.SparseAdam(sparse.parameters(), lr=0.05), batches)
+    table_steps(dense, torch.optim.Adam(dense.parameters(), lr=0.05), batches)
+    torch.testing.assert_close(sparse.weight, dense.weight, rtol=0, atol=1e-6)
+
+
+def small_model() -> TwoTowerModel:
+    torch.manual_seed(0)
+    return TwoTowerModel(ModelConfig(dim=8, temperature=0.2), 30, 40)
+
+
+def model_steps(model: TwoTowerModel, cfg: TrainConfig, steps: int = 4, dense_tables: bool = False) -> None:
+    optimizer = build_optimizer(model, cfg)
+    for table in model.id_tables():
+        table.sparse = table.sparse and not dense_tables
+    g = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        batch = {
+            "query_ids": torch.randint(30, (16,), generator=g),
+            "item_ids": torch.randint(40, (16,), generator=g),
+        }
+        optimizer.zero_grad(set_to_none=True)
+        model(batch)["loss"].backward()
+        optimizer.step()
+
+
+def test_split_optimizer_gives_the_tables_sparse_gradients_and_the_rest_the_dense_optimizer() -> None:
+    cfg = TrainConfig(lr=0.05, table_optimizer="rowwise_adagrad")
+    model = small_model()
+    optimizer = build_optimizer(model, cfg)
+    assert all(t.sparse for t in model.id_tables()) and len(model.id_tables()) == 2
+    assert len(optimizer.state_dict()["param_groups"]) == 2  # dense group + the tables' group
+    # a model with the same tables trained by row-wise Adagrad on dense gradients lands at the same place
+    sparse, reference = small_model(), small_model()
+    model_steps(sparse, cfg)
+    model_steps(reference, cfg, dense_tables=True)
+    torch.testing.assert_close(sparse.state_dict(), reference.state_dict(), rtol=0, atol=1e-6)
+
+
+def test_split_optimizer_state_round_trips() -> None:
+    model = small_model()
+    cfg = TrainConfig(lr=0.05, table_optimizer="sparse_adam")
+    model_steps(model, cfg)
+    first = build_optimizer(model, cfg)
+    first.step()  # no gradients: state is created lazily, nothing moves
+    other = build_optimizer(model, cfg)
+    other.load_state_dict(first.state_dict())
+    assert other.state_dict()["param_groups"] == first.state_dict()["param_groups"]
+    with pytest.raises(ValueError, match="no table optimizer"):
+        other.load_state_dict(build_optimizer(small_model(), TrainConfig()).state_dict())
+
+
+def test_bad_table_optimizer_settings_are_clear_errors() -> None:
+    with pytest.raises(PoeemError, match="table_optimizer"):
+        TrainConfig(table_optimizer="sgd")  # type: ignore[arg-type]
+    with pytest.raises(PoeemError, match="table_lr"):
+        TrainConfig(table_lr=0)
+    with pytest.raises(PoeemError, match="SparseAdam has none"):
+        build_optimizer(small_model(), TrainConfig(table_optimizer="sparse_adam", weight_decay=0.1))
