@@ -4,11 +4,13 @@ processes.
 For each catalogue size n (dim 64, 8 bytes per item: IVF{coarse_K},PQ8x8, coarse_K the power of two
 nearest sqrt(n)) it measures, in a fresh process so that peak memory is per size:
 
-- training steps/s of the two-tower model (id towers, cosine, in-batch softmax, Adam) without and
-  with the Poeem layer, and the process's peak resident memory;
+- training steps/s of the two-tower model (id towers, cosine, in-batch softmax, Adam; the id
+  tables on ``--table-optimizer``, row-wise Adagrad by default) without and with the Poeem
+  layer, and the process's peak resident memory;
 - the warm-start k-means on 64 x coarse_K item embeddings;
-- poeem's indexing (embed, encode with the frozen layer, export to FAISS) against FAISS's train on
-  the same sample + add of all items;
+- poeem's indexing (embed and encode in streaming chunks with the frozen layer, as ``poeem
+  export`` does, then export to FAISS) and the peak memory so far, against FAISS's train on the
+  same sample + add of all items (up to ``--faiss-max-size``);
 - search time of both indexes at equal bytes and nprobe;
 - up to ``--ddp-max-size``: steps/s with 1 and 2 processes (torch.distributed, gloo), same global
   batch.
@@ -17,6 +19,7 @@ The towers are untrained (random embeddings): the numbers are costs, not quality
 
     python benchmarks/scale.py                                 # 100k, 1M, 10M items
     python benchmarks/scale.py --sizes 100000 --steps 5        # a quick look
+    python benchmarks/scale.py --sizes 50000000 --faiss-max-size 0 --ddp-max-size 0 --steps 300
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from poeem import distributed
 from poeem.export import export_learned
 from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model import ModelConfig, TwoTowerModel
+from poeem.pipeline.run import item_codes
 from poeem.training import TrainConfig, Trainer
 
 from common import save_result, timed_steps_per_s
@@ -78,11 +82,19 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def steps_per_s(model: TwoTowerModel, batch_size: int, steps: int, warm: int) -> float:
-    """Training steps/s after ``warm`` untimed steps (which allocate the optimizer state)."""
+def steps_per_s(model: TwoTowerModel, args: argparse.Namespace) -> float:
+    """Training steps/s after ``args.warm`` untimed steps (which allocate the optimizer state)."""
     cfg = TrainConfig(
-        epochs=1, batch_size=batch_size, lr=1e-3, progress=False, log="none", checkpoint_every=0
+        epochs=1,
+        batch_size=args.batch_size,
+        lr=1e-3,
+        table_optimizer=args.table_optimizer,
+        table_lr=0.05,
+        progress=False,
+        log="none",
+        checkpoint_every=0,
     )
+    batch_size, steps, warm = args.batch_size, args.steps, args.warm
     return timed_steps_per_s(Trainer(model, cfg), RandomPairs(model.num_items, batch_size), warm, steps)
 
 
@@ -116,7 +128,7 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
         "coarse_K": layer_cfg["num_coarse"],
         "train_rows": layer_cfg["buffer_size"],
     }
-    row["baseline_steps_per_s"] = steps_per_s(model, args.batch_size, args.steps, args.warm)
+    row["baseline_steps_per_s"] = steps_per_s(model, args)
     print(f"n={n:,}: baseline {row['baseline_steps_per_s']:.2f} steps/s", flush=True)
 
     sample_ids = torch.randperm(n, generator=torch.Generator().manual_seed(1))[: layer_cfg["buffer_size"]]
@@ -126,51 +138,48 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     model.index.initialize(sample)
     row["warm_start_kmeans_s"] = time.perf_counter() - started
-    row["poeem_steps_per_s"] = steps_per_s(model, args.batch_size, args.steps, args.warm)
+    row["poeem_steps_per_s"] = steps_per_s(model, args)
     row["peak_rss_training_gb"] = peak_rss_gb()
     print(f"n={n:,}: k-means {row['warm_start_kmeans_s']:.1f}s, layer {row['poeem_steps_per_s']:.2f} steps/s")
 
     model.eval()
     started = time.perf_counter()
-    xb = model.all_item_embeddings()
-    row["embed_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    codes = model.index.encode(xb)
-    row["encode_s"] = time.perf_counter() - started
+    codes = item_codes(model, progress=True)
+    row["embed_encode_s"] = time.perf_counter() - started
     started = time.perf_counter()
     _, poeem_index = export_learned(model.index, codes, metric="cosine")
     row["export_s"] = time.perf_counter() - started
+    row["peak_rss_export_gb"] = peak_rss_gb()
     del codes
+    with torch.no_grad():
+        xq = model.encode_queries(torch.randint(NUM_QUERIES, (SEARCH_QUERIES,))).numpy()
+    print(f"n={n:,}: poeem embed+encode+export {row['embed_encode_s'] + row['export_s']:.1f}s", flush=True)
+    indexes = {"poeem": poeem_index}
+    if n <= args.faiss_max_size:
+        indexes["faiss"] = faiss_baseline(model, sample, layer_cfg["num_coarse"], row)
+    ivfs = {name: faiss.extract_index_ivf(index) for name, index in indexes.items()}
+    row["imbalance"] = {name: ivf.invlists.imbalance_factor() for name, ivf in ivfs.items()}
+    row["search_ms_per_query"] = {
+        f"{name}@{nprobe}": 1000 * search_seconds(index, xq, nprobe) / SEARCH_QUERIES
+        for nprobe in args.nprobes
+        for name, index in indexes.items()
+    }
+    row["peak_rss_gb"] = peak_rss_gb()
+    return row
 
-    xb_np, sample_np = xb.numpy(), sample.numpy()
+
+def faiss_baseline(model: TwoTowerModel, sample: torch.Tensor, num_coarse: int, row: dict[str, Any]) -> Any:
+    """FAISS IVF-PQ trained on the warm-start sample and filled with every item; times in ``row``."""
+    xb_np, sample_np = model.all_item_embeddings().numpy(), sample.numpy()
     started = time.perf_counter()
-    baseline = faiss.index_factory(DIM, f"IVF{layer_cfg['num_coarse']},PQ8x8", faiss.METRIC_INNER_PRODUCT)
+    baseline = faiss.index_factory(DIM, f"IVF{num_coarse},PQ8x8", faiss.METRIC_INNER_PRODUCT)
     baseline.train(sample_np)
     row["faiss_train_s"] = time.perf_counter() - started
     started = time.perf_counter()
     baseline.add(xb_np)
     row["faiss_add_s"] = time.perf_counter() - started
-    del xb, xb_np
-    print(
-        f"n={n:,}: poeem encode+export {row['encode_s'] + row['export_s']:.1f}s, faiss train+add "
-        f"{row['faiss_train_s'] + row['faiss_add_s']:.1f}s",
-        flush=True,
-    )
-
-    with torch.no_grad():
-        xq = model.encode_queries(torch.randint(NUM_QUERIES, (SEARCH_QUERIES,))).numpy()
-    poeem_ivf = faiss.extract_index_ivf(poeem_index)
-    row["imbalance"] = {
-        "poeem": poeem_ivf.invlists.imbalance_factor(),
-        "faiss": baseline.invlists.imbalance_factor(),
-    }
-    row["search_ms_per_query"] = {
-        f"{name}@{nprobe}": 1000 * search_seconds(index, xq, nprobe) / SEARCH_QUERIES
-        for nprobe in args.nprobes
-        for name, index in (("poeem", poeem_index), ("faiss", baseline))
-    }
-    row["peak_rss_gb"] = peak_rss_gb()
-    return row
+    print(f"faiss train+add {row['faiss_train_s'] + row['faiss_add_s']:.1f}s", flush=True)
+    return baseline
 
 
 # ------------------------------------------------------------ 1 vs 2 processes
@@ -189,7 +198,7 @@ def ddp_worker(rank: int, world: int, port: int, n: int, args: argparse.Namespac
         poeem = layer_config(n, 1, init="random")  # steps/s only: skip the k-means
         model = TwoTowerModel(ModelConfig(dim=DIM, poeem=poeem), NUM_QUERIES, n)
         model.index.initialize(model.all_item_embeddings(rows=slice(0, poeem["buffer_size"])))
-        rate = steps_per_s(model, args.batch_size, args.steps, args.warm)
+        rate = steps_per_s(model, args)
         if rank == 0:
             Path(out).write_text(json.dumps({"steps_per_s": rate, "peak_rss_gb_rank0": peak_rss_gb()}))
     finally:
@@ -217,7 +226,11 @@ def main() -> None:
     p.add_argument("--warm", type=int, default=3, help="untimed training steps before")
     p.add_argument("--kmeans-iters", type=int, default=20)
     p.add_argument("--nprobes", type=int, nargs="+", default=[1, 16])
-    p.add_argument("--ddp-max-size", type=int, default=1_000_000, help="largest size run on 2 processes")
+    p.add_argument("--ddp-max-size", type=int, default=10_000_000, help="largest size run on 2 processes")
+    p.add_argument("--faiss-max-size", type=int, default=10_000_000, help="largest size FAISS is built for")
+    p.add_argument(
+        "--table-optimizer", default="rowwise_adagrad", choices=["dense", "rowwise_adagrad", "sparse_adam"]
+    )
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--results-dir", type=Path, default=None)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from poeem import distributed
 from poeem.data import InteractionData, load_data
@@ -302,7 +303,7 @@ def export_run(
     else:
         assert model.index is not None
         layer = model.index
-        coarse_codes, codes = item_codes(model, art.item_features)
+        coarse_codes, codes = item_codes(model, art.item_features, progress=cfg.train.progress)
     if not distributed.is_main():
         return None
     ids = None
@@ -328,21 +329,47 @@ def export_run(
 
 @torch.no_grad()
 def item_codes(
-    model: RetrievalModel, item_features: torch.Tensor | None = None
+    model: RetrievalModel,
+    item_features: torch.Tensor | None = None,
+    chunk: int = 1 << 18,
+    progress: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The codes of every item, each rank encoding its share and all ranks gathering them.
+
+    Items are embedded and encoded ``chunk`` at a time, so memory holds the codes and one
+    chunk of embeddings, never all of them.
 
     Args:
         model: a trained model with an initialized Poeem layer.
         item_features: (num_items, Fi) features of every item, or None.
+        chunk: items embedded and encoded at once.
+        progress: show a progress bar (rank 0, on a terminal).
 
     Returns:
         (num_items,) coarse codes (None without IVF) and (num_items, D) sub-codes, in id order.
     """
-    assert model.index is not None
-    x = model.all_item_embeddings(item_features, rows=distributed.shard(model.num_items))
-    coarse, codes = model.index.encode(prepare_queries(x, model.config.search_metric, x.shape[1], "items"))
+    index = model.index
+    assert index is not None
+    share = distributed.shard(model.num_items)
+    coarse_parts, code_parts = [], []
+    with tqdm(
+        total=share.stop - share.start,
+        desc="encode items",
+        unit="item",
+        unit_scale=True,
+        disable=None if progress and distributed.is_main() else True,
+        leave=False,
+    ) as bar:
+        for lo in range(share.start, share.stop, chunk):
+            x = model.all_item_embeddings(item_features, rows=slice(lo, min(lo + chunk, share.stop)))
+            coarse, codes = index.encode(prepare_queries(x, model.config.search_metric, x.shape[1], "items"))
+            code_parts.append(codes)
+            coarse_parts.append(coarse)
+            bar.update(x.shape[0])
+    coarse, codes = index.encode(torch.zeros(0, index.config.dim))  # empty, the right dtypes
+    codes = torch.cat([codes, *code_parts])
     codes = distributed.gather_rows(codes.long()).to(codes.dtype)
     if coarse is not None:
+        coarse = torch.cat([coarse, *coarse_parts])
         coarse = distributed.gather_rows(coarse.long()).to(coarse.dtype)
     return coarse, codes

@@ -1,0 +1,106 @@
+"""Id tables larger than one process, sharded row-wise across ranks by TorchRec (optional).
+
+Needs the ``torchrec`` extra (docs/distributed.md: torchrec 1.8.0 with fbgemm-gpu-cpu 1.8.0,
+the pairing that loads with torch 2.13 on CPU) and an initialised torch.distributed group.
+Each rank stores only its rows and their row-wise Adagrad state; a lookup sends every id to the
+rank that owns it (TorchRec's all-to-all), and the optimizer step is fused into the backward
+pass (FBGEMM's exact row-wise Adagrad, the update of :class:`poeem.training.RowWiseAdagrad`).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+from torch import nn
+
+from poeem.errors import PoeemError
+
+
+def torchrec_available() -> bool:
+    """Whether torchrec and its CPU kernels (fbgemm_gpu) are installed."""
+    return all(importlib.util.find_spec(name) is not None for name in ("torchrec", "fbgemm_gpu"))
+
+
+class ShardedIdTable(nn.Module):
+    """A (rows, dim) id table sharded row-wise over the ranks, trained by fused row-wise Adagrad.
+
+    Args:
+        rows: table rows (ids 0..rows-1).
+        dim: embedding width.
+        lr: row-wise Adagrad learning rate; eps its epsilon.
+        init: (rows, dim) initial values (each rank copies its own rows), or None for
+            N(0, ``init_std``) drawn from the global seed on every rank.
+    """
+
+    def __init__(
+        self,
+        rows: int,
+        dim: int,
+        lr: float,
+        eps: float = 1e-8,
+        init: torch.Tensor | None = None,
+        init_std: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if not torchrec_available():
+            raise PoeemError(
+                "sharded id tables", "torchrec installed", "no torchrec", "install it (docs/distributed.md)"
+            )
+        if not torch.distributed.is_initialized():
+            raise PoeemError(
+                "sharded id tables", "an initialised process group", "none", "run under torchrun"
+            )
+        if init is not None and tuple(init.shape) != (rows, dim):
+            raise PoeemError("init", f"shape ({rows}, {dim})", f"shape {tuple(init.shape)}", "pass the table")
+        from torchrec import EmbeddingCollection, EmbeddingConfig
+        from torchrec.distributed.embedding import EmbeddingCollectionSharder
+        from torchrec.distributed.model_parallel import DistributedModelParallel
+        from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+        from torchrec.distributed.types import ShardingType
+        from torchrec.optim import RowWiseAdagrad as TorchRecRowWiseAdagrad
+        from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+
+        self.rows, self.dim = rows, dim
+        table = EmbeddingConfig(name="table", embedding_dim=dim, num_embeddings=rows, feature_names=["ids"])
+        collection = EmbeddingCollection(tables=[table], device=torch.device("meta"))
+        apply_optimizer_in_backward(TorchRecRowWiseAdagrad, collection.parameters(), {"lr": lr, "eps": eps})
+        world = torch.distributed.get_world_size()
+        planner = EmbeddingShardingPlanner(
+            topology=Topology(world_size=world, compute_device="cpu"),
+            constraints={"table": ParameterConstraints(sharding_types=[ShardingType.ROW_WISE.value])},
+        )
+        sharders = [EmbeddingCollectionSharder()]
+        plan = planner.collective_plan(collection, sharders, torch.distributed.GroupMember.WORLD)
+        self.sharded = DistributedModelParallel(
+            collection, device=torch.device("cpu"), plan=plan, sharders=sharders
+        )
+        values = init if init is not None else torch.randn(rows, dim) * init_std
+        with torch.no_grad():
+            for offset, shard in self._local_shards():
+                shard.copy_(values[offset : offset + shard.shape[0]])
+
+    def _local_shards(self) -> list[tuple[int, torch.Tensor]]:
+        (weight,) = self.sharded.state_dict().values()
+        return [(int(s.metadata.shard_offsets[0]), s.tensor) for s in weight.local_shards()]
+
+    def local_rows(self) -> tuple[int, torch.Tensor]:
+        """(first id, (n, dim) copy of the rows) this rank owns."""
+        shards = sorted(self._local_shards(), key=lambda s: s[0])
+        first = shards[0][0] if shards else 0
+        return first, torch.cat([s for _, s in shards]).detach().clone() if shards else torch.zeros(
+            0, self.dim
+        )
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) int64 ids in [0, rows) -> (B, dim) embeddings (this rank's batch)."""
+        from torchrec import KeyedJaggedTensor
+
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
+            raise PoeemError(
+                "ids", f"ids in [0, {self.rows})", f"[{int(ids.min())}, {int(ids.max())}]", "fix them"
+            )
+        features = KeyedJaggedTensor.from_lengths_sync(
+            keys=["ids"], values=ids.long(), lengths=torch.ones_like(ids, dtype=torch.long)
+        )
+        return self.sharded(features)["ids"].values()
