@@ -96,34 +96,53 @@ def search_speed_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def scale_section(r: dict[str, Any], img: Path) -> list[str]:
+def poeem_build_s(row: dict[str, Any]) -> float:
+    """poeem's embed + encode + export seconds (older results timed embed and encode apart)."""
+    embed_encode = row.get("embed_encode_s", row.get("embed_s", 0.0) + row.get("encode_s", 0.0))
+    return embed_encode + row["export_s"]
+
+
+def faiss_build_s(row: dict[str, Any]) -> float | None:
+    """FAISS train + add seconds, or None where FAISS was not built."""
+    return row["faiss_train_s"] + row["faiss_add_s"] if "faiss_add_s" in row else None
+
+
+def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = None) -> list[str]:
     c, rows = r["config"], r["rows"]
+    tables = c.get("table_optimizer", "dense")
     lines = [
         "## Scale: how each cost grows with the catalogue",
         "",
         f"Synthetic catalogue, dim {c['dim']}, 8 bytes per item (IVF coarse_K, PQ8x8; coarse_K the power "
         f"of two nearest sqrt(n)), {c['num_queries']:,} query ids, global batch {c['batch_size']}, "
-        f"{c['steps']} timed steps after {c['warm']}. Untrained towers: these are costs, not quality.",
+        f"{c['steps']} timed steps after {c['warm']}; id tables on `{tables}`, the rest on Adam. "
+        "Untrained towers: these are costs, not quality. Peak memory is the process's peak resident "
+        "memory after training, and after poeem's export (before FAISS is built).",
         "",
-        "| items | coarse_K | steps/s no layer | steps/s layer | peak memory GB | warm-start k-means s "
-        "| poeem embed + encode + export s | FAISS train + add s | search ms/query poeem / FAISS, nprobe 1 "
-        "| nprobe 16 | list imbalance poeem / FAISS |",
+        "| items | coarse_K | steps/s no layer | steps/s layer | peak GB training / export "
+        "| warm-start k-means s | poeem embed + encode + export s | FAISS train + add s "
+        "| search ms/query poeem / FAISS, nprobe 1 | nprobe 16 | list imbalance poeem / FAISS |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+
+    def pair(values: dict[str, float], key: str, digits: int) -> str:
+        return " / ".join(f"{values[k]:.{digits}f}" for k in (f"poeem{key}", f"faiss{key}") if k in values)
+
     for row in rows:
-        ms = row["search_ms_per_query"]
-        poeem_build = row["embed_s"] + row["encode_s"] + row["export_s"]
+        ms, faiss_s = row["search_ms_per_query"], faiss_build_s(row)
+        imbalance = {f"{k}": v for k, v in row["imbalance"].items()}
+        peak = f"{row['peak_rss_training_gb']:.1f} / {row.get('peak_rss_export_gb', row['peak_rss_gb']):.1f}"
         lines.append(
             f"| {row['items']:,} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
-            f"{row['poeem_steps_per_s']:.2f} | {row['peak_rss_gb']:.1f} | {row['warm_start_kmeans_s']:.1f} | "
-            f"{poeem_build:.1f} | {row['faiss_train_s'] + row['faiss_add_s']:.1f} | "
-            f"{ms['poeem@1']:.3f} / {ms['faiss@1']:.3f} | {ms['poeem@16']:.3f} / {ms['faiss@16']:.3f} | "
-            f"{row['imbalance']['poeem']:.2f} / {row['imbalance']['faiss']:.2f} |"
+            f"{row['poeem_steps_per_s']:.2f} | {peak} | {row['warm_start_kmeans_s']:.1f} | "
+            f"{poeem_build_s(row):.1f} | {'-' if faiss_s is None else f'{faiss_s:.1f}'} | "
+            f"{pair(ms, '@1', 3)} | {pair(ms, '@16', 3)} | {pair(imbalance, '', 2)} |"
         )
+    largest = max(rows, key=lambda row: row["items"])
     lines += [
         "",
-        f"Largest size run: {max(row['items'] for row in rows):,} items, peak resident memory "
-        f"{max(row['peak_rss_gb'] for row in rows):.1f} GB.",
+        f"Largest size run: {largest['items']:,} items, peak resident memory "
+        f"{largest['peak_rss_gb']:.1f} GB.",
         "",
         "Training with the layer on 1 and 2 processes (torch.distributed, gloo, same global batch; "
         "the layer's k-means replaced by a random init, since only steps/s count here):",
@@ -136,18 +155,41 @@ def scale_section(r: dict[str, Any], img: Path) -> list[str]:
             lines.append(
                 f"| {row['items']:,} | {world} | {rate['steps_per_s']:.2f} | {rate['samples_per_s']:,.0f} |"
             )
+    if before is not None:
+        old = {row["items"]: row for row in before["rows"]}
+        lines += [
+            "",
+            f"Against dense tables (Adam on every row; `benchmarks/results/scale_dense_before_issue19.json`, "
+            f"{before['date']}, {before['machine']['cpu']}, {before['machine']['cores']} cores):",
+            "",
+            "| items | steps/s layer, dense / sparse | peak training GB, dense / sparse "
+            "| 2 processes steps/s, dense / sparse |",
+            "|---:|---:|---:|---:|",
+        ]
+        for row in rows:
+            if row["items"] not in old:
+                continue
+            o = old[row["items"]]
+            two = [x.get("processes", {}).get("2", {}).get("steps_per_s") for x in (o, row)]
+            lines.append(
+                f"| {row['items']:,} | {o['poeem_steps_per_s']:.2f} / {row['poeem_steps_per_s']:.2f} | "
+                f"{o['peak_rss_training_gb']:.1f} / {row['peak_rss_training_gb']:.1f} | "
+                + " / ".join("-" if t is None else f"{t:.2f}" for t in two)
+                + " |"
+            )
     n = [row["items"] for row in rows]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     curves = {
         "training step, no layer": [1 / row["baseline_steps_per_s"] for row in rows],
         "training step, with layer": [1 / row["poeem_steps_per_s"] for row in rows],
         "warm-start k-means": [row["warm_start_kmeans_s"] for row in rows],
-        "poeem embed + encode + export": [row["embed_s"] + row["encode_s"] + row["export_s"] for row in rows],
-        "FAISS train + add": [row["faiss_train_s"] + row["faiss_add_s"] for row in rows],
+        "poeem embed + encode + export": [poeem_build_s(row) for row in rows],
+        "FAISS train + add": [faiss_build_s(row) for row in rows],
         "1,000 searches, nprobe 16 (poeem)": [row["search_ms_per_query"]["poeem@16"] for row in rows],
     }
     for label, values in curves.items():
-        ax.loglog(n, values, marker="o", label=label)
+        points = [(x, v) for x, v in zip(n, values, strict=True) if v is not None]
+        ax.loglog(*zip(*points, strict=True), marker="o", label=label)
     ax.set_xlabel("items in the catalogue")
     ax.set_ylabel("seconds")
     ax.grid(True, which="both", alpha=0.3)
@@ -156,6 +198,32 @@ def scale_section(r: dict[str, Any], img: Path) -> list[str]:
     fig.savefig(img / "scale.png", dpi=120)
     plt.close(fig)
     return [*lines, "", "![cost against catalogue size](img/scale.png)", "", provenance(r), ""]
+
+
+def sparse_tables_section(r: dict[str, Any]) -> list[str]:
+    """Quality and epoch time with dense and sparse id-table optimizers."""
+    dense = r["dense_optimizer"]
+    lines = [
+        f"### Sparse id tables: {r['dataset']}",
+        "",
+        f"{r['headline']}, mean ± std over seeds; dense = {dense['name']} at lr {dense['lr']} on every "
+        f"parameter (the preset); the sparse rows keep it for everything but the id tables "
+        f"(row-wise Adagrad at lr {r['rowwise_adagrad_lr']}; SparseAdam at the preset's lr).",
+        "",
+        "| id tables | model | seeds | exact | poeem nprobe 1 | poeem all lists | s/epoch |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for e in r["summary"]:
+
+        def cell(key: str, e: dict[str, Any] = e) -> str:
+            matches = [k for k in e if k.endswith(key) and not k.endswith("_std")]
+            return f"{e[matches[0]]:.4f} ± {e[matches[0] + '_std']:.4f}" if matches else "-"
+
+        lines.append(
+            f"| {e['table_optimizer']} | {e['model']} | {e['seeds']} | {cell('exact')} | {cell('@1')} "
+            f"| {cell('@all')} | {e['train_s_per_epoch']:.1f} |"
+        )
+    return [*lines, "", provenance(r), ""]
 
 
 def text_section(r: dict[str, Any]) -> list[str]:
@@ -553,7 +621,12 @@ def main() -> None:
     if "update_cost" in results:
         lines += update_cost_section(results["update_cost"])
     if "scale" in results:
-        lines += scale_section(results["scale"], img)
+        lines += scale_section(results["scale"], img, results.get("scale_dense_before_issue19"))
+    sparse = [n for n in ("sparse_tables_ml-100k", "sparse_tables_gowalla") if n in results]
+    if sparse:
+        lines += ["## Sparse id tables: quality (issue 19)", ""]
+        for name in sparse:
+            lines += sparse_tables_section(results[name])
     if "text_scifact" in results:
         lines += text_section(results["text_scifact"])
     for name in ("recall_synthetic", "recall_ml-100k", "recall_gowalla", "recall_gowalla_D16"):

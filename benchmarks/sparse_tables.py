@@ -46,8 +46,12 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--table-optimizers", nargs="+", default=["dense", "sparse_adam", "rowwise_adagrad"])
     p.add_argument("--table-lr", type=float, default=0.05, help="row-wise Adagrad's learning rate")
+    p.add_argument(
+        "--models", nargs="+", default=["baseline", DEFAULT_VARIANT], choices=["baseline", DEFAULT_VARIANT]
+    )
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
     p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--suffix", default="", help="appended to the results file's name")
     args = p.parse_args()
 
     pre = tiny(preset(args.dataset, args.data_dir)) if args.tiny else preset(args.dataset, args.data_dir)
@@ -59,7 +63,7 @@ def main() -> None:
         for seed in args.seeds:
             for name in args.table_optimizers:
                 setting = table_setting(name, args.table_lr)
-                for variant in (None, DEFAULT_VARIANT):
+                for variant in [None if m == "baseline" else m for m in args.models]:
                     cfg = pre.run_config(seed, variant, nprobes)
                     cfg = replace(cfg, train=replace(cfg.train, **setting))
                     label = f"{variant or 'baseline'}-{name}-{seed}"
@@ -75,7 +79,7 @@ def main() -> None:
 
     summary = []
     for name in args.table_optimizers:
-        for model in ("baseline", DEFAULT_VARIANT):
+        for model in args.models:
             group = [r for r in runs if r["table_optimizer"] == name and r["model"] == model]
             entry: dict[str, Any] = {"table_optimizer": name, "model": model, "seeds": len(group)}
             for key in group[0]:
@@ -92,7 +96,7 @@ def main() -> None:
         "summary": summary,
         "runs": runs,
     }
-    name = f"sparse_tables_{args.dataset}{'_tiny' if args.tiny else ''}"
+    name = f"sparse_tables_{args.dataset}{args.suffix}{'_tiny' if args.tiny else ''}"
     print("wrote", save_result(name, result, args.results_dir))
 
 

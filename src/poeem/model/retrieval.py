@@ -132,9 +132,12 @@ class RetrievalModel(nn.Module):
         """
         device = self.item_log_q.device
         start, stop, _ = (rows or slice(None)).indices(self.num_items)
-        parts = [torch.zeros(0, self.config.dim, device=device)]
+        out: torch.Tensor | None = None  # filled in place: one copy of the embeddings, never two
         for lo in range(start, stop, batch_size):
             ids = torch.arange(lo, min(lo + batch_size, stop), device=device)
             feats = item_features[ids.cpu()].to(device) if item_features is not None else None
-            parts.append(self.encode_items(ids, feats))
-        return torch.cat(parts)
+            x = self.encode_items(ids, feats)
+            if out is None:
+                out = x.new_empty(max(stop - start, 0), x.shape[1])
+            out[lo - start : lo - start + x.shape[0]] = x
+        return out if out is not None else torch.zeros(0, self.config.dim, device=device)

@@ -87,19 +87,17 @@ class ShardedIdTable(nn.Module):
     def local_rows(self) -> tuple[int, torch.Tensor]:
         """(first id, (n, dim) copy of the rows) this rank owns."""
         shards = sorted(self._local_shards(), key=lambda s: s[0])
-        first = shards[0][0] if shards else 0
-        return first, torch.cat([s for _, s in shards]).detach().clone() if shards else torch.zeros(
-            0, self.dim
-        )
+        if not shards:
+            return 0, torch.zeros(0, self.dim)
+        return shards[0][0], torch.cat([s for _, s in shards]).detach().clone()
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B,) int64 ids in [0, rows) -> (B, dim) embeddings (this rank's batch)."""
         from torchrec import KeyedJaggedTensor
 
         if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.rows):
-            raise PoeemError(
-                "ids", f"ids in [0, {self.rows})", f"[{int(ids.min())}, {int(ids.max())}]", "fix them"
-            )
+            found = f"ids from {int(ids.min())} to {int(ids.max())}"
+            raise PoeemError("ids", f"ids in [0, {self.rows})", found, "pass ids of table rows")
         features = KeyedJaggedTensor.from_lengths_sync(
             keys=["ids"], values=ids.long(), lengths=torch.ones_like(ids, dtype=torch.long)
         )
