@@ -204,7 +204,7 @@ def sparse_tables_section(r: dict[str, Any]) -> list[str]:
     """Quality and epoch time with dense and sparse id-table optimizers."""
     dense = r["dense_optimizer"]
     lines = [
-        f"### Sparse id tables: {r['dataset']}",
+        f"### {r['dataset']}, row-wise Adagrad at lr {r['rowwise_adagrad_lr']}",
         "",
         f"{r['headline']}, mean ± std over seeds; dense = {dense['name']} at lr {dense['lr']} on every "
         f"parameter (the preset); the sparse rows keep it for everything but the id tables "
@@ -622,7 +622,11 @@ def main() -> None:
         lines += update_cost_section(results["update_cost"])
     if "scale" in results:
         lines += scale_section(results["scale"], img, results.get("scale_dense_before_issue19"))
-    sparse = [n for n in ("sparse_tables_ml-100k", "sparse_tables_gowalla") if n in results]
+    sparse = [
+        n
+        for n in ("sparse_tables_ml-100k", "sparse_tables_gowalla", "sparse_tables_gowalla_probe")
+        if n in results
+    ]
     if sparse:
         lines += ["## Sparse id tables: quality (issue 19)", ""]
         for name in sparse:

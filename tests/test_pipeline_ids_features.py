@@ -78,6 +78,26 @@ def test_export_encodes_items_with_their_features(table_run: tuple[Path, Searche
         model.all_item_embeddings()  # the tower no longer skips its feature MLP silently
 
 
+def test_streaming_item_codes_equal_encoding_every_embedding_at_once(
+    table_run: tuple[Path, Searcher],
+) -> None:
+    """Export embeds and encodes in chunks with their features; the codes are those of one pass."""
+    from poeem.pipeline.run import item_codes
+
+    run, _ = table_run
+    _, model = load_run(run)
+    features = read_artifacts(run).item_features
+    with torch.no_grad():
+        whole = model.all_item_embeddings(features)
+        part = model.all_item_embeddings(features, batch_size=3, rows=slice(5, 12))
+        torch.testing.assert_close(part, whole[5:12], rtol=0, atol=1e-6)  # MLP sums vary with batch size
+        expected = model.index.encode(whole)
+    coarse, codes = item_codes(model, features, chunk=7)  # 200 items: 28 full chunks and a short one
+    assert coarse is not None and expected[0] is not None
+    assert torch.equal(codes, expected[1]) and codes.dtype == expected[1].dtype
+    assert torch.equal(coarse, expected[0]) and coarse.dtype == expected[0].dtype
+
+
 def test_search_by_raw_query_id_matches_the_model(table_run: tuple[Path, Searcher]) -> None:
     run, searcher = table_run
     _, model = load_run(run)
