@@ -159,8 +159,9 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
         old = {row["items"]: row for row in before["rows"]}
         lines += [
             "",
-            f"Against dense tables (Adam on every row; `benchmarks/results/scale_dense_before_issue19.json`, "
-            f"{before['date']}, {before['machine']['cpu']}, {before['machine']['cores']} cores):",
+            "Against dense tables (Adam on every row, `benchmarks/results/scale_dense.json`, "
+            f"made by `{'` and `'.join(before.get('commands', [before['command']]))}` on {before['date']}; "
+            "same machine):",
             "",
             "| items | steps/s layer, dense / sparse | peak training GB, dense / sparse "
             "| 2 processes steps/s, dense / sparse |",
@@ -621,7 +622,7 @@ def main() -> None:
     if "update_cost" in results:
         lines += update_cost_section(results["update_cost"])
     if "scale" in results:
-        lines += scale_section(results["scale"], img, results.get("scale_dense_before_issue19"))
+        lines += scale_section(results["scale"], img, results.get("scale_dense"))
     sparse = [
         n
         for n in ("sparse_tables_ml-100k", "sparse_tables_gowalla", "sparse_tables_gowalla_probe")

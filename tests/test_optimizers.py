@@ -1,12 +1,14 @@
 """Sparse id-table optimizers: row-wise Adagrad, SparseAdam, and the split optimizer."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
 
 from poeem import PoeemError
 from poeem.model import ModelConfig, TwoTowerModel
-from poeem.training import RowWiseAdagrad, TrainConfig, build_optimizer
+from poeem.training import RowWiseAdagrad, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
 
 
 def table_steps(table: nn.Embedding, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
@@ -113,3 +115,11 @@ def test_bad_table_optimizer_settings_are_clear_errors() -> None:
         TrainConfig(table_lr=0)
     with pytest.raises(PoeemError, match="SparseAdam has none"):
         build_optimizer(small_model(), TrainConfig(table_optimizer="sparse_adam", weight_decay=0.1))
+
+
+def test_resuming_with_another_table_optimizer_is_a_clear_error(tmp_path: Path) -> None:
+    model = small_model()
+    save_checkpoint(tmp_path / "c.safetensors", model, build_optimizer(model, TrainConfig()), {"step": 1})
+    sparse = build_optimizer(model, TrainConfig(table_optimizer="rowwise_adagrad"))
+    with pytest.raises(PoeemError, match="--table-optimizer"):
+        load_checkpoint(tmp_path / "c.safetensors", model, sparse)

@@ -88,5 +88,13 @@ def load_checkpoint(
     model.load_state_dict(model_state)
     if optimizer is not None and "optimizer" in meta:
         optim = {k: v.to(map_location) for k, v in tensors.items() if k.startswith("optim.")}
-        optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+        try:
+            optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+        except (ValueError, KeyError) as err:
+            raise PoeemError(
+                "checkpoint optimizer state",
+                "the optimizer this run was trained with",
+                f"'{path}' ({err})",
+                "resume with the run's own --optimizer and --table-optimizer",
+            ) from None
     return meta.get("trainer", {})
