@@ -1,6 +1,7 @@
-"""Index distillation on embeddings a model already has (issue 17): FAISS OPQ IVF-PQ against the
-layer's own k-means/OPQ fit and the same index distilled from the exact ranking of the
-training queries, at equal bytes and nprobe. No model training, no labels in the distillation.
+"""Index distillation on embeddings a model already has (issue 17): FAISS OPQ IVF-PQ and ScaNN
+(tree + anisotropic hashing, no reorder) against the layer's own k-means/OPQ fit and the same
+index distilled from the exact ranking of the training queries, at equal bytes and nprobe. No
+model training, no labels in the distillation.
 
 - ``scifact``: all-MiniLM-L6-v2 zero-shot, 16 bytes (PQ16x8, no lists), ndcg@10 on the test
   queries, distilled with the train queries' texts.
@@ -40,6 +41,7 @@ from poeem.training.distill import DistillConfig, distill_index
 from poeem.training.trainer import TrainConfig
 
 from common import save_result
+from peers import ScannIndex
 
 SETTINGS = {  # (coarse_K, D, K), metric cut-off
     "scifact": ((0, 16, 256), 10),
@@ -135,6 +137,9 @@ def run_seed(name: str, seed: int, workdir: Path, tiny: bool) -> list[dict[str, 
     started = time.perf_counter()
     faiss_index = train_faiss_ivfpq(items, nc, d, k, "ip", opq=True, seed=seed)
     record("faiss-opq", FaissSearcher(faiss_index), time.perf_counter() - started)
+    started = time.perf_counter()
+    scann_index = ScannIndex(items, nc, d, k)  # tree + AH at the same bytes, no reorder
+    record("scann", scann_index, time.perf_counter() - started)
     for rotation in ("opq", "givens"):
         layer = PoeemLayer(
             dim=items.shape[1],

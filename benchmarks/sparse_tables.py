@@ -18,10 +18,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from recall import DEFAULT_VARIANT, one_run
-
 from common import add_mean_std, save_result
 from presets import preset, tiny
+from recall import DEFAULT_VARIANT, one_run
 
 
 def table_setting(name: str, table_lr: float | None) -> dict[str, Any]:

@@ -66,6 +66,19 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
     run(
+        "sparse_tables.py",
+        "--dataset",
+        "synthetic",
+        "--tiny",
+        "--seeds",
+        "0",
+        "--table-optimizers",
+        "dense",
+        "rowwise_adagrad",
+        "--results-dir",
+        str(out),
+    )
+    run(
         "train_cost.py",
         "--dataset",
         "synthetic",
@@ -150,3 +163,28 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     assert "Training cost: synthetic" in text and "| layer, defaults |" in text
     assert "Ablation: synthetic" in text and (tmp_path / "img" / "ablation_synthetic.png").is_file()
     assert (tmp_path / "img" / "recall_synthetic_scanned.png").is_file()
+
+
+def test_scann_peer_searches_at_equal_bytes() -> None:
+    """The ScaNN peer (tree + AH, no reorder) finds most exact neighbours on clustered data."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from peers import ScannIndex
+    finally:
+        sys.path.remove(str(BENCH))
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(40, 32, generator=g)
+    items = centers[torch.randint(40, (4000,), generator=g)] + 0.3 * torch.randn(4000, 32, generator=g)
+    queries = items[:50] + 0.1 * torch.randn(50, 32, generator=g)
+    exact = (queries @ items.T).topk(10).indices
+    index = ScannIndex(items, num_coarse=8, num_subspaces=8, codebook_size=256)
+    scores, ids = index.search(queries, 10, nprobe=8)
+    assert ids.shape == scores.shape == (50, 10) and ids.dtype == torch.int64
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / 500
+    assert overlap > 0.5
+    _, one_leaf = index.search(queries, 10, nprobe=1)
+    assert not torch.equal(one_leaf, ids) or overlap == 1.0  # fewer leaves, another answer
+    with pytest.raises(ValueError, match="dim % D"):
+        ScannIndex(items, 8, 5, 256)

@@ -6,11 +6,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-from test_distributed import run_ranks
 
 from poeem.model import ModelConfig, TwoTowerModel
 from poeem.model.sharded_tables import torchrec_available
 from poeem.training import RowWiseAdagrad
+
+from test_distributed import run_ranks
 
 pytestmark = pytest.mark.skipif(not torchrec_available(), reason="torchrec extra not installed")
 

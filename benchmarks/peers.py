@@ -1,0 +1,46 @@
+"""Peer indexes of the quality benchmarks, behind the ``search(queries, k, nprobe)`` interface of
+poeem's own searchers.
+
+ScaNN (``scann`` on PyPI, numpy API): a k-means tree with ``coarse_K`` leaves (none when
+coarse_K is 0) and anisotropic-hashing (AH) codes, ``dims_per_block = dim / D`` dimensions per
+code, one byte per block for K = 256 (``lut256``) and half a byte for K = 16 (``lut16``): the
+same bytes per item as IVF-PQ with D sub-codes of K words. No ``.reorder()``: that keeps the
+float vectors, and the comparison would no longer be at equal bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class ScannIndex:
+    """ScaNN tree + AH over ``items`` (n, dim), searched by inner product."""
+
+    def __init__(self, items: torch.Tensor, num_coarse: int, num_subspaces: int, codebook_size: int) -> None:
+        import scann
+
+        db = np.ascontiguousarray(items.float().numpy())
+        n, dim = db.shape
+        if dim % num_subspaces or codebook_size not in (16, 256):
+            shape = f"dim {dim}, D {num_subspaces}, K {codebook_size}"
+            raise ValueError(f"ScaNN AH needs dim % D == 0 and K 16 or 256, got {shape}")
+        builder = scann.scann_ops_pybind.builder(db, 10, "dot_product")
+        if num_coarse:
+            builder = builder.tree(num_leaves=num_coarse, num_leaves_to_search=1, training_sample_size=n)
+        self.searcher = builder.score_ah(
+            dim // num_subspaces,
+            anisotropic_quantization_threshold=0.2,
+            hash_type="lut256" if codebook_size == 256 else "lut16",
+            training_sample_size=n,
+        ).build()
+        self.tree = bool(num_coarse)
+
+    def search(self, queries: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, dim) queries -> (B, k) scores and (B, k) int64 item rows, ``nprobe`` leaves searched."""
+        q = np.ascontiguousarray(queries.float().numpy())
+        extra: dict[str, Any] = {"leaves_to_search": nprobe} if self.tree else {}
+        ids, scores = self.searcher.search_batched(q, final_num_neighbors=k, **extra)
+        return torch.from_numpy(np.asarray(scores, dtype=np.float32)), torch.from_numpy(ids.astype(np.int64))
