@@ -351,7 +351,11 @@ def item_codes(
     index = model.index
     assert index is not None
     share = distributed.shard(model.num_items)
-    coarse_parts, code_parts = [], []
+    # preallocated in the smallest dtypes: at 50M items a list of chunks joined by torch.cat,
+    # or int64 copies, cost gigabytes beside the table
+    coarse, codes = index.encode(torch.zeros(0, index.config.dim))
+    codes = codes.new_empty(share.stop - share.start, codes.shape[1])
+    coarse = coarse.new_empty(share.stop - share.start) if coarse is not None else None
     with tqdm(
         total=share.stop - share.start,
         desc="encode items",
@@ -362,14 +366,16 @@ def item_codes(
     ) as bar:
         for lo in range(share.start, share.stop, chunk):
             x = model.all_item_embeddings(item_features, rows=slice(lo, min(lo + chunk, share.stop)))
-            coarse, codes = index.encode(prepare_queries(x, model.config.search_metric, x.shape[1], "items"))
-            code_parts.append(codes)
-            coarse_parts.append(coarse)
+            part_coarse, part = index.encode(
+                prepare_queries(x, model.config.search_metric, x.shape[1], "items")
+            )
+            rows = slice(lo - share.start, lo - share.start + x.shape[0])
+            codes[rows] = part
+            if coarse is not None and part_coarse is not None:
+                coarse[rows] = part_coarse
             bar.update(x.shape[0])
-    coarse, codes = index.encode(torch.zeros(0, index.config.dim))  # empty, the right dtypes
-    codes = torch.cat([codes, *code_parts])
-    codes = distributed.gather_rows(codes.long()).to(codes.dtype)
-    if coarse is not None:
-        coarse = torch.cat([coarse, *coarse_parts])
-        coarse = distributed.gather_rows(coarse.long()).to(coarse.dtype)
+    if distributed.is_active():
+        codes = distributed.gather_rows(codes.long()).to(codes.dtype)
+        if coarse is not None:
+            coarse = distributed.gather_rows(coarse.long()).to(coarse.dtype)
     return coarse, codes
