@@ -218,3 +218,23 @@ def test_queries_whose_scores_overflow_are_refused(tmp_path: Path) -> None:
         with pytest.raises(PoeemError, match="vectors whose scores fit in float32"):
             searcher.search(np.full((1, DIM), 3e38, np.float32), 3)
         assert (searcher.search(np.full((1, DIM), 1e30, np.float32), 3)[1] >= 0).all()
+
+
+def test_memory_mapped_tensors_read_back_exactly_and_leave_the_file_alone(tmp_path: Path) -> None:
+    from poeem.storage import read_tensors, save_tensors
+
+    saved = {
+        "item": torch.randn(1000, 3),
+        "query": torch.randn(5, 2).double(),
+        "none": torch.zeros(0, 4),
+        "ids": torch.arange(7),
+    }
+    save_tensors(tmp_path / "f.safetensors", saved)
+    mapped = read_tensors(tmp_path / "f.safetensors", "features", "fix", mmap=True)
+    for name, tensor in saved.items():
+        assert torch.equal(mapped[name], tensor) and mapped[name].dtype == tensor.dtype, name
+    mapped["item"][0, 0] = 5.0  # copy-on-write: the process's copy changes, the file does not
+    assert torch.equal(read_tensors(tmp_path / "f.safetensors", "features", "fix")["item"], saved["item"])
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(PoeemError, match="features"):
+        read_tensors(tmp_path / "bad.safetensors", "features", "fix", mmap=True)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -80,14 +82,43 @@ def save_tensors(
     atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
 
 
-def read_tensors(path: Path, what: str, fix: str) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file, or a clear error naming ``what`` for a missing or corrupt one."""
+def read_tensors(path: Path, what: str, fix: str, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file, or a clear error naming ``what`` for a missing or corrupt one.
+
+    With ``mmap`` the tensors are copy-on-write memory maps of the file: pages are read when
+    rows are used, so a large feature table costs no memory until it is touched.
+    """
     if not Path(path).is_file():
         raise PoeemError(what, f"an existing file '{path}'", "it is missing", fix)
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        return _mapped_tensors(Path(path)) if mmap else load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError) as err:
         raise PoeemError(what, "a readable safetensors file", f"'{path}' ({err})", fix) from None
+
+
+_SAFETENSORS_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1"}
+
+
+def _mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Each tensor of a safetensors file as a copy-on-write numpy memory map (little-endian)."""
+    with path.open("rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+        shape = tuple(info["shape"])
+        if stop - start != dtype.itemsize * int(np.prod(shape)):
+            raise ValueError(f"tensor {name!r}: {stop - start} bytes for shape {shape}")
+        if stop == start:
+            out[name] = torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+            continue
+        mapped = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=shape)
+        out[name] = torch.from_numpy(mapped)
+    return out
 
 
 def read_json(path: Path, what: str, fix: str) -> Any:

@@ -123,7 +123,7 @@ def read_artifacts(run_dir: Path) -> RunArtifacts:
         if raw.get("items") is not None:
             out.item_keys = IdMap.from_json(raw["items"], "run item ids")
     if (run_dir / "features.safetensors").is_file():
-        feats = read_tensors(run_dir / "features.safetensors", "run features", FIX_RUN)
+        feats = read_tensors(run_dir / "features.safetensors", "run features", FIX_RUN, mmap=True)
         out.query_features, out.item_features = feats.get("query"), feats.get("item")
     return out
 
