@@ -113,6 +113,8 @@ def test_bad_table_optimizer_settings_are_clear_errors() -> None:
         TrainConfig(table_optimizer="sgd")  # type: ignore[arg-type]
     with pytest.raises(PoeemError, match="table_lr"):
         TrainConfig(table_lr=0)
+    with pytest.raises(PoeemError, match="has none"):
+        build_optimizer(torch.nn.Linear(2, 2), TrainConfig(table_optimizer="rowwise_adagrad"))
     with pytest.raises(PoeemError, match="SparseAdam has none"):
         build_optimizer(small_model(), TrainConfig(table_optimizer="sparse_adam", weight_decay=0.1))
 

@@ -165,6 +165,13 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     groups.insert(0, {"params": [p for p in model.parameters() if id(p) not in taken]})
     dense = _dense_optimizer(groups, cfg.optimizer, lr, weight_decay)
     if not tables:
+        if table_optimizer != "dense":
+            raise PoeemError(
+                "table_optimizer",
+                "a model with id embedding tables",
+                f"'{table_optimizer}' for {type(model).__name__}, which has none",
+                "drop --table-optimizer (text towers have no id tables)",
+            )
         return dense
     for table in tables:
         table.sparse = True
