@@ -130,13 +130,12 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
 
     for row in rows:
         ms, faiss_s = row["search_ms_per_query"], faiss_build_s(row)
-        imbalance = {f"{k}": v for k, v in row["imbalance"].items()}
         peak = f"{row['peak_rss_training_gb']:.1f} / {row.get('peak_rss_export_gb', row['peak_rss_gb']):.1f}"
         lines.append(
             f"| {row['items']:,} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
             f"{row['poeem_steps_per_s']:.2f} | {peak} | {row['warm_start_kmeans_s']:.1f} | "
             f"{poeem_build_s(row):.1f} | {'-' if faiss_s is None else f'{faiss_s:.1f}'} | "
-            f"{pair(ms, '@1', 3)} | {pair(ms, '@16', 3)} | {pair(imbalance, '', 2)} |"
+            f"{pair(ms, '@1', 3)} | {pair(ms, '@16', 3)} | {pair(row['imbalance'], '', 2)} |"
         )
     largest = max(rows, key=lambda row: row["items"])
     lines += [

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import faiss
 import numpy as np
@@ -49,6 +49,7 @@ from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model import ModelConfig, TwoTowerModel
 from poeem.pipeline.run import item_codes
 from poeem.training import TrainConfig, Trainer
+from poeem.training.optimizers import TableOptimizerName
 
 from common import save_result, timed_steps_per_s
 
@@ -94,8 +95,8 @@ def steps_per_s(model: TwoTowerModel, args: argparse.Namespace) -> float:
         log="none",
         checkpoint_every=0,
     )
-    batch_size, steps, warm = args.batch_size, args.steps, args.warm
-    return timed_steps_per_s(Trainer(model, cfg), RandomPairs(model.num_items, batch_size), warm, steps)
+    batches = RandomPairs(model.num_items, args.batch_size)
+    return timed_steps_per_s(Trainer(model, cfg), batches, args.warm, args.steps)
 
 
 def layer_config(n: int, kmeans_iters: int, init: str = "kmeans") -> dict[str, Any]:
@@ -228,9 +229,7 @@ def main() -> None:
     p.add_argument("--nprobes", type=int, nargs="+", default=[1, 16])
     p.add_argument("--ddp-max-size", type=int, default=10_000_000, help="largest size run on 2 processes")
     p.add_argument("--faiss-max-size", type=int, default=10_000_000, help="largest size FAISS is built for")
-    p.add_argument(
-        "--table-optimizer", default="rowwise_adagrad", choices=["dense", "rowwise_adagrad", "sparse_adam"]
-    )
+    p.add_argument("--table-optimizer", default="rowwise_adagrad", choices=get_args(TableOptimizerName))
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--results-dir", type=Path, default=None)

@@ -113,8 +113,8 @@ def _mapped_tensors(path: Path) -> dict[str, torch.Tensor]:
         shape = tuple(info["shape"])
         if stop - start != dtype.itemsize * int(np.prod(shape)):
             raise ValueError(f"tensor {name!r}: {stop - start} bytes for shape {shape}")
-        if stop == start:
-            out[name] = torch.zeros(shape, dtype=torch.from_numpy(np.zeros(0, dtype)).dtype)
+        if stop == start:  # numpy cannot map zero bytes
+            out[name] = torch.from_numpy(np.zeros(shape, dtype))
             continue
         mapped = np.memmap(path, dtype=dtype, mode="c", offset=8 + header_len + start, shape=shape)
         out[name] = torch.from_numpy(mapped)

@@ -17,6 +17,7 @@ from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes
 from poeem.index.config import PoeemConfig
+from poeem.index.quantize import smallest_uint_dtype
 from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
@@ -351,11 +352,11 @@ def item_codes(
     index = model.index
     assert index is not None
     share = distributed.shard(model.num_items)
-    # preallocated in the smallest dtypes: at 50M items a list of chunks joined by torch.cat,
-    # or int64 copies, cost gigabytes beside the table
-    coarse, codes = index.encode(torch.zeros(0, index.config.dim))
-    codes = codes.new_empty(share.stop - share.start, codes.shape[1])
-    coarse = coarse.new_empty(share.stop - share.start) if coarse is not None else None
+    # preallocated in the dtypes layer.encode returns: at 50M items a list of chunks joined by
+    # torch.cat, or int64 copies, cost gigabytes beside the table
+    c, n = index.config, share.stop - share.start
+    codes = torch.empty(n, c.num_subspaces, dtype=smallest_uint_dtype(c.codebook_size))
+    coarse = torch.empty(n, dtype=smallest_uint_dtype(c.num_coarse)) if c.num_coarse else None
     with tqdm(
         total=share.stop - share.start,
         desc="encode items",

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import torch
 from torch import nn
@@ -65,8 +65,8 @@ class TrainConfig:
             ("table_lr", self.table_lr is None or self.table_lr > 0, "None or a positive number"),
             (
                 "table_optimizer",
-                self.table_optimizer in ("dense", "rowwise_adagrad", "sparse_adam"),
-                "'dense', 'rowwise_adagrad' or 'sparse_adam'",
+                self.table_optimizer in get_args(TableOptimizerName),
+                _one_of(get_args(TableOptimizerName)),
             ),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
             ("eval_every", self.eval_every >= 0, "an integer >= 0"),
@@ -78,6 +78,12 @@ class TrainConfig:
                 raise PoeemError(
                     f"train.{name}", expected, repr(getattr(self, name)), f"fix --{name.replace('_', '-')}"
                 )
+
+
+def _one_of(names: tuple[str, ...]) -> str:
+    """'a', 'b' or 'c'."""
+    quoted = [repr(name) for name in names]
+    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
 
 
 def resolve_device(name: str) -> torch.device:
