@@ -3,7 +3,8 @@ import torch
 from conftest import correlated
 
 from poeem import PoeemLayer
-from poeem.index.quantize import split_subvectors
+from poeem.errors import PoeemError
+from poeem.index.quantize import coarse_assign, pq_assign, split_subvectors
 
 
 def ready_layer(
@@ -317,3 +318,24 @@ def test_auto_coarse_fit_follows_the_item_norms() -> None:
     layer.initialize(unit)
     norms = layer.coarse.detach().norm(dim=1)
     torch.testing.assert_close(norms, norms.mean().expand(8))
+
+
+@pytest.mark.parametrize("k", [2, 256, 1024])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_faiss_assignment_matches_torch_brute_force(k: int, metric: str) -> None:
+    # float32 CPU vectors go through FAISS's flat search and PQ encoder (packed bits for
+    # K != 256); float64 ones through the torch path, the reference here
+    g = torch.Generator().manual_seed(0)
+    x, coarse = torch.randn(3000, 32, generator=g), torch.randn(64, 32, generator=g)
+    books = torch.randn(4, k, 8, generator=g)
+    lists = coarse_assign(x, coarse, metric)
+    assert torch.equal(lists, coarse_assign(x.double(), coarse.double(), metric))
+    residual = x - coarse[lists]
+    assert torch.equal(pq_assign(residual, books), pq_assign(residual.double(), books.double()))
+
+
+def test_assigning_nan_to_lists_is_a_clear_error() -> None:
+    x = torch.randn(10, 8)
+    x[3, 0] = float("nan")
+    with pytest.raises(PoeemError, match="finite"):
+        coarse_assign(x, torch.randn(4, 8), "ip")
