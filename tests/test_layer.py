@@ -328,14 +328,15 @@ def test_faiss_assignment_matches_torch_brute_force(k: int, metric: str) -> None
     g = torch.Generator().manual_seed(0)
     x, coarse = torch.randn(3000, 32, generator=g), torch.randn(64, 32, generator=g)
     books = torch.randn(4, k, 8, generator=g)
-    lists = coarse_assign(x, coarse, metric)
-    assert torch.equal(lists, coarse_assign(x.double(), coarse.double(), metric))
+    lists = coarse_assign(x, coarse, metric, bulk=True)
     residual = x - coarse[lists]
-    assert torch.equal(pq_assign(residual, books), pq_assign(residual.double(), books.double()))
+    codes = pq_assign(residual, books, bulk=True)
+    assert torch.equal(lists, coarse_assign(x.double(), coarse.double(), metric))
+    assert torch.equal(codes, pq_assign(residual.double(), books.double()))
 
 
 def test_assigning_nan_to_lists_is_a_clear_error() -> None:
     x = torch.randn(10, 8)
     x[3, 0] = float("nan")
     with pytest.raises(PoeemError, match="finite"):
-        coarse_assign(x, torch.randn(4, 8), "ip")
+        coarse_assign(x, torch.randn(4, 8), "ip", bulk=True)

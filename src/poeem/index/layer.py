@@ -436,7 +436,7 @@ class PoeemLayer(nn.Module):
         for start in range(0, x.shape[0], batch_size):
             with _full_precision(x):
                 xr = x[start : start + batch_size].float().to(rotation.device) @ rotation
-                cc, codes = encode_rotated(xr, coarse, self.codebooks.detach(), c.coarse_metric)
+                cc, codes = encode_rotated(xr, coarse, self.codebooks.detach(), c.coarse_metric, bulk=True)
             code_parts.append(codes.to(smallest_uint_dtype(c.codebook_size)))
             if cc is not None:
                 coarse_parts.append(cc.to(smallest_uint_dtype(c.num_coarse)))

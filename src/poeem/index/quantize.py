@@ -4,9 +4,11 @@ A vector x (dim,) in the rotated space is coded as a coarse code c in [0, coarse
 sub-codes in [0, K): x ~ coarse[c] + concat_d codebooks[d, code_d]. Subvectors have
 dsub = dim / D coordinates.
 
-On CPU, float32 vectors are assigned by FAISS (its flat search and PQ encoder): exact like
-the torch path, and 1.2x / 2.6x faster for lists and sub-codes at 1M items, which is most of
-an export's time.
+Bulk encoding (``bulk=True``: exports, evaluation) of float32 vectors on the CPU runs on FAISS's
+flat search and PQ encoder: exact like the torch path, and 1.3x / 3x faster for lists and
+sub-codes at 1M items, which is most of an export's time. Training and fitting keep the torch
+path: FAISS's OpenMP pool used before training slowed the 100k-item scale benchmark's steps
+from 42 to 29 per second.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def smallest_uint_dtype(n: int) -> torch.dtype:
     return torch.int32
 
 
-def coarse_assign(xr: torch.Tensor, coarse: torch.Tensor, coarse_metric: str = "l2") -> torch.Tensor:
+def coarse_assign(
+    xr: torch.Tensor, coarse: torch.Tensor, coarse_metric: str = "l2", bulk: bool = False
+) -> torch.Tensor:
     """The coarse centroid (list) of each vector.
 
     Args:
@@ -36,11 +40,12 @@ def coarse_assign(xr: torch.Tensor, coarse: torch.Tensor, coarse_metric: str = "
         coarse: (coarse_K, dim) centroids, coarse_K >= 1.
         coarse_metric: "l2" (nearest centroid) or "ip" (largest inner product, the rule an
             inner-product IVF index probes lists with).
+        bulk: a gradient-free encoding of many vectors (FAISS on the CPU, see above).
 
     Returns:
         (B,) int64 coarse codes.
     """
-    if _faiss_can_assign(xr, coarse):
+    if bulk and _faiss_can_assign(xr, coarse):
         flat = (faiss.IndexFlatIP if coarse_metric == "ip" else faiss.IndexFlatL2)(coarse.shape[1])
         flat.add(_numpy(coarse))
         _, labels = flat.search(_numpy(xr), 1)
@@ -65,18 +70,19 @@ def split_subvectors(x: torch.Tensor, num_subspaces: int) -> torch.Tensor:
     return x.reshape(x.shape[0], num_subspaces, -1).transpose(0, 1)
 
 
-def pq_assign(residual: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+def pq_assign(residual: torch.Tensor, codebooks: torch.Tensor, bulk: bool = False) -> torch.Tensor:
     """Nearest codeword (L2) of each subvector.
 
     Args:
         residual: (B, dim) vectors to code (residuals of the coarse quantizer).
         codebooks: (D, K, dsub) codewords.
+        bulk: see :func:`coarse_assign`.
 
     Returns:
         (B, D) int64 sub-codes.
     """
     d, k, dsub = codebooks.shape
-    if _faiss_can_assign(residual, codebooks) and k & (k - 1) == 0:
+    if bulk and _faiss_can_assign(residual, codebooks) and k & (k - 1) == 0:
         nbits = k.bit_length() - 1
         pq = faiss.ProductQuantizer(d * dsub, d, nbits)
         faiss.copy_array_to_vector(_numpy(codebooks).ravel(), pq.centroids)
@@ -103,7 +109,11 @@ def pq_reconstruct(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor
 
 
 def encode_rotated(
-    xr: torch.Tensor, coarse: torch.Tensor | None, codebooks: torch.Tensor, coarse_metric: str = "l2"
+    xr: torch.Tensor,
+    coarse: torch.Tensor | None,
+    codebooks: torch.Tensor,
+    coarse_metric: str = "l2",
+    bulk: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Coarse codes and sub-codes of rotated vectors.
 
@@ -112,14 +122,15 @@ def encode_rotated(
         coarse: (coarse_K, dim) coarse centroids, or None without a coarse quantizer.
         codebooks: (D, K, dsub) codewords.
         coarse_metric: the list assignment rule, see :func:`coarse_assign`.
+        bulk: see :func:`coarse_assign`.
 
     Returns:
         coarse_codes: (B,) int64, or None; codes: (B, D) int64.
     """
     if coarse is None:
-        return None, pq_assign(xr, codebooks)
-    coarse_codes = coarse_assign(xr, coarse, coarse_metric)
-    return coarse_codes, pq_assign(xr - coarse[coarse_codes], codebooks)
+        return None, pq_assign(xr, codebooks, bulk)
+    coarse_codes = coarse_assign(xr, coarse, coarse_metric, bulk)
+    return coarse_codes, pq_assign(xr - coarse[coarse_codes], codebooks, bulk)
 
 
 def decode_rotated(

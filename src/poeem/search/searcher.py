@@ -545,7 +545,11 @@ class Searcher:
             )
         base = self.index.base
         cc, codes = encode_rotated(
-            x @ base.rotation, base.coarse, base.codebooks, self.manifest.layer_config.coarse_metric
+            x @ base.rotation,
+            base.coarse,
+            base.codebooks,
+            self.manifest.layer_config.coarse_metric,
+            bulk=True,
         )
         cc = cc if cc is not None else torch.zeros(x.shape[0], dtype=torch.long)
         segment = self.index.segment_of(cc, codes, new_ids)
