@@ -3,6 +3,7 @@
 import copy
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 import torch
@@ -13,8 +14,12 @@ from typer.testing import CliRunner
 
 from poeem import PoeemError, PoeemLayer, Searcher
 from poeem.cli import app
+from poeem.data import load_data
+from poeem.evaluation.report import query_encoder
 from poeem.export import learned_index
-from poeem.pipeline import train_run
+from poeem.export.faiss_codec import pack_sa_codes
+from poeem.pipeline import resume_config, train_run
+from poeem.pipeline.distill import layer_from_faiss
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index, listnet
 
@@ -191,3 +196,70 @@ def test_a_run_is_distilled_without_changing_it(tmp_path: Path) -> None:
     )
     assert result.exit_code == 0, (result.output, result.exception)
     assert Searcher.load(tmp_path / "ix2").nlist == 4
+
+
+def test_train_distils_its_index_after_training_even_on_resume(tmp_path: Path) -> None:
+    # a finished run resumed with --distill-epochs: no training step left, then distillation
+    plain, trained = train_run(tiny_config(), tmp_path / "run")
+    before = copy.deepcopy(plain.index)
+    cfg, applied = resume_config(tmp_path / "run", {"train": {"distill_epochs": 1}})
+    assert applied == ["train.distill_epochs: 0 -> 1"]
+    model, metrics = train_run(cfg, tmp_path / "run", resume=True)
+    assert metrics["steps"] == trained["steps"] and metrics["distill"]["epochs"] == 3  # rounds x 1
+    towers = {k: v for k, v in model.state_dict().items() if not k.startswith("index.")}
+    assert all(torch.equal(v, plain.state_dict()[k]) for k, v in towers.items())  # the towers are frozen
+    assert not torch.equal(model.index.codebooks, before.codebooks)
+    data = load_data(cfg.data)
+    with torch.no_grad():
+        items = model.all_item_embeddings(None)
+        queries = query_encoder(model, data)(np.unique(data.train_queries))
+    distilled = overlap_with_teacher(model.index, items, queries, model.index.encode(items))
+    assert distilled > overlap_with_teacher(before, items, queries, before.encode(items))
+
+
+def test_distill_epochs_need_a_layer(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    cfg.model.poeem = None
+    cfg.train.distill_epochs = 1
+    with pytest.raises(PoeemError, match="a run with a Poeem layer"):
+        train_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:
+    items, queries = clustered(1500, 0).numpy(), clustered(600, 1).numpy()
+    index = faiss.index_factory(DIM, "OPQ4,IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(items)
+    index.add(items)
+    faiss.write_index(index, str(tmp_path / "start.faiss"))
+    layer, metric = layer_from_faiss(tmp_path / "start.faiss", DIM, None)
+    assert metric == "ip" and layer.config.rotation == "opq" and layer.config.num_coarse == 8
+    cc, codes = layer.encode(torch.from_numpy(items))  # the file's quantizer, exactly
+    packed = pack_sa_codes(cc.numpy(), codes.numpy(), faiss.extract_index_ivf(index).coarse_code_size(), 4)
+    assert np.array_equal(packed, index.sa_encode(items))
+
+    np.save(tmp_path / "items.npy", items)
+    np.save(tmp_path / "queries.npy", queries)
+    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
+    args += ["--from-faiss", str(tmp_path / "start.faiss"), "--out", str(tmp_path / "ix"), "--rounds", "1"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "5", "--teacher-k", "20", "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    _, exact = FlatIndex(torch.from_numpy(items), "ip").search(torch.from_numpy(queries), 10)
+
+    def overlap(found: np.ndarray) -> float:
+        return float(
+            np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact.tolist(), found.tolist(), strict=True)])
+        )
+
+    faiss.extract_index_ivf(index).nprobe = 2
+    _, faiss_found = index.search(queries, 10)
+    _, distilled_found = Searcher.load(tmp_path / "ix").search(queries, 10, nprobe=2)
+    assert overlap(np.asarray(distilled_found)) > overlap(faiss_found)
+
+    l2 = faiss.index_factory(DIM, "IVF8,PQ4x4")
+    l2.train(items)
+    faiss.write_index(l2, str(tmp_path / "l2.faiss"))
+    with pytest.raises(PoeemError, match="an inner-product or cosine index"):
+        layer_from_faiss(tmp_path / "l2.faiss", DIM, None)
+    result = CliRunner().invoke(app, [*args, "--num-subspaces", "8"])
+    assert "no layer flags but --rotation givens" in str(result.exception)

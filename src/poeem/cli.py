@@ -186,6 +186,14 @@ def train(
     checkpoint_every: Annotated[
         int | None, Opt(help="Steps between checkpoints.", rich_help_panel="Training")
     ] = None,
+    distill_epochs: Annotated[
+        int | None,
+        Opt(
+            help="After training, distil the index from the model's own ranking for this many "
+            "epochs per round (0: no; safe on --resume).",
+            rich_help_panel="Training",
+        ),
+    ] = None,
     eval_every: Annotated[
         int | None, Opt(help="Steps between evaluations (0: each epoch).", rich_help_panel="Training")
     ] = None,
@@ -270,6 +278,7 @@ def train(
             seed=seed,
             device=device,
             max_steps=max_steps,
+            distill_epochs=distill_epochs,
             checkpoint_every=checkpoint_every,
             eval_every=eval_every,
             log=logger,
@@ -403,7 +412,14 @@ def distill(
         Path | None,
         typer.Option(help="With --items: the n item ids, as .npy or one per line (default: rows)."),
     ] = None,
-    metric: Annotated[str, typer.Option(help="With --items: ip | cosine.")] = "ip",
+    metric: Annotated[str, typer.Option(help="With --items: ip | cosine (--from-faiss: the file's).")] = "ip",
+    from_faiss: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --items: start from this FAISS IVF-PQ/PQ file's quantizer (OPQ included) "
+            "instead of fitting one; only --rotation givens may be added."
+        ),
+    ] = None,
     num_coarse: Annotated[int | None, typer.Option(help="coarse_K (IVF lists), 0 = none.")] = None,
     num_subspaces: Annotated[int | None, typer.Option(help="D, PQ subvectors (bytes at K=256).")] = None,
     codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace.")] = None,
@@ -457,10 +473,10 @@ def distill(
         item_ids = read_new_ids(ids) if ids is not None else None
         if item_ids is not None and len(item_ids) != len(x):
             raise PoeemError("--ids", f"one id per item ({len(x)})", f"{len(item_ids)} ids", "align them")
-        if "num_subspaces" not in settings:
+        if "num_subspaces" not in settings and from_faiss is None:
             raise PoeemError("distill", "--num-subspaces with --items", "none", "pass e.g. --num-subspaces 8")
         searcher, _ = distill_embeddings(
-            x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress
+            x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss
         )
     typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.nlist} lists) written to {out}")
 

@@ -7,6 +7,10 @@ computed them. Nothing here calls FAISS ``train()`` or re-encodes vectors.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import faiss
 import numpy as np
 import torch
@@ -130,3 +134,89 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
     for t in reversed(transforms):  # prepend_transform: the last prepended runs first
         index.prepend_transform(t)
     return index
+
+
+@dataclass
+class FaissQuantizer:
+    """The trained parts of a FAISS IVF-PQ or PQ index, as a Poeem layer holds them.
+
+    dim: the vectors' dimension; settings: PoeemConfig fields (num_coarse, num_subspaces,
+    codebook_size, rotation, coarse_metric); metric: "ip", "cosine" or "l2"; rotation:
+    (dim, dim) R, x @ R being the coded vector (FAISS's A^T); coarse: (coarse_K, dim) or None;
+    codebooks: (D, K, dsub).
+    """
+
+    dim: int
+    settings: dict[str, Any]
+    metric: Metric
+    rotation: torch.Tensor
+    coarse: torch.Tensor | None
+    codebooks: torch.Tensor
+
+
+def read_faiss_quantizer(path: str | Path) -> FaissQuantizer:
+    """The quantizer of a FAISS index file (the inverse of :func:`build_faiss_index`).
+
+    Reads an ``IndexIVFPQ`` (by residual) or ``IndexPQ``, optionally in an ``IndexIDMap`` and
+    behind an ``IndexPreTransform`` of a normalisation (cosine) and one square linear map (OPQ);
+    the items' codes are not read. FAISS's file format holds no code, so reading is safe.
+    """
+    if not Path(path).is_file():
+        raise PoeemError("FAISS index file", "an existing file", f"'{path}'", "check the path")
+    try:
+        owner = faiss.read_index(str(path))  # owns every sub-index below: keep it alive
+    except RuntimeError as err:
+        raise PoeemError(
+            "FAISS index file", "a file written by faiss.write_index", str(err)[:200], "check the file"
+        ) from None
+    metric: Metric = "ip"
+    rotation = None
+    index = faiss.downcast_index(owner)
+    if isinstance(index, faiss.IndexPreTransform):
+        pre = index
+        for i in range(pre.chain.size()):
+            t = faiss.downcast_VectorTransform(pre.chain.at(i))
+            if isinstance(t, faiss.NormalizationTransform) and rotation is None:
+                metric = "cosine"
+            elif isinstance(t, faiss.LinearTransform) and t.d_in == t.d_out and rotation is None:
+                a = faiss.vector_to_array(t.A).reshape(t.d_out, t.d_in)
+                if t.have_bias and np.abs(faiss.vector_to_array(t.b)).max() > 0:
+                    raise PoeemError("FAISS transform", "a rotation without bias", "a bias", "drop the bias")
+                rotation = torch.from_numpy(a.T.copy())
+            else:
+                raise PoeemError(
+                    "FAISS transform",
+                    "a normalisation, then one square linear map (OPQ)",
+                    type(t).__name__,
+                    "export the index without other transforms",
+                )
+        index = pre.index
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):
+        inner = faiss.downcast_index(inner.index)
+    ivf = faiss.try_extract_index_ivf(inner)
+    pq = getattr(faiss.downcast_index(ivf) if ivf is not None else inner, "pq", None)
+    if pq is None or (ivf is not None and not ivf.by_residual):
+        raise PoeemError(
+            "FAISS index",
+            "an IVF-PQ (by residual) or PQ index",
+            type(inner).__name__,
+            "distil from an IndexIVFPQ or IndexPQ file, or fit a new index with the layer flags",
+        )
+    if inner.metric_type == faiss.METRIC_L2:
+        metric = "l2"
+    d = inner.d
+    coarse = None
+    if ivf is not None:
+        coarse = torch.from_numpy(faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist))
+    codebooks = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub).copy())
+    settings = {
+        "num_coarse": 0 if ivf is None else ivf.nlist,
+        "num_subspaces": pq.M,
+        "codebook_size": pq.ksub,
+        "rotation": "none" if rotation is None else "opq",
+        "coarse_metric": "l2" if metric == "l2" else "ip",
+    }
+    return FaissQuantizer(
+        d, settings, metric, rotation if rotation is not None else torch.eye(d), coarse, codebooks
+    )

@@ -389,6 +389,49 @@ class PoeemLayer(nn.Module):
                 c.coarse_metric,
                 c.coarse_fit,
             )
+        self._install(rotation, coarse, codebooks)
+
+    @torch.no_grad()
+    def initialize_from(
+        self, rotation: torch.Tensor, coarse: torch.Tensor | None, codebooks: torch.Tensor
+    ) -> None:
+        """Start quantizing with a given index instead of fitting one (e.g. a FAISS IVF-PQ's).
+
+        Args:
+            rotation: (dim, dim) orthogonal R (the index codes x @ R); the Givens angles of a
+                "givens" layer start at zero on top of it.
+            coarse: (coarse_K, dim) centroids, or None for a layer without lists.
+            codebooks: (D, K, dsub) codewords.
+        """
+        c = self.config
+        expected = {
+            "rotation": ((c.dim, c.dim), rotation),
+            "coarse": ((c.num_coarse, c.dim) if c.num_coarse else None, coarse),
+            "codebooks": ((c.num_subspaces, c.codebook_size, c.dsub), codebooks),
+        }
+        for name, (shape, t) in expected.items():
+            got = None if t is None else tuple(t.shape)
+            if got != shape:
+                raise PoeemError(
+                    f"initialize_from {name}", f"shape {shape}", f"shape {got}", "match the config"
+                )
+            if t is not None and not bool(torch.isfinite(t).all()):
+                raise PoeemError(f"initialize_from {name}", "finite values", "NaN or inf", "check the index")
+        eye = torch.eye(c.dim, dtype=torch.float64)
+        if not torch.allclose(rotation.double().T @ rotation.double(), eye, atol=1e-4):
+            raise PoeemError(
+                "initialize_from rotation", "an orthogonal matrix", "R^T R != I", "pass a rotation"
+            )
+        device = self.codebooks.device
+        self._install(
+            rotation.float().to(device),
+            None if coarse is None else coarse.float().to(device),
+            codebooks.float().to(device),
+        )
+
+    def _install(self, rotation: torch.Tensor, coarse: torch.Tensor | None, codebooks: torch.Tensor) -> None:
+        """Copy in a fitted index and switch to quantization (rank 0's, under torch.distributed)."""
+        c = self.config
         self.base_rotation.copy_(rotation)
         self.codebooks.copy_(codebooks)
         if self.coarse is not None and coarse is not None:

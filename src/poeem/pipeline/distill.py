@@ -39,8 +39,8 @@ def distill_run_index(
     """Distill a run's index from its own model's ranking of its training queries.
 
     Args:
-        model: the trained model; its layer is distilled (a copy: the run is not changed), or
-            for a run without a layer, a new one with ``layer_settings`` is fitted first.
+        model: the trained model; its layer is distilled in place (nothing is written to the
+            run), or for a run without a layer, a new one with ``layer_settings`` is fitted first.
         data: the run's data (its training queries are the teacher's queries).
         item_features: (num_items, Fi) the run's item features, or None.
 
@@ -70,6 +70,37 @@ def distill_run_index(
     return layer, distill_index(layer, items, queries, config, progress)
 
 
+def layer_from_faiss(path: str | Path, dim: int, rotation: str | None) -> tuple[PoeemLayer, str]:
+    """A layer holding a FAISS IVF-PQ file's quantizer, and the file's metric.
+
+    Args:
+        path: a FAISS index file (see :func:`poeem.export.faiss_codec.read_faiss_quantizer`).
+        dim: the dimension of the item embeddings.
+        rotation: None (the file's: "opq" or "none") or "givens" (learnable, on top of it).
+    """
+    from poeem.export.faiss_codec import read_faiss_quantizer
+
+    found = read_faiss_quantizer(path)
+    if found.dim != dim:
+        raise PoeemError(
+            "--from-faiss", f"an index of the items' dim {dim}", f"dim {found.dim}", "match them"
+        )
+    if found.metric == "l2":
+        raise PoeemError(
+            "--from-faiss",
+            "an inner-product or cosine index (the teacher ranks by inner product)",
+            "an L2 index",
+            "distil a METRIC_INNER_PRODUCT index",
+        )
+    if rotation not in (None, "givens"):
+        raise PoeemError("--rotation with --from-faiss", "givens (or none given)", repr(rotation), "drop it")
+    settings = {**found.settings, **({"rotation": "givens"} if rotation else {})}
+    buffer = max(settings["codebook_size"], settings["num_coarse"])  # nothing is collected
+    layer = PoeemLayer(dim=dim, warmup_steps=0, buffer_size=buffer, **settings)
+    layer.initialize_from(found.rotation, found.coarse, found.codebooks)
+    return layer, found.metric
+
+
 def distill_embeddings(
     items: np.ndarray,
     queries: np.ndarray,
@@ -81,8 +112,9 @@ def distill_embeddings(
     fast_scan: bool = False,
     replace: bool = False,
     progress: bool = True,
+    from_faiss: str | Path | None = None,
 ) -> tuple[Searcher, DistillResult]:
-    """Fit and distill an index for any embeddings, and write it as an index directory.
+    """Fit (or read) and distill an index for any embeddings, and write it as an index directory.
 
     Args:
         items: (n, dim) item embeddings.
@@ -92,6 +124,8 @@ def distill_embeddings(
         layer_settings: PoeemConfig fields (num_coarse, num_subspaces, codebook_size, rotation ...).
         metric: "ip" or "cosine" (vectors are normalised for cosine).
         ids: (n,) the items' own ids (integers or strings); row numbers by default.
+        from_faiss: start from this FAISS IVF-PQ file's quantizer instead of fitting one; its
+            metric replaces ``metric``, and ``layer_settings`` may only ask for a "givens" rotation.
 
     Returns:
         The new index's searcher and the distillation's codes and history.
@@ -100,9 +134,17 @@ def distill_embeddings(
         raise PoeemError(
             "--metric", "'ip' or 'cosine' (the teacher ranks by inner product)", repr(metric), "pick one"
         )
-    x = prepare_queries(items, metric, np.asarray(items).shape[-1] if np.ndim(items) == 2 else -1, "items")
+    dim = np.asarray(items).shape[-1] if np.ndim(items) == 2 else -1
+    layer = None
+    if from_faiss is not None:
+        if set(layer_settings) - {"rotation"}:
+            raise PoeemError(
+                "--from-faiss", "no layer flags but --rotation givens", sorted(layer_settings), "drop them"
+            )
+        layer, metric = layer_from_faiss(from_faiss, dim, layer_settings.get("rotation"))
+    x = prepare_queries(items, metric, dim, "items")
     q = prepare_queries(queries, metric, x.shape[1], "queries")
-    layer = new_layer(x.shape[1], layer_settings, x, progress)
+    layer = layer or new_layer(x.shape[1], layer_settings, x, progress)
     result = distill_index(layer, x, q, config, progress)
     searcher = Searcher.create(
         out,

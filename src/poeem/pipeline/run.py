@@ -44,6 +44,7 @@ SAFE_ON_RESUME = {
     "train": {
         "epochs",
         "max_steps",
+        "distill_epochs",
         "device",
         "checkpoint_every",
         "eval_every",
@@ -193,6 +194,7 @@ def train_run(
         text = {**(cfg.model.text or {}), "encoder": str(Path(encoder).resolve())}
         cfg = replace(cfg, model=replace(cfg.model, text=text))
     device = distributed.setup(resolve_device(cfg.train.device))
+    _check_distill(cfg)
     data = load_data(cfg.data)
     shapes = model_shapes(data)
     torch.manual_seed(cfg.train.seed)
@@ -238,6 +240,7 @@ def train_run(
         )
     if not distributed.is_main():
         return model, {}
+    distilled = _distill_after_training(model, data, artifacts, cfg)
     save_weights(run_dir, model)
     rows = evaluate_model(model, data, cfg)
     metrics = {
@@ -249,8 +252,45 @@ def train_run(
         "history": history,
         "index_stats": model.index.stats() if model.index is not None else {},
     }
+    if distilled:
+        metrics["distill"] = distilled
     write_metrics(run_dir, metrics)
     return model, metrics
+
+
+def _check_distill(cfg: RunConfig) -> None:
+    """Refuse ``train.distill_epochs`` before training where it cannot run after it."""
+    if not cfg.train.distill_epochs:
+        return
+    if cfg.model.poeem is None:
+        raise PoeemError(
+            "--distill-epochs",
+            "a run with a Poeem layer (--poeem)",
+            "a baseline run",
+            "add --poeem, or distil an index for the trained run with 'poeem distill RUN_DIR'",
+        )
+    if distributed.is_active():
+        raise PoeemError(
+            "--distill-epochs",
+            "one process",
+            "torchrun",
+            "train without it, then run 'poeem distill RUN_DIR' (one process)",
+        )
+
+
+def _distill_after_training(
+    model: RetrievalModel, data: InteractionData, artifacts: RunArtifacts, cfg: RunConfig
+) -> dict[str, Any]:
+    """Distil the trained model's layer in place (``train.distill_epochs``); what it did, or {}."""
+    if not cfg.train.distill_epochs or model.index is None:
+        return {}
+    from poeem.pipeline.distill import distill_run_index
+
+    model.eval()
+    started = time.perf_counter()
+    distill = DistillConfig(epochs=cfg.train.distill_epochs, seed=cfg.train.seed)
+    _, result = distill_run_index(model, data, artifacts.item_features, distill, progress=cfg.train.progress)
+    return {"seconds": time.perf_counter() - started, "epochs": len(result.history), "best": result.best}
 
 
 def export_run(
