@@ -263,3 +263,62 @@ def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:
         layer_from_faiss(tmp_path / "l2.faiss", DIM, None)
     result = CliRunner().invoke(app, [*args, "--num-subspaces", "8"])
     assert "no layer flags but --rotation givens" in str(result.exception)
+
+
+def test_a_stopped_distillation_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import poeem.training.distill as distill_module
+
+    items, queries = clustered(1200, 0), clustered(400, 1)
+    cfg = DistillConfig(rounds=2, epochs=2, teacher_k=20)
+    whole_layer = fitted_layer(items)
+    stopped_layer = copy.deepcopy(whole_layer)
+    whole = distill_index(whole_layer, items, queries, cfg, progress=False)
+
+    save, saved = distill_module._save_state, []
+
+    def save_then_stop(*args: object) -> None:  # Ctrl-C right after the third epoch's state
+        save(*args)
+        saved.append(1)
+        if len(saved) == 3:
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.safetensors"
+    monkeypatch.setattr(distill_module, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        distill_index(stopped_layer, items, queries, cfg, progress=False, checkpoint=state)
+    monkeypatch.setattr(distill_module, "_save_state", save)
+    resumed_layer = fitted_layer(items)  # a fresh process: the state comes from the file only
+    resumed = distill_index(resumed_layer, items, queries, cfg, progress=False, checkpoint=state, resume=True)
+    assert resumed.history == whole.history and resumed.best == whole.best
+    assert torch.equal(resumed.codes, whole.codes) and torch.equal(resumed.coarse_codes, whole.coarse_codes)
+    for a, b in zip(resumed_layer.state_dict().values(), whole_layer.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(PoeemError, match="other queries"):
+        distill_index(fitted_layer(items), items, queries[:300], cfg, checkpoint=state, resume=True)
+
+
+def test_the_cli_keeps_and_resumes_a_distillations_state(tmp_path: Path) -> None:
+    np.save(tmp_path / "items.npy", clustered(1200, 0).numpy())
+    np.save(tmp_path / "queries.npy", clustered(400, 1).numpy())
+    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
+    args += [
+        "--num-coarse",
+        "8",
+        "--num-subspaces",
+        "4",
+        "--codebook-size",
+        "16",
+        "--out",
+        str(tmp_path / "ix"),
+    ]
+    args += ["--rounds", "1", "--epochs", "1", "--teacher-k", "20", "--no-progress"]
+    state = tmp_path / "ix.distill.safetensors"
+    result = CliRunner().invoke(app, [*args, "--resume"])
+    assert "a stopped distillation's state" in str(result.exception)
+    state.write_bytes(b"left by a stopped run")
+    result = CliRunner().invoke(app, args)
+    assert "pass --resume to continue it" in str(result.exception)
+    state.unlink()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert Searcher.load(tmp_path / "ix").ntotal == 1200 and not state.exists()  # deleted once written

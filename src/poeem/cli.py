@@ -435,6 +435,12 @@ def distill(
         bool, typer.Option(help="--out holds an index: publish this one as its next version.")
     ] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bars.")] = True,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue a stopped distillation for --out from its state file (OUT.distill.safetensors)."
+        ),
+    ] = False,
 ) -> None:
     """Distil an index from a model's own ranking: the exact top-k of each query teaches the
     coarse centroids, codebooks and rotation (ListNet), with no labels and no model training.
@@ -460,7 +466,7 @@ def distill(
         from poeem.pipeline import export_run
 
         searcher = export_run(
-            run_dir, out, fast_scan, replace, distill=config, layer_settings=settings or None
+            run_dir, out, fast_scan, replace, distill=config, layer_settings=settings or None, resume=resume
         )
         assert searcher is not None
     else:
@@ -476,7 +482,7 @@ def distill(
         if "num_subspaces" not in settings and from_faiss is None:
             raise PoeemError("distill", "--num-subspaces with --items", "none", "pass e.g. --num-subspaces 8")
         searcher, _ = distill_embeddings(
-            x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss
+            x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss, resume
         )
     typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.nlist} lists) written to {out}")
 

@@ -28,6 +28,22 @@ def new_layer(dim: int, settings: dict[str, Any], items: torch.Tensor, progress:
     return layer
 
 
+def checkpoint_for(out: str | Path, resume: bool) -> Path:
+    """Where a distillation that writes the index ``out`` keeps its state after every epoch
+    (``<out>.distill.safetensors``, deleted once the index is written), checked against ``resume``."""
+    path = Path(out).with_name(Path(out).name + ".distill.safetensors")
+    if resume and not path.is_file():
+        raise PoeemError("--resume", f"a stopped distillation's state at '{path}'", "none", "drop --resume")
+    if not resume and path.is_file():
+        raise PoeemError(
+            "distill",
+            f"no stopped distillation for '{out}'",
+            f"its state at '{path}'",
+            "pass --resume to continue it, or delete the file to start over",
+        )
+    return path
+
+
 def distill_run_index(
     model: RetrievalModel,
     data: InteractionData,
@@ -35,6 +51,8 @@ def distill_run_index(
     config: DistillConfig,
     layer_settings: dict[str, Any] | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> tuple[PoeemLayer, DistillResult]:
     """Distill a run's index from its own model's ranking of its training queries.
 
@@ -43,6 +61,7 @@ def distill_run_index(
             run), or for a run without a layer, a new one with ``layer_settings`` is fitted first.
         data: the run's data (its training queries are the teacher's queries).
         item_features: (num_items, Fi) the run's item features, or None.
+        checkpoint, resume: see :func:`poeem.training.distill.distill_index`.
 
     Returns:
         The distilled layer and its item codes.
@@ -67,7 +86,7 @@ def distill_run_index(
         )
     else:
         layer = new_layer(model.config.dim, layer_settings, items, progress)
-    return layer, distill_index(layer, items, queries, config, progress)
+    return layer, distill_index(layer, items, queries, config, progress, checkpoint, resume)
 
 
 def layer_from_faiss(path: str | Path, dim: int, rotation: str | None) -> tuple[PoeemLayer, str]:
@@ -113,6 +132,7 @@ def distill_embeddings(
     replace: bool = False,
     progress: bool = True,
     from_faiss: str | Path | None = None,
+    resume: bool = False,
 ) -> tuple[Searcher, DistillResult]:
     """Fit (or read) and distill an index for any embeddings, and write it as an index directory.
 
@@ -126,6 +146,7 @@ def distill_embeddings(
         ids: (n,) the items' own ids (integers or strings); row numbers by default.
         from_faiss: start from this FAISS IVF-PQ file's quantizer instead of fitting one; its
             metric replaces ``metric``, and ``layer_settings`` may only ask for a "givens" rotation.
+        resume: continue a stopped distillation for ``out`` (see :func:`checkpoint_for`).
 
     Returns:
         The new index's searcher and the distillation's codes and history.
@@ -134,6 +155,7 @@ def distill_embeddings(
         raise PoeemError(
             "--metric", "'ip' or 'cosine' (the teacher ranks by inner product)", repr(metric), "pick one"
         )
+    checkpoint = checkpoint_for(out, resume)
     dim = np.asarray(items).shape[-1] if np.ndim(items) == 2 else -1
     layer = None
     if from_faiss is not None:
@@ -145,7 +167,7 @@ def distill_embeddings(
     x = prepare_queries(items, metric, dim, "items")
     q = prepare_queries(queries, metric, x.shape[1], "queries")
     layer = layer or new_layer(x.shape[1], layer_settings, x, progress)
-    result = distill_index(layer, x, q, config, progress)
+    result = distill_index(layer, x, q, config, progress, checkpoint, resume)
     searcher = Searcher.create(
         out,
         layer,
@@ -155,4 +177,5 @@ def distill_embeddings(
         fast_scan=fast_scan,
         replace=replace,
     )
+    checkpoint.unlink(missing_ok=True)  # the index is written: nothing to resume
     return searcher, result

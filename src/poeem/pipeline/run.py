@@ -300,12 +300,15 @@ def export_run(
     replace: bool = False,
     distill: DistillConfig | None = None,
     layer_settings: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
 
     With ``distill``, the index is first distilled from the model's own ranking of its
     training queries (:func:`poeem.pipeline.distill.distill_run_index`; a run without a layer
-    gets a new one with ``layer_settings``); the run itself is not changed.
+    gets a new one with ``layer_settings``); the run itself is not changed. Its state is kept
+    after every epoch next to ``out`` and, with ``resume``, continued (see
+    :func:`poeem.pipeline.distill.checkpoint_for`).
 
     Items are encoded with their saved features, exactly as the model embeds them; FAISS
     stores the data's own item ids when they are non-negative integers (else row numbers,
@@ -333,12 +336,14 @@ def export_run(
         assert data is not None
         attach_data(model, data, distributed.is_main())
         text_query, text_item = model.query_side(), model.item_side()
+    checkpoint = None
     if distill is not None:
-        from poeem.pipeline.distill import distill_run_index
+        from poeem.pipeline.distill import checkpoint_for, distill_run_index
 
         assert data is not None
+        checkpoint = checkpoint_for(out, resume)
         layer, result = distill_run_index(
-            model, data, art.item_features, distill, layer_settings, cfg.train.progress
+            model, data, art.item_features, distill, layer_settings, cfg.train.progress, checkpoint, resume
         )
         coarse_codes, codes = result.coarse_codes, result.codes
     else:
@@ -351,7 +356,7 @@ def export_run(
     if art.item_keys is not None:
         keys = art.item_keys.keys
         ids = keys if art.item_keys.is_integer and keys.min(initial=0) >= 0 else keys.astype(str)
-    return Searcher.create(
+    searcher = Searcher.create(
         out,
         layer,
         (coarse_codes, codes),
@@ -366,6 +371,9 @@ def export_run(
         text_item=text_item,
         replace=replace,
     )
+    if checkpoint is not None:
+        checkpoint.unlink(missing_ok=True)  # the index is written: nothing to resume
+    return searcher
 
 
 @torch.no_grad()

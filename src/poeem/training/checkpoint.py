@@ -43,10 +43,16 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(
-    path: Path, model: nn.Module, optimizer: AnyOptimizer | None, trainer_state: dict[str, Any]
+    path: Path,
+    model: nn.Module,
+    optimizer: AnyOptimizer | None,
+    trainer_state: dict[str, Any],
+    extra: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Save model, optimizer and trainer state to one safetensors file, atomically."""
+    """Save model, optimizer and trainer state (and ``extra`` tensors, stored under "extra.") to
+    one safetensors file, atomically."""
     tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tensors.update({f"extra.{k}": v for k, v in (extra or {}).items()})
     meta: dict[str, Any] = {"trainer": trainer_state}
     if optimizer is not None:
         optim_tensors, meta["optimizer"] = _flatten_optimizer(optimizer.state_dict())
@@ -84,6 +90,19 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore model (and optimizer) state in place; returns the trainer state."""
     tensors, meta = read_checkpoint(path)
+    return restore_checkpoint(path, tensors, meta, model, optimizer, map_location)
+
+
+def restore_checkpoint(
+    path: Path,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    model: nn.Module,
+    optimizer: AnyOptimizer | None = None,
+    map_location: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """:func:`load_checkpoint` from what :func:`read_checkpoint` returned (``path`` names it in
+    errors); returns the trainer state."""
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_state)
     if optimizer is not None and "optimizer" in meta:

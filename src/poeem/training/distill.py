@@ -15,7 +15,9 @@ recomputed between rounds.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +27,7 @@ from poeem.errors import PoeemError
 from poeem.index import PoeemLayer
 from poeem.index.quantize import pq_reconstruct
 from poeem.search.exact import FlatIndex
+from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
 
@@ -99,6 +102,8 @@ def distill_index(
     queries: torch.Tensor,
     config: DistillConfig | None = None,
     progress: bool = True,
+    checkpoint: Path | None = None,
+    resume: bool = False,
 ) -> DistillResult:
     """Distill ``layer``'s index (in place) from the exact ranking of ``queries`` over ``items``.
 
@@ -109,6 +114,10 @@ def distill_index(
             the training queries); no labels.
         config: see :class:`DistillConfig`.
         progress: show a progress bar.
+        checkpoint: a file that the whole state is written to after every epoch (atomically, so
+            stopping at any moment leaves the last epoch's state).
+        resume: continue from ``checkpoint``, exactly where it stopped (the same layer, inputs
+            and config are required).
 
     Returns:
         The items' final codes (export them with the layer) and the loss history.
@@ -132,11 +141,25 @@ def distill_index(
         groups.append({"params": list(layer.givens.parameters()), "lr": cfg.rotation_lr})
     optimizer = torch.optim.Adam(groups)
     trained = [p for group in groups for p in group["params"]]
-    coarse_codes, codes = _encode(layer, items)
     history: list[dict[str, float]] = []
     best: tuple[float, list[torch.Tensor], dict[str, float]] | None = None
-    steps = cfg.rounds * cfg.epochs * -(-fit.numel() // cfg.batch_size)
-    bar = tqdm(total=steps, desc="distill", disable=None if progress else True, leave=False)
+    inputs = {"config": asdict(cfg), "items": _fingerprint(items), "queries": _fingerprint(queries)}
+    done = 0
+    if resume:
+        if checkpoint is None:
+            raise PoeemError("distill resume", "a checkpoint file", "None", "pass checkpoint=PATH")
+        done, history, best, coarse_codes, codes = _restore(checkpoint, layer, optimizer, g, inputs, trained)
+    else:
+        coarse_codes, codes = _encode(layer, items)
+    per_epoch = -(-fit.numel() // cfg.batch_size)
+    total = cfg.rounds * cfg.epochs
+    bar = tqdm(
+        total=total * per_epoch,
+        initial=done * per_epoch,
+        desc="distill",
+        disable=None if progress else True,
+        leave=False,
+    )
 
     def losses(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         q, cand = queries[rows], teacher_ids[rows].unique()
@@ -148,30 +171,32 @@ def distill_index(
         list_loss = listnet(teacher, qr @ lists.T, temperature) if lists is not None else None
         return code_loss, list_loss
 
-    for round_no in range(cfg.rounds):
-        if round_no and cfg.reassign:
+    for step in range(done, total):
+        round_no, epoch = divmod(step, cfg.epochs)
+        if round_no and not epoch and cfg.reassign:
             coarse_codes, codes = _encode(layer, items)
-        for epoch in range(cfg.epochs):
-            sums, count = {"code_loss": 0.0, "list_loss": 0.0}, 0
-            for rows in fit[torch.randperm(fit.numel(), generator=g).to(device)].split(cfg.batch_size):
-                code_loss, list_loss = losses(rows)
-                loss = code_loss if list_loss is None else code_loss + cfg.list_weight * list_loss
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                sums["code_loss"] += float(code_loss.detach())
-                sums["list_loss"] += float(list_loss.detach()) if list_loss is not None else 0.0
-                count += 1
-                bar.update(1)
-            row = {"round": round_no, "epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}}
-            if held:
-                with torch.no_grad():  # in batches: a batch's pooled candidates stay small
-                    parts = [float(losses(rows)[0]) * rows.numel() for rows in val.split(cfg.batch_size)]
-                    row["heldout_code_loss"] = sum(parts) / val.numel()
-                if best is None or row["heldout_code_loss"] < best[0]:
-                    best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row)
-            history.append(row)
-            bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
+        sums, count = {"code_loss": 0.0, "list_loss": 0.0}, 0
+        for rows in fit[torch.randperm(fit.numel(), generator=g).to(device)].split(cfg.batch_size):
+            code_loss, list_loss = losses(rows)
+            loss = code_loss if list_loss is None else code_loss + cfg.list_weight * list_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            sums["code_loss"] += float(code_loss.detach())
+            sums["list_loss"] += float(list_loss.detach()) if list_loss is not None else 0.0
+            count += 1
+            bar.update(1)
+        row = {"round": round_no, "epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}}
+        if held:
+            with torch.no_grad():  # in batches: a batch's pooled candidates stay small
+                parts = [float(losses(rows)[0]) * rows.numel() for rows in val.split(cfg.batch_size)]
+                row["heldout_code_loss"] = sum(parts) / val.numel()
+            if best is None or row["heldout_code_loss"] < best[0]:
+                best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row)
+        history.append(row)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
+        if checkpoint is not None:
+            _save_state(checkpoint, layer, optimizer, g, step + 1, history, best, coarse_codes, codes, inputs)
     bar.close()
     if best is not None:  # the epoch the held-out queries liked best
         with torch.no_grad():
@@ -180,6 +205,76 @@ def distill_index(
     if cfg.reassign:
         coarse_codes, codes = _encode(layer, items)
     return DistillResult(coarse_codes, codes, history, best[2] if best is not None else history[-1])
+
+
+Best = tuple[float, list[torch.Tensor], dict[str, float]]
+
+
+def _fingerprint(x: torch.Tensor) -> list[float]:
+    """Shape and float64 sum of a tensor: enough to tell other inputs from the checkpoint's."""
+    return [*map(float, x.shape), float(x.double().sum())]
+
+
+def _save_state(
+    path: Path,
+    layer: PoeemLayer,
+    optimizer: torch.optim.Optimizer,
+    g: torch.Generator,
+    done: int,
+    history: list[dict[str, float]],
+    best: Best | None,
+    coarse_codes: torch.Tensor | None,
+    codes: torch.Tensor,
+    inputs: dict[str, Any],
+) -> None:
+    """Everything :func:`_restore` needs to continue after ``done`` epochs, in one file."""
+    extra = {"codes": codes, "generator": g.get_state()}
+    if coarse_codes is not None:
+        extra["coarse_codes"] = coarse_codes
+    if best is not None:
+        extra.update({f"best.{i}": p for i, p in enumerate(best[1])})
+    state = {"done": done, "history": history, "inputs": inputs}
+    state["best"] = None if best is None else {"loss": best[0], "row": best[2]}
+    save_checkpoint(path, layer, optimizer, {"distill": state}, extra)
+
+
+def _restore(
+    path: Path,
+    layer: PoeemLayer,
+    optimizer: torch.optim.Optimizer,
+    g: torch.Generator,
+    inputs: dict[str, Any],
+    trained: list[torch.Tensor],
+) -> tuple[int, list[dict[str, float]], Best | None, torch.Tensor | None, torch.Tensor]:
+    """Load a :func:`_save_state` file into ``layer``, ``optimizer`` and ``g``; returns the
+    epochs done, the history, the best epoch so far and the items' current codes."""
+    tensors, meta = read_checkpoint(path)
+    state = meta.get("trainer", {}).get("distill")
+    if state is None:
+        raise PoeemError("distill checkpoint", "a distillation checkpoint", f"'{path}'", "delete it")
+    if state["inputs"] != inputs:
+        changed = sorted(k for k in inputs if state["inputs"].get(k) != inputs[k])
+        raise PoeemError(
+            "distill --resume",
+            "the stopped distillation's own items, queries and settings",
+            f"other {', '.join(changed)}",
+            f"pass the same ones, or delete '{path}' to start over",
+        )
+    restore_checkpoint(path, tensors, meta, layer, optimizer, layer.codebooks.device)
+    g.set_state(tensors["extra.generator"])
+    best = None
+    if state["best"] is not None:
+        kept = [tensors[f"extra.best.{i}"].to(p.device) for i, p in enumerate(trained)]
+        best = (state["best"]["loss"], kept, state["best"]["row"])
+    device = layer.codebooks.device
+    coarse = tensors.get("extra.coarse_codes")
+    return (
+        state["done"],
+        state["history"],
+        best,
+        None if coarse is None else coarse.to(device),
+        tensors["extra.codes"].to(device),
+    )
 
 
 def _encode(layer: PoeemLayer, items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
