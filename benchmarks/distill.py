@@ -5,9 +5,12 @@ model training, no labels in the distillation.
 
 - ``scifact``: all-MiniLM-L6-v2 zero-shot, 16 bytes (PQ16x8, no lists), ndcg@10 on the test
   queries, distilled with the train queries' texts.
-- ``ml-100k`` / ``gowalla``: a baseline MF two-tower model trained here (cosine, in-batch
-  softmax, logQ), its item embeddings and training users as queries; recall@20 at nprobe 1 and
-  over all lists.
+- ``ml-100k`` / ``gowalla`` (and ``synthetic``, for the smoke test): a baseline MF two-tower
+  model trained here with the dataset's preset (cosine, in-batch softmax, logQ), its item
+  embeddings and training users as queries; recall@20 at nprobe 1 and over all lists. Also the
+  FAISS OPQ index distilled (``--from-faiss``), and the fair ablation: the same preset trained
+  jointly with the layer ("joint", default variant), then distilled ("joint-distilled"); its
+  share of exact is of the joint model's own exact search ("joint-exact").
 
     python benchmarks/distill.py --dataset scifact --seeds 0 1 2
     python benchmarks/distill.py --dataset gowalla --seeds 0
@@ -17,9 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -32,34 +35,37 @@ from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.metrics import ranking_metrics
 from poeem.evaluation.report import query_encoder
 from poeem.export import learned_index
-from poeem.model import ModelConfig
 from poeem.pipeline import load_run, train_run
-from poeem.pipeline.config import EvalConfig, RunConfig
+from poeem.pipeline.config import EvalConfig
+from poeem.pipeline.distill import layer_from_faiss
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.distill import DistillConfig, distill_index
-from poeem.training.trainer import TrainConfig
 
 from common import save_result
 from peers import ScannIndex
+from presets import Preset, data_dir, preset
+from presets import tiny as tiny_preset
 
-SETTINGS = {  # (coarse_K, D, K), metric cut-off
-    "scifact": ((0, 16, 256), 10),
-    "ml-100k": ((8, 8, 16), 20),
-    "gowalla": ((16, 8, 256), 20),
-}
+JOINT = "poeem-ip"  # the joint model's layer: the presets' default variant
+DATASETS = ("gowalla", "ml-100k", "scifact", "synthetic")
+SCIFACT_BUDGET = (0, 16, 256)  # (coarse_K, D, K); the id datasets use their presets' budgets
 
 
-def shared(name: str) -> Path:
-    root = os.environ.get("POEEM_DATA_DIR")
-    return Path(root) / name if root else Path(__file__).resolve().parents[2] / "shared" / "datasets" / name
+def id_preset(name: str, tiny: bool) -> Preset:
+    pre = preset(name)
+    return tiny_preset(pre) if tiny else pre
+
+
+def budget_of(name: str, tiny: bool) -> tuple[int, int, int]:
+    return SCIFACT_BUDGET if name == "scifact" else id_preset(name, tiny).budget
 
 
 def scifact_task(tiny: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
     """(items, training queries, evaluate(index, nprobe) -> ndcg@10) on MiniLM zero-shot."""
     from poeem.model.text import embed_texts, encoder_fingerprint, load_encoder
 
-    data = load_data(DataConfig(kind="beir", path=str(shared("scifact"))))
+    data = load_data(DataConfig(kind="beir", path=data_dir("scifact", None)))
     encoder = load_encoder("all-MiniLM-L6-v2")
     key = encoder_fingerprint(encoder, 256)
     docs = torch.nn.functional.normalize(
@@ -78,29 +84,14 @@ def scifact_task(tiny: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
     return docs, queries[np.unique(data.train_queries)], evaluate
 
 
-def id_task(name: str, seed: int, workdir: Path, tiny: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """A baseline model trained here; (items, training users' embeddings, evaluate -> recall@20)."""
-    if name == "ml-100k":
-        data_cfg = DataConfig(
-            kind="movielens", path=str(shared("ml-100k")), split="random", test_fraction=0.2
-        )
-        epochs, batch = 20, 1024
-    else:
-        data_cfg = DataConfig(kind="lightgcn", path=str(shared("gowalla")))
-        epochs, batch = 10, 2048
-    train = TrainConfig(
-        epochs=1 if tiny else epochs,
-        batch_size=batch,
-        optimizer="adam",
-        lr=5e-3,
-        seed=seed,
-        progress=False,
-        log="none",
-        checkpoint_every=0,
-    )
-    model_cfg = ModelConfig(dim=64, score="cosine", temperature=0.1, logq_correction=True)
-    run = workdir / f"{name}-{seed}"
-    train_run(RunConfig(data_cfg, model_cfg, train, EvalConfig(ks=(20,), faiss_baseline=False)), run)
+def id_task(name: str, seed: int, workdir: Path, tiny: bool, variant: str | None = None) -> tuple[Any, ...]:
+    """A model trained here with the dataset's preset (``variant`` None: the baseline, else a
+    layer variant); (items, training users' embeddings, evaluate -> recall@20, model)."""
+    pre = id_preset(name, tiny)
+    cfg = pre.run_config(seed, variant, tuple(sorted({1, pre.budget[0]})))
+    cfg.eval = EvalConfig(ks=(20,), faiss_baseline=False)
+    run = workdir / f"{name}-{seed}-{variant or 'baseline'}"
+    train_run(cfg, run)
     cfg, model = load_run(run)
     data = load_data(cfg.data)
     encode = query_encoder(model, data)
@@ -111,13 +102,16 @@ def id_task(name: str, seed: int, workdir: Path, tiny: bool) -> tuple[torch.Tens
     def evaluate(index: Any, nprobe: int) -> float:
         return evaluate_retrieval(index, encode, data, (20,), nprobe)["recall@20"]
 
-    return items, queries, evaluate
+    return items, queries, evaluate, model
 
 
 def run_seed(name: str, seed: int, workdir: Path, tiny: bool) -> list[dict[str, Any]]:
-    (nc, d, k), _ = SETTINGS[name]
-    items, queries, evaluate = scifact_task(tiny) if name == "scifact" else id_task(name, seed, workdir, tiny)
-    probes = sorted({1, max(nc, 1)})
+    nc, d, k = budget_of(name, tiny)
+    if name == "scifact":
+        items, queries, evaluate = scifact_task(tiny)
+    else:
+        items, queries, evaluate, _ = id_task(name, seed, workdir, tiny)
+    probes = [1] if tiny else sorted({1, max(nc, 1)})  # tiny: a smoke test, as cheap as it gets
     rows = []
 
     def record(method: str, index: Any, seconds: float, extra: dict[str, Any] | None = None) -> None:
@@ -136,11 +130,15 @@ def run_seed(name: str, seed: int, workdir: Path, tiny: bool) -> list[dict[str, 
     record("exact", FlatIndex(items, "ip"), 0.0)
     started = time.perf_counter()
     faiss_index = train_faiss_ivfpq(items, nc, d, k, "ip", opq=True, seed=seed)
-    record("faiss-opq", FaissSearcher(faiss_index), time.perf_counter() - started)
+    faiss_s = time.perf_counter() - started
+    record("faiss-opq", FaissSearcher(faiss_index), faiss_s)
+    started = time.perf_counter()  # the same FAISS index, distilled (poeem distill --from-faiss)
+    layer, _ = layer_from_faiss(faiss_index, items.shape[1], None)
+    record("faiss-opq-distilled", *distilled(layer, items, queries, seed, tiny, faiss_s, started))
     started = time.perf_counter()
     scann_index = ScannIndex(items, nc, d, k)  # tree + AH at the same bytes, no reorder
     record("scann", scann_index, time.perf_counter() - started)
-    for rotation in ("opq", "givens"):
+    for rotation in ("opq",) if tiny else ("opq", "givens"):
         layer = PoeemLayer(
             dim=items.shape[1],
             num_subspaces=d,
@@ -158,20 +156,47 @@ def run_seed(name: str, seed: int, workdir: Path, tiny: bool) -> list[dict[str, 
         if rotation == "opq":
             record("poeem-fit", TorchIVFPQ(learned_index(layer, items), "ip"), fit_s)
         for reassign in (True, False):
-            student = copy.deepcopy(layer)
-            config = DistillConfig(reassign=reassign, seed=seed, epochs=1 if tiny else DistillConfig.epochs)
-            started = time.perf_counter()
-            result = distill_index(student, items, queries, config, progress=False)
-            seconds = fit_s + time.perf_counter() - started
-            index = TorchIVFPQ(learned_index(student, (result.coarse_codes, result.codes)), "ip")
             method = f"poeem-distilled-{rotation}" + ("" if reassign else "-frozen-codes")
-            record(method, index, seconds, {"best": result.best})
+            student = copy.deepcopy(layer)
+            record(method, *distilled(student, items, queries, seed, tiny, fit_s, reassign=reassign))
+    if name != "scifact":  # joint training, then the same distillation (the fair ablation)
+        started = time.perf_counter()
+        items, queries, evaluate, model = id_task(name, seed, workdir, tiny, JOINT)
+        joint_s = time.perf_counter() - started
+        record("joint-exact", FlatIndex(items, "ip"), 0.0)
+        record("joint", TorchIVFPQ(learned_index(model.index, items), "ip"), joint_s)
+        record("joint-distilled", *distilled(model.index, items, queries, seed, tiny, joint_s))
     return rows
+
+
+def distilled(
+    layer: PoeemLayer,
+    items: torch.Tensor,
+    queries: torch.Tensor,
+    seed: int,
+    tiny: bool,
+    before_s: float,
+    started: float | None = None,
+    reassign: bool = True,
+) -> tuple[Any, float, dict[str, Any]]:
+    """Distil ``layer`` in place with the default settings; (its index, the seconds since
+    ``started`` or of the distillation alone, plus ``before_s``, and the best epoch)."""
+    started = started if started is not None else time.perf_counter()
+    config = DistillConfig(reassign=reassign, seed=seed)
+    if tiny:
+        config = replace(config, rounds=1, epochs=1, teacher_k=20)
+    result = distill_index(layer, items, queries, config, progress=False)
+    seconds = before_s + time.perf_counter() - started
+    return (
+        TorchIVFPQ(learned_index(layer, (result.coarse_codes, result.codes)), "ip"),
+        seconds,
+        {"best": result.best},
+    )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", choices=sorted(SETTINGS), default="scifact")
+    p.add_argument("--dataset", choices=DATASETS, default="scifact")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--tiny", action="store_true", help="one epoch everywhere (smoke test)")
     p.add_argument("--results-dir", type=Path, default=None)
@@ -183,7 +208,8 @@ def main() -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         for nprobe in dict.fromkeys(r["nprobe"] for r in rows):
             scores = [r["score"] for r in rows if r["method"] == method and r["nprobe"] == nprobe]
-            exact = [r["score"] for r in rows if r["method"] == "exact"]
+            own = "joint-exact" if method.startswith("joint") else "exact"  # each model's own
+            exact = [r["score"] for r in rows if r["method"] == own]
             summary.append(
                 {
                     "method": method,
@@ -193,8 +219,8 @@ def main() -> None:
                     "of_exact": float(np.mean(scores) / np.mean(exact)),
                 }
             )
-    (nc, d, k), cutoff = SETTINGS[args.dataset]
-    metric = "ndcg@10" if args.dataset == "scifact" else f"recall@{cutoff}"
+    nc, d, k = budget_of(args.dataset, args.tiny)
+    metric = "ndcg@10" if args.dataset == "scifact" else "recall@20"
     payload = {"dataset": args.dataset, "budget": {"num_coarse": nc, "num_subspaces": d, "codebook_size": k}}
     payload |= {"metric": metric, "seeds": args.seeds, "summary": summary, "runs": rows}
     save_result(f"distill_{args.dataset}" + ("_tiny" if args.tiny else ""), payload, args.results_dir)

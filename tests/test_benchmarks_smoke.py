@@ -188,3 +188,23 @@ def test_scann_peer_searches_at_equal_bytes() -> None:
     assert not torch.equal(one_leaf, ids) or overlap == 1.0  # fewer leaves, another answer
     with pytest.raises(ValueError, match="dim % D"):
         ScannIndex(items, 8, 5, 256)
+
+
+def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path) -> None:
+    run("distill.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(tmp_path))
+    result = json.loads((tmp_path / "distill_synthetic_tiny.json").read_text())
+    methods = [row["method"] for row in result["summary"]]
+    assert methods == [
+        "exact",
+        "faiss-opq",
+        "faiss-opq-distilled",
+        "scann",
+        "poeem-fit",
+        "poeem-distilled-opq",
+        "poeem-distilled-opq-frozen-codes",
+        "joint-exact",
+        "joint",
+        "joint-distilled",
+    ]
+    assert all(0 <= row["mean"] <= 1 for row in result["summary"])
+    assert next(r for r in result["summary"] if r["method"] == "joint-exact")["of_exact"] == 1.0

@@ -155,20 +155,26 @@ class FaissQuantizer:
 
 
 def read_faiss_quantizer(path: str | Path) -> FaissQuantizer:
-    """The quantizer of a FAISS index file (the inverse of :func:`build_faiss_index`).
-
-    Reads an ``IndexIVFPQ`` (by residual) or ``IndexPQ``, optionally in an ``IndexIDMap`` and
-    behind an ``IndexPreTransform`` of a normalisation (cosine) and one square linear map (OPQ);
-    the items' codes are not read. FAISS's file format holds no code, so reading is safe.
-    """
+    """The quantizer of a FAISS index file, see :func:`faiss_quantizer` (the items' codes are
+    not read). FAISS's file format holds no code, so reading is safe."""
     if not Path(path).is_file():
         raise PoeemError("FAISS index file", "an existing file", f"'{path}'", "check the path")
     try:
-        owner = faiss.read_index(str(path))  # owns every sub-index below: keep it alive
+        index = faiss.read_index(str(path))
     except RuntimeError as err:
         raise PoeemError(
             "FAISS index file", "a file written by faiss.write_index", str(err)[:200], "check the file"
         ) from None
+    return faiss_quantizer(index)
+
+
+def faiss_quantizer(owner: faiss.Index) -> FaissQuantizer:
+    """The quantizer of a FAISS index (the inverse of :func:`build_faiss_index`).
+
+    Takes an ``IndexIVFPQ`` (by residual) or ``IndexPQ``, optionally in an ``IndexIDMap`` and
+    behind an ``IndexPreTransform`` of a normalisation (cosine) and one square linear map (OPQ).
+    ``owner`` owns every sub-index read here, so it stays referenced until the end.
+    """
     metric: Metric = "ip"
     rotation = None
     index = faiss.downcast_index(owner)

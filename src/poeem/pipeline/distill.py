@@ -89,17 +89,18 @@ def distill_run_index(
     return layer, distill_index(layer, items, queries, config, progress, checkpoint, resume)
 
 
-def layer_from_faiss(path: str | Path, dim: int, rotation: str | None) -> tuple[PoeemLayer, str]:
-    """A layer holding a FAISS IVF-PQ file's quantizer, and the file's metric.
+def layer_from_faiss(source: str | Path | Any, dim: int, rotation: str | None) -> tuple[PoeemLayer, str]:
+    """A layer holding a FAISS IVF-PQ's quantizer, and the index's metric.
 
     Args:
-        path: a FAISS index file (see :func:`poeem.export.faiss_codec.read_faiss_quantizer`).
+        source: a FAISS index file, or a ``faiss.Index`` (see
+            :func:`poeem.export.faiss_codec.faiss_quantizer`).
         dim: the dimension of the item embeddings.
         rotation: None (the file's: "opq" or "none") or "givens" (learnable, on top of it).
     """
-    from poeem.export.faiss_codec import read_faiss_quantizer
+    from poeem.export.faiss_codec import faiss_quantizer, read_faiss_quantizer
 
-    found = read_faiss_quantizer(path)
+    found = read_faiss_quantizer(source) if isinstance(source, str | Path) else faiss_quantizer(source)
     if found.dim != dim:
         raise PoeemError(
             "--from-faiss", f"an index of the items' dim {dim}", f"dim {found.dim}", "match them"
