@@ -381,7 +381,11 @@ def distill_section(r: dict[str, Any]) -> list[str]:
     lines += [
         "",
         "Build s: FAISS OPQ train + add, ScaNN build, the layer's fit, and fit + distillation, on "
-        "the same embeddings.",
+        "the same embeddings; faiss-opq-distilled starts from the FAISS OPQ index (`poeem distill "
+        "--from-faiss`). The joint rows (id data) are another model: the same preset trained with "
+        "the layer (default variant), its index as trained (joint) and distilled (joint-distilled); "
+        "their share of exact is of that model's own exact search (joint-exact), and their build s "
+        "includes its training.",
     ]
     lines += ["", provenance(r), ""]
     return lines

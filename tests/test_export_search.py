@@ -12,6 +12,7 @@ from faiss.contrib.inspect_tools import get_invlist
 from poeem import PoeemError, PoeemLayer, Searcher
 from poeem.export import learned_index, to_faiss
 from poeem.export.faiss_codec import pack_sa_codes
+from poeem.index.tensors import IndexTensors
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 
 DIM, D = 16, 4
@@ -265,3 +266,29 @@ def test_export_warns_when_list_rules_differ() -> None:
         UserWarning, match="assigns items to lists by 'l2' but a 'ip' index probes lists by 'ip'"
     ):
         to_faiss(layer, x, metric="ip")
+
+
+def test_index_tensors_keep_codes_compact_and_check_them_first() -> None:
+    g = torch.Generator().manual_seed(0)
+    n = 500
+
+    def tensors(coarse_codes: torch.Tensor, codes: torch.Tensor, nlist: int = 1024) -> IndexTensors:
+        return IndexTensors(
+            rotation=torch.eye(8),
+            coarse=torch.randn(nlist, 8, generator=g),
+            codebooks=torch.randn(2, 256, 4, generator=g),
+            coarse_codes=coarse_codes,
+            codes=codes,
+            ids=torch.arange(n),
+        ).validate()
+
+    lists, codes = torch.randint(1024, (n,), generator=g), torch.randint(256, (n, 2), generator=g)
+    ix = tensors(lists, codes)  # int64 in, 1 byte per sub-code and 2 per list kept
+    assert ix.codes.dtype == torch.uint8 and ix.coarse_codes.dtype == torch.int16
+    assert torch.equal(ix.codes.long(), codes) and torch.equal(ix.coarse_codes.long(), lists)
+    assert tensors(lists.to(torch.uint16), codes).coarse_codes.dtype == torch.int16  # encode()'s dtype
+    assert tensors(torch.randint(40_000, (n,), generator=g), codes, 40_000).coarse_codes.dtype == torch.int32
+    with pytest.raises(PoeemError, match=r"got range \[\d+, 256\]"):  # checked before the cast could wrap 256 to 0
+        tensors(lists, torch.where(codes == 0, 256, codes))
+    with pytest.raises(PoeemError, match="integer codes"):
+        tensors(lists, codes.float())

@@ -65,8 +65,8 @@ def learned_index(
         rotation=layer.rotation_matrix.detach().cpu().float(),
         coarse=coarse,
         codebooks=layer.codebooks.detach().cpu().float(),
-        coarse_codes=coarse_codes.cpu().long(),
-        codes=codes.cpu().long(),
+        coarse_codes=coarse_codes.cpu(),
+        codes=codes.cpu(),
         ids=check_ids(ids, n, "item ids"),
     ).validate()
 

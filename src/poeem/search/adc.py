@@ -33,14 +33,14 @@ class TorchIVFPQ:
         self.index, self.metric = index.validate(), metric
         order = torch.argsort(index.coarse_codes, stable=True)
         self.codes, self.ids = index.codes[order], index.ids[order]  # grouped by list
-        sizes = torch.bincount(index.coarse_codes, minlength=index.nlist)
+        sizes = torch.bincount(index.coarse_codes.long(), minlength=index.nlist)
         self.offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).tolist()  # (nlist + 1,)
         self.item_term: torch.Tensor | None = None
         if metric == "l2":  # ||r_hat||^2 + 2 <c, r_hat>, per item
             r_hat = pq_reconstruct(self.codes, index.codebooks)
             self.item_term = r_hat.pow(2).sum(-1)
             if index.coarse is not None:
-                self.item_term += 2 * (index.coarse[index.coarse_codes[order]] * r_hat).sum(-1)
+                self.item_term += 2 * (index.coarse[index.coarse_codes[order].long()] * r_hat).sum(-1)
 
     @property
     def ntotal(self) -> int:
@@ -94,7 +94,7 @@ class TorchIVFPQ:
             if a == b:
                 continue
             rows = torch.nonzero((probes == lst).any(1)).flatten()  # queries probing this list
-            codes, lut_rows = self.codes[a:b], lut[:, rows]  # (n_l, D), (D, nq_l, K)
+            codes, lut_rows = self.codes[a:b].long(), lut[:, rows]  # (n_l, D), (D, nq_l, K)
             pq = lut_rows[0][:, codes[:, 0]]  # (nq_l, n_l)
             for d in range(1, codes.shape[1]):
                 pq += lut_rows[d][:, codes[:, d]]
