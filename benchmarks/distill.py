@@ -9,8 +9,9 @@ model training, no labels in the distillation.
   model trained here with the dataset's preset (cosine, in-batch softmax, logQ), its item
   embeddings and training users as queries; recall@20 at nprobe 1 and over all lists. Also the
   FAISS OPQ index distilled (``--from-faiss``), and the fair ablation: the same preset trained
-  jointly with the layer ("joint", default variant), then distilled ("joint-distilled"); its
-  share of exact is of the joint model's own exact search ("joint-exact").
+  jointly with the layer ("joint", default variant), then distilled ("joint-distilled"), and
+  the same with the paper's losses only ("joint-paper-losses*"); their shares of exact are of
+  each model's own exact search ("*-exact").
 
     python benchmarks/distill.py --dataset scifact --seeds 0 1 2
     python benchmarks/distill.py --dataset gowalla --seeds 0
@@ -44,10 +45,12 @@ from poeem.training.distill import DistillConfig, distill_index
 
 from common import save_result
 from peers import ScannIndex
-from presets import Preset, data_dir, preset
+from presets import PAPER_LOSSES, Preset, data_dir, preset
 from presets import tiny as tiny_preset
 
-JOINT = "poeem-ip"  # the joint model's layer: the presets' default variant
+# the joint models' layers: the presets' default variant, and the same with the paper's losses
+# only (no routing or un-quantized term: cheaper steps); does distillation make up for them?
+JOINT = {"joint": {}, "joint-paper-losses": PAPER_LOSSES}
 DATASETS = ("gowalla", "ml-100k", "scifact", "synthetic")
 SCIFACT_BUDGET = (0, 16, 256)  # (coarse_K, D, K); the id datasets use their presets' budgets
 
@@ -84,13 +87,15 @@ def scifact_task(tiny: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
     return docs, queries[np.unique(data.train_queries)], evaluate
 
 
-def id_task(name: str, seed: int, workdir: Path, tiny: bool, variant: str | None = None) -> tuple[Any, ...]:
-    """A model trained here with the dataset's preset (``variant`` None: the baseline, else a
-    layer variant); (items, training users' embeddings, evaluate -> recall@20, model)."""
+def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None = None) -> tuple[Any, ...]:
+    """A model trained here with the dataset's preset (``joint`` None: the baseline, else a
+    :data:`JOINT` layer); (items, training users' embeddings, evaluate -> recall@20, model)."""
     pre = id_preset(name, tiny)
-    cfg = pre.run_config(seed, variant, tuple(sorted({1, pre.budget[0]})))
+    cfg = pre.run_config(seed, None if joint is None else "poeem-ip", tuple(sorted({1, pre.budget[0]})))
+    if joint is not None:
+        cfg.model.poeem.update(JOINT[joint])
     cfg.eval = EvalConfig(ks=(20,), faiss_baseline=False)
-    run = workdir / f"{name}-{seed}-{variant or 'baseline'}"
+    run = workdir / f"{name}-{seed}-{joint or 'baseline'}"
     train_run(cfg, run)
     cfg, model = load_run(run)
     data = load_data(cfg.data)
@@ -159,13 +164,13 @@ def run_seed(name: str, seed: int, workdir: Path, tiny: bool) -> list[dict[str, 
             method = f"poeem-distilled-{rotation}" + ("" if reassign else "-frozen-codes")
             student = copy.deepcopy(layer)
             record(method, *distilled(student, items, queries, seed, tiny, fit_s, reassign=reassign))
-    if name != "scifact":  # joint training, then the same distillation (the fair ablation)
+    for joint in JOINT if name != "scifact" else ():  # joint training, then the same distillation
         started = time.perf_counter()
-        items, queries, evaluate, model = id_task(name, seed, workdir, tiny, JOINT)
+        items, queries, evaluate, model = id_task(name, seed, workdir, tiny, joint)
         joint_s = time.perf_counter() - started
-        record("joint-exact", FlatIndex(items, "ip"), 0.0)
-        record("joint", TorchIVFPQ(learned_index(model.index, items), "ip"), joint_s)
-        record("joint-distilled", *distilled(model.index, items, queries, seed, tiny, joint_s))
+        record(f"{joint}-exact", FlatIndex(items, "ip"), 0.0)
+        record(joint, TorchIVFPQ(learned_index(model.index, items), "ip"), joint_s)
+        record(f"{joint}-distilled", *distilled(model.index, items, queries, seed, tiny, joint_s))
     return rows
 
 
@@ -208,7 +213,8 @@ def main() -> None:
     for method in dict.fromkeys(r["method"] for r in rows):
         for nprobe in dict.fromkeys(r["nprobe"] for r in rows):
             scores = [r["score"] for r in rows if r["method"] == method and r["nprobe"] == nprobe]
-            own = "joint-exact" if method.startswith("joint") else "exact"  # each model's own
+            model = next((j for j in sorted(JOINT, key=len, reverse=True) if method.startswith(j)), None)
+            own = f"{model}-exact" if model else "exact"  # each model's own exact search
             exact = [r["score"] for r in rows if r["method"] == own]
             summary.append(
                 {

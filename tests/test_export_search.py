@@ -288,7 +288,8 @@ def test_index_tensors_keep_codes_compact_and_check_them_first() -> None:
     assert torch.equal(ix.codes.long(), codes) and torch.equal(ix.coarse_codes.long(), lists)
     assert tensors(lists.to(torch.uint16), codes).coarse_codes.dtype == torch.int16  # encode()'s dtype
     assert tensors(torch.randint(40_000, (n,), generator=g), codes, 40_000).coarse_codes.dtype == torch.int32
-    with pytest.raises(PoeemError, match=r"got range \[\d+, 256\]"):  # checked before the cast could wrap 256 to 0
+    # the range is checked before the cast, which would wrap 256 to 0
+    with pytest.raises(PoeemError, match=r"got range \[\d+, 256\]"):
         tensors(lists, torch.where(codes == 0, 256, codes))
     with pytest.raises(PoeemError, match="integer codes"):
         tensors(lists, codes.float())
