@@ -110,7 +110,9 @@ def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None =
     return items, queries, evaluate, model
 
 
-def run_seed(name: str, seed: int, workdir: Path, tiny: bool) -> list[dict[str, Any]]:
+def run_seed(
+    name: str, seed: int, workdir: Path, tiny: bool, rotations: tuple[str, ...] = ("opq", "givens")
+) -> list[dict[str, Any]]:
     nc, d, k = budget_of(name, tiny)
     if name == "scifact":
         items, queries, evaluate = scifact_task(tiny)
@@ -143,7 +145,7 @@ def run_seed(name: str, seed: int, workdir: Path, tiny: bool) -> list[dict[str, 
     started = time.perf_counter()
     scann_index = ScannIndex(items, nc, d, k)  # tree + AH at the same bytes, no reorder
     record("scann", scann_index, time.perf_counter() - started)
-    for rotation in ("opq",) if tiny else ("opq", "givens"):
+    for rotation in rotations:
         layer = PoeemLayer(
             dim=items.shape[1],
             num_subspaces=d,
@@ -204,11 +206,16 @@ def main() -> None:
     p.add_argument("--dataset", choices=DATASETS, default="scifact")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--tiny", action="store_true", help="one epoch everywhere (smoke test)")
+    p.add_argument("--rotations", nargs="+", default=["opq", "givens"], choices=["opq", "givens"])
     p.add_argument("--results-dir", type=Path, default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
-        rows = [dict(r, seed=s) for s in args.seeds for r in run_seed(args.dataset, s, Path(tmp), args.tiny)]
+        rows = [
+            dict(r, seed=s)
+            for s in args.seeds
+            for r in run_seed(args.dataset, s, Path(tmp), args.tiny, tuple(args.rotations))
+        ]
     summary = []
     for method in dict.fromkeys(r["method"] for r in rows):
         for nprobe in dict.fromkeys(r["nprobe"] for r in rows):
