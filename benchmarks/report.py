@@ -362,12 +362,12 @@ def distill_section(r: dict[str, Any]) -> list[str]:
     nbytes = b["num_subspaces"] * (1 if b["codebook_size"] == 256 else 0.5)
     lists = f"IVF{b['num_coarse']}," if b["num_coarse"] else ""
     lines = [
-        f"### Distillation on fixed embeddings: {r['dataset']}",
+        f"### Distillation: {r['dataset']}",
         "",
         f"{lists}PQ{b['num_subspaces']}x{int(np.log2(b['codebook_size']))} ({nbytes:g} bytes per item), "
-        f"{r['metric']}, mean of seeds {r['seeds']} (std in brackets). The embeddings are fixed "
-        "(a model trained without any index); the distilled rows learn from the exact ranking of "
-        "the training queries, without labels.",
+        f"{r['metric']}, mean of seeds {r['seeds']} (std in brackets). Above the joint rows the "
+        "embeddings are fixed (a model trained without any index); the distilled rows learn from "
+        "the exact ranking of the training queries, without labels.",
         "",
         "| method | nprobe | " + r["metric"] + " | of exact | build s |",
         "|---|---:|---:|---:|---:|",
@@ -382,10 +382,10 @@ def distill_section(r: dict[str, Any]) -> list[str]:
         "",
         "Build s: FAISS OPQ train + add, ScaNN build, the layer's fit, and fit + distillation, on "
         "the same embeddings; faiss-opq-distilled starts from the FAISS OPQ index (`poeem distill "
-        "--from-faiss`). The joint rows (id data) are another model: the same preset trained with "
-        "the layer (default variant), its index as trained (joint) and distilled (joint-distilled); "
-        "their share of exact is of that model's own exact search (joint-exact), and their build s "
-        "includes its training.",
+        "--from-faiss`). The joint rows (id data) are other models: the same preset trained with "
+        "the layer (default variant: joint; the paper's losses only: joint-paper-losses), each "
+        "index as trained and distilled (-distilled); their share of exact is of that model's own "
+        "exact search (-exact), and their build s includes its training.",
     ]
     lines += ["", provenance(r), ""]
     return lines

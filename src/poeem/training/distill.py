@@ -30,6 +30,7 @@ from poeem.search.exact import FlatIndex
 from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
+Best = tuple[float, list[torch.Tensor], dict[str, float]]  # held-out loss, parameters, history row
 
 
 @dataclass
@@ -142,7 +143,7 @@ def distill_index(
     optimizer = torch.optim.Adam(groups)
     trained = [p for group in groups for p in group["params"]]
     history: list[dict[str, float]] = []
-    best: tuple[float, list[torch.Tensor], dict[str, float]] | None = None
+    best: Best | None = None
     inputs = {"config": asdict(cfg), "items": _fingerprint(items), "queries": _fingerprint(queries)}
     done = 0
     if resume:
@@ -205,9 +206,6 @@ def distill_index(
     if cfg.reassign:
         coarse_codes, codes = _encode(layer, items)
     return DistillResult(coarse_codes, codes, history, best[2] if best is not None else history[-1])
-
-
-Best = tuple[float, list[torch.Tensor], dict[str, float]]
 
 
 def _fingerprint(x: torch.Tensor) -> list[float]:
