@@ -44,6 +44,7 @@ def _join(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         fn(*args)
+        dist.barrier()  # no rank tears gloo down while another still uses it (a flaky SIGABRT)
     finally:
         dist.destroy_process_group()
 
