@@ -261,7 +261,7 @@ def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:
     faiss.write_index(l2, str(tmp_path / "l2.faiss"))
     with pytest.raises(PoeemError, match="an inner-product or cosine index"):
         layer_from_faiss(tmp_path / "l2.faiss", DIM, None)
-    result = CliRunner().invoke(app, [*args, "--num-subspaces", "8"])
+    result = CliRunner().invoke(app, [*args, "--num-subspaces", "8", "--replace"])
     assert "no layer flags but --rotation givens" in str(result.exception)
 
 
@@ -322,3 +322,5 @@ def test_the_cli_keeps_and_resumes_a_distillations_state(tmp_path: Path) -> None
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert Searcher.load(tmp_path / "ix").ntotal == 1200 and not state.exists()  # deleted once written
+    result = CliRunner().invoke(app, args)  # refused before any work: nothing left behind
+    assert "holds an index" in str(result.exception) and not state.exists()

@@ -16,6 +16,7 @@ from poeem.evaluation.report import query_encoder
 from poeem.index import PoeemLayer
 from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
+from poeem.search.index_dir import check_publishable
 from poeem.search.searcher import Searcher
 from poeem.training.distill import DistillConfig, DistillResult, distill_index
 
@@ -156,6 +157,7 @@ def distill_embeddings(
         raise PoeemError(
             "--metric", "'ip' or 'cosine' (the teacher ranks by inner product)", repr(metric), "pick one"
         )
+    check_publishable(out, replace)  # before minutes of work, not after
     checkpoint = checkpoint_for(out, resume)
     dim = np.asarray(items).shape[-1] if np.ndim(items) == 2 else -1
     layer = None

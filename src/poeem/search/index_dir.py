@@ -214,6 +214,22 @@ def _write_role(directory: Path, name: str, payload: Any) -> None:
         save_tensors(directory / name, payload)
 
 
+def check_publishable(directory: str | Path, replace: bool) -> None:
+    """Raise now the error :func:`write_version` would raise after long work: ``directory``
+    holds an index and ``replace`` was not asked for."""
+    if not replace and (Path(directory) / "manifest.json").exists():
+        raise _occupied(Path(directory))
+
+
+def _occupied(directory: Path) -> PoeemError:
+    return PoeemError(
+        "index directory",
+        "a new or empty folder",
+        f"'{directory}' holds an index",
+        "pass --replace to publish a new version there, or another --out",
+    )
+
+
 def write_version(
     directory: Path,
     base: Manifest | None,
@@ -251,12 +267,7 @@ def write_version(
             on_disk is not None and base is not None and on_disk.version != base.version
         ):
             if base is None:
-                raise PoeemError(
-                    "index directory",
-                    "a new or empty folder",
-                    f"'{directory}' holds an index",
-                    "pass --replace to publish a new version there, or another --out",
-                )
+                raise _occupied(directory)
             raise StaleIndexError(
                 "index update",
                 f"the version this copy loaded ({base.version})",
