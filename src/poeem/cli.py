@@ -338,6 +338,12 @@ def train(
         cfg = RunConfig.from_dict(raw)
     _, metrics = train_run(cfg, run_dir, resume)
     if metrics:  # rank 0
+        if "distill" in metrics:
+            d = metrics["distill"]
+            typer.echo(
+                f"index distilled after training: {d['epochs']} epochs in {d['seconds']:.1f}s, kept round "
+                f"{d['best']['round']} epoch {d['best']['epoch']} (the rows below are the distilled index)"
+            )
         typer.echo(format_rows(metrics["rows"]))
         typer.echo(f"run folder: {run_dir}")
 
