@@ -1,7 +1,9 @@
-"""Retrieval quality at an equal code budget: exact vs FAISS (IVF-PQ, OPQ) vs Poeem variants.
+"""Retrieval quality at an equal code budget: exact vs FAISS (IVF-PQ, OPQ) and ScaNN vs Poeem
+variants.
 
 For each seed it trains the baseline two-tower model once (rows exact, faiss-ivfpq,
-faiss-opq-ivfpq) and the same model with the Poeem layer in each variant (poeem, poeem-opq,
+faiss-opq-ivfpq, and scann: tree + AH at the same bytes, lists and probes, no reorder, see
+peers.py) and the same model with the Poeem layer in each variant (poeem, poeem-opq,
 poeem-givens, poeem-no-warmstart), then reports mean and std over seeds.
 
     python benchmarks/recall.py --dataset synthetic --seeds 0 1 2
@@ -28,14 +30,17 @@ import numpy as np
 import torch
 
 from poeem.data import load_data
+from poeem.evaluation.evaluate import evaluate_retrieval
+from poeem.evaluation.report import query_encoder
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run import train_run
 from poeem.search.faiss_backend import train_faiss_ivfpq
 
 from common import RESULTS, add_mean_std, command_line, save_result
+from peers import ScannIndex
 from presets import VARIANTS, preset, tiny
 
-ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", *VARIANTS]
+ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", "scann", *VARIANTS]
 DEFAULT_VARIANT = "poeem-ip"  # the layer's defaults; its list sizes and training curves are plotted
 
 
@@ -60,6 +65,23 @@ def list_sizes_faiss(xb: torch.Tensor, budget: tuple[int, int, int], seed: int) 
     index = train_faiss_ivfpq(xb, *budget, metric="ip", seed=seed)  # keep it alive while ivf is used
     ivf = faiss.extract_index_ivf(index)
     return [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
+
+
+def scann_rows(
+    model: Any, data: Any, budget: tuple[int, int, int], ks: tuple[int, ...], nprobes: tuple[int, ...]
+) -> list[dict[str, Any]]:
+    """The ScaNN peer on the baseline model's embeddings, one row per nprobe (no codes scanned:
+    ScaNN does not expose its leaves' sizes)."""
+    started = time.perf_counter()
+    index = ScannIndex(model.all_item_embeddings(), *budget)
+    build_s = time.perf_counter() - started
+    rows = []
+    for nprobe in nprobes:
+        started = time.perf_counter()
+        metrics = evaluate_retrieval(index, query_encoder(model, data), data, ks, nprobe)
+        rows.append({"method": "scann", "nprobe": nprobe, **metrics, "build_s": build_s})
+        rows[-1]["eval_s"] = time.perf_counter() - started
+    return rows
 
 
 def one_run(cfg: RunConfig, work: Path, name: str) -> tuple[Any, dict[str, Any]]:
@@ -154,11 +176,13 @@ def main() -> None:
             cfg = pre.run_config(seed, None, nprobes)
             cfg.eval.faiss_baseline = cfg.eval.opq_baseline = True
             model, metrics = one_run(cfg, work, f"baseline-{seed}")
+            with torch.no_grad():
+                peer = scann_rows(model, load_data(cfg.data), pre.budget, pre.ks, nprobes)
             runs.append(
                 {
                     "seed": seed,
                     "variant": "baseline",
-                    "rows": metrics["rows"],
+                    "rows": metrics["rows"] + peer,
                     "train_s_per_epoch": metrics["train_s"] / pre.train.epochs,
                 }
             )

@@ -129,13 +129,15 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert 0 < update["quiet"]["bytes_written_mean"] < update["compaction"]["bytes_written"]
     recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
     methods = {row["method"] for row in recall["summary"]}
-    assert methods == {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "poeem", "poeem-givens", "poeem-ip"}
+    peers = {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "scann"}
+    assert methods == peers | {"poeem", "poeem-givens", "poeem-ip"}
     assert len(recall["commands"]) == 2 and "--merge" in recall["commands"][1]
     assert all(0 <= row["precision@100"] <= 1 for row in recall["summary"])
     scale = json.loads((results / "scale.json").read_text())["rows"][0]
     assert scale["items"] == 5000 and set(scale["processes"]) == {"1", "2"}
     assert scale["poeem_steps_per_s"] > 0 and scale["search_ms_per_query"]["poeem@1"] > 0
-    assert all("codes_scanned" in row for row in recall["summary"] if row["method"] != "exact")
+    assert all("codes_scanned" in row for row in recall["summary"] if row["method"] not in ("exact", "scann"))
+    assert {row["nprobe"] for row in recall["summary"] if row["method"] == "scann"} == {1, 2}
     cost = json.loads((results / "train_cost_synthetic_tiny.json").read_text())["rows"]
     assert [r["setting"] for r in cost] == ["no layer", "layer, paper losses", "layer, defaults"]
     assert cost[0]["time_vs_no_layer"] == 1.0 and all(r["steps_per_s"] > 0 for r in cost)
