@@ -75,10 +75,10 @@ def scann_rows(
     started = time.perf_counter()
     index = ScannIndex(model.all_item_embeddings(), *budget)
     build_s = time.perf_counter() - started
-    rows = []
+    encode, rows = query_encoder(model, data), []
     for nprobe in nprobes:
         started = time.perf_counter()
-        metrics = evaluate_retrieval(index, query_encoder(model, data), data, ks, nprobe)
+        metrics = evaluate_retrieval(index, encode, data, ks, nprobe)
         rows.append({"method": "scann", "nprobe": nprobe, **metrics, "build_s": build_s})
         rows[-1]["eval_s"] = time.perf_counter() - started
     return rows

@@ -29,9 +29,11 @@ def new_layer(dim: int, settings: dict[str, Any], items: torch.Tensor, progress:
     return layer
 
 
-def checkpoint_for(out: str | Path, resume: bool) -> Path:
+def checkpoint_for(out: str | Path, resume: bool, replace: bool) -> Path:
     """Where a distillation that writes the index ``out`` keeps its state after every epoch
-    (``<out>.distill.safetensors``, deleted once the index is written), checked against ``resume``."""
+    (``<out>.distill.safetensors``, deleted once the index is written), checked against ``resume``;
+    an ``out`` that holds an index without ``replace`` is refused now, before minutes of work."""
+    check_publishable(out, replace)
     path = Path(out).with_name(Path(out).name + ".distill.safetensors")
     if resume and not path.is_file():
         raise PoeemError("--resume", f"a stopped distillation's state at '{path}'", "none", "drop --resume")
@@ -157,8 +159,7 @@ def distill_embeddings(
         raise PoeemError(
             "--metric", "'ip' or 'cosine' (the teacher ranks by inner product)", repr(metric), "pick one"
         )
-    check_publishable(out, replace)  # before minutes of work, not after
-    checkpoint = checkpoint_for(out, resume)
+    checkpoint = checkpoint_for(out, resume, replace)
     dim = np.asarray(items).shape[-1] if np.ndim(items) == 2 else -1
     layer = None
     if from_faiss is not None:

@@ -34,7 +34,6 @@ from poeem.pipeline.run_dir import (
     save_weights,
     write_metrics,
 )
-from poeem.search.index_dir import check_publishable
 from poeem.search.searcher import Searcher
 from poeem.training.batches import PairBatches
 from poeem.training.distill import DistillConfig
@@ -342,8 +341,7 @@ def export_run(
         from poeem.pipeline.distill import checkpoint_for, distill_run_index
 
         assert data is not None
-        check_publishable(out, replace)  # before minutes of work, not after
-        checkpoint = checkpoint_for(out, resume)
+        checkpoint = checkpoint_for(out, resume, replace)
         layer, result = distill_run_index(
             model, data, art.item_features, distill, layer_settings, cfg.train.progress, checkpoint, resume
         )
