@@ -4,11 +4,10 @@ A vector x (dim,) in the rotated space is coded as a coarse code c in [0, coarse
 sub-codes in [0, K): x ~ coarse[c] + concat_d codebooks[d, code_d]. Subvectors have
 dsub = dim / D coordinates.
 
-Bulk encoding (``bulk=True``: exports, evaluation) of float32 vectors on the CPU runs on FAISS's
-flat search and PQ encoder: exact like the torch path, and 1.3x / 3x faster for lists and
-sub-codes at 1M items, which is most of an export's time. Training and fitting keep the torch
-path: FAISS's OpenMP pool used before training slowed the 100k-item scale benchmark's steps
-from 42 to 29 per second.
+Bulk encoding (``bulk=True``: exports, ``Searcher.add``) of float32 vectors on the CPU runs on
+FAISS's flat search and PQ encoder: exact like the torch path, and faster (most of all for the
+sub-codes), which is most of an export's time. Training and fitting keep the torch path: FAISS's
+OpenMP pool, started before training, slowed training steps (docs/benchmarks_notes.md, issue 19).
 """
 
 from __future__ import annotations
