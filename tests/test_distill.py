@@ -324,3 +324,26 @@ def test_the_cli_keeps_and_resumes_a_distillations_state(tmp_path: Path) -> None
     assert Searcher.load(tmp_path / "ix").ntotal == 1200 and not state.exists()  # deleted once written
     result = CliRunner().invoke(app, args)  # refused before any work: nothing left behind
     assert "holds an index" in str(result.exception) and not state.exists()
+
+
+def test_a_faiss_start_that_cannot_be_used_is_a_clear_error(tmp_path: Path) -> None:
+    items = clustered(600, 0).numpy()
+    with pytest.raises(PoeemError, match="an existing file"):
+        layer_from_faiss(tmp_path / "missing.faiss", DIM, None)
+    (tmp_path / "junk.faiss").write_bytes(b"not a faiss index")
+    with pytest.raises(PoeemError, match=r"a file written by faiss\.write_index"):
+        layer_from_faiss(tmp_path / "junk.faiss", DIM, None)
+    flat = faiss.IndexFlatIP(DIM)
+    with pytest.raises(PoeemError, match=r"an IVF-PQ \(by residual\) or PQ index"):
+        layer_from_faiss(flat, DIM, None)
+    pq = faiss.index_factory(DIM, "PQ4x4", faiss.METRIC_INNER_PRODUCT)
+    pq.train(items)
+    with pytest.raises(PoeemError, match="an index of the items' dim 32"):
+        layer_from_faiss(pq, 32, None)
+    with pytest.raises(PoeemError, match="givens"):
+        layer_from_faiss(pq, DIM, "opq")
+    layer = fitted_layer(torch.from_numpy(items))
+    with pytest.raises(PoeemError, match=r"initialize_from codebooks: expected shape \(4, 16, 4\)"):
+        layer.initialize_from(torch.eye(DIM), layer.coarse.detach(), torch.zeros(4, 8, 4))
+    with pytest.raises(PoeemError, match="an orthogonal matrix"):
+        layer.initialize_from(2 * torch.eye(DIM), layer.coarse.detach(), layer.codebooks.detach())
