@@ -13,6 +13,9 @@ model training, no labels in the distillation.
   the same with the paper's losses only ("joint-paper-losses*"); their shares of exact are of
   each model's own exact search ("*-exact").
 
+Every row is measured at each power-of-two nprobe up to all lists, with the codes a test query
+scans there (its real routing: FAISS's list sizes, ScaNN's leaves), for equal-cost comparisons.
+
     python benchmarks/distill.py --dataset scifact --seeds 0 1 2
     python benchmarks/distill.py --dataset gowalla --seeds 0
 """
@@ -32,14 +35,16 @@ import torch
 
 from poeem import PoeemLayer
 from poeem.data import DataConfig, load_data
+from poeem.evaluation.cost import search_cost
 from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.metrics import ranking_metrics
 from poeem.evaluation.report import query_encoder
 from poeem.export import learned_index
+from poeem.export.faiss_codec import build_faiss_index
 from poeem.pipeline import load_run, train_run
 from poeem.pipeline.config import EvalConfig
 from poeem.pipeline.distill import layer_from_faiss
-from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
+from poeem.search import FaissSearcher, FlatIndex
 from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.distill import DistillConfig, distill_index
 
@@ -64,8 +69,9 @@ def budget_of(name: str, tiny: bool) -> tuple[int, int, int]:
     return SCIFACT_BUDGET if name == "scifact" else id_preset(name, tiny).budget
 
 
-def scifact_task(tiny: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
-    """(items, training queries, evaluate(index, nprobe) -> ndcg@10) on MiniLM zero-shot."""
+def scifact_task(tiny: bool) -> tuple[torch.Tensor, torch.Tensor, Any, torch.Tensor]:
+    """(items, training queries, evaluate(index, nprobe) -> ndcg@10, test queries) on MiniLM
+    zero-shot."""
     from poeem.model.text import embed_texts, encoder_fingerprint, load_encoder
 
     data = load_data(DataConfig(kind="beir", path=data_dir("scifact", None)))
@@ -84,12 +90,13 @@ def scifact_task(tiny: bool) -> tuple[torch.Tensor, torch.Tensor, Any]:
         hits = data.test.contains(test, ids.numpy())
         return ranking_metrics(hits, data.test.lengths()[test], (10,))["ndcg@10"]
 
-    return docs, queries[np.unique(data.train_queries)], evaluate
+    return docs, queries[np.unique(data.train_queries)], evaluate, queries[test]
 
 
 def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None = None) -> tuple[Any, ...]:
     """A model trained here with the dataset's preset (``joint`` None: the baseline, else a
-    :data:`JOINT` layer); (items, training users' embeddings, evaluate -> recall@20, model)."""
+    :data:`JOINT` layer); (items, training users' embeddings, evaluate -> recall@20, test users'
+    embeddings, model)."""
     pre = id_preset(name, tiny)
     cfg = pre.run_config(seed, None if joint is None else "poeem-ip", tuple(sorted({1, pre.budget[0]})))
     if joint is not None:
@@ -103,11 +110,12 @@ def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None =
     with torch.no_grad():
         items = model.all_item_embeddings()
         queries = encode(np.unique(data.train_queries))
+        test = encode(data.eval_queries())
 
     def evaluate(index: Any, nprobe: int) -> float:
         return evaluate_retrieval(index, encode, data, (20,), nprobe)["recall@20"]
 
-    return items, queries, evaluate, model
+    return items, queries, evaluate, test, model
 
 
 def run_seed(
@@ -115,10 +123,11 @@ def run_seed(
 ) -> list[dict[str, Any]]:
     nc, d, k = budget_of(name, tiny)
     if name == "scifact":
-        items, queries, evaluate = scifact_task(tiny)
+        items, queries, evaluate, test = scifact_task(tiny)
     else:
-        items, queries, evaluate, _ = id_task(name, seed, workdir, tiny)
-    probes = [1] if tiny else sorted({1, max(nc, 1)})  # tiny: a smoke test, as cheap as it gets
+        items, queries, evaluate, test, _ = id_task(name, seed, workdir, tiny)
+    # powers of two up to all lists; tiny: a smoke test, as cheap as it gets
+    probes = [1] if tiny else sorted({*(2**i for i in range(max(nc, 1).bit_length())), max(nc, 1)})
     rows = []
 
     def record(method: str, index: Any, seconds: float, extra: dict[str, Any] | None = None) -> None:
@@ -128,6 +137,7 @@ def run_seed(
                     "method": method,
                     "nprobe": nprobe,
                     "score": evaluate(index, nprobe),
+                    "codes_scanned": codes_scanned(index, test, nprobe),
                     "seconds": seconds,
                     **(extra or {}),
                 }
@@ -146,34 +156,55 @@ def run_seed(
     scann_index = ScannIndex(items, nc, d, k)  # tree + AH at the same bytes, no reorder
     record("scann", scann_index, time.perf_counter() - started)
     for rotation in rotations:
-        layer = PoeemLayer(
-            dim=items.shape[1],
-            num_subspaces=d,
-            codebook_size=k,
-            num_coarse=nc,
-            rotation=rotation,
-            coarse_metric="ip",
-            warmup_steps=0,
-            buffer_size=max(8192, k),
-            seed=seed,
-        )
         started = time.perf_counter()
-        layer.initialize(items)
+        layer = fitted_layer(items, (nc, d, k), rotation, seed)
         fit_s = time.perf_counter() - started
         if rotation == "opq":
-            record("poeem-fit", TorchIVFPQ(learned_index(layer, items), "ip"), fit_s)
+            record("poeem-fit", served(learned_index(layer, items)), fit_s)
         for reassign in (True, False):
             method = f"poeem-distilled-{rotation}" + ("" if reassign else "-frozen-codes")
             student = copy.deepcopy(layer)
             record(method, *distilled(student, items, queries, seed, tiny, fit_s, reassign=reassign))
     for joint in JOINT if name != "scifact" else ():  # joint training, then the same distillation
         started = time.perf_counter()
-        items, queries, evaluate, model = id_task(name, seed, workdir, tiny, joint)
+        items, queries, evaluate, test, model = id_task(name, seed, workdir, tiny, joint)
         joint_s = time.perf_counter() - started
         record(f"{joint}-exact", FlatIndex(items, "ip"), 0.0)
-        record(joint, TorchIVFPQ(learned_index(model.index, items), "ip"), joint_s)
+        record(joint, served(learned_index(model.index, items)), joint_s)
         record(f"{joint}-distilled", *distilled(model.index, items, queries, seed, tiny, joint_s))
     return rows
+
+
+def fitted_layer(items: torch.Tensor, budget: tuple[int, int, int], rotation: str, seed: int) -> PoeemLayer:
+    """The layer's own index ("refit") fitted on fixed (n, dim) ``items``: k-means lists, then
+    the rotation and codebooks, at ``budget`` = (coarse_K, D, K)."""
+    nc, d, k = budget
+    layer = PoeemLayer(
+        dim=items.shape[1],
+        num_subspaces=d,
+        codebook_size=k,
+        num_coarse=nc,
+        rotation=rotation,
+        coarse_metric="ip",
+        warmup_steps=0,
+        buffer_size=max(8192, k),
+        seed=seed,
+    )
+    layer.initialize(items)
+    return layer
+
+
+def served(index: Any) -> FaissSearcher:
+    """A learned index as users serve it: exported to FAISS (no training)."""
+    return FaissSearcher(build_faiss_index(index, "ip"))
+
+
+def codes_scanned(index: Any, queries: torch.Tensor, nprobe: int) -> float:
+    """Mean codes a query scans at ``nprobe``: FAISS's list sizes on each query's real routing,
+    ScaNN's probed leaves, every item for exact search."""
+    if isinstance(index, ScannIndex):
+        return float(index.codes_scanned(queries, nprobe).mean())
+    return search_cost(index, queries, nprobe, index.ntotal)["codes_scanned"]
 
 
 def distilled(
@@ -195,7 +226,7 @@ def distilled(
     result = distill_index(layer, items, queries, config, progress=False)
     seconds = before_s + time.perf_counter() - started
     return (
-        TorchIVFPQ(learned_index(layer, (result.coarse_codes, result.codes)), "ip"),
+        served(learned_index(layer, (result.coarse_codes, result.codes))),
         seconds,
         {"best": result.best},
     )
@@ -223,6 +254,7 @@ def main() -> None:
             model = next((j for j in sorted(JOINT, key=len, reverse=True) if method.startswith(j)), None)
             own = f"{model}-exact" if model else "exact"  # each model's own exact search
             exact = [r["score"] for r in rows if r["method"] == own]
+            scanned = [r["codes_scanned"] for r in rows if r["method"] == method and r["nprobe"] == nprobe]
             summary.append(
                 {
                     "method": method,
@@ -230,6 +262,7 @@ def main() -> None:
                     "mean": float(np.mean(scores)),
                     "std": float(np.std(scores)),
                     "of_exact": float(np.mean(scores) / np.mean(exact)),
+                    "codes_scanned": float(np.mean(scanned)),
                 }
             )
     nc, d, k = budget_of(args.dataset, args.tiny)

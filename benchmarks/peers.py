@@ -6,6 +6,9 @@ coarse_K is 0) and anisotropic-hashing (AH) codes, ``dims_per_block = dim / D`` 
 code, one byte per block for K = 256 (``lut256``) and half a byte for K = 16 (``lut16``): the
 same bytes per item as IVF-PQ with D sub-codes of K words. No ``.reorder()``: that keeps the
 float vectors, and the comparison would no longer be at equal bytes.
+
+ScaNN does not expose its leaves' sizes; :meth:`ScannIndex.codes_scanned` counts them by asking
+for every candidate of the probed leaves (the rest of the answer is padded with NaN scores).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class ScannIndex:
             training_sample_size=n,
         ).build()
         self.tree = bool(num_coarse)
+        self.ntotal = n
 
     def search(self, queries: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, dim) queries -> (B, k) scores and (B, k) int64 item rows, ``nprobe`` leaves searched."""
@@ -44,3 +48,20 @@ class ScannIndex:
         extra: dict[str, Any] = {"leaves_to_search": nprobe} if self.tree else {}
         ids, scores = self.searcher.search_batched(q, final_num_neighbors=k, **extra)
         return torch.from_numpy(np.asarray(scores, dtype=np.float32)), torch.from_numpy(ids.astype(np.int64))
+
+    def codes_scanned(self, queries: torch.Tensor, nprobe: int = 1, batch: int = 256) -> np.ndarray:
+        """(B,) codes each of the (B, dim) queries scans with ``nprobe`` leaves: the candidates
+        ScaNN scores when asked for all of them (no reorder, so every one is a scored code)."""
+        if not self.tree:
+            return np.full(queries.shape[0], self.ntotal, dtype=np.int64)
+        q = np.ascontiguousarray(queries.float().numpy())
+        counts = []
+        for start in range(0, len(q), batch):
+            _, scores = self.searcher.search_batched(
+                q[start : start + batch],
+                final_num_neighbors=self.ntotal,
+                leaves_to_search=nprobe,
+                pre_reorder_num_neighbors=self.ntotal,
+            )
+            counts.append((~np.isnan(np.asarray(scores))).sum(1))
+        return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)

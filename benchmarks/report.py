@@ -357,7 +357,7 @@ def update_cost_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def distill_section(r: dict[str, Any]) -> list[str]:
+def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
     b = r["budget"]
     nbytes = b["num_subspaces"] * (1 if b["codebook_size"] == 256 else 0.5)
     lists = f"IVF{b['num_coarse']}," if b["num_coarse"] else ""
@@ -369,14 +369,16 @@ def distill_section(r: dict[str, Any]) -> list[str]:
         "embeddings are fixed (a model trained without any index); the distilled rows learn from "
         "the exact ranking of the training queries, without labels.",
         "",
-        "| method | nprobe | " + r["metric"] + " | of exact | build s |",
-        "|---|---:|---:|---:|---:|",
+        "| method | nprobe | " + r["metric"] + " | of exact | codes scanned | build s |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     for row in r["summary"]:
         score = f"{row['mean']:.4f} ({row['std']:.4f})"
         seconds = np.mean([run["seconds"] for run in r["runs"] if run["method"] == row["method"]])
+        scanned = f"{row['codes_scanned']:.0f}" if "codes_scanned" in row else "—"
         lines.append(
-            f"| {row['method']} | {row['nprobe']} | {score} | {row['of_exact']:.1%} | {seconds:.1f} |"
+            f"| {row['method']} | {row['nprobe']} | {score} | {row['of_exact']:.1%} | {scanned} "
+            f"| {seconds:.1f} |"
         )
     lines += [
         "",
@@ -385,10 +387,35 @@ def distill_section(r: dict[str, Any]) -> list[str]:
         "--from-faiss`). The joint rows (id data) are other models: the same preset trained with "
         "the layer (default variant: joint; the paper's losses only: joint-paper-losses), each "
         "index as trained and distilled (-distilled); their share of exact is of that model's own "
-        "exact search (-exact), and their build s includes its training.",
+        "exact search (-exact), and their build s includes its training. Codes scanned: the mean "
+        "number of codes a test query scans at that nprobe (its real routing; ScaNN's by counting "
+        "the candidates of its probed leaves).",
     ]
+    if b["num_coarse"] and all("codes_scanned" in row for row in r["summary"]):
+        lines += ["", distill_scanned_plot(name, r, img)]
     lines += ["", provenance(r), ""]
     return lines
+
+
+def distill_scanned_plot(name: str, r: dict[str, Any], img: Path) -> str:
+    """Every method's metric against the codes a query scans; the exact searches as lines."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method in dict.fromkeys(x["method"] for x in r["summary"]):
+        rows = [x for x in r["summary"] if x["method"] == method]
+        if method.endswith("exact"):
+            ax.axhline(rows[0]["mean"], color="k", ls="--" if method == "exact" else ":", lw=1, label=method)
+            continue
+        pts = sorted((x["codes_scanned"], x["mean"]) for x in rows)
+        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
+    ax.set_xlabel("codes scanned per query (mean, real routing)")
+    ax.set_ylabel(r["metric"])
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(img / f"{name}_scanned.png", dpi=120)
+    plt.close(fig)
+    return f"![{r['metric']} against codes scanned per query, every method](img/{name}_scanned.png)"
 
 
 def fmt(row: dict[str, Any], key: str) -> str:
@@ -660,7 +687,7 @@ def main() -> None:
     if distilled:
         lines += ["## Index distillation (issue 17)", ""]
         for name in distilled:
-            lines += distill_section(results[name])
+            lines += distill_section(name, results[name], img)
     if "sweep_gowalla" in results:
         lines += sweep_section(results["sweep_gowalla"], img)
     notes = args.docs_dir / "benchmarks_notes.md"

@@ -1,5 +1,8 @@
 """Text retrieval on a BEIR dataset (SciFact): BM25, a sentence-transformers model zero-shot and
-fine-tuned, FAISS PQ/OPQ at equal bytes, and the model fine-tuned jointly with the Poeem layer.
+fine-tuned, FAISS PQ/OPQ and ScaNN (AH, no reorder) at equal bytes, the layer's own OPQ index
+fitted on the final embeddings ("refit") and that index distilled, and the model fine-tuned
+jointly with the Poeem layer, its index as trained and distilled. The distillation learns from
+the exact ranking of the train queries' texts (no qrels; see benchmarks/distill.py).
 
 Budgets: 48 bytes per document (PQ48x8 on 384 dims, 32x smaller than float32) and 16 bytes
 (PQ16x8). SciFact has 5,183 documents, so the indexes are PQ without IVF (coarse_K = 0).
@@ -15,6 +18,7 @@ and, for the poeem rows, the layer.
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import tempfile
 import time
@@ -23,14 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from poeem.data import DataConfig, load_beir, load_data
+from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.metrics import ranking_metrics
-from poeem.evaluation.report import compare_indexes
+from poeem.evaluation.report import compare_indexes, query_encoder
+from poeem.export import learned_index
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run import train_run
 
 from common import save_result
+from distill import distilled, fitted_layer, served
+from peers import ScannIndex
 
 KS = (10, 100)
 BUDGETS = {48: 48, 16: 16}  # bytes -> PQ subspaces (K = 256)
@@ -39,7 +48,11 @@ SHOWN = {
     "exact": "exact",
     "faiss-ivfpq": "+ FAISS PQ",
     "faiss-opq-ivfpq": "+ FAISS OPQ,PQ",
+    "scann": "+ ScaNN AH",
+    "refit": "+ poeem OPQ fit",
+    "refit-distilled": "+ poeem OPQ fit, distilled",
     "poeem": "+ its learned index",
+    "poeem-distilled": "+ its learned index, distilled",
 }
 
 
@@ -121,6 +134,33 @@ def faiss_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, 
     return compare_indexes(model, data, KS, (1,), True, (0, budget, 256), opq_baseline=True, seed=seed)
 
 
+@torch.no_grad()
+def index_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, Any]]:
+    """Indexes built on the model's final document embeddings at ``budget`` bytes (PQ only): a
+    joint model's own index distilled; for a model without the layer, ScaNN, the layer's OPQ fit
+    and that fit distilled. Distilled from the train queries' exact top-100, without qrels."""
+    features = torch.from_numpy(data.item_features) if data.item_features is not None else None
+    items = model.all_item_embeddings(features).cpu()
+    encode = query_encoder(model, data)
+    queries = encode(np.unique(data.train_queries))
+
+    def row(method: str, index: Any, build_s: float) -> dict[str, Any]:
+        return {"method": method, **evaluate_retrieval(index, encode, data, KS, 1), "build_s": build_s}
+
+    with torch.enable_grad():  # the distillation trains the index
+        if model.index is not None:
+            index, seconds, _ = distilled(copy.deepcopy(model.index), items, queries, seed, False, 0.0)
+            return [row("poeem-distilled", index, seconds)]
+        started = time.perf_counter()
+        rows = [row("scann", ScannIndex(items, 0, budget, 256), time.perf_counter() - started)]
+        started = time.perf_counter()
+        layer = fitted_layer(items, (0, budget, 256), "opq", seed)
+        fit_s = time.perf_counter() - started
+        rows.append(row("refit", served(learned_index(layer, items)), fit_s))
+        rows.append(row("refit-distilled", *distilled(layer, items, queries, seed, False, fit_s)[:2]))
+    return rows
+
+
 def summarize(per_seed: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for name, runs in per_seed.items():
@@ -163,7 +203,7 @@ def main() -> None:
         for r in found:
             exact = r["method"] == "exact"
             name = f"{prefix} {SHOWN[r['method']]}"
-            if r["method"].startswith("faiss"):
+            if not exact and f"{budget}B" not in prefix:
                 name += f" {budget}B"
             size = {} if exact else {"index_bytes": budget * data.num_items}
             per_seed[name].append(r | size | {"train_s": train_s})
@@ -175,11 +215,12 @@ def main() -> None:
         model, _ = train_run(zero, Path(tmp) / "zero")
         for budget in args.budgets:
             found = faiss_rows(model, data, budget, 0)
+            found += index_rows(model, data, budget, 0)
             record("zero-shot", found if budget == args.budgets[0] else found[1:], budget, 0.0)
         for seed in args.seeds:
             model, metrics = train_run(run_config(path, args, seed), Path(tmp) / f"ft-{seed}")
             for budget in args.budgets:
-                found = faiss_rows(model, data, budget, seed)
+                found = faiss_rows(model, data, budget, seed) + index_rows(model, data, budget, seed)
                 record(
                     "fine-tuned",
                     found if budget == args.budgets[0] else found[1:],
@@ -189,8 +230,9 @@ def main() -> None:
             for budget in args.budgets:
                 for rotation in args.rotations:
                     cfg = run_config(path, args, seed, BUDGETS[budget], rotation)
-                    _, metrics = train_run(cfg, Path(tmp) / f"poeem-{seed}-{budget}-{rotation}")
-                    record(f"poeem-{rotation} {budget}B", metrics["rows"], budget, metrics["train_s"])
+                    model, metrics = train_run(cfg, Path(tmp) / f"poeem-{seed}-{budget}-{rotation}")
+                    found = metrics["rows"] + index_rows(model, data, budget, seed)
+                    record(f"poeem-{rotation} {budget}B", found, budget, metrics["train_s"])
     rows += summarize(per_seed)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     print(
