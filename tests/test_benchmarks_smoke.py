@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -136,7 +137,7 @@ def test_benchmarks_write_results(results: Path) -> None:
     scale = json.loads((results / "scale.json").read_text())["rows"][0]
     assert scale["items"] == 5000 and set(scale["processes"]) == {"1", "2"}
     assert scale["poeem_steps_per_s"] > 0 and scale["search_ms_per_query"]["poeem@1"] > 0
-    assert all("codes_scanned" in row for row in recall["summary"] if row["method"] not in ("exact", "scann"))
+    assert all("codes_scanned" in row for row in recall["summary"] if row["method"] != "exact")
     assert {row["nprobe"] for row in recall["summary"] if row["method"] == "scann"} == {1, 2}
     cost = json.loads((results / "train_cost_synthetic_tiny.json").read_text())["rows"]
     assert [r["setting"] for r in cost] == ["no layer", "layer, paper losses", "layer, defaults"]
@@ -188,6 +189,9 @@ def test_scann_peer_searches_at_equal_bytes() -> None:
     assert overlap > 0.5
     _, one_leaf = index.search(queries, 10, nprobe=1)
     assert not torch.equal(one_leaf, ids) or overlap == 1.0  # fewer leaves, another answer
+    scanned = np.stack([index.codes_scanned(queries, nprobe) for nprobe in (1, 2, 4, 8)])
+    assert (np.diff(scanned, axis=0) >= 0).all() and (scanned[-1] == 4000).all()  # all leaves: all items
+    assert 0 < scanned[0].mean() < 4000 / 2  # one leaf of eight
     with pytest.raises(ValueError, match="dim % D"):
         ScannIndex(items, 8, 5, 256)
 
@@ -214,3 +218,12 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
     ]
     assert all(0 <= row["mean"] <= 1 for row in result["summary"])
     assert all(r["of_exact"] == 1.0 for r in result["summary"] if r["method"].endswith("exact"))
+    scanned = {r["method"]: r["codes_scanned"] for r in result["summary"]}
+    assert scanned["exact"] == scanned["joint-exact"] == 10_000  # every synthetic item
+    assert all(0 < v < 10_000 for m, v in scanned.items() if not m.endswith("exact"))  # one list of two
+    (tmp_path / "distill_synthetic_tiny.json").rename(tmp_path / "distill_ml-100k.json")  # as report reads
+    docs = tmp_path / "docs"
+    run("report.py", "--results-dir", str(tmp_path), "--docs-dir", str(docs))
+    text = (docs / "benchmarks.md").read_text()
+    assert "### Distillation: synthetic" in text and "| codes scanned |" in text
+    assert (docs / "img" / "distill_ml-100k_scanned.png").is_file()
