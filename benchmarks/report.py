@@ -229,7 +229,8 @@ def sparse_tables_section(r: dict[str, Any]) -> list[str]:
 def text_section(r: dict[str, Any]) -> list[str]:
     c = r["config"]
     lines = [
-        "## Text retrieval: SciFact (all-MiniLM-L6-v2)",
+        f"## Text retrieval: SciFact (all-MiniLM-L6-v2), {' and '.join(map(str, c['budgets']))} bytes, "
+        f"layer rotations {', '.join(c['rotations'])}",
         "",
         f"{r['data']}. Evaluated on the test judgements; trained rows use the train judgements, "
         f"mode `{c['mode']}` (the query encoder fine-tunes; documents are embedded once by the frozen "
@@ -670,8 +671,8 @@ def main() -> None:
         lines += ["## Sparse id tables: quality (issue 19)", ""]
         for name in sparse:
             lines += sparse_tables_section(results[name])
-    if "text_scifact" in results:
-        lines += text_section(results["text_scifact"])
+    for name in sorted(n for n in results if n.startswith("text_scifact")):
+        lines += text_section(results[name])
     for name in ("recall_synthetic", "recall_ml-100k", "recall_gowalla", "recall_gowalla_D16"):
         if name in results:
             lines += recall_section(name, results[name], img)

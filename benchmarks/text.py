@@ -190,6 +190,11 @@ def main() -> None:
     p.add_argument("--rotations", nargs="+", default=list(ROTATIONS))
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="bytes per document")
     p.add_argument("--no-bm25", action="store_true")
+    p.add_argument(
+        "--name",
+        default="text_scifact",
+        help="results file name (a run of some budgets or rotations can sit beside the full one)",
+    )
     p.add_argument("--results-dir", type=Path, default=None)
     args = p.parse_args()
     path = data_dir(args.data_dir)
@@ -237,9 +242,7 @@ def main() -> None:
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     print(
         "wrote",
-        save_result(
-            "text_scifact", {"config": config, "data": data.summary(), "rows": rows}, args.results_dir
-        ),
+        save_result(args.name, {"config": config, "data": data.summary(), "rows": rows}, args.results_dir),
     )
 
 
