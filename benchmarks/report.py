@@ -401,13 +401,16 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
 def distill_scanned_plot(name: str, r: dict[str, Any], img: Path) -> str:
     """Every method's metric against the codes a query scans; the exact searches as lines."""
     fig, ax = plt.subplots(figsize=(7, 4))
+    methods = [m for m in dict.fromkeys(x["method"] for x in r["summary"]) if not m.endswith("exact")]
+    colors = dict(zip(methods, plt.cm.tab20(np.linspace(0, 1, 20)), strict=False))  # one per method
     for method in dict.fromkeys(x["method"] for x in r["summary"]):
         rows = [x for x in r["summary"] if x["method"] == method]
         if method.endswith("exact"):
             ax.axhline(rows[0]["mean"], color="k", ls="--" if method == "exact" else ":", lw=1, label=method)
             continue
         pts = sorted((x["codes_scanned"], x["mean"]) for x in rows)
-        ax.plot(*zip(*pts, strict=True), marker="o", ms=3, label=method)
+        style = "-" if method.startswith("joint") else "--"  # joint models solid, fixed embeddings dashed
+        ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=colors[method], label=method)
     ax.set_xlabel("codes scanned per query (mean, real routing)")
     ax.set_ylabel(r["metric"])
     ax.set_xscale("log")
