@@ -411,15 +411,21 @@ def distill_scanned_plot(name: str, r: dict[str, Any], img: Path) -> str:
         pts = sorted((x["codes_scanned"], x["mean"]) for x in rows)
         style = "-" if method.startswith("joint") else "--"  # joint models solid, fixed embeddings dashed
         ax.plot(*zip(*pts, strict=True), style, marker="o", ms=3, color=colors[method], label=method)
+    legend = {"fontsize": 6, "loc": "center left", "bbox_to_anchor": (1.0, 0.5)}  # beside the plot
+    save_scanned_plot(fig, ax, r["metric"], img / f"{name}_scanned.png", **legend)
+    return f"![{r['metric']} against codes scanned per query, every method](img/{name}_scanned.png)"
+
+
+def save_scanned_plot(fig: Any, ax: Any, metric: str, path: Path, **legend: Any) -> None:
+    """Label a metric-against-codes-scanned plot (log x axis), draw its legend, save and close it."""
     ax.set_xlabel("codes scanned per query (mean, real routing)")
-    ax.set_ylabel(r["metric"])
+    ax.set_ylabel(metric)
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    ax.legend(**legend)
     fig.tight_layout()
-    fig.savefig(img / f"{name}_scanned.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return f"![{r['metric']} against codes scanned per query, every method](img/{name}_scanned.png)"
 
 
 def fmt(row: dict[str, Any], key: str) -> str:
@@ -507,14 +513,7 @@ def plots(name: str, r: dict[str, Any], img: Path) -> list[str]:
             ax.plot(*zip(*pts, strict=True), marker="o", label=method)
         exact = next(x for x in r["summary"] if x["method"] == "exact")
         ax.axhline(exact[h], color="k", ls="--", lw=1, label="exact")
-        ax.set_xlabel("codes scanned per query (mean, real routing)")
-        ax.set_ylabel(h)
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(img / f"{name}_scanned.png", dpi=120)
-        plt.close(fig)
+        save_scanned_plot(fig, ax, h, img / f"{name}_scanned.png", fontsize=7)
         out.append(f"![{h} against codes scanned per query](img/{name}_scanned.png)")
     if r.get("curves"):
         fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
