@@ -10,14 +10,19 @@ from poeem import PoeemError
 from poeem.data import DataConfig
 from poeem.data.synthetic import synthetic_task
 from poeem.model import ModelConfig, TwoTowerModel, in_batch_softmax
+from poeem.model import loss as loss_module
 from poeem.pipeline import EvalConfig, RunConfig, load_run, train_run
 from poeem.training import PairBatches, TrainConfig, Trainer, build_optimizer
 
 
 def test_in_batch_softmax_masks_duplicate_positives() -> None:
-    scores = torch.tensor([[2.0, 5.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    # 2-d embeddings whose products are the scores [[2, 5, 0], [1, 1, 0], [0, 0, 3]]
+    q = torch.tensor([[2.0, 5.0], [1.0, 1.0], [0.0, 0.0]])
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    q = torch.cat([q, torch.tensor([[0.0], [0.0], [1.0]])], 1)
+    x = torch.cat([x, torch.tensor([[0.0], [0.0], [3.0]])], 1)
     ids = torch.tensor([7, 7, 8])  # rows 0 and 1 share the positive item
-    loss = in_batch_softmax(scores, ids)
+    loss = in_batch_softmax(q, x, ids)
     expected = (
         -(
             torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0]
@@ -27,9 +32,47 @@ def test_in_batch_softmax_masks_duplicate_positives() -> None:
         / 3
     )
     torch.testing.assert_close(loss, expected)
-    # logQ correction subtracts log q of each column's item
-    log_q = torch.tensor([0.0, 0.0, 1.0])
-    torch.testing.assert_close(in_batch_softmax(scores, ids, log_q), in_batch_softmax(scores - log_q, ids))
+
+
+def reference_in_batch_softmax(q, x, ids, log_q, offset):  # the plain-ops formulation
+    scores = q @ x.T - (log_q if log_q is not None else 0)
+    b = q.shape[0]
+    target = torch.arange(b) + offset
+    duplicate = ids.unsqueeze(0) == ids[offset : offset + b].unsqueeze(1)
+    duplicate[torch.arange(b), target] = False
+    return torch.nn.functional.cross_entropy(scores.masked_fill(duplicate, float("-inf")), target)
+
+
+@pytest.mark.parametrize("offset, negatives, with_log_q", [(0, 0, False), (0, 7, True), (5, 3, True)])
+@pytest.mark.parametrize("block_rows", [5, 64])  # 5: three row blocks, duplicates across them
+@pytest.mark.parametrize("keep", [True, False])  # softmax blocks kept for backward, or recomputed
+def test_fused_in_batch_softmax_matches_plain_ops(
+    offset: int,
+    negatives: int,
+    with_log_q: bool,
+    block_rows: int,
+    keep: bool,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(loss_module.BLOCK_BYTES, "cpu", block_rows * 4 * (12 + offset + 4 + negatives))
+    monkeypatch.setattr(loss_module, "KEEP_BYTES", loss_module.KEEP_BYTES if keep else 0)
+    g = torch.Generator().manual_seed(offset + negatives)
+    b, total = 12, 12 + offset + 4 + negatives  # columns before and after this rank's positives
+    ids = torch.randint(0, 9, (total,), generator=g)  # 9 ids: many duplicates
+    log_q = torch.randn(total, generator=g) if with_log_q else None
+    q, x = torch.randn(b, 6, generator=g), torch.randn(total, 6, generator=g)
+    grads = []
+    for fn in (in_batch_softmax, reference_in_batch_softmax):
+        qq, xx = q.clone().requires_grad_(), x.clone().requires_grad_()
+        loss = fn(qq, xx, ids, log_q, offset)
+        (3 * loss).backward(retain_graph=True)
+        first = (qq.grad.clone(), xx.grad.clone())
+        loss.backward()  # a second backward of the same graph (kept blocks are spent by then)
+        grads.append((loss.detach(), *first, qq.grad, xx.grad))
+    for fused, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(fused, plain)
+    with pytest.raises(PoeemError, match="positives"):
+        in_batch_softmax(q, x, ids[:-1])
 
 
 def tiny_poeem_model(seed: int = 0) -> tuple[TwoTowerModel, PairBatches]:

@@ -108,13 +108,12 @@ class RetrievalModel(nn.Module):
             x = torch.cat([distributed.gather_with_grad(x[:b]), x[b:]])
             positives = distributed.gather_rows(positives)
             item_ids = torch.cat([positives, item_ids[b:]])
-        scores = q @ x.T / self.config.temperature  # (B, positives + negatives)
         log_q = None
         if self.config.logq_correction:
             n_neg = item_ids.shape[0] - positives.shape[0]
             uniform = torch.full((n_neg,), -math.log(self.num_items), device=q.device)
             log_q = torch.cat([self.item_log_q[positives], uniform])
-        return in_batch_softmax(scores, item_ids, log_q, offset)
+        return in_batch_softmax(q / self.config.temperature, x, item_ids, log_q, offset)
 
     @torch.no_grad()
     def all_item_embeddings(
