@@ -63,6 +63,20 @@ def save_result(name: str, payload: dict[str, Any], results_dir: Path | None = N
     return path
 
 
+def merge_runs(
+    name: str, runs: list[dict[str, Any]], key: tuple[str, ...], results_dir: Path | None = None
+) -> tuple[list[dict[str, Any]], list[str], dict[str, Any]]:
+    """Merge freshly measured ``runs`` into the results file ``name``: its runs whose ``key``
+    fields differ from every new run's are kept before them. Returns the merged runs, the
+    file's commands (this one is added when it is saved) and the whole old record ({} if none)."""
+    path = (results_dir or RESULTS) / f"{name}.json"
+    old = json.loads(path.read_text()) if path.exists() else {}
+    fresh = {tuple(r[k] for k in key) for r in runs}
+    kept = [r for r in old.get("runs", []) if tuple(r[k] for k in key) not in fresh]
+    commands = old.get("commands", [old["command"]] if "command" in old else [])
+    return kept + runs, commands, old
+
+
 def add_mean_std(entry: dict[str, Any], key: str, values: list[float]) -> None:
     """Set ``entry[key]`` to the mean of ``values`` and ``entry[key + "_std"]`` to their sample
     std (0 for a single value)."""

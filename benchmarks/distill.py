@@ -48,7 +48,7 @@ from poeem.search import FaissSearcher, FlatIndex
 from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.distill import DistillConfig, distill_index
 
-from common import save_result
+from common import command_line, merge_runs, save_result
 from peers import ScannIndex
 from presets import PAPER_LOSSES, Preset, data_dir, preset
 from presets import tiny as tiny_preset
@@ -239,6 +239,7 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="one epoch everywhere (smoke test)")
     p.add_argument("--rotations", nargs="+", default=["opq", "givens"], choices=["opq", "givens"])
     p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--merge", action="store_true", help="keep the results file's runs of other seeds")
     args = p.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -247,6 +248,10 @@ def main() -> None:
             for s in args.seeds
             for r in run_seed(args.dataset, s, Path(tmp), args.tiny, tuple(args.rotations))
         ]
+    name = f"distill_{args.dataset}" + ("_tiny" if args.tiny else "")
+    commands: list[str] = []
+    if args.merge:
+        rows, commands, _ = merge_runs(name, rows, ("seed", "method", "nprobe"), args.results_dir)
     summary = []
     for method in dict.fromkeys(r["method"] for r in rows):
         for nprobe in dict.fromkeys(r["nprobe"] for r in rows):
@@ -268,8 +273,11 @@ def main() -> None:
     nc, d, k = budget_of(args.dataset, args.tiny)
     metric = "ndcg@10" if args.dataset == "scifact" else "recall@20"
     payload = {"dataset": args.dataset, "budget": {"num_coarse": nc, "num_subspaces": d, "codebook_size": k}}
-    payload |= {"metric": metric, "seeds": args.seeds, "summary": summary, "runs": rows}
-    save_result(f"distill_{args.dataset}" + ("_tiny" if args.tiny else ""), payload, args.results_dir)
+    seeds = sorted({r["seed"] for r in rows})
+    payload |= {"metric": metric, "seeds": seeds, "summary": summary, "runs": rows}
+    if commands:
+        payload["commands"] = [*commands, command_line()]
+    save_result(name, payload, args.results_dir)
 
 
 if __name__ == "__main__":

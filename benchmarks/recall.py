@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import tempfile
 import time
@@ -36,7 +35,7 @@ from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run import train_run
 from poeem.search.faiss_backend import train_faiss_ivfpq
 
-from common import RESULTS, add_mean_std, command_line, save_result
+from common import add_mean_std, command_line, merge_runs, save_result
 from peers import ScannIndex
 from presets import VARIANTS, preset, tiny
 
@@ -205,12 +204,8 @@ def main() -> None:
     name = f"recall_{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
     commands = []
     if args.merge:  # keep the other rows, curves and list sizes of the existing results
-        path = (args.results_dir or RESULTS) / f"{name}.json"
-        old = json.loads(path.read_text()) if path.exists() else {"runs": [], "curves": {}, "list_sizes": {}}
-        trained = {(r["seed"], r["variant"]) for r in runs}
-        runs = [r for r in old["runs"] if (r["seed"], r["variant"]) not in trained] + runs
-        curves, sizes = curves or old["curves"], sizes or old["list_sizes"]
-        commands = old.get("commands", [old["command"]] if "command" in old else [])
+        runs, commands, old = merge_runs(name, runs, ("seed", "variant"), args.results_dir)
+        curves, sizes = curves or old.get("curves", {}), sizes or old.get("list_sizes", {})
     data = load_data(pre.run_config(args.seeds[0], None, nprobes).data)
     coarse, d, k = pre.budget
     epoch_time = defaultdict(list)

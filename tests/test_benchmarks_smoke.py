@@ -227,3 +227,22 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
     text = (docs / "benchmarks.md").read_text()
     assert "### Distillation: synthetic" in text and "| codes scanned |" in text
     assert (docs / "img" / "distill_ml-100k_scanned.png").is_file()
+
+
+def test_merge_runs_replaces_the_rerun_seeds_and_keeps_the_others(tmp_path: Path) -> None:
+    sys.path.insert(0, str(BENCH))
+    from common import merge_runs
+
+    old = [{"seed": s, "method": m, "score": 1.0} for s in (0, 1) for m in ("a", "b")]
+    record = {"command": "python benchmarks/x.py --seeds 0 1", "runs": old}
+    (tmp_path / "x.json").write_text(json.dumps(record))
+    new = [{"seed": 1, "method": "a", "score": 2.0}]
+    runs, commands, kept = merge_runs("x", new, ("seed", "method"), tmp_path)
+    assert [(r["seed"], r["method"], r["score"]) for r in runs] == [
+        (0, "a", 1.0),
+        (0, "b", 1.0),
+        (1, "b", 1.0),
+        (1, "a", 2.0),
+    ]
+    assert commands == ["python benchmarks/x.py --seeds 0 1"] and kept == record
+    assert merge_runs("missing", new, ("seed",), tmp_path) == (new, [], {})
