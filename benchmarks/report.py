@@ -686,7 +686,8 @@ def main() -> None:
     for name in ("train_cost_gowalla", "train_cost_synthetic"):
         if name in results:
             lines += train_cost_section(results[name])
-    distilled = [n for n in ("distill_scifact", "distill_ml-100k", "distill_gowalla") if n in results]
+    names = ("distill_scifact", "distill_ml-100k", "distill_gowalla", "distill_synthetic")
+    distilled = [n for n in names if n in results]
     if distilled:
         lines += ["## Index distillation (issue 17)", ""]
         for name in distilled:

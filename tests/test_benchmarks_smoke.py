@@ -216,17 +216,18 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
         "joint-paper-losses",
         "joint-paper-losses-distilled",
     ]
+    assert result["metric"] == "precision@100"  # the synthetic preset's headline
     assert all(0 <= row["mean"] <= 1 for row in result["summary"])
     assert all(r["of_exact"] == 1.0 for r in result["summary"] if r["method"].endswith("exact"))
     scanned = {r["method"]: r["codes_scanned"] for r in result["summary"]}
     assert scanned["exact"] == scanned["joint-exact"] == 10_000  # every synthetic item
     assert all(0 < v < 10_000 for m, v in scanned.items() if not m.endswith("exact"))  # one list of two
-    (tmp_path / "distill_synthetic_tiny.json").rename(tmp_path / "distill_ml-100k.json")  # as report reads
+    (tmp_path / "distill_synthetic_tiny.json").rename(tmp_path / "distill_synthetic.json")  # as report reads
     docs = tmp_path / "docs"
     run("report.py", "--results-dir", str(tmp_path), "--docs-dir", str(docs))
     text = (docs / "benchmarks.md").read_text()
     assert "### Distillation: synthetic" in text and "| codes scanned |" in text
-    assert (docs / "img" / "distill_ml-100k_scanned.png").is_file()
+    assert (docs / "img" / "distill_synthetic_scanned.png").is_file()
 
 
 def test_merge_runs_replaces_the_rerun_seeds_and_keeps_the_others(tmp_path: Path) -> None:
