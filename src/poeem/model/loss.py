@@ -4,9 +4,9 @@ The (B, M) score matrix is the only large tensor of a two-tower step. Written wi
 (matmul, scale, logQ shift, duplicate mask, cross-entropy) the loss makes about 14 passes over
 it and keeps copies of it alive for backward. Here it is computed in row blocks small enough
 to stay in cache: the matmul writes a block with the logQ shift added, duplicates are masked
-in place from a sparse list of pairs, and only each row's logsumexp is kept; backward computes
-each block again and turns it into the softmax gradient in place. One more matmul, no (B, M)
-tensor in memory, and about half the time of the plain ops on a CPU.
+in place from a sparse list of pairs, and the block becomes its softmax in place, kept for
+backward (or, past ``KEEP_BYTES``, computed again there, so that a large batch never holds the
+whole matrix). About half the time of the plain ops on a CPU.
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ KEEP_BYTES = 1 << 28  # softmax blocks up to this size in all are kept for backw
 def _row_blocks(b: int, m: int, device: torch.device) -> range:
     """Starts of the row blocks that the (B, M) scores are computed in."""
     budget = BLOCK_BYTES.get(device.type, DEFAULT_BLOCK_BYTES)
-    return range(0, b, max(1, budget // (4 * max(m, 1))))
+    return range(0, b, max(1, budget // (4 * max(m, 1))))  # float32 scores
 
 
 class _FusedInBatchSoftmax(torch.autograd.Function):
@@ -102,7 +102,7 @@ class _FusedInBatchSoftmax(torch.autograd.Function):
     ) -> torch.Tensor:
         b, m = queries.shape[0], items.shape[0]
         lse = queries.new_empty(b)
-        kept: list[torch.Tensor] | None = [] if 4 * b * m <= KEEP_BYTES else None
+        kept: list[torch.Tensor] | None = [] if b * m * queries.element_size() <= KEEP_BYTES else None
         for lo, scores in _blocks(queries, items, bias, rows, cols):
             top = scores.amax(dim=1, keepdim=True)  # a softmax in place: the block is ours
             total = scores.sub_(top).exp_().sum(dim=1, keepdim=True)
