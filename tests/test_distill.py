@@ -347,3 +347,27 @@ def test_a_faiss_start_that_cannot_be_used_is_a_clear_error(tmp_path: Path) -> N
         layer.initialize_from(torch.eye(DIM), layer.coarse.detach(), torch.zeros(4, 8, 4))
     with pytest.raises(PoeemError, match="an orthogonal matrix"):
         layer.initialize_from(2 * torch.eye(DIM), layer.coarse.detach(), layer.codebooks.detach())
+
+
+def test_an_index_made_worse_by_distillation_is_not_kept() -> None:
+    items, queries = clustered(800, 8), clustered(300, 9)
+    layer = fitted_layer(items, rotation="givens")
+    start = copy.deepcopy(layer.state_dict())
+    start_codes = layer.encode(items)
+    lrs = {"codebook_lr": 5.0, "coarse_lr": 5.0, "rotation_lr": 5.0}  # wrecks the codewords
+    wrecking = DistillConfig(rounds=1, epochs=2, teacher_k=20, **lrs)
+    with pytest.warns(UserWarning, match="the starting index is kept"):
+        result = distill_index(layer, items, queries, wrecking, progress=False)
+    assert result.kept_start and result.overlap["distilled"] < result.overlap["start"]
+    assert torch.equal(result.codes, start_codes[1].long())
+    assert torch.equal(result.coarse_codes, start_codes[0].long())
+    for name, value in layer.state_dict().items():
+        assert torch.equal(value, start[name]), name
+
+
+def test_an_index_improved_by_distillation_is_kept() -> None:
+    items, queries = clustered(800, 4), clustered(300, 5)
+    layer = fitted_layer(items, rotation="none")
+    config = DistillConfig(rounds=1, epochs=4, teacher_k=20)
+    result = distill_index(layer, items, queries, config, progress=False)
+    assert not result.kept_start and result.overlap["distilled"] > result.overlap["start"]

@@ -340,9 +340,14 @@ def train(
     if metrics:  # rank 0
         if "distill" in metrics:
             d = metrics["distill"]
+            kept = (
+                "kept the trained index: the distilled one ranked the held-out queries' exact top-k worse"
+                if d["kept_start"]
+                else f"kept round {d['best']['round']} epoch {d['best']['epoch']}"
+            )
             typer.echo(
-                f"index distilled after training: {d['epochs']} epochs in {d['seconds']:.1f}s, kept round "
-                f"{d['best']['round']} epoch {d['best']['epoch']} (the rows below are the distilled index)"
+                f"index distilled after training: {d['epochs']} epochs in {d['seconds']:.1f}s, {kept} "
+                "(the rows below are the index kept)"
             )
         typer.echo(format_rows(metrics["rows"]))
         typer.echo(f"run folder: {run_dir}")

@@ -11,10 +11,16 @@ codebooks and (for a Givens rotation) the rotation. No labels are needed.
 The item assignments (lists and codes) stay frozen while the codewords move, so the codebooks
 cannot collapse the way a task gradient with live re-assignment does; with ``reassign`` they are
 recomputed between rounds.
+
+The held-out queries pick the epoch kept (by their code loss), and then guard the result: if
+the distilled index ranks their exact top-k worse than the starting index did (the share of
+the teacher's top-k among the code student's top-k over their candidates), the starting index
+is kept, so distillation never hands back an index worse on them than the one it was given.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +37,7 @@ from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_
 
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
 Best = tuple[float, list[torch.Tensor], dict[str, float]]  # held-out loss, parameters, history row
+Start = tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]  # parameters, lists, codes
 
 
 @dataclass
@@ -82,13 +89,18 @@ class DistillResult:
     coarse_codes: (n,) int64 list of each item, or None without lists; codes: (n, D) int64.
     history: one row per epoch: round, epoch, mean ListNet loss of each student, and the
         held-out queries' code loss.
-    best: the history row whose index was kept.
+    best: the history row of the best epoch.
+    overlap: the held-out queries' top-k overlap with the teacher, of the starting index
+        ("start") and of the best epoch's ("distilled"); empty without held-out queries.
+    kept_start: the starting index was kept (distillation lowered that overlap).
     """
 
     coarse_codes: torch.Tensor | None
     codes: torch.Tensor
     history: list[dict[str, float]] = field(default_factory=list)
     best: dict[str, float] = field(default_factory=dict)
+    overlap: dict[str, float] = field(default_factory=dict)
+    kept_start: bool = False
 
 
 def listnet(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -149,9 +161,12 @@ def distill_index(
     if resume:
         if checkpoint is None:
             raise PoeemError("distill resume", "a checkpoint file", "None", "pass checkpoint=PATH")
-        done, history, best, coarse_codes, codes = _restore(checkpoint, layer, optimizer, g, inputs, trained)
+        done, history, best, coarse_codes, codes, start = _restore(
+            checkpoint, layer, optimizer, g, inputs, trained
+        )
     else:
         coarse_codes, codes = _encode(layer, items)
+        start = ([p.detach().clone() for p in trained], coarse_codes, codes)
     per_epoch = -(-fit.numel() // cfg.batch_size)
     total = cfg.rounds * cfg.epochs
     bar = tqdm(
@@ -162,15 +177,33 @@ def distill_index(
         leave=False,
     )
 
-    def losses(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def scores(
+        rows: torch.Tensor, coarse_codes: torch.Tensor | None, codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Candidates (M,) of the queries ``rows`` (B,): the union of their teacher top-k;
+        the teacher's (B, M) exact scores; the code and list students' (B, M) scores."""
         q, cand = queries[rows], teacher_ids[rows].unique()
-        teacher = q @ items[cand].T  # (B, M) exact scores over the pooled candidates
         qr = q @ layer.rotation_matrix
         lists = layer.coarse[coarse_codes[cand]] if layer.coarse is not None else None
         recon = pq_reconstruct(codes[cand], layer.codebooks)
-        code_loss = listnet(teacher, qr @ (recon if lists is None else recon + lists).T, temperature)
-        list_loss = listnet(teacher, qr @ lists.T, temperature) if lists is not None else None
-        return code_loss, list_loss
+        code = qr @ (recon if lists is None else recon + lists).T
+        return cand, q @ items[cand].T, code, (qr @ lists.T if lists is not None else None)
+
+    def losses(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        _, teacher, code, lists = scores(rows, coarse_codes, codes)
+        list_loss = listnet(teacher, lists, temperature) if lists is not None else None
+        return listnet(teacher, code, temperature), list_loss
+
+    @torch.no_grad()
+    def heldout_overlap(coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> float:
+        """Mean share of a held-out query's teacher top-k among its code student's top-k."""
+        shares = []
+        for rows in val.split(cfg.batch_size):
+            cand, _, code, _ = scores(rows, coarse_codes, codes)
+            top = cand[code.topk(cfg.teacher_k, dim=1).indices]  # (B, k) item ids
+            hits = (top.unsqueeze(2) == teacher_ids[rows].unsqueeze(1)).any(dim=2)
+            shares.append(hits.float().mean(dim=1))
+        return float(torch.cat(shares).mean())
 
     for step in range(done, total):
         round_no, epoch = divmod(step, cfg.epochs)
@@ -197,7 +230,8 @@ def distill_index(
         history.append(row)
         bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
         if checkpoint is not None:
-            _save_state(checkpoint, layer, optimizer, g, step + 1, history, best, coarse_codes, codes, inputs)
+            state = (step + 1, history, best, coarse_codes, codes, inputs, start)
+            _save_state(checkpoint, layer, optimizer, g, *state)
     bar.close()
     if best is not None:  # the epoch the held-out queries liked best
         with torch.no_grad():
@@ -205,7 +239,28 @@ def distill_index(
                 p.copy_(kept)
     if cfg.reassign:
         coarse_codes, codes = _encode(layer, items)
-    return DistillResult(coarse_codes, codes, history, best[2] if best is not None else history[-1])
+    result = DistillResult(coarse_codes, codes, history, best[2] if best is not None else history[-1])
+    if held:  # the guard: never an index that ranks the held-out queries' top-k worse
+        with torch.no_grad():
+            params = [p.detach().clone() for p in trained]
+            for p, kept in zip(trained, start[0], strict=True):
+                p.copy_(kept)
+            before = heldout_overlap(start[1], start[2])
+            for p, kept in zip(trained, params, strict=True):
+                p.copy_(kept)
+        result.overlap = {"start": before, "distilled": heldout_overlap(coarse_codes, codes)}
+        if result.overlap["distilled"] < before:
+            with torch.no_grad():
+                for p, kept in zip(trained, start[0], strict=True):
+                    p.copy_(kept)
+            result.coarse_codes, result.codes, result.kept_start = start[1], start[2], True
+            warnings.warn(
+                f"distillation lowered the held-out queries' top-{cfg.teacher_k} overlap with the exact "
+                f"ranking ({before:.4f} -> {result.overlap['distilled']:.4f}); the starting index is kept "
+                "(a larger DistillConfig.temperature may help)",
+                stacklevel=2,
+            )
+    return result
 
 
 def _fingerprint(x: torch.Tensor) -> list[float]:
@@ -224,13 +279,20 @@ def _save_state(
     coarse_codes: torch.Tensor | None,
     codes: torch.Tensor,
     inputs: dict[str, Any],
+    start: Start,
 ) -> None:
     """Everything :func:`_restore` needs to continue after ``done`` epochs, in one file."""
-    extra = {"codes": codes, "generator": g.get_state()}
-    if coarse_codes is not None:
+
+    def own(x: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
+        return x.clone() if x is current else x  # the first round's codes are the start's (one file)
+
+    extra = {"codes": codes, "generator": g.get_state(), "start.codes": own(start[2], codes)}
+    if coarse_codes is not None and start[1] is not None:
         extra["coarse_codes"] = coarse_codes
+        extra["start.coarse_codes"] = own(start[1], coarse_codes)
     if best is not None:
         extra.update({f"best.{i}": p for i, p in enumerate(best[1])})
+    extra.update({f"start.{i}": p for i, p in enumerate(start[0])})
     state = {"done": done, "history": history, "inputs": inputs}
     state["best"] = None if best is None else {"loss": best[0], "row": best[2]}
     save_checkpoint(path, layer, optimizer, {"distill": state}, extra)
@@ -243,9 +305,9 @@ def _restore(
     g: torch.Generator,
     inputs: dict[str, Any],
     trained: list[torch.Tensor],
-) -> tuple[int, list[dict[str, float]], Best | None, torch.Tensor | None, torch.Tensor]:
+) -> tuple[int, list[dict[str, float]], Best | None, torch.Tensor | None, torch.Tensor, Start]:
     """Load a :func:`_save_state` file into ``layer``, ``optimizer`` and ``g``; returns the
-    epochs done, the history, the best epoch so far and the items' current codes."""
+    epochs done, the history, the best epoch so far, the items' current codes and the start."""
     tensors, meta = read_checkpoint(path)
     state = meta.get("trainer", {}).get("distill")
     if state is None:
@@ -265,14 +327,13 @@ def _restore(
         kept = [tensors[f"extra.best.{i}"].to(p.device) for i, p in enumerate(trained)]
         best = (state["best"]["loss"], kept, state["best"]["row"])
     device = layer.codebooks.device
-    coarse = tensors.get("extra.coarse_codes")
-    return (
-        state["done"],
-        state["history"],
-        best,
-        None if coarse is None else coarse.to(device),
-        tensors["extra.codes"].to(device),
-    )
+
+    def codes_of(prefix: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+        coarse = tensors.get(f"extra.{prefix}coarse_codes")
+        return (None if coarse is None else coarse.to(device)), tensors[f"extra.{prefix}codes"].to(device)
+
+    start_params = [tensors[f"extra.start.{i}"].to(p.device) for i, p in enumerate(trained)]
+    return (state["done"], state["history"], best, *codes_of(""), (start_params, *codes_of("start.")))
 
 
 def _encode(layer: PoeemLayer, items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
