@@ -81,11 +81,12 @@ def test_frozen_codes_stay_frozen_and_in_range() -> None:
     items, queries = clustered(800, 2), clustered(200, 3)
     layer = fitted_layer(items)
     cc, codes = layer.encode(items)
-    config = DistillConfig(rounds=2, epochs=2, reassign=False, teacher_k=20, batch_size=50)
+    # holdout 0: no guard, so the codewords move and the rotation trains
+    config = DistillConfig(rounds=2, epochs=2, reassign=False, teacher_k=20, batch_size=50, holdout=0.0)
     result = distill_index(layer, items, queries, config, progress=False)
     assert torch.equal(result.codes, codes.long()) and torch.equal(result.coarse_codes, cc.long())
     reassigned = distill_index(
-        layer, items, queries, DistillConfig(rounds=2, epochs=1, teacher_k=20), progress=False
+        layer, items, queries, DistillConfig(rounds=2, epochs=1, teacher_k=20, holdout=0.0), progress=False
     )
     assert int(reassigned.codes.max()) < 16 and int(reassigned.coarse_codes.max()) < 8
     # the rotation stays orthogonal while the Givens angles train
@@ -107,9 +108,8 @@ def test_the_heldout_queries_pick_the_epoch_kept() -> None:
 def test_a_distilled_index_exports_bit_for_bit_to_faiss(tmp_path: Path, rotation: str) -> None:
     items, queries = clustered(900, 6), clustered(200, 7)
     layer = fitted_layer(items, rotation)
-    result = distill_index(
-        layer, items, queries, DistillConfig(rounds=1, epochs=2, teacher_k=20), progress=False
-    )
+    config = DistillConfig(rounds=1, epochs=2, teacher_k=20, holdout=0.0)  # the distilled codes, unguarded
+    result = distill_index(layer, items, queries, config, progress=False)
     searcher = Searcher.create(tmp_path / "ix", layer, (result.coarse_codes, result.codes), metric="ip")
     xq = correlated(25, DIM, seed=8)
     d, i = searcher.search(xq, 10, nprobe=3)
@@ -358,7 +358,7 @@ def test_an_index_made_worse_by_distillation_is_not_kept() -> None:
     wrecking = DistillConfig(rounds=1, epochs=2, teacher_k=20, **lrs)
     with pytest.warns(UserWarning, match="the starting index is kept"):
         result = distill_index(layer, items, queries, wrecking, progress=False)
-    assert result.kept_start and result.overlap["distilled"] < result.overlap["start"]
+    assert result.kept_start and result.guard["distilled"] < result.guard["start"]
     assert torch.equal(result.codes, start_codes[1].long())
     assert torch.equal(result.coarse_codes, start_codes[0].long())
     for name, value in layer.state_dict().items():
@@ -370,4 +370,4 @@ def test_an_index_improved_by_distillation_is_kept() -> None:
     layer = fitted_layer(items, rotation="none")
     config = DistillConfig(rounds=1, epochs=4, teacher_k=20)
     result = distill_index(layer, items, queries, config, progress=False)
-    assert not result.kept_start and result.overlap["distilled"] > result.overlap["start"]
+    assert not result.kept_start and result.guard["distilled"] > result.guard["start"]

@@ -341,7 +341,7 @@ def train(
         if "distill" in metrics:
             d = metrics["distill"]
             kept = (
-                "kept the trained index: the distilled one ranked the held-out queries' exact top-k worse"
+                "kept the trained index: the model scored the distilled one's top-k lower on held-out queries"
                 if d["kept_start"]
                 else f"kept round {d['best']['round']} epoch {d['best']['epoch']}"
             )

@@ -290,7 +290,7 @@ def _distill_after_training(
     started = time.perf_counter()
     distill = DistillConfig(epochs=cfg.train.distill_epochs, seed=cfg.train.seed)
     _, result = distill_run_index(model, data, artifacts.item_features, distill, progress=cfg.train.progress)
-    kept = {"best": result.best, "overlap": result.overlap, "kept_start": result.kept_start}
+    kept = {"best": result.best, "guard": result.guard, "kept_start": result.kept_start}
     return {"seconds": time.perf_counter() - started, "epochs": len(result.history), **kept}
 
 
