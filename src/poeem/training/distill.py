@@ -13,7 +13,8 @@ cannot collapse the way a task gradient with live re-assignment does; with ``rea
 recomputed between rounds.
 
 The held-out queries pick the epoch kept (by their code loss), and then guard the result: the
-mean exact score of the items that the code student ranks in a query's top-k is measured for
+mean exact score of the items that the code student ranks in a query's top-k (among the
+queries' candidates and up to 16,384 random items, which training never sees) is measured for
 the starting and for the distilled index, and if distillation lowered it, the starting index
 is kept. A swap between items the model scores almost alike barely moves that mean; an
 unrelated item in the top-k does.
@@ -36,6 +37,7 @@ from poeem.index.quantize import pq_reconstruct
 from poeem.search.exact import FlatIndex
 from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 
+GUARD_ITEMS = 16384  # random items the guard scores besides the held-out queries' top-k
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
 Best = tuple[float, list[torch.Tensor], dict[str, float]]  # held-out loss, parameters, history row
 Start = tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]  # parameters, lists, codes
@@ -180,11 +182,15 @@ def distill_index(
     )
 
     def scores(
-        rows: torch.Tensor, coarse_codes: torch.Tensor | None, codes: torch.Tensor
+        rows: torch.Tensor,
+        coarse_codes: torch.Tensor | None,
+        codes: torch.Tensor,
+        extra: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Candidates (M,) of the queries ``rows`` (B,): the union of their teacher top-k;
-        the teacher's (B, M) exact scores; the code and list students' (B, M) scores."""
-        q, cand = queries[rows], teacher_ids[rows].unique()
+        """Candidates (M,) of the queries ``rows`` (B,): the union of their teacher top-k (and
+        the ``extra`` items); the teacher's (B, M) exact scores; the code and list students'."""
+        pool = teacher_ids[rows].reshape(-1)
+        q, cand = queries[rows], (pool if extra is None else torch.cat([pool, extra])).unique()
         qr = q @ layer.rotation_matrix
         lists = layer.coarse[coarse_codes[cand]] if layer.coarse is not None else None
         recon = pq_reconstruct(codes[cand], layer.codebooks)
@@ -196,12 +202,16 @@ def distill_index(
         list_loss = listnet(teacher, lists, temperature) if lists is not None else None
         return listnet(teacher, code, temperature), list_loss
 
+    # items no query's top-k holds are scored too: training never sees them, so they can drift up
+    sample = torch.randperm(items.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+    guard_items = sample[:GUARD_ITEMS].to(device)
+
     @torch.no_grad()
     def heldout_score(coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> float:
         """Mean over held-out queries of the exact score of their code student's top-k items."""
         means = []
         for rows in val.split(cfg.batch_size):
-            _, teacher, code, _ = scores(rows, coarse_codes, codes)
+            _, teacher, code, _ = scores(rows, coarse_codes, codes, guard_items)
             means.append(teacher.gather(1, code.topk(cfg.teacher_k, dim=1).indices).mean(dim=1))
         return float(torch.cat(means).mean())
 
