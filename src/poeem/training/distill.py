@@ -40,7 +40,8 @@ from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_
 GUARD_ITEMS = 16384  # random items the guard scores besides the held-out queries' top-k
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
 Best = tuple[float, list[torch.Tensor], dict[str, float]]  # held-out loss, parameters, history row
-Start = tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor]  # parameters, lists, codes
+# the starting index: parameters, lists, codes, and its held-out guard score (None: no held-out)
+Start = tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor, float | None]
 
 
 @dataclass
@@ -161,25 +162,6 @@ def distill_index(
     history: list[dict[str, float]] = []
     best: Best | None = None
     inputs = {"config": asdict(cfg), "items": _fingerprint(items), "queries": _fingerprint(queries)}
-    done = 0
-    if resume:
-        if checkpoint is None:
-            raise PoeemError("distill resume", "a checkpoint file", "None", "pass checkpoint=PATH")
-        done, history, best, coarse_codes, codes, start = _restore(
-            checkpoint, layer, optimizer, g, inputs, trained
-        )
-    else:
-        coarse_codes, codes = _encode(layer, items)
-        start = ([p.detach().clone() for p in trained], coarse_codes, codes)
-    per_epoch = -(-fit.numel() // cfg.batch_size)
-    total = cfg.rounds * cfg.epochs
-    bar = tqdm(
-        total=total * per_epoch,
-        initial=done * per_epoch,
-        desc="distill",
-        disable=None if progress else True,
-        leave=False,
-    )
 
     def scores(
         rows: torch.Tensor,
@@ -215,6 +197,27 @@ def distill_index(
             means.append(teacher.gather(1, code.topk(cfg.teacher_k, dim=1).indices).mean(dim=1))
         return float(torch.cat(means).mean())
 
+    done = 0
+    if resume:
+        if checkpoint is None:
+            raise PoeemError("distill resume", "a checkpoint file", "None", "pass checkpoint=PATH")
+        done, history, best, coarse_codes, codes, start = _restore(
+            checkpoint, layer, optimizer, g, inputs, trained
+        )
+    else:
+        coarse_codes, codes = _encode(layer, items)
+        start_score = heldout_score(coarse_codes, codes) if held else None
+        start = ([p.detach().clone() for p in trained], coarse_codes, codes, start_score)
+    per_epoch = -(-fit.numel() // cfg.batch_size)
+    total = cfg.rounds * cfg.epochs
+    bar = tqdm(
+        total=total * per_epoch,
+        initial=done * per_epoch,
+        desc="distill",
+        disable=None if progress else True,
+        leave=False,
+    )
+
     for step in range(done, total):
         round_no, epoch = divmod(step, cfg.epochs)
         if round_no and not epoch and cfg.reassign:
@@ -244,25 +247,15 @@ def distill_index(
             _save_state(checkpoint, layer, optimizer, g, *state)
     bar.close()
     if best is not None:  # the epoch the held-out queries liked best
-        with torch.no_grad():
-            for p, kept in zip(trained, best[1], strict=True):
-                p.copy_(kept)
+        _copy_into(trained, best[1])
     if cfg.reassign:
         coarse_codes, codes = _encode(layer, items)
     result = DistillResult(coarse_codes, codes, history, best[2] if best is not None else history[-1])
-    if held:  # the guard: never an index whose top-k the model scores lower on held-out queries
-        with torch.no_grad():
-            params = [p.detach().clone() for p in trained]
-            for p, kept in zip(trained, start[0], strict=True):
-                p.copy_(kept)
-            before = heldout_score(start[1], start[2])
-            for p, kept in zip(trained, params, strict=True):
-                p.copy_(kept)
+    before = start[3]
+    if before is not None:  # the guard: never an index whose top-k the model scores lower on held-out queries
         result.guard = {"start": before, "distilled": heldout_score(coarse_codes, codes)}
         if result.guard["distilled"] < before:
-            with torch.no_grad():
-                for p, kept in zip(trained, start[0], strict=True):
-                    p.copy_(kept)
+            _copy_into(trained, start[0])
             result.coarse_codes, result.codes, result.kept_start = start[1], start[2], True
             warnings.warn(
                 f"distillation lowered the model's mean score of the held-out queries' top-{cfg.teacher_k} "
@@ -271,6 +264,12 @@ def distill_index(
                 stacklevel=2,
             )
     return result
+
+
+@torch.no_grad()
+def _copy_into(params: list[torch.Tensor], values: list[torch.Tensor]) -> None:
+    for p, value in zip(params, values, strict=True):
+        p.copy_(value)
 
 
 def _fingerprint(x: torch.Tensor) -> list[float]:
@@ -303,7 +302,7 @@ def _save_state(
     if best is not None:
         extra.update({f"best.{i}": p for i, p in enumerate(best[1])})
     extra.update({f"start.{i}": p for i, p in enumerate(start[0])})
-    state = {"done": done, "history": history, "inputs": inputs}
+    state = {"done": done, "history": history, "inputs": inputs, "start_score": start[3]}
     state["best"] = None if best is None else {"loss": best[0], "row": best[2]}
     save_checkpoint(path, layer, optimizer, {"distill": state}, extra)
 
@@ -343,7 +342,8 @@ def _restore(
         return (None if coarse is None else coarse.to(device)), tensors[f"extra.{prefix}codes"].to(device)
 
     start_params = [tensors[f"extra.start.{i}"].to(p.device) for i, p in enumerate(trained)]
-    return (state["done"], state["history"], best, *codes_of(""), (start_params, *codes_of("start.")))
+    start = (start_params, *codes_of("start."), state["start_score"])
+    return (state["done"], state["history"], best, *codes_of(""), start)
 
 
 def _encode(layer: PoeemLayer, items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
