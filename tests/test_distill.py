@@ -371,3 +371,22 @@ def test_an_index_improved_by_distillation_is_kept() -> None:
     config = DistillConfig(rounds=1, epochs=4, teacher_k=20)
     result = distill_index(layer, items, queries, config, progress=False)
     assert not result.kept_start and result.guard["distilled"] > result.guard["start"]
+
+
+def test_a_state_without_its_starting_index_is_refused_clearly(tmp_path: Path) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    items, queries = clustered(600, 0), clustered(200, 1)
+    cfg = DistillConfig(rounds=1, epochs=1, teacher_k=20)
+    state = tmp_path / "state.safetensors"
+    layer = fitted_layer(items)
+    start = copy.deepcopy(layer)
+    distill_index(layer, items, queries, cfg, progress=False, checkpoint=state)
+    with safe_open(state, "pt") as f:  # rewrite it as an older poeem wrote it: no start
+        tensors = {k: f.get_tensor(k) for k in f.keys() if ".start." not in k}  # noqa: SIM118 (no __iter__)
+        meta = f.metadata()
+    meta["poeem"] = meta["poeem"].replace('"start_score"', '"old_key"')
+    save_file(tensors, state, metadata=meta)
+    with pytest.raises(PoeemError, match="older poeem"):
+        distill_index(start, items, queries, cfg, progress=False, checkpoint=state, resume=True)

@@ -321,6 +321,13 @@ def _restore(
     state = meta.get("trainer", {}).get("distill")
     if state is None:
         raise PoeemError("distill checkpoint", "a distillation checkpoint", f"'{path}'", "delete it")
+    if "start_score" not in state:  # written before the guard existed: it has no starting index
+        raise PoeemError(
+            "distill --resume",
+            "a distillation state that holds its starting index",
+            "a state written by an older poeem",
+            f"delete '{path}' to start the distillation over",
+        )
     if state["inputs"] != inputs:
         changed = sorted(k for k in inputs if state["inputs"].get(k) != inputs[k])
         raise PoeemError(
