@@ -40,8 +40,9 @@ from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_
 GUARD_ITEMS = 16384  # random items the guard scores besides the held-out queries' top-k
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
 Best = tuple[float, list[torch.Tensor], dict[str, float]]  # held-out loss, parameters, history row
-# the starting index: parameters, lists, codes, and its held-out guard score (None: no held-out)
-Start = tuple[list[torch.Tensor], torch.Tensor | None, torch.Tensor, float | None]
+Codes = tuple[torch.Tensor | None, torch.Tensor]  # the items' (n,) lists (None without) and (n, D) codes
+# the starting index: parameters, codes, and its held-out guard score (None: no held-out)
+Start = tuple[list[torch.Tensor], Codes, float | None]
 
 
 @dataclass
@@ -144,14 +145,8 @@ def distill_index(
     _check_inputs(layer, items, queries, cfg)
     device = layer.codebooks.device
     items, queries = items.detach().float().to(device), queries.detach().float().to(device)
-    _, teacher_ids = FlatIndex(items, "ip").search(queries, cfg.teacher_k)
     g = torch.Generator().manual_seed(cfg.seed)
-    order = torch.randperm(queries.shape[0], generator=g).to(device)
-    held = min(int(cfg.holdout * queries.shape[0]), MAX_HELDOUT) if queries.shape[0] >= 20 else 0
-    val, fit = order[:held], order[held:]
-    temperature = cfg.temperature or float(
-        (queries[fit[:1024]] @ items.T).gather(1, teacher_ids[fit[:1024]]).std(dim=1).mean().clamp_min(1e-6)
-    )
+    teacher = _Teacher(layer, items, queries, cfg, g)
     groups = [{"params": [layer.codebooks], "lr": cfg.codebook_lr}]
     if layer.coarse is not None:
         groups.append({"params": [layer.coarse], "lr": cfg.coarse_lr})
@@ -162,52 +157,15 @@ def distill_index(
     history: list[dict[str, float]] = []
     best: Best | None = None
     inputs = {"config": asdict(cfg), "items": _fingerprint(items), "queries": _fingerprint(queries)}
-
-    def scores(
-        rows: torch.Tensor,
-        coarse_codes: torch.Tensor | None,
-        codes: torch.Tensor,
-        extra: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Candidates (M,) of the queries ``rows`` (B,): the union of their teacher top-k (and
-        the ``extra`` items); the teacher's (B, M) exact scores; the code and list students'."""
-        pool = teacher_ids[rows].reshape(-1)
-        q, cand = queries[rows], (pool if extra is None else torch.cat([pool, extra])).unique()
-        qr = q @ layer.rotation_matrix
-        lists = layer.coarse[coarse_codes[cand]] if layer.coarse is not None else None
-        recon = pq_reconstruct(codes[cand], layer.codebooks)
-        code = qr @ (recon if lists is None else recon + lists).T
-        return cand, q @ items[cand].T, code, (qr @ lists.T if lists is not None else None)
-
-    def losses(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        _, teacher, code, lists = scores(rows, coarse_codes, codes)
-        list_loss = listnet(teacher, lists, temperature) if lists is not None else None
-        return listnet(teacher, code, temperature), list_loss
-
-    # items no query's top-k holds are scored too: training never sees them, so they can drift up
-    sample = torch.randperm(items.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-    guard_items = sample[:GUARD_ITEMS].to(device)
-
-    @torch.no_grad()
-    def heldout_score(coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> float:
-        """Mean over held-out queries of the exact score of their code student's top-k items."""
-        means = []
-        for rows in val.split(cfg.batch_size):
-            _, teacher, code, _ = scores(rows, coarse_codes, codes, guard_items)
-            means.append(teacher.gather(1, code.topk(cfg.teacher_k, dim=1).indices).mean(dim=1))
-        return float(torch.cat(means).mean())
-
     done = 0
     if resume:
         if checkpoint is None:
             raise PoeemError("distill resume", "a checkpoint file", "None", "pass checkpoint=PATH")
-        done, history, best, coarse_codes, codes, start = _restore(
-            checkpoint, layer, optimizer, g, inputs, trained
-        )
+        done, history, best, codes, start = _restore(checkpoint, layer, optimizer, g, inputs, trained)
     else:
-        coarse_codes, codes = _encode(layer, items)
-        start_score = heldout_score(coarse_codes, codes) if held else None
-        start = ([p.detach().clone() for p in trained], coarse_codes, codes, start_score)
+        codes = _encode(layer, items)
+        start = ([p.detach().clone() for p in trained], codes, teacher.guard_score(codes))
+    fit = teacher.fit
     per_epoch = -(-fit.numel() // cfg.batch_size)
     total = cfg.rounds * cfg.epochs
     bar = tqdm(
@@ -221,10 +179,10 @@ def distill_index(
     for step in range(done, total):
         round_no, epoch = divmod(step, cfg.epochs)
         if round_no and not epoch and cfg.reassign:
-            coarse_codes, codes = _encode(layer, items)
+            codes = _encode(layer, items)
         sums, count = {"code_loss": 0.0, "list_loss": 0.0}, 0
         for rows in fit[torch.randperm(fit.numel(), generator=g).to(device)].split(cfg.batch_size):
-            code_loss, list_loss = losses(rows)
+            code_loss, list_loss = teacher.losses(rows, codes)
             loss = code_loss if list_loss is None else code_loss + cfg.list_weight * list_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -234,29 +192,26 @@ def distill_index(
             count += 1
             bar.update(1)
         row = {"round": round_no, "epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}}
-        if held:
-            with torch.no_grad():  # in batches: a batch's pooled candidates stay small
-                parts = [float(losses(rows)[0]) * rows.numel() for rows in val.split(cfg.batch_size)]
-                row["heldout_code_loss"] = sum(parts) / val.numel()
+        if teacher.heldout.numel():
+            row["heldout_code_loss"] = teacher.heldout_loss(codes)
             if best is None or row["heldout_code_loss"] < best[0]:
                 best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row)
         history.append(row)
         bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
         if checkpoint is not None:
-            state = (step + 1, history, best, coarse_codes, codes, inputs, start)
-            _save_state(checkpoint, layer, optimizer, g, *state)
+            _save_state(checkpoint, layer, optimizer, g, step + 1, history, best, codes, inputs, start)
     bar.close()
     if best is not None:  # the epoch the held-out queries liked best
         _copy_into(trained, best[1])
     if cfg.reassign:
-        coarse_codes, codes = _encode(layer, items)
-    result = DistillResult(coarse_codes, codes, history, best[2] if best is not None else history[-1])
-    before = start[3]
+        codes = _encode(layer, items)
+    result = DistillResult(*codes, history, best[2] if best is not None else history[-1])
+    before = start[2]
     if before is not None:  # the guard: never an index whose top-k the model scores lower on held-out queries
-        result.guard = {"start": before, "distilled": heldout_score(coarse_codes, codes)}
+        result.guard = {"start": before, "distilled": teacher.guard_score(codes)}
         if result.guard["distilled"] < before:
             _copy_into(trained, start[0])
-            result.coarse_codes, result.codes, result.kept_start = start[1], start[2], True
+            (result.coarse_codes, result.codes), result.kept_start = start[1], True
             warnings.warn(
                 f"distillation lowered the model's mean score of the held-out queries' top-{cfg.teacher_k} "
                 f"({before:.4f} -> {result.guard['distilled']:.4f}); the starting index is kept "
@@ -264,6 +219,78 @@ def distill_index(
                 stacklevel=2,
             )
     return result
+
+
+class _Teacher:
+    """The exact ranking the index learns, the split of the queries, and the students' scores.
+
+    ``g`` draws the held-out queries first; training keeps drawing its batches from it.
+    """
+
+    def __init__(
+        self,
+        layer: PoeemLayer,
+        items: torch.Tensor,
+        queries: torch.Tensor,
+        cfg: DistillConfig,
+        g: torch.Generator,
+    ) -> None:
+        self.layer, self.items, self.queries, self.cfg = layer, items, queries, cfg
+        device = items.device
+        _, self.top = FlatIndex(items, "ip").search(queries, cfg.teacher_k)  # (nq, teacher_k)
+        order = torch.randperm(queries.shape[0], generator=g).to(device)
+        held = min(int(cfg.holdout * queries.shape[0]), MAX_HELDOUT) if queries.shape[0] >= 20 else 0
+        self.heldout, self.fit = order[:held], order[held:]
+        first = self.fit[:1024]
+        self.temperature = cfg.temperature or float(
+            (queries[first] @ items.T).gather(1, self.top[first]).std(dim=1).mean().clamp_min(1e-6)
+        )
+        # items no query's top-k holds are scored too: training never sees them, so they can drift up
+        sample = torch.randperm(items.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+        self.random_items = sample[:GUARD_ITEMS].to(device)
+
+    def scores(
+        self, rows: torch.Tensor, codes: Codes, extra: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """For the queries ``rows`` (B,) and their candidates (M: the union of their teacher
+        top-k, and the ``extra`` items): the teacher's (B, M) exact scores, the code student's
+        and the list student's (None without lists)."""
+        layer, (coarse_codes, pq_codes) = self.layer, codes
+        pool = self.top[rows].reshape(-1)
+        cand = (pool if extra is None else torch.cat([pool, extra])).unique()
+        q = self.queries[rows]
+        qr = q @ layer.rotation_matrix
+        lists = layer.coarse[coarse_codes[cand]] if layer.coarse is not None else None
+        recon = pq_reconstruct(pq_codes[cand], layer.codebooks)
+        code = qr @ (recon if lists is None else recon + lists).T
+        return q @ self.items[cand].T, code, (qr @ lists.T if lists is not None else None)
+
+    def losses(self, rows: torch.Tensor, codes: Codes) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The code and the list students' ListNet losses on the queries ``rows``."""
+        teacher, code, lists = self.scores(rows, codes)
+        list_loss = listnet(teacher, lists, self.temperature) if lists is not None else None
+        return listnet(teacher, code, self.temperature), list_loss
+
+    @torch.no_grad()
+    def heldout_loss(self, codes: Codes) -> float:
+        """The held-out queries' code loss (in batches: a batch's pooled candidates stay small)."""
+        parts = [float(self.losses(rows, codes)[0]) * rows.numel() for rows in self.batches(self.heldout)]
+        return sum(parts) / self.heldout.numel()
+
+    @torch.no_grad()
+    def guard_score(self, codes: Codes) -> float | None:
+        """Mean over held-out queries of the exact score of their code student's top-k items;
+        None without held-out queries."""
+        if not self.heldout.numel():
+            return None
+        means = []
+        for rows in self.batches(self.heldout):
+            teacher, code, _ = self.scores(rows, codes, self.random_items)
+            means.append(teacher.gather(1, code.topk(self.cfg.teacher_k, dim=1).indices).mean(dim=1))
+        return float(torch.cat(means).mean())
+
+    def batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return rows.split(self.cfg.batch_size)
 
 
 @torch.no_grad()
@@ -285,8 +312,7 @@ def _save_state(
     done: int,
     history: list[dict[str, float]],
     best: Best | None,
-    coarse_codes: torch.Tensor | None,
-    codes: torch.Tensor,
+    codes: Codes,
     inputs: dict[str, Any],
     start: Start,
 ) -> None:
@@ -295,14 +321,15 @@ def _save_state(
     def own(x: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
         return x.clone() if x is current else x  # the first round's codes are the start's (one file)
 
-    extra = {"codes": codes, "generator": g.get_state(), "start.codes": own(start[2], codes)}
-    if coarse_codes is not None and start[1] is not None:
+    (coarse_codes, pq_codes), (start_coarse, start_codes) = codes, start[1]
+    extra = {"codes": pq_codes, "generator": g.get_state(), "start.codes": own(start_codes, pq_codes)}
+    if coarse_codes is not None and start_coarse is not None:
         extra["coarse_codes"] = coarse_codes
-        extra["start.coarse_codes"] = own(start[1], coarse_codes)
+        extra["start.coarse_codes"] = own(start_coarse, coarse_codes)
     if best is not None:
         extra.update({f"best.{i}": p for i, p in enumerate(best[1])})
     extra.update({f"start.{i}": p for i, p in enumerate(start[0])})
-    state = {"done": done, "history": history, "inputs": inputs, "start_score": start[3]}
+    state = {"done": done, "history": history, "inputs": inputs, "start_score": start[2]}
     state["best"] = None if best is None else {"loss": best[0], "row": best[2]}
     save_checkpoint(path, layer, optimizer, {"distill": state}, extra)
 
@@ -314,7 +341,7 @@ def _restore(
     g: torch.Generator,
     inputs: dict[str, Any],
     trained: list[torch.Tensor],
-) -> tuple[int, list[dict[str, float]], Best | None, torch.Tensor | None, torch.Tensor, Start]:
+) -> tuple[int, list[dict[str, float]], Best | None, Codes, Start]:
     """Load a :func:`_save_state` file into ``layer``, ``optimizer`` and ``g``; returns the
     epochs done, the history, the best epoch so far, the items' current codes and the start."""
     tensors, meta = read_checkpoint(path)
@@ -344,16 +371,16 @@ def _restore(
         best = (state["best"]["loss"], kept, state["best"]["row"])
     device = layer.codebooks.device
 
-    def codes_of(prefix: str) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def codes_of(prefix: str) -> Codes:
         coarse = tensors.get(f"extra.{prefix}coarse_codes")
         return (None if coarse is None else coarse.to(device)), tensors[f"extra.{prefix}codes"].to(device)
 
     start_params = [tensors[f"extra.start.{i}"].to(p.device) for i, p in enumerate(trained)]
-    start = (start_params, *codes_of("start."), state["start_score"])
-    return (state["done"], state["history"], best, *codes_of(""), start)
+    start = (start_params, codes_of("start."), state["start_score"])
+    return state["done"], state["history"], best, codes_of(""), start
 
 
-def _encode(layer: PoeemLayer, items: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+def _encode(layer: PoeemLayer, items: torch.Tensor) -> Codes:
     cc, codes = layer.encode(items)
     return (cc.long() if cc is not None else None), codes.long()
 
