@@ -20,6 +20,7 @@ from poeem.export import learned_index
 from poeem.export.faiss_codec import pack_sa_codes
 from poeem.pipeline import resume_config, train_run
 from poeem.pipeline.distill import layer_from_faiss
+from poeem.pipeline.run import TEXT_DISTILL_EPOCHS, distill_epochs
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index, listnet
 
@@ -203,7 +204,7 @@ def test_train_distils_its_index_after_training_even_on_resume(tmp_path: Path) -
     plain, trained = train_run(tiny_config(), tmp_path / "run")
     before = copy.deepcopy(plain.index)
     cfg, applied = resume_config(tmp_path / "run", {"train": {"distill_epochs": 1}})
-    assert applied == ["train.distill_epochs: 0 -> 1"]
+    assert applied == ["train.distill_epochs: None -> 1"]  # None: the default, none for id runs
     model, metrics = train_run(cfg, tmp_path / "run", resume=True)
     assert metrics["steps"] == trained["steps"] and metrics["distill"]["epochs"] == 3  # rounds x 1
     towers = {k: v for k, v in model.state_dict().items() if not k.startswith("index.")}
@@ -224,6 +225,17 @@ def test_distill_epochs_need_a_layer(tmp_path: Path) -> None:
     with pytest.raises(PoeemError, match="a run with a Poeem layer"):
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_text_runs_distil_by_default_and_id_runs_when_asked() -> None:
+    cfg = tiny_config()
+    assert cfg.train.distill_epochs is None and distill_epochs(cfg) == 0  # id towers
+    cfg.model.text = {"encoder": "any"}
+    assert distill_epochs(cfg) == TEXT_DISTILL_EPOCHS
+    cfg.train.distill_epochs = 0  # asked not to
+    assert distill_epochs(cfg) == 0
+    cfg.train.distill_epochs, cfg.model.poeem = None, None  # no layer to distil
+    assert distill_epochs(cfg) == 0
 
 
 def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:

@@ -176,6 +176,7 @@ def train(tmp_path: Path, encoder: Path, mode: str) -> tuple[Path, Path]:
     result = CliRunner().invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "poeem" in result.output
+    assert "index distilled after training" in result.output  # text runs distil by default
     result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(index)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return run_dir, index

@@ -190,7 +190,7 @@ def train(
         int | None,
         Opt(
             help="After training, distil the index from the model's own ranking for this many "
-            "epochs per round (0: no; safe on --resume).",
+            "epochs per round (0: no; default: 10 for text models, 0 for id models; safe on --resume).",
             rich_help_panel="Training",
         ),
     ] = None,

@@ -53,9 +53,10 @@ class TrainConfig:
     log_every: int = 50  # steps between log rows
     log: Literal["csv", "tensorboard", "none"] = "csv"
     max_steps: int | None = None  # stop early (a checkpoint is still written)
-    # epochs of index distillation after training (poeem.training.distill; 0: none): the
-    # frozen model's own ranking of its training queries teaches the layer
-    distill_epochs: int = 0
+    # epochs per round of index distillation after training (poeem.training.distill; 0: none):
+    # the frozen model's own ranking of its training queries teaches the layer. None: 10 for
+    # text models with a layer trained in one process (pipeline.run.distill_epochs), else 0
+    distill_epochs: int | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -75,7 +76,7 @@ class TrainConfig:
             ("eval_every", self.eval_every >= 0, "an integer >= 0"),
             ("log_every", self.log_every >= 1, "a positive integer"),
             ("max_steps", self.max_steps is None or self.max_steps >= 0, "None or an integer >= 0"),
-            ("distill_epochs", self.distill_epochs >= 0, "an integer >= 0"),
+            ("distill_epochs", (self.distill_epochs or 0) >= 0, "None or an integer >= 0"),
         ]
         for name, ok, expected in checks:
             if not ok:
