@@ -1,8 +1,6 @@
 """The TorchRec path: the two-tower model's item table sharded row-wise over 2 gloo ranks trains
 like one local table under row-wise Adagrad on the global batch. Skipped without torchrec."""
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,6 +14,7 @@ from test_distributed import run_ranks
 pytestmark = pytest.mark.skipif(not torchrec_available(), reason="torchrec extra not installed")
 
 BATCH, STEPS, LR = 32, 3, 0.1
+INIT_ROWS = 70_000  # more than one seeded block (INIT_BLOCK), split between the ranks
 
 
 def tiny_model() -> TwoTowerModel:
@@ -49,12 +48,20 @@ def sharded_worker(out: str) -> None:
     for batch in global_batches():
         model({k: v[share] for k, v in batch.items()})["loss"].backward()  # the fused step runs here
     first, rows = table.local_rows()
-    torch.save({"first": first, "rows": rows}, f"{out}/rank{dist.get_rank()}.pt")
+    drawn = ShardedIdTable(INIT_ROWS, 4, lr=LR, init_std=0.5, seed=7).local_rows()  # its own rows only
+    torch.save({"first": first, "rows": rows, "drawn": drawn}, f"{out}/rank{dist.get_rank()}.pt")
 
 
-def test_sharded_item_table_trains_like_a_local_table(tmp_path: Path) -> None:
-    run_ranks(sharded_worker, str(tmp_path))
-    parts = sorted((torch.load(tmp_path / f"rank{r}.pt") for r in range(2)), key=lambda p: p["first"])
+@pytest.fixture(scope="module")
+def rank_outputs(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """What each of the 2 ranks of :func:`sharded_worker` saved (spawned once for the module)."""
+    out = tmp_path_factory.mktemp("ranks")
+    run_ranks(sharded_worker, str(out))
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+def test_sharded_item_table_trains_like_a_local_table(rank_outputs: list[dict]) -> None:
+    parts = sorted(rank_outputs, key=lambda p: p["first"])
     assert [p["first"] for p in parts] == [0, parts[0]["rows"].shape[0]]  # each rank owns a row range
     sharded = torch.cat([p["rows"] for p in parts])
 
@@ -71,3 +78,14 @@ def test_sharded_item_table_trains_like_a_local_table(tmp_path: Path) -> None:
     assert not torch.equal(expected, before)
     # ranks sum their gradients where one process averages: row-wise Adagrad is scale-free
     torch.testing.assert_close(sharded, expected, rtol=0, atol=1e-5)
+
+
+def test_ranks_draw_their_own_rows_of_one_seeded_table(rank_outputs: list[dict]) -> None:
+    from poeem.model.sharded_tables import seeded_rows
+
+    parts = sorted((r["drawn"] for r in rank_outputs), key=lambda p: p[0])
+    assert parts[0][0] == 0 and parts[1][0] == parts[0][1].shape[0]  # a row range each
+    whole = seeded_rows(0, INIT_ROWS, 4, 0.5, seed=7)  # one process draws the whole table alike
+    assert torch.equal(torch.cat([rows for _, rows in parts]), whole)
+    assert torch.equal(seeded_rows(65_000, 2_000, 4, 0.5, seed=7), whole[65_000:67_000])  # across blocks
+    assert 0.45 < float(whole.std()) < 0.55 and not torch.equal(whole, seeded_rows(0, INIT_ROWS, 4, 0.5, 8))

@@ -16,6 +16,28 @@ from torch import nn
 
 from poeem.errors import PoeemError
 
+INIT_BLOCK = 65536  # rows per seeded block of the default initialisation
+
+
+def seeded_rows(first: int, count: int, dim: int, std: float, seed: int) -> torch.Tensor:
+    """Rows ``[first, first + count)`` of a N(0, std) table drawn in blocks of
+    :data:`INIT_BLOCK` rows, block b from a generator seeded with ``(seed, b)``: any row range
+    is drawn alone, and every split of the table into ranges gives the same table.
+
+    Returns:
+        (count, dim) float32.
+    """
+    out = torch.empty(count, dim)
+    end, row = first + count, first
+    while row < end:
+        block = row // INIT_BLOCK
+        g = torch.Generator().manual_seed(seed * 1_000_003 + block)
+        values = torch.randn(INIT_BLOCK, dim, generator=g) * std
+        stop = min(end, (block + 1) * INIT_BLOCK)
+        out[row - first : stop - first] = values[row - block * INIT_BLOCK : stop - block * INIT_BLOCK]
+        row = stop
+    return out
+
 
 def torchrec_available() -> bool:
     """Whether torchrec and its CPU kernels (fbgemm_gpu) are installed."""
@@ -29,8 +51,9 @@ class ShardedIdTable(nn.Module):
         rows: table rows (ids 0..rows-1).
         dim: embedding width.
         lr: row-wise Adagrad learning rate; eps its epsilon.
-        init: (rows, dim) initial values (each rank copies its own rows), or None for
-            N(0, ``init_std``) drawn from the global seed on every rank.
+        init: (rows, dim) initial values (each rank copies its own rows), or None: each rank
+            draws only its own rows, N(0, ``init_std``), by :func:`seeded_rows` with ``seed``
+            (the same table on any number of ranks; no rank holds the whole table).
     """
 
     def __init__(
@@ -41,6 +64,7 @@ class ShardedIdTable(nn.Module):
         eps: float = 1e-8,
         init: torch.Tensor | None = None,
         init_std: float = 0.1,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         if not torchrec_available():
@@ -75,10 +99,13 @@ class ShardedIdTable(nn.Module):
         self.sharded = DistributedModelParallel(
             collection, device=torch.device("cpu"), plan=plan, sharders=sharders
         )
-        values = init if init is not None else torch.randn(rows, dim) * init_std
         with torch.no_grad():
             for offset, shard in self._local_shards():
-                shard.copy_(values[offset : offset + shard.shape[0]])
+                n = shard.shape[0]
+                if init is not None:
+                    shard.copy_(init[offset : offset + n])
+                else:
+                    shard.copy_(seeded_rows(offset, n, dim, init_std, seed))
 
     def _local_shards(self) -> list[tuple[int, torch.Tensor]]:
         (weight,) = self.sharded.state_dict().values()
