@@ -165,15 +165,18 @@ def test_a_missing_encoder_is_a_clear_error() -> None:
 
 
 # ------------------------------------------------------------------ end to end
-def train(tmp_path: Path, encoder: Path, mode: str) -> tuple[Path, Path]:
-    beir = write_beir(tmp_path / "beir")
-    run_dir, index = tmp_path / f"run-{mode}", tmp_path / f"index-{mode}"
+def train_args(beir: Path, encoder: Path, mode: str, run_dir: Path) -> list[str]:
     args = ["train", "--data", "beir", "--data-path", str(beir), "--text-encoder", str(encoder)]
     args += ["--text-mode", mode, "--poeem", "--num-coarse", "0", "--num-subspaces", "4"]
     args += ["--codebook-size", "16", "--warmup-steps", "4", "--buffer-size", "64", "--batch-size", "8"]
     args += ["--random-negatives", "8", "--epochs", "6", "--lr", "0.01", "--k", "10"]
-    args += ["--no-progress", "--logger", "none", "--run-dir", str(run_dir)]
-    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    return [*args, "--no-progress", "--logger", "none", "--run-dir", str(run_dir)]
+
+
+def train(tmp_path: Path, encoder: Path, mode: str) -> tuple[Path, Path]:
+    beir = write_beir(tmp_path / "beir")
+    run_dir, index = tmp_path / f"run-{mode}", tmp_path / f"index-{mode}"
+    result = CliRunner().invoke(app, train_args(beir, encoder, mode, run_dir), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "poeem" in result.output
     assert "index distilled after training" in result.output  # text runs distil by default
@@ -225,6 +228,15 @@ def test_train_export_and_search_by_text(tmp_path: Path, tiny_encoder: Path, mod
         assert row_scores[row_ids.index("new-doc")] == pytest.approx(
             row_scores[row_ids.index("d3")], abs=1e-5
         )
+
+
+def test_a_text_run_under_torchrun_says_how_to_distil_its_index(tmp_path: Path, tiny_encoder: Path) -> None:
+    from test_distributed import cli
+
+    args = train_args(write_beir(tmp_path / "beir"), tiny_encoder, "frozen", tmp_path / "run")
+    done = cli(*args, torchrun=True)
+    assert done.stdout.count("run folder:") == 1
+    assert "index was not distilled" in done.stdout and "poeem distill RUN_DIR" in done.stdout
 
 
 def test_text_query_head_must_match_the_encoder(tmp_path: Path, tiny_encoder: Path) -> None:

@@ -263,15 +263,16 @@ TEXT_DISTILL_EPOCHS = 10  # per round, when a text run leaves train.distill_epoc
 
 def distill_epochs(cfg: RunConfig) -> int:
     """Epochs per round of index distillation after training: ``train.distill_epochs``, or when
-    it is None, :data:`TEXT_DISTILL_EPOCHS` for a text model with a layer trained in one process
-    and 0 otherwise. A text model's layer trains few steps on a small labelled set, and its
-    index alone kept 87% of exact ndcg@10 on SciFact at 16 bytes, below FAISS OPQ fitted
-    afterwards (91%); distilled, 92% (docs/benchmarks.md). On id data the gain was 1-2% and
-    the synthetic task lost 5 points, so id runs distil only when asked."""
+    it is None, :data:`TEXT_DISTILL_EPOCHS` for a text model with a layer and 0 otherwise (in
+    one process only: a run under torchrun says how to distil it afterwards).
+
+    A text model's layer trains few steps on a small labelled set, and its index alone kept 87%
+    of exact ndcg@10 on SciFact at 16 bytes, below FAISS OPQ fitted afterwards (91%);
+    distilled, 92% (docs/benchmarks.md). On id data the gain was 1-2% and the synthetic task
+    lost 5 points, so id runs distil only when asked."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
-    auto = cfg.model.text is not None and cfg.model.poeem is not None and not distributed.is_active()
-    return TEXT_DISTILL_EPOCHS if auto else 0
+    return TEXT_DISTILL_EPOCHS if cfg.model.text is not None and cfg.model.poeem is not None else 0
 
 
 def _check_distill(cfg: RunConfig) -> None:
@@ -300,6 +301,13 @@ def _distill_after_training(
     """Distil the trained model's layer in place (``train.distill_epochs``); what it did, or {}."""
     epochs = distill_epochs(cfg)
     if not epochs or model.index is None:
+        return {}
+    if distributed.is_active():  # only the text default gets here: _check_distill refused the rest
+        print(
+            "the index was not distilled (text runs distil it after training in one process): "
+            "run 'poeem distill RUN_DIR --out INDEX' to distil it",
+            flush=True,
+        )
         return {}
     from poeem.pipeline.distill import distill_run_index
 
