@@ -331,6 +331,8 @@ def test_the_cli_keeps_and_resumes_a_distillations_state(tmp_path: Path) -> None
     result = CliRunner().invoke(app, args)
     assert "pass --resume to continue it" in str(result.exception)
     state.unlink()
+    result = CliRunner().invoke(app, [*args, "--temperature", "0"])  # the option reaches the config
+    assert "distill temperature" in str(result.exception) and not state.exists()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, (result.output, result.exception)
     assert Searcher.load(tmp_path / "ix").ntotal == 1200 and not state.exists()  # deleted once written

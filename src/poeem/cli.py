@@ -441,6 +441,13 @@ def distill(
         bool, typer.Option("--reassign/--no-reassign", help="Re-assign item codes between rounds.")
     ] = True,
     teacher_k: Annotated[int, typer.Option(help="Exact top-k per query that the teacher ranks.")] = 100,
+    temperature: Annotated[
+        float | None,
+        typer.Option(
+            help="Of the teacher's and students' softmax, in score units (default: the mean std of "
+            "the queries' teacher top-k scores; raise it if the starting index is kept)."
+        ),
+    ] = None,
     fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
     replace: Annotated[
         bool, typer.Option(help="--out holds an index: publish this one as its next version.")
@@ -460,7 +467,9 @@ def distill(
     layer flags), or for any embeddings with --items and --queries."""
     from poeem.training.distill import DistillConfig
 
-    config = DistillConfig(rounds=rounds, epochs=epochs, reassign=reassign, teacher_k=teacher_k)
+    config = DistillConfig(
+        rounds=rounds, epochs=epochs, reassign=reassign, teacher_k=teacher_k, temperature=temperature
+    )
     settings = {
         key: value
         for key, value in {

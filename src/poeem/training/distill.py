@@ -215,7 +215,7 @@ def distill_index(
             warnings.warn(
                 f"distillation lowered the model's mean score of the held-out queries' top-{cfg.teacher_k} "
                 f"({before:.4f} -> {result.guard['distilled']:.4f}); the starting index is kept "
-                "(a larger DistillConfig.temperature may help)",
+                "(a larger temperature may help: DistillConfig.temperature, poeem distill --temperature)",
                 stacklevel=2,
             )
     return result
