@@ -65,6 +65,11 @@ def id_preset(name: str, tiny: bool) -> Preset:
     return tiny_preset(pre) if tiny else pre
 
 
+def served_k(name: str, tiny: bool) -> int:
+    """The k of the dataset's headline metric (ndcg@10 on SciFact): the depth the guard watches."""
+    return 10 if name == "scifact" else int(id_preset(name, tiny).headline.split("@")[1])
+
+
 def budget_of(name: str, tiny: bool) -> tuple[int, int, int]:
     return SCIFACT_BUDGET if name == "scifact" else id_preset(name, tiny).budget
 
@@ -101,7 +106,7 @@ def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None =
     cfg = pre.run_config(seed, None if joint is None else "poeem-ip", tuple(sorted({1, pre.budget[0]})))
     if joint is not None:
         cfg.model.poeem.update(JOINT[joint])
-    k = int(pre.headline.split("@")[1])
+    k = served_k(name, tiny)
     cfg.eval = EvalConfig(ks=(k,), faiss_baseline=False)
     run = workdir / f"{name}-{seed}-{joint or 'baseline'}"
     train_run(cfg, run)
@@ -123,6 +128,7 @@ def run_seed(
     name: str, seed: int, workdir: Path, tiny: bool, rotations: tuple[str, ...] = ("opq", "givens")
 ) -> list[dict[str, Any]]:
     nc, d, k = budget_of(name, tiny)
+    k_served = served_k(name, tiny)
     if name == "scifact":
         items, queries, evaluate, test = scifact_task(tiny)
     else:
@@ -152,7 +158,7 @@ def run_seed(
     record("faiss-opq", FaissSearcher(faiss_index), faiss_s)
     started = time.perf_counter()  # the same FAISS index, distilled (poeem distill --from-faiss)
     layer, _ = layer_from_faiss(faiss_index, items.shape[1], None)
-    record("faiss-opq-distilled", *distilled(layer, items, queries, seed, tiny, faiss_s, started))
+    record("faiss-opq-distilled", *distilled(layer, items, queries, seed, tiny, faiss_s, started, k=k_served))
     started = time.perf_counter()
     scann_index = ScannIndex(items, nc, d, k)  # tree + AH at the same bytes, no reorder
     record("scann", scann_index, time.perf_counter() - started)
@@ -165,14 +171,15 @@ def run_seed(
         for reassign in (True, False):
             method = f"poeem-distilled-{rotation}" + ("" if reassign else "-frozen-codes")
             student = copy.deepcopy(layer)
-            record(method, *distilled(student, items, queries, seed, tiny, fit_s, reassign=reassign))
+            result = distilled(student, items, queries, seed, tiny, fit_s, reassign=reassign, k=k_served)
+            record(method, *result)
     for joint in JOINT if name != "scifact" else ():  # joint training, then the same distillation
         started = time.perf_counter()
         items, queries, evaluate, test, model = id_task(name, seed, workdir, tiny, joint)
         joint_s = time.perf_counter() - started
         record(f"{joint}-exact", FlatIndex(items, "ip"), 0.0)
         record(joint, served(learned_index(model.index, items)), joint_s)
-        record(f"{joint}-distilled", *distilled(model.index, items, queries, seed, tiny, joint_s))
+        record(f"{joint}-distilled", *distilled(model.index, items, queries, seed, tiny, joint_s, k=k_served))
     return rows
 
 
@@ -217,11 +224,13 @@ def distilled(
     before_s: float,
     started: float | None = None,
     reassign: bool = True,
+    k: int | None = None,
 ) -> tuple[Any, float, dict[str, Any]]:
-    """Distil ``layer`` in place with the default settings; (its index, the seconds since
-    ``started`` or of the distillation alone, plus ``before_s``, and the best epoch)."""
+    """Distil ``layer`` in place with the default settings, its guard watching the top ``k``
+    that the benchmark scores; (its index, the seconds since ``started`` or of the distillation
+    alone, plus ``before_s``, and the best epoch)."""
     started = started if started is not None else time.perf_counter()
-    config = DistillConfig(reassign=reassign, seed=seed)
+    config = DistillConfig(reassign=reassign, seed=seed, guard_k=k)
     if tiny:
         config = replace(config, rounds=1, epochs=1, teacher_k=20)
     result = distill_index(layer, items, queries, config, progress=False)

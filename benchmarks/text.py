@@ -149,7 +149,7 @@ def index_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, 
         return {"method": method, **evaluate_retrieval(index, encode, data, KS, 1), "build_s": build_s}
 
     if model.index is not None:
-        index, seconds, _ = distilled(copy.deepcopy(model.index), items, queries, seed, False, 0.0)
+        index, seconds, _ = distilled(copy.deepcopy(model.index), items, queries, seed, False, 0.0, k=KS[0])
         return [row("poeem-distilled", index, seconds)]
     started = time.perf_counter()
     rows = [row("scann", ScannIndex(items, 0, budget, 256), time.perf_counter() - started)]
@@ -157,7 +157,7 @@ def index_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, 
     layer = fitted_layer(items, (0, budget, 256), "opq", seed)
     fit_s = time.perf_counter() - started
     rows.append(row("refit", served(learned_index(layer, items)), fit_s))
-    rows.append(row("refit-distilled", *distilled(layer, items, queries, seed, False, fit_s)[:2]))
+    rows.append(row("refit-distilled", *distilled(layer, items, queries, seed, False, fit_s, k=KS[0])[:2]))
     return rows
 
 

@@ -20,7 +20,7 @@ from poeem.export import learned_index
 from poeem.export.faiss_codec import pack_sa_codes
 from poeem.pipeline import resume_config, train_run
 from poeem.pipeline.distill import layer_from_faiss
-from poeem.pipeline.run import TEXT_DISTILL_EPOCHS, distill_epochs
+from poeem.pipeline.run import TEXT_DISTILL_EPOCHS, distill_epochs, run_distill_config
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index, listnet
 
@@ -382,9 +382,27 @@ def test_an_index_made_worse_by_distillation_is_not_kept() -> None:
 def test_an_index_improved_by_distillation_is_kept() -> None:
     items, queries = clustered(800, 4), clustered(300, 5)
     layer = fitted_layer(items, rotation="none")
+    before = overlap_with_teacher(layer, items, queries, layer.encode(items))
     config = DistillConfig(rounds=1, epochs=4, teacher_k=20)
     result = distill_index(layer, items, queries, config, progress=False)
-    assert not result.kept_start and result.guard["distilled"] > result.guard["start"]
+    assert not result.kept_start and result.guard["k"] == 10 and result.guard["stderr"] > 0
+    # not significantly lower at the guard's depth, and closer to the model's own top-10
+    assert result.guard["distilled"] - result.guard["start"] > -2 * result.guard["stderr"]
+    assert overlap_with_teacher(layer, items, queries, (result.coarse_codes, result.codes)) > before
+
+
+def test_the_guard_watches_the_depth_that_is_served() -> None:
+    items, queries = clustered(600, 0), clustered(200, 1)
+    with pytest.raises(PoeemError, match="distill guard_k"):
+        DistillConfig(guard_k=0)
+    with pytest.raises(PoeemError, match="at most 600"):
+        distill_index(fitted_layer(items), items, queries, DistillConfig(guard_k=601), progress=False)
+    config = DistillConfig(rounds=1, epochs=1, teacher_k=20, guard_k=3)
+    assert distill_index(fitted_layer(items), items, queries, config, progress=False).guard["k"] == 3
+    cfg = tiny_config()  # a run's distillation guards the shallowest k it evaluates
+    assert run_distill_config(DistillConfig(), cfg, 10_000).guard_k == min(cfg.eval.ks)
+    assert run_distill_config(DistillConfig(guard_k=7), cfg, 10_000).guard_k == 7
+    assert run_distill_config(DistillConfig(), cfg, 50).teacher_k == 50  # a small catalogue, ranked whole
 
 
 def test_a_state_without_its_starting_index_is_refused_clearly(tmp_path: Path) -> None:
@@ -400,7 +418,7 @@ def test_a_state_without_its_starting_index_is_refused_clearly(tmp_path: Path) -
     with safe_open(state, "pt") as f:  # rewrite it as an older poeem wrote it: no start
         tensors = {k: f.get_tensor(k) for k in f.keys() if ".start." not in k}  # noqa: SIM118 (no __iter__)
         meta = f.metadata()
-    meta["poeem"] = meta["poeem"].replace('"start_score"', '"old_key"')
+    meta["poeem"] = meta["poeem"].replace('"start_guard"', '"old_key"')
     save_file(tensors, state, metadata=meta)
     with pytest.raises(PoeemError, match="older poeem"):
         distill_index(start, items, queries, cfg, progress=False, checkpoint=state, resume=True)

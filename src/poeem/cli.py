@@ -448,6 +448,13 @@ def distill(
             "the queries' teacher top-k scores; raise it if the starting index is kept)."
         ),
     ] = None,
+    guard_k: Annotated[
+        int | None,
+        typer.Option(
+            help="The depth you serve: the starting index is kept if distillation lowered the held-out "
+            "queries' top-k (default: a run's smallest evaluated k; 10 with --items)."
+        ),
+    ] = None,
     fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
     replace: Annotated[
         bool, typer.Option(help="--out holds an index: publish this one as its next version.")
@@ -468,7 +475,12 @@ def distill(
     from poeem.training.distill import DistillConfig
 
     config = DistillConfig(
-        rounds=rounds, epochs=epochs, reassign=reassign, teacher_k=teacher_k, temperature=temperature
+        rounds=rounds,
+        epochs=epochs,
+        reassign=reassign,
+        teacher_k=teacher_k,
+        temperature=temperature,
+        guard_k=guard_k,
     )
     settings = {
         key: value

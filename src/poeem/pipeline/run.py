@@ -275,6 +275,13 @@ def distill_epochs(cfg: RunConfig) -> int:
     return TEXT_DISTILL_EPOCHS if cfg.model.text is not None and cfg.model.poeem is not None else 0
 
 
+def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) -> DistillConfig:
+    """``config`` for a run: unless set, its guard watches the shallowest depth the run
+    evaluates (``eval.ks``), and a catalogue smaller than the teacher's top-k is ranked whole."""
+    guard_k = config.guard_k or min(min(cfg.eval.ks), num_items)
+    return replace(config, guard_k=guard_k, teacher_k=min(config.teacher_k, num_items))
+
+
 def _check_distill(cfg: RunConfig) -> None:
     """Refuse ``train.distill_epochs`` before training where it cannot run after it."""
     if not cfg.train.distill_epochs:
@@ -313,9 +320,7 @@ def _distill_after_training(
 
     model.eval()
     started = time.perf_counter()
-    # a catalogue smaller than the teacher's default top-k is ranked whole
-    teacher_k = min(DistillConfig.teacher_k, data.num_items)
-    distill = DistillConfig(epochs=epochs, seed=cfg.train.seed, teacher_k=teacher_k)
+    distill = run_distill_config(DistillConfig(epochs=epochs, seed=cfg.train.seed), cfg, data.num_items)
     _, result = distill_run_index(model, data, artifacts.item_features, distill, progress=cfg.train.progress)
     kept = {"best": result.best, "guard": result.guard, "kept_start": result.kept_start}
     return {"seconds": time.perf_counter() - started, "epochs": len(result.history), **kept}
@@ -370,6 +375,7 @@ def export_run(
 
         assert data is not None
         checkpoint = checkpoint_for(out, resume, replace)
+        distill = run_distill_config(distill, cfg, data.num_items)
         layer, result = distill_run_index(
             model, data, art.item_features, distill, layer_settings, cfg.train.progress, checkpoint, resume
         )

@@ -12,12 +12,13 @@ The item assignments (lists and codes) stay frozen while the codewords move, so 
 cannot collapse the way a task gradient with live re-assignment does; with ``reassign`` they are
 recomputed between rounds.
 
-The held-out queries pick the epoch kept (by their code loss), and then guard the result: the
-mean exact score of the items that the code student ranks in a query's top-k (among the
-queries' candidates and up to 16,384 random items, which training never sees) is measured for
-the starting and for the distilled index, and if distillation lowered it, the starting index
-is kept. A swap between items the model scores almost alike barely moves that mean; an
-unrelated item in the top-k does.
+The held-out queries pick the epoch kept (by their code loss), and then guard the result: each
+one's mean exact score of the items that the code student ranks in its top ``guard_k`` (the
+depth you serve; among the queries' candidates and up to 16,384 random items, which training
+never sees) is measured for the starting and for the distilled index, and if distillation
+lowered it by more than two standard errors of the per-query difference, the starting index is
+kept. A swap between items the model scores almost alike barely moves that mean; an unrelated
+item in the top-k does.
 """
 
 from __future__ import annotations
@@ -38,11 +39,13 @@ from poeem.search.exact import FlatIndex
 from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 
 GUARD_ITEMS = 16384  # random items the guard scores besides the held-out queries' top-k
+GUARD_Z = 2.0  # the start is kept when distillation lowered the guard score by this many standard errors
+GUARD_K = 10  # the guard's depth when DistillConfig.guard_k is None
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
 Best = tuple[float, list[torch.Tensor], dict[str, float]]  # held-out loss, parameters, history row
 Codes = tuple[torch.Tensor | None, torch.Tensor]  # the items' (n,) lists (None without) and (n, D) codes
-# the starting index: parameters, codes, and its held-out guard score (None: no held-out)
-Start = tuple[list[torch.Tensor], Codes, float | None]
+# the starting index: parameters, codes, and its held-out queries' guard scores (None: no held-out)
+Start = tuple[list[torch.Tensor], Codes, torch.Tensor | None]
 
 
 @dataclass
@@ -57,6 +60,9 @@ class DistillConfig:
     list_weight: weight of the list student's loss (the code student has weight 1).
     holdout: share of the queries (at most 1,024) kept out of training; after every epoch their
         loss is measured, and the index of the best epoch is the one kept (early stopping).
+    guard_k: the depth the guard watches, the k you serve (None: ``GUARD_K``): the starting
+        index is kept if distillation lowered the held-out queries' mean exact score of their
+        top ``guard_k`` by more than ``GUARD_Z`` standard errors.
     """
 
     rounds: int = 3
@@ -70,11 +76,12 @@ class DistillConfig:
     codebook_lr: float = 1e-3
     rotation_lr: float = 1e-3
     holdout: float = 0.1
+    guard_k: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "epochs", "teacher_k", "batch_size"):
-            if getattr(self, name) < 1:
+        for name in ("rounds", "epochs", "teacher_k", "batch_size", "guard_k"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PoeemError(f"distill {name}", "at least 1", str(getattr(self, name)), "raise it")
         if self.temperature is not None and not self.temperature > 0:
             raise PoeemError(
@@ -95,10 +102,11 @@ class DistillResult:
     history: one row per epoch: round, epoch, mean ListNet loss of each student, and the
         held-out queries' code loss.
     best: the history row of the best epoch.
-    guard: the held-out queries' mean exact score of the code student's top-k items, for the
-        starting index ("start") and the best epoch's ("distilled"); empty without held-out
-        queries.
-    kept_start: the starting index was kept (distillation lowered that score).
+    guard: the held-out queries' mean exact score of the code student's top ``guard_k`` items
+        ("k"), for the starting index ("start") and the best epoch's ("distilled"), and the
+        standard error of their per-query difference ("stderr"); empty without held-out queries.
+    kept_start: the starting index was kept (distillation lowered that score by more than
+        ``GUARD_Z`` standard errors).
     """
 
     coarse_codes: torch.Tensor | None
@@ -164,7 +172,7 @@ def distill_index(
         done, history, best, codes, start = _restore(checkpoint, layer, optimizer, g, inputs, trained)
     else:
         codes = _encode(layer, items)
-        start = ([p.detach().clone() for p in trained], codes, teacher.guard_score(codes))
+        start = ([p.detach().clone() for p in trained], codes, teacher.guard_scores(codes))
     fit = teacher.fit
     per_epoch = -(-fit.numel() // cfg.batch_size)
     total = cfg.rounds * cfg.epochs
@@ -207,14 +215,19 @@ def distill_index(
         codes = _encode(layer, items)
     result = DistillResult(*codes, history, best[2] if best is not None else history[-1])
     before = start[2]
-    if before is not None:  # the guard: never an index whose top-k the model scores lower on held-out queries
-        result.guard = {"start": before, "distilled": teacher.guard_score(codes)}
-        if result.guard["distilled"] < before:
+    if before is not None:  # the guard: not an index whose top-k the model scores lower on held-out queries
+        after = teacher.guard_scores(codes)
+        diff = after - before
+        stderr = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
+        result.guard = {"start": float(before.mean()), "distilled": float(after.mean()), "stderr": stderr}
+        result.guard["k"] = teacher.guard_k
+        if float(diff.mean()) < -GUARD_Z * stderr:
             _copy_into(trained, start[0])
             (result.coarse_codes, result.codes), result.kept_start = start[1], True
             warnings.warn(
-                f"distillation lowered the model's mean score of the held-out queries' top-{cfg.teacher_k} "
-                f"({before:.4f} -> {result.guard['distilled']:.4f}); the starting index is kept "
+                f"distillation lowered the model's mean score of the held-out queries' top-{teacher.guard_k} "
+                f"({result.guard['start']:.4f} -> {result.guard['distilled']:.4f}, standard error "
+                f"{stderr:.4f}); the starting index is kept "
                 "(a larger temperature may help: DistillConfig.temperature, poeem distill --temperature)",
                 stacklevel=2,
             )
@@ -236,6 +249,7 @@ class _Teacher:
         g: torch.Generator,
     ) -> None:
         self.layer, self.items, self.queries, self.cfg = layer, items, queries, cfg
+        self.guard_k = cfg.guard_k or min(GUARD_K, items.shape[0])
         device = items.device
         _, self.top = FlatIndex(items, "ip").search(queries, cfg.teacher_k)  # (nq, teacher_k)
         order = torch.randperm(queries.shape[0], generator=g).to(device)
@@ -278,16 +292,16 @@ class _Teacher:
         return sum(parts) / self.heldout.numel()
 
     @torch.no_grad()
-    def guard_score(self, codes: Codes) -> float | None:
-        """Mean over held-out queries of the exact score of their code student's top-k items;
-        None without held-out queries."""
+    def guard_scores(self, codes: Codes) -> torch.Tensor | None:
+        """(held-out,) each held-out query's mean exact score of its code student's top-k items
+        (among its candidates and the random items); None without held-out queries."""
         if not self.heldout.numel():
             return None
         means = []
         for rows in self.batches(self.heldout):
             teacher, code, _ = self.scores(rows, codes, self.random_items)
-            means.append(teacher.gather(1, code.topk(self.cfg.teacher_k, dim=1).indices).mean(dim=1))
-        return float(torch.cat(means).mean())
+            means.append(teacher.gather(1, code.topk(self.guard_k, dim=1).indices).mean(dim=1))
+        return torch.cat(means).cpu()
 
     def batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return rows.split(self.cfg.batch_size)
@@ -329,7 +343,9 @@ def _save_state(
     if best is not None:
         extra.update({f"best.{i}": p for i, p in enumerate(best[1])})
     extra.update({f"start.{i}": p for i, p in enumerate(start[0])})
-    state = {"done": done, "history": history, "inputs": inputs, "start_score": start[2]}
+    if start[2] is not None:
+        extra["start.guard"] = start[2]
+    state = {"done": done, "history": history, "inputs": inputs, "start_guard": start[2] is not None}
     state["best"] = None if best is None else {"loss": best[0], "row": best[2]}
     save_checkpoint(path, layer, optimizer, {"distill": state}, extra)
 
@@ -348,7 +364,7 @@ def _restore(
     state = meta.get("trainer", {}).get("distill")
     if state is None:
         raise PoeemError("distill checkpoint", "a distillation checkpoint", f"'{path}'", "delete it")
-    if "start_score" not in state:  # written before the guard existed: it has no starting index
+    if "start_guard" not in state:  # written by an older poeem: no starting index, or no per-query guard
         raise PoeemError(
             "distill --resume",
             "a distillation state that holds its starting index",
@@ -376,7 +392,7 @@ def _restore(
         return (None if coarse is None else coarse.to(device)), tensors[f"extra.{prefix}codes"].to(device)
 
     start_params = [tensors[f"extra.start.{i}"].to(p.device) for i, p in enumerate(trained)]
-    start = (start_params, codes_of("start."), state["start_score"])
+    start = (start_params, codes_of("start."), tensors.get("extra.start.guard"))
     return state["done"], state["history"], best, codes_of(""), start
 
 
@@ -401,6 +417,13 @@ def _check_inputs(layer: PoeemLayer, items: torch.Tensor, queries: torch.Tensor,
             )
         if not bool(torch.isfinite(x).all()):
             raise PoeemError(f"distill {what}", "finite values", "NaN or inf", "check the embeddings")
+    if cfg.guard_k is not None and cfg.guard_k > min(items.shape[0], GUARD_ITEMS):
+        raise PoeemError(
+            "distill guard_k",
+            f"at most {min(items.shape[0], GUARD_ITEMS)} (the items, and the guard's random items)",
+            str(cfg.guard_k),
+            "lower --guard-k",
+        )
     if items.shape[0] < cfg.teacher_k:
         raise PoeemError(
             "distill teacher_k",
