@@ -266,10 +266,10 @@ def distill_epochs(cfg: RunConfig) -> int:
     it is None, :data:`TEXT_DISTILL_EPOCHS` for a text model with a layer and 0 otherwise (in
     one process only: a run under torchrun says how to distil it afterwards).
 
-    A text model's layer trains few steps on a small labelled set, and its index alone kept 87%
-    of exact ndcg@10 on SciFact at 16 bytes, below FAISS OPQ fitted afterwards (91%);
-    distilled, 92% (docs/benchmarks.md). On id data the gain was 1-2% and the synthetic task
-    lost 5 points, so id runs distil only when asked."""
+    A text model's layer trains few steps on a small labelled set: on SciFact its index alone
+    kept 88% of exact ndcg@10 at 16 bytes and 97% at 48, below FAISS OPQ fitted afterwards;
+    distilled, 92% and 98%, above or level with it (docs/benchmarks.md). On id data the gain was
+    1-2% and the synthetic task lost up to 5 points, so id runs distil only when asked."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
     return TEXT_DISTILL_EPOCHS if cfg.model.text is not None and cfg.model.poeem is not None else 0
