@@ -228,7 +228,7 @@ def distilled(
 ) -> tuple[Any, float, dict[str, Any]]:
     """Distil ``layer`` in place with the default settings, its guard watching the top ``k``
     that the benchmark scores; (its index, the seconds since ``started`` or of the distillation
-    alone, plus ``before_s``, and the best epoch)."""
+    alone, plus ``before_s``, and the best epoch, the epochs run and the guard's decision)."""
     started = started if started is not None else time.perf_counter()
     config = DistillConfig(reassign=reassign, seed=seed, guard_k=k)
     if tiny:
@@ -238,7 +238,7 @@ def distilled(
     return (
         served(learned_index(layer, (result.coarse_codes, result.codes))),
         seconds,
-        {"best": result.best},
+        {"best": result.best, "epochs": len(result.history), "kept_start": result.kept_start},
     )
 
 

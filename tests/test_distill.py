@@ -1,6 +1,7 @@
 """Index distillation (issue 17): the index learns the model's own ranking, with no labels."""
 
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import faiss
@@ -103,6 +104,38 @@ def test_the_heldout_queries_pick_the_epoch_kept() -> None:
     )
     best = min(result.history, key=lambda row: row["heldout_code_loss"])
     assert result.best == best
+
+
+def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import poeem.training.distill as distill_module
+
+    items, queries = clustered(600, 4), clustered(200, 5)
+    frozen = {"codebook_lr": 0.0, "coarse_lr": 0.0, "rotation_lr": 0.0}  # the held-out loss never improves
+    cfg = DistillConfig(rounds=3, epochs=10, teacher_k=20, patience=2, **frozen)
+    result = distill_index(fitted_layer(items), items, queries, cfg, progress=False)
+    # round 0: the first epoch is the best, 2 more end it; round 1: 2 epochs without a better one stop it
+    assert [(r["round"], r["epoch"]) for r in result.history] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    assert (result.best["round"], result.best["epoch"]) == (0, 0)
+    every = distill_index(fitted_layer(items), items, queries, replace(cfg, patience=None), progress=False)
+    assert len(every.history) == 30
+    # stopped inside the skipped schedule and resumed: the same epochs run
+    save, saved = distill_module._save_state, []
+
+    def save_then_stop(*args: object) -> None:
+        save(*args)
+        saved.append(1)
+        if len(saved) == 3:  # the end of round 0, where patience jumps to round 1
+            raise KeyboardInterrupt
+
+    state = tmp_path / "state.safetensors"
+    monkeypatch.setattr(distill_module, "_save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        distill_index(fitted_layer(items), items, queries, cfg, progress=False, checkpoint=state)
+    monkeypatch.setattr(distill_module, "_save_state", save)
+    resumed = distill_index(
+        fitted_layer(items), items, queries, cfg, progress=False, checkpoint=state, resume=True
+    )
+    assert resumed.history == result.history
 
 
 @pytest.mark.parametrize("rotation", ["none", "givens"])

@@ -440,6 +440,13 @@ def distill(
     reassign: Annotated[
         bool, typer.Option("--reassign/--no-reassign", help="Re-assign item codes between rounds.")
     ] = True,
+    patience: Annotated[
+        int,
+        typer.Option(
+            help="A round ends after this many epochs without a better held-out loss, and "
+            "distillation stops after a round without one; 0: run every epoch."
+        ),
+    ] = 3,
     teacher_k: Annotated[int, typer.Option(help="Exact top-k per query that the teacher ranks.")] = 100,
     temperature: Annotated[
         float | None,
@@ -478,6 +485,7 @@ def distill(
         rounds=rounds,
         epochs=epochs,
         reassign=reassign,
+        patience=patience or None,
         teacher_k=teacher_k,
         temperature=temperature,
         guard_k=guard_k,

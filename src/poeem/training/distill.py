@@ -12,7 +12,8 @@ The item assignments (lists and codes) stay frozen while the codewords move, so 
 cannot collapse the way a task gradient with live re-assignment does; with ``reassign`` they are
 recomputed between rounds.
 
-The held-out queries pick the epoch kept (by their code loss), and then guard the result: each
+The held-out queries pick the epoch kept (by their code loss), end a round after ``patience``
+epochs without a better one and stop after a round that found none; then they guard the result: each
 one's mean exact score of the items that the code student ranks in its top ``guard_k`` (the
 depth you serve; among the queries' candidates and up to 16,384 random items, which training
 never sees) is measured for the starting and for the distilled index, and if distillation
@@ -60,6 +61,8 @@ class DistillConfig:
     list_weight: weight of the list student's loss (the code student has weight 1).
     holdout: share of the queries (at most 1,024) kept out of training; after every epoch their
         loss is measured, and the index of the best epoch is the one kept (early stopping).
+    patience: a round ends after this many epochs in a row without a better held-out loss, and
+        distillation stops after a round without one (None: every epoch of every round runs).
     guard_k: the depth the guard watches, the k you serve (None: ``GUARD_K``): the starting
         index is kept if distillation lowered the held-out queries' mean exact score of their
         top ``guard_k`` by more than ``GUARD_Z`` standard errors.
@@ -76,11 +79,12 @@ class DistillConfig:
     codebook_lr: float = 1e-3
     rotation_lr: float = 1e-3
     holdout: float = 0.1
+    patience: int | None = 3
     guard_k: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "epochs", "teacher_k", "batch_size", "guard_k"):
+        for name in ("rounds", "epochs", "teacher_k", "batch_size", "patience", "guard_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PoeemError(f"distill {name}", "at least 1", str(getattr(self, name)), "raise it")
         if self.temperature is not None and not self.temperature > 0:
@@ -99,8 +103,8 @@ class DistillResult:
     """The distilled codes and what the loss did.
 
     coarse_codes: (n,) int64 list of each item, or None without lists; codes: (n, D) int64.
-    history: one row per epoch: round, epoch, mean ListNet loss of each student, and the
-        held-out queries' code loss.
+    history: one row per epoch run: round, epoch, mean ListNet loss of each student, and the
+        held-out queries' code loss (rounds that ``patience`` ended early have fewer rows).
     best: the history row of the best epoch.
     guard: the held-out queries' mean exact score of the code student's top ``guard_k`` items
         ("k"), for the starting index ("start") and the best epoch's ("distilled"), and the
@@ -184,7 +188,8 @@ def distill_index(
         leave=False,
     )
 
-    for step in range(done, total):
+    step = done
+    while step < total:
         round_no, epoch = divmod(step, cfg.epochs)
         if round_no and not epoch and cfg.reassign:
             codes = _encode(layer, items)
@@ -206,8 +211,11 @@ def distill_index(
                 best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row)
         history.append(row)
         bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
+        following = _next_step(step, best, cfg)
+        bar.update((following - step - 1) * per_epoch)  # the epochs that patience skips
+        step = following
         if checkpoint is not None:
-            _save_state(checkpoint, layer, optimizer, g, step + 1, history, best, codes, inputs, start)
+            _save_state(checkpoint, layer, optimizer, g, step, history, best, codes, inputs, start)
     bar.close()
     if best is not None:  # the epoch the held-out queries liked best
         _copy_into(trained, best[1])
@@ -305,6 +313,21 @@ class _Teacher:
 
     def batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return rows.split(self.cfg.batch_size)
+
+
+def _next_step(step: int, best: Best | None, cfg: DistillConfig) -> int:
+    """The schedule position (round * epochs + epoch) to run after ``step``: the next epoch, the
+    next round's first when ``patience`` epochs in a row found no better held-out loss, or the
+    end (rounds * epochs) when a whole round found none."""
+    total = cfg.rounds * cfg.epochs
+    if cfg.patience is None or best is None:
+        return step + 1
+    round_no, epoch = divmod(step, cfg.epochs)
+    best_round, best_epoch = int(best[2]["round"]), int(best[2]["epoch"])
+    since = epoch - best_epoch if best_round == round_no else epoch + 1
+    if since < cfg.patience and epoch + 1 < cfg.epochs:
+        return step + 1
+    return total if best_round < round_no else min((round_no + 1) * cfg.epochs, total)
 
 
 @torch.no_grad()
