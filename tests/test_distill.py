@@ -237,7 +237,7 @@ def test_train_distils_its_index_after_training_even_on_resume(tmp_path: Path) -
     plain, trained = train_run(tiny_config(), tmp_path / "run")
     before = copy.deepcopy(plain.index)
     cfg, applied = resume_config(tmp_path / "run", {"train": {"distill_epochs": 1}})
-    assert applied == ["train.distill_epochs: None -> 1"]  # None: the default, none for id runs
+    assert applied == ["train.distill_epochs: default -> 1"]  # the default: none for id runs
     model, metrics = train_run(cfg, tmp_path / "run", resume=True)
     assert metrics["steps"] == trained["steps"] and metrics["distill"]["epochs"] == 3  # rounds x 1
     towers = {k: v for k, v in model.state_dict().items() if not k.startswith("index.")}

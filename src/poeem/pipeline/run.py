@@ -145,7 +145,8 @@ def resume_config(
     for section, values in overrides.items():
         for key, value in values.items():
             if raw[section].get(key) != value:
-                applied.append(f"{section}.{key}: {raw[section].get(key)} -> {value}")
+                before = raw[section].get(key)
+                applied.append(f"{section}.{key}: {'default' if before is None else before} -> {value}")
                 raw[section][key] = value
     return RunConfig.from_dict(raw), applied
 

@@ -296,7 +296,10 @@ class _Teacher:
     @torch.no_grad()
     def heldout_loss(self, codes: Codes) -> float:
         """The held-out queries' code loss (in batches: a batch's pooled candidates stay small)."""
-        parts = [float(self.losses(rows, codes)[0]) * rows.numel() for rows in self.batches(self.heldout)]
+        parts = []
+        for rows in self.batches(self.heldout):
+            teacher, code, _ = self.scores(rows, codes)
+            parts.append(float(listnet(teacher, code, self.temperature)) * rows.numel())
         return sum(parts) / self.heldout.numel()
 
     @torch.no_grad()
