@@ -106,6 +106,29 @@ def test_the_heldout_queries_pick_the_epoch_kept() -> None:
     assert result.best == best
 
 
+@pytest.mark.parametrize("rotation", ["none", "givens"])
+def test_the_index_returned_is_the_one_the_heldout_queries_scored(rotation: str) -> None:
+    from poeem.training.distill import _Teacher
+
+    items, queries = clustered(800, 4), clustered(300, 5)
+    cfg = DistillConfig(rounds=3, epochs=2, teacher_k=20, patience=None)
+    layer = fitted_layer(items, rotation=rotation)
+    result = distill_index(layer, items, queries, cfg, progress=False)
+    # on these data the re-encoded codes win without a rotation, and the measured ones with it
+    assert not result.kept_start and result.reencoded == (rotation == "none")
+    # the same split of the queries: the generator draws the held-out queries first
+    teacher = _Teacher(layer, items, queries, cfg, torch.Generator().manual_seed(cfg.seed))
+    loss = teacher.heldout_loss((result.coarse_codes, result.codes))
+    # the codes the best epoch was measured with, or the re-encoded ones when they score better
+    as_measured = loss == pytest.approx(result.best["heldout_code_loss"], rel=1e-6)
+    assert as_measured != result.reencoded
+    assert loss <= result.best["heldout_code_loss"] * (1 + 1e-6)
+    reencoded = tuple(c.long() for c in layer.encode(items))
+    assert loss <= teacher.heldout_loss(reencoded) * (1 + 1e-6)
+    same = torch.equal(reencoded[1], result.codes) and torch.equal(reencoded[0], result.coarse_codes)
+    assert same == result.reencoded
+
+
 def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import poeem.training.distill as distill_module
 

@@ -43,8 +43,9 @@ GUARD_ITEMS = 16384  # random items the guard scores besides the held-out querie
 GUARD_Z = 2.0  # the start is kept when distillation lowered the guard score by this many standard errors
 GUARD_K = 10  # the guard's depth when DistillConfig.guard_k is None
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
-Best = tuple[float, list[torch.Tensor], dict[str, float]]  # held-out loss, parameters, history row
 Codes = tuple[torch.Tensor | None, torch.Tensor]  # the items' (n,) lists (None without) and (n, D) codes
+# the best epoch: its held-out loss, parameters, history row, and the codes it was measured with
+Best = tuple[float, list[torch.Tensor], dict[str, float], Codes]
 # the starting index: parameters, codes, and its held-out queries' guard scores (None: no held-out)
 Start = tuple[list[torch.Tensor], Codes, torch.Tensor | None]
 
@@ -105,7 +106,9 @@ class DistillResult:
     coarse_codes: (n,) int64 list of each item, or None without lists; codes: (n, D) int64.
     history: one row per epoch run: round, epoch, mean ListNet loss of each student, and the
         held-out queries' code loss (rounds that ``patience`` ended early have fewer rows).
-    best: the history row of the best epoch.
+    best: the history row of the best epoch. Its parameters are kept, with the codes they were
+        measured with, or (``reassign``) the items re-encoded with them if the held-out queries'
+        code loss is lower so (``reencoded``).
     guard: the held-out queries' mean exact score of the code student's top ``guard_k`` items
         ("k"), for the starting index ("start") and the best epoch's ("distilled"), and the
         standard error of their per-query difference ("stderr"); empty without held-out queries.
@@ -119,6 +122,7 @@ class DistillResult:
     best: dict[str, float] = field(default_factory=dict)
     guard: dict[str, float] = field(default_factory=dict)
     kept_start: bool = False
+    reencoded: bool = False
 
 
 def listnet(teacher: torch.Tensor, student: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -208,7 +212,7 @@ def distill_index(
         if teacher.heldout.numel():
             row["heldout_code_loss"] = teacher.heldout_loss(codes)
             if best is None or row["heldout_code_loss"] < best[0]:
-                best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row)
+                best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row, codes)
         history.append(row)
         bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
         following = _next_step(step, best, cfg)
@@ -217,11 +221,17 @@ def distill_index(
         if checkpoint is not None:
             _save_state(checkpoint, layer, optimizer, g, step, history, best, codes, inputs, start)
     bar.close()
-    if best is not None:  # the epoch the held-out queries liked best
+    reencoded = False
+    if best is not None:  # the index the held-out queries liked best: its parameters and its codes,
         _copy_into(trained, best[1])
-    if cfg.reassign:
+        codes = best[3]
+        if cfg.reassign:  # or the items re-encoded with those parameters, if they score better
+            fresh = _encode(layer, items)
+            if teacher.heldout_loss(fresh) < best[0]:
+                codes, reencoded = fresh, True
+    elif cfg.reassign:
         codes = _encode(layer, items)
-    result = DistillResult(*codes, history, best[2] if best is not None else history[-1])
+    result = DistillResult(*codes, history, best[2] if best is not None else history[-1], reencoded=reencoded)
     before = start[2]
     if before is not None:  # the guard: not an index whose top-k the model scores lower on held-out queries
         after = teacher.guard_scores(codes)
@@ -366,13 +376,20 @@ def _save_state(
     if coarse_codes is not None and start_coarse is not None:
         extra["coarse_codes"] = coarse_codes
         extra["start.coarse_codes"] = own(start_coarse, coarse_codes)
+    state: dict[str, Any] = {"done": done, "history": history, "inputs": inputs}
+    state |= {"start_guard": start[2] is not None, "best": None}
     if best is not None:
         extra.update({f"best.{i}": p for i, p in enumerate(best[1])})
+        # the best epoch's codes: the current ones, the start's, or those of an earlier round
+        prefix = "" if best[3] is codes else "start." if best[3] is start[1] else "best."
+        if prefix == "best.":
+            extra["best.codes"] = best[3][1]
+            if best[3][0] is not None:
+                extra["best.coarse_codes"] = best[3][0]
+        state["best"] = {"loss": best[0], "row": best[2], "codes": prefix}
     extra.update({f"start.{i}": p for i, p in enumerate(start[0])})
     if start[2] is not None:
         extra["start.guard"] = start[2]
-    state = {"done": done, "history": history, "inputs": inputs, "start_guard": start[2] is not None}
-    state["best"] = None if best is None else {"loss": best[0], "row": best[2]}
     save_checkpoint(path, layer, optimizer, {"distill": state}, extra)
 
 
@@ -390,7 +407,8 @@ def _restore(
     state = meta.get("trainer", {}).get("distill")
     if state is None:
         raise PoeemError("distill checkpoint", "a distillation checkpoint", f"'{path}'", "delete it")
-    if "start_guard" not in state:  # written by an older poeem: no starting index, or no per-query guard
+    if "start_guard" not in state or "codes" not in (state["best"] or {"codes": ""}):
+        # written by an older poeem: no starting index, no per-query guard, or no best epoch's codes
         raise PoeemError(
             "distill --resume",
             "a distillation state that holds its starting index",
@@ -407,19 +425,22 @@ def _restore(
         )
     restore_checkpoint(path, tensors, meta, layer, optimizer, layer.codebooks.device)
     g.set_state(tensors["extra.generator"])
-    best = None
-    if state["best"] is not None:
-        kept = [tensors[f"extra.best.{i}"].to(p.device) for i, p in enumerate(trained)]
-        best = (state["best"]["loss"], kept, state["best"]["row"])
     device = layer.codebooks.device
 
     def codes_of(prefix: str) -> Codes:
         coarse = tensors.get(f"extra.{prefix}coarse_codes")
         return (None if coarse is None else coarse.to(device)), tensors[f"extra.{prefix}codes"].to(device)
 
+    codes = {prefix: codes_of(prefix) for prefix in ("", "start.")}  # one object each, as when saved
+    best = None
+    if state["best"] is not None:
+        kept = [tensors[f"extra.best.{i}"].to(p.device) for i, p in enumerate(trained)]
+        prefix = state["best"]["codes"]
+        best_codes = codes[prefix] if prefix in codes else codes_of(prefix)
+        best = (state["best"]["loss"], kept, state["best"]["row"], best_codes)
     start_params = [tensors[f"extra.start.{i}"].to(p.device) for i, p in enumerate(trained)]
-    start = (start_params, codes_of("start."), tensors.get("extra.start.guard"))
-    return state["done"], state["history"], best, codes_of(""), start
+    start = (start_params, codes["start."], tensors.get("extra.start.guard"))
+    return state["done"], state["history"], best, codes[""], start
 
 
 def _encode(layer: PoeemLayer, items: torch.Tensor) -> Codes:
