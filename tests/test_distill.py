@@ -365,6 +365,30 @@ def test_a_stopped_distillation_resumes_exactly(tmp_path: Path, monkeypatch: pyt
         distill_index(fitted_layer(items), items, queries[:300], cfg, checkpoint=state, resume=True)
 
 
+@pytest.mark.parametrize("best_codes", ["current", "start", "earlier round"])
+def test_the_state_keeps_the_best_epochs_codes(tmp_path: Path, best_codes: str) -> None:
+    from poeem.training.distill import _restore, _save_state
+
+    items = clustered(300, 0)
+    layer = fitted_layer(items)
+    trained = [layer.codebooks, layer.coarse, *layer.givens.parameters()]
+    optimizer = torch.optim.Adam(trained)
+    start_codes = tuple(c.long() for c in layer.encode(items))
+    current = (start_codes[0].flip(0), start_codes[1].flip(0))
+    earlier = (start_codes[0].roll(1), start_codes[1].roll(1))
+    codes = {"current": current, "start": start_codes, "earlier round": earlier}[best_codes]
+    best = (1.5, [p.detach().clone() for p in trained], {"round": 1.0, "epoch": 0.0}, codes)
+    start = ([p.detach().clone() for p in trained], start_codes, None)
+    state = tmp_path / "state.safetensors"
+    g = torch.Generator().manual_seed(0)
+    _save_state(state, layer, optimizer, g, 4, [], best, current, {"x": 1}, start)
+    _, _, got_best, got_codes, got_start = _restore(state, layer, optimizer, g, {"x": 1}, trained)
+    for got, want in ((got_best[3], codes), (got_codes, current), (got_start[1], start_codes)):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert (got_best[3] is got_codes) == (best_codes == "current")  # one object, as when it was saved
+    assert (got_best[3] is got_start[1]) == (best_codes == "start")
+
+
 def test_the_cli_keeps_and_resumes_a_distillations_state(tmp_path: Path) -> None:
     np.save(tmp_path / "items.npy", clustered(1200, 0).numpy())
     np.save(tmp_path / "queries.npy", clustered(400, 1).numpy())
