@@ -12,7 +12,8 @@ The item assignments (lists and codes) stay frozen while the codewords move, so 
 cannot collapse the way a task gradient with live re-assignment does; with ``reassign`` they are
 recomputed between rounds.
 
-The held-out queries pick the epoch kept (by their code loss), end a round after ``patience``
+The held-out queries pick the epoch kept (by their code loss; its parameters with the codes they
+were scored with, or re-encoded codes if those score better), end a round after ``patience``
 epochs without a better one and stop after a round that found none; then they guard the result: each
 one's mean exact score of the items that the code student ranks in its top ``guard_k`` (the
 depth you serve; among the queries' candidates and up to 16,384 random items, which training
