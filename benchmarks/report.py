@@ -370,16 +370,17 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "embeddings are fixed (a model trained without any index); the distilled rows learn from "
         "the exact ranking of the training queries, without labels.",
         "",
-        "| method | nprobe | " + r["metric"] + " | of exact | codes scanned | build s |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | nprobe | " + r["metric"] + " | of exact | codes scanned | build s | epochs |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for row in r["summary"]:
         score = f"{row['mean']:.4f} ({row['std']:.4f})"
         seconds = np.mean([run["seconds"] for run in r["runs"] if run["method"] == row["method"]])
         scanned = f"{row['codes_scanned']:.0f}" if "codes_scanned" in row else "—"
+        epochs = [run["epochs"] for run in r["runs"] if run["method"] == row["method"] and "epochs" in run]
         lines.append(
             f"| {row['method']} | {row['nprobe']} | {score} | {row['of_exact']:.1%} | {scanned} "
-            f"| {seconds:.1f} |"
+            f"| {seconds:.1f} | {f'{np.mean(epochs):.1f}' if epochs else '—'} |"
         )
     lines += [
         "",
@@ -390,7 +391,8 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "index as trained and distilled (-distilled); their share of exact is of that model's own "
         "exact search (-exact), and their build s includes its training. Codes scanned: the mean "
         "number of codes a test query scans at that nprobe (its real routing; ScaNN's by counting "
-        "the candidates of its probed leaves).",
+        "the candidates of its probed leaves). Epochs: the distillation epochs run (mean over the "
+        "seeds; at most 30, fewer once the held-out loss stops improving; '—' where not recorded).",
     ]
     if b["num_coarse"] and all("codes_scanned" in row for row in r["summary"]):
         lines += ["", distill_scanned_plot(name, r, img)]
