@@ -120,9 +120,10 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
         "memory after training, and after poeem's export (before FAISS is built).",
         "",
         "| items | coarse_K | steps/s no layer | steps/s layer | peak GB training / export "
-        "| warm-start k-means s | poeem embed + encode + export s | FAISS train + add s "
-        "| search ms/query poeem / FAISS, nprobe 1 | nprobe 16 | list imbalance poeem / FAISS |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| warm-start k-means s | poeem embed + encode + export s | poeem export, trained codes s "
+        "| FAISS train + add s | search ms/query poeem / FAISS, nprobe 1 | nprobe 16 "
+        "| list imbalance poeem / FAISS |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
 
     def pair(values: dict[str, float], key: str, digits: int) -> str:
@@ -134,7 +135,8 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
         lines.append(
             f"| {row['items']:,} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
             f"{row['poeem_steps_per_s']:.2f} | {peak} | {row['warm_start_kmeans_s']:.1f} | "
-            f"{poeem_build_s(row):.1f} | {'-' if faiss_s is None else f'{faiss_s:.1f}'} | "
+            f"{poeem_build_s(row):.1f} | {fmt_optional(row.get('trained_export_s'), 1)} | "
+            f"{fmt_optional(faiss_s, 1)} | "
             f"{pair(ms, '@1', 3)} | {pair(ms, '@16', 3)} | {pair(row['imbalance'], '', 2)} |"
         )
     largest = max(rows, key=lambda row: row["items"])
@@ -428,6 +430,11 @@ def save_scanned_plot(fig: Any, ax: Any, metric: str, path: Path, **legend: Any)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def fmt_optional(value: float | None, digits: int) -> str:
+    """A number, or "-" where it was not measured."""
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def fmt(row: dict[str, Any], key: str) -> str:

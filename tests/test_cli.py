@@ -5,9 +5,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
+from poeem import Searcher
 from poeem.cli import app
+from poeem.pipeline import load_run
 
 runner = CliRunner()
 
@@ -52,6 +55,15 @@ def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
     assert "precision@10" in invoke("evaluate", run, "--nprobe", "2")
     index = tmp_path / "ix"
     assert "exported 10000 items" in invoke("export", run, "--out", index)
+    as_trained = tmp_path / "ix-trained"
+    assert "exported 10000 items" in invoke("export", run, "--out", as_trained, "--trained-codes")
+    memory = load_run(run)[1].index.trained
+    seen = memory.seen()
+    assert 0 < int(seen.sum()) < 10000  # one epoch of 128-pair batches after the warm start
+    trained, encoded = Searcher.load(as_trained).tensors, Searcher.load(index).tensors
+    assert torch.equal(trained.codes[seen], memory.codes[seen].long())
+    assert torch.equal(trained.coarse_codes[seen], memory.coarse_codes[seen].long())
+    assert torch.equal(trained.codes[~seen], encoded.codes[~seen])  # the rest encoded as by default
     (tmp_path / "q.txt").write_text("12\n4512\n")
     lines = invoke(
         "search", index, "--query-file", tmp_path / "q.txt", "-k", "3", "--nprobe", "4"

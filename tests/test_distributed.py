@@ -146,7 +146,8 @@ def test_two_ranks_of_half_batch_train_like_one_rank(
     run_ranks(train_worker, str(tmp_path), steps, True, None, False)
     r0, r1 = states(tmp_path, 2)
     assert r0["index.phase"] == 2  # past the warm start: k-means ran at step 7
-    for name in r0:  # replicas identical, codebooks included
+    assert int((r0["index.trained.step"] >= 0).sum()) > 0  # both ranks' items remembered alike
+    for name in r0:  # replicas identical, codebooks and trained codes included
         assert torch.equal(r0[name], r1[name]), name
     # 2 ranks x B/2 with gathered negatives = 1 rank x B, up to float summation order (1.2e-7 seen)
     assert max_difference(r0, single_rank[str(steps)]) < 1e-5

@@ -390,6 +390,13 @@ def export(
             "by polling or POST /reload; readers of the old version are not disturbed)."
         ),
     ] = False,
+    trained_codes: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the codes each item got in its latest training step instead of encoding "
+            "every item again (the index as trained; codes up to an epoch old)."
+        ),
+    ] = False,
 ) -> None:
     """Export the learned index of a run into a FAISS index directory, with no training.
 
@@ -399,7 +406,7 @@ def export(
     from poeem.pipeline import export_run
 
     started = time.perf_counter()
-    searcher = export_run(run_dir, out, fast_scan, replace)
+    searcher = export_run(run_dir, out, fast_scan, replace, trained_codes=trained_codes)
     if searcher is None:  # not rank 0 under torchrun
         return
     typer.echo(

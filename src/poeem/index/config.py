@@ -56,6 +56,9 @@ class PoeemConfig:
     # keep the towers whole: the model's task loss also scores the un-quantized items, at
     # this weight (RetrievalModel does it; a model of your own adds the term itself)
     unquantized_loss_weight: float = 1.0
+    # remember each item's codes from training (item ids passed to forward, in [0, num_items)):
+    # the index as trained, which an export takes instead of encoding every item; 0: off
+    num_items: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -158,6 +161,13 @@ class PoeemConfig:
                 f"at least max(K, coarse_K) = {needed} embeddings",
                 f"buffer_size={self.buffer_size}",
                 f"set buffer_size >= {needed} (10-50x that is better)",
+            )
+        if not isinstance(self.num_items, int) or self.num_items < 0:
+            raise PoeemError(
+                "num_items",
+                "an integer >= 0 (0: no trained codes)",
+                repr(self.num_items),
+                "pass the catalogue size",
             )
         if min(self.warmup_steps, self.kmeans_iters, self.opq_rounds, self.reseed_after) < 0:
             raise PoeemError(

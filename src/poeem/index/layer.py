@@ -22,6 +22,7 @@ from poeem.index.quantize import (
     split_subvectors,
 )
 from poeem.index.stats import UsageCounts, batch_usage_counts, index_stats
+from poeem.index.trained_codes import TrainedCodes
 
 WARMUP, COLLECT, QUANTIZE = 0, 1, 2
 
@@ -103,6 +104,10 @@ class PoeemLayer(nn.Module):
         words = (c.num_subspaces, c.codebook_size)
         self.register_buffer("codeword_last_used", torch.zeros(words, dtype=torch.long))
         self.register_buffer("list_last_used", torch.zeros(c.num_coarse, dtype=torch.long))
+        # each item's codes from its latest training step (ids passed to forward)
+        self.trained = (
+            TrainedCodes(c.num_items, c.num_subspaces, c.codebook_size, c.num_coarse) if c.num_items else None
+        )
         self._last_stats: dict[str, torch.Tensor] = {}
         # code usage of the last USAGE_WINDOW training rows (not saved): a last short batch
         # alone would make the usage statistics look like dying codes
@@ -146,18 +151,25 @@ class PoeemLayer(nn.Module):
         return super()._apply(keep_float32, recurse)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, x: torch.Tensor) -> PoeemOutput:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> PoeemOutput:
         """Quantize a batch of item embeddings (see the class docstring for the phases).
 
         Args:
             x: (B, dim) floating item embeddings; half precision is computed in float32.
+            ids: (B,) item ids in [0, num_items), or None. With ``num_items`` set, a
+                quantizing training step remembers the codes of these items
+                (:attr:`trained`: the index as trained, which an export can take as is).
 
         Returns:
             :class:`PoeemOutput`.
         """
         self._check_input(x)
         with _full_precision(x):
-            return self._forward(x)
+            out = self._forward(x)
+        if self.training and out.quantized and ids is not None and self.trained is not None:
+            assert out.codes is not None
+            self.trained.record(ids, out.coarse_codes, out.codes, int(self.step))
+        return out
 
     def _forward(self, x: torch.Tensor) -> PoeemOutput:
         x32 = x.float()
@@ -333,6 +345,8 @@ class PoeemLayer(nn.Module):
         pick = torch.randint(xr.shape[0], (d.numel(),), generator=g).to(xr.device)
         self.codebooks[d, k] = sub[d, pick]
         self.codeword_last_used[d, k] = step
+        if self.trained is not None:  # items coded with what moved have no valid codes now
+            self.trained.forget(dead_lists.nonzero()[:, 0] if self.coarse is not None else None, (d, k))
 
     # ------------------------------------------------------------ initialise
     @torch.no_grad()
@@ -440,6 +454,8 @@ class PoeemLayer(nn.Module):
             self.givens.angles.zero_()
         self.codeword_last_used.fill_(int(self.step))
         self.list_last_used.fill_(int(self.step))
+        if self.trained is not None:
+            self.trained.forget()
         broadcast_from_rank0([p for p in (self.base_rotation, self.codebooks, self.coarse) if p is not None])
         self.initialized.fill_(True)
         self.phase.fill_(QUANTIZE)

@@ -30,7 +30,8 @@ class RetrievalModel(nn.Module):
         self.config = c = config
         self.index: PoeemLayer | None = None
         if c.poeem is not None:
-            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, **c.poeem}))
+            # the layer remembers each item's codes from training, for the export
+            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, "num_items": num_items, **c.poeem}))
         counts = item_counts if item_counts is not None else torch.ones(num_items)
         self.register_buffer("item_log_q", (counts.float() / counts.sum()).clamp_min(1e-12).log())
 
@@ -83,7 +84,7 @@ class RetrievalModel(nn.Module):
         index_loss = q.new_zeros(())
         task = q.new_zeros(())
         if self.index is not None:
-            res = self.index(x)
+            res = self.index(x, item_ids)
             weight = self.index.config.unquantized_loss_weight
             if res.quantized and weight:
                 task = weight * self._task_loss(q, x, positives, item_ids)
@@ -117,26 +118,31 @@ class RetrievalModel(nn.Module):
 
     @torch.no_grad()
     def all_item_embeddings(
-        self, item_features: torch.Tensor | None = None, batch_size: int = 65536, rows: slice | None = None
+        self,
+        item_features: torch.Tensor | None = None,
+        batch_size: int = 65536,
+        rows: slice | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(num_items, dim) un-quantized embeddings of every item, in id order.
 
         Args:
             item_features: (num_items, Fi) features of every item, or None.
             batch_size: items embedded at once.
-            rows: a contiguous range of item ids (e.g. this rank's share); all items by default.
+            rows: a contiguous range of item ids (e.g. this rank's share), or (n,) item ids;
+                all items by default.
 
         Returns:
             (len(rows), dim) embeddings of those items.
         """
         device = self.item_log_q.device
-        start, stop, _ = (rows or slice(None)).indices(self.num_items)
+        if not isinstance(rows, torch.Tensor):
+            rows = torch.arange(*(rows or slice(None)).indices(self.num_items))
         out: torch.Tensor | None = None  # filled in place: one copy of the embeddings, never two
-        for lo in range(start, stop, batch_size):
-            ids = torch.arange(lo, min(lo + batch_size, stop), device=device)
+        for lo in range(0, rows.shape[0], batch_size):
+            ids = rows[lo : lo + batch_size].to(device)
             feats = item_features[ids.cpu()].to(device) if item_features is not None else None
             x = self.encode_items(ids, feats)
             if out is None:
-                out = x.new_empty(max(stop - start, 0), x.shape[1])
-            out[lo - start : lo - start + x.shape[0]] = x
+                out = x.new_empty(rows.shape[0], x.shape[1])
+            out[lo : lo + x.shape[0]] = x
         return out if out is not None else torch.zeros(0, self.config.dim, device=device)

@@ -335,8 +335,13 @@ def export_run(
     distill: DistillConfig | None = None,
     layer_settings: dict[str, Any] | None = None,
     resume: bool = False,
+    trained_codes: bool = False,
 ) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
+
+    With ``trained_codes``, each item keeps the codes its latest training step computed and only
+    items never coded since the index was fitted are encoded (:func:`item_codes`): no pass over
+    the catalogue, at the price of codes up to an epoch old.
 
     With ``distill``, the index is first distilled from the model's own ranking of its
     training queries (:func:`poeem.pipeline.distill.distill_run_index`; a run without a layer
@@ -384,7 +389,9 @@ def export_run(
     else:
         assert model.index is not None
         layer = model.index
-        coarse_codes, codes = item_codes(model, art.item_features, progress=cfg.train.progress)
+        coarse_codes, codes = item_codes(
+            model, art.item_features, progress=cfg.train.progress, trained=trained_codes
+        )
     if not distributed.is_main():
         return None
     ids = None
@@ -417,23 +424,29 @@ def item_codes(
     item_features: torch.Tensor | None = None,
     chunk: int = 1 << 18,
     progress: bool = False,
+    trained: bool = False,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """The codes of every item, each rank encoding its share and all ranks gathering them.
 
-    Items are embedded and encoded ``chunk`` at a time, so memory holds the codes and one
-    chunk of embeddings, never all of them.
+    With ``trained``, an item keeps the codes its latest training step computed (the layer's
+    :attr:`~poeem.PoeemLayer.trained` codes: the index as trained) and only the items not
+    coded since the index was fitted are embedded and encoded; else every item is. Items are
+    embedded and encoded ``chunk`` at a time, so memory holds the codes and one chunk of
+    embeddings, never all of them.
 
     Args:
         model: a trained model with an initialized Poeem layer.
         item_features: (num_items, Fi) features of every item, or None.
         chunk: items embedded and encoded at once.
         progress: show a progress bar (rank 0, on a terminal).
+        trained: take the codes training computed where there are any.
 
     Returns:
         (num_items,) coarse codes (None without IVF) and (num_items, D) sub-codes, in id order.
     """
     index = model.index
     assert index is not None
+    memory = index.trained if trained else None
     share = distributed.shard(model.num_items)
     # preallocated in the dtypes layer.encode returns: at 50M items a list of chunks joined by
     # torch.cat, or int64 copies, cost gigabytes beside the table
@@ -441,7 +454,7 @@ def item_codes(
     codes = torch.empty(n, c.num_subspaces, dtype=smallest_uint_dtype(c.codebook_size))
     coarse = torch.empty(n, dtype=smallest_uint_dtype(c.num_coarse)) if c.num_coarse else None
     with tqdm(
-        total=share.stop - share.start,
+        total=n,
         desc="encode items",
         unit="item",
         unit_scale=True,
@@ -449,15 +462,29 @@ def item_codes(
         leave=False,
     ) as bar:
         for lo in range(share.start, share.stop, chunk):
-            x = model.all_item_embeddings(item_features, rows=slice(lo, min(lo + chunk, share.stop)))
-            part_coarse, part = index.encode(
-                prepare_queries(x, model.config.search_metric, x.shape[1], "items")
-            )
-            rows = slice(lo - share.start, lo - share.start + x.shape[0])
-            codes[rows] = part
-            if coarse is not None and part_coarse is not None:
-                coarse[rows] = part_coarse
-            bar.update(x.shape[0])
+            hi = min(lo + chunk, share.stop)
+            part = torch.empty(hi - lo, c.num_subspaces, dtype=torch.long)
+            part_coarse = torch.empty(hi - lo, dtype=torch.long)
+            todo = torch.ones(hi - lo, dtype=torch.bool)
+            if memory is not None:
+                todo = ~memory.seen(slice(lo, hi)).cpu()
+                part[~todo] = memory.codes[lo:hi][~todo.to(memory.codes.device)].long().cpu()
+                if memory.coarse_codes is not None:
+                    part_coarse[~todo] = memory.coarse_codes[lo:hi][~todo.to(memory.step.device)].long().cpu()
+            if bool(todo.any()):
+                ids = torch.arange(lo, hi)[todo]
+                x = model.all_item_embeddings(item_features, rows=ids)
+                fresh_coarse, fresh = index.encode(
+                    prepare_queries(x, model.config.search_metric, x.shape[1], "items")
+                )
+                part[todo] = fresh.long().cpu()
+                if fresh_coarse is not None:
+                    part_coarse[todo] = fresh_coarse.long().cpu()
+            rows = slice(lo - share.start, hi - share.start)
+            codes[rows] = part.to(codes.dtype)
+            if coarse is not None:
+                coarse[rows] = part_coarse.to(coarse.dtype)
+            bar.update(hi - lo)
     if distributed.is_active():
         codes = distributed.gather_rows(codes.long()).to(codes.dtype)
         if coarse is not None:

@@ -160,6 +160,8 @@ def distill_index(
     """
     cfg = config or DistillConfig()
     _check_inputs(layer, items, queries, cfg)
+    if layer.trained is not None:  # the codewords move: the codes of training no longer fit them
+        layer.trained.forget()
     device = layer.codebooks.device
     items, queries = items.detach().float().to(device), queries.detach().float().to(device)
     g = torch.Generator().manual_seed(cfg.seed)

@@ -1,0 +1,108 @@
+"""The codes training computed for each item (the index as trained), and the export that takes them."""
+
+import pytest
+import torch
+from conftest import correlated
+
+from poeem import PoeemLayer
+from poeem.errors import PoeemError
+from poeem.model import ModelConfig, TwoTowerModel
+from poeem.pipeline.run import item_codes
+
+
+def remembering_layer(x: torch.Tensor, num_items: int, **options: object) -> PoeemLayer:
+    settings = {
+        "num_subspaces": 4,
+        "codebook_size": 16,
+        "num_coarse": 4,
+        "warmup_steps": 0,
+        "reseed_after": 0,
+    }
+    layer = PoeemLayer(
+        dim=x.shape[1], buffer_size=len(x), kmeans_iters=5, num_items=num_items, **{**settings, **options}
+    )
+    layer.initialize(x)
+    return layer
+
+
+def test_a_training_step_remembers_the_codes_it_computed() -> None:
+    x = correlated(512, 16)
+    layer = remembering_layer(x, num_items=1000)
+    ids = torch.randperm(1000)[:512]
+    out = layer(x, ids)
+    memory = layer.trained
+    assert memory is not None and int(memory.seen().sum()) == 512
+    assert torch.equal(memory.codes[ids].long(), out.codes) and torch.equal(
+        memory.coarse_codes[ids].long(), out.coarse_codes
+    )
+    coarse, codes = layer.encode(x)  # the same parameters: the codes a fresh encoding gives
+    assert torch.equal(memory.codes[ids], codes) and torch.equal(
+        memory.coarse_codes[ids].long(), coarse.long()
+    )
+    assert torch.equal(memory.step[ids], torch.full((512,), int(layer.step), dtype=torch.int32))
+    layer.eval()
+    layer(correlated(8, 16), torch.arange(8))  # evaluation steps remember nothing
+    assert int(memory.seen().sum()) == 512
+
+
+def test_refitting_or_reseeding_forgets_the_codes_that_moved() -> None:
+    x = correlated(512, 16)
+    layer = remembering_layer(x, num_items=512, reseed_after=3)
+    layer(x, torch.arange(512))
+    memory = layer.trained
+    assert memory is not None and bool(memory.seen().all())
+    with torch.no_grad():
+        layer.codebooks[1, 3] = 1e3  # nothing is near it any more
+    used = memory.codes[:, 1] == 3
+    assert used.any()
+    for _ in range(5):  # unused for 3 steps at a step divisible by 3: re-seeded at step 6
+        layer(x[:256], torch.arange(256, 512))
+    assert layer.codebooks[1, 3].abs().max() < 100
+    seen = memory.seen()
+    assert not seen[:256][used[:256]].any()  # coded with the moved codeword, never re-coded
+    assert seen[256:].all() and seen[:256][~used[:256]].any()
+    layer.initialize(x)
+    assert not memory.seen().any()
+
+
+@pytest.mark.parametrize("ids", [torch.tensor([0, 1, 1000]), torch.tensor([-1, 0, 1]), torch.zeros(3, 2)])
+def test_ids_out_of_range_or_of_the_wrong_shape_are_a_clear_error(ids: torch.Tensor) -> None:
+    x = correlated(512, 16)
+    layer = remembering_layer(x, num_items=1000)
+    with pytest.raises(PoeemError, match="PoeemLayer item ids"):
+        layer(x[:3], ids.long())
+
+
+def test_a_layer_saved_without_trained_codes_loads_with_none() -> None:
+    x = correlated(512, 16)
+    layer = remembering_layer(x, num_items=100)
+    layer(x[:100], torch.arange(100))
+    state = {k: v for k, v in layer.state_dict().items() if not k.startswith("trained.")}
+    fresh = PoeemLayer(layer.config)
+    fresh.load_state_dict(state)
+    assert fresh.trained is not None and not fresh.trained.seen().any()
+    fresh.load_state_dict(layer.state_dict())
+    assert fresh.trained.seen().all()
+
+
+def test_export_takes_the_trained_codes_and_encodes_only_the_items_never_coded() -> None:
+    torch.manual_seed(0)
+    layer = {"num_subspaces": 4, "codebook_size": 16, "num_coarse": 4, "warmup_steps": 0, "buffer_size": 64}
+    model = TwoTowerModel(ModelConfig(dim=16, poeem=layer), num_queries=50, num_items=300)
+    model.train()
+    seen = torch.arange(0, 300, 2)
+    batch = {"query_ids": torch.randint(50, (150,)), "item_ids": seen}
+    model(batch)  # fills the buffer and fits the index
+    model(batch)  # a quantized step: codes of the even items
+    with torch.no_grad():  # the items move after their step: the trained codes are not a re-encoding
+        model.item_tower.embedding.weight.mul_(1.5).add_(0.3)
+    model.eval()
+    memory = model.index.trained
+    coarse, codes = item_codes(model, chunk=64, trained=True)
+    fresh_coarse, fresh = item_codes(model, chunk=64)
+    odd = torch.arange(1, 300, 2)
+    assert torch.equal(codes[seen], memory.codes[seen]) and torch.equal(
+        coarse[seen].long(), memory.coarse_codes[seen].long()
+    )
+    assert torch.equal(codes[odd], fresh[odd]) and torch.equal(coarse[odd], fresh_coarse[odd])
+    assert not torch.equal(codes[seen], fresh[seen])  # the memory, not a re-encoding
