@@ -136,8 +136,15 @@ def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: p
     frozen = {"codebook_lr": 0.0, "coarse_lr": 0.0, "rotation_lr": 0.0}  # the held-out loss never improves
     cfg = DistillConfig(rounds=3, epochs=10, teacher_k=20, patience=2, **frozen)
     result = distill_index(fitted_layer(items), items, queries, cfg, progress=False)
-    # round 0: the first epoch is the best, 2 more end it; round 1: 2 epochs without a better one stop it
-    assert [(r["round"], r["epoch"]) for r in result.history] == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)]
+    # round 0: the first epoch is the best, 2 more end it; round 1 the same, and found nothing better: stop
+    assert [(r["round"], r["epoch"]) for r in result.history] == [
+        (0, 0),
+        (0, 1),
+        (0, 2),
+        (1, 0),
+        (1, 1),
+        (1, 2),
+    ]
     assert (result.best["round"], result.best["epoch"]) == (0, 0)
     every = distill_index(fitted_layer(items), items, queries, replace(cfg, patience=None), progress=False)
     assert len(every.history) == 30
@@ -159,6 +166,21 @@ def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: p
         fitted_layer(items), items, queries, cfg, progress=False, checkpoint=state, resume=True
     )
     assert resumed.history == result.history
+
+
+def test_a_round_that_keeps_improving_on_itself_runs_on() -> None:
+    """Re-assigned codes start a round above the best so far; the round is judged by its own best."""
+    from poeem.training.distill import _next_step
+
+    cfg = DistillConfig(rounds=3, epochs=10, patience=2)
+    round0 = [{"round": 0, "epoch": e, "heldout_code_loss": loss} for e, loss in enumerate([4.0, 4.1, 4.2])]
+    best = (4.0, [], round0[0], (None, torch.zeros(0)))
+    climbing = [{"round": 1, "epoch": e, "heldout_code_loss": 5.0 - 0.1 * e} for e in range(4)]
+    assert _next_step(13, round0 + climbing, best, cfg) == 14  # 4 epochs above 4.0, each better than the last
+    stalled = climbing + [{"round": 1, "epoch": e, "heldout_code_loss": 4.9} for e in (4, 5)]
+    assert _next_step(15, round0 + stalled, best, cfg) == 30  # stalled, nothing better than round 0: stop
+    best1 = (3.9, [], {"round": 1, "epoch": 3}, (None, torch.zeros(0)))
+    assert _next_step(15, round0 + stalled, best1, cfg) == 20  # round 1 found a better index: round 2
 
 
 @pytest.mark.parametrize("rotation", ["none", "givens"])

@@ -63,8 +63,9 @@ class DistillConfig:
     list_weight: weight of the list student's loss (the code student has weight 1).
     holdout: share of the queries (at most 1,024) kept out of training; after every epoch their
         loss is measured, and the index of the best epoch is the one kept (early stopping).
-    patience: a round ends after this many epochs in a row without a better held-out loss, and
-        distillation stops after a round without one (None: every epoch of every round runs).
+    patience: a round ends after this many epochs in a row that did not improve on the round's
+        best held-out loss, and distillation stops after a round that found no better loss than
+        an earlier one (None: every epoch of every round runs).
     guard_k: the depth the guard watches, the k you serve (None: ``GUARD_K``): the starting
         index is kept if distillation lowered the held-out queries' mean exact score of their
         top ``guard_k`` by more than ``GUARD_Z`` standard errors.
@@ -218,7 +219,7 @@ def distill_index(
                 best = (row["heldout_code_loss"], [p.detach().clone() for p in trained], row, codes)
         history.append(row)
         bar.set_postfix({k: f"{v:.4f}" for k, v in row.items() if k.endswith("loss")})
-        following = _next_step(step, best, cfg)
+        following = _next_step(step, history, best, cfg)
         bar.update((following - step - 1) * per_epoch)  # the epochs that patience skips
         step = following
         if checkpoint is not None:
@@ -331,19 +332,21 @@ class _Teacher:
         return rows.split(self.cfg.batch_size)
 
 
-def _next_step(step: int, best: Best | None, cfg: DistillConfig) -> int:
-    """The schedule position (round * epochs + epoch) to run after ``step``: the next epoch, the
-    next round's first when ``patience`` epochs in a row found no better held-out loss, or the
-    end (rounds * epochs) when a whole round found none."""
+def _next_step(step: int, history: list[dict[str, float]], best: Best | None, cfg: DistillConfig) -> int:
+    """The schedule position (round * epochs + epoch) to run after ``step``: the next epoch; the
+    next round's first when ``patience`` epochs in a row did not lower the round's own best
+    held-out loss (a round starts from re-assigned codes, higher than the best so far, and gets
+    its whole patience to improve on itself); the end (rounds * epochs) when the round that ended
+    found no better loss than an earlier round."""
     total = cfg.rounds * cfg.epochs
     if cfg.patience is None or best is None:
         return step + 1
     round_no, epoch = divmod(step, cfg.epochs)
-    best_round, best_epoch = int(best[2]["round"]), int(best[2]["epoch"])
-    since = epoch - best_epoch if best_round == round_no else epoch + 1
+    losses = [row["heldout_code_loss"] for row in history if row["round"] == round_no]
+    since = len(losses) - 1 - min(range(len(losses)), key=losses.__getitem__)  # epochs since its best
     if since < cfg.patience and epoch + 1 < cfg.epochs:
         return step + 1
-    return total if best_round < round_no else min((round_no + 1) * cfg.epochs, total)
+    return total if int(best[2]["round"]) < round_no else min((round_no + 1) * cfg.epochs, total)
 
 
 @torch.no_grad()
