@@ -106,3 +106,13 @@ def test_export_takes_the_trained_codes_and_encodes_only_the_items_never_coded()
     )
     assert torch.equal(codes[odd], fresh[odd]) and torch.equal(coarse[odd], fresh_coarse[odd])
     assert not torch.equal(codes[seen], fresh[seen])  # the memory, not a re-encoding
+
+
+def test_the_model_sets_num_items_and_refuses_another_size() -> None:
+    layer = {"num_subspaces": 4, "codebook_size": 16, "num_coarse": 4}
+    model = TwoTowerModel(ModelConfig(dim=16, poeem=layer), num_queries=5, num_items=300)
+    assert model.index.config.num_items == 300
+    off = TwoTowerModel(ModelConfig(dim=16, poeem={**layer, "num_items": 0}), num_queries=5, num_items=300)
+    assert off.index.trained is None
+    with pytest.raises(PoeemError, match="num_items"):
+        TwoTowerModel(ModelConfig(dim=16, poeem={**layer, "num_items": 30}), num_queries=5, num_items=300)

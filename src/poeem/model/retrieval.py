@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from poeem import distributed
+from poeem.errors import PoeemError
 from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model.config import ModelConfig
 from poeem.model.loss import in_batch_softmax
@@ -30,8 +31,16 @@ class RetrievalModel(nn.Module):
         self.config = c = config
         self.index: PoeemLayer | None = None
         if c.poeem is not None:
-            # the layer remembers each item's codes from training, for the export
-            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, "num_items": num_items, **c.poeem}))
+            # the layer remembers each item's codes from training, for the export (num_items 0: off)
+            remembered = c.poeem.get("num_items", num_items)
+            if remembered not in (0, num_items):
+                raise PoeemError(
+                    "model.poeem.num_items",
+                    f"0 (no trained codes) or the catalogue size {num_items}",
+                    repr(remembered),
+                    "leave it out: the model sets it",
+                )
+            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, **c.poeem, "num_items": remembered}))
         counts = item_counts if item_counts is not None else torch.ones(num_items)
         self.register_buffer("item_log_q", (counts.float() / counts.sum()).clamp_min(1e-12).log())
 
