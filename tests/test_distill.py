@@ -130,8 +130,6 @@ def test_the_index_returned_is_the_one_the_heldout_queries_scored(rotation: str)
 
 
 def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import poeem.training.distill as distill_module
-
     items, queries = clustered(600, 4), clustered(200, 5)
     frozen = {"codebook_lr": 0.0, "coarse_lr": 0.0, "rotation_lr": 0.0}  # the held-out loss never improves
     cfg = DistillConfig(rounds=3, epochs=10, teacher_k=20, patience=2, **frozen)
@@ -148,20 +146,10 @@ def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: p
     assert (result.best["round"], result.best["epoch"]) == (0, 0)
     every = distill_index(fitted_layer(items), items, queries, replace(cfg, patience=None), progress=False)
     assert len(every.history) == 30
-    # stopped inside the skipped schedule and resumed: the same epochs run
-    save, saved = distill_module._save_state, []
-
-    def save_then_stop(*args: object) -> None:
-        save(*args)
-        saved.append(1)
-        if len(saved) == 3:  # the end of round 0, where patience jumps to round 1
-            raise KeyboardInterrupt
-
+    # stopped inside the skipped schedule (the end of round 0, where patience jumps to round 1)
+    # and resumed: the same epochs run
     state = tmp_path / "state.safetensors"
-    monkeypatch.setattr(distill_module, "_save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        distill_index(fitted_layer(items), items, queries, cfg, progress=False, checkpoint=state)
-    monkeypatch.setattr(distill_module, "_save_state", save)
+    stop_after_saved_states(monkeypatch, 3, fitted_layer(items), items, queries, cfg, state)
     resumed = distill_index(
         fitted_layer(items), items, queries, cfg, progress=False, checkpoint=state, resume=True
     )
@@ -355,28 +343,41 @@ def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:
     assert "no layer flags but --rotation givens" in str(result.exception)
 
 
-def test_a_stopped_distillation_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def stop_after_saved_states(
+    monkeypatch: pytest.MonkeyPatch,
+    n: int,
+    layer: PoeemLayer,
+    items: torch.Tensor,
+    queries: torch.Tensor,
+    cfg: DistillConfig,
+    state: Path,
+) -> None:
+    """Distil with a checkpoint and stop (Ctrl-C) right after the n-th epoch's state is saved."""
     import poeem.training.distill as distill_module
 
+    save, saved = distill_module._save_state, []
+
+    def save_then_stop(*args: object) -> None:
+        save(*args)
+        saved.append(1)
+        if len(saved) == n:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(distill_module, "_save_state", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            distill_index(layer, items, queries, cfg, progress=False, checkpoint=state)
+
+
+def test_a_stopped_distillation_resumes_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     items, queries = clustered(1200, 0), clustered(400, 1)
     cfg = DistillConfig(rounds=2, epochs=2, teacher_k=20)
     whole_layer = fitted_layer(items)
     stopped_layer = copy.deepcopy(whole_layer)
     whole = distill_index(whole_layer, items, queries, cfg, progress=False)
 
-    save, saved = distill_module._save_state, []
-
-    def save_then_stop(*args: object) -> None:  # Ctrl-C right after the third epoch's state
-        save(*args)
-        saved.append(1)
-        if len(saved) == 3:
-            raise KeyboardInterrupt
-
     state = tmp_path / "state.safetensors"
-    monkeypatch.setattr(distill_module, "_save_state", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
-        distill_index(stopped_layer, items, queries, cfg, progress=False, checkpoint=state)
-    monkeypatch.setattr(distill_module, "_save_state", save)
+    stop_after_saved_states(monkeypatch, 3, stopped_layer, items, queries, cfg, state)
     resumed_layer = fitted_layer(items)  # a fresh process: the state comes from the file only
     resumed = distill_index(resumed_layer, items, queries, cfg, progress=False, checkpoint=state, resume=True)
     assert resumed.history == whole.history and resumed.best == whole.best
