@@ -450,8 +450,9 @@ def distill(
     patience: Annotated[
         int,
         typer.Option(
-            help="A round ends after this many epochs without a better held-out loss, and "
-            "distillation stops after a round without one; 0: run every epoch."
+            help="A round ends after this many epochs that do not improve on its best held-out "
+            "loss, and distillation stops after a round that found nothing better than an earlier "
+            "one; 0: run every epoch."
         ),
     ] = 3,
     teacher_k: Annotated[int, typer.Option(help="Exact top-k per query that the teacher ranks.")] = 100,

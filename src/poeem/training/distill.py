@@ -14,7 +14,8 @@ recomputed between rounds.
 
 The held-out queries pick the epoch kept (by their code loss; its parameters with the codes they
 were scored with, or re-encoded codes if those score better), end a round after ``patience``
-epochs without a better one and stop after a round that found none; then they guard the result: each
+epochs that do not improve on the round's best and stop after a round that found nothing better
+than an earlier one; then they guard the result: each
 one's mean exact score of the items that the code student ranks in its top ``guard_k`` (the
 depth you serve; among the queries' candidates and up to 16,384 random items, which training
 never sees) is measured for the starting and for the distilled index, and if distillation
