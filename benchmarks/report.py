@@ -132,14 +132,16 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
     for row in rows:
         ms, faiss_s = row["search_ms_per_query"], faiss_build_s(row)
         peak = f"{row['peak_rss_training_gb']:.1f} / {row.get('peak_rss_export_gb', row['peak_rss_gb']):.1f}"
+        elsewhere = "*" if "elsewhere" in row else ""  # a row kept from another machine or commit
         lines.append(
-            f"| {row['items']:,} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
+            f"| {row['items']:,}{elsewhere} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
             f"{row['poeem_steps_per_s']:.2f} | {peak} | {row['warm_start_kmeans_s']:.1f} | "
             f"{poeem_build_s(row):.1f} | {fmt_optional(row.get('trained_export_s'), 1)} | "
             f"{fmt_optional(faiss_s, 1)} | "
             f"{pair(ms, '@1', 3)} | {pair(ms, '@16', 3)} | {pair(row['imbalance'], '', 2)} |"
         )
     largest = max(rows, key=lambda row: row["items"])
+    lines += [f"\n\\* {row['elsewhere']}" for row in rows if "elsewhere" in row]
     lines += [
         "",
         f"Largest size run: {largest['items']:,} items, peak resident memory "
@@ -162,7 +164,7 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
             "",
             "Against dense tables (Adam on every row, `benchmarks/results/scale_dense.json`, "
             f"made by `{'` and `'.join(before.get('commands', [before['command']]))}` on {before['date']}; "
-            "same machine):",
+            + ("same machine):" if before["machine"] == r["machine"] else f"on {before['machine']['cpu']}):"),
             "",
             "| items | steps/s layer, dense / sparse | peak training GB, dense / sparse "
             "| 2 processes steps/s, dense / sparse |",
