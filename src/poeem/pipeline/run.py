@@ -389,6 +389,12 @@ def export_run(
     else:
         assert model.index is not None
         layer = model.index
+        if trained_codes and (layer.trained is None or not bool(layer.trained.seen().any())):
+            warnings.warn(
+                f"'{run_dir}' holds no codes from training (trained before poeem kept them, or "
+                "with num_items 0): every item is encoded",
+                stacklevel=2,
+            )
         coarse_codes, codes = item_codes(
             model, art.item_features, progress=cfg.train.progress, trained=trained_codes
         )
