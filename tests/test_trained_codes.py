@@ -1,5 +1,7 @@
 """The codes training computed for each item (the index as trained), and the export that takes them."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from conftest import correlated
@@ -116,3 +118,17 @@ def test_the_model_sets_num_items_and_refuses_another_size() -> None:
     assert off.index.trained is None
     with pytest.raises(PoeemError, match="num_items"):
         TwoTowerModel(ModelConfig(dim=16, poeem={**layer, "num_items": 30}), num_queries=5, num_items=300)
+
+
+def test_exporting_trained_codes_of_a_run_without_any_warns_and_encodes(tmp_path: Path) -> None:
+    from test_model_training import tiny_config
+
+    from poeem.pipeline import export_run, train_run
+
+    cfg = tiny_config()
+    cfg.model.poeem["num_items"] = 0  # like a run trained before the layer kept its codes
+    train_run(cfg, tmp_path / "run")
+    with pytest.warns(UserWarning, match="holds no codes from training"):
+        as_trained = export_run(tmp_path / "run", tmp_path / "trained", trained_codes=True)
+    encoded = export_run(tmp_path / "run", tmp_path / "encoded")
+    assert torch.equal(as_trained.tensors.codes, encoded.tensors.codes)
