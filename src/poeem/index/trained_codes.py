@@ -15,13 +15,16 @@ from torch import nn
 
 from poeem.distributed import gather_rows
 from poeem.errors import PoeemError
+from poeem.index.quantize import smallest_uint_dtype
 
 NOT_SEEN = -1
 
 
 def _code_dtype(n: int) -> torch.dtype:
-    """Storage of codes in 0..n-1: uint8, else int32 (torch cannot index-assign uint16)."""
-    return torch.uint8 if n <= 1 << 8 else torch.int32
+    """Storage of codes in 0..n-1: :func:`smallest_uint_dtype`, but int32 for its uint16 (torch
+    cannot index-assign uint16)."""
+    dtype = smallest_uint_dtype(n)
+    return torch.int32 if dtype == torch.uint16 else dtype
 
 
 class TrainedCodes(nn.Module):

@@ -473,10 +473,11 @@ def item_codes(
             part_coarse = torch.empty(hi - lo, dtype=torch.long)
             todo = torch.ones(hi - lo, dtype=torch.bool)
             if memory is not None:
-                todo = ~memory.seen(slice(lo, hi)).cpu()
-                part[~todo] = memory.codes[lo:hi][~todo.to(memory.codes.device)].long().cpu()
+                kept = memory.seen(slice(lo, hi))  # on the memory's device
+                todo = ~kept.cpu()
+                part[~todo] = memory.codes[lo:hi][kept].long().cpu()
                 if memory.coarse_codes is not None:
-                    part_coarse[~todo] = memory.coarse_codes[lo:hi][~todo.to(memory.step.device)].long().cpu()
+                    part_coarse[~todo] = memory.coarse_codes[lo:hi][kept].long().cpu()
             if bool(todo.any()):
                 ids = torch.arange(lo, hi)[todo]
                 x = model.all_item_embeddings(item_features, rows=ids)
