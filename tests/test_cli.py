@@ -56,7 +56,7 @@ def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
     index = tmp_path / "ix"
     assert "exported 10000 items" in invoke("export", run, "--out", index)
     as_trained = tmp_path / "ix-trained"
-    assert "exported 10000 items" in invoke("export", run, "--out", as_trained, "--trained-codes")
+    assert "exported 10000 items" in invoke("export", run, "--out", as_trained, "--from-training", "codes")
     memory = load_run(run)[1].index.trained
     seen = memory.seen()
     assert 0 < int(seen.sum()) < 10000  # one epoch of 128-pair batches after the warm start
@@ -64,6 +64,15 @@ def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
     assert torch.equal(trained.codes[seen], memory.codes[seen].long())
     assert torch.equal(trained.coarse_codes[seen], memory.coarse_codes[seen].long())
     assert torch.equal(trained.codes[~seen], encoded.codes[~seen])  # the rest encoded as by default
+    # the default export keeps the lists of training and encodes the residuals
+    assert torch.equal(encoded.coarse_codes[seen], memory.coarse_codes[seen].long())
+    invoke("export", run, "--out", tmp_path / "ix-full", "--from-training", "none")
+    full = Searcher.load(tmp_path / "ix-full").tensors
+    assert torch.equal(full.codes[~seen], encoded.codes[~seen])
+    assert torch.equal(full.coarse_codes[~seen], encoded.coarse_codes[~seen])
+    bad = runner.invoke(app, ["export", str(run), "--out", str(tmp_path / "no"), "--from-training", "code"])
+    assert bad.exit_code != 0 and "'lists' or 'codes'" in str(bad.exception)
+    assert not (tmp_path / "no").exists()
     (tmp_path / "q.txt").write_text("12\n4512\n")
     lines = invoke(
         "search", index, "--query-file", tmp_path / "q.txt", "-k", "3", "--nprobe", "4"

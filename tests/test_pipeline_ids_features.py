@@ -62,7 +62,7 @@ def table_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Searcher]
     tmp = tmp_path_factory.mktemp("table")
     run = tmp / "run"
     train_run(table_config(write_table(tmp / "events.csv")), run)
-    return run, export_run(run, tmp / "ix")
+    return run, export_run(run, tmp / "ix", from_training=None)  # every item encoded from scratch
 
 
 def test_export_encodes_items_with_their_features(table_run: tuple[Path, Searcher]) -> None:
@@ -82,7 +82,7 @@ def test_streaming_item_codes_equal_encoding_every_embedding_at_once(
     table_run: tuple[Path, Searcher],
 ) -> None:
     """Export embeds and encodes in chunks with their features; the codes are those of one pass."""
-    from poeem.pipeline.run import item_codes
+    from poeem.export.item_codes import item_codes
 
     run, _ = table_run
     _, model = load_run(run)
@@ -92,7 +92,7 @@ def test_streaming_item_codes_equal_encoding_every_embedding_at_once(
         part = model.all_item_embeddings(features, batch_size=3, rows=slice(5, 12))
         torch.testing.assert_close(part, whole[5:12], rtol=0, atol=1e-6)  # MLP sums vary with batch size
         expected = model.index.encode(whole)
-    coarse, codes = item_codes(model, features, chunk=7, trained=False)  # 28 full chunks and a short one
+    coarse, codes = item_codes(model, features, chunk=7)  # 28 full chunks and a short one
     assert coarse is not None and expected[0] is not None
     assert torch.equal(codes, expected[1]) and codes.dtype == expected[1].dtype
     assert torch.equal(coarse, expected[0]) and coarse.dtype == expected[0].dtype

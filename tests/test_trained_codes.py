@@ -6,10 +6,11 @@ import pytest
 import torch
 from conftest import correlated
 
-from poeem import PoeemLayer
+from poeem import PoeemConfig, PoeemLayer
 from poeem.errors import PoeemError
+from poeem.export.item_codes import item_codes
+from poeem.metric import prepare_queries
 from poeem.model import ModelConfig, TwoTowerModel
-from poeem.pipeline.run import item_codes
 
 
 def remembering_layer(x: torch.Tensor, num_items: int, **options: object) -> PoeemLayer:
@@ -100,7 +101,7 @@ def test_export_takes_the_trained_codes_and_encodes_only_the_items_never_coded()
         model.item_tower.embedding.weight.mul_(1.5).add_(0.3)
     model.eval()
     memory = model.index.trained
-    coarse, codes = item_codes(model, chunk=64, trained=True)
+    coarse, codes = item_codes(model, chunk=64, from_training="codes")
     fresh_coarse, fresh = item_codes(model, chunk=64)
     odd = torch.arange(1, 300, 2)
     assert torch.equal(codes[seen], memory.codes[seen]) and torch.equal(
@@ -108,6 +109,40 @@ def test_export_takes_the_trained_codes_and_encodes_only_the_items_never_coded()
     )
     assert torch.equal(codes[odd], fresh[odd]) and torch.equal(coarse[odd], fresh_coarse[odd])
     assert not torch.equal(codes[seen], fresh[seen])  # the memory, not a re-encoding
+
+    lists, sub = item_codes(model, chunk=64, from_training="lists")
+    assert torch.equal(lists[seen].long(), memory.coarse_codes[seen].long())
+    assert torch.equal(lists[odd], fresh_coarse[odd]) and torch.equal(sub[odd], fresh[odd])
+    assert not torch.equal(lists, fresh_coarse)  # some items moved to another list since their step
+    # the seen items' sub-codes: the nearest codewords (brute force) to the residual of the kept list
+    layer = model.index
+    with torch.no_grad():
+        x = prepare_queries(model.all_item_embeddings(), model.config.search_metric, 16, "items")
+        xr = x @ layer.rotation_matrix
+        residual = (xr - layer.coarse[lists.long()]).reshape(300, 4, 4)
+        distances = ((residual[:, :, None, :] - layer.codebooks[None]) ** 2).sum(-1)  # (n, D, K)
+    assert torch.equal(sub.long(), distances.argmin(-1))
+
+
+def test_encoding_with_given_lists_checks_them() -> None:
+    torch.manual_seed(0)
+    layer = PoeemLayer(PoeemConfig(dim=8, num_subspaces=2, codebook_size=4, num_coarse=3))
+    x = torch.randn(40, 8)
+    layer.initialize(x)
+    coarse, codes = layer.encode(x)
+    assert torch.equal(layer.encode(x, lists=coarse)[1], codes)  # its own lists: the same codes
+    for bad, match in (
+        (coarse[:5], "shape"),
+        (coarse.float(), "integer"),
+        (torch.full((40,), 3), r"in \[0, 3\)"),
+        (torch.full((40,), -1), r"in \[0, 3\)"),
+    ):
+        with pytest.raises(PoeemError, match=match):
+            layer.encode(x, lists=bad)
+    flat = PoeemLayer(PoeemConfig(dim=8, num_subspaces=2, codebook_size=4, num_coarse=0))
+    flat.initialize(x)
+    with pytest.raises(PoeemError, match="num_coarse 0"):
+        flat.encode(x, lists=coarse)
 
 
 def test_the_model_sets_num_items_and_refuses_another_size() -> None:
@@ -129,6 +164,6 @@ def test_exporting_trained_codes_of_a_run_without_any_warns_and_encodes(tmp_path
     cfg.model.poeem["num_items"] = 0  # like a run trained before the layer kept its codes
     train_run(cfg, tmp_path / "run")
     with pytest.warns(UserWarning, match="holds no codes from training"):
-        as_trained = export_run(tmp_path / "run", tmp_path / "trained", trained_codes=True)
+        as_trained = export_run(tmp_path / "run", tmp_path / "trained", from_training="codes")
     encoded = export_run(tmp_path / "run", tmp_path / "encoded")
     assert torch.equal(as_trained.tensors.codes, encoded.tensors.codes)

@@ -390,13 +390,16 @@ def export(
             "by polling or POST /reload; readers of the old version are not disturbed)."
         ),
     ] = False,
-    trained_codes: Annotated[
-        bool,
+    from_training: Annotated[
+        str,
         typer.Option(
-            help="Keep the codes each item got in its latest training step instead of encoding "
-            "every item again (the index as trained; codes up to an epoch old)."
+            help="lists | codes | none: what each item reuses from its latest training step. 'lists' "
+            "keeps its list and encodes only its residual (skips the list search; as good as "
+            "encoding from scratch in docs/benchmarks.md); 'codes' keeps its codes (the index as "
+            "trained: no pass over the items, codes up to an epoch old); 'none' encodes every "
+            "item from scratch. Items never coded in training are encoded."
         ),
-    ] = False,
+    ] = "lists",
 ) -> None:
     """Export the learned index of a run into a FAISS index directory, with no training.
 
@@ -406,7 +409,13 @@ def export(
     from poeem.pipeline import export_run
 
     started = time.perf_counter()
-    searcher = export_run(run_dir, out, fast_scan, replace, trained_codes=trained_codes)
+    searcher = export_run(
+        run_dir,
+        out,
+        fast_scan,
+        replace,
+        from_training=None if from_training == "none" else from_training,  # type: ignore[arg-type]
+    )
     if searcher is None:  # not rank 0 under torchrun
         return
     typer.echo(

@@ -14,7 +14,9 @@ from poeem.data.interactions import InteractionData
 from poeem.evaluation.cost import search_cost
 from poeem.evaluation.evaluate import Searchable, evaluate_retrieval
 from poeem.export.faiss_codec import build_faiss_index
+from poeem.export.item_codes import EXPORT_DEFAULT, encode_reusing
 from poeem.export.learned import learned_index
+from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
 from poeem.search.exact import FlatIndex
 from poeem.search.faiss_backend import FaissSearcher, train_faiss_ivfpq
@@ -86,7 +88,8 @@ def compare_indexes(
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Metric rows for: ``exact`` (un-quantized items, brute force); ``poeem`` (the learned
-    index exported to FAISS without training, when the model has a layer); ``faiss-ivfpq``
+    index exported to FAISS without training, as ``poeem export`` writes it, when the model has
+    a layer); ``faiss-ivfpq``
     (FAISS trained on the un-quantized items with ``budget`` = (coarse_K, D, K)); and
     optionally ``faiss-opq-ivfpq``.
 
@@ -100,7 +103,14 @@ def compare_indexes(
     rows = _rows("exact", FlatIndex(xb, "ip"), 0.0, model, data, ks, (1,))
     if model.index is not None and model.index.is_initialized:  # not during the warm start
         started = time.perf_counter()
-        searcher = FaissSearcher(build_faiss_index(learned_index(model.index, xb), "ip"))  # as users serve it
+        rows_all, metric = torch.arange(xb.shape[0]), model.config.search_metric
+        codes = encode_reusing(  # what `poeem export` writes, served as users serve it
+            model.index,
+            rows_all,
+            lambda r: prepare_queries(xb[r], metric, xb.shape[1], "items"),
+            EXPORT_DEFAULT,
+        )
+        searcher = FaissSearcher(build_faiss_index(learned_index(model.index, codes), "ip"))
         rows += _rows("poeem", searcher, time.perf_counter() - started, model, data, ks, nprobes)
     baselines = [("faiss-ivfpq", False)] * faiss_baseline + [("faiss-opq-ivfpq", True)] * opq_baseline
     if baselines and xb.shape[0] < max(budget[0], budget[2]):

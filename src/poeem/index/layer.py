@@ -476,11 +476,16 @@ class PoeemLayer(nn.Module):
 
     # ------------------------------------------------------- encode / decode
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, batch_size: int = 65536) -> tuple[torch.Tensor | None, torch.Tensor]:
+    def encode(
+        self, x: torch.Tensor, batch_size: int = 65536, lists: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Codes of item embeddings with the current index, in batches.
 
         Args:
             x: (n, dim) item embeddings.
+            lists: (n,) coarse codes to keep (for example those training assigned): only the
+                sub-codes of each item's residual to its given list are computed, skipping the
+                list search. None assigns the lists too.
 
         Returns:
             coarse_codes: (n,) in the smallest integer dtype holding coarse_K, or None without
@@ -489,13 +494,18 @@ class PoeemLayer(nn.Module):
         self._check_input(x)
         self._require_initialized("encode()")
         c = self.config
+        if lists is not None:
+            self._check_lists(lists, x.shape[0])
         rotation = self.rotation_matrix.detach()
         coarse = self.coarse.detach() if self.coarse is not None else None
         coarse_parts, code_parts = [], []
         for start in range(0, x.shape[0], batch_size):
             with _full_precision(x):
                 xr = x[start : start + batch_size].float().to(rotation.device) @ rotation
-                cc, codes = encode_rotated(xr, coarse, self.codebooks.detach(), c.coarse_metric, bulk=True)
+                given = lists[start : start + batch_size].to(rotation.device) if lists is not None else None
+                cc, codes = encode_rotated(
+                    xr, coarse, self.codebooks.detach(), c.coarse_metric, bulk=True, lists=given
+                )
             code_parts.append(codes.to(smallest_uint_dtype(c.codebook_size)))
             if cc is not None:
                 coarse_parts.append(cc.to(smallest_uint_dtype(c.num_coarse)))
@@ -580,6 +590,27 @@ class PoeemLayer(nn.Module):
                 "finite values",
                 f"NaN or inf in {bad} rows",
                 "check the item tower (learning rate, normalisation) for divergence",
+            )
+
+    def _check_lists(self, lists: torch.Tensor, n: int) -> None:
+        num_coarse = self.config.num_coarse
+        if num_coarse == 0:
+            raise PoeemError(
+                "encode() lists", "no lists (the layer has num_coarse 0)", "a tensor", "pass lists=None"
+            )
+        if lists.shape != (n,) or lists.is_floating_point() or lists.is_complex():
+            raise PoeemError(
+                "encode() lists",
+                f"an integer tensor of shape ({n},)",
+                f"{lists.dtype} of shape {tuple(lists.shape)}",
+                "pass one coarse code per item, as encode() returns them",
+            )
+        if n and not (int(lists.min()) >= 0 and int(lists.max()) < num_coarse):
+            raise PoeemError(
+                "encode() lists",
+                f"coarse codes in [0, {num_coarse})",
+                f"values in [{int(lists.min())}, {int(lists.max())}]",
+                "pass coarse codes of this layer",
             )
 
     def _require_initialized(self, what: str) -> None:

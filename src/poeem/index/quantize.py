@@ -113,6 +113,7 @@ def encode_rotated(
     codebooks: torch.Tensor,
     coarse_metric: str = "l2",
     bulk: bool = False,
+    lists: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Coarse codes and sub-codes of rotated vectors.
 
@@ -122,13 +123,15 @@ def encode_rotated(
         codebooks: (D, K, dsub) codewords.
         coarse_metric: the list assignment rule, see :func:`coarse_assign`.
         bulk: see :func:`coarse_assign`.
+        lists: (B,) coarse codes to keep instead of assigning them (only the residuals'
+            sub-codes are computed), or None.
 
     Returns:
         coarse_codes: (B,) int64, or None; codes: (B, D) int64.
     """
     if coarse is None:
         return None, pq_assign(xr, codebooks, bulk)
-    coarse_codes = coarse_assign(xr, coarse, coarse_metric, bulk)
+    coarse_codes = coarse_assign(xr, coarse, coarse_metric, bulk) if lists is None else lists.long()
     return coarse_codes, pq_assign(xr - coarse[coarse_codes], codebooks, bulk)
 
 

@@ -10,15 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from poeem import distributed
 from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes
+from poeem.export.item_codes import EXPORT_DEFAULT, FromTraining, check_from_training, item_codes
 from poeem.index.config import PoeemConfig
-from poeem.index.quantize import smallest_uint_dtype
-from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
 from poeem.model.text import TextTwoTowerModel
@@ -335,13 +333,14 @@ def export_run(
     distill: DistillConfig | None = None,
     layer_settings: dict[str, Any] | None = None,
     resume: bool = False,
-    trained_codes: bool = False,
+    from_training: FromTraining | None = EXPORT_DEFAULT,
 ) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
 
-    With ``trained_codes``, each item keeps the codes its latest training step computed and only
-    items never coded since the index was fitted are encoded (:func:`item_codes`): no pass over
-    the catalogue, at the price of codes up to an epoch old.
+    ``from_training`` says what is reused from training for the items a step coded since the
+    index was fitted (:mod:`poeem.export.item_codes`): ``"lists"`` (default) keeps each item's
+    list and encodes its residual, skipping the list search; ``"codes"`` keeps its codes (no
+    pass over the catalogue; codes up to an epoch old); None encodes every item from scratch.
 
     With ``distill``, the index is first distilled from the model's own ranking of its
     training queries (:func:`poeem.pipeline.distill.distill_run_index`; a run without a layer
@@ -359,6 +358,7 @@ def export_run(
         The new index's :class:`Searcher` on rank 0; None on the other ranks.
     """
     run_dir = Path(run_dir)
+    check_from_training(from_training)
     distributed.setup(torch.device("cpu"))
     cfg, model = load_run(run_dir)
     if model.index is None and distill is None:
@@ -389,14 +389,14 @@ def export_run(
     else:
         assert model.index is not None
         layer = model.index
-        if trained_codes and (layer.trained is None or not bool(layer.trained.seen().any())):
+        if from_training == "codes" and (layer.trained is None or not bool(layer.trained.seen().any())):
             warnings.warn(
                 f"'{run_dir}' holds no codes from training (trained before poeem kept them, or "
                 "with num_items 0): every item is encoded",
                 stacklevel=2,
             )
         coarse_codes, codes = item_codes(
-            model, art.item_features, progress=cfg.train.progress, trained=trained_codes
+            model, art.item_features, progress=cfg.train.progress, from_training=from_training
         )
     if not distributed.is_main():
         return None
@@ -422,78 +422,3 @@ def export_run(
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # the index is written: nothing to resume
     return searcher
-
-
-@torch.no_grad()
-def item_codes(
-    model: RetrievalModel,
-    item_features: torch.Tensor | None = None,
-    chunk: int = 1 << 18,
-    progress: bool = False,
-    trained: bool = False,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """The codes of every item, each rank encoding its share and all ranks gathering them.
-
-    With ``trained``, an item keeps the codes its latest training step computed (the layer's
-    :attr:`~poeem.PoeemLayer.trained` codes: the index as trained) and only the items not
-    coded since the index was fitted are embedded and encoded; else every item is. Items are
-    embedded and encoded ``chunk`` at a time, so memory holds the codes and one chunk of
-    embeddings, never all of them.
-
-    Args:
-        model: a trained model with an initialized Poeem layer.
-        item_features: (num_items, Fi) features of every item, or None.
-        chunk: items embedded and encoded at once.
-        progress: show a progress bar (rank 0, on a terminal).
-        trained: take the codes training computed where there are any.
-
-    Returns:
-        (num_items,) coarse codes (None without IVF) and (num_items, D) sub-codes, in id order.
-    """
-    index = model.index
-    assert index is not None
-    memory = index.trained if trained else None
-    share = distributed.shard(model.num_items)
-    # preallocated in the dtypes layer.encode returns: at 50M items a list of chunks joined by
-    # torch.cat, or int64 copies, cost gigabytes beside the table
-    c, n = index.config, share.stop - share.start
-    codes = torch.empty(n, c.num_subspaces, dtype=smallest_uint_dtype(c.codebook_size))
-    coarse = torch.empty(n, dtype=smallest_uint_dtype(c.num_coarse)) if c.num_coarse else None
-    with tqdm(
-        total=n,
-        desc="encode items",
-        unit="item",
-        unit_scale=True,
-        disable=None if progress and distributed.is_main() else True,
-        leave=False,
-    ) as bar:
-        for lo in range(share.start, share.stop, chunk):
-            hi = min(lo + chunk, share.stop)
-            part = torch.empty(hi - lo, c.num_subspaces, dtype=torch.long)
-            part_coarse = torch.empty(hi - lo, dtype=torch.long)
-            todo = torch.ones(hi - lo, dtype=torch.bool)
-            if memory is not None:
-                kept = memory.seen(slice(lo, hi))  # on the memory's device
-                todo = ~kept.cpu()
-                part[~todo] = memory.codes[lo:hi][kept].long().cpu()
-                if memory.coarse_codes is not None:
-                    part_coarse[~todo] = memory.coarse_codes[lo:hi][kept].long().cpu()
-            if bool(todo.any()):
-                ids = torch.arange(lo, hi)[todo]
-                x = model.all_item_embeddings(item_features, rows=ids)
-                fresh_coarse, fresh = index.encode(
-                    prepare_queries(x, model.config.search_metric, x.shape[1], "items")
-                )
-                part[todo] = fresh.long().cpu()
-                if fresh_coarse is not None:
-                    part_coarse[todo] = fresh_coarse.long().cpu()
-            rows = slice(lo - share.start, hi - share.start)
-            codes[rows] = part.to(codes.dtype)
-            if coarse is not None:
-                coarse[rows] = part_coarse.to(coarse.dtype)
-            bar.update(hi - lo)
-    if distributed.is_active():
-        codes = distributed.gather_rows(codes.long()).to(codes.dtype)
-        if coarse is not None:
-            coarse = distributed.gather_rows(coarse.long()).to(coarse.dtype)
-    return coarse, codes
