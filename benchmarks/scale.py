@@ -11,9 +11,10 @@ nearest sqrt(n)) it measures, in a fresh process so that peak memory is per size
 - poeem's indexing (embed and encode in streaming chunks with the frozen layer, as ``poeem
   export`` does, then export to FAISS) and the peak memory so far, against FAISS's train on the
   same sample + add of all items (up to ``--faiss-max-size``);
-- the export with the codes training computed (``poeem export --trained-codes``), once every
-  item has codes in the layer's memory (filled with the codes above, standing in for a last
-  epoch over the catalogue: training's forward computes them anyway);
+- the exports that reuse what training computed (``poeem export --from-training codes``, and
+  ``lists``: keep each item's list, encode its residual), once every item has codes in the
+  layer's memory (filled with the codes above, standing in for a last epoch over the catalogue:
+  training's forward computes them anyway);
 - search time of both indexes at equal bytes and nprobe;
 - up to ``--ddp-max-size``: steps/s with 1 and 2 processes (torch.distributed, gloo), same global
   batch.
@@ -48,9 +49,9 @@ import torch.multiprocessing as mp
 
 from poeem import distributed
 from poeem.export import export_learned
+from poeem.export.item_codes import item_codes
 from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model import ModelConfig, TwoTowerModel
-from poeem.pipeline.run import item_codes
 from poeem.training import TrainConfig, Trainer
 from poeem.training.optimizers import TableOptimizerName
 
@@ -112,7 +113,7 @@ def layer_config(n: int, kmeans_iters: int, init: str = "kmeans") -> dict[str, A
         "buffer_size": min(n, 64 * k),
         "kmeans_iters": kmeans_iters,
         "init": init,
-        "num_items": n,  # the layer remembers the codes of training (poeem export --trained-codes)
+        "num_items": n,  # the layer remembers the codes of training (poeem export --from-training)
     }
 
 
@@ -155,7 +156,7 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     _, poeem_index = export_learned(model.index, codes, metric="cosine")
     row["export_s"] = time.perf_counter() - started
     row["peak_rss_export_gb"] = peak_rss_gb()
-    row["trained_export_s"] = trained_codes_export_s(model, codes)
+    row.update(export_from_training_s(model, codes))
     del codes
     with torch.no_grad():
         xq = model.encode_queries(torch.randint(NUM_QUERIES, (SEARCH_QUERIES,))).numpy()
@@ -174,17 +175,24 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def trained_codes_export_s(model: TwoTowerModel, codes: tuple[torch.Tensor | None, torch.Tensor]) -> float:
-    """Seconds of the export from the codes training left in the layer (every item's, here the
-    ``codes`` just encoded, as a last epoch over the catalogue would have recorded them)."""
+def export_from_training_s(
+    model: TwoTowerModel, codes: tuple[torch.Tensor | None, torch.Tensor]
+) -> dict[str, float]:
+    """Seconds of the exports that reuse what training left in the layer: its codes
+    (``trained_export_s``) and its lists, with the residuals encoded (``trained_lists_export_s``).
+    Every item's are recorded, here the ``codes`` just encoded, as a last epoch over the catalogue
+    would have recorded them."""
     memory, (coarse, sub) = model.index.trained, codes
     assert memory is not None and coarse is not None
     for lo in range(0, memory.num_items, 1 << 20):
         rows = slice(lo, lo + (1 << 20))
         memory.record(torch.arange(memory.num_items)[rows], coarse[rows], sub[rows], int(model.index.step))
-    started = time.perf_counter()
-    export_learned(model.index, item_codes(model, trained=True), metric="cosine")
-    return time.perf_counter() - started
+    seconds = {}
+    for key, reuse in (("trained_export_s", "codes"), ("trained_lists_export_s", "lists")):
+        started = time.perf_counter()
+        export_learned(model.index, item_codes(model, from_training=reuse), metric="cosine")
+        seconds[key] = time.perf_counter() - started
+    return seconds
 
 
 def faiss_baseline(model: TwoTowerModel, sample: torch.Tensor, num_coarse: int, row: dict[str, Any]) -> Any:

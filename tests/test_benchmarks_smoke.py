@@ -66,6 +66,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         str(out),
     )
     run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
+    run("trained_codes.py", "--dataset", "synthetic", "--tiny", "--seeds", "0", "--results-dir", str(out))
     run(
         "sparse_tables.py",
         "--dataset",
@@ -137,7 +138,7 @@ def test_benchmarks_write_results(results: Path) -> None:
     scale = json.loads((results / "scale.json").read_text())["rows"][0]
     assert scale["items"] == 5000 and set(scale["processes"]) == {"1", "2"}
     assert scale["poeem_steps_per_s"] > 0 and scale["search_ms_per_query"]["poeem@1"] > 0
-    assert scale["trained_export_s"] > 0
+    assert scale["trained_export_s"] > 0 and scale["trained_lists_export_s"] > 0
     assert all("codes_scanned" in row for row in recall["summary"] if row["method"] != "exact")
     assert {row["nprobe"] for row in recall["summary"] if row["method"] == "scann"} == {1, 2}
     cost = json.loads((results / "train_cost_synthetic_tiny.json").read_text())["rows"]
@@ -148,6 +149,9 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert ablation["runs"][0]["layer"]["routing_weight"] == 0 and ablation["runs"][1]["layer"] == {}
     sweep = json.loads((results / "sweep_synthetic_tiny.json").read_text())
     assert [p["parameter"] for p in sweep["points"]] == ["D", "D", "K", "coarse_K"]
+    trained = json.loads((results / "trained_codes_synthetic_tiny.json").read_text())
+    modes = [(e["mode"], e["nprobe"]) for e in trained["summary"]]
+    assert modes == [(m, p) for m in ("re-encoded", "trained lists", "trained") for p in (1, 2)]
 
 
 def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
