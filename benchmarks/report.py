@@ -116,11 +116,14 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
         f"Synthetic catalogue, dim {c['dim']}, 8 bytes per item (IVF coarse_K, PQ8x8; coarse_K the power "
         f"of two nearest sqrt(n)), {c['num_queries']:,} query ids, global batch {c['batch_size']}, "
         f"{c['steps']} timed steps after {c['warm']}; id tables on `{tables}`, the rest on Adam. "
-        "Untrained towers: these are costs, not quality. Peak memory is the process's peak resident "
+        "Untrained towers: these are costs, not quality. In brackets: the layer without its routing term "
+        "(`routing_weight` 0), whose softmax over all coarse_K lists per query grows with the catalogue. "
+        "Peak memory is the process's peak resident "
         "memory after training, and after poeem's export (before FAISS is built).",
         "",
-        "| items | coarse_K | steps/s no layer | steps/s layer | peak GB training / export "
-        "| warm-start k-means s | poeem embed + encode + export s | poeem export, trained lists / codes s "
+        "| items | coarse_K | steps/s no layer | steps/s layer (no routing) | peak GB training / export "
+        "| warm-start k-means s | poeem export, encoding every item s "
+        "| poeem export, lists from training (default) / codes from training s "
         "| FAISS train + add s | search ms/query poeem / FAISS, nprobe 1 | nprobe 16 "
         "| list imbalance poeem / FAISS |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -133,9 +136,12 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
         ms, faiss_s = row["search_ms_per_query"], faiss_build_s(row)
         peak = f"{row['peak_rss_training_gb']:.1f} / {row.get('peak_rss_export_gb', row['peak_rss_gb']):.1f}"
         elsewhere = "*" if "elsewhere" in row else ""  # a row kept from another machine or commit
+        no_routing = (
+            f" ({row['poeem_no_routing_steps_per_s']:.2f})" if "poeem_no_routing_steps_per_s" in row else ""
+        )
         lines.append(
             f"| {row['items']:,}{elsewhere} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
-            f"{row['poeem_steps_per_s']:.2f} | {peak} | {row['warm_start_kmeans_s']:.1f} | "
+            f"{row['poeem_steps_per_s']:.2f}{no_routing} | {peak} | {row['warm_start_kmeans_s']:.1f} | "
             f"{poeem_build_s(row):.1f} | {fmt_optional(row.get('trained_lists_export_s'), 1)} / "
             f"{fmt_optional(row.get('trained_export_s'), 1)} | "
             f"{fmt_optional(faiss_s, 1)} | "

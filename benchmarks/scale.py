@@ -6,7 +6,8 @@ nearest sqrt(n)) it measures, in a fresh process so that peak memory is per size
 
 - training steps/s of the two-tower model (id towers, cosine, in-batch softmax, Adam; the id
   tables on ``--table-optimizer``, row-wise Adagrad by default) without and with the Poeem
-  layer, and the process's peak resident memory;
+  layer (its defaults, and without its routing term, whose softmax over every list grows with
+  coarse_K), and the process's peak resident memory;
 - the warm-start k-means on 64 x coarse_K item embeddings;
 - poeem's indexing (embed and encode in streaming chunks with the frozen layer, as ``poeem
   export`` does, then export to FAISS) and the peak memory so far, against FAISS's train on the
@@ -145,6 +146,10 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     model.index.initialize(sample)
     row["warm_start_kmeans_s"] = time.perf_counter() - started
     row["poeem_steps_per_s"] = steps_per_s(model, args)
+    # the routing term's softmax scores every list: its cost grows with coarse_K, so with n
+    routing, model.index.config.routing_weight = model.index.config.routing_weight, 0.0
+    row["poeem_no_routing_steps_per_s"] = steps_per_s(model, args)
+    model.index.config.routing_weight = routing
     row["peak_rss_training_gb"] = peak_rss_gb()
     print(f"n={n:,}: k-means {row['warm_start_kmeans_s']:.1f}s, layer {row['poeem_steps_per_s']:.2f} steps/s")
 

@@ -137,7 +137,11 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert all(0 <= row["precision@100"] <= 1 for row in recall["summary"])
     scale = json.loads((results / "scale.json").read_text())["rows"][0]
     assert scale["items"] == 5000 and set(scale["processes"]) == {"1", "2"}
-    assert scale["poeem_steps_per_s"] > 0 and scale["search_ms_per_query"]["poeem@1"] > 0
+    assert (
+        scale["poeem_steps_per_s"] > 0
+        and scale["poeem_no_routing_steps_per_s"] > 0
+        and scale["search_ms_per_query"]["poeem@1"] > 0
+    )
     assert scale["trained_export_s"] > 0 and scale["trained_lists_export_s"] > 0
     assert all("codes_scanned" in row for row in recall["summary"] if row["method"] != "exact")
     assert {row["nprobe"] for row in recall["summary"] if row["method"] == "scann"} == {1, 2}
