@@ -238,7 +238,8 @@ def sparse_tables_section(r: dict[str, Any]) -> list[str]:
 
 
 def trained_codes_section(r: dict[str, Any]) -> list[str]:
-    """The index as trained, with kept lists, and re-encoded: quality and export time."""
+    """The index as trained, with kept lists (the default export), and re-encoded: quality and
+    export time."""
     h, b = r["headline"], r["budget"]
 
     def by_seed(key: str) -> str:
@@ -722,8 +723,8 @@ def main() -> None:
             "## The index as trained: kept codes and lists against re-encoding (issue 19)",
             "",
             "`poeem export --from-training codes` keeps each item's codes from its latest training "
-            "step; `--from-training lists` keeps its list and encodes the residual; the default "
-            "encodes every item again (`docs/design.md`).",
+            "step; `--from-training lists` (the default) keeps its list and encodes the residual; "
+            "`--from-training none` encodes every item again (`docs/design.md`).",
             "",
         ]
         for name in trained:

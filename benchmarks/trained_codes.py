@@ -3,9 +3,10 @@
 For each seed it trains a preset's joint model once, then builds three indexes from the same
 layer and evaluates each at nprobe 1 and all lists:
 
-- ``re-encoded``: every item embedded and encoded after training (the default export);
+- ``re-encoded``: every item embedded and encoded after training (``poeem export
+  --from-training none``);
 - ``trained lists``: each item keeps the list of its latest training step and only its
-  residual is encoded (``poeem export --from-training lists``);
+  residual is encoded (``--from-training lists``, the default export);
 - ``trained``: each item keeps the codes of its latest training step (``--from-training codes``,
   the index as trained).
 
@@ -46,7 +47,8 @@ MODES = {"re-encoded": None, "trained lists": "lists", "trained": "codes"}
 
 @torch.no_grad()
 def compare(model: Any, data: Any, ks: tuple[int, ...], nprobes: tuple[int, ...]) -> dict[str, Any]:
-    """Rows of both indexes of one trained model, and how many codes they share."""
+    """Rows of the three indexes of one trained model, and how many codes the trained and the
+    re-encoded ones share."""
     features = torch.from_numpy(data.item_features) if data.item_features is not None else None
     encode, rows, codes = query_encoder(model, data), [], {}
     for mode, from_training in MODES.items():

@@ -29,7 +29,12 @@ EXPORT_DEFAULT: FromTraining = "lists"  # what `poeem export` reuses unless told
 def check_from_training(value: str | None) -> None:
     """A clear error unless ``value`` is None or a :data:`FromTraining` choice."""
     if value is not None and value not in get_args(FromTraining):
-        raise PoeemError("--from-training", "'none', 'lists' or 'codes'", repr(value), "pick one of those")
+        raise PoeemError(
+            "from_training",
+            "None, 'lists' or 'codes' (on the command line: none, lists or codes)",
+            repr(value),
+            "pick one of those",
+        )
 
 
 @torch.no_grad()
@@ -55,21 +60,18 @@ def encode_reusing(
     c = layer.config
     codes = torch.empty(len(rows), c.num_subspaces, dtype=torch.long)
     coarse = torch.empty(len(rows), dtype=torch.long) if c.num_coarse else None
-    memory = (
-        layer.trained
-        if from_training == "codes" or (from_training == "lists" and coarse is not None)
-        else None
-    )
+    reuse_lists = from_training == "lists" and coarse is not None  # no lists to keep without IVF
+    memory = layer.trained if from_training == "codes" or reuse_lists else None
     kept = torch.zeros(len(rows), dtype=torch.bool)
     if memory is not None:
         on_device = rows.to(memory.step.device)
-        seen = memory.step[on_device] >= 0
+        seen = memory.seen(on_device)
         kept, kept_rows = seen.cpu(), on_device[seen]
         if coarse is not None and memory.coarse_codes is not None:
             coarse[kept] = memory.coarse_codes[kept_rows].long().cpu()
         if from_training == "codes":
             codes[kept] = memory.codes[kept_rows].long().cpu()
-    groups = [(~kept, False)] + [(kept, True)] * (memory is not None and from_training == "lists")
+    groups = [(~kept, False)] + [(kept, True)] * (memory is not None and reuse_lists)
     for mask, keep_lists in groups:
         if not bool(mask.any()):
             continue

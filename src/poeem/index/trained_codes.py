@@ -110,6 +110,7 @@ class TrainedCodes(nn.Module):
                 stale |= torch.isin(self.codes[:, d].long(), word[subspace == d])
         self.step[stale] = NOT_SEEN
 
-    def seen(self, rows: slice | None = None) -> torch.Tensor:
-        """(n,) bool: which items (of ``rows``, all by default) have codes from training."""
-        return self.step[rows or slice(None)] != NOT_SEEN
+    def seen(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """(n,) bool: which items (of ``rows``: ids on this module's device or a slice; all by
+        default) have codes from training."""
+        return self.step[slice(None) if rows is None else rows] != NOT_SEEN
