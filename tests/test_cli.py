@@ -193,3 +193,26 @@ def test_first_search_of_a_fast_scan_index_returns_k_rows(tmp_path: Path, thread
     result = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     rows = result.stdout.strip().splitlines()[1:]
     assert len(rows) == 40 * 3, result.stdout
+
+
+def test_bfloat16_tables_train_export_and_serve_query_ids(tmp_path: Path) -> None:
+    run, index = tmp_path / "run", tmp_path / "ix"
+    layer = ["--num-coarse", "4", "--num-subspaces", "4", "--codebook-size", "16", "--buffer-size", "256"]
+    invoke(
+        "train", "--run-dir", run, "--config", write_config(tmp_path), "--poeem", *layer,
+        "--warmup-steps", "5",
+        "--dim", "16", "--epochs", "1", "--batch-size", "128", "--logger", "none",
+        "--table-dtype", "bfloat16", "--table-optimizer", "rowwise_adagrad", "--table-lr", "0.05",
+    )  # fmt: skip
+    _, model = load_run(run)
+    assert model.item_tower.embedding.weight.dtype == torch.bfloat16
+    invoke("export", run, "--out", index, "--from-training", "none")
+    searcher = Searcher.load(index)
+    assert searcher.query_tower.embedding.weight.dtype == torch.bfloat16
+    ids = torch.tensor([3, 77, 4012])
+    with torch.no_grad():
+        torch.testing.assert_close(searcher.embed_queries(ids.numpy()), model.encode_queries(ids))
+        coarse, codes = model.index.encode(model.all_item_embeddings())
+    assert torch.equal(searcher.tensors.codes, codes.long()) and torch.equal(
+        searcher.tensors.coarse_codes, coarse
+    )

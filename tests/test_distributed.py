@@ -94,12 +94,24 @@ def test_ranks_share_one_index(tmp_path: Path) -> None:
 
 # -------------------------------------------------------------------- training
 def train_worker(
-    out: str, steps: int, cross_rank: bool, run_dir: str | None, resume: bool, table_optimizer: str = "dense"
+    out: str,
+    steps: int,
+    cross_rank: bool,
+    run_dir: str | None,
+    resume: bool,
+    table_optimizer: str = "dense",
+    table_dtype: str = "float32",
 ) -> None:
     """Train the tiny model to ``steps``; save each rank's state and the index after the warm start."""
     data = synthetic_task(num_pairs=4000, seed=0)
     torch.manual_seed(0)
-    config = ModelConfig(dim=16, temperature=0.1, poeem=LAYER, cross_rank_negatives=cross_rank)
+    config = ModelConfig(
+        dim=16,
+        temperature=0.1,
+        poeem=LAYER,
+        cross_rank_negatives=cross_rank,
+        table_dtype=table_dtype,  # type: ignore[arg-type]
+    )
     model = TwoTowerModel(config, data.num_queries, data.num_items)
     cfg = TrainConfig(
         epochs=1,
@@ -153,17 +165,23 @@ def test_two_ranks_of_half_batch_train_like_one_rank(
     assert max_difference(r0, single_rank[str(steps)]) < 1e-5
 
 
-@pytest.mark.parametrize("table_optimizer", ["rowwise_adagrad", "sparse_adam"])
-def test_two_ranks_with_sparse_tables_train_like_one_rank(tmp_path: Path, table_optimizer: str) -> None:
+@pytest.mark.parametrize(
+    ("table_optimizer", "table_dtype"),
+    [("rowwise_adagrad", "float32"), ("sparse_adam", "float32"), ("rowwise_adagrad", "bfloat16")],
+)
+def test_two_ranks_with_sparse_tables_train_like_one_rank(
+    tmp_path: Path, table_optimizer: str, table_dtype: str
+) -> None:
     """Sparse table gradients are averaged over ranks (gloo's sparse all-reduce) like dense ones."""
     single = tmp_path / "single"
     single.mkdir()
-    train_worker(str(single), 12, True, None, False, table_optimizer)
-    run_ranks(train_worker, str(tmp_path), 12, True, None, False, table_optimizer)
+    train_worker(str(single), 12, True, None, False, table_optimizer, table_dtype)
+    run_ranks(train_worker, str(tmp_path), 12, True, None, False, table_optimizer, table_dtype)
     r0, r1 = states(tmp_path, 2)
     for name in r0:
         assert torch.equal(r0[name], r1[name]), name
-    assert max_difference(r0, states(single, 1)[0]) < 1e-5
+    assert r0["item_tower.embedding.weight"].dtype == getattr(torch, table_dtype)
+    assert max_difference(r0, states(single, 1)[0]) < 1e-5  # bfloat16 too: the ranks round alike
 
 
 def test_without_cross_rank_negatives_the_ranks_train_another_model(

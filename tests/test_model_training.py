@@ -75,7 +75,7 @@ def test_fused_in_batch_softmax_matches_plain_ops(
         in_batch_softmax(q, x, ids[:-1])
 
 
-def tiny_poeem_model(seed: int = 0) -> tuple[TwoTowerModel, PairBatches]:
+def tiny_poeem_model(seed: int = 0, table_dtype: str = "float32") -> tuple[TwoTowerModel, PairBatches]:
     data = synthetic_task(num_pairs=4000, seed=seed)
     torch.manual_seed(seed)
     layer = {
@@ -86,7 +86,8 @@ def tiny_poeem_model(seed: int = 0) -> tuple[TwoTowerModel, PairBatches]:
         "buffer_size": 256,
         "kmeans_iters": 3,
     }
-    model = TwoTowerModel(ModelConfig(dim=16, temperature=0.1, poeem=layer), 10_000, 10_000)
+    config = ModelConfig(dim=16, temperature=0.1, poeem=layer, table_dtype=table_dtype)  # type: ignore[arg-type]
+    model = TwoTowerModel(config, 10_000, 10_000)
     return model, PairBatches(data, 128, seed)
 
 
@@ -101,8 +102,18 @@ def test_loss_decreases_on_tiny_data() -> None:
     assert model.index.is_initialized
 
 
-@pytest.mark.parametrize("table_optimizer", ["dense", "rowwise_adagrad", "sparse_adam"])
-def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, table_optimizer: str) -> None:
+@pytest.mark.parametrize(
+    ("table_optimizer", "table_dtype"),
+    [
+        ("dense", "float32"),
+        ("rowwise_adagrad", "float32"),
+        ("sparse_adam", "float32"),
+        ("rowwise_adagrad", "bfloat16"),
+    ],
+)
+def test_resume_after_interruption_matches_uninterrupted(
+    tmp_path: Path, table_optimizer: str, table_dtype: str
+) -> None:
     cfg = TrainConfig(
         epochs=2,
         batch_size=128,
@@ -112,15 +123,15 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, table_o
         log="none",
         table_optimizer=table_optimizer,  # type: ignore[arg-type]
     )
-    straight, batches = tiny_poeem_model()
+    straight, batches = tiny_poeem_model(table_dtype=table_dtype)
     Trainer(straight, cfg).fit(batches)
 
-    interrupted, batches = tiny_poeem_model()
+    interrupted, batches = tiny_poeem_model(table_dtype=table_dtype)
     Trainer(interrupted, TrainConfig(**{**cfg.__dict__, "max_steps": 3}), tmp_path).fit(
         batches
     )  # still warming up
     assert interrupted.index.phase_name == "warmup"
-    resumed, batches = tiny_poeem_model(seed=0)
+    resumed, batches = tiny_poeem_model(seed=0, table_dtype=table_dtype)
     trainer = Trainer(resumed, cfg, tmp_path)
     trainer.resume()
     assert trainer.step == 3

@@ -1,4 +1,5 @@
-"""Sparse id-table optimizers: row-wise Adagrad, SparseAdam, and the split optimizer."""
+"""Sparse id-table optimizers: row-wise Adagrad, SparseAdam, the split optimizer, and bfloat16
+tables."""
 
 from pathlib import Path
 
@@ -8,7 +9,9 @@ from torch import nn
 
 from poeem import PoeemError
 from poeem.model import ModelConfig, TwoTowerModel
+from poeem.pipeline import RunConfig
 from poeem.training import RowWiseAdagrad, TrainConfig, build_optimizer, load_checkpoint, save_checkpoint
+from poeem.training.optimizers import stochastic_round
 
 
 def table_steps(table: nn.Embedding, optimizer: torch.optim.Optimizer, batches: list[torch.Tensor]) -> None:
@@ -125,3 +128,67 @@ def test_resuming_with_another_table_optimizer_is_a_clear_error(tmp_path: Path) 
     sparse = build_optimizer(model, TrainConfig(table_optimizer="rowwise_adagrad"))
     with pytest.raises(PoeemError, match="--table-optimizer"):
         load_checkpoint(tmp_path / "c.safetensors", model, sparse)
+
+
+# ------------------------------------------------------------ bfloat16 tables
+
+
+def test_stochastic_rounding_is_unbiased_and_lands_on_a_neighbour() -> None:
+    x = torch.full((200_000,), 1.0 + 0.3 * 2**-7)  # 30% of the way from 1 to the next bfloat16
+    rounded = stochastic_round(x, torch.bfloat16, seed=3)
+    assert set(rounded.float().unique().tolist()) == {1.0, 1.0 + 2**-7}
+    assert abs(float(rounded.float().mean()) - float(x[0])) < 2e-5  # nearest rounding: off by 0.0023
+    negative = stochastic_round(-x, torch.bfloat16, seed=3)
+    assert torch.equal(negative, -rounded)  # magnitudes round alike
+    exact = torch.tensor([0.0, 1.0, -2.5, 2**-7])
+    assert torch.equal(stochastic_round(exact, torch.bfloat16, seed=0).float(), exact)
+    assert torch.equal(rounded, stochastic_round(x, torch.bfloat16, seed=3))
+    assert not torch.equal(rounded, stochastic_round(x, torch.bfloat16, seed=4))
+
+
+def test_bfloat16_table_follows_the_float32_one_where_rounding_to_nearest_would_stall() -> None:
+    """Each update is ~1/8 of a bfloat16 step at 1.0: rounding to nearest would never move."""
+    full = nn.Embedding(64, 8, sparse=True)
+    nn.init.constant_(full.weight, 1.0)
+    half = nn.Embedding(64, 8, sparse=True, dtype=torch.bfloat16)
+    nn.init.constant_(half.weight, 1.0)
+    batches = [torch.arange(64)] * 200
+    for table in (full, half):
+        opt = RowWiseAdagrad(table.parameters(), lr=1e-3)
+        for ids in batches:
+            opt.zero_grad()
+            table(ids).float().sum().backward()  # constant gradient 1: lr / sqrt(step) per step
+            opt.step()
+        assert opt.state[table.weight]["sum"].dtype == torch.float32
+    moved_full, moved_half = 1 - full.weight.detach(), 1 - half.weight.detach().float()
+    assert float(moved_full.min()) > 0.02  # 1e-3 * sum(1/sqrt(t)), about 3.5 bfloat16 steps
+    assert float((moved_half.mean() - moved_full.mean()).abs()) < 0.05 * float(moved_full.mean())
+
+
+def test_bfloat16_table_state_round_trips_in_float32() -> None:
+    model = TwoTowerModel(ModelConfig(dim=8, temperature=0.2, table_dtype="bfloat16"), 30, 40)
+    assert all(t.weight.dtype == torch.bfloat16 for t in model.id_tables())
+    cfg = TrainConfig(lr=0.05, table_optimizer="rowwise_adagrad")
+    first = build_optimizer(model, cfg)
+    model({"query_ids": torch.arange(16), "item_ids": torch.arange(16)})["loss"].backward()
+    first.step()
+    table = model.item_tower.embedding.weight
+    first.table.state[table]["sum"] = torch.rand(40) * 1e-3  # not representable in bfloat16
+    other = build_optimizer(model, cfg)
+    other.load_state_dict(first.state_dict())
+    assert other.table.state[table]["sum"].dtype == torch.float32
+    assert torch.equal(other.table.state[table]["sum"], first.table.state[table]["sum"])
+    assert other.table.state[table]["step"] == 1
+
+
+def test_bfloat16_tables_need_rowwise_adagrad_and_id_towers() -> None:
+    model = TwoTowerModel(ModelConfig(dim=8, table_dtype="bfloat16"), 30, 40)
+    for name in ("dense", "sparse_adam"):
+        with pytest.raises(PoeemError, match="'rowwise_adagrad' for bfloat16"):
+            build_optimizer(model, TrainConfig(table_optimizer=name))  # type: ignore[arg-type]
+    with pytest.raises(PoeemError, match="table_dtype"):
+        ModelConfig(table_dtype="float16")  # type: ignore[arg-type]
+    with pytest.raises(PoeemError, match="text towers"):
+        ModelConfig(text={}, table_dtype="bfloat16")
+    with pytest.raises(PoeemError, match="--table-optimizer rowwise_adagrad"):
+        RunConfig(model=ModelConfig(table_dtype="bfloat16"))

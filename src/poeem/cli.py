@@ -93,6 +93,14 @@ def train(
     random_negatives: Annotated[
         int | None, Opt(help="Uniform negatives added to each batch.", rich_help_panel="Model")
     ] = None,
+    table_dtype: Annotated[
+        str | None,
+        Opt(
+            help="Id tables stored as float32 | bfloat16 (half the memory; needs --table-optimizer "
+            "rowwise_adagrad).",
+            rich_help_panel="Model",
+        ),
+    ] = None,
     text_encoder: Annotated[
         str | None,
         Opt(
@@ -265,6 +273,7 @@ def train(
             temperature=temperature,
             logq_correction=logq,
             random_negatives=random_negatives,
+            table_dtype=table_dtype,
         ),
         "train": given(
             epochs=epochs,

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from poeem.errors import PoeemError
+from poeem.model.config import TableDtype
 
 
 class Tower(nn.Module):
@@ -15,7 +16,8 @@ class Tower(nn.Module):
 
     With no numeric features and no hidden layers this is matrix factorisation's embedding
     table. Numeric features go through an MLP whose output is added to the id embedding; a
-    tower built with ``num_numeric > 0`` needs them on every call.
+    tower built with ``num_numeric > 0`` needs them on every call. The table may be stored in
+    bfloat16 (``table_dtype``); its rows are widened to float32 on lookup.
     """
 
     def __init__(
@@ -25,10 +27,14 @@ class Tower(nn.Module):
         num_numeric: int = 0,
         hidden: tuple[int, ...] = (),
         init_std: float = 0.1,
+        table_dtype: TableDtype = "float32",
     ) -> None:
         super().__init__()
-        self.num_numeric, self.hidden = num_numeric, tuple(hidden)
-        self.embedding = nn.Embedding(num_ids, dim)
+        if table_dtype not in ("float32", "bfloat16"):
+            raise PoeemError("table_dtype", "'float32' or 'bfloat16'", repr(table_dtype), "pick one")
+        self.num_numeric, self.hidden, self.table_dtype = num_numeric, tuple(hidden), table_dtype
+        # allocated in its own dtype: a bfloat16 table never exists as float32, even briefly
+        self.embedding = nn.Embedding(num_ids, dim, dtype=getattr(torch, table_dtype))
         nn.init.normal_(self.embedding.weight, std=init_std)
         self.numeric: nn.Module | None = None
         if num_numeric:
@@ -52,6 +58,7 @@ class Tower(nn.Module):
             "dim": self.embedding.embedding_dim,
             "num_numeric": self.num_numeric,
             "hidden": list(self.hidden),
+            "table_dtype": self.table_dtype,
         }
 
     @classmethod
@@ -63,6 +70,7 @@ class Tower(nn.Module):
                 int(config["dim"]),
                 int(config.get("num_numeric", 0)),
                 tuple(int(h) for h in config.get("hidden", ())),
+                table_dtype=config.get("table_dtype", "float32"),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise PoeemError(
@@ -76,6 +84,8 @@ class Tower(nn.Module):
             (B, dim) embeddings.
         """
         out = self.embedding(ids)
+        if self.table_dtype != "float32":
+            out = out.float()
         if (numeric is None) != (self.numeric is None):
             raise PoeemError(
                 "tower features",

@@ -24,8 +24,9 @@ class TwoTowerModel(RetrievalModel):
     ) -> None:
         super().__init__(config, num_items, item_counts)
         c = config
-        self.query_tower = Tower(num_queries, c.dim, num_query_features, c.query_hidden, c.init_std)
-        self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std)
+        dtype = c.table_dtype
+        self.query_tower = Tower(num_queries, c.dim, num_query_features, c.query_hidden, c.init_std, dtype)
+        self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std, dtype)
 
     def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) query ids (+ (B, Fq) features) -> (B, dim) query embeddings, as searched."""

@@ -37,6 +37,16 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.model.table_dtype != "float32" and self.train.table_optimizer != "rowwise_adagrad":
+            raise PoeemError(
+                "table_optimizer",
+                f"'rowwise_adagrad' with table_dtype '{self.model.table_dtype}' (it rounds their updates "
+                "stochastically)",
+                repr(self.train.table_optimizer),
+                "pass --table-optimizer rowwise_adagrad, or keep --table-dtype float32",
+            )
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""
         return asdict(self)

@@ -34,7 +34,13 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     For each touched row r with gradient g_r (dim,): ``sum_r += mean(g_r**2)``;
     ``w_r -= lr * g_r / (sqrt(sum_r) + eps)``. ``weight_decay`` adds ``weight_decay * w_r`` to
     the gradient of touched rows only (rows a batch used; with a dense gradient, rows with a
-    non-zero entry). State: ``sum`` (rows,) float32.
+    non-zero entry). State: ``sum`` (rows,) float32 and ``step``.
+
+    A bfloat16 table is updated in float32 and rounded back stochastically (up or down with
+    the probability that keeps the expected row exact), as FBGEMM does for low-precision
+    tables: rounding to nearest would drop every update smaller than half a bfloat16 step. The
+    rounding noise is drawn from the step number, so every rank of a DDP run rounds alike and a
+    resumed run rounds as the uninterrupted one.
     """
 
     def __init__(self, params: Any, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
@@ -55,14 +61,54 @@ class RowWiseAdagrad(torch.optim.Optimizer):
                 state = self.state[weight]
                 if "sum" not in state:
                     state["sum"] = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                    state["step"] = 0
+                state["step"] += 1
                 rows, grad = _touched_rows(weight.grad)
                 grad = grad.float()
                 if group["weight_decay"]:
                     grad = grad + group["weight_decay"] * weight[rows].float()
                 total = state["sum"].index_add_(0, rows, grad.pow(2).mean(1))[rows]
                 step = grad / (total.sqrt() + group["eps"]).unsqueeze(1)
-                weight.index_add_(0, rows, step.to(weight.dtype), alpha=-group["lr"])
+                if weight.dtype == torch.float32:
+                    weight.index_add_(0, rows, step, alpha=-group["lr"])
+                else:
+                    updated = weight[rows].float().sub_(step, alpha=group["lr"])
+                    weight.index_copy_(0, rows, stochastic_round(updated, weight.dtype, state["step"]))
         return loss
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, keeping the accumulators float32 (torch's loader
+        would cast them to a bfloat16 table's dtype)."""
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        sums = {i: s["sum"] for i, s in state_dict["state"].items() if "sum" in s}
+        super().load_state_dict(state_dict)
+        for saved_id, param in zip(saved_ids, params, strict=False):
+            if saved_id in sums:
+                self.state[param]["sum"] = sums[saved_id].to(param.device, torch.float32, copy=True)
+
+
+def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """float32 ``x`` rounded to bfloat16 ``dtype`` up or down at random, in proportion to its
+    distance from each neighbour (unbiased: the expectation is ``x``); the same ``seed`` gives
+    the same rounding.
+
+    Args:
+        x: (...) float32 values.
+        dtype: torch.bfloat16 (the only 16-bit format whose bits are float32's upper half).
+        seed: seeds the rounding noise.
+
+    Returns:
+        (...) tensor of ``dtype``.
+    """
+    if dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding to {dtype} is not supported (bfloat16 only)")
+    generator = torch.Generator(device=x.device).manual_seed(seed)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=generator, dtype=torch.int32, device=x.device)
+    # float32 -> bfloat16 keeps the upper 16 bits: adding noise to the lower 16 carries into the
+    # kept bits with probability (lower bits) / 2**16, then the lower bits are dropped exactly
+    bits = (x.contiguous().view(torch.int32) + noise) & -(1 << 16)
+    return bits.view(torch.float32).to(dtype)
 
 
 def _touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,6 +197,15 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     """
     table_optimizer, lr, weight_decay = cfg.table_optimizer, cfg.lr, cfg.weight_decay
     index_lr = cfg.index_lr
+    if table_optimizer != "rowwise_adagrad" and any(
+        t.weight.dtype != torch.float32 for t in id_tables(model)
+    ):
+        raise PoeemError(
+            "table_optimizer",
+            "'rowwise_adagrad' for bfloat16 id tables (the one that rounds their updates stochastically)",
+            repr(table_optimizer),
+            "pass --table-optimizer rowwise_adagrad, or keep --table-dtype float32",
+        )
     tables = id_tables(model) if table_optimizer != "dense" else []
     table_params = {id(t.weight) for t in tables}
     overrides = {"index": lr if index_lr is None else index_lr, **getattr(model, "lr_overrides", {})}
