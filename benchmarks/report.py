@@ -219,7 +219,8 @@ def sparse_tables_section(r: dict[str, Any]) -> list[str]:
         "",
         f"{r['headline']}, mean ± std over seeds; dense = {dense['name']} at lr {dense['lr']} on every "
         f"parameter (the preset); the sparse rows keep it for everything but the id tables "
-        f"(row-wise Adagrad at lr {r['rowwise_adagrad_lr']}; SparseAdam at the preset's lr).",
+        f"(row-wise Adagrad at lr {r['rowwise_adagrad_lr']}; SparseAdam at the preset's lr; `_bf16`: "
+        "the tables stored in bfloat16, updated with stochastic rounding).",
         "",
         "| id tables | model | seeds | exact | poeem nprobe 1 | poeem all lists | s/epoch |",
         "|---|---|---:|---:|---:|---:|---:|",
@@ -710,7 +711,13 @@ def main() -> None:
         lines += scale_section(results["scale"], img, results.get("scale_dense"))
     sparse = [
         n
-        for n in ("sparse_tables_ml-100k", "sparse_tables_gowalla", "sparse_tables_gowalla_probe")
+        for n in (
+            "sparse_tables_ml-100k",
+            "sparse_tables_gowalla",
+            "sparse_tables_gowalla_probe",
+            "sparse_tables_ml-100k_bf16",
+            "sparse_tables_gowalla_bf16",
+        )
         if n in results
     ]
     if sparse:

@@ -7,6 +7,10 @@ nprobe 1 and over all lists, and the seconds per epoch.
 
     python benchmarks/sparse_tables.py --dataset ml-100k --seeds 0 1 2
     python benchmarks/sparse_tables.py --dataset gowalla --seeds 0 --table-optimizers dense rowwise_adagrad
+    python benchmarks/sparse_tables.py --dataset ml-100k --table-optimizers rowwise_adagrad \
+        rowwise_adagrad_bf16 --suffix _bf16
+
+``rowwise_adagrad_bf16`` is row-wise Adagrad on bfloat16 tables (``table_dtype``), stochastic rounding.
 """
 
 from __future__ import annotations
@@ -22,12 +26,17 @@ from common import add_mean_std, save_result
 from presets import preset, tiny
 from recall import DEFAULT_VARIANT, one_run
 
+TABLE_SETTINGS = ("dense", "sparse_adam", "rowwise_adagrad", "rowwise_adagrad_bf16")
 
-def table_setting(name: str, table_lr: float | None) -> dict[str, Any]:
-    """The TrainConfig fields of one table optimizer; row-wise Adagrad gets ``table_lr``."""
+
+def table_setting(name: str, table_lr: float | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The (TrainConfig, ModelConfig) fields of one table setting; row-wise Adagrad gets ``table_lr``."""
     if name == "dense":
-        return {"table_optimizer": "dense"}
-    return {"table_optimizer": name, "table_lr": table_lr if name == "rowwise_adagrad" else None}
+        return {"table_optimizer": "dense"}, {}
+    if name == "sparse_adam":
+        return {"table_optimizer": name, "table_lr": None}, {}
+    dtype = {"rowwise_adagrad": "float32", "rowwise_adagrad_bf16": "bfloat16"}[name]
+    return {"table_optimizer": "rowwise_adagrad", "table_lr": table_lr}, {"table_dtype": dtype}
 
 
 def headline_rows(metrics: dict[str, Any], headline: str, method: str) -> dict[str, float]:
@@ -43,7 +52,7 @@ def main() -> None:
     p.add_argument("--dataset", required=True, choices=["synthetic", "ml-100k", "gowalla"])
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--table-optimizers", nargs="+", default=["dense", "sparse_adam", "rowwise_adagrad"])
+    p.add_argument("--table-optimizers", nargs="+", default=list(TABLE_SETTINGS[:3]), choices=TABLE_SETTINGS)
     p.add_argument("--table-lr", type=float, default=0.05, help="row-wise Adagrad's learning rate")
     p.add_argument(
         "--models", nargs="+", default=["baseline", DEFAULT_VARIANT], choices=["baseline", DEFAULT_VARIANT]
@@ -61,10 +70,14 @@ def main() -> None:
     try:
         for seed in args.seeds:
             for name in args.table_optimizers:
-                setting = table_setting(name, args.table_lr)
+                train_setting, model_setting = table_setting(name, args.table_lr)
                 for variant in [None if m == "baseline" else m for m in args.models]:
                     cfg = pre.run_config(seed, variant, nprobes)
-                    cfg = replace(cfg, train=replace(cfg.train, **setting))
+                    cfg = replace(
+                        cfg,
+                        train=replace(cfg.train, **train_setting),
+                        model=replace(cfg.model, **model_setting),
+                    )
                     label = f"{variant or 'baseline'}-{name}-{seed}"
                     _, metrics = one_run(cfg, work, label)
                     method = "exact" if variant is None else "poeem"

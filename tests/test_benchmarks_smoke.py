@@ -77,6 +77,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "--table-optimizers",
         "dense",
         "rowwise_adagrad",
+        "rowwise_adagrad_bf16",
         "--results-dir",
         str(out),
     )
