@@ -96,8 +96,11 @@ def search_speed_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def poeem_build_s(row: dict[str, Any]) -> float:
-    """poeem's embed + encode + export seconds (older results timed embed and encode apart)."""
+def poeem_build_s(row: dict[str, Any]) -> float | None:
+    """poeem's embed + encode + export seconds (older results timed embed and encode apart), or
+    None where the export from scratch was skipped."""
+    if "export_s" not in row:
+        return None
     embed_encode = row.get("embed_encode_s", row.get("embed_s", 0.0) + row.get("encode_s", 0.0))
     return embed_encode + row["export_s"]
 
@@ -105,6 +108,9 @@ def poeem_build_s(row: dict[str, Any]) -> float:
 def faiss_build_s(row: dict[str, Any]) -> float | None:
     """FAISS train + add seconds, or None where FAISS was not built."""
     return row["faiss_train_s"] + row["faiss_add_s"] if "faiss_add_s" in row else None
+
+
+BF16_MARK = {"bfloat16": " (bf16)"}
 
 
 def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = None) -> list[str]:
@@ -140,15 +146,26 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
             f" ({row['poeem_no_routing_steps_per_s']:.2f})" if "poeem_no_routing_steps_per_s" in row else ""
         )
         lines.append(
-            f"| {row['items']:,}{elsewhere} | {row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
+            f"| {row['items']:,}{elsewhere}{BF16_MARK.get(row.get('table_dtype', ''), '')} | "
+            f"{row['coarse_K']:,} | {row['baseline_steps_per_s']:.2f} | "
             f"{row['poeem_steps_per_s']:.2f}{no_routing} | {peak} | {row['warm_start_kmeans_s']:.1f} | "
-            f"{poeem_build_s(row):.1f} | {fmt_optional(row.get('trained_lists_export_s'), 1)} / "
+            f"{fmt_optional(poeem_build_s(row), 1)} | {fmt_optional(row.get('trained_lists_export_s'), 1)} / "
             f"{fmt_optional(row.get('trained_export_s'), 1)} | "
             f"{fmt_optional(faiss_s, 1)} | "
             f"{pair(ms, '@1', 3)} | {pair(ms, '@16', 3)} | {pair(row['imbalance'], '', 2)} |"
         )
     largest = max(rows, key=lambda row: row["items"])
     lines += [f"\n\\* {row['elsewhere']}" for row in rows if "elsewhere" in row]
+    if any(row.get("table_dtype") == "bfloat16" for row in rows):
+        lines += [
+            "\n(bf16): id tables stored in bfloat16 (`--table-dtype bfloat16`, row-wise Adagrad with "
+            "stochastic rounding)."
+        ]
+    if any(poeem_build_s(row) is None for row in rows):
+        lines += [
+            "\n'-' under 'encoding every item': that export was not run (`--scratch-max-size`); the "
+            "layer's memory of training held random codes for the exports from training."
+        ]
     lines += [
         "",
         f"Largest size run: {largest['items']:,} items, peak resident memory "

@@ -15,7 +15,8 @@ nearest sqrt(n)) it measures, in a fresh process so that peak memory is per size
 - the exports that reuse what training computed (``poeem export --from-training codes``, and
   ``lists``: keep each item's list, encode its residual), once every item has codes in the
   layer's memory (filled with the codes above, standing in for a last epoch over the catalogue:
-  training's forward computes them anyway);
+  training's forward computes them anyway; above ``--scratch-max-size`` the export from
+  scratch is skipped and the memory holds random codes, which cost the same to export);
 - search time of both indexes at equal bytes and nprobe;
 - up to ``--ddp-max-size``: steps/s with 1 and 2 processes (torch.distributed, gloo), same global
   batch.
@@ -25,6 +26,8 @@ The towers are untrained (random embeddings): the numbers are costs, not quality
     python benchmarks/scale.py                                 # 100k, 1M, 10M items
     python benchmarks/scale.py --sizes 100000 --steps 5        # a quick look
     python benchmarks/scale.py --sizes 50000000 --faiss-max-size 0 --ddp-max-size 0 --steps 300
+    python benchmarks/scale.py --sizes 100000000 --table-dtype bfloat16 --scratch-max-size 0 \
+        --faiss-max-size 0 --ddp-max-size 0 --steps 300     # 100M rows in 12.8 GB
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from poeem.export import export_learned
 from poeem.export.item_codes import item_codes
 from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model import ModelConfig, TwoTowerModel
+from poeem.model.config import TableDtype
 from poeem.training import TrainConfig, Trainer
 from poeem.training.optimizers import TableOptimizerName
 
@@ -129,9 +133,10 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Every single-process cost for a catalogue of ``n`` items."""
     torch.manual_seed(0)
     layer_cfg = layer_config(n, args.kmeans_iters)
-    model = TwoTowerModel(ModelConfig(dim=DIM), NUM_QUERIES, n)
+    model = TwoTowerModel(ModelConfig(dim=DIM, table_dtype=args.table_dtype), NUM_QUERIES, n)
     row: dict[str, Any] = {
         "items": n,
+        "table_dtype": args.table_dtype,
         "coarse_K": layer_cfg["num_coarse"],
         "train_rows": layer_cfg["buffer_size"],
     }
@@ -154,18 +159,24 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     print(f"n={n:,}: k-means {row['warm_start_kmeans_s']:.1f}s, layer {row['poeem_steps_per_s']:.2f} steps/s")
 
     model.eval()
-    started = time.perf_counter()
-    codes = item_codes(model, progress=True)
-    row["embed_encode_s"] = time.perf_counter() - started
-    started = time.perf_counter()
-    _, poeem_index = export_learned(model.index, codes, metric="cosine")
-    row["export_s"] = time.perf_counter() - started
-    row["peak_rss_export_gb"] = peak_rss_gb()
-    row.update(export_from_training_s(model, codes))
+    if n <= args.scratch_max_size:
+        started = time.perf_counter()
+        codes = item_codes(model, progress=True)
+        row["embed_encode_s"] = time.perf_counter() - started
+        started = time.perf_counter()
+        export_learned(model.index, codes, metric="cosine")  # freed at once: one index alive at a time
+        row["export_s"] = time.perf_counter() - started
+        print(
+            f"n={n:,}: poeem embed+encode+export {row['embed_encode_s'] + row['export_s']:.1f}s", flush=True
+        )
+    else:
+        codes = random_codes(model.index.config, n)
+    remember(model.index, codes)
     del codes
+    poeem_index = export_from_training(model, row)
+    row["peak_rss_export_gb"] = peak_rss_gb()
     with torch.no_grad():
         xq = model.encode_queries(torch.randint(NUM_QUERIES, (SEARCH_QUERIES,))).numpy()
-    print(f"n={n:,}: poeem embed+encode+export {row['embed_encode_s'] + row['export_s']:.1f}s", flush=True)
     indexes = {"poeem": poeem_index}
     if n <= args.faiss_max_size:
         indexes["faiss"] = faiss_baseline(model, sample, layer_cfg["num_coarse"], row)
@@ -180,24 +191,38 @@ def measure(n: int, args: argparse.Namespace) -> dict[str, Any]:
     return row
 
 
-def export_from_training_s(
-    model: TwoTowerModel, codes: tuple[torch.Tensor | None, torch.Tensor]
-) -> dict[str, float]:
-    """Seconds of the exports that reuse what training left in the layer: its codes
-    (``trained_export_s``) and its lists, with the residuals encoded (``trained_lists_export_s``).
-    Every item's are recorded, here the ``codes`` just encoded, as a last epoch over the catalogue
-    would have recorded them."""
-    memory, (coarse, sub) = model.index.trained, codes
+def random_codes(config: PoeemConfig, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) random lists and (n, num_subspaces) random sub-codes: what the layer's memory holds
+    in place of a from-scratch encoding (an export costs the same whatever the codes are)."""
+    g = torch.Generator().manual_seed(2)
+    coarse = torch.randint(config.num_coarse, (n,), generator=g)
+    return coarse, torch.randint(
+        config.codebook_size, (n, config.num_subspaces), generator=g, dtype=torch.uint8
+    )
+
+
+def remember(layer: PoeemLayer, codes: tuple[torch.Tensor | None, torch.Tensor]) -> None:
+    """Record every item's ``codes`` in the layer's memory of training, as a last epoch over the
+    catalogue would have recorded them."""
+    memory, (coarse, sub) = layer.trained, codes
     assert memory is not None and coarse is not None
     for lo in range(0, memory.num_items, 1 << 20):
         rows = slice(lo, lo + (1 << 20))
-        memory.record(torch.arange(memory.num_items)[rows], coarse[rows], sub[rows], int(model.index.step))
-    seconds = {}
-    for key, reuse in (("trained_export_s", "codes"), ("trained_lists_export_s", "lists")):
-        started = time.perf_counter()
-        export_learned(model.index, item_codes(model, from_training=reuse), metric="cosine")
-        seconds[key] = time.perf_counter() - started
-    return seconds
+        memory.record(torch.arange(memory.num_items)[rows], coarse[rows], sub[rows], int(layer.step))
+
+
+def export_from_training(model: TwoTowerModel, row: dict[str, Any]) -> Any:
+    """Time the exports that reuse the layer's memory of training, its codes
+    (``trained_export_s``) and its lists with the residuals encoded (``trained_lists_export_s``,
+    the default export, whose FAISS index is returned)."""
+    started = time.perf_counter()
+    export_learned(model.index, item_codes(model, from_training="codes"), metric="cosine")
+    row["trained_export_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    _, index = export_learned(model.index, item_codes(model, from_training="lists"), metric="cosine")
+    row["trained_lists_export_s"] = time.perf_counter() - started
+    print(f"export from training: lists {row['trained_lists_export_s']:.1f}s", flush=True)
+    return index
 
 
 def faiss_baseline(model: TwoTowerModel, sample: torch.Tensor, num_coarse: int, row: dict[str, Any]) -> Any:
@@ -228,7 +253,7 @@ def ddp_worker(rank: int, world: int, port: int, n: int, args: argparse.Namespac
     try:
         torch.manual_seed(0)
         poeem = layer_config(n, 1, init="random")  # steps/s only: skip the k-means
-        model = TwoTowerModel(ModelConfig(dim=DIM, poeem=poeem), NUM_QUERIES, n)
+        model = TwoTowerModel(ModelConfig(dim=DIM, poeem=poeem, table_dtype=args.table_dtype), NUM_QUERIES, n)
         model.index.initialize(model.all_item_embeddings(rows=slice(0, poeem["buffer_size"])))
         rate = steps_per_s(model, args)
         if rank == 0:
@@ -261,6 +286,13 @@ def main() -> None:
     p.add_argument("--ddp-max-size", type=int, default=10_000_000, help="largest size run on 2 processes")
     p.add_argument("--faiss-max-size", type=int, default=10_000_000, help="largest size FAISS is built for")
     p.add_argument("--table-optimizer", default="rowwise_adagrad", choices=get_args(TableOptimizerName))
+    p.add_argument("--table-dtype", default="float32", choices=get_args(TableDtype))
+    p.add_argument(
+        "--scratch-max-size",
+        type=int,
+        default=1 << 62,
+        help="largest size also exported from scratch (every item encoded); above, only from training",
+    )
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--results-dir", type=Path, default=None)
