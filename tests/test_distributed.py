@@ -92,6 +92,29 @@ def test_ranks_share_one_index(tmp_path: Path) -> None:
     torch.testing.assert_close(single.codebooks.detach(), r0["codebooks"])
 
 
+def routing_worker(out: str) -> None:
+    """Each rank routes its half of 8 queries, whose positives lie in 4 of the 8 lists."""
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    layer = PoeemLayer(
+        dim=8, num_subspaces=2, codebook_size=8, num_coarse=8, warmup_steps=0, buffer_size=64, kmeans_iters=2
+    )
+    layer.initialize(torch.randn(64, 8))
+    q = torch.randn(8, 8, generator=torch.Generator().manual_seed(1))[4 * rank : 4 * rank + 4]
+    targets = torch.arange(4 * rank, 4 * rank + 4)
+    layer.config.routing_lists = "batch"
+    sampled = layer.routing_loss(q, targets)
+    layer.config.routing_lists = "all"
+    torch.save({"sampled": sampled, "full": layer.routing_loss(q, targets)}, f"{out}/rank{rank}.pt")
+
+
+def test_routing_samples_the_lists_of_every_ranks_batch(tmp_path: Path) -> None:
+    run_ranks(routing_worker, str(tmp_path))
+    for rank in (0, 1):
+        losses = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        torch.testing.assert_close(losses["sampled"], losses["full"])  # both ranks' lists: all 8
+
+
 # -------------------------------------------------------------------- training
 def train_worker(
     out: str,

@@ -22,7 +22,7 @@ def layer_on(x: torch.Tensor, **options: object) -> PoeemLayer:
 
 def test_routing_loss_moves_the_positives_list_towards_the_query() -> None:
     x = torch.nn.functional.normalize(correlated(512, 16), dim=1)
-    layer = layer_on(x, routing_weight=1.0, route_centroids=True)
+    layer = layer_on(x, routing_weight=1.0, route_centroids=True, routing_lists="all")
     q = torch.nn.functional.normalize(torch.randn(1, 16), dim=1).requires_grad_(True)
     routed = int(layer.list_logits(q).argmax())
     target = torch.tensor([(routed + 1) % 4])  # its positive lives in another list
@@ -44,6 +44,40 @@ def test_routing_loss_moves_only_the_queries_by_default() -> None:
     layer.routing_loss(q, torch.zeros(8, dtype=torch.long)).backward()
     assert layer.coarse.grad is None and layer.givens.angles.grad is None  # item codes stay put
     assert q.grad.abs().sum() > 0
+
+
+def routing_grads(layer: PoeemLayer, q: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The routing loss, and its gradients to the queries and the centroids."""
+    layer.zero_grad()
+    q = q.clone().requires_grad_(True)
+    loss = layer.routing_loss(q, targets)
+    loss.backward()
+    return loss.detach(), q.grad, layer.coarse.grad.clone()
+
+
+def test_routing_over_the_batch_lists_is_the_full_softmax_when_the_batch_covers_every_list() -> None:
+    layer = layer_on(correlated(512, 16), num_coarse=8, route_centroids=True)
+    q, targets = torch.randn(12, 16), torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 7, 2, 0, 5])
+    layer.config.routing_lists = "all"
+    full = routing_grads(layer, q, targets)
+    layer.config.routing_lists = "batch"
+    for ours, reference in zip(routing_grads(layer, q, targets), full, strict=True):
+        torch.testing.assert_close(ours, reference)
+
+
+def test_routing_samples_the_batch_lists_when_the_index_has_more_lists_than_the_batch_rows() -> None:
+    layer = layer_on(correlated(512, 16), num_coarse=8, route_centroids=True)  # routing_lists "auto"
+    q, targets = torch.randn(5, 16), torch.tensor([6, 1, 6, 3, 1])  # 8 lists > 5 rows
+    loss, _, coarse_grad = routing_grads(layer, q, targets)
+    lists = torch.tensor([1, 3, 6])
+    logits = layer.list_logits(q)[:, lists]  # the full logits, restricted to the batch's lists
+    expected = torch.nn.functional.cross_entropy(logits, torch.tensor([2, 0, 2, 1, 0]))
+    torch.testing.assert_close(loss, expected.detach())
+    others = torch.ones(8, dtype=torch.bool)
+    others[lists] = False
+    assert (coarse_grad[others] == 0).all() and (coarse_grad[lists] != 0).any(1).all()
+    layer.config.routing_lists = "all"
+    assert not torch.allclose(routing_grads(layer, q, targets)[0], loss)
 
 
 def test_balance_lowers_the_imbalance_factor_on_skewed_data() -> None:

@@ -163,11 +163,12 @@ def test_movielens_raw_ids_end_to_end_through_the_cli(tmp_path: Path) -> None:
     ]
     args += ["--buffer-size", "256", "--dim", "16", "--epochs", "1", "--batch-size", "128"]
     args += ["--logger", "none", "--no-progress", "--k", "10"]
-    args += ["--routing-weight", "0.5", "--reseed-after", "7"]
+    args += ["--routing-weight", "0.5", "--routing-lists", "batch", "--reseed-after", "7"]
     result = runner.invoke(app, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     layer = json.loads((tmp_path / "run" / "config.json").read_text())["model"]["poeem"]
     assert layer["routing_weight"] == 0.5 and layer["reseed_after"] == 7
+    assert layer["routing_lists"] == "batch"
     result = runner.invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "ix")])
     assert result.exit_code == 0, result.output
     (tmp_path / "users.txt").write_text("1007\n1014\n")

@@ -147,6 +147,14 @@ def train(
         float | None,
         Opt(help="Weight of the routing loss (queries learn their lists).", rich_help_panel="Index layer"),
     ] = None,
+    routing_lists: Annotated[
+        str | None,
+        Opt(
+            help="Lists the routing softmax scores: all | batch (the batch's positives' lists) | auto "
+            "(batch once the index has more lists than the global batch has rows).",
+            rich_help_panel="Index layer",
+        ),
+    ] = None,
     unquantized_loss_weight: Annotated[
         float | None,
         Opt(help="Weight of the task loss on un-quantized items.", rich_help_panel="Index layer"),
@@ -307,6 +315,7 @@ def train(
         regularizer_weight=regularizer_weight,
         commitment_weight=commitment_weight,
         routing_weight=routing_weight,
+        routing_lists=routing_lists,
         unquantized_loss_weight=unquantized_loss_weight,
         balance_weight=balance_weight,
         reseed_after=reseed_after,

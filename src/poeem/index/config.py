@@ -47,6 +47,10 @@ class PoeemConfig:
     # the centroids and rotation too with route_centroids); nothing to route without lists
     routing_weight: float = 1.0
     route_centroids: bool = False
+    # lists the routing softmax scores: "all", or "batch" (the lists of the batch's positives, a
+    # sampled softmax whose cost grows with the batch, not with coarse_K); "auto": "all" while
+    # coarse_K <= the global batch, else "batch"
+    routing_lists: Literal["auto", "all", "batch"] = "auto"
     # retrieval-aware index: the task loss's gradient reaches codebooks and centroids through
     # the reconstruction (the items still get the straight-through identity)
     index_task_grad: bool = False
@@ -126,6 +130,10 @@ class PoeemConfig:
         if self.coarse_fit not in ("auto", "kmeans", "equal_norm"):
             raise PoeemError(
                 "coarse_fit", "'auto', 'kmeans' or 'equal_norm'", repr(self.coarse_fit), "pick one of those"
+            )
+        if self.routing_lists not in ("auto", "all", "batch"):
+            raise PoeemError(
+                "routing_lists", "'auto', 'all' or 'batch'", repr(self.routing_lists), "pick one of those"
             )
         if self.init not in ("kmeans", "random"):
             raise PoeemError("init", "'kmeans' or 'random'", repr(self.init), "pick one of those")

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poeem.distributed import all_reduce_max, broadcast_from_rank0, gather_rows
+from poeem.distributed import all_reduce_max, broadcast_from_rank0, gather_rows, world_size
 from poeem.errors import PoeemError
 from poeem.index.config import PoeemConfig
 from poeem.index.givens import GivensRotation
@@ -233,8 +233,11 @@ class PoeemLayer(nn.Module):
         return PoeemOutput(output.to(x.dtype), loss, coarse_codes, codes, stats, quantized=True)
 
     # ------------------------------------------------------- list training
-    def list_logits(self, v: torch.Tensor, index_grad: bool = True) -> torch.Tensor:
-        """Soft list choice of vectors under the list rule: (B, dim) -> (B, coarse_K) logits.
+    def list_logits(
+        self, v: torch.Tensor, index_grad: bool = True, lists: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Soft list choice of vectors under the list rule: (B, dim) -> (B, coarse_K) logits,
+        or (B, L) over the given ``lists`` (L,) only.
 
         Logits are <v R, c_l> / list_temperature for the "ip" rule and
         -||v R - c_l||^2 / list_temperature for "l2"; their argmax is the list the index assigns
@@ -247,7 +250,8 @@ class PoeemLayer(nn.Module):
         with _full_precision(v):
             rotation = self.rotation_matrix if index_grad else self.rotation_matrix.detach()
             vr = v.float() @ rotation if c.rotation != "none" else v.float()
-            return self._rotated_list_logits(vr, self.coarse if index_grad else self.coarse.detach())
+            coarse = self.coarse if index_grad else self.coarse.detach()
+            return self._rotated_list_logits(vr, coarse if lists is None else coarse[lists])
 
     def _rotated_list_logits(self, vr: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         """(B, dim) rotated vectors, (coarse_K, dim) centroids -> (B, coarse_K) list logits."""
@@ -262,6 +266,10 @@ class PoeemLayer(nn.Module):
         Weighted by ``routing_weight``; it moves the query tower only (and the centroids and
         the learnable rotation too with ``route_centroids``): the items' codes stay put.
 
+        The softmax runs over every list, or (``routing_lists``) over the lists of the batch's
+        positives, all ranks' under torch.distributed: a sampled softmax that scores at most
+        (global batch) lists, however many the index has.
+
         Args:
             queries: (B, dim) query embeddings, as searched.
             coarse_codes: (B,) the list of each query's positive item (``PoeemOutput.coarse_codes``).
@@ -272,8 +280,16 @@ class PoeemLayer(nn.Module):
         c = self.config
         if not c.routing_weight or not self.is_initialized:
             return queries.new_zeros((), dtype=torch.float32)
-        logits = self.list_logits(queries, index_grad=c.route_centroids)
-        return c.routing_weight * F.cross_entropy(logits, coarse_codes.long())
+        targets = coarse_codes.long()
+        batch_lists = c.routing_lists == "batch" or (
+            c.routing_lists == "auto" and c.num_coarse > queries.shape[0] * world_size()
+        )
+        if not batch_lists:
+            logits = self.list_logits(queries, index_grad=c.route_centroids)
+            return c.routing_weight * F.cross_entropy(logits, targets)
+        lists = torch.unique(gather_rows(targets))  # sorted
+        logits = self.list_logits(queries, index_grad=c.route_centroids, lists=lists)
+        return c.routing_weight * F.cross_entropy(logits, torch.searchsorted(lists, targets))
 
     def balance_loss(self, xr: torch.Tensor) -> torch.Tensor:
         """KL(mean soft list assignment of a batch || uniform); 0 when lists are equally used.
