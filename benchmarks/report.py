@@ -123,9 +123,10 @@ def scale_section(r: dict[str, Any], img: Path, before: dict[str, Any] | None = 
         f"of two nearest sqrt(n)), {c['num_queries']:,} query ids, global batch {c['batch_size']}, "
         f"{c['steps']} timed steps after {c['warm']}; id tables on `{tables}`, the rest on Adam. "
         "Untrained towers: these are costs, not quality. In brackets: the layer without its routing term "
-        "(`routing_weight` 0), whose softmax over all coarse_K lists per query grows with the catalogue. "
+        "(`routing_weight` 0); where coarse_K exceeds the batch, that term's softmax scores only the lists "
+        "of the batch's positives (`routing_lists` auto). "
         "Peak memory is the process's peak resident "
-        "memory after training, and after poeem's export (before FAISS is built).",
+        "memory after training, and after poeem's exports (before FAISS is built).",
         "",
         "| items | coarse_K | steps/s no layer | steps/s layer (no routing) | peak GB training / export "
         "| warm-start k-means s | poeem export, encoding every item s "
