@@ -237,8 +237,12 @@ def sparse_tables_section(r: dict[str, Any]) -> list[str]:
         "",
         f"{r['headline']}, mean ± std over seeds; dense = {dense['name']} at lr {dense['lr']} on every "
         f"parameter (the preset); the sparse rows keep it for everything but the id tables "
-        f"(row-wise Adagrad at lr {r['rowwise_adagrad_lr']}; SparseAdam at the preset's lr; `_bf16`: "
-        "the tables stored in bfloat16, updated with stochastic rounding).",
+        f"(row-wise Adagrad at lr {r['rowwise_adagrad_lr']}; SparseAdam at the preset's lr"
+        + (
+            "; `_bf16`: the tables stored in bfloat16, updated with stochastic rounding)."
+            if any(e["table_optimizer"].endswith("_bf16") for e in r["summary"])
+            else ")."
+        ),
         "",
         "| id tables | model | seeds | exact | poeem nprobe 1 | poeem all lists | s/epoch |",
         "|---|---|---:|---:|---:|---:|---:|",
