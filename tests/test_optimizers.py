@@ -184,7 +184,7 @@ def test_bfloat16_table_state_round_trips_in_float32() -> None:
 def test_bfloat16_tables_need_rowwise_adagrad_and_id_towers() -> None:
     model = TwoTowerModel(ModelConfig(dim=8, table_dtype="bfloat16"), 30, 40)
     for name in ("dense", "sparse_adam"):
-        with pytest.raises(PoeemError, match="'rowwise_adagrad' for bfloat16"):
+        with pytest.raises(PoeemError, match="'rowwise_adagrad' for bfloat16 id tables"):
             build_optimizer(model, TrainConfig(table_optimizer=name))  # type: ignore[arg-type]
     with pytest.raises(PoeemError, match="table_dtype"):
         ModelConfig(table_dtype="float16")  # type: ignore[arg-type]

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from poeem.distributed import all_reduce_max, broadcast_from_rank0, gather_rows, world_size
+from poeem.distributed import all_reduce_max, broadcast_from_rank0, gather_rows
 from poeem.errors import PoeemError
 from poeem.index.config import PoeemConfig
 from poeem.index.givens import GivensRotation
@@ -281,15 +281,14 @@ class PoeemLayer(nn.Module):
         if not c.routing_weight or not self.is_initialized:
             return queries.new_zeros((), dtype=torch.float32)
         targets = coarse_codes.long()
-        batch_lists = c.routing_lists == "batch" or (
-            c.routing_lists == "auto" and c.num_coarse > queries.shape[0] * world_size()
-        )
-        if not batch_lists:
-            logits = self.list_logits(queries, index_grad=c.route_centroids)
-            return c.routing_weight * F.cross_entropy(logits, targets)
-        lists = torch.unique(gather_rows(targets))  # sorted
-        logits = self.list_logits(queries, index_grad=c.route_centroids, lists=lists)
-        return c.routing_weight * F.cross_entropy(logits, torch.searchsorted(lists, targets))
+        if c.routing_lists != "all":
+            every = gather_rows(targets)  # all ranks' positives: every rank decides alike
+            if c.routing_lists == "batch" or c.num_coarse > every.shape[0]:
+                lists = torch.unique(every)  # sorted
+                logits = self.list_logits(queries, index_grad=c.route_centroids, lists=lists)
+                return c.routing_weight * F.cross_entropy(logits, torch.searchsorted(lists, targets))
+        logits = self.list_logits(queries, index_grad=c.route_centroids)
+        return c.routing_weight * F.cross_entropy(logits, targets)
 
     def balance_loss(self, xr: torch.Tensor) -> torch.Tensor:
         """KL(mean soft list assignment of a batch || uniform); 0 when lists are equally used.

@@ -11,6 +11,7 @@ from poeem.data import DataConfig
 from poeem.errors import PoeemError
 from poeem.model import ModelConfig
 from poeem.storage import read_json
+from poeem.training.optimizers import check_table_precision
 from poeem.training.trainer import TrainConfig
 
 
@@ -38,14 +39,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.model.table_dtype != "float32" and self.train.table_optimizer != "rowwise_adagrad":
-            raise PoeemError(
-                "table_optimizer",
-                f"'rowwise_adagrad' with table_dtype '{self.model.table_dtype}' (it rounds their updates "
-                "stochastically)",
-                repr(self.train.table_optimizer),
-                "pass --table-optimizer rowwise_adagrad, or keep --table-dtype float32",
-            )
+        check_table_precision(self.train.table_optimizer, self.model.table_dtype)  # before any data loads
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""

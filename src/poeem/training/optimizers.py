@@ -52,28 +52,29 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     def step(self, closure: Any = None) -> Any:
         """One update of every table that has a gradient; returns ``closure()`` if given."""
         loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            for weight in group["params"]:
-                if weight.grad is None:
-                    continue
-                if weight.dim() != 2:
-                    raise ValueError("RowWiseAdagrad updates 2-D tables only")
-                state = self.state[weight]
-                if "sum" not in state:
-                    state["sum"] = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
-                    state["step"] = 0
-                state["step"] += 1
-                rows, grad = _touched_rows(weight.grad)
-                grad = grad.float()
-                if group["weight_decay"]:
-                    grad = grad + group["weight_decay"] * weight[rows].float()
-                total = state["sum"].index_add_(0, rows, grad.pow(2).mean(1))[rows]
-                step = grad / (total.sqrt() + group["eps"]).unsqueeze(1)
-                if weight.dtype == torch.float32:
-                    weight.index_add_(0, rows, step, alpha=-group["lr"])
-                else:
-                    updated = weight[rows].float().sub_(step, alpha=group["lr"])
-                    weight.index_copy_(0, rows, stochastic_round(updated, weight.dtype, state["step"]))
+        tables = [(weight, group) for group in self.param_groups for weight in group["params"]]
+        for table, (weight, group) in enumerate(tables):
+            if weight.grad is None:
+                continue
+            if weight.dim() != 2:
+                raise ValueError("RowWiseAdagrad updates 2-D tables only")
+            state = self.state[weight]
+            if "sum" not in state:
+                state["sum"] = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device)
+                state["step"] = 0
+            state["step"] += 1
+            rows, grad = _touched_rows(weight.grad)
+            grad = grad.float()
+            if group["weight_decay"]:
+                grad = grad + group["weight_decay"] * weight[rows].float()
+            total = state["sum"].index_add_(0, rows, grad.pow(2).mean(1))[rows]
+            step = grad / (total.sqrt() + group["eps"]).unsqueeze(1)
+            if weight.dtype == torch.float32:
+                weight.index_add_(0, rows, step, alpha=-group["lr"])
+            else:  # each table and step its own noise
+                updated = weight[rows].float().sub_(step, alpha=group["lr"])
+                seed = state["step"] * len(tables) + table
+                weight.index_copy_(0, rows, stochastic_round(updated, weight.dtype, seed))
         return loss
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -119,6 +120,18 @@ def _touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return grad.indices()[0], grad.values()
     rows = grad.ne(0).any(1).nonzero().squeeze(1)
     return rows, grad[rows]
+
+
+def check_table_precision(table_optimizer: str, table_dtype: str) -> None:
+    """A clear error unless ``table_optimizer`` can update id tables stored as ``table_dtype``:
+    low-precision tables need row-wise Adagrad, the optimizer that rounds stochastically."""
+    if table_dtype != "float32" and table_optimizer != "rowwise_adagrad":
+        raise PoeemError(
+            "table_optimizer",
+            f"'rowwise_adagrad' for {table_dtype} id tables (it rounds their updates stochastically)",
+            repr(table_optimizer),
+            "pass --table-optimizer rowwise_adagrad, or keep --table-dtype float32",
+        )
 
 
 def id_tables(model: nn.Module) -> list[nn.Embedding]:
@@ -197,15 +210,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     """
     table_optimizer, lr, weight_decay = cfg.table_optimizer, cfg.lr, cfg.weight_decay
     index_lr = cfg.index_lr
-    if table_optimizer != "rowwise_adagrad" and any(
-        t.weight.dtype != torch.float32 for t in id_tables(model)
-    ):
-        raise PoeemError(
-            "table_optimizer",
-            "'rowwise_adagrad' for bfloat16 id tables (the one that rounds their updates stochastically)",
-            repr(table_optimizer),
-            "pass --table-optimizer rowwise_adagrad, or keep --table-dtype float32",
-        )
+    for table in id_tables(model):
+        check_table_precision(table_optimizer, str(table.weight.dtype).removeprefix("torch."))
     tables = id_tables(model) if table_optimizer != "dense" else []
     table_params = {id(t.weight) for t in tables}
     overrides = {"index": lr if index_lr is None else index_lr, **getattr(model, "lr_overrides", {})}
