@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from poeem.errors import PoeemError
 from poeem.index import PoeemConfig
@@ -11,6 +11,12 @@ from poeem.index import PoeemConfig
 TextMode = Literal["frozen", "query", "both"]
 TableDtype = Literal["float32", "bfloat16"]
 DEFAULT_ENCODER = "all-MiniLM-L6-v2"
+
+
+def check_table_dtype(value: str) -> None:
+    """A clear error unless ``value`` is a :data:`TableDtype`."""
+    if value not in get_args(TableDtype):
+        raise PoeemError("table_dtype", "'float32' or 'bfloat16'", repr(value), "pick one")
 
 
 @dataclass
@@ -66,8 +72,7 @@ class ModelConfig:
             raise PoeemError("score", "'cosine' or 'dot'", repr(self.score), "pick one of those")
         if self.temperature <= 0:
             raise PoeemError("temperature", "a positive number", str(self.temperature), "e.g. 0.1")
-        if self.table_dtype not in ("float32", "bfloat16"):
-            raise PoeemError("table_dtype", "'float32' or 'bfloat16'", repr(self.table_dtype), "pick one")
+        check_table_dtype(self.table_dtype)
         self.query_hidden, self.item_hidden = tuple(self.query_hidden), tuple(self.item_hidden)
         if self.poeem is not None:
             PoeemConfig(**{"dim": self.dim, **self.poeem})  # validate early

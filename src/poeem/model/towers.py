@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from poeem.errors import PoeemError
-from poeem.model.config import TableDtype
+from poeem.model.config import TableDtype, check_table_dtype
 
 
 class Tower(nn.Module):
@@ -30,8 +30,7 @@ class Tower(nn.Module):
         table_dtype: TableDtype = "float32",
     ) -> None:
         super().__init__()
-        if table_dtype not in ("float32", "bfloat16"):
-            raise PoeemError("table_dtype", "'float32' or 'bfloat16'", repr(table_dtype), "pick one")
+        check_table_dtype(table_dtype)
         self.num_numeric, self.hidden, self.table_dtype = num_numeric, tuple(hidden), table_dtype
         # allocated in its own dtype: a bfloat16 table never exists as float32, even briefly
         self.embedding = nn.Embedding(num_ids, dim, dtype=getattr(torch, table_dtype))

@@ -39,8 +39,8 @@ class RowWiseAdagrad(torch.optim.Optimizer):
     A bfloat16 table is updated in float32 and rounded back stochastically (up or down with
     the probability that keeps the expected row exact), as FBGEMM does for low-precision
     tables: rounding to nearest would drop every update smaller than half a bfloat16 step. The
-    rounding noise is drawn from the step number, so every rank of a DDP run rounds alike and a
-    resumed run rounds as the uninterrupted one.
+    rounding noise is drawn from the step number and the table's position, so every rank of a
+    DDP run rounds alike and a resumed run rounds as the uninterrupted one.
     """
 
     def __init__(self, params: Any, lr: float = 1e-2, eps: float = 1e-8, weight_decay: float = 0.0) -> None:
@@ -210,9 +210,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     """
     table_optimizer, lr, weight_decay = cfg.table_optimizer, cfg.lr, cfg.weight_decay
     index_lr = cfg.index_lr
-    for table in id_tables(model):
+    every_table = id_tables(model)
+    for table in every_table:
         check_table_precision(table_optimizer, str(table.weight.dtype).removeprefix("torch."))
-    tables = id_tables(model) if table_optimizer != "dense" else []
+    tables = every_table if table_optimizer != "dense" else []
     table_params = {id(t.weight) for t in tables}
     overrides = {"index": lr if index_lr is None else index_lr, **getattr(model, "lr_overrides", {})}
     groups: list[dict[str, Any]] = []
