@@ -1,5 +1,5 @@
-"""Index distillation on embeddings a model already has (issue 17): FAISS OPQ IVF-PQ and ScaNN
-(tree + anisotropic hashing, no reorder) against the layer's own k-means/OPQ fit and the same
+"""Index distillation on embeddings a model already has (issue 17): FAISS OPQ IVF-PQ, FAISS IVF
+with a residual quantizer (RQ) and ScaNN (tree + anisotropic hashing, no reorder) against the layer's own k-means/OPQ fit and the same
 index distilled from the exact ranking of the training queries, at equal bytes and nprobe. No
 model training, no labels in the distillation.
 
@@ -35,7 +35,6 @@ import torch
 
 from poeem import PoeemLayer
 from poeem.data import DataConfig, load_data
-from poeem.evaluation.cost import search_cost
 from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.metrics import ranking_metrics
 from poeem.evaluation.report import query_encoder
@@ -49,7 +48,7 @@ from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.distill import DistillConfig, distill_index
 
 from common import command_line, merge_runs, save_result
-from peers import ScannIndex
+from peers import ScannIndex, codes_scanned, faiss_residual_index
 from presets import PAPER_LOSSES, Preset, data_dir, preset
 from presets import tiny as tiny_preset
 
@@ -162,6 +161,9 @@ def run_seed(
     started = time.perf_counter()
     scann_index = ScannIndex(items, nc, d, k)  # tree + AH at the same bytes, no reorder
     record("scann", scann_index, time.perf_counter() - started)
+    started = time.perf_counter()
+    rq_index = faiss_residual_index(items, nc, d, k, seed)  # FAISS lists + residual quantizer
+    record("faiss-rq", rq_index, time.perf_counter() - started)
     for rotation in rotations:
         started = time.perf_counter()
         layer = fitted_layer(items, (nc, d, k), rotation, seed)
@@ -205,14 +207,6 @@ def fitted_layer(items: torch.Tensor, budget: tuple[int, int, int], rotation: st
 def served(index: Any) -> FaissSearcher:
     """A learned index as users serve it: exported to FAISS (no training)."""
     return FaissSearcher(build_faiss_index(index, "ip"))
-
-
-def codes_scanned(index: Any, queries: torch.Tensor, nprobe: int) -> float:
-    """Mean codes a query scans at ``nprobe``: FAISS's list sizes on each query's real routing,
-    ScaNN's probed leaves, every item for exact search."""
-    if isinstance(index, ScannIndex):
-        return float(index.codes_scanned(queries, nprobe).mean())
-    return search_cost(index, queries, nprobe, index.ntotal)["codes_scanned"]
 
 
 def distilled(

@@ -9,14 +9,25 @@ float vectors, and the comparison would no longer be at equal bytes.
 
 ScaNN does not expose its leaves' sizes; :meth:`ScannIndex.codes_scanned` counts them by asking
 for every candidate of the probed leaves (the rest of the answer is padded with NaN scores).
+
+FAISS RQ (:func:`faiss_residual_index`): FAISS's own IVF k-means lists with a residual quantizer
+in place of PQ: D stages of K codewords, each over the whole residual left by the stages before
+(not over a slice of it), encoded by FAISS's beam search (its default beam of 5). Inner-product
+scores come from look-up tables without a stored norm, so it is D * log2(K) / 8 bytes per item,
+as IVF-PQ.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
+
+from poeem.evaluation.cost import search_cost
+from poeem.export.faiss_codec import nbits_of
+from poeem.search import FaissSearcher
 
 
 class ScannIndex:
@@ -65,3 +76,30 @@ class ScannIndex:
             )
             counts.append((~np.isnan(np.asarray(scores))).sum(1))
         return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+
+def faiss_residual_index(
+    items: torch.Tensor, num_coarse: int, num_subspaces: int, codebook_size: int, seed: int = 0
+) -> FaissSearcher:
+    """FAISS IVF{coarse_K},RQ{D}x{log2 K} trained on and filled with ``items`` (n, dim), searched
+    by inner product; ids are row numbers. Same bytes per item as IVF-PQ at (D, K)."""
+    db = np.ascontiguousarray(items.float().numpy())
+    ivf_part = f"IVF{num_coarse}," if num_coarse else ""
+    index = faiss.index_factory(
+        db.shape[1], f"{ivf_part}RQ{num_subspaces}x{nbits_of(codebook_size)}", faiss.METRIC_INNER_PRODUCT
+    )
+    rq_owner = faiss.downcast_index(faiss.extract_index_ivf(index)) if num_coarse else index
+    if num_coarse:
+        rq_owner.cp.seed = seed
+    rq_owner.rq.cp.seed = seed
+    index.train(db)
+    index.add(db)
+    return FaissSearcher(index)
+
+
+def codes_scanned(index: Any, queries: torch.Tensor, nprobe: int) -> float:
+    """Mean codes each of the (B, dim) ``queries`` scans at ``nprobe``: ScaNN's probed leaves,
+    FAISS's list sizes on each query's real routing, every item for exact search."""
+    if isinstance(index, ScannIndex):
+        return float(index.codes_scanned(queries, nprobe).mean())
+    return search_cost(index, queries, nprobe, index.ntotal)["codes_scanned"]

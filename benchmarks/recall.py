@@ -1,9 +1,9 @@
-"""Retrieval quality at an equal code budget: exact vs FAISS (IVF-PQ, OPQ) and ScaNN vs Poeem
-variants.
+"""Retrieval quality at an equal code budget: exact vs FAISS (IVF-PQ, OPQ, RQ) and ScaNN vs
+Poeem variants.
 
 For each seed it trains the baseline two-tower model once (rows exact, faiss-ivfpq,
-faiss-opq-ivfpq, and scann: tree + AH at the same bytes, lists and probes, no reorder, see
-peers.py) and the same model with the Poeem layer in each variant (poeem, poeem-opq,
+faiss-opq-ivfpq, faiss-rq: IVF + residual quantizer, and scann: tree + AH, all at the same
+bytes, lists and probes, no reorder, see peers.py) and the same model with the Poeem layer in each variant (poeem, poeem-opq,
 poeem-givens, poeem-no-warmstart), then reports mean and std over seeds.
 
     python benchmarks/recall.py --dataset synthetic --seeds 0 1 2
@@ -36,10 +36,10 @@ from poeem.pipeline.run import train_run
 from poeem.search.faiss_backend import train_faiss_ivfpq
 
 from common import add_mean_std, command_line, merge_runs, save_result
-from peers import ScannIndex
+from peers import ScannIndex, codes_scanned, faiss_residual_index
 from presets import VARIANTS, preset, tiny
 
-ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", "scann", *VARIANTS]
+ROW_ORDER = ["exact", "faiss-ivfpq", "faiss-opq-ivfpq", "faiss-rq", "scann", *VARIANTS]
 DEFAULT_VARIANT = "poeem-ip"  # the layer's defaults; its list sizes and training curves are plotted
 
 
@@ -66,22 +66,33 @@ def list_sizes_faiss(xb: torch.Tensor, budget: tuple[int, int, int], seed: int) 
     return [ivf.invlists.list_size(i) for i in range(ivf.nlist)]
 
 
-def scann_rows(
-    model: Any, data: Any, budget: tuple[int, int, int], ks: tuple[int, ...], nprobes: tuple[int, ...]
+def peer_rows(
+    model: Any,
+    data: Any,
+    budget: tuple[int, int, int],
+    ks: tuple[int, ...],
+    nprobes: tuple[int, ...],
+    seed: int,
 ) -> list[dict[str, Any]]:
-    """The ScaNN peer on the baseline model's embeddings, one row per nprobe, with the codes a
-    test query scans (counted from its probed leaves)."""
-    started = time.perf_counter()
-    index = ScannIndex(model.all_item_embeddings(), *budget)
-    build_s = time.perf_counter() - started
+    """The peers built on the baseline model's embeddings (FAISS RQ, ScaNN), one row per method
+    and nprobe, with the codes a test query scans on its real routing."""
+    items = model.all_item_embeddings()
+    builders = {
+        "faiss-rq": lambda: faiss_residual_index(items, *budget, seed=seed),
+        "scann": lambda: ScannIndex(items, *budget),
+    }
     encode, rows = query_encoder(model, data), []
     test = encode(data.eval_queries())
-    for nprobe in nprobes:
+    for method, build in builders.items():
         started = time.perf_counter()
-        metrics = evaluate_retrieval(index, encode, data, ks, nprobe)
-        rows.append({"method": "scann", "nprobe": nprobe, **metrics, "build_s": build_s})
-        rows[-1]["eval_s"] = time.perf_counter() - started
-        rows[-1]["codes_scanned"] = float(index.codes_scanned(test, nprobe).mean())
+        index = build()
+        build_s = time.perf_counter() - started
+        for nprobe in nprobes:
+            started = time.perf_counter()
+            metrics = evaluate_retrieval(index, encode, data, ks, nprobe)
+            rows.append({"method": method, "nprobe": nprobe, **metrics, "build_s": build_s})
+            rows[-1]["eval_s"] = time.perf_counter() - started
+            rows[-1]["codes_scanned"] = codes_scanned(index, test, nprobe)
     return rows
 
 
@@ -178,7 +189,7 @@ def main() -> None:
             cfg.eval.faiss_baseline = cfg.eval.opq_baseline = True
             model, metrics = one_run(cfg, work, f"baseline-{seed}")
             with torch.no_grad():
-                peer = scann_rows(model, load_data(cfg.data), pre.budget, pre.ks, nprobes)
+                peer = peer_rows(model, load_data(cfg.data), pre.budget, pre.ks, nprobes, seed)
             runs.append(
                 {
                     "seed": seed,

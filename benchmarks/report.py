@@ -444,7 +444,7 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         )
     lines += [
         "",
-        "Build s: FAISS OPQ train + add, ScaNN build, the layer's fit, and fit + distillation, on "
+        "Build s: FAISS OPQ (and RQ) train + add, ScaNN build, the layer's fit, and fit + distillation, on "
         "the same embeddings; faiss-opq-distilled starts from the FAISS OPQ index (`poeem distill "
         "--from-faiss`). The joint rows (id data) are other models: the same preset trained with "
         "the layer (default variant: joint; the paper's losses only: joint-paper-losses), each "

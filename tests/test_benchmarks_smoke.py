@@ -132,7 +132,7 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert 0 < update["quiet"]["bytes_written_mean"] < update["compaction"]["bytes_written"]
     recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
     methods = {row["method"] for row in recall["summary"]}
-    peers = {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "scann"}
+    peers = {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "faiss-rq", "scann"}
     assert methods == peers | {"poeem", "poeem-givens", "poeem-ip"}
     assert len(recall["commands"]) == 2 and "--merge" in recall["commands"][1]
     assert all(0 <= row["precision@100"] <= 1 for row in recall["summary"])
@@ -145,7 +145,8 @@ def test_benchmarks_write_results(results: Path) -> None:
     )
     assert scale["trained_export_s"] > 0 and scale["trained_lists_export_s"] > 0
     assert all("codes_scanned" in row for row in recall["summary"] if row["method"] != "exact")
-    assert {row["nprobe"] for row in recall["summary"] if row["method"] == "scann"} == {1, 2}
+    for peer in ("scann", "faiss-rq"):
+        assert {row["nprobe"] for row in recall["summary"] if row["method"] == peer} == {1, 2}
     cost = json.loads((results / "train_cost_synthetic_tiny.json").read_text())["rows"]
     assert [r["setting"] for r in cost] == ["no layer", "layer, paper losses", "layer, defaults"]
     assert cost[0]["time_vs_no_layer"] == 1.0 and all(r["steps_per_s"] > 0 for r in cost)
@@ -206,6 +207,33 @@ def test_scann_peer_searches_at_equal_bytes() -> None:
         ScannIndex(items, 8, 5, 256)
 
 
+def test_faiss_residual_peer_is_at_equal_bytes_and_finds_the_neighbours() -> None:
+    """FAISS IVF + RQ at (D, K) stores D * log2(K) / 8 bytes per item, as IVF-PQ, and ranks like
+    exact search on clustered data; more lists probed never scan fewer codes."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from peers import codes_scanned, faiss_residual_index
+    finally:
+        sys.path.remove(str(BENCH))
+    import faiss
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(40, 32, generator=g)
+    items = centers[torch.randint(40, (4000,), generator=g)] + 0.3 * torch.randn(4000, 32, generator=g)
+    queries = items[:50] + 0.1 * torch.randn(50, 32, generator=g)
+    exact = (queries @ items.T).topk(10).indices
+    for budget, nbytes in (((8, 8, 256), 8), ((8, 8, 16), 4)):
+        searcher = faiss_residual_index(items, *budget)
+        assert faiss.extract_index_ivf(searcher.index).code_size == nbytes
+    searcher = faiss_residual_index(items, 8, 8, 256)
+    _, ids = searcher.search(queries, 10, nprobe=8)
+    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / 500
+    assert overlap > 0.5
+    scanned = [codes_scanned(searcher, queries, nprobe) for nprobe in (1, 2, 4, 8)]
+    assert scanned == sorted(scanned) and scanned[-1] == 4000 and scanned[0] < 4000 / 2
+
+
 def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path) -> None:
     args = ["--dataset", "synthetic", "--tiny", "--rotations", "opq", "--results-dir", str(tmp_path)]
     run("distill.py", *args)
@@ -216,6 +244,7 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
         "faiss-opq",
         "faiss-opq-distilled",
         "scann",
+        "faiss-rq",
         "poeem-fit",
         "poeem-distilled-opq",
         "poeem-distilled-opq-frozen-codes",
