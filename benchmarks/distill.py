@@ -1,7 +1,7 @@
 """Index distillation on embeddings a model already has (issue 17): FAISS OPQ IVF-PQ, FAISS IVF
-with a residual quantizer (RQ) and ScaNN (tree + anisotropic hashing, no reorder) against the layer's own k-means/OPQ fit and the same
-index distilled from the exact ranking of the training queries, at equal bytes and nprobe. No
-model training, no labels in the distillation.
+with a residual quantizer (RQ) and ScaNN (tree + anisotropic hashing, no reorder) against the
+layer's own k-means/OPQ fit and the same index distilled from the exact ranking of the training
+queries, at equal bytes and nprobe. No model training, no labels in the distillation.
 
 - ``scifact``: all-MiniLM-L6-v2 zero-shot, 16 bytes (PQ16x8, no lists), ndcg@10 on the test
   queries, distilled with the train queries' texts.

@@ -3,8 +3,8 @@ Poeem variants.
 
 For each seed it trains the baseline two-tower model once (rows exact, faiss-ivfpq,
 faiss-opq-ivfpq, faiss-rq: IVF + residual quantizer, and scann: tree + AH, all at the same
-bytes, lists and probes, no reorder, see peers.py) and the same model with the Poeem layer in each variant (poeem, poeem-opq,
-poeem-givens, poeem-no-warmstart), then reports mean and std over seeds.
+bytes, lists and probes, no reorder, see peers.py) and the same model with the Poeem layer in
+each variant (poeem, poeem-opq, poeem-givens, poeem-no-warmstart), then reports mean and std over seeds.
 
     python benchmarks/recall.py --dataset synthetic --seeds 0 1 2
     python benchmarks/recall.py --dataset ml-100k --seeds 0 1 2 --data-dir ../shared/datasets/ml-100k
