@@ -89,6 +89,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     },
     "poeem-ip": {"rotation": "none", "coarse_metric": "ip"},
     "poeem-givens-ip": {"rotation": "givens", "coarse_metric": "ip"},
+    # the layer's defaults with a residual quantizer in place of PQ (same bytes)
+    "poeem-rq": {"rotation": "none", "coarse_metric": "ip", "quantizer": "rq"},
 }
 
 _PAIRS: dict[str, int] = {}

@@ -512,7 +512,9 @@ def recall_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "mean ± std over the seeds in the 'seeds' column. 'codes scanned' is the mean number of "
         "item codes a query scans at that nprobe (its real routing); 'eval ms/query' is the "
         "measured time of the whole evaluation (search of the top 100, masking of training items, "
-        "metrics) per query. Rows without them were measured before they were recorded.",
+        "metrics) per query. Rows without them were measured before they were recorded. "
+        "faiss-rq and poeem-rq code the residual with a residual quantizer of the same bytes "
+        "(D stages of K codewords over all coordinates) in place of PQ.",
         "",
         "| row | nprobe | seeds | "
         + " | ".join(metrics)

@@ -131,6 +131,10 @@ def train(
         str | None, Opt(help="List rule: ip | l2.", rich_help_panel="Index layer")
     ] = None,
     rotation: Annotated[str | None, Opt(help="none | opq | givens", rich_help_panel="Index layer")] = None,
+    quantizer: Annotated[
+        str | None,
+        Opt(help="Residual coding: pq (subvectors) | rq (residual stages).", rich_help_panel="Index layer"),
+    ] = None,
     warmup_steps: Annotated[
         int | None, Opt(help="Steps before the index starts.", rich_help_panel="Index layer")
     ] = None,
@@ -310,6 +314,7 @@ def train(
         codebook_size=codebook_size,
         coarse_metric=coarse_metric,
         rotation=rotation,
+        quantizer=quantizer,
         warmup_steps=warmup_steps,
         buffer_size=buffer_size,
         regularizer_weight=regularizer_weight,
@@ -469,6 +474,7 @@ def distill(
     num_subspaces: Annotated[int | None, typer.Option(help="D, PQ subvectors (bytes at K=256).")] = None,
     codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace.")] = None,
     rotation: Annotated[str | None, typer.Option(help="none | opq | givens")] = None,
+    quantizer: Annotated[str | None, typer.Option(help="pq (subvectors) | rq (residual stages).")] = None,
     rounds: Annotated[int, typer.Option(help="Rounds; item codes are re-assigned between them.")] = 3,
     epochs: Annotated[int, typer.Option(help="Passes over the queries per round.")] = 10,
     reassign: Annotated[
@@ -532,6 +538,7 @@ def distill(
             "num_subspaces": num_subspaces,
             "codebook_size": codebook_size,
             "rotation": rotation,
+            "quantizer": quantizer,
         }.items()
         if value is not None
     }

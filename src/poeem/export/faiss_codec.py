@@ -1,6 +1,6 @@
 """The FAISS codec: learned index tensors in, a ready FAISS index out, with no training.
 
-The coarse centroids, PQ codebooks and rotation are copied in, ``is_trained`` is set, and the
+The coarse centroids, PQ (or RQ) codebooks and rotation are copied in, ``is_trained`` is set, and the
 item codes go in through FAISS's code-level API (``add_sa_codes``) exactly as the layer
 computed them. Nothing here calls FAISS ``train()`` or re-encodes vectors.
 """
@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from poeem.errors import PoeemError
+from poeem.index.quantize import is_residual
 from poeem.index.tensors import IndexTensors
 from poeem.metric import Metric, check_metric, list_rule
 
@@ -74,7 +75,9 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
     """A FAISS index holding exactly the given learned index.
 
     IVF-PQ (``IndexIVFPQ``, by_residual) with a coarse quantizer, else ``IndexPQ`` in an
-    ``IndexIDMap2``; inside an ``IndexPreTransform`` when there is a rotation (a
+    ``IndexIDMap2``; residual-quantizer codebooks (D, K, dim) give ``IndexIVFResidualQuantizer``
+    or ``IndexResidualQuantizer`` instead (inner products from look-up tables, no stored norm;
+    L2 decodes each scanned code); inside an ``IndexPreTransform`` when there is a rotation (a
     ``LinearTransform`` with A = R^T) or the metric is cosine (a ``NormalizationTransform`` first).
 
     Args:
@@ -92,7 +95,16 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
     fmetric = faiss_metric(metric)
     centroids = ix.codebooks.numpy().astype(np.float32).ravel()  # (D, K, dsub) flattened
     ids = ix.ids.numpy().astype(np.int64)
-    if ix.coarse is not None:
+    if is_residual(ix.codebooks, d):
+        if fast_scan:
+            raise PoeemError(
+                "fast_scan",
+                "product-quantization codes",
+                "a residual quantizer",
+                "export without --fast-scan",
+            )
+        inner = _residual_index(ix, fmetric, nbits, centroids, ids)
+    elif ix.coarse is not None:
         quantizer = faiss.IndexFlat(d, fmetric)
         quantizer.add(np.ascontiguousarray(ix.coarse.numpy(), dtype=np.float32))
         inner = faiss.IndexIVFPQ(quantizer, d, ix.nlist, m, nbits, fmetric)
@@ -131,6 +143,28 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
     index = faiss.IndexPreTransform(inner)
     for t in reversed(transforms):  # prepend_transform: the last prepended runs first
         index.prepend_transform(t)
+    return index
+
+
+def _residual_index(
+    ix: IndexTensors, fmetric: int, nbits: int, codebooks: np.ndarray, ids: np.ndarray
+) -> faiss.Index:
+    """FAISS IVF-RQ (or RQ in an id map) holding the given residual-quantizer index."""
+    d, m = ix.dim, ix.codebooks.shape[0]
+    aq = faiss.AdditiveQuantizer
+    search_type = aq.ST_LUT_nonorm if fmetric == faiss.METRIC_INNER_PRODUCT else aq.ST_decompress
+    if ix.coarse is not None:
+        quantizer = faiss.IndexFlat(d, fmetric)
+        quantizer.add(np.ascontiguousarray(ix.coarse.numpy(), dtype=np.float32))
+        holder = faiss.IndexIVFResidualQuantizer(quantizer, d, ix.nlist, m, nbits, fmetric, search_type)
+    else:
+        holder = faiss.IndexResidualQuantizer(d, m, nbits, fmetric, search_type)
+    faiss.copy_array_to_vector(codebooks, holder.rq.codebooks)  # (D * K, dim), stage-major
+    holder.rq.is_trained = holder.is_trained = True
+    index = holder if ix.coarse is not None else faiss.IndexIDMap2(holder)
+    lists = ix.coarse_codes.numpy() if ix.coarse is not None else None
+    code_size = holder.coarse_code_size() if ix.coarse is not None else 0
+    index.add_sa_codes(pack_sa_codes(lists, ix.codes.numpy(), code_size, nbits), ids)
     return index
 
 

@@ -20,9 +20,14 @@ class PoeemConfig:
     so an item costs ``D * log2(K) / 8`` bytes plus its list.
     """
 
-    dim: int  # embedding size; must be divisible by num_subspaces
-    num_subspaces: int = 8  # D: subvectors per item
+    dim: int  # embedding size; must be divisible by num_subspaces (product quantization)
+    num_subspaces: int = 8  # D: subvectors per item (PQ), or stages (RQ)
     codebook_size: int = 256  # K: codewords per subspace, a power of two in 2..65536
+    # how the residual to the list is coded: "pq" product quantization (D subvectors of dim / D
+    # coordinates, one codeword each), or "rq" residual quantization (D stages, each codeword
+    # spanning all dim coordinates and coding what the stages before it left): same bytes,
+    # lower distortion, D times the encoding work; no rotation (RQ does not need one)
+    quantizer: Literal["pq", "rq"] = "pq"
     num_coarse: int = 8  # coarse_K: IVF lists; 0 turns the coarse quantizer off
     # list assignment: "l2" nearest centroid, or "ip" largest inner product, the rule by which
     # an inner-product IVF index (FAISS, poeem's ADC) probes lists for a query
@@ -72,6 +77,11 @@ class PoeemConfig:
         """Coordinates per subvector, dim / D."""
         return self.dim // self.num_subspaces
 
+    @property
+    def codeword_dim(self) -> int:
+        """Coordinates per codeword: dim / D for PQ, dim for RQ."""
+        return self.dim if self.quantizer == "rq" else self.dsub
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""
         return asdict(self)
@@ -98,7 +108,16 @@ class PoeemConfig:
                 f"dim={self.dim}, num_subspaces={self.num_subspaces}",
                 "pass positive sizes",
             )
-        if self.dim % self.num_subspaces:
+        if self.quantizer not in ("pq", "rq"):
+            raise PoeemError("quantizer", "'pq' or 'rq'", repr(self.quantizer), "pick one of those")
+        if self.quantizer == "rq" and self.rotation != "none":
+            raise PoeemError(
+                "rotation",
+                "'none' with the residual quantizer (its codewords span every coordinate)",
+                repr(self.rotation),
+                "drop the rotation, or use quantizer 'pq'",
+            )
+        if self.quantizer == "pq" and self.dim % self.num_subspaces:
             raise PoeemError(
                 "num_subspaces",
                 f"a divisor of dim={self.dim}",

@@ -20,6 +20,7 @@ from poeem.index.quantize import (
     fit_opq,
     smallest_uint_dtype,
     split_subvectors,
+    stage_inputs,
 )
 from poeem.index.stats import UsageCounts, batch_usage_counts, index_stats
 from poeem.index.trained_codes import TrainedCodes
@@ -88,7 +89,7 @@ class PoeemLayer(nn.Module):
                 "PoeemLayer arguments", "a config or keyword arguments", "both", "pass only one of them"
             )
         self.config = c = config
-        self.codebooks = nn.Parameter(torch.zeros(c.num_subspaces, c.codebook_size, c.dsub))
+        self.codebooks = nn.Parameter(torch.zeros(c.num_subspaces, c.codebook_size, c.codeword_dim))
         if c.num_coarse > 0:
             self.coarse = nn.Parameter(torch.zeros(c.num_coarse, c.dim))
         else:
@@ -214,7 +215,7 @@ class PoeemLayer(nn.Module):
             coarse_codes, codes = encode_rotated(
                 xr.detach(), coarse, self.codebooks.detach(), c.coarse_metric
             )
-        recon = decode_rotated(coarse_codes, codes, self.coarse, self.codebooks)
+        recon = decode_rotated(coarse_codes, codes, self.coarse, self.codebooks, c.dim)
         x_hat = recon @ rotation.T if c.rotation != "none" else recon  # (B, dim)
         loss = c.regularizer_weight * (x_hat - x32.detach()).pow(2).sum(-1).mean()
         if c.commitment_weight:
@@ -353,9 +354,9 @@ class PoeemLayer(nn.Module):
             self.coarse[lists] = rows
             self.list_last_used[lists] = step
         coarse = self.coarse.detach() if self.coarse is not None else None
-        coarse_codes, _ = encode_rotated(xr, coarse, self.codebooks, c.coarse_metric)
+        coarse_codes, codes = encode_rotated(xr, coarse, self.codebooks, c.coarse_metric)
         residual = xr - coarse[coarse_codes] if coarse is not None else xr
-        sub = split_subvectors(residual, c.num_subspaces)  # (D, n, dsub)
+        sub = stage_inputs(residual, codes, self.codebooks)  # (D, n, dsub or dim)
         d, k = dead_words.nonzero(as_tuple=True)
         pick = torch.randint(xr.shape[0], (d.numel(),), generator=g).to(xr.device)
         self.codebooks[d, k] = sub[d, pick]
@@ -404,6 +405,7 @@ class PoeemLayer(nn.Module):
                 progress,
                 c.coarse_metric,
                 c.coarse_fit,
+                c.quantizer,
             )
         else:
             rotation, coarse, codebooks = fit_opq(
@@ -430,13 +432,13 @@ class PoeemLayer(nn.Module):
             rotation: (dim, dim) orthogonal R (the index codes x @ R); the Givens angles of a
                 "givens" layer start at zero on top of it.
             coarse: (coarse_K, dim) centroids, or None for a layer without lists.
-            codebooks: (D, K, dsub) codewords.
+            codebooks: (D, K, dsub) codewords ((D, K, dim) for the residual quantizer).
         """
         c = self.config
         expected = {
             "rotation": ((c.dim, c.dim), rotation),
             "coarse": ((c.num_coarse, c.dim) if c.num_coarse else None, coarse),
-            "codebooks": ((c.num_subspaces, c.codebook_size, c.dsub), codebooks),
+            "codebooks": ((c.num_subspaces, c.codebook_size, c.codeword_dim), codebooks),
         }
         for name, (shape, t) in expected.items():
             got = None if t is None else tuple(t.shape)
@@ -484,7 +486,11 @@ class PoeemLayer(nn.Module):
         coarse = None
         if c.num_coarse:
             coarse = x[torch.randperm(x.shape[0], generator=g)[: c.num_coarse].to(x.device)]
-        sub = split_subvectors(x - coarse[0] if coarse is not None else x, c.num_subspaces)
+        residual = x - coarse[0] if coarse is not None else x
+        if c.quantizer == "rq":  # every stage starts from the residual
+            sub = residual.expand(c.num_subspaces, -1, -1)
+        else:
+            sub = split_subvectors(residual, c.num_subspaces)
         pick = torch.randint(x.shape[0], (c.num_subspaces, c.codebook_size), generator=g)
         codebooks = sub[torch.arange(c.num_subspaces).unsqueeze(1), pick.to(x.device)]
         return torch.eye(c.dim, device=x.device), coarse, codebooks
@@ -574,7 +580,11 @@ class PoeemLayer(nn.Module):
             )
             with _full_precision(rotation):
                 recon = decode_rotated(
-                    cc, codes[start : start + batch_size].to(device).long(), self.coarse, self.codebooks
+                    cc,
+                    codes[start : start + batch_size].to(device).long(),
+                    self.coarse,
+                    self.codebooks,
+                    c.dim,
                 )
                 parts.append(recon @ rotation.T)
         return torch.cat(parts) if parts else torch.zeros(0, c.dim, device=device)

@@ -1,8 +1,10 @@
-"""Pure tensor functions of IVF + PQ quantization, in the paper's notation.
+"""Pure tensor functions of IVF + PQ (or RQ) quantization, in the paper's notation.
 
 A vector x (dim,) in the rotated space is coded as a coarse code c in [0, coarse_K) and D
-sub-codes in [0, K): x ~ coarse[c] + concat_d codebooks[d, code_d]. Subvectors have
-dsub = dim / D coordinates.
+sub-codes in [0, K). Product quantization (PQ, codebooks (D, K, dim / D)): x ~ coarse[c] +
+concat_d codebooks[d, code_d]. Residual quantization (RQ, codebooks (D, K, dim)): x ~ coarse[c]
++ sum_d codebooks[d, code_d], stage d coding what the stages before it left. The codebooks'
+shape tells which (:func:`is_residual`); with D = 1 both are the same.
 
 Bulk encoding (``bulk=True``: exports, ``Searcher.add``) of float32 vectors on the CPU runs on
 FAISS's flat search and PQ encoder: exact like the torch path, and faster (most of all for the
@@ -69,17 +71,26 @@ def split_subvectors(x: torch.Tensor, num_subspaces: int) -> torch.Tensor:
     return x.reshape(x.shape[0], num_subspaces, -1).transpose(0, 1)
 
 
+def is_residual(codebooks: torch.Tensor, dim: int) -> bool:
+    """Whether (D, K, w) ``codebooks`` of vectors of size ``dim`` are a residual quantizer's
+    (w = dim, D > 1) rather than product quantization's (w = dim / D)."""
+    return codebooks.shape[0] > 1 and codebooks.shape[2] == dim
+
+
 def pq_assign(residual: torch.Tensor, codebooks: torch.Tensor, bulk: bool = False) -> torch.Tensor:
-    """Nearest codeword (L2) of each subvector.
+    """Sub-codes of each vector: the nearest codeword (L2) of each subvector for PQ codebooks;
+    for RQ codebooks, greedily stage by stage (:func:`rq_assign`).
 
     Args:
         residual: (B, dim) vectors to code (residuals of the coarse quantizer).
-        codebooks: (D, K, dsub) codewords.
+        codebooks: (D, K, dsub) PQ or (D, K, dim) RQ codewords.
         bulk: see :func:`coarse_assign`.
 
     Returns:
         (B, D) int64 sub-codes.
     """
+    if is_residual(codebooks, residual.shape[1]):
+        return rq_assign(residual, codebooks)
     d, k, dsub = codebooks.shape
     if bulk and _faiss_can_assign(residual, codebooks) and k & (k - 1) == 0:
         nbits = k.bit_length() - 1
@@ -91,20 +102,68 @@ def pq_assign(residual: torch.Tensor, codebooks: torch.Tensor, bulk: bool = Fals
     return codes.T
 
 
-def pq_reconstruct(codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
-    """Concatenated codewords of the given sub-codes; differentiable in ``codebooks``.
+def rq_assign(residual: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Greedy residual coding: stage d takes the codeword nearest (L2) to what the stages
+    before it left of each vector.
+
+    Args:
+        residual: (B, dim) vectors to code.
+        codebooks: (D, K, dim) codewords.
+
+    Returns:
+        (B, D) int64 sub-codes.
+    """
+    left = residual.clone()
+    codes = torch.empty(residual.shape[0], codebooks.shape[0], dtype=torch.long, device=residual.device)
+    for stage in range(codebooks.shape[0]):
+        best, _ = nearest_centroid(left.unsqueeze(0), codebooks[stage].unsqueeze(0))
+        codes[:, stage] = best[0]
+        left -= codebooks[stage, best[0]]
+    return codes
+
+
+def pq_reconstruct(codes: torch.Tensor, codebooks: torch.Tensor, dim: int) -> torch.Tensor:
+    """Codewords of the given sub-codes, concatenated (PQ) or summed (RQ); differentiable in
+    ``codebooks``.
 
     Args:
         codes: (B, D) integer sub-codes.
-        codebooks: (D, K, dsub) codewords.
+        codebooks: (D, K, dsub) PQ or (D, K, dim) RQ codewords.
+        dim: the size of the vectors coded.
 
     Returns:
         (B, dim) reconstructions.
     """
-    d = codebooks.shape[0]
-    subspace = torch.arange(d, device=codebooks.device)
-    words = codebooks[subspace, codes.long()]  # (B, D, dsub)
-    return words.reshape(codes.shape[0], -1)
+    subspace = torch.arange(codebooks.shape[0], device=codebooks.device)
+    words = codebooks[subspace, codes.long()]  # (B, D, width)
+    return words.sum(1) if is_residual(codebooks, dim) else words.reshape(codes.shape[0], -1)
+
+
+def codeword_scores(qr: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """Look-up tables of asymmetric scoring: <q_d, codebooks[d, k]> for PQ (q_d: the query's
+    d-th subvector), <q, codebooks[d, k]> for RQ; the inner product of a query with a code's
+    reconstruction is the sum over d of its entries.
+
+    Args:
+        qr: (nq, dim) rotated queries.
+        codebooks: (D, K, dsub) or (D, K, dim).
+
+    Returns:
+        (D, nq, K) scores.
+    """
+    if is_residual(codebooks, qr.shape[1]):
+        return torch.einsum("qe,dke->dqk", qr, codebooks)
+    return torch.bmm(split_subvectors(qr, codebooks.shape[0]), codebooks.transpose(1, 2))
+
+
+def stage_inputs(residual: torch.Tensor, codes: torch.Tensor, codebooks: torch.Tensor) -> torch.Tensor:
+    """What each codebook codes, per vector: (D, B, dsub) subvectors for PQ; for RQ, (D, B, dim)
+    what the stages before d left of each (B, dim) ``residual`` with its (B, D) ``codes``."""
+    if not is_residual(codebooks, residual.shape[1]):
+        return split_subvectors(residual, codebooks.shape[0])
+    words = codebooks[torch.arange(codebooks.shape[0], device=codebooks.device), codes.long()]  # (B, D, dim)
+    before = torch.cumsum(words, 1) - words  # sum of the stages before d
+    return (residual.unsqueeze(1) - before).transpose(0, 1)
 
 
 def encode_rotated(
@@ -140,9 +199,10 @@ def decode_rotated(
     codes: torch.Tensor,
     coarse: torch.Tensor | None,
     codebooks: torch.Tensor,
+    dim: int,
 ) -> torch.Tensor:
-    """Reconstruction in the rotated space: coarse[c] + PQ codewords; (B, dim)."""
-    recon = pq_reconstruct(codes, codebooks)
+    """Reconstruction in the rotated space: coarse[c] + PQ (or RQ) codewords; (B, dim)."""
+    recon = pq_reconstruct(codes, codebooks, dim)
     if coarse is not None and coarse_codes is not None:
         recon = recon + coarse[coarse_codes.long()]
     return recon
@@ -158,8 +218,9 @@ def fit_ivf_pq(
     progress: bool = False,
     coarse_metric: str = "l2",
     coarse_fit: str = "auto",
+    quantizer: str = "pq",
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """k-means of the coarse centroids, then of the PQ codebooks on the **residuals**.
+    """k-means of the coarse centroids, then of the PQ (or RQ) codebooks on the **residuals**.
 
     Args:
         xr: (n, dim) rotated training vectors.
@@ -167,9 +228,11 @@ def fit_ivf_pq(
         coarse_fit: how the centroids are fitted: "kmeans" (L2 k-means), "equal_norm"
             (:func:`inner_product_centroids`), or "auto": equal_norm for the "ip" rule when the
             norms of ``xr`` vary by more than 1% (relative std), else kmeans.
+        quantizer: "pq" (k-means of each subspace) or "rq" (:func:`fit_residual_codebooks`).
 
     Returns:
-        coarse: (coarse_K, dim) or None when num_coarse is 0; codebooks: (D, K, dsub).
+        coarse: (coarse_K, dim) or None when num_coarse is 0; codebooks: (D, K, dsub) for PQ,
+        (D, K, dim) for RQ.
     """
     coarse = None
     residual = xr
@@ -179,9 +242,34 @@ def fit_ivf_pq(
         else:
             coarse = kmeans(xr, num_coarse, iters=iters, seed=seed, progress=progress)
         residual = xr - coarse[coarse_assign(xr, coarse, coarse_metric)]
+    if quantizer == "rq":
+        return coarse, fit_residual_codebooks(
+            residual, num_subspaces, codebook_size, iters, seed + 1, progress
+        )
     sub = split_subvectors(residual, num_subspaces)  # (D, n, dsub)
     codebooks = kmeans(sub, codebook_size, iters=iters, seed=seed + 1, progress=progress)
     return coarse, codebooks
+
+
+def fit_residual_codebooks(
+    residual: torch.Tensor, stages: int, codebook_size: int, iters: int, seed: int, progress: bool = False
+) -> torch.Tensor:
+    """Residual quantizer codebooks: k-means of the vectors, then of what that stage's nearest
+    codewords left of them, ``stages`` times (the greedy coding of :func:`rq_assign`).
+
+    Args:
+        residual: (n, dim) vectors to code.
+
+    Returns:
+        (stages, K, dim) codebooks.
+    """
+    left, books = residual.clone(), []
+    for stage in range(stages):
+        words = kmeans(left, codebook_size, iters=iters, seed=seed + stage, progress=progress)
+        best, _ = nearest_centroid(left.unsqueeze(0), words.unsqueeze(0))
+        left -= words[best[0]]
+        books.append(words)
+    return torch.stack(books)
 
 
 def resolve_coarse_fit(x: torch.Tensor, coarse_metric: str, coarse_fit: str) -> str:
@@ -268,7 +356,9 @@ def fit_opq(
             coarse_metric=coarse_metric,
             coarse_fit=coarse_fit,
         )
-        recon = decode_rotated(*encode_rotated(xr, coarse, codebooks, coarse_metric), coarse, codebooks)
+        recon = decode_rotated(
+            *encode_rotated(xr, coarse, codebooks, coarse_metric), coarse, codebooks, x.shape[1]
+        )
         rotation = procrustes_rotation(x, recon)
     coarse, codebooks = fit_ivf_pq(
         x @ rotation,

@@ -15,7 +15,7 @@ class IndexTensors:
 
     rotation: (dim, dim); the index codes x @ rotation.
     coarse: (coarse_K, dim) coarse centroids, or None (plain PQ).
-    codebooks: (D, K, dsub).
+    codebooks: (D, K, dsub) product-quantization codewords, or (D, K, dim) residual-quantizer ones.
     coarse_codes: (n,) list of each item (zeros without IVF), in ``code_dtype(nlist)``.
     codes: (n, D) sub-codes, in ``code_dtype(K)`` (1 byte each for K <= 256).
     ids: (n,) int64 non-negative ids of the items, as FAISS stores them.
@@ -49,7 +49,7 @@ class IndexTensors:
 
     def max_norm(self) -> float:
         """An upper bound of every reconstruction's L2 norm: the largest coarse centroid plus
-        the largest codeword of each subspace (the rotation keeps norms)."""
+        the largest codeword of each subspace or stage (the rotation keeps norms)."""
         words = self.codebooks.double().norm(dim=-1).amax(-1).sum()
         coarse = self.coarse.double().norm(dim=-1).max() if self.coarse is not None else 0.0
         return float(words + coarse)
@@ -66,14 +66,14 @@ class IndexTensors:
         if self.rotation.shape != (d, d) or self.codebooks.dim() != 3:
             raise PoeemError(
                 "index tensors",
-                "rotation (dim, dim) and codebooks (D, K, dsub)",
+                "rotation (dim, dim) and codebooks (D, K, dsub) or (D, K, dim)",
                 f"{tuple(self.rotation.shape)} and {tuple(self.codebooks.shape)}",
                 "export the index from a trained PoeemLayer",
             )
         m, k, dsub = self.codebooks.shape
         n = self.codes.shape[0]
         shapes_ok = (
-            m * dsub == d
+            (m * dsub == d or dsub == d)
             and self.codes.shape == (n, m)
             and self.coarse_codes.shape == (n,)
             and self.ids.shape == (n,)

@@ -1,4 +1,5 @@
-"""Our own IVF-PQ search in torch: asymmetric distance computation (ADC) over learned codes.
+"""Our own IVF-PQ (or IVF-RQ) search in torch: asymmetric distance computation (ADC) over learned
+codes.
 
 For users without FAISS, and for GPU search. It scores exactly as FAISS's IndexIVFPQ with
 ``by_residual`` does, so both return the same neighbours:
@@ -6,7 +7,8 @@ For users without FAISS, and for GPU search. It scores exactly as FAISS's IndexI
 - inner product: <q, c_list> + sum_d <q_d, codeword_d>
 - L2: ||q - c_list||^2 + ||r_hat||^2 + 2 <c_list, r_hat> - 2 sum_d <q_d, codeword_d>
 
-where q is the rotated query and r_hat the PQ reconstruction of the item's residual. Items are
+where q is the rotated query and r_hat the PQ reconstruction of the item's residual (for RQ
+codebooks, q_d is the whole query and r_hat the sum of the codewords). Items are
 grouped by list once, and a query scans only the items of the ``nprobe`` lists it probes.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from poeem.index.quantize import pq_reconstruct, split_subvectors
+from poeem.index.quantize import codeword_scores, pq_reconstruct
 from poeem.index.tensors import IndexTensors
 from poeem.metric import Metric, check_metric, check_search_args, prepare_queries, worst_score
 from poeem.search.exact import chunk_rows
@@ -37,7 +39,7 @@ class TorchIVFPQ:
         self.offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]).tolist()  # (nlist + 1,)
         self.item_term: torch.Tensor | None = None
         if metric == "l2":  # ||r_hat||^2 + 2 <c, r_hat>, per item
-            r_hat = pq_reconstruct(self.codes, index.codebooks)
+            r_hat = pq_reconstruct(self.codes, index.codebooks, index.dim)
             self.item_term = r_hat.pow(2).sum(-1)
             if index.coarse is not None:
                 self.item_term += 2 * (index.coarse[index.coarse_codes[order].long()] * r_hat).sum(-1)
@@ -77,7 +79,7 @@ class TorchIVFPQ:
         self, qr: torch.Tensor, k: int, nprobe: int, largest: bool
     ) -> tuple[torch.Tensor, torch.Tensor]:
         ix, nq = self.index, qr.shape[0]
-        lut = torch.bmm(split_subvectors(qr, ix.codebooks.shape[0]), ix.codebooks.transpose(1, 2))
+        lut = codeword_scores(qr, ix.codebooks)
         if ix.coarse is None:
             list_score = torch.zeros(nq, 1, device=qr.device)
             probes = torch.zeros(nq, 1, dtype=torch.long, device=qr.device)

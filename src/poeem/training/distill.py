@@ -298,7 +298,7 @@ class _Teacher:
         q = self.queries[rows]
         qr = q @ layer.rotation_matrix
         lists = layer.coarse[coarse_codes[cand]] if layer.coarse is not None else None
-        recon = pq_reconstruct(pq_codes[cand], layer.codebooks)
+        recon = pq_reconstruct(pq_codes[cand], layer.codebooks, layer.config.dim)
         code = qr @ (recon if lists is None else recon + lists).T
         return q @ self.items[cand].T, code, (qr @ lists.T if lists is not None else None)
 

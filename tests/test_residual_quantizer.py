@@ -1,0 +1,170 @@
+"""The residual quantizer (``quantizer="rq"``): D stages of full-dimensional codewords."""
+
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+import torch
+from conftest import correlated
+from faiss.contrib.inspect_tools import get_invlist
+from test_distill import clustered
+from test_export_search import assert_same_topk
+from typer.testing import CliRunner
+
+from poeem import PoeemError, PoeemLayer, Searcher
+from poeem.cli import app
+from poeem.export import learned_index, to_faiss
+from poeem.export.faiss_codec import build_faiss_index, pack_sa_codes
+from poeem.search import FaissSearcher, TorchIVFPQ
+from poeem.training.distill import DistillConfig, distill_index
+
+DIM, D = 16, 4
+
+
+def rq_layer(
+    num_coarse: int = 8, k: int = 16, coarse_metric: str = "ip", quantizer: str = "rq"
+) -> tuple[PoeemLayer, torch.Tensor]:
+    x = correlated(1500, DIM, seed=1)
+    layer = PoeemLayer(
+        dim=DIM,
+        num_subspaces=D,
+        codebook_size=k,
+        num_coarse=num_coarse,
+        coarse_metric=coarse_metric,
+        quantizer=quantizer,
+        warmup_steps=0,
+        buffer_size=1000,
+        kmeans_iters=6,
+    )
+    layer.initialize(x[:1000])
+    return layer, x
+
+
+@pytest.mark.parametrize("num_coarse", [0, 8])
+def test_codes_are_the_greedy_stage_by_stage_choice(num_coarse: int) -> None:
+    layer, x = rq_layer(num_coarse, coarse_metric="l2")
+    assert layer.codebooks.shape == (D, 16, DIM)  # every codeword spans every coordinate
+    coarse_codes, codes = layer.encode(x, batch_size=300)
+    left = x.clone()
+    if num_coarse:
+        lists = torch.cdist(x, layer.coarse.detach()).argmin(1)
+        assert torch.equal(coarse_codes.long(), lists)
+        left -= layer.coarse.detach()[lists]
+    for stage in range(D):
+        words = layer.codebooks.detach()[stage]
+        best = torch.cdist(left, words).argmin(1)
+        assert torch.equal(codes[:, stage].long(), best)
+        left -= words[best]
+    recon = layer.decode(coarse_codes, codes)
+    torch.testing.assert_close(recon, x - left, atol=1e-4, rtol=1e-5)  # the sum of the codewords
+
+
+def test_gradients_pass_straight_through_and_train_every_stage() -> None:
+    layer, x = rq_layer()
+    batch = x[:64].clone().requires_grad_(True)
+    out = layer(batch)
+    upstream = torch.randn_like(batch)
+    (out.output * upstream).sum().backward(retain_graph=True)
+    torch.testing.assert_close(batch.grad, upstream)
+    assert layer.codebooks.grad is None or not layer.codebooks.grad.any()
+    out.loss.backward()
+    assert (layer.codebooks.grad.abs().sum(dim=(1, 2)) > 0).all()  # each stage's codewords move
+
+
+def test_lower_distortion_than_product_quantization_at_equal_bytes() -> None:
+    distortion = {}
+    for quantizer in ("pq", "rq"):
+        layer, x = rq_layer(num_coarse=0, quantizer=quantizer)
+        distortion[quantizer] = float((layer.decode(*layer.encode(x)) - x).pow(2).sum(1).mean())
+    assert distortion["rq"] < 0.9 * distortion["pq"], distortion
+
+
+@pytest.mark.parametrize("num_coarse", [0, 8])
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+def test_faiss_export_scores_as_our_search_and_the_reconstructions(num_coarse: int, metric: str) -> None:
+    layer, x = rq_layer(num_coarse, coarse_metric="l2" if metric == "l2" else "ip")
+    if metric == "cosine":
+        x = torch.nn.functional.normalize(x, dim=1)
+    ids = torch.arange(len(x)) * 7 + 5_000_000_000
+    index = to_faiss(layer, x, ids, metric)
+    ix = learned_index(layer, x, ids)
+    xq = torch.randn(30, DIM) * 3
+    nprobe = num_coarse or 1
+    d1, i1 = FaissSearcher(index).search(xq, 15, nprobe)
+    d2, i2 = TorchIVFPQ(ix, metric).search(xq, 15, nprobe)
+    assert_same_topk(d1.numpy(), i1.numpy(), d2.numpy(), i2.numpy())
+    recon = layer.decode(*layer.encode(x))  # brute force over the reconstructions, all lists probed
+    q = torch.nn.functional.normalize(xq, dim=1) if metric == "cosine" else xq
+    brute = -torch.cdist(q, recon).pow(2) if metric == "l2" else q @ recon.T
+    top = brute.topk(15, dim=1)
+    shown = top.values.abs() if metric == "l2" else top.values
+    assert_same_topk(shown.numpy(), ids[top.indices].numpy(), d2.numpy(), i2.numpy())
+
+
+@pytest.mark.parametrize("k", [16, 256])
+def test_faiss_stores_the_layers_codes_bit_for_bit(k: int) -> None:
+    layer, x = rq_layer(8, k)
+    index = to_faiss(layer, x, metric="ip")
+    coarse_codes, codes = layer.encode(x)
+    expected = pack_sa_codes(None, codes.numpy(), 0, k.bit_length() - 1)
+    ivf = faiss.extract_index_ivf(index)
+    assert ivf.code_size == D * (k.bit_length() - 1) // 8  # no norm stored: equal bytes to IVF-PQ
+    for lst in range(ivf.nlist):
+        list_ids, list_codes = get_invlist(ivf.invlists, lst)
+        assert (coarse_codes.numpy()[list_ids] == lst).all()
+        assert np.array_equal(list_codes, expected[list_ids])
+    sa = pack_sa_codes(coarse_codes.numpy(), codes.numpy(), ivf.coarse_code_size(), k.bit_length() - 1)
+    np.testing.assert_allclose(ivf.sa_decode(sa), layer.decode(coarse_codes, codes).numpy(), atol=1e-5)
+
+
+def test_settings_it_cannot_take_are_clear_errors() -> None:
+    with pytest.raises(PoeemError, match="rotation"):
+        PoeemLayer(dim=DIM, num_subspaces=D, quantizer="rq", rotation="opq")
+    with pytest.raises(PoeemError, match="'pq' or 'rq'"):
+        PoeemLayer(dim=DIM, num_subspaces=D, quantizer="aq")
+    PoeemLayer(dim=10, num_subspaces=4, quantizer="rq")  # stages need not divide dim
+    layer, x = rq_layer(0)
+    with pytest.raises(PoeemError, match="product-quantization"):
+        build_faiss_index(learned_index(layer, x), "ip", fast_scan=True)
+
+
+def test_distillation_trains_its_codewords_and_exports_to_faiss(tmp_path: Path) -> None:
+    x, queries = clustered(1500, 0), clustered(600, 1)
+    layer = PoeemLayer(
+        dim=DIM, num_subspaces=D, codebook_size=16, num_coarse=8, quantizer="rq", warmup_steps=0
+    )
+    layer.initialize(x)
+    before = layer.codebooks.detach().clone()
+    config = DistillConfig(rounds=1, epochs=5, teacher_k=30, batch_size=64, codebook_lr=3e-3, holdout=0.0)
+    result = distill_index(layer, x, queries, config, progress=False)
+    assert not torch.equal(layer.codebooks.detach(), before)
+    assert result.history[-1]["code_loss"] < result.history[0]["code_loss"]
+    searcher = Searcher.create(tmp_path / "ix", layer, (result.coarse_codes, result.codes), metric="ip")
+    queries = queries[:20]
+    d, i = searcher.search(queries, 10, nprobe=3)
+    ours = TorchIVFPQ(learned_index(layer, (result.coarse_codes, result.codes)), "ip")
+    d2, i2 = ours.search(queries, 10, 3)
+    assert_same_topk(d, i, d2.numpy(), i2.numpy())
+
+
+def test_train_export_search_and_add_through_the_cli(tmp_path: Path) -> None:
+    run, index = tmp_path / "run", tmp_path / "ix"
+    args = ["train", "--run-dir", run, "--data", "synthetic", "--num-pairs", "3000", "--poeem"]
+    args += ["--quantizer", "rq", "--num-coarse", "4", "--num-subspaces", "4", "--codebook-size", "16"]
+    args += ["--warmup-steps", "5", "--buffer-size", "256", "--dim", "16", "--epochs", "1"]
+    args += ["--batch-size", "128", "--logger", "none", "--no-progress"]
+    runner = CliRunner()
+    for command in (args, ["export", run, "--out", index]):
+        result = runner.invoke(app, [str(a) for a in command])
+        assert result.exit_code == 0, (result.output, result.exception)
+    searcher = Searcher.load(index)
+    assert searcher.tensors.codebooks.shape == (4, 16, 16)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(searcher._engine.base.index))
+    assert isinstance(ivf, faiss.IndexIVFResidualQuantizer)
+    n = searcher.ntotal
+    searcher.add(torch.randn(3, 16), np.array([10**9, 10**9 + 1, 10**9 + 2]))
+    reloaded = Searcher.load(index)
+    assert reloaded.ntotal == n + 3
+    _, ids = reloaded.search(torch.randn(5, 16), n + 3, nprobe=4)  # every item, in every answer
+    assert np.isin([10**9, 10**9 + 1, 10**9 + 2], ids).all()
