@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -179,6 +180,22 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     assert (tmp_path / "img" / "recall_synthetic_scanned.png").is_file()
 
 
+def peer_task() -> tuple[Any, Any, Any]:
+    """Clustered (4000, 32) items, 50 queries near some of them, and their exact top 10."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(40, 32, generator=g)
+    items = centers[torch.randint(40, (4000,), generator=g)] + 0.3 * torch.randn(4000, 32, generator=g)
+    queries = items[:50] + 0.1 * torch.randn(50, 32, generator=g)
+    return items, queries, (queries @ items.T).topk(10).indices
+
+
+def overlap_at_10(ids: Any, exact: Any) -> float:
+    """Mean share of each query's exact top 10 among its (50, 10) ``ids``."""
+    return sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / 500
+
+
 def test_scann_peer_searches_at_equal_bytes() -> None:
     """The ScaNN peer (tree + AH, no reorder) finds most exact neighbours on clustered data."""
     sys.path.insert(0, str(BENCH))
@@ -188,15 +205,11 @@ def test_scann_peer_searches_at_equal_bytes() -> None:
         sys.path.remove(str(BENCH))
     import torch
 
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(40, 32, generator=g)
-    items = centers[torch.randint(40, (4000,), generator=g)] + 0.3 * torch.randn(4000, 32, generator=g)
-    queries = items[:50] + 0.1 * torch.randn(50, 32, generator=g)
-    exact = (queries @ items.T).topk(10).indices
+    items, queries, exact = peer_task()
     index = ScannIndex(items, num_coarse=8, num_subspaces=8, codebook_size=256)
     scores, ids = index.search(queries, 10, nprobe=8)
     assert ids.shape == scores.shape == (50, 10) and ids.dtype == torch.int64
-    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / 500
+    overlap = overlap_at_10(ids, exact)
     assert overlap > 0.5
     _, one_leaf = index.search(queries, 10, nprobe=1)
     assert not torch.equal(one_leaf, ids) or overlap == 1.0  # fewer leaves, another answer
@@ -216,20 +229,14 @@ def test_faiss_residual_peer_is_at_equal_bytes_and_finds_the_neighbours() -> Non
     finally:
         sys.path.remove(str(BENCH))
     import faiss
-    import torch
 
-    g = torch.Generator().manual_seed(0)
-    centers = torch.randn(40, 32, generator=g)
-    items = centers[torch.randint(40, (4000,), generator=g)] + 0.3 * torch.randn(4000, 32, generator=g)
-    queries = items[:50] + 0.1 * torch.randn(50, 32, generator=g)
-    exact = (queries @ items.T).topk(10).indices
+    items, queries, exact = peer_task()
     for budget, nbytes in (((8, 8, 256), 8), ((8, 8, 16), 4)):
         searcher = faiss_residual_index(items, *budget)
         assert faiss.extract_index_ivf(searcher.index).code_size == nbytes
     searcher = faiss_residual_index(items, 8, 8, 256)
     _, ids = searcher.search(queries, 10, nprobe=8)
-    overlap = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(ids, exact, strict=True)) / 500
-    assert overlap > 0.5
+    assert overlap_at_10(ids, exact) > 0.5
     scanned = [codes_scanned(searcher, queries, nprobe) for nprobe in (1, 2, 4, 8)]
     assert scanned == sorted(scanned) and scanned[-1] == 4000 and scanned[0] < 4000 / 2
 

@@ -19,7 +19,7 @@ DIM, D = 16, 4
 
 
 def trained_layer(
-    rotation: str, num_coarse: int, k: int = 16, coarse_metric: str = "ip"
+    rotation: str, num_coarse: int, k: int = 16, coarse_metric: str = "ip", quantizer: str = "pq"
 ) -> tuple[PoeemLayer, torch.Tensor]:
     x = correlated(1500, DIM, seed=1)
     layer = PoeemLayer(
@@ -29,6 +29,7 @@ def trained_layer(
         codebook_size=k,
         num_coarse=num_coarse,
         rotation=rotation,
+        quantizer=quantizer,
         warmup_steps=0,
         buffer_size=1000,
         kmeans_iters=4,

@@ -6,10 +6,9 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import correlated
 from faiss.contrib.inspect_tools import get_invlist
 from test_distill import clustered
-from test_export_search import assert_same_topk
+from test_export_search import assert_same_topk, trained_layer
 from typer.testing import CliRunner
 
 from poeem import PoeemError, PoeemLayer, Searcher
@@ -25,20 +24,7 @@ DIM, D = 16, 4
 def rq_layer(
     num_coarse: int = 8, k: int = 16, coarse_metric: str = "ip", quantizer: str = "rq"
 ) -> tuple[PoeemLayer, torch.Tensor]:
-    x = correlated(1500, DIM, seed=1)
-    layer = PoeemLayer(
-        dim=DIM,
-        num_subspaces=D,
-        codebook_size=k,
-        num_coarse=num_coarse,
-        coarse_metric=coarse_metric,
-        quantizer=quantizer,
-        warmup_steps=0,
-        buffer_size=1000,
-        kmeans_iters=6,
-    )
-    layer.initialize(x[:1000])
-    return layer, x
+    return trained_layer("none", num_coarse, k, coarse_metric, quantizer)
 
 
 @pytest.mark.parametrize("num_coarse", [0, 8])
