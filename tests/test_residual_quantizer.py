@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from poeem import PoeemError, PoeemLayer, Searcher
 from poeem.cli import app
 from poeem.export import learned_index, to_faiss
-from poeem.export.faiss_codec import build_faiss_index, pack_sa_codes
+from poeem.export.faiss_codec import build_faiss_index, pack_sa_codes, read_faiss_quantizer
 from poeem.search import FaissSearcher, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index
 
@@ -113,6 +113,13 @@ def test_settings_it_cannot_take_are_clear_errors() -> None:
     layer, x = rq_layer(0)
     with pytest.raises(PoeemError, match="product-quantization"):
         build_faiss_index(learned_index(layer, x), "ip", fast_scan=True)
+
+
+def test_distilling_from_a_faiss_residual_quantizer_file_is_a_clear_error(tmp_path: Path) -> None:
+    layer, x = rq_layer(8)
+    faiss.write_index(to_faiss(layer, x, metric="ip"), str(tmp_path / "rq.faiss"))
+    with pytest.raises(PoeemError, match=r"expected an IVF-PQ .* got IndexIVFResidualQuantizer"):
+        read_faiss_quantizer(tmp_path / "rq.faiss")
 
 
 def test_distillation_trains_its_codewords_and_exports_to_faiss(tmp_path: Path) -> None:

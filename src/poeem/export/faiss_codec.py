@@ -105,9 +105,7 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
             )
         inner = _residual_index(ix, fmetric, nbits, centroids, ids)
     elif ix.coarse is not None:
-        quantizer = faiss.IndexFlat(d, fmetric)
-        quantizer.add(np.ascontiguousarray(ix.coarse.numpy(), dtype=np.float32))
-        inner = faiss.IndexIVFPQ(quantizer, d, ix.nlist, m, nbits, fmetric)
+        inner = faiss.IndexIVFPQ(_list_quantizer(ix, fmetric), d, ix.nlist, m, nbits, fmetric)
         faiss.copy_array_to_vector(centroids, inner.pq.centroids)
         inner.is_trained = True
         inner.precompute_table()
@@ -146,6 +144,13 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
     return index
 
 
+def _list_quantizer(ix: IndexTensors, fmetric: int) -> faiss.IndexFlat:
+    """A flat index of the coarse centroids, the coarse quantizer of an IVF index."""
+    quantizer = faiss.IndexFlat(ix.dim, fmetric)
+    quantizer.add(np.ascontiguousarray(ix.coarse.numpy(), dtype=np.float32))
+    return quantizer
+
+
 def _residual_index(
     ix: IndexTensors, fmetric: int, nbits: int, codebooks: np.ndarray, ids: np.ndarray
 ) -> faiss.Index:
@@ -154,8 +159,7 @@ def _residual_index(
     aq = faiss.AdditiveQuantizer
     search_type = aq.ST_LUT_nonorm if fmetric == faiss.METRIC_INNER_PRODUCT else aq.ST_decompress
     if ix.coarse is not None:
-        quantizer = faiss.IndexFlat(d, fmetric)
-        quantizer.add(np.ascontiguousarray(ix.coarse.numpy(), dtype=np.float32))
+        quantizer = _list_quantizer(ix, fmetric)
         holder = faiss.IndexIVFResidualQuantizer(quantizer, d, ix.nlist, m, nbits, fmetric, search_type)
     else:
         holder = faiss.IndexResidualQuantizer(d, m, nbits, fmetric, search_type)
