@@ -70,7 +70,8 @@ def test_the_readme_main_command_runs_twice_in_one_fresh_folder(tmp_path: Path) 
         )
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout + done.stderr)
-    assert "Poeem (joint, Givens)" in outputs[1]
+    for label in ("exact (brute force)", "FAISS IVF8,PQ8 (separate)", "Poeem (joint, Givens)"):
+        assert label in outputs[0] and label in outputs[1]
     assert "replacing the earlier demo run in runs/demo/baseline/" in outputs[1]
     assert "\r" not in outputs[1]  # no progress-bar redraws when the output is not a terminal
     assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["baseline", "poeem"]
