@@ -124,7 +124,7 @@ def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None =
 
 
 def run_seed(
-    name: str, seed: int, workdir: Path, tiny: bool, rotations: tuple[str, ...] = ("opq", "givens")
+    name: str, seed: int, workdir: Path, tiny: bool, layers: tuple[str, ...] = ("opq", "givens")
 ) -> list[dict[str, Any]]:
     nc, d, k = budget_of(name, tiny)
     k_served = served_k(name, tiny)
@@ -164,14 +164,14 @@ def run_seed(
     started = time.perf_counter()
     rq_index = faiss_residual_index(items, nc, d, k, seed)  # FAISS lists + residual quantizer
     record("faiss-rq", rq_index, time.perf_counter() - started)
-    for rotation in rotations:
+    for kind in layers:
         started = time.perf_counter()
-        layer = fitted_layer(items, (nc, d, k), rotation, seed)
+        layer = fitted_layer(items, (nc, d, k), kind, seed)
         fit_s = time.perf_counter() - started
-        if rotation == "opq":
-            record("poeem-fit", served(learned_index(layer, items)), fit_s)
+        if kind != "givens":  # the Givens layer's fit is the OPQ fit
+            record("poeem-fit" + ("-rq" if kind == "rq" else ""), served(learned_index(layer, items)), fit_s)
         for reassign in (True, False):
-            method = f"poeem-distilled-{rotation}" + ("" if reassign else "-frozen-codes")
+            method = f"poeem-distilled-{kind}" + ("" if reassign else "-frozen-codes")
             student = copy.deepcopy(layer)
             result = distilled(student, items, queries, seed, tiny, fit_s, reassign=reassign, k=k_served)
             record(method, *result)
@@ -185,16 +185,18 @@ def run_seed(
     return rows
 
 
-def fitted_layer(items: torch.Tensor, budget: tuple[int, int, int], rotation: str, seed: int) -> PoeemLayer:
+def fitted_layer(items: torch.Tensor, budget: tuple[int, int, int], kind: str, seed: int) -> PoeemLayer:
     """The layer's own index ("refit") fitted on fixed (n, dim) ``items``: k-means lists, then
-    the rotation and codebooks, at ``budget`` = (coarse_K, D, K)."""
+    the rotation and codebooks, at ``budget`` = (coarse_K, D, K). ``kind``: the rotation of a PQ
+    layer ("opq", "givens"), or "rq" for a residual quantizer."""
     nc, d, k = budget
     layer = PoeemLayer(
         dim=items.shape[1],
         num_subspaces=d,
         codebook_size=k,
         num_coarse=nc,
-        rotation=rotation,
+        rotation="none" if kind == "rq" else kind,
+        quantizer="rq" if kind == "rq" else "pq",
         coarse_metric="ip",
         warmup_steps=0,
         buffer_size=max(8192, k),
@@ -241,7 +243,14 @@ def main() -> None:
     p.add_argument("--dataset", choices=DATASETS, default="scifact")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--tiny", action="store_true", help="one epoch everywhere (smoke test)")
-    p.add_argument("--rotations", nargs="+", default=["opq", "givens"], choices=["opq", "givens"])
+    p.add_argument(
+        "--layers",
+        "--rotations",
+        nargs="+",
+        default=["opq", "givens"],
+        choices=["opq", "givens", "rq"],
+        help="the refit layers: PQ with an OPQ or Givens rotation, or a residual quantizer",
+    )
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--merge", action="store_true", help="keep the results file's runs of other seeds")
     args = p.parse_args()
@@ -250,7 +259,7 @@ def main() -> None:
         rows = [
             dict(r, seed=s)
             for s in args.seeds
-            for r in run_seed(args.dataset, s, Path(tmp), args.tiny, tuple(args.rotations))
+            for r in run_seed(args.dataset, s, Path(tmp), args.tiny, tuple(args.layers))
         ]
     name = f"distill_{args.dataset}" + ("_tiny" if args.tiny else "")
     commands: list[str] = []

@@ -452,7 +452,9 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "exact search (-exact), and their build s includes its training. Codes scanned: the mean "
         "number of codes a test query scans at that nprobe (its real routing; ScaNN's by counting "
         "the candidates of its probed leaves). Epochs: the distillation epochs run (mean over the "
-        "seeds; at most 30, fewer once the held-out loss stops improving; '—' where not recorded).",
+        "seeds; at most 30, fewer once the held-out loss stops improving; '—' where not recorded). "
+        "The -rq rows: the layer with a residual quantizer (`--quantizer rq`) at the same bytes, "
+        "fitted (poeem-fit-rq) and distilled.",
     ]
     if b["num_coarse"] and all("codes_scanned" in row for row in r["summary"]):
         lines += ["", distill_scanned_plot(name, r, img)]

@@ -241,7 +241,7 @@ def test_faiss_residual_peer_is_at_equal_bytes_and_finds_the_neighbours() -> Non
 
 
 def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path) -> None:
-    args = ["--dataset", "synthetic", "--tiny", "--rotations", "opq", "--results-dir", str(tmp_path)]
+    args = ["--dataset", "synthetic", "--tiny", "--layers", "opq", "rq", "--results-dir", str(tmp_path)]
     run("distill.py", *args)
     result = json.loads((tmp_path / "distill_synthetic_tiny.json").read_text())
     methods = [row["method"] for row in result["summary"]]
@@ -254,6 +254,9 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
         "poeem-fit",
         "poeem-distilled-opq",
         "poeem-distilled-opq-frozen-codes",
+        "poeem-fit-rq",
+        "poeem-distilled-rq",
+        "poeem-distilled-rq-frozen-codes",
         "joint-exact",
         "joint",
         "joint-distilled",

@@ -15,6 +15,8 @@ from poeem import PoeemError, PoeemLayer, Searcher
 from poeem.cli import app
 from poeem.export import learned_index, to_faiss
 from poeem.export.faiss_codec import build_faiss_index, pack_sa_codes, read_faiss_quantizer
+from poeem.index.kmeans import kmeans
+from poeem.index.quantize import fit_residual_codebooks, pq_reconstruct, rq_assign
 from poeem.search import FaissSearcher, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index
 
@@ -64,6 +66,36 @@ def test_lower_distortion_than_product_quantization_at_equal_bytes() -> None:
         layer, x = rq_layer(num_coarse=0, quantizer=quantizer)
         distortion[quantizer] = float((layer.decode(*layer.encode(x)) - x).pow(2).sum(1).mean())
     assert distortion["rq"] < 0.9 * distortion["pq"], distortion
+
+
+def stagewise_kmeans(x: torch.Tensor, stages: int, k: int) -> torch.Tensor:
+    """Reference: a full-dimension k-means per stage on what the stages before it left."""
+    left, books = x.clone(), []
+    for stage in range(stages):
+        words = kmeans(left, k, iters=20, seed=stage)
+        left -= words[torch.cdist(left, words).argmin(1)]
+        books.append(words)
+    return torch.stack(books)
+
+
+def test_few_points_per_codeword_are_coded_evenly_not_memorised() -> None:
+    """1,000 isotropic 256-d vectors, 4 per codeword (the text regime): the fitted stages shrink
+    and every vector is coded about as well; a full-dimension k-means per stage instead spends
+    codewords on single vectors (coded almost exactly, the rest worse, late stages large)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(1000, 256, generator=g), dim=1)
+
+    def errors(books: torch.Tensor) -> torch.Tensor:
+        return (pq_reconstruct(rq_assign(x, books), books, 256) - x).pow(2).sum(1)
+
+    books = fit_residual_codebooks(x, 8, 32, 20, 0)
+    assert books.shape == (8, 32, 256)
+    norms = books.norm(dim=2).mean(1)
+    assert (norms[1:] < norms[:-1]).all(), norms
+    fitted, memorising = errors(books), errors(stagewise_kmeans(x, 8, 32))
+    assert fitted.mean() < memorising.mean()
+    assert fitted.std() / fitted.mean() < 0.5 * memorising.std() / memorising.mean()
+    assert (fitted > 0.5 * fitted.mean()).all() and (memorising < 0.1 * memorising.mean()).sum() > 20
 
 
 @pytest.mark.parametrize("num_coarse", [0, 8])

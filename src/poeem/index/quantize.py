@@ -243,33 +243,42 @@ def fit_ivf_pq(
             coarse = kmeans(xr, num_coarse, iters=iters, seed=seed, progress=progress)
         residual = xr - coarse[coarse_assign(xr, coarse, coarse_metric)]
     if quantizer == "rq":
-        return coarse, fit_residual_codebooks(
-            residual, num_subspaces, codebook_size, iters, seed + 1, progress
-        )
+        return coarse, fit_residual_codebooks(residual, num_subspaces, codebook_size, iters, seed + 1)
     sub = split_subvectors(residual, num_subspaces)  # (D, n, dsub)
     codebooks = kmeans(sub, codebook_size, iters=iters, seed=seed + 1, progress=progress)
     return coarse, codebooks
 
 
 def fit_residual_codebooks(
-    residual: torch.Tensor, stages: int, codebook_size: int, iters: int, seed: int, progress: bool = False
+    residual: torch.Tensor, stages: int, codebook_size: int, iters: int, seed: int
 ) -> torch.Tensor:
-    """Residual quantizer codebooks: k-means of the vectors, then of what that stage's nearest
-    codewords left of them, ``stages`` times (the greedy coding of :func:`rq_assign`).
+    """Residual quantizer codebooks for the greedy coding of :func:`rq_assign`, trained by
+    FAISS's ``ResidualQuantizer``: each stage a k-means of what the stages before it left, grown
+    over progressively more principal dimensions (beam 1, so training codes like the layer).
+
+    Plain k-means of each stage in full dimension memorises points when they are few per
+    codeword (5k 384-d text embeddings, 16 x 256 codewords): its codewords then reconstruct
+    some items exactly and the rest poorly, and rank far worse (docs/benchmarks_notes.md).
 
     Args:
-        residual: (n, dim) vectors to code.
+        residual: (n, dim) vectors to code, n >= codebook_size.
+        stages: D, the number of codebooks.
+        codebook_size: K, a power of two.
+        iters: k-means iterations per growth step.
+        seed: seeds FAISS's k-means.
 
     Returns:
-        (stages, K, dim) codebooks.
+        (stages, K, dim) float32 codebooks on ``residual``'s device.
     """
-    left, books = residual.clone(), []
-    for stage in range(stages):
-        words = kmeans(left, codebook_size, iters=iters, seed=seed + stage, progress=progress)
-        best, _ = nearest_centroid(left.unsqueeze(0), words.unsqueeze(0))
-        left -= words[best[0]]
-        books.append(words)
-    return torch.stack(books)
+    dim = residual.shape[1]
+    quantizer = faiss.ResidualQuantizer(dim, stages, codebook_size.bit_length() - 1)
+    quantizer.train_type = faiss.ResidualQuantizer.Train_progressive_dim
+    quantizer.max_beam_size = 1
+    quantizer.cp.niter, quantizer.cp.seed = iters, seed
+    quantizer.cp.min_points_per_centroid = 1  # few points per codeword is the case at hand, not a warning
+    quantizer.train(np.ascontiguousarray(residual.detach().float().cpu().numpy()))
+    books = faiss.vector_float_to_array(quantizer.codebooks).reshape(stages, codebook_size, dim)
+    return torch.from_numpy(books.copy()).to(residual.device)
 
 
 def resolve_coarse_fit(x: torch.Tensor, coarse_metric: str, coarse_fit: str) -> str:
