@@ -39,17 +39,19 @@ from poeem.pipeline.run import train_run
 
 from common import save_result
 from distill import distilled, fitted_layer, served
-from peers import ScannIndex
+from peers import ScannIndex, faiss_residual_index
 
 KS = (10, 100)
 BUDGETS = {48: 48, 16: 16}  # bytes -> PQ subspaces (K = 256)
-ROTATIONS = ("none", "opq", "givens")
+ROTATIONS = ("none", "opq", "givens")  # of the jointly trained PQ layer; "rq" trains a residual quantizer
 SHOWN = {
     "exact": "exact",
     "faiss-ivfpq": "+ FAISS PQ",
     "faiss-opq-ivfpq": "+ FAISS OPQ,PQ",
     "scann": "+ ScaNN AH",
+    "faiss-rq": "+ FAISS RQ",
     "refit": "+ poeem OPQ fit",
+    "refit-rq": "+ poeem RQ fit",
     "refit-distilled": "+ poeem OPQ fit, distilled",
     "poeem": "+ its learned index",
     "poeem-distilled": "+ its learned index, distilled (poeem train's default for text)",
@@ -92,14 +94,16 @@ def bm25_row(path: Path) -> dict[str, Any]:
 def run_config(
     path: Path, args: argparse.Namespace, seed: int, subspaces: int | None = None, rotation: str = "none"
 ) -> RunConfig:
-    """A fine-tuning run; with ``subspaces`` the document tower ends with the layer (PQ only)."""
+    """A fine-tuning run; with ``subspaces`` the document tower ends with the layer (no lists),
+    PQ with ``rotation``, or a residual quantizer for rotation "rq"."""
     layer = None
     if subspaces is not None:
         layer = {
             "num_coarse": 0,
             "num_subspaces": subspaces,
             "codebook_size": 256,
-            "rotation": rotation,
+            "rotation": "none" if rotation == "rq" else rotation,
+            "quantizer": "rq" if rotation == "rq" else "pq",
             "warmup_steps": args.warmup_steps,
             "buffer_size": args.buffer_size,
         }
@@ -136,9 +140,10 @@ def faiss_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, 
 
 
 def index_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, Any]]:
-    """Indexes built on the model's final document embeddings at ``budget`` bytes (PQ only): a
-    joint model's own index distilled; for a model without the layer, ScaNN, the layer's OPQ fit
-    and that fit distilled. Distilled from the train queries' exact top-100, without qrels."""
+    """Indexes built on the model's final document embeddings at ``budget`` bytes (no lists): a
+    joint model's own index distilled; for a model without the layer, ScaNN, FAISS RQ, the
+    layer's OPQ fit and that fit distilled, and the layer's RQ fit. Distilled from the train
+    queries' exact top-100, without qrels."""
     features = torch.from_numpy(data.item_features) if data.item_features is not None else None
     items = model.all_item_embeddings(features).cpu()
     encode = query_encoder(model, data)
@@ -154,10 +159,16 @@ def index_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, 
     started = time.perf_counter()
     rows = [row("scann", ScannIndex(items, 0, budget, 256), time.perf_counter() - started)]
     started = time.perf_counter()
+    rq_index = faiss_residual_index(items, 0, budget, 256, seed)
+    rows.append(row("faiss-rq", rq_index, time.perf_counter() - started))
+    started = time.perf_counter()
     layer = fitted_layer(items, (0, budget, 256), "opq", seed)
     fit_s = time.perf_counter() - started
     rows.append(row("refit", served(learned_index(layer, items)), fit_s))
     rows.append(row("refit-distilled", *distilled(layer, items, queries, seed, False, fit_s, k=KS[0])[:2]))
+    started = time.perf_counter()
+    layer = fitted_layer(items, (0, budget, 256), "rq", seed)
+    rows.append(row("refit-rq", served(learned_index(layer, items)), time.perf_counter() - started))
     return rows
 
 
@@ -187,7 +198,13 @@ def main() -> None:
     p.add_argument("--random-negatives", type=int, default=64)
     p.add_argument("--warmup-steps", type=int, default=20)
     p.add_argument("--buffer-size", type=int, default=4096)
-    p.add_argument("--rotations", nargs="+", default=list(ROTATIONS))
+    p.add_argument(
+        "--rotations",
+        nargs="+",
+        default=list(ROTATIONS),
+        choices=[*ROTATIONS, "rq"],
+        help="the jointly trained layers: PQ with each rotation; rq: a residual quantizer",
+    )
     p.add_argument("--budgets", type=int, nargs="+", default=list(BUDGETS), help="bytes per document")
     p.add_argument("--no-bm25", action="store_true")
     p.add_argument(
