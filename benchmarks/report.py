@@ -297,8 +297,9 @@ def text_section(r: dict[str, Any]) -> list[str]:
         f"encoder, then pass a trained head and, for poeem, the layer), {c['epochs']} epochs of batch "
         f"{c['batch_size']} plus {c['random_negatives']} random negative documents, seeds "
         f"{', '.join(map(str, c['seeds']))}. Indexes are PQ without IVF (5,183 documents need no lists): "
-        "48 bytes per document is PQ48x8 (32x smaller than 384 float32), 16 bytes PQ16x8. "
-        "'share' is the share of the same model's own exact ndcg@10.",
+        "48 bytes per document is PQ48x8 (32x smaller than 384 float32), 16 bytes PQ16x8; the RQ "
+        "rows (FAISS RQ, poeem RQ fit, the layer trained with rotation rq) are RQ16x8 or RQ48x8 at "
+        "the same bytes. 'share' is the share of the same model's own exact ndcg@10.",
         "",
         "| method | ndcg@10 | share | recall@100 | train s | index build s | index bytes |",
         "|---|---:|---:|---:|---:|---:|---:|",
