@@ -163,7 +163,11 @@ def run_seed(
     record("scann", scann_index, time.perf_counter() - started)
     started = time.perf_counter()
     rq_index = faiss_residual_index(items, nc, d, k, seed)  # FAISS lists + residual quantizer
-    record("faiss-rq", rq_index, time.perf_counter() - started)
+    rq_s = time.perf_counter() - started
+    record("faiss-rq", rq_index, rq_s)
+    started = time.perf_counter()  # the same, distilled (its items re-encoded greedily, beam 1)
+    layer, _ = layer_from_faiss(rq_index.index, items.shape[1], None)
+    record("faiss-rq-distilled", *distilled(layer, items, queries, seed, tiny, rq_s, started, k=k_served))
     for kind in layers:
         started = time.perf_counter()
         layer = fitted_layer(items, (nc, d, k), kind, seed)

@@ -446,8 +446,9 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
     lines += [
         "",
         "Build s: FAISS OPQ (and RQ) train + add, ScaNN build, the layer's fit, and fit + distillation, on "
-        "the same embeddings; faiss-opq-distilled starts from the FAISS OPQ index (`poeem distill "
-        "--from-faiss`). The joint rows (id data) are other models: the same preset trained with "
+        "the same embeddings; faiss-opq-distilled and faiss-rq-distilled start from the FAISS OPQ and "
+        "RQ indexes (`poeem distill --from-faiss`; the RQ items re-encoded greedily, beam 1). "
+        "The joint rows (id data) are other models: the same preset trained with "
         "the layer (default variant: joint; the paper's losses only: joint-paper-losses), each "
         "index as trained and distilled (-distilled); their share of exact is of that model's own "
         "exact search (-exact), and their build s includes its training. Codes scanned: the mean "

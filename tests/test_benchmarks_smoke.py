@@ -254,6 +254,7 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
         "faiss-opq-distilled",
         "scann",
         "faiss-rq",
+        "faiss-rq-distilled",
         "poeem-fit",
         "poeem-distilled-opq",
         "poeem-distilled-opq-frozen-codes",

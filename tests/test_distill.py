@@ -451,7 +451,7 @@ def test_a_faiss_start_that_cannot_be_used_is_a_clear_error(tmp_path: Path) -> N
     with pytest.raises(PoeemError, match=r"a file written by faiss\.write_index"):
         layer_from_faiss(tmp_path / "junk.faiss", DIM, None)
     flat = faiss.IndexFlatIP(DIM)
-    with pytest.raises(PoeemError, match=r"an IVF-PQ \(by residual\) or PQ index"):
+    with pytest.raises(PoeemError, match=r"an IVF-PQ or IVF-RQ \(by residual\), PQ or RQ index"):
         layer_from_faiss(flat, DIM, None)
     pq = faiss.index_factory(DIM, "PQ4x4", faiss.METRIC_INNER_PRODUCT)
     pq.train(items)

@@ -17,6 +17,7 @@ from poeem.export import learned_index, to_faiss
 from poeem.export.faiss_codec import build_faiss_index, pack_sa_codes, read_faiss_quantizer
 from poeem.index.kmeans import kmeans
 from poeem.index.quantize import fit_residual_codebooks, pq_reconstruct, rq_assign
+from poeem.pipeline.distill import layer_from_faiss
 from poeem.search import FaissSearcher, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index
 
@@ -147,11 +148,36 @@ def test_settings_it_cannot_take_are_clear_errors() -> None:
         build_faiss_index(learned_index(layer, x), "ip", fast_scan=True)
 
 
-def test_distilling_from_a_faiss_residual_quantizer_file_is_a_clear_error(tmp_path: Path) -> None:
-    layer, x = rq_layer(8)
-    faiss.write_index(to_faiss(layer, x, metric="ip"), str(tmp_path / "rq.faiss"))
-    with pytest.raises(PoeemError, match=r"expected an IVF-PQ .* got IndexIVFResidualQuantizer"):
-        read_faiss_quantizer(tmp_path / "rq.faiss")
+def test_distillation_starts_from_a_faiss_residual_quantizer_file(tmp_path: Path) -> None:
+    items, queries = clustered(1500, 0).numpy(), clustered(300, 1).numpy()
+    index = faiss.index_factory(DIM, f"IVF8,RQ{D}x4", faiss.METRIC_INNER_PRODUCT)
+    index.train(items)
+    index.add(items)
+    faiss.write_index(index, str(tmp_path / "rq.faiss"))
+    found = read_faiss_quantizer(tmp_path / "rq.faiss")
+    assert found.settings["quantizer"] == "rq" and found.codebooks.shape == (D, 16, DIM)
+    layer, metric = layer_from_faiss(tmp_path / "rq.faiss", DIM, None)
+    assert metric == "ip" and layer.config.num_coarse == 8
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    ivf.rq.max_beam_size = 1  # the layer codes greedily
+    cc, codes = layer.encode(torch.from_numpy(items))
+    packed = pack_sa_codes(cc.numpy(), codes.numpy(), ivf.coarse_code_size(), 4)
+    assert np.array_equal(packed, index.sa_encode(items))  # the file's quantizer, exactly
+
+    np.save(tmp_path / "items.npy", items)
+    np.save(tmp_path / "queries.npy", queries)
+    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
+    args += ["--from-faiss", str(tmp_path / "rq.faiss"), "--out", str(tmp_path / "ix"), "--rounds", "1"]
+    result = CliRunner().invoke(app, [*args, "--epochs", "2", "--teacher-k", "20", "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    _, found_ids = Searcher.load(tmp_path / "ix").search(queries[:5], 10, nprobe=8)
+    assert np.asarray(found_ids).shape == (5, 10) and (np.asarray(found_ids) >= 0).all()
+
+    rotated = faiss.index_factory(DIM, f"OPQ{D},RQ{D}x4", faiss.METRIC_INNER_PRODUCT)
+    rotated.train(items)
+    faiss.write_index(rotated, str(tmp_path / "opq_rq.faiss"))
+    with pytest.raises(PoeemError, match="without a rotation"):
+        read_faiss_quantizer(tmp_path / "opq_rq.faiss")
 
 
 def test_distillation_trains_its_codewords_and_exports_to_faiss(tmp_path: Path) -> None:

@@ -466,8 +466,8 @@ def distill(
     from_faiss: Annotated[
         Path | None,
         typer.Option(
-            help="With --items: start from this FAISS IVF-PQ/PQ file's quantizer (OPQ included) "
-            "instead of fitting one; only --rotation givens may be added."
+            help="With --items: start from this FAISS IVF-PQ/PQ (OPQ included) or IVF-RQ/RQ file's "
+            "quantizer instead of fitting one; only --rotation givens may be added (PQ files)."
         ),
     ] = None,
     num_coarse: Annotated[int | None, typer.Option(help="coarse_K (IVF lists), 0 = none.")] = None,

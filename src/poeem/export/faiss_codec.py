@@ -174,12 +174,12 @@ def _residual_index(
 
 @dataclass
 class FaissQuantizer:
-    """The trained parts of a FAISS IVF-PQ or PQ index, as a Poeem layer holds them.
+    """The trained parts of a FAISS IVF-PQ, PQ, IVF-RQ or RQ index, as a Poeem layer holds them.
 
     dim: the vectors' dimension; settings: PoeemConfig fields (num_coarse, num_subspaces,
     codebook_size, rotation, coarse_metric); metric: "ip", "cosine" or "l2"; rotation:
     (dim, dim) R, x @ R being the coded vector (FAISS's A^T); coarse: (coarse_K, dim) or None;
-    codebooks: (D, K, dsub).
+    codebooks: (D, K, dsub), or (D, K, dim) for a residual quantizer (settings' quantizer "rq").
     """
 
     dim: int
@@ -208,7 +208,11 @@ def faiss_quantizer(owner: faiss.Index) -> FaissQuantizer:
     """The quantizer of a FAISS index (the inverse of :func:`build_faiss_index`).
 
     Takes an ``IndexIVFPQ`` (by residual) or ``IndexPQ``, optionally in an ``IndexIDMap`` and
-    behind an ``IndexPreTransform`` of a normalisation (cosine) and one square linear map (OPQ).
+    behind an ``IndexPreTransform`` of a normalisation (cosine) and one square linear map (OPQ);
+    or the same with a residual quantizer (``IndexIVFResidualQuantizer``,
+    ``IndexResidualQuantizer``) of equal-bit stages, without the linear map. The layer encodes
+    greedily (FAISS's ``max_beam_size = 1``), so its codes of an RQ file can differ from the
+    file's own (trained with a wider beam); the codebooks are the file's.
     ``owner`` owns every sub-index read here, so it stays referenced until the end.
     """
     metric: Metric = "ip"
@@ -237,13 +241,15 @@ def faiss_quantizer(owner: faiss.Index) -> FaissQuantizer:
     if isinstance(inner, faiss.IndexIDMap):
         inner = faiss.downcast_index(inner.index)
     ivf = faiss.try_extract_index_ivf(inner)
-    pq = getattr(faiss.downcast_index(ivf) if ivf is not None else inner, "pq", None)
-    if pq is None or (ivf is not None and not ivf.by_residual):
+    holder = faiss.downcast_index(ivf) if ivf is not None else inner
+    pq, rq = getattr(holder, "pq", None), getattr(holder, "rq", None)
+    if (pq is None and rq is None) or (ivf is not None and not ivf.by_residual):
         raise PoeemError(
             "FAISS index",
-            "an IVF-PQ (by residual) or PQ index",
+            "an IVF-PQ or IVF-RQ (by residual), PQ or RQ index",
             type(inner).__name__,
-            "distil from an IndexIVFPQ or IndexPQ file, or fit a new index with the layer flags",
+            "distil from an IndexIVFPQ, IndexIVFResidualQuantizer, IndexPQ or IndexResidualQuantizer "
+            "file, or fit a new index with the layer flags",
         )
     if inner.metric_type == faiss.METRIC_L2:
         metric = "l2"
@@ -251,13 +257,27 @@ def faiss_quantizer(owner: faiss.Index) -> FaissQuantizer:
     coarse = None
     if ivf is not None:
         coarse = torch.from_numpy(faiss.downcast_index(ivf.quantizer).reconstruct_n(0, ivf.nlist))
-    codebooks = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(pq.M, pq.ksub, pq.dsub).copy())
+    if rq is not None:
+        stage_bits = set(faiss.vector_to_array(rq.nbits).tolist())
+        if len(stage_bits) != 1 or rotation is not None:
+            raise PoeemError(
+                "FAISS residual quantizer",
+                "stages of equal bits, without a rotation",
+                f"bits {sorted(stage_bits)}" + (", and a rotation" if rotation is not None else ""),
+                "train it as RQ{M}x{bits} without OPQ",
+            )
+        m, ksub = rq.M, 1 << stage_bits.pop()
+        codebooks = torch.from_numpy(faiss.vector_to_array(rq.codebooks).reshape(m, ksub, d).copy())
+    else:
+        m, ksub = pq.M, pq.ksub
+        codebooks = torch.from_numpy(faiss.vector_to_array(pq.centroids).reshape(m, ksub, pq.dsub).copy())
     settings = {
         "num_coarse": 0 if ivf is None else ivf.nlist,
-        "num_subspaces": pq.M,
-        "codebook_size": pq.ksub,
+        "num_subspaces": m,
+        "codebook_size": ksub,
         "rotation": "none" if rotation is None else "opq",
         "coarse_metric": "l2" if metric == "l2" else "ip",
+        **({"quantizer": "rq"} if rq is not None else {}),
     }
     return FaissQuantizer(
         d, settings, metric, rotation if rotation is not None else torch.eye(d), coarse, codebooks

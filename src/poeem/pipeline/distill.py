@@ -93,7 +93,7 @@ def distill_run_index(
 
 
 def layer_from_faiss(source: str | Path | Any, dim: int, rotation: str | None) -> tuple[PoeemLayer, str]:
-    """A layer holding a FAISS IVF-PQ's quantizer, and the index's metric.
+    """A layer holding a FAISS IVF-PQ or IVF-RQ index's quantizer, and the index's metric.
 
     Args:
         source: a FAISS index file, or a ``faiss.Index`` (see
@@ -148,7 +148,7 @@ def distill_embeddings(
         layer_settings: PoeemConfig fields (num_coarse, num_subspaces, codebook_size, rotation ...).
         metric: "ip" or "cosine" (vectors are normalised for cosine).
         ids: (n,) the items' own ids (integers or strings); row numbers by default.
-        from_faiss: start from this FAISS IVF-PQ file's quantizer instead of fitting one; its
+        from_faiss: start from this FAISS IVF-PQ (or IVF-RQ) file's quantizer instead of fitting one; its
             metric replaces ``metric``, and ``layer_settings`` may only ask for a "givens" rotation.
         resume: continue a stopped distillation for ``out`` (see :func:`checkpoint_for`).
 
