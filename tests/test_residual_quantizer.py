@@ -199,6 +199,24 @@ def test_distillation_trains_its_codewords_and_exports_to_faiss(tmp_path: Path) 
     assert_same_topk(d, i, d2.numpy(), i2.numpy())
 
 
+@pytest.mark.parametrize("quantizer", ["rq", "pq"])
+def test_each_residual_stage_steps_by_its_own_scale(quantizer: str) -> None:
+    x, queries = clustered(1500, 0), clustered(100, 1)
+    layer = PoeemLayer(
+        dim=DIM, num_subspaces=D, codebook_size=16, num_coarse=0, quantizer=quantizer, warmup_steps=0
+    )
+    layer.initialize(x)
+    before = layer.codebooks.detach().clone()
+    rms = before.pow(2).mean(dim=(1, 2)).sqrt()
+    if quantizer == "rq":
+        assert (rms[1:] < rms[:-1]).all()  # later stages code smaller residuals
+    config = DistillConfig(rounds=1, epochs=1, teacher_k=30, batch_size=100, codebook_lr=1e-3, holdout=0.0)
+    distill_index(layer, x, queries, config, progress=False)  # one Adam step: each entry moves by lr
+    step = (layer.codebooks.detach() - before).abs().amax(dim=(1, 2))
+    expected = 1e-3 * (rms / rms[0] if quantizer == "rq" else torch.ones(D))
+    torch.testing.assert_close(step, expected, rtol=1e-3, atol=1e-7)
+
+
 def test_train_export_search_and_add_through_the_cli(tmp_path: Path) -> None:
     run, index = tmp_path / "run", tmp_path / "ix"
     args = ["train", "--run-dir", run, "--data", "synthetic", "--num-pairs", "3000", "--poeem"]

@@ -6,7 +6,8 @@ query also sees the others' candidates, like in-batch negatives). Two students s
 candidates with the index: the list score <qR, c_list(d)> and the code score
 <qR, c_list(d) + PQ(d)>. Each is pulled to the teacher with a ListNet loss,
 ``-sum softmax(t / tau) * log softmax(s / tau)``, which moves the coarse centroids, the
-codebooks and (for a Givens rotation) the rotation. No labels are needed.
+codebooks (a residual quantizer's stages each by their own scale) and (for a Givens rotation)
+the rotation. No labels are needed.
 
 The item assignments (lists and codes) stay frozen while the codewords move, so the codebooks
 cannot collapse the way a task gradient with live re-assignment does; with ``reassign`` they are
@@ -62,6 +63,8 @@ class DistillConfig:
     temperature: of both softmaxes, in score units; None: the mean over queries of the std of
         their teacher top-k scores.
     list_weight: weight of the list student's loss (the code student has weight 1).
+    codebook_lr: Adam's learning rate of the codewords; a residual quantizer's later stages take
+        a share of it, their codewords' starting RMS over the first stage's.
     holdout: share of the queries (at most 1,024) kept out of training; after every epoch their
         loss is measured, and the index of the best epoch is the one kept (early stopping).
     patience: a round ends after this many epochs in a row that did not improve on the round's
@@ -186,6 +189,7 @@ def distill_index(
     else:
         codes = _encode(layer, items)
         start = ([p.detach().clone() for p in trained], codes, teacher.guard_scores(codes))
+    stage_steps = _stage_steps(layer, start[0][0])
     fit = teacher.fit
     per_epoch = -(-fit.numel() // cfg.batch_size)
     total = cfg.rounds * cfg.epochs
@@ -208,7 +212,11 @@ def distill_index(
             loss = code_loss if list_loss is None else code_loss + cfg.list_weight * list_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            before = layer.codebooks.detach().clone() if stage_steps is not None else None
             optimizer.step()
+            if before is not None:  # each residual stage moves by its own scale
+                with torch.no_grad():
+                    layer.codebooks.copy_(torch.lerp(before, layer.codebooks, stage_steps))
             sums["code_loss"] += float(code_loss.detach())
             sums["list_loss"] += float(list_loss.detach()) if list_loss is not None else 0.0
             count += 1
@@ -331,6 +339,17 @@ class _Teacher:
 
     def batches(self, rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return rows.split(self.cfg.batch_size)
+
+
+def _stage_steps(layer: PoeemLayer, codebooks: torch.Tensor) -> torch.Tensor | None:
+    """(D, 1, 1) the share of Adam's step each residual-quantizer stage takes: the RMS of its
+    starting ``codebooks`` (D, K, dim) over the first stage's. Later stages code ever smaller
+    residuals, and Adam's steps do not scale with a parameter's size, so one learning rate would
+    move them by a growing share of their size. None for PQ, whose subspaces are alike."""
+    if layer.config.quantizer != "rq":
+        return None
+    rms = codebooks.detach().pow(2).mean(dim=(1, 2)).sqrt()
+    return (rms / rms[0].clamp_min(1e-12)).clamp(max=1.0).view(-1, 1, 1)
 
 
 def _next_step(step: int, history: list[dict[str, float]], best: Best | None, cfg: DistillConfig) -> int:
