@@ -10,8 +10,8 @@ queries, at equal bytes and nprobe. No model training, no labels in the distilla
   users as queries; the preset's headline metric (recall@20; precision@100 on synthetic). Also the
   FAISS OPQ index distilled (``--from-faiss``), and the fair ablation: the same preset trained
   jointly with the layer ("joint", default variant), then distilled ("joint-distilled"), and
-  the same with the paper's losses only ("joint-paper-losses*"); their shares of exact are of
-  each model's own exact search ("*-exact").
+  the same with the paper's losses only ("joint-paper-losses*"), or with a residual quantizer
+  (``--joint joint-rq``); their shares of exact are of each model's own exact search ("*-exact").
 
 Every row is measured at each power-of-two nprobe up to all lists, with the codes a test query
 scans there (its real routing: FAISS's list sizes, ScaNN's leaves), for equal-cost comparisons.
@@ -52,9 +52,11 @@ from peers import ScannIndex, codes_scanned, faiss_residual_index
 from presets import PAPER_LOSSES, Preset, data_dir, preset
 from presets import tiny as tiny_preset
 
-# the joint models' layers: the presets' default variant, and the same with the paper's losses
-# only (no routing or un-quantized term: cheaper steps); does distillation make up for them?
-JOINT = {"joint": {}, "joint-paper-losses": PAPER_LOSSES}
+# the joint models' layers: the presets' default variant, the same with the paper's losses only
+# (no routing or un-quantized term: cheaper steps; does distillation make up for them?), and with
+# a residual quantizer (not run by default)
+JOINT = {"joint": {}, "joint-paper-losses": PAPER_LOSSES, "joint-rq": {"quantizer": "rq"}}
+DEFAULT_JOINT = ("joint", "joint-paper-losses")
 DATASETS = ("gowalla", "ml-100k", "scifact", "synthetic")
 SCIFACT_BUDGET = (0, 16, 256)  # (coarse_K, D, K); the id datasets use their presets' budgets
 
@@ -124,7 +126,12 @@ def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None =
 
 
 def run_seed(
-    name: str, seed: int, workdir: Path, tiny: bool, layers: tuple[str, ...] = ("opq", "givens")
+    name: str,
+    seed: int,
+    workdir: Path,
+    tiny: bool,
+    layers: tuple[str, ...] = ("opq", "givens"),
+    joint: tuple[str, ...] = DEFAULT_JOINT,
 ) -> list[dict[str, Any]]:
     nc, d, k = budget_of(name, tiny)
     k_served = served_k(name, tiny)
@@ -179,13 +186,14 @@ def run_seed(
             student = copy.deepcopy(layer)
             result = distilled(student, items, queries, seed, tiny, fit_s, reassign=reassign, k=k_served)
             record(method, *result)
-    for joint in JOINT if name != "scifact" else ():  # joint training, then the same distillation
+    for variant in joint if name != "scifact" else ():  # joint training, then the same distillation
         started = time.perf_counter()
-        items, queries, evaluate, test, model = id_task(name, seed, workdir, tiny, joint)
+        items, queries, evaluate, test, model = id_task(name, seed, workdir, tiny, variant)
         joint_s = time.perf_counter() - started
-        record(f"{joint}-exact", FlatIndex(items, "ip"), 0.0)
-        record(joint, served(learned_index(model.index, items)), joint_s)
-        record(f"{joint}-distilled", *distilled(model.index, items, queries, seed, tiny, joint_s, k=k_served))
+        record(f"{variant}-exact", FlatIndex(items, "ip"), 0.0)
+        record(variant, served(learned_index(model.index, items)), joint_s)
+        result = distilled(model.index, items, queries, seed, tiny, joint_s, k=k_served)
+        record(f"{variant}-distilled", *result)
     return rows
 
 
@@ -255,6 +263,14 @@ def main() -> None:
         choices=["opq", "givens", "rq"],
         help="the refit layers: PQ with an OPQ or Givens rotation, or a residual quantizer",
     )
+    p.add_argument(
+        "--joint",
+        nargs="*",
+        default=list(DEFAULT_JOINT),
+        choices=list(JOINT),
+        help="the joint models to train (id data); none (a bare --joint): only the rows on fixed "
+        "embeddings, and with --merge the results file's joint rows stay",
+    )
     p.add_argument("--results-dir", type=Path, default=None)
     p.add_argument("--merge", action="store_true", help="keep the results file's runs of other seeds")
     args = p.parse_args()
@@ -263,7 +279,7 @@ def main() -> None:
         rows = [
             dict(r, seed=s)
             for s in args.seeds
-            for r in run_seed(args.dataset, s, Path(tmp), args.tiny, tuple(args.layers))
+            for r in run_seed(args.dataset, s, Path(tmp), args.tiny, tuple(args.layers), tuple(args.joint))
         ]
     name = f"distill_{args.dataset}" + ("_tiny" if args.tiny else "")
     commands: list[str] = []
@@ -275,7 +291,8 @@ def main() -> None:
             scores = [r["score"] for r in rows if r["method"] == method and r["nprobe"] == nprobe]
             model = next((j for j in sorted(JOINT, key=len, reverse=True) if method.startswith(j)), None)
             own = f"{model}-exact" if model else "exact"  # each model's own exact search
-            exact = [r["score"] for r in rows if r["method"] == own]
+            seeds = {r["seed"] for r in rows if r["method"] == method}  # a merged row may have fewer
+            exact = [r["score"] for r in rows if r["method"] == own and r["seed"] in seeds]
             scanned = [r["codes_scanned"] for r in rows if r["method"] == method and r["nprobe"] == nprobe]
             summary.append(
                 {

@@ -154,7 +154,14 @@ def main() -> None:
         default=None,
         help="override the preset's D (bytes per item at K=256); results go to recall_<dataset>_D<D>",
     )
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument(
+        "--variants",
+        nargs="*",
+        default=list(VARIANTS),
+        choices=list(VARIANTS),
+        help="the layer variants to train; none (a bare --variants) with --merge --baseline: the "
+        "baseline and its peers only",
+    )
     p.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
     p.add_argument("--results-dir", type=Path, default=None)

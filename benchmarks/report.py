@@ -438,9 +438,11 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         score = f"{row['mean']:.4f} ({row['std']:.4f})"
         seconds = np.mean([run["seconds"] for run in r["runs"] if run["method"] == row["method"]])
         scanned = f"{row['codes_scanned']:.0f}" if "codes_scanned" in row else "—"
+        seeds = sorted({run["seed"] for run in r["runs"] if run["method"] == row["method"]})
+        method = row["method"] + (f" (seeds {seeds})" if seeds != r["seeds"] else "")
         epochs = [run["epochs"] for run in r["runs"] if run["method"] == row["method"] and "epochs" in run]
         lines.append(
-            f"| {row['method']} | {row['nprobe']} | {score} | {row['of_exact']:.1%} | {scanned} "
+            f"| {method} | {row['nprobe']} | {score} | {row['of_exact']:.1%} | {scanned} "
             f"| {seconds:.1f} | {f'{np.mean(epochs):.1f}' if epochs else '—'} |"
         )
     lines += [
@@ -449,7 +451,8 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "the same embeddings; faiss-opq-distilled and faiss-rq-distilled start from the FAISS OPQ and "
         "RQ indexes (`poeem distill --from-faiss`; the RQ items re-encoded greedily, beam 1). "
         "The joint rows (id data) are other models: the same preset trained with "
-        "the layer (default variant: joint; the paper's losses only: joint-paper-losses), each "
+        "the layer (default variant: joint; the paper's losses only: joint-paper-losses; a residual "
+        "quantizer: joint-rq), each "
         "index as trained and distilled (-distilled); their share of exact is of that model's own "
         "exact search (-exact), and their build s includes its training. Codes scanned: the mean "
         "number of codes a test query scans at that nprobe (its real routing; ScaNN's by counting "
