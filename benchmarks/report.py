@@ -434,7 +434,10 @@ def distill_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "| method | nprobe | " + r["metric"] + " | of exact | codes scanned | build s | epochs |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for row in r["summary"]:
+    # merged runs keep their old rows first: exact, FAISS, ScaNN, poeem's fits, then the joint models
+    groups = ("exact", "faiss", "scann", "poeem", "joint")
+    rows = sorted(r["summary"], key=lambda row: [row["method"].startswith(g) for g in groups].index(True))
+    for row in rows:
         score = f"{row['mean']:.4f} ({row['std']:.4f})"
         seconds = np.mean([run["seconds"] for run in r["runs"] if run["method"] == row["method"]])
         scanned = f"{row['codes_scanned']:.0f}" if "codes_scanned" in row else "—"
