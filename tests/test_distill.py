@@ -304,6 +304,20 @@ def test_text_runs_distil_by_default_and_id_runs_when_asked() -> None:
     assert distill_epochs(cfg) == 0
 
 
+def distill_from_faiss_file(
+    tmp_path: Path, items: np.ndarray, queries: np.ndarray, start: Path, epochs: int
+) -> list[str]:
+    """``poeem distill --items --queries --from-faiss start --out tmp_path/ix`` (one round of
+    ``epochs``) on (n, dim) ``items`` and (nq, dim) ``queries`` saved as .npy; its arguments."""
+    np.save(tmp_path / "items.npy", items)
+    np.save(tmp_path / "queries.npy", queries)
+    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
+    args += ["--from-faiss", str(start), "--out", str(tmp_path / "ix"), "--rounds", "1"]
+    result = CliRunner().invoke(app, [*args, "--epochs", str(epochs), "--teacher-k", "20", "--no-progress"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return args
+
+
 def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:
     items, queries = clustered(1500, 0).numpy(), clustered(600, 1).numpy()
     index = faiss.index_factory(DIM, "OPQ4,IVF8,PQ4x4", faiss.METRIC_INNER_PRODUCT)
@@ -316,12 +330,7 @@ def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:
     packed = pack_sa_codes(cc.numpy(), codes.numpy(), faiss.extract_index_ivf(index).coarse_code_size(), 4)
     assert np.array_equal(packed, index.sa_encode(items))
 
-    np.save(tmp_path / "items.npy", items)
-    np.save(tmp_path / "queries.npy", queries)
-    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
-    args += ["--from-faiss", str(tmp_path / "start.faiss"), "--out", str(tmp_path / "ix"), "--rounds", "1"]
-    result = CliRunner().invoke(app, [*args, "--epochs", "5", "--teacher-k", "20", "--no-progress"])
-    assert result.exit_code == 0, (result.output, result.exception)
+    args = distill_from_faiss_file(tmp_path, items, queries, tmp_path / "start.faiss", epochs=5)
     _, exact = FlatIndex(torch.from_numpy(items), "ip").search(torch.from_numpy(queries), 10)
 
     def overlap(found: np.ndarray) -> float:

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from faiss.contrib.inspect_tools import get_invlist
-from test_distill import clustered
+from test_distill import clustered, distill_from_faiss_file
 from test_export_search import assert_same_topk, trained_layer
 from typer.testing import CliRunner
 
@@ -164,12 +164,7 @@ def test_distillation_starts_from_a_faiss_residual_quantizer_file(tmp_path: Path
     packed = pack_sa_codes(cc.numpy(), codes.numpy(), ivf.coarse_code_size(), 4)
     assert np.array_equal(packed, index.sa_encode(items))  # the file's quantizer, exactly
 
-    np.save(tmp_path / "items.npy", items)
-    np.save(tmp_path / "queries.npy", queries)
-    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
-    args += ["--from-faiss", str(tmp_path / "rq.faiss"), "--out", str(tmp_path / "ix"), "--rounds", "1"]
-    result = CliRunner().invoke(app, [*args, "--epochs", "2", "--teacher-k", "20", "--no-progress"])
-    assert result.exit_code == 0, (result.output, result.exception)
+    distill_from_faiss_file(tmp_path, items, queries, tmp_path / "rq.faiss", epochs=2)
     _, found_ids = Searcher.load(tmp_path / "ix").search(queries[:5], 10, nprobe=8)
     assert np.asarray(found_ids).shape == (5, 10) and (np.asarray(found_ids) >= 0).all()
 
