@@ -19,6 +19,7 @@ import torch
 
 from poeem import PoeemLayer
 from poeem.export import build_faiss_index, learned_index
+from poeem.search.faiss_backend import untrained_faiss_index
 
 from common import save_result
 
@@ -69,7 +70,7 @@ def main() -> None:
     xb = x.numpy()
     t = time.perf_counter()
     spec = f"IVF{args.nlist},PQ{args.m}x{args.nbits}"
-    baseline = faiss.index_factory(args.dim, spec, faiss.METRIC_INNER_PRODUCT)
+    baseline = untrained_faiss_index(args.dim, spec, "ip", args.seed)
     baseline.train(xb)
     trained = time.perf_counter() - t
     baseline.add(xb)

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
 from poeem.evaluation.cost import search_cost
 from poeem.export.faiss_codec import nbits_of
 from poeem.search import FaissSearcher
+from poeem.search.faiss_backend import untrained_faiss_index
 
 
 class ScannIndex:
@@ -85,13 +85,9 @@ def faiss_residual_index(
     by inner product; ids are row numbers. Same bytes per item as IVF-PQ at (D, K)."""
     db = np.ascontiguousarray(items.float().numpy())
     ivf_part = f"IVF{num_coarse}," if num_coarse else ""
-    index = faiss.index_factory(
-        db.shape[1], f"{ivf_part}RQ{num_subspaces}x{nbits_of(codebook_size)}", faiss.METRIC_INNER_PRODUCT
+    index = untrained_faiss_index(
+        db.shape[1], f"{ivf_part}RQ{num_subspaces}x{nbits_of(codebook_size)}", "ip", seed
     )
-    rq_owner = faiss.downcast_index(faiss.extract_index_ivf(index)) if num_coarse else index
-    if num_coarse:
-        rq_owner.cp.seed = seed
-    rq_owner.rq.cp.seed = seed
     index.train(db)
     index.add(db)
     return FaissSearcher(index)

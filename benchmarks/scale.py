@@ -57,6 +57,7 @@ from poeem.export.item_codes import item_codes
 from poeem.index import PoeemConfig, PoeemLayer
 from poeem.model import ModelConfig, TwoTowerModel
 from poeem.model.config import TableDtype
+from poeem.search.faiss_backend import untrained_faiss_index
 from poeem.training import TrainConfig, Trainer
 from poeem.training.optimizers import TableOptimizerName
 
@@ -229,7 +230,7 @@ def faiss_baseline(model: TwoTowerModel, sample: torch.Tensor, num_coarse: int, 
     """FAISS IVF-PQ trained on the warm-start sample and filled with every item; times in ``row``."""
     xb_np, sample_np = model.all_item_embeddings().numpy(), sample.numpy()
     started = time.perf_counter()
-    baseline = faiss.index_factory(DIM, f"IVF{num_coarse},PQ8x8", faiss.METRIC_INNER_PRODUCT)
+    baseline = untrained_faiss_index(DIM, f"IVF{num_coarse},PQ8x8", "ip")
     baseline.train(sample_np)
     row["faiss_train_s"] = time.perf_counter() - started
     started = time.perf_counter()
