@@ -1,8 +1,10 @@
 """Each benchmark script runs end to end on a tiny configuration, so the scripts cannot rot."""
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,96 +15,105 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 TINY_SCALE = ["--sizes", "5000", "--steps", "2", "--warm", "1", "--kmeans-iters", "2"]
 
 
-def run(script: str, *args: str) -> None:
+def run(script: str, *args: str, env: dict[str, str] | None = None) -> None:
     result = subprocess.run(
-        [sys.executable, str(BENCH / script), *args], capture_output=True, text=True, cwd=BENCH, timeout=600
+        [sys.executable, str(BENCH / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=BENCH,
+        timeout=600,
+        env=env,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
 
+def run_lanes(lanes: list[list[tuple[str, ...]]]) -> None:
+    """Run each lane's (script, *args) commands in order, the lanes side by side, one torch
+    thread each: the scripts' starts and Python loops overlap instead of queueing."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    with ThreadPoolExecutor(len(lanes)) as pool:
+        done = [pool.submit(lambda lane=lane: [run(*cmd, env=env) for cmd in lane]) for lane in lanes]
+        for future in done:
+            future.result()
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("results")
-    run("export_speed.py", "--n", "20000", "--nlist", "32", "--fit-sample", "5000", "--results-dir", str(out))
-    run("coarse_fit.py", "--results-dir", str(out))
-    run("scale.py", *TINY_SCALE, "--results-dir", str(out))
-    run("search_speed.py", "--n", "30000", "--queries", "50", "--repeats", "1", "--results-dir", str(out))
-    run(
-        "serve_load.py",
-        "--items",
-        "5000",
-        "--requests",
-        "100",
-        "--clients",
-        "1",
-        "8",
-        "--results-dir",
-        str(out),
+    out = str(tmp_path_factory.mktemp("results"))
+    synthetic = ("--dataset", "synthetic", "--tiny")
+    run_lanes(
+        [
+            [
+                ("recall.py", *synthetic, "--seeds", "0", "--variants", "poeem", "--results-dir", out),
+                (
+                    "recall.py",
+                    *synthetic,
+                    "--seeds",
+                    "0",
+                    "--variants",
+                    "poeem-ip",
+                    "--merge",
+                    "--results-dir",
+                    out,
+                ),
+                ("scale.py", *TINY_SCALE, "--results-dir", out),
+                (
+                    "serve_load.py",
+                    "--items",
+                    "5000",
+                    "--requests",
+                    "100",
+                    "--clients",
+                    "1",
+                    "8",
+                    "--results-dir",
+                    out,
+                ),
+                ("coarse_fit.py", "--results-dir", out),
+                (
+                    "search_speed.py",
+                    "--n",
+                    "30000",
+                    "--queries",
+                    "50",
+                    "--repeats",
+                    "1",
+                    "--results-dir",
+                    out,
+                ),
+            ],
+            [
+                ("sweep.py", *synthetic, "--results-dir", out),
+                (
+                    "export_speed.py",
+                    "--n",
+                    "20000",
+                    "--nlist",
+                    "32",
+                    "--fit-sample",
+                    "5000",
+                    "--results-dir",
+                    out,
+                ),
+                ("trained_codes.py", *synthetic, "--seeds", "0", "--results-dir", out),
+                ("ablation.py", *synthetic, "--options", "none", "default", "--results-dir", out),
+                # the sparse row-wise path; dense tables train in every other script
+                (
+                    "sparse_tables.py",
+                    *synthetic,
+                    "--seeds",
+                    "0",
+                    "--table-optimizers",
+                    "rowwise_adagrad_bf16",
+                    "--results-dir",
+                    out,
+                ),
+                ("update_cost.py", "--items", "5000", "--adds", "10", "--clients", "2", "--results-dir", out),
+                ("train_cost.py", *synthetic, "--steps", "3", "--warm", "1", "--results-dir", out),
+            ],
+        ]
     )
-    run("update_cost.py", "--items", "5000", "--adds", "10", "--clients", "2", "--results-dir", str(out))
-    run(
-        "recall.py",
-        "--dataset",
-        "synthetic",
-        "--tiny",
-        "--seeds",
-        "0",
-        "--variants",
-        "poeem",
-        "--results-dir",
-        str(out),
-    )
-    run(
-        "recall.py",
-        "--dataset",
-        "synthetic",
-        "--tiny",
-        "--seeds",
-        "0",
-        "--variants",
-        "poeem-ip",
-        "--merge",
-        "--results-dir",
-        str(out),
-    )
-    run("sweep.py", "--dataset", "synthetic", "--tiny", "--results-dir", str(out))
-    run("trained_codes.py", "--dataset", "synthetic", "--tiny", "--seeds", "0", "--results-dir", str(out))
-    run(
-        "sparse_tables.py",
-        "--dataset",
-        "synthetic",
-        "--tiny",
-        "--seeds",
-        "0",
-        "--table-optimizers",
-        "rowwise_adagrad_bf16",  # the sparse row-wise path; dense tables train in every other script
-        "--results-dir",
-        str(out),
-    )
-    run(
-        "train_cost.py",
-        "--dataset",
-        "synthetic",
-        "--tiny",
-        "--steps",
-        "3",
-        "--warm",
-        "1",
-        "--results-dir",
-        str(out),
-    )
-    run(
-        "ablation.py",
-        "--dataset",
-        "synthetic",
-        "--tiny",
-        "--options",
-        "none",
-        "default",
-        "--results-dir",
-        str(out),
-    )
-    return out
+    return Path(out)
 
 
 def test_benchmarks_write_results(results: Path) -> None:
