@@ -318,6 +318,7 @@ def main() -> None:
     result = {
         "config": config | {"dim": DIM, "num_queries": NUM_QUERIES, "search_queries": SEARCH_QUERIES},
         "faiss_threads": faiss.omp_get_max_threads(),
+        "faiss_polysemous_training": False,  # see untrained_faiss_index
         "rows": rows,
     }
     print("wrote", save_result("scale", result, args.results_dir))
