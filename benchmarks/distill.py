@@ -12,6 +12,8 @@ queries, at equal bytes and nprobe. No model training, no labels in the distilla
   jointly with the layer ("joint", default variant), then distilled ("joint-distilled"), and
   the same with the paper's losses only ("joint-paper-losses*"), or with a residual quantizer
   (``--joint joint-rq``); their shares of exact are of each model's own exact search ("*-exact").
+  The ``*-lists-flat`` rows keep an index's lists with float vectors in them: the ceiling of any
+  code in those lists (FAISS's k-means lists; the lists each joint layer trained).
 
 Every row is measured at each power-of-two nprobe up to all lists, with the codes a test query
 scans there (its real routing: FAISS's list sizes, ScaNN's leaves), for equal-cost comparisons.
@@ -48,7 +50,7 @@ from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.distill import DistillConfig, distill_index
 
 from common import command_line, merge_runs, save_result
-from peers import ScannIndex, codes_scanned, faiss_residual_index
+from peers import ScannIndex, codes_scanned, exact_within_lists, faiss_residual_index
 from presets import PAPER_LOSSES, Preset, data_dir, preset
 from presets import tiny as tiny_preset
 
@@ -172,6 +174,8 @@ def run_seed(
     rq_index = faiss_residual_index(items, nc, d, k, seed)  # FAISS lists + residual quantizer
     rq_s = time.perf_counter() - started
     record("faiss-rq", rq_index, rq_s)
+    if nc:  # FAISS's k-means lists (those of every FAISS row) with exact scores: the codes' ceiling
+        record("faiss-lists-flat", exact_within_lists(rq_index, items), rq_s)
     started = time.perf_counter()  # the same, distilled (its items re-encoded greedily, beam 1)
     layer, _ = layer_from_faiss(rq_index.index, items.shape[1], None)
     record("faiss-rq-distilled", *distilled(layer, items, queries, seed, tiny, rq_s, started, k=k_served))
@@ -191,7 +195,10 @@ def run_seed(
         items, queries, evaluate, test, model = id_task(name, seed, workdir, tiny, variant)
         joint_s = time.perf_counter() - started
         record(f"{variant}-exact", FlatIndex(items, "ip"), 0.0)
-        record(variant, served(learned_index(model.index, items)), joint_s)
+        joint_index = served(learned_index(model.index, items))
+        record(variant, joint_index, joint_s)
+        if nc:  # the layer's trained lists with exact scores
+            record(f"{variant}-lists-flat", exact_within_lists(joint_index, items), joint_s)
         result = distilled(model.index, items, queries, seed, tiny, joint_s, k=k_served)
         record(f"{variant}-distilled", *result)
     return rows

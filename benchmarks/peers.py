@@ -15,12 +15,16 @@ in place of PQ: D stages of K codewords, each over the whole residual left by th
 (not over a slice of it), encoded by FAISS's beam search (its default beam of 5). Inner-product
 scores come from look-up tables without a stored norm, so it is D * log2(K) / 8 bytes per item,
 as IVF-PQ.
+
+Exact within lists (:func:`exact_within_lists`): an index's own lists with exact scores inside
+them, the ceiling that any code in those lists can reach at a given nprobe.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 
@@ -99,3 +103,19 @@ def codes_scanned(index: Any, queries: torch.Tensor, nprobe: int) -> float:
     if isinstance(index, ScannIndex):
         return float(index.codes_scanned(queries, nprobe).mean())
     return search_cost(index, queries, nprobe, index.ntotal)["codes_scanned"]
+
+
+def exact_within_lists(index: Any, items: torch.Tensor) -> FaissSearcher:
+    """The lists of a FAISS IVF ``index`` (a :class:`FaissSearcher` or ``faiss.Index``, no
+    rotation in front of its IVF) filled with the (n, dim) ``items`` as floats, searched by inner
+    product: the recall of a perfect code at each nprobe, with the same routing."""
+    inner = index.index if isinstance(index, FaissSearcher) else index
+    ivf = faiss.extract_index_ivf(inner)
+    if ivf.d != inner.d or not isinstance(faiss.downcast_index(inner), faiss.IndexIVF):
+        raise ValueError("exact_within_lists needs an IVF index with no transform in front of it")
+    quantizer = faiss.clone_index(ivf.quantizer)
+    flat = faiss.IndexIVFFlat(quantizer, ivf.d, ivf.nlist, faiss.METRIC_INNER_PRODUCT)
+    flat.own_fields = True  # the index frees its copy of the quantizer, not Python
+    quantizer.this.disown()
+    flat.add(np.ascontiguousarray(items.float().numpy()))
+    return FaissSearcher(flat)

@@ -254,6 +254,31 @@ def test_faiss_residual_peer_is_at_equal_bytes_and_finds_the_neighbours() -> Non
     assert scanned == sorted(scanned) and scanned[-1] == 4000 and scanned[0] < 4000 / 2
 
 
+def test_exact_within_lists_ranks_each_querys_probed_lists_exactly() -> None:
+    """The codes' ceiling row: an IVF index's own lists with float vectors; at nprobe 1 each
+    query gets the exact top 10 of the items in the list it is routed to, and all lists give
+    exact search."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from peers import exact_within_lists, faiss_residual_index
+    finally:
+        sys.path.remove(str(BENCH))
+    import faiss
+    import torch
+
+    items, queries, exact = peer_task()
+    flat = exact_within_lists(faiss_residual_index(items, 8, 4, 16), items)
+    _, all_lists = flat.search(queries, 10, nprobe=8)
+    assert torch.equal(all_lists, exact)
+    quantizer = faiss.extract_index_ivf(flat.index).quantizer
+    _, item_list = quantizer.search(items.numpy(), 1)
+    _, query_list = quantizer.search(queries.numpy(), 1)
+    scores = queries @ items.T
+    scores[torch.from_numpy(query_list != item_list.T)] = float("-inf")
+    _, one_list = flat.search(queries, 10, nprobe=1)
+    assert torch.equal(one_list, scores.topk(10).indices)
+
+
 def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path) -> None:
     args = ["--dataset", "synthetic", "--tiny", "--layers", "opq", "rq", "--results-dir", str(tmp_path)]
     run("distill.py", *args)
@@ -265,6 +290,7 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
         "faiss-opq-distilled",
         "scann",
         "faiss-rq",
+        "faiss-lists-flat",
         "faiss-rq-distilled",
         "poeem-fit",
         "poeem-distilled-opq",
@@ -274,9 +300,11 @@ def test_distillation_benchmark_has_every_peer_and_the_joint_rows(tmp_path: Path
         "poeem-distilled-rq-frozen-codes",
         "joint-exact",
         "joint",
+        "joint-lists-flat",
         "joint-distilled",
         "joint-paper-losses-exact",
         "joint-paper-losses",
+        "joint-paper-losses-lists-flat",
         "joint-paper-losses-distilled",
     ]
     assert result["metric"] == "precision@100"  # the synthetic preset's headline
