@@ -484,7 +484,8 @@ def distill_scanned_plot(name: str, r: dict[str, Any], img: Path) -> str:
     """Every method's metric against the codes a query scans; the exact searches as lines."""
     fig, ax = plt.subplots(figsize=(7, 4))
     methods = [m for m in dict.fromkeys(x["method"] for x in r["summary"]) if not m.endswith("exact")]
-    colors = dict(zip(methods, plt.cm.tab20(np.linspace(0, 1, 20)), strict=False))  # one per method
+    palette = [*plt.cm.tab20.colors, *plt.cm.tab20b.colors]  # one per method, up to 40
+    colors = {m: palette[i % len(palette)] for i, m in enumerate(methods)}
     for method in dict.fromkeys(x["method"] for x in r["summary"]):
         rows = [x for x in r["summary"] if x["method"] == method]
         if method.endswith("exact"):
