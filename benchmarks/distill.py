@@ -265,10 +265,11 @@ def main() -> None:
     p.add_argument(
         "--layers",
         "--rotations",
-        nargs="+",
+        nargs="*",
         default=["opq", "givens"],
         choices=["opq", "givens", "rq"],
-        help="the refit layers: PQ with an OPQ or Givens rotation, or a residual quantizer",
+        help="the refit layers: PQ with an OPQ or Givens rotation, or a residual quantizer; none (a "
+        "bare --layers): only the peers and the joint models",
     )
     p.add_argument(
         "--joint",
