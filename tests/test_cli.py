@@ -53,6 +53,15 @@ def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
     )
     assert "poeem" in out and "faiss-ivfpq" in out
     assert "precision@10" in invoke("evaluate", run, "--nprobe", "2")
+    table = invoke("evaluate", run, "--nprobe", "1", "--nprobe", "4", "--lists-ceiling").splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("method"))
+    cols = table[header].split()
+    rows = {(r[0], int(r[1])): dict(zip(cols, r, strict=True)) for r in map(str.split, table[header + 1 :])}
+    ceiling, exact = rows[("poeem-lists-flat", 4)], rows[("exact", 1)]
+    assert ceiling["precision@10"] == exact["precision@10"]  # every list probed: exact search
+    assert (
+        rows[("poeem-lists-flat", 1)]["codes_scanned"] == rows[("poeem", 1)]["codes_scanned"]
+    )  # same routing
     index = tmp_path / "ix"
     assert "exported 10000 items" in invoke("export", run, "--out", index)
     as_trained = tmp_path / "ix-trained"

@@ -318,3 +318,32 @@ def test_the_faiss_baseline_skips_polysemous_training_and_searches_the_same(spec
     d_full, i_full = full.search(x[:50], 10)
     np.testing.assert_allclose(d_lean, d_full, rtol=1e-5, atol=1e-5)
     assert (i_lean == i_full).mean() > 0.98  # ties may swap places
+
+
+@pytest.mark.parametrize(("rotation", "metric"), [("givens", "ip"), ("none", "cosine"), ("opq", "l2")])
+def test_float_lists_route_like_the_learned_index_and_score_exactly(rotation: str, metric: str) -> None:
+    """``poeem evaluate --lists-ceiling``: each item in its learned list as a float vector; a
+    query probes the lists the learned index routes it to and gets the exact top 10 of their
+    items; all lists probed is exact search."""
+    from poeem.export.faiss_codec import build_float_lists_index
+
+    layer, x = trained_layer(rotation, num_coarse=8, coarse_metric="l2" if metric == "l2" else "ip")
+    ix = learned_index(layer, x)
+    flat = FaissSearcher(build_float_lists_index(ix, x, metric))
+    xq = correlated(40, DIM, seed=5)
+    _, everywhere = flat.search(xq, 10, nprobe=8)
+    assert torch.equal(everywhere, FlatIndex(x, metric).search(xq, 10)[1])
+    qr = torch.nn.functional.normalize(xq, dim=1) if metric == "cosine" else xq
+    qr = qr @ ix.rotation
+    routed = (-torch.cdist(qr, ix.coarse) if metric == "l2" else qr @ ix.coarse.T).argmax(1)
+    _, one_list = flat.search(xq, 10, nprobe=1)
+    for q, lst in enumerate(routed.tolist()):
+        members = torch.nonzero(ix.coarse_codes == lst).flatten()
+        _, top = FlatIndex(x[members], metric).search(xq[q : q + 1], 10)
+        expected = members[top[0][top[0] >= 0]]
+        assert one_list[q][: len(expected)].tolist() == expected.tolist()
+    with pytest.raises(PoeemError, match="one row per indexed item"):
+        build_float_lists_index(ix, x[:-1], metric)
+    flat_layer, _ = trained_layer("none", num_coarse=0)
+    with pytest.raises(PoeemError, match="a learned index with IVF lists"):
+        build_float_lists_index(learned_index(flat_layer, x), x, metric)

@@ -389,6 +389,15 @@ def _text_encoder_dim(text: dict[str, Any]) -> int:
 def evaluate(
     run_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem train'.")],
     nprobe: Annotated[list[int] | None, typer.Option(help="IVF lists to probe; repeat for several.")] = None,
+    lists_ceiling: Annotated[
+        bool,
+        typer.Option(
+            help="Also search the learned lists with the float item vectors in place of codes "
+            "(poeem-lists-flat): what perfect codes would reach at each nprobe. Far below exact: "
+            "the lists lose it (probe more, or train the routing); close to poeem: more bytes "
+            "will not help much."
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
     from poeem.data import load_data
@@ -396,6 +405,7 @@ def evaluate(
     from poeem.pipeline import attach_data, evaluate_model, load_run
 
     cfg, model = load_run(run_dir)
+    cfg.eval.lists_ceiling = cfg.eval.lists_ceiling or lists_ceiling
     data = load_data(cfg.data)
     rows = evaluate_model(attach_data(model, data), data, cfg, tuple(nprobe) if nprobe else None)
     typer.echo(format_rows(rows))

@@ -13,7 +13,7 @@ import torch
 from poeem.data.interactions import InteractionData
 from poeem.evaluation.cost import search_cost
 from poeem.evaluation.evaluate import Searchable, evaluate_retrieval
-from poeem.export.faiss_codec import build_faiss_index
+from poeem.export.faiss_codec import build_faiss_index, build_float_lists_index
 from poeem.export.item_codes import EXPORT_DEFAULT, encode_reusing
 from poeem.export.learned import learned_index
 from poeem.metric import prepare_queries
@@ -86,12 +86,15 @@ def compare_indexes(
     budget: tuple[int, int, int] = (8, 8, 256),
     opq_baseline: bool = False,
     seed: int = 0,
+    lists_ceiling: bool = False,
 ) -> list[dict[str, Any]]:
     """Metric rows for: ``exact`` (un-quantized items, brute force); ``poeem`` (the learned
     index exported to FAISS without training, as ``poeem export`` writes it, when the model has
     a layer); ``faiss-ivfpq``
     (FAISS trained on the un-quantized items with ``budget`` = (coarse_K, D, K)); and
-    optionally ``faiss-opq-ivfpq``.
+    optionally ``faiss-opq-ivfpq``, and with ``lists_ceiling`` ``poeem-lists-flat``: the learned
+    index's lists holding the float item vectors (see
+    :func:`poeem.export.faiss_codec.build_float_lists_index`), what a perfect code would reach.
 
     Each row holds the metrics, ``nprobe``, ``codes_scanned`` (mean codes a query scans at that
     nprobe, from its real routing), ``imbalance`` (FAISS's list imbalance factor), ``build_s``
@@ -110,8 +113,14 @@ def compare_indexes(
             lambda r: prepare_queries(xb[r], metric, xb.shape[1], "items"),
             EXPORT_DEFAULT,
         )
-        searcher = FaissSearcher(build_faiss_index(learned_index(model.index, codes), "ip"))
+        learned = learned_index(model.index, codes)
+        searcher = FaissSearcher(build_faiss_index(learned, "ip"))
         rows += _rows("poeem", searcher, time.perf_counter() - started, model, data, ks, nprobes)
+        if lists_ceiling and learned.coarse is not None:
+            started = time.perf_counter()
+            items = prepare_queries(xb, metric, xb.shape[1], "items")
+            flat = FaissSearcher(build_float_lists_index(learned, items, "ip"))
+            rows += _rows("poeem-lists-flat", flat, time.perf_counter() - started, model, data, ks, nprobes)
     baselines = [("faiss-ivfpq", False)] * faiss_baseline + [("faiss-opq-ivfpq", True)] * opq_baseline
     if baselines and xb.shape[0] < max(budget[0], budget[2]):
         warnings.warn(

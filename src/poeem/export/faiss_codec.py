@@ -18,7 +18,7 @@ import torch
 from poeem.errors import PoeemError
 from poeem.index.quantize import is_residual
 from poeem.index.tensors import IndexTensors
-from poeem.metric import Metric, check_metric, list_rule
+from poeem.metric import Metric, check_metric, list_rule, prepare_queries
 
 
 def is_power_of_two(n: int) -> bool:
@@ -124,6 +124,50 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
             inner.index = fast
             # a self-contained copy: the id map no longer points at objects of this function
             inner = faiss.deserialize_index(faiss.serialize_index(inner))
+    return _behind_transforms(inner, ix, metric)
+
+
+def build_float_lists_index(ix: IndexTensors, items: torch.Tensor, metric: Metric = "ip") -> faiss.Index:
+    """The learned index's routing with the items' float vectors in its lists, in place of codes.
+
+    An IVF-Flat index on the same coarse centroids, behind the same rotation (and normalisation
+    for cosine), each item in the list the learned index put it in. Its scores are exact, so at
+    each nprobe it reaches what a perfect code in these lists would: the recall lost to routing
+    and the recall lost to the codes, told apart.
+
+    Args:
+        ix: a learned index with lists (``coarse`` not None), e.g. from ``learned_index``.
+        items: (n, dim) the item embeddings of ``ix``'s n items, in its order.
+        metric: "ip", "cosine" or "l2", as the learned index is searched.
+    """
+    check_metric(metric)
+    ix.validate()
+    if ix.coarse is None:
+        raise PoeemError(
+            "float lists", "a learned index with IVF lists", "no lists (num_coarse 0)", "use exact search"
+        )
+    if tuple(items.shape) != (ix.ntotal, ix.dim):
+        raise PoeemError(
+            "items",
+            f"shape ({ix.ntotal}, {ix.dim}), one row per indexed item",
+            f"shape {tuple(items.shape)}",
+            "pass the indexed items in order",
+        )
+    x = prepare_queries(items, metric, ix.dim, "items") @ ix.rotation  # as the transforms store it
+    x = np.ascontiguousarray(x.numpy(), dtype=np.float32)
+    inner = faiss.IndexIVFFlat(
+        _list_quantizer(ix, faiss_metric(metric)), ix.dim, ix.nlist, faiss_metric(metric)
+    )
+    lists = np.ascontiguousarray(ix.coarse_codes.numpy(), dtype=np.int64)
+    ids = np.ascontiguousarray(ix.ids.numpy(), dtype=np.int64)
+    inner.add_core(len(x), faiss.swig_ptr(x), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    return _behind_transforms(inner, ix, metric)
+
+
+def _behind_transforms(inner: faiss.Index, ix: IndexTensors, metric: Metric) -> faiss.Index:
+    """``inner`` behind the learned index's rotation (a ``LinearTransform`` with A = R^T), and a
+    ``NormalizationTransform`` before it for cosine; ``inner`` itself when there is neither."""
+    d = ix.dim
     transforms = []
     if metric == "cosine":
         transforms.append(faiss.NormalizationTransform(d, 2.0))

@@ -23,6 +23,7 @@ class EvalConfig:
     nprobes: tuple[int, ...] = (1,)  # IVF lists probed; each gets its own rows
     faiss_baseline: bool = True  # also FAISS IVF-PQ trained on the un-quantized item embeddings
     opq_baseline: bool = False  # also FAISS OPQ + IVF-PQ
+    lists_ceiling: bool = False  # also the learned lists with float vectors (what perfect codes reach)
     # code budget of the FAISS baseline when the model has no Poeem layer (else the layer's)
     num_coarse: int = 8
     num_subspaces: int = 8

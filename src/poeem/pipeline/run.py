@@ -86,6 +86,7 @@ def evaluate_model(
         budget_of(model, cfg),
         cfg.eval.opq_baseline,
         cfg.train.seed,
+        cfg.eval.lists_ceiling,
     )
 
 
