@@ -254,3 +254,18 @@ def test_seed_does_not_change_the_data() -> None:
         pipeline.train_run = original
     assert (seen[0].train.seed, seen[0].data.seed) == (7, 0)
     assert (seen[1].train.seed, seen[1].data.seed) == (0, 3)
+
+
+def test_a_lists_ceiling_without_lists_is_said_not_skipped(tmp_path: Path) -> None:
+    """Asking for the lists' ceiling of a model without an IVF index warns instead of printing
+    a table that silently lacks the rows."""
+    from poeem.data import load_data
+    from poeem.evaluation.report import compare_indexes
+
+    cfg, model = load_run(tiny_run(tmp_path))
+    model.index = None
+    with pytest.warns(UserWarning, match="no lists-ceiling rows"):
+        rows = compare_indexes(
+            model, load_data(cfg.data), (10,), (1,), faiss_baseline=False, lists_ceiling=True
+        )
+    assert [r["method"] for r in rows] == ["exact"]

@@ -121,6 +121,8 @@ def compare_indexes(
             items = prepare_queries(xb, metric, xb.shape[1], "items")
             flat = FaissSearcher(build_float_lists_index(learned, items, "ip"))
             rows += _rows("poeem-lists-flat", flat, time.perf_counter() - started, model, data, ks, nprobes)
+    if lists_ceiling and not any(row["method"] == "poeem-lists-flat" for row in rows):
+        warnings.warn("no lists-ceiling rows: the model has no trained index with IVF lists", stacklevel=2)
     baselines = [("faiss-ivfpq", False)] * faiss_baseline + [("faiss-opq-ivfpq", True)] * opq_baseline
     if baselines and xb.shape[0] < max(budget[0], budget[2]):
         warnings.warn(
