@@ -41,7 +41,7 @@ from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.metrics import ranking_metrics
 from poeem.evaluation.report import query_encoder
 from poeem.export import learned_index
-from poeem.export.faiss_codec import build_faiss_index
+from poeem.export.faiss_codec import build_faiss_index, build_float_lists_index
 from poeem.pipeline import load_run, train_run
 from poeem.pipeline.config import EvalConfig
 from poeem.pipeline.distill import layer_from_faiss
@@ -195,10 +195,12 @@ def run_seed(
         items, queries, evaluate, test, model = id_task(name, seed, workdir, tiny, variant)
         joint_s = time.perf_counter() - started
         record(f"{variant}-exact", FlatIndex(items, "ip"), 0.0)
-        joint_index = served(learned_index(model.index, items))
-        record(variant, joint_index, joint_s)
-        if nc:  # the layer's trained lists with exact scores
-            record(f"{variant}-lists-flat", exact_within_lists(joint_index, items), joint_s)
+        joint_index = learned_index(model.index, items)
+        record(variant, served(joint_index), joint_s)
+        if nc:  # the layer's trained lists with float vectors (poeem evaluate --lists-ceiling)
+            record(
+                f"{variant}-lists-flat", FaissSearcher(build_float_lists_index(joint_index, items)), joint_s
+            )
         result = distilled(model.index, items, queries, seed, tiny, joint_s, k=k_served)
         record(f"{variant}-distilled", *result)
     return rows

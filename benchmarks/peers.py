@@ -16,8 +16,9 @@ in place of PQ: D stages of K codewords, each over the whole residual left by th
 scores come from look-up tables without a stored norm, so it is D * log2(K) / 8 bytes per item,
 as IVF-PQ.
 
-Exact within lists (:func:`exact_within_lists`): an index's own lists with exact scores inside
-them, the ceiling that any code in those lists can reach at a given nprobe.
+Exact within lists (:func:`exact_within_lists`): a FAISS index's own lists with exact scores
+inside them, the ceiling that any code in those lists can reach at a given nprobe (for poeem's
+learned indexes, :func:`poeem.export.faiss_codec.build_float_lists_index` does the same).
 """
 
 from __future__ import annotations
