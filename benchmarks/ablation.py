@@ -6,7 +6,7 @@ over all lists, the joint model's own exact recall, the codes a query scans, the
 imbalance and the training time per epoch.
 
     python benchmarks/ablation.py --dataset gowalla --seeds 0
-    python benchmarks/ablation.py --dataset synthetic --seeds 0 1 2 --options none all
+    python benchmarks/ablation.py --dataset synthetic --seeds 0 1 2 --options none default default+every-step
 
 Rows are appended to ``results/ablation_<dataset>.json`` as they finish (a rerun of the same
 (option, seed) replaces its row), so an interrupted run keeps what it measured.
@@ -37,16 +37,17 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "balance": {"balance_weight": 1.0},
     "reseed": {"reseed_after": 200},
     "unquantized-loss": {"unquantized_loss_weight": 1.0},
+    "every-step": {"unquantized_schedule": "every_step"},  # both softmaxes every step
 }
 
 
 def row_options(option: str) -> dict[str, Any]:
-    """PoeemConfig fields of a row: "default" (the current defaults), or option names joined
-    by '+', each set on top of PAPER_LOSSES."""
-    if option == "default":
-        return {}
-    layer = dict(PAPER_LOSSES)
-    for name in option.split("+"):
+    """PoeemConfig fields of a row: option names joined by '+', each set on top of PAPER_LOSSES
+    (every option off), or on top of the current defaults when the first name is "default"."""
+    names = option.split("+")
+    on_defaults = names[0] == "default"
+    layer = {} if on_defaults else dict(PAPER_LOSSES)
+    for name in names[1:] if on_defaults else names:
         if name not in OPTIONS:
             raise SystemExit(f"unknown option {name!r}: pick from {list(OPTIONS)}, or 'default'")
         layer.update(OPTIONS[name])
@@ -83,8 +84,8 @@ def main() -> None:
     p.add_argument(
         "--options",
         nargs="+",
-        default=[*OPTIONS, "default"],
-        help=f"rows: any of {list(OPTIONS)}, several joined by '+', or 'default'",
+        default=[*(name for name in OPTIONS if name != "every-step"), "default", "default+every-step"],
+        help=f"rows: any of {list(OPTIONS)}, several joined by '+', or 'default' (+ options)",
     )
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
     p.add_argument("--results-dir", type=Path, default=None)

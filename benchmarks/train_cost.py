@@ -1,4 +1,5 @@
-"""Training cost of the Poeem layer: steps/s without it, with the paper's losses, with the defaults.
+"""Training cost of the Poeem layer: steps/s without it, with the paper's losses, with the defaults
+(and with the defaults scoring the un-quantized items every step, not in turn).
 
 The three models train on the same batches of the preset's data, one after the other in this
 process; the layer is initialised on the item embeddings up front, so every timed step
@@ -23,7 +24,12 @@ from poeem.training import PairBatches, Trainer
 from common import save_result, timed_steps_per_s
 from presets import PAPER_LOSSES, preset, tiny
 
-SETTINGS = {"no layer": None, "layer, paper losses": PAPER_LOSSES, "layer, defaults": {}}
+SETTINGS = {
+    "no layer": None,
+    "layer, paper losses": PAPER_LOSSES,
+    "layer, defaults": {},
+    "layer, defaults with the un-quantized term every step": {"unquantized_schedule": "every_step"},
+}
 
 
 def steps_per_s(pre: Any, data: Any, layer: dict[str, Any] | None, steps: int, warm: int) -> float:

@@ -95,12 +95,13 @@ class TwoTower(nn.Module):
         q, x = self.user_vectors(users), self.item_vectors(features)
         quantized = self.index(x)
         target = torch.arange(len(users))
-        task = F.cross_entropy(q @ quantized.output.T / 0.05, target)  # in-batch softmax
+        # the in-batch softmax on the items the layer names this step: the quantized ones and, in
+        # turn, the un-quantized ones (which keep the towers whole; docs/design.md)
+        scored = self.index.task_items(x, quantized)
+        task = sum(w * F.cross_entropy(q @ items.T / 0.05, target) for w, items in scored)
         index_loss = quantized.loss
-        if quantized.quantized:  # the two retrieval terms of the layer's defaults (docs/design.md)
-            weight = self.index.config.unquantized_loss_weight  # keeps the towers whole
-            task = task + weight * F.cross_entropy(q @ x.T / 0.05, target)
-            index_loss = index_loss + self.index.routing_loss(q, quantized.coarse_codes)  # routing
+        if quantized.quantized:  # the layer's routing term
+            index_loss = index_loss + self.index.routing_loss(q, quantized.coarse_codes)
         return task, index_loss
 
 

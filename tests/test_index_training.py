@@ -179,3 +179,40 @@ def test_checkpoints_without_usage_buffers_still_load() -> None:
     fresh.load_state_dict(state)
     assert (fresh.codeword_last_used == int(layer.step)).all()
     torch.testing.assert_close(fresh.encode(x)[1], layer.encode(x)[1])
+
+
+def test_task_items_alternate_between_the_two_terms_and_eval_scores_both() -> None:
+    x = correlated(256, 16)
+    layer = layer_on(x, unquantized_loss_weight=0.5, reseed_after=0)
+    xb = x[:32]
+    picked = []
+    for _ in range(4):
+        out = layer(xb)
+        [(weight, items)] = layer.task_items(xb, out)
+        picked.append((weight, items is xb))
+    assert sorted(picked[:2]) == [(1.0, True), (2.0, False)]  # 2 x 0.5 on x, then 2 x 1 on x_hat
+    assert picked[2:] == picked[:2]  # in turn
+    layer.eval()
+    out = layer(xb)
+    assert [(w, items is xb) for w, items in layer.task_items(xb, out)] == [(1.0, False), (0.5, True)]
+    every = layer_on(x, unquantized_schedule="every_step")
+    assert len(every.task_items(xb, every(xb))) == 2
+    warming = PoeemLayer(dim=16, num_subspaces=4, codebook_size=16, num_coarse=4, warmup_steps=5)
+    out = warming(xb)
+    assert warming.task_items(xb, out) == [(1.0, out.output)]  # the identity before k-means
+    off = layer_on(x, unquantized_loss_weight=0.0)
+    out = off(xb)
+    assert off.task_items(xb, out) == [(1.0, out.output)]
+
+
+def test_alternating_steps_average_to_the_every_step_loss() -> None:
+    torch.manual_seed(0)
+    options = {"num_subspaces": 4, "codebook_size": 16, "num_coarse": 4, "warmup_steps": 0}
+    options.update(buffer_size=80, kmeans_iters=3, reseed_after=0, routing_weight=0.0)
+    model = TwoTowerModel(ModelConfig(dim=16, poeem=options), 50, 80)
+    model.index.initialize(model.all_item_embeddings())
+    batch = {"query_ids": torch.randint(50, (32,)), "item_ids": torch.randint(80, (32,))}
+    alternating = [model(batch)["task_loss"] for _ in range(2)]  # no update between the steps
+    assert not torch.isclose(alternating[0], alternating[1])  # each step scored one set of items
+    model.index.config.unquantized_schedule = "every_step"
+    torch.testing.assert_close((alternating[0] + alternating[1]) / 2, model(batch)["task_loss"])

@@ -163,6 +163,14 @@ def train(
         float | None,
         Opt(help="Weight of the task loss on un-quantized items.", rich_help_panel="Index layer"),
     ] = None,
+    unquantized_schedule: Annotated[
+        str | None,
+        Opt(
+            help="When the task loss scores the un-quantized items: alternate (every other step, "
+            "one softmax a step) | every_step (both softmaxes each step, about 1.7x the cost).",
+            rich_help_panel="Index layer",
+        ),
+    ] = None,
     balance_weight: Annotated[
         float | None, Opt(help="Weight of the list-balance term.", rich_help_panel="Index layer")
     ] = None,
@@ -322,6 +330,7 @@ def train(
         routing_weight=routing_weight,
         routing_lists=routing_lists,
         unquantized_loss_weight=unquantized_loss_weight,
+        unquantized_schedule=unquantized_schedule,
         balance_weight=balance_weight,
         reseed_after=reseed_after,
     )

@@ -65,6 +65,10 @@ class PoeemConfig:
     # keep the towers whole: the model's task loss also scores the un-quantized items, at
     # this weight (RetrievalModel does it; a model of your own adds the term itself)
     unquantized_loss_weight: float = 1.0
+    # when the task loss scores them: "alternate" (even steps the un-quantized items, odd steps
+    # the quantized ones, each at twice its weight: the same loss in expectation, one softmax per
+    # step) or "every_step" (both softmaxes every step, about 1.7x the cost of the step)
+    unquantized_schedule: Literal["alternate", "every_step"] = "alternate"
     # remember each item's codes from training (item ids passed to forward, in [0, num_items)):
     # the index as trained, which an export takes instead of encoding every item; 0: off
     num_items: int = 0
@@ -172,6 +176,13 @@ class PoeemConfig:
                 raise PoeemError(
                     name, "a finite number >= 0", repr(value), "a weight of 0 turns the term off"
                 )
+        if self.unquantized_schedule not in ("alternate", "every_step"):
+            raise PoeemError(
+                "unquantized_schedule",
+                "'alternate' or 'every_step'",
+                repr(self.unquantized_schedule),
+                "pick one of those",
+            )
         if not math.isfinite(self.list_temperature) or self.list_temperature <= 0:
             raise PoeemError("list_temperature", "a positive number", repr(self.list_temperature), "e.g. 0.1")
         if self.balance_weight and self.num_coarse == 0:

@@ -261,6 +261,32 @@ class PoeemLayer(nn.Module):
             scores = 2 * scores - coarse.pow(2).sum(-1) - vr.pow(2).sum(-1, keepdim=True)
         return scores / self.config.list_temperature
 
+    def task_items(self, x: torch.Tensor, out: PoeemOutput) -> list[tuple[float, torch.Tensor]]:
+        """The item embeddings a model's task loss scores this step, each with its weight.
+
+        The task loss on the quantized items (``out.output``, the straight-through estimator)
+        trains the towers for the index; the same loss on the un-quantized items ``x``, at
+        ``unquantized_loss_weight``, keeps them as good as without the layer. With
+        ``unquantized_schedule`` "alternate" a training step scores one of the two, in turn, at
+        twice its weight (the same loss in expectation, at the cost of one softmax); with
+        "every_step", and outside training, both.
+
+        Args:
+            x: (B, dim) the item embeddings given to the layer.
+            out: the layer's output for ``x``.
+
+        Returns:
+            ``[(weight, items), ...]``, items of shape (B, dim): the task loss is
+            ``sum(weight * task_loss(queries, items))``. Before the index quantizes, the
+            output alone.
+        """
+        weight = self.config.unquantized_loss_weight
+        if not out.quantized or not weight:
+            return [(1.0, out.output)]
+        if self.training and self.config.unquantized_schedule == "alternate":
+            return [(2.0 * weight, x)] if int(self.step) % 2 == 0 else [(2.0, out.output)]
+        return [(1.0, out.output), (weight, x)]
+
     def routing_loss(self, queries: torch.Tensor, coarse_codes: torch.Tensor) -> torch.Tensor:
         """Routing term: the query's soft list choice against the list of its positive item.
 

@@ -77,8 +77,9 @@ class RetrievalModel(nn.Module):
 
         Returns:
             ``loss`` (task + index), ``task_loss``, ``index_loss`` (distortion regularizer,
-            routing and balance terms), ``routing_loss``, and the index health stats. With the
-            layer's ``unquantized_loss_weight`` the task loss also scores the un-quantized items.
+            routing and balance terms), ``routing_loss``, and the index health stats. The task
+            loss scores the items :meth:`PoeemLayer.task_items` names: the quantized ones, and
+            (``unquantized_loss_weight``) the un-quantized ones, every step or in turn.
         """
         q = self.encode_queries(batch["query_ids"], batch.get("query_features"))
         positives = batch["item_ids"]
@@ -91,19 +92,16 @@ class RetrievalModel(nn.Module):
         x = self.encode_items(item_ids, item_features)
         out: dict[str, torch.Tensor] = {}
         index_loss = q.new_zeros(())
-        task = q.new_zeros(())
+        scored = [(1.0, x)]
         if self.index is not None:
             res = self.index(x, item_ids)
-            weight = self.index.config.unquantized_loss_weight
-            if res.quantized and weight:
-                task = weight * self._task_loss(q, x, positives, item_ids)
-            x, index_loss = res.output, res.loss
+            scored, index_loss = self.index.task_items(x, res), res.loss
             out.update(res.stats)
             if res.coarse_codes is not None:
                 routing = self.index.routing_loss(q, res.coarse_codes[: positives.shape[0]])
                 index_loss = index_loss + routing
                 out["routing_loss"] = routing.detach()
-        task = task + self._task_loss(q, x, positives, item_ids)
+        task = sum(w * self._task_loss(q, items, positives, item_ids) for w, items in scored)
         out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
         return out
 
