@@ -698,7 +698,9 @@ def ablation_section(r: dict[str, Any], img: Path) -> list[str]:
     lines = [
         f"### Ablation: {name}",
         "",
-        f"{h} of the `poeem-ip` variant with each option (mean ± std over the listed seeds).",
+        f"{h} of the `poeem-ip` variant with each option (mean ± std over the listed seeds). "
+        "default: the current defaults, which score the un-quantized items in turn with the "
+        "quantized ones; +every-step: both every step (the defaults before that).",
         "",
         "| options | seeds | " + " | ".join(label for _, label in ABLATION_COLUMNS) + " |",
         "|---|---|" + "---:|" * len(ABLATION_COLUMNS),

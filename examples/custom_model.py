@@ -60,7 +60,8 @@ print(f"{args.users} users, {args.items} items, {len(clicks_user)} clicks")
 #
 # `PoeemLayer(...)` returns a `PoeemOutput`: `.output` is the quantized item (its gradient passes
 # straight through to the tower) and `.loss` trains the codebooks and the rotation. Once it
-# quantizes, two more terms train for retrieval: the task loss on the un-quantized items too,
+# quantizes, two more terms train for retrieval: the task loss on the un-quantized items too
+# (`task_items` names the items a step scores: in turn the quantized and the un-quantized ones),
 # and `routing_loss`, which teaches the query tower the list its items are in. For the first
 # `warmup_steps` it is the identity; then it collects `buffer_size` item embeddings, runs
 # k-means (here with an OPQ rotation) and starts quantizing. Budget: 16 lists, 8 sub-codes of
