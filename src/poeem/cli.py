@@ -167,7 +167,7 @@ def train(
         str | None,
         Opt(
             help="When the task loss scores the un-quantized items: alternate (every other step, "
-            "one softmax a step) | every_step (both softmaxes each step, about 1.7x the cost).",
+            "one softmax a step) | every_step (both softmaxes each step, slower).",
             rich_help_panel="Index layer",
         ),
     ] = None,
