@@ -333,14 +333,13 @@ def text_section(r: dict[str, Any]) -> list[str]:
             f"| {name} | {cell(row, 'ndcg@10')} | {share} | {cell(row, 'recall@100')} | {train} | {build} | "
             f"{size} |"
         )
-    lines += [
-        "",
-        "Published BM25 on BEIR SciFact (Elasticsearch): ndcg@10 0.665. The bm25 row is `bm25s` with "
-        "English stop words and Snowball stemming, measured here.",
-        "",
-        provenance(r),
-        "",
-    ]
+    if any(row["method"] == "bm25" for row in r["rows"]):
+        lines += [
+            "",
+            "Published BM25 on BEIR SciFact (Elasticsearch): ndcg@10 0.665. The bm25 row is `bm25s` "
+            "with English stop words and Snowball stemming, measured here.",
+        ]
+    lines += ["", *([r["note"], ""] if r.get("note") else []), provenance(r), ""]
     return lines
 
 
