@@ -1,7 +1,7 @@
 """Training cost of the Poeem layer: steps/s without it, with the paper's losses, with the defaults
 (and with the defaults scoring the un-quantized items every step, not in turn).
 
-The three models train on the same batches of the preset's data, one after the other in this
+The models train on the same batches of the preset's data, one after the other in this
 process; the layer is initialised on the item embeddings up front, so every timed step
 quantizes. Steps after ``--warm`` untimed ones (optimizer state allocation) are timed.
 
