@@ -52,7 +52,7 @@ class Preset:
         return RunConfig(
             data=replace(self.data, seed=seed),
             model=replace(self.model, poeem=poeem),
-            train=replace(self.train, seed=seed),
+            train=replace(self.train, seed=seed, refit=REFITS.get(variant or "")),
             eval=EvalConfig(
                 ks=self.ks,
                 nprobes=nprobes,
@@ -91,7 +91,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "poeem-givens-ip": {"rotation": "givens", "coarse_metric": "ip"},
     # the layer's defaults with a residual quantizer in place of PQ (same bytes)
     "poeem-rq": {"rotation": "none", "coarse_metric": "ip", "quantizer": "rq"},
+    # the defaults, then the coder refitted as a residual quantizer in the trained lists and
+    # distilled (train.refit "rq")
+    "poeem-ip-refit-rq": {"rotation": "none", "coarse_metric": "ip"},
 }
+REFITS: dict[str, str] = {"poeem-ip-refit-rq": "rq"}  # variant -> train.refit
 
 _PAIRS: dict[str, int] = {}
 

@@ -534,7 +534,10 @@ def recall_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "measured time of the whole evaluation (search of the top 100, masking of training items, "
         "metrics) per query. Rows without them were measured before they were recorded. "
         "faiss-rq and poeem-rq code the residual with a residual quantizer of the same bytes "
-        "(D stages of K codewords over all coordinates) in place of PQ.",
+        "(D stages of K codewords over all coordinates) in place of PQ; poeem-ip-refit-rq is "
+        "poeem-ip with its coder refitted after training as such a residual quantizer in the "
+        "trained lists, then distilled (`poeem train --refit rq`; its build s are the refit and "
+        "the distillation).",
         "",
         "| row | nprobe | seeds | "
         + " | ".join(metrics)

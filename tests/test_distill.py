@@ -21,7 +21,7 @@ from poeem.export import learned_index
 from poeem.export.faiss_codec import pack_sa_codes
 from poeem.pipeline import resume_config, train_run
 from poeem.pipeline.distill import layer_from_faiss
-from poeem.pipeline.run import TEXT_DISTILL_EPOCHS, distill_epochs, run_distill_config
+from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS, distill_epochs, run_distill_config
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index, listnet
 
@@ -297,7 +297,7 @@ def test_text_runs_distil_by_default_and_id_runs_when_asked() -> None:
     cfg = tiny_config()
     assert cfg.train.distill_epochs is None and distill_epochs(cfg) == 0  # id towers
     cfg.model.text = {"encoder": "any"}
-    assert distill_epochs(cfg) == TEXT_DISTILL_EPOCHS
+    assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS
     cfg.train.distill_epochs = 0  # asked not to
     assert distill_epochs(cfg) == 0
     cfg.train.distill_epochs, cfg.model.poeem = None, None  # no layer to distil

@@ -222,6 +222,16 @@ def train(
             rich_help_panel="Training",
         ),
     ] = None,
+    refit: Annotated[
+        str | None,
+        Opt(
+            help="After training, refit the layer's residual coder on the final item embeddings "
+            "inside its trained lists, then distil it; the run serves the refit. rq: a residual "
+            "quantizer at the same bytes (on id data above the trained codes and every peer, "
+            "docs/benchmarks.md; FAISS scans its codes slower than PQ's) | pq (safe on --resume).",
+            rich_help_panel="Training",
+        ),
+    ] = None,
     eval_every: Annotated[
         int | None, Opt(help="Steps between evaluations (0: each epoch).", rich_help_panel="Training")
     ] = None,
@@ -308,6 +318,7 @@ def train(
             device=device,
             max_steps=max_steps,
             distill_epochs=distill_epochs,
+            refit=refit,
             checkpoint_every=checkpoint_every,
             eval_every=eval_every,
             log=logger,
@@ -370,6 +381,9 @@ def train(
         cfg = RunConfig.from_dict(raw)
     _, metrics = train_run(cfg, run_dir, resume)
     if metrics:  # rank 0
+        if "refit" in metrics:
+            r = metrics["refit"]
+            typer.echo(f"index refitted after training ({r['quantizer']}) in {r['seconds']:.1f}s")
         if "distill" in metrics:
             d = metrics["distill"]
             kept = (
@@ -494,6 +508,13 @@ def distill(
     codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace.")] = None,
     rotation: Annotated[str | None, typer.Option(help="none | opq | givens")] = None,
     quantizer: Annotated[str | None, typer.Option(help="pq (subvectors) | rq (residual stages).")] = None,
+    refit: Annotated[
+        str | None,
+        typer.Option(
+            help="With RUN_DIR (a run with a layer): distil a refit of its layer, its trained lists "
+            "with a residual coder fitted on the final items: rq (residual quantizer, same bytes) | pq."
+        ),
+    ] = None,
     rounds: Annotated[int, typer.Option(help="Rounds; item codes are re-assigned between them.")] = 3,
     epochs: Annotated[int, typer.Option(help="Passes over the queries per round.")] = 10,
     reassign: Annotated[
@@ -563,17 +584,35 @@ def distill(
     }
     if (run_dir is None) == (items is None):
         raise PoeemError("distill", "a RUN_DIR or --items (one of them)", "both or neither", "pass one")
+    if refit is not None:
+        from poeem.index.refit import check_refit
+
+        check_refit(refit)
     if run_dir is not None:
         from poeem.pipeline import export_run
 
         searcher = export_run(
-            run_dir, out, fast_scan, replace, distill=config, layer_settings=settings or None, resume=resume
+            run_dir,
+            out,
+            fast_scan,
+            replace,
+            distill=config,
+            layer_settings=settings or None,
+            resume=resume,
+            refit=refit,
         )
         assert searcher is not None
     else:
         from poeem.pipeline.distill import distill_embeddings
 
         assert items is not None
+        if refit is not None:
+            raise PoeemError(
+                "--refit",
+                "a RUN_DIR (a trained layer's lists)",
+                "--items",
+                "use --quantizer rq to fit a new index",
+            )
         if queries is None:
             raise PoeemError("distill", "--queries with --items", "no --queries", "pass --queries FILE.npy")
         x, q = read_array(items, "item embeddings"), read_array(queries, "query embeddings")

@@ -242,11 +242,30 @@ def fit_ivf_pq(
         else:
             coarse = kmeans(xr, num_coarse, iters=iters, seed=seed, progress=progress)
         residual = xr - coarse[coarse_assign(xr, coarse, coarse_metric)]
+    return coarse, fit_residual_coder(
+        residual, quantizer, num_subspaces, codebook_size, iters, seed + 1, progress
+    )
+
+
+def fit_residual_coder(
+    residual: torch.Tensor,
+    quantizer: str,
+    num_subspaces: int,
+    codebook_size: int,
+    iters: int,
+    seed: int,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Codebooks for ``residual`` (n, dim), the vectors minus their lists' centroids: a k-means
+    of each subspace ("pq"), or :func:`fit_residual_codebooks` ("rq").
+
+    Returns:
+        (D, K, dim / D) for PQ, (D, K, dim) for RQ.
+    """
     if quantizer == "rq":
-        return coarse, fit_residual_codebooks(residual, num_subspaces, codebook_size, iters, seed + 1)
+        return fit_residual_codebooks(residual, num_subspaces, codebook_size, iters, seed)
     sub = split_subvectors(residual, num_subspaces)  # (D, n, dsub)
-    codebooks = kmeans(sub, codebook_size, iters=iters, seed=seed + 1, progress=progress)
-    return coarse, codebooks
+    return kmeans(sub, codebook_size, iters=iters, seed=seed, progress=progress)
 
 
 def fit_residual_codebooks(

@@ -14,6 +14,7 @@ from poeem.data import InteractionData
 from poeem.errors import PoeemError
 from poeem.evaluation.report import query_encoder
 from poeem.index import PoeemLayer
+from poeem.index.refit import Refit, refit_layer
 from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
 from poeem.search.index_dir import check_publishable
@@ -56,6 +57,7 @@ def distill_run_index(
     progress: bool = True,
     checkpoint: Path | None = None,
     resume: bool = False,
+    refit: Refit | None = None,
 ) -> tuple[PoeemLayer, DistillResult]:
     """Distill a run's index from its own model's ranking of its training queries.
 
@@ -65,6 +67,8 @@ def distill_run_index(
         data: the run's data (its training queries are the teacher's queries).
         item_features: (num_items, Fi) the run's item features, or None.
         checkpoint, resume: see :func:`poeem.training.distill.distill_index`.
+        refit: "rq" or "pq": distil a refit of the model's layer instead (its trained lists, a
+            residual coder fitted on the final items: :func:`poeem.index.refit.refit_layer`).
 
     Returns:
         The distilled layer and its item codes.
@@ -74,12 +78,19 @@ def distill_run_index(
     with torch.no_grad():
         items = model.all_item_embeddings(item_features)
         queries = query_encoder(model, data)(np.unique(data.train_queries))
+    if refit is not None and model.index is None:
+        raise PoeemError(
+            "--refit",
+            "a run trained with a Poeem layer (its lists are kept)",
+            "a run without one",
+            "drop --refit and pass layer flags (e.g. --quantizer rq) to fit a new index",
+        )
     if model.index is not None:
         if layer_settings:
             raise PoeemError(
                 "distill", "no layer flags for a run with a Poeem layer", sorted(layer_settings), "drop them"
             )
-        layer = model.index
+        layer = model.index if refit is None else refit_layer(model.index, items, refit, progress)
     elif not layer_settings:
         raise PoeemError(
             "distill",

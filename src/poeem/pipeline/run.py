@@ -17,6 +17,7 @@ from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes
 from poeem.export.item_codes import EXPORT_DEFAULT, FromTraining, check_from_training, item_codes
 from poeem.index.config import PoeemConfig
+from poeem.index.refit import Refit, refit_layer
 from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
 from poeem.model.text import TextTwoTowerModel
@@ -240,6 +241,7 @@ def train_run(
         )
     if not distributed.is_main():
         return model, {}
+    refit = _refit_after_training(model, artifacts, cfg)
     distilled = _distill_after_training(model, data, artifacts, cfg)
     save_weights(run_dir, model)
     rows = evaluate_model(model, data, cfg)
@@ -252,27 +254,32 @@ def train_run(
         "history": history,
         "index_stats": model.index.stats() if model.index is not None else {},
     }
+    if refit:
+        metrics["refit"] = refit
     if distilled:
         metrics["distill"] = distilled
     write_metrics(run_dir, metrics)
     return model, metrics
 
 
-TEXT_DISTILL_EPOCHS = 10  # per round, when a text run leaves train.distill_epochs unset
+DEFAULT_DISTILL_EPOCHS = 10  # per round, when a text or refitted run leaves train.distill_epochs unset
 
 
 def distill_epochs(cfg: RunConfig) -> int:
     """Epochs per round of index distillation after training: ``train.distill_epochs``, or when
-    it is None, :data:`TEXT_DISTILL_EPOCHS` for a text model with a layer and 0 otherwise (in
-    one process only: a run under torchrun says how to distil it afterwards).
+    it is None, :data:`DEFAULT_DISTILL_EPOCHS` for a text model with a layer or a refitted
+    layer (``train.refit``) and 0 otherwise (in one process only: a run under torchrun says how
+    to distil it afterwards).
 
     A text model's layer trains few steps on a small labelled set: on SciFact its index alone
     kept 88% of exact ndcg@10 at 16 bytes and 97% at 48, below FAISS OPQ fitted afterwards;
     distilled, 92% and 98%, above or level with it (docs/benchmarks.md). On id data the gain was
-    1-2% and the synthetic task lost up to 5 points, so id runs distil only when asked."""
+    1-2% and the synthetic task lost up to 5 points, so id runs distil only when asked. A
+    refitted coder gains from distillation alone (Gowalla: nothing before it, +7% after)."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
-    return TEXT_DISTILL_EPOCHS if cfg.model.text is not None and cfg.model.poeem is not None else 0
+    has_layer = cfg.model.poeem is not None
+    return DEFAULT_DISTILL_EPOCHS if has_layer and (cfg.model.text is not None or cfg.train.refit) else 0
 
 
 def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) -> DistillConfig:
@@ -283,23 +290,36 @@ def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) ->
 
 
 def _check_distill(cfg: RunConfig) -> None:
-    """Refuse ``train.distill_epochs`` before training where it cannot run after it."""
-    if not cfg.train.distill_epochs:
-        return
-    if cfg.model.poeem is None:
-        raise PoeemError(
-            "--distill-epochs",
-            "a run with a Poeem layer (--poeem)",
-            "a baseline run",
-            "add --poeem, or distil an index for the trained run with 'poeem distill RUN_DIR'",
-        )
-    if distributed.is_active():
-        raise PoeemError(
-            "--distill-epochs",
-            "one process",
-            "torchrun",
-            "train without it, then run 'poeem distill RUN_DIR' (one process)",
-        )
+    """Refuse ``train.distill_epochs`` and ``train.refit`` before training where they cannot run
+    after it."""
+    for flag, asked, after in (
+        ("--distill-epochs", cfg.train.distill_epochs, "'poeem distill RUN_DIR'"),
+        ("--refit", cfg.train.refit, f"'poeem distill RUN_DIR --refit {cfg.train.refit}'"),
+    ):
+        if not asked:
+            continue
+        if cfg.model.poeem is None:
+            raise PoeemError(
+                flag,
+                "a run with a Poeem layer (--poeem)",
+                "a baseline run",
+                f"add --poeem, or build an index for the trained run with {after}",
+            )
+        if distributed.is_active():
+            raise PoeemError(
+                flag, "one process", "torchrun", f"train without it, then run {after} (one process)"
+            )
+
+
+def _refit_after_training(model: RetrievalModel, artifacts: RunArtifacts, cfg: RunConfig) -> dict[str, Any]:
+    """Replace the trained layer by its refit (``train.refit``); what it did, or {}."""
+    if cfg.train.refit is None or model.index is None:
+        return {}
+    started = time.perf_counter()
+    with torch.no_grad():
+        items = model.all_item_embeddings(artifacts.item_features)
+    model.index = refit_layer(model.index, items, cfg.train.refit, progress=cfg.train.progress)
+    return {"quantizer": cfg.train.refit, "seconds": time.perf_counter() - started}
 
 
 def _distill_after_training(
@@ -335,6 +355,7 @@ def export_run(
     layer_settings: dict[str, Any] | None = None,
     resume: bool = False,
     from_training: FromTraining | None = EXPORT_DEFAULT,
+    refit: Refit | None = None,
 ) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
 
@@ -347,7 +368,8 @@ def export_run(
     training queries (:func:`poeem.pipeline.distill.distill_run_index`; a run without a layer
     gets a new one with ``layer_settings``); the run itself is not changed. Its state is kept
     after every epoch next to ``out`` and, with ``resume``, continued (see
-    :func:`poeem.pipeline.distill.checkpoint_for`).
+    :func:`poeem.pipeline.distill.checkpoint_for`). With ``refit`` too, the distilled index is
+    a refit of the run's layer (:func:`poeem.index.refit.refit_layer`).
 
     Items are encoded with their saved features, exactly as the model embeds them; FAISS
     stores the data's own item ids when they are non-negative integers (else row numbers,
@@ -384,7 +406,15 @@ def export_run(
         checkpoint = checkpoint_for(out, resume, replace)
         distill = run_distill_config(distill, cfg, data.num_items)
         layer, result = distill_run_index(
-            model, data, art.item_features, distill, layer_settings, cfg.train.progress, checkpoint, resume
+            model,
+            data,
+            art.item_features,
+            distill,
+            layer_settings,
+            cfg.train.progress,
+            checkpoint,
+            resume,
+            refit,
         )
         coarse_codes, codes = result.coarse_codes, result.codes
     else:

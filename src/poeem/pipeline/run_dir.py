@@ -16,7 +16,7 @@ model computes and answer in the data's own ids.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ import torch
 from poeem.data import InteractionData
 from poeem.errors import PoeemError
 from poeem.ids import IdMap
+from poeem.index.refit import refit_settings
 from poeem.model import ModelConfig, RetrievalModel, TwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
@@ -84,6 +85,14 @@ def build_model(
         raise PoeemError("run config 'shapes'", "the model's vocabulary sizes", repr(err), FIX_RUN) from None
 
 
+def served_model_config(cfg: RunConfig) -> ModelConfig:
+    """The model a finished run holds: as configured, except a layer refitted after training
+    (``train.refit``), whose settings change with its quantizer (:func:`refit_settings`)."""
+    if cfg.train.refit is None or cfg.model.poeem is None:
+        return cfg.model
+    return replace(cfg.model, poeem=refit_settings(cfg.model.poeem, cfg.train.refit))
+
+
 def save_run(run_dir: Path, cfg: RunConfig, shapes: dict[str, int], artifacts: RunArtifacts) -> None:
     """Write ``config.json``, ``ids.json`` and ``features.safetensors`` (each atomically)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -135,7 +144,7 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[R
         if not (run_dir / name).is_file():
             raise PoeemError("run folder", f"'{name}' inside '{run_dir}'", "it is missing", FIX_RUN)
     cfg, raw = read_config(run_dir)
-    model = build_model(cfg.model, raw.get("shapes") or {})
+    model = build_model(served_model_config(cfg), raw.get("shapes") or {})
     weights = read_tensors(run_dir / "model.safetensors", "run weights", FIX_RUN)
     try:
         model.load_state_dict(weights)

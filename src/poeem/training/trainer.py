@@ -57,6 +57,10 @@ class TrainConfig:
     # the frozen model's own ranking of its training queries teaches the layer. None: 10 for
     # text models with a layer trained in one process (pipeline.run.distill_epochs), else 0
     distill_epochs: int | None = None
+    # after training, refit the layer's residual coder on the final item embeddings inside its
+    # trained lists (poeem.index.refit): "rq" (a residual quantizer, same bytes) or "pq"; the
+    # refitted index is then distilled (distill_epochs None: 10) and is the one the run serves
+    refit: Literal["pq", "rq"] | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -77,6 +81,7 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, "a positive integer"),
             ("max_steps", self.max_steps is None or self.max_steps >= 0, "None or an integer >= 0"),
             ("distill_epochs", (self.distill_epochs or 0) >= 0, "None or an integer >= 0"),
+            ("refit", self.refit in (None, "pq", "rq"), "None, 'pq' or 'rq'"),
         ]
         for name, ok, expected in checks:
             if not ok:

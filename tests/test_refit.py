@@ -1,0 +1,114 @@
+"""Refitting a trained layer's residual coder inside its lists (poeem.index.refit, --refit)."""
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import correlated
+from test_export_search import DIM, assert_same_topk, trained_layer
+from test_model_training import tiny_config
+from typer.testing import CliRunner
+
+from poeem import PoeemError, Searcher
+from poeem.cli import app
+from poeem.export import learned_index, to_faiss
+from poeem.index.refit import refit_layer
+from poeem.pipeline import load_run, train_run
+from poeem.search import FaissSearcher, TorchIVFPQ
+
+
+@pytest.mark.parametrize("quantizer", ["rq", "pq"])
+def test_a_refit_keeps_the_lists_and_codes_the_final_items_better(quantizer: str) -> None:
+    layer, x = trained_layer("givens", 8)  # a learned rotation, moved away from its OPQ start
+    before = copy.deepcopy(layer.state_dict())
+    final = x + 0.5 * correlated(len(x), DIM, seed=7)  # the items moved on after the fit
+    new = refit_layer(layer, final, quantizer)
+    assert new.config.quantizer == quantizer and new.is_initialized
+    assert new.config.rotation == ("none" if quantizer == "rq" else "givens")
+    assert torch.equal(new.encode(final)[0], layer.encode(final)[0])  # every item keeps its list
+    q = torch.randn(40, DIM)
+    with torch.no_grad():  # and every query scores the lists as before: it probes the same ones
+        torch.testing.assert_close(
+            (q @ new.rotation_matrix) @ new.coarse.T, (q @ layer.rotation_matrix) @ layer.coarse.T
+        )
+
+    def error(lay: object) -> float:
+        return float((lay.decode(*lay.encode(final)) - final).pow(2).sum(1).mean())
+
+    assert error(new) < 0.8 * error(layer)
+    assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())  # not changed
+
+
+def test_a_refit_exports_to_faiss_as_it_scores() -> None:
+    layer, x = trained_layer("givens", 8)
+    new = refit_layer(layer, x, "rq")
+    xq = torch.randn(30, DIM)
+    d1, i1 = FaissSearcher(to_faiss(new, x, metric="ip")).search(xq, 15, 2)
+    d2, i2 = TorchIVFPQ(learned_index(new, x), "ip").search(xq, 15, 2)
+    assert_same_topk(d1.numpy(), i1.numpy(), d2.numpy(), i2.numpy())
+
+
+def test_bad_input_is_a_clear_error() -> None:
+    layer, x = trained_layer("none", 8)
+    with pytest.raises(PoeemError, match="'pq' or 'rq'"):
+        refit_layer(layer, x, "lsq")
+    with pytest.raises(PoeemError, match=r"\(n, 16\) embeddings"):
+        refit_layer(layer, x[:, :8], "rq")
+    with pytest.raises(PoeemError, match="at least K = 16 items"):
+        refit_layer(layer, x[:10], "rq")
+    bad = x.clone()
+    bad[3, 2] = float("nan")
+    with pytest.raises(PoeemError, match="finite values"):
+        refit_layer(layer, bad, "rq")
+    fresh = copy.deepcopy(layer)
+    fresh.initialized.fill_(False)
+    with pytest.raises(PoeemError, match="past its warm start"):
+        refit_layer(fresh, x, "rq")
+
+
+def test_a_run_trained_with_refit_serves_the_refit(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    cfg.train.refit, cfg.train.distill_epochs = "rq", 1
+    model, metrics = train_run(cfg, tmp_path / "run")
+    assert metrics["refit"]["quantizer"] == "rq" and metrics["distill"]["epochs"] >= 1
+    stored = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert stored["model"]["poeem"].get("quantizer") is None  # trained with PQ, as asked
+    _, loaded = load_run(tmp_path / "run")
+    assert loaded.index.config.quantizer == "rq"
+    assert torch.equal(loaded.index.codebooks, model.index.codebooks)
+    result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "ix")])
+    assert result.exit_code == 0, (result.output, result.exception)
+    with torch.no_grad():
+        items = loaded.all_item_embeddings(None)
+    xq = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)  # as cosine searches
+    d1, i1 = Searcher.load(tmp_path / "ix").search(xq, 10, 2)
+    d2, i2 = TorchIVFPQ(learned_index(loaded.index, items), "ip").search(xq, 10, 2)
+    assert_same_topk(d1, i1, d2.numpy(), i2.numpy())
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run")])
+    assert result.exit_code == 0, (result.output, result.exception)
+
+
+def test_poeem_distill_refits_a_run_without_changing_it(tmp_path: Path) -> None:
+    train_run(tiny_config(), tmp_path / "run")
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    args = ["distill", str(tmp_path / "run"), "--out", str(tmp_path / "ix"), "--rounds", "1", "--epochs", "1"]
+    result = CliRunner().invoke(app, [*args, "--teacher-k", "20", "--no-progress", "--refit", "rq"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    assert Searcher.load(tmp_path / "ix").ntotal == 10_000
+    result = CliRunner().invoke(app, [*args[:4], "--replace", "--refit", "lsq"])
+    assert "'pq' or 'rq'" in str(result.exception)
+    result = CliRunner().invoke(app, ["distill", "--items", "x.npy", "--refit", "rq"])
+    assert "a RUN_DIR (a trained layer's lists)" in str(result.exception)
+
+
+def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) -> None:
+    cfg = tiny_config()
+    cfg.model.poeem, cfg.train.refit = None, "rq"
+    with pytest.raises(PoeemError, match="a run with a Poeem layer"):
+        train_run(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(PoeemError, match=r"train\.refit"):
+        tiny_config().train.__class__(refit="opq")
