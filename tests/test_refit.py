@@ -15,7 +15,7 @@ from poeem import PoeemError, Searcher
 from poeem.cli import app
 from poeem.export import learned_index, to_faiss
 from poeem.index.refit import refit_layer
-from poeem.pipeline import load_run, train_run
+from poeem.pipeline import load_run, resume_config, train_run
 from poeem.search import FaissSearcher, TorchIVFPQ
 
 
@@ -80,11 +80,12 @@ def test_a_run_trained_with_refit_serves_the_refit(tmp_path: Path) -> None:
     assert torch.equal(loaded.index.codebooks, model.index.codebooks)
     result = CliRunner().invoke(app, ["export", str(tmp_path / "run"), "--out", str(tmp_path / "ix")])
     assert result.exit_code == 0, (result.output, result.exception)
-    with torch.no_grad():
-        items = loaded.all_item_embeddings(None)
+    kept = loaded.index.trained  # the codes the distillation kept, saved with the run
+    assert bool(kept.distilled().all())
     xq = torch.nn.functional.normalize(torch.randn(20, 16), dim=1)  # as cosine searches
     d1, i1 = Searcher.load(tmp_path / "ix").search(xq, 10, 2)
-    d2, i2 = TorchIVFPQ(learned_index(loaded.index, items), "ip").search(xq, 10, 2)
+    ours = learned_index(loaded.index, (kept.coarse_codes.long(), kept.codes.long()))
+    d2, i2 = TorchIVFPQ(ours, "ip").search(xq, 10, 2)
     assert_same_topk(d1, i1, d2.numpy(), i2.numpy())
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "run")])
     assert result.exit_code == 0, (result.output, result.exception)
@@ -112,3 +113,12 @@ def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) ->
     assert not (tmp_path / "run").exists()
     with pytest.raises(PoeemError, match=r"train\.refit"):
         tiny_config().train.__class__(refit="opq")
+
+
+def test_a_finished_run_resumed_with_refit_is_refitted(tmp_path: Path) -> None:
+    _, trained = train_run(tiny_config(), tmp_path / "run")
+    cfg, applied = resume_config(tmp_path / "run", {"train": {"refit": "rq", "distill_epochs": 1}})
+    assert "train.refit: default -> rq" in applied
+    _, metrics = train_run(cfg, tmp_path / "run", resume=True)
+    assert metrics["steps"] == trained["steps"] and metrics["refit"]["quantizer"] == "rq"
+    assert load_run(tmp_path / "run")[1].index.config.quantizer == "rq"

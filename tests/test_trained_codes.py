@@ -167,3 +167,32 @@ def test_exporting_trained_codes_of_a_run_without_any_warns_and_encodes(tmp_path
         as_trained = export_run(tmp_path / "run", tmp_path / "trained", from_training="codes")
     encoded = export_run(tmp_path / "run", tmp_path / "encoded")
     assert torch.equal(as_trained.tensors.codes, encoded.tensors.codes)
+
+
+@pytest.mark.parametrize("num_coarse", [0, 4])
+def test_codes_a_distillation_kept_are_exported_as_they_are_until_the_layer_trains(num_coarse: int) -> None:
+    from poeem.training.distill import DistillConfig, distill_index
+
+    torch.manual_seed(0)
+    layer = {"num_subspaces": 4, "codebook_size": 16, "num_coarse": num_coarse, "warmup_steps": 0}
+    model = TwoTowerModel(
+        ModelConfig(dim=16, poeem={**layer, "buffer_size": 64}), num_queries=50, num_items=300
+    )
+    model.train()
+    model({"query_ids": torch.randint(50, (300,)), "item_ids": torch.arange(300)})  # fits the index
+    model.eval()
+    with torch.no_grad():
+        items = prepare_queries(model.all_item_embeddings(), model.config.search_metric, 16, "items")
+        queries = prepare_queries(model.query_tower.embedding.weight, "cosine", 16, "queries")
+    config = DistillConfig(rounds=1, epochs=2, teacher_k=20, reassign=False, patience=None)
+    result = distill_index(model.index, items, queries, config)
+    assert bool(model.index.trained.distilled().all())
+    _, fresh = item_codes(model, chunk=64)  # a re-encoding with the distilled codewords
+    assert not torch.equal(fresh, result.codes.long())  # the frozen codes are not a re-encoding
+    for mode in ("lists", "codes"):
+        coarse, codes = item_codes(model, chunk=64, from_training=mode)
+        assert torch.equal(codes.long(), result.codes.long())
+        if num_coarse:
+            assert torch.equal(coarse.long(), result.coarse_codes.long())
+    model.train()  # training moves the codewords: the distilled codes no longer hold
+    assert not bool(model.index.trained.seen().any())

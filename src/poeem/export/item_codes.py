@@ -5,6 +5,9 @@ then over the codewords of its residual), or takes what its latest training step
 (:attr:`poeem.PoeemLayer.trained`): its list, with only the residual encoded (``"lists"``, the
 default of ``poeem export``: measured as good as encoding from scratch, without the list search
 that grows with the catalogue), or its codes as they are (``"codes"``: the index as trained).
+Codes an index distillation kept (``poeem train --distill-epochs``, ``--refit``) are taken as
+they are by both: they are the index the distillation chose, and re-encoding them with its
+codewords lost up to 3% of recall@20 on MovieLens 100K (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -60,19 +63,18 @@ def encode_reusing(
     c = layer.config
     codes = torch.empty(len(rows), c.num_subspaces, dtype=torch.long)
     coarse = torch.empty(len(rows), dtype=torch.long) if c.num_coarse else None
-    reuse_lists = from_training == "lists" and coarse is not None  # no lists to keep without IVF
-    memory = layer.trained if from_training == "codes" or reuse_lists else None
-    kept = torch.zeros(len(rows), dtype=torch.bool)
+    memory = layer.trained if from_training is not None else None
+    kept = torch.zeros(len(rows), dtype=torch.bool)  # items whose list comes from training
+    whole = torch.zeros(len(rows), dtype=torch.bool)  # and whose codes do too
     if memory is not None:
         on_device = rows.to(memory.step.device)
-        seen = memory.seen(on_device)
-        kept, kept_rows = seen.cpu(), on_device[seen]
+        seen = memory.seen(on_device).cpu()
+        whole = seen if from_training == "codes" else memory.distilled(on_device).cpu()
+        kept = seen if coarse is not None else whole  # no lists to keep without IVF
         if coarse is not None and memory.coarse_codes is not None:
-            coarse[kept] = memory.coarse_codes[kept_rows].long().cpu()
-        if from_training == "codes":
-            codes[kept] = memory.codes[kept_rows].long().cpu()
-    groups = [(~kept, False)] + [(kept, True)] * (memory is not None and reuse_lists)
-    for mask, keep_lists in groups:
+            coarse[kept] = memory.coarse_codes[on_device[kept.to(on_device.device)]].long().cpu()
+        codes[whole] = memory.codes[on_device[whole.to(on_device.device)]].long().cpu()
+    for mask, keep_lists in ((~kept, False), (kept & ~whole, True)):
         if not bool(mask.any()):
             continue
         lists = coarse[mask] if keep_lists and coarse is not None else None

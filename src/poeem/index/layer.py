@@ -141,6 +141,13 @@ class PoeemLayer(nn.Module):
         """Index health of the last quantized batch, as floats (empty before quantization)."""
         return {k: float(v) for k, v in self._last_stats.items()}
 
+    def train(self, mode: bool = True) -> PoeemLayer:
+        """Training mode; entering it forgets the codes a distillation kept (they fit the
+        codewords as distilled, which training moves)."""
+        if mode and self.trained is not None:
+            self.trained.forget_distilled()
+        return super().train(mode)
+
     def _apply(self, fn: Any, recurse: bool = True) -> PoeemLayer:
         """Module casts move the layer between devices but keep its floats in float32."""
 

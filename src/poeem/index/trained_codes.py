@@ -18,6 +18,7 @@ from poeem.errors import PoeemError
 from poeem.index.quantize import smallest_uint_dtype
 
 NOT_SEEN = -1
+DISTILLED = -2  # the step of codes an index distillation kept: the index itself, served as they are
 
 
 def _code_dtype(n: int) -> torch.dtype:
@@ -109,6 +110,37 @@ class TrainedCodes(nn.Module):
             for d in subspace.unique().tolist():
                 stale |= torch.isin(self.codes[:, d].long(), word[subspace == d])
         self.step[stale] = NOT_SEEN
+
+    @torch.no_grad()
+    def keep_distilled(self, coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> None:
+        """Remember the codes an index distillation kept for every item, marked :data:`DISTILLED`:
+        an export takes them as they are (re-encoding would lose what the distillation chose).
+
+        Args:
+            coarse_codes: (num_items,) lists in id order, or None without IVF.
+            codes: (num_items, D) sub-codes in id order.
+        """
+        if codes.shape != self.codes.shape:
+            raise PoeemError(
+                "distilled codes",
+                f"shape {tuple(self.codes.shape)}",
+                f"{tuple(codes.shape)}",
+                "pass every item's",
+            )
+        device = self.step.device
+        self.step.fill_(DISTILLED)
+        self.codes.copy_(codes.to(device, self.codes.dtype))
+        if self.coarse_codes is not None and coarse_codes is not None:
+            self.coarse_codes.copy_(coarse_codes.to(device, self.coarse_codes.dtype))
+
+    @torch.no_grad()
+    def forget_distilled(self) -> None:
+        """Forget the codes a distillation kept (the codewords are about to train again)."""
+        self.step[self.step == DISTILLED] = NOT_SEEN
+
+    def distilled(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """(n,) bool: which items (of ``rows``, as in :meth:`seen`) hold codes a distillation kept."""
+        return self.step[slice(None) if rows is None else rows] == DISTILLED
 
     def seen(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
         """(n,) bool: which items (of ``rows``: ids on this module's device or a slice; all by

@@ -44,6 +44,7 @@ SAFE_ON_RESUME = {
         "epochs",
         "max_steps",
         "distill_epochs",
+        "refit",
         "device",
         "checkpoint_every",
         "eval_every",

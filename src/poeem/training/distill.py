@@ -161,7 +161,10 @@ def distill_index(
             and config are required).
 
     Returns:
-        The items' final codes (export them with the layer) and the loss history.
+        The items' final codes (export them with the layer) and the loss history. A layer that
+        remembers its items' codes (``num_items`` = n, items in id order, as in a run) keeps
+        them there (:meth:`poeem.index.trained_codes.TrainedCodes.keep_distilled`), so that an
+        export serves them as they are.
     """
     cfg = config or DistillConfig()
     _check_inputs(layer, items, queries, cfg)
@@ -262,6 +265,8 @@ def distill_index(
                 "(a larger temperature may help: DistillConfig.temperature, poeem distill --temperature)",
                 stacklevel=2,
             )
+    if layer.trained is not None and layer.trained.num_items == items.shape[0]:  # items in id order
+        layer.trained.keep_distilled(result.coarse_codes, result.codes)
     return result
 
 
