@@ -111,8 +111,9 @@ def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) ->
     with pytest.raises(PoeemError, match="a run with a Poeem layer"):
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
-    with pytest.raises(PoeemError, match=r"train\.refit"):
-        tiny_config().train.__class__(refit="opq")
+    result = CliRunner().invoke(app, ["train", "--refit", "opq", "--run-dir", str(tmp_path / "cli")])
+    assert "train.refit" in str(result.exception) and "'pq' or 'rq'" in str(result.exception)
+    assert not (tmp_path / "cli").exists()
 
 
 def test_a_finished_run_resumed_with_refit_is_refitted(tmp_path: Path) -> None:
