@@ -557,14 +557,12 @@ def recall_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
     for run in r["runs"]:
         per_variant.setdefault(run["variant"], []).append(run["train_s_per_epoch"])
     t = {k: float(np.median(v)) for k, v in per_variant.items()}  # robust to one disturbed run
-    ratio = t.get("poeem-ip", float("nan")) / t["baseline"]
     lines += [
         "",
         "Training time per epoch, median over seeds (s): "
         + ", ".join(f"{k} {v:.1f}" for k, v in t.items())
-        + f". poeem-ip / baseline, trained by the same command: {ratio:.2f}x"
-        " (rows of different commands may have run under different load; benchmarks/train_cost.py "
-        "measures the cost alone).",
+        + ". The rows come from different commands, threads and load (see the commands); "
+        "benchmarks/train_cost.py measures the cost of a step alone.",
         "",
     ]
     if r["dataset"] == "gowalla":
