@@ -4,7 +4,7 @@ Joint training gives the lists and the item embeddings; the codes of the residua
 again on the final embeddings, with product quantization ("pq") or a residual quantizer ("rq",
 same bytes). Measured on id data: the joint model's lists with a residual quantizer refitted
 and then distilled beat both the jointly trained codes and every index built after separate
-training (docs/benchmarks.md, "Refit").
+training (docs/design.md, "Refit after training").
 """
 
 from __future__ import annotations
