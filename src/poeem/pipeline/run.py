@@ -316,6 +316,7 @@ def _refit_after_training(model: RetrievalModel, artifacts: RunArtifacts, cfg: R
     """Replace the trained layer by its refit (``train.refit``); what it did, or {}."""
     if cfg.train.refit is None or model.index is None:
         return {}
+    model.eval()  # the items as served
     started = time.perf_counter()
     with torch.no_grad():
         items = model.all_item_embeddings(artifacts.item_features)
