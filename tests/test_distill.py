@@ -240,6 +240,10 @@ def test_a_run_is_distilled_without_changing_it(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["distill", str(tmp_path / "base"), "--out", str(tmp_path / "ix2")])
     assert "layer flags (e.g. --num-subspaces 8)" in str(result.exception)
     result = CliRunner().invoke(
+        app, ["distill", str(tmp_path / "base"), "--out", str(tmp_path / "ix2"), "--refit", "rq"]
+    )
+    assert "a run trained with a Poeem layer (its lists are kept)" in str(result.exception)
+    result = CliRunner().invoke(
         app,
         [
             "distill",

@@ -54,7 +54,7 @@ def test_bad_input_is_a_clear_error() -> None:
     layer, x = trained_layer("none", 8)
     with pytest.raises(PoeemError, match="'pq' or 'rq'"):
         refit_layer(layer, x, "lsq")
-    with pytest.raises(PoeemError, match=r"\(n, 16\) embeddings"):
+    with pytest.raises(PoeemError, match=r"shape \(batch, 16\)"):
         refit_layer(layer, x[:, :8], "rq")
     with pytest.raises(PoeemError, match="at least K = 16 items"):
         refit_layer(layer, x[:10], "rq")

@@ -55,32 +55,28 @@ def refit_layer(
     """
     if not layer.is_initialized:
         raise PoeemError("refit", "a trained layer (past its warm start)", "an unfitted layer", "train first")
+    layer._check_input(items)  # the layer's own checks of an item batch: shape, dtype, finite
     c = layer.config
-    if items.ndim != 2 or items.shape[1] != c.dim:
-        raise PoeemError(
-            "refit items", f"(n, {c.dim}) embeddings", f"shape {tuple(items.shape)}", "pass them"
-        )
     if items.shape[0] < c.codebook_size:
         raise PoeemError(
             "refit items", f"at least K = {c.codebook_size} items", str(items.shape[0]), "pass more items"
         )
-    if not bool(torch.isfinite(items).all()):
-        raise PoeemError("refit items", "finite values", "NaN or inf", "check the model's embeddings")
     settings = refit_settings({k: v for k, v in c.to_dict().items() if k != "dim"}, quantizer)
     new = PoeemLayer(PoeemConfig(dim=c.dim, **settings)).to(items.device)
-    rotation = trained_rotation = layer.rotation_matrix.detach().float()
     x = items.detach().float()
     if x.shape[0] > REFIT_SAMPLE:
         pick = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(c.seed))[:REFIT_SAMPLE]
         x = x[pick.to(x.device)]
-    residual = x @ rotation
+    rotation = layer.rotation_matrix.detach().float()
     coarse = None if layer.coarse is None else layer.coarse.detach().float()
+    if (
+        quantizer == "rq"
+    ):  # RQ takes no rotation: its lists in the items' own coordinates, <q, c R^T> = <qR, c>
+        coarse = None if coarse is None else coarse @ rotation.T
+        rotation = torch.eye(c.dim, device=x.device)
+    residual = x @ rotation
     if coarse is not None:
         residual = residual - coarse[coarse_assign(residual, coarse, c.coarse_metric, bulk=True).to(x.device)]
-    if quantizer == "rq":  # RQ takes no rotation: lists and residuals in the items' own coordinates
-        rotation = torch.eye(c.dim, device=x.device)
-        residual = residual @ trained_rotation.T
-        coarse = None if coarse is None else coarse @ trained_rotation.T
     codebooks = fit_residual_coder(
         residual, quantizer, c.num_subspaces, c.codebook_size, c.kmeans_iters, c.seed + 1, progress
     )

@@ -78,19 +78,19 @@ def distill_run_index(
     with torch.no_grad():
         items = model.all_item_embeddings(item_features)
         queries = query_encoder(model, data)(np.unique(data.train_queries))
-    if refit is not None and model.index is None:
-        raise PoeemError(
-            "--refit",
-            "a run trained with a Poeem layer (its lists are kept)",
-            "a run without one",
-            "drop --refit and pass layer flags (e.g. --quantizer rq) to fit a new index",
-        )
     if model.index is not None:
         if layer_settings:
             raise PoeemError(
                 "distill", "no layer flags for a run with a Poeem layer", sorted(layer_settings), "drop them"
             )
         layer = model.index if refit is None else refit_layer(model.index, items, refit, progress)
+    elif refit is not None:
+        raise PoeemError(
+            "--refit",
+            "a run trained with a Poeem layer (its lists are kept)",
+            "a run without one",
+            "drop --refit and pass layer flags (e.g. --quantizer rq) to fit a new index",
+        )
     elif not layer_settings:
         raise PoeemError(
             "distill",
