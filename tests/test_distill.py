@@ -129,6 +129,27 @@ def test_the_index_returned_is_the_one_the_heldout_queries_scored(rotation: str)
     assert same == result.reencoded
 
 
+def test_the_teacher_ranks_a_sample_of_many_queries() -> None:
+    from poeem.training.distill import MAX_QUERIES, _Teacher
+
+    items, queries = clustered(800, 4), clustered(300, 5)
+    layer = fitted_layer(items, rotation="none")
+    cfg = DistillConfig(rounds=1, epochs=3, teacher_k=20, max_queries=100, holdout=0.0)
+    teacher = _Teacher(layer, items, queries, cfg, torch.Generator().manual_seed(cfg.seed))
+    assert teacher.queries.shape[0] == teacher.fit.numel() == 100
+    # a sample of the given queries, each at most once
+    rows = torch.cdist(teacher.queries, queries).argmin(dim=1)
+    assert torch.equal(queries[rows], teacher.queries) and rows.unique().numel() == 100
+    # the temperature: the mean std of the sample's exact top-k scores
+    top = (teacher.queries @ items.T).topk(20, dim=1).values
+    assert teacher.temperature == pytest.approx(float(top.std(dim=1).mean()), rel=1e-5)
+    losses = [row["code_loss"] for row in distill_index(layer, items, queries, cfg, progress=False).history]
+    assert losses[-1] < losses[0]
+    with pytest.raises(PoeemError, match="distill max_queries: expected at least 1"):
+        DistillConfig(max_queries=0)
+    assert f"{MAX_QUERIES:,}" in CliRunner().invoke(app, ["distill", "--help"]).output
+
+
 def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     items, queries = clustered(600, 4), clustered(200, 5)
     frozen = {"codebook_lr": 0.0, "coarse_lr": 0.0, "rotation_lr": 0.0}  # the held-out loss never improves

@@ -530,6 +530,13 @@ def distill(
         ),
     ] = 3,
     teacher_k: Annotated[int, typer.Option(help="Exact top-k per query that the teacher ranks.")] = 100,
+    max_queries: Annotated[
+        int | None,
+        typer.Option(
+            help="Queries the teacher ranks at most; more are sampled (their exact top-k scores "
+            "every item, and every epoch passes over them); 0: all. Default: 32,768."
+        ),
+    ] = None,
     temperature: Annotated[
         float | None,
         typer.Option(
@@ -569,6 +576,7 @@ def distill(
         reassign=reassign,
         patience=patience or None,
         teacher_k=teacher_k,
+        **({} if max_queries is None else {"max_queries": max_queries or None}),
         temperature=temperature,
         guard_k=guard_k,
     )

@@ -58,6 +58,7 @@ def distill_run_index(
     checkpoint: Path | None = None,
     resume: bool = False,
     refit: Refit | None = None,
+    items: torch.Tensor | None = None,
 ) -> tuple[PoeemLayer, DistillResult]:
     """Distill a run's index from its own model's ranking of its training queries.
 
@@ -69,6 +70,8 @@ def distill_run_index(
         checkpoint, resume: see :func:`poeem.training.distill.distill_index`.
         refit: "rq" or "pq": distil a refit of the model's layer instead (its trained lists, a
             residual coder fitted on the final items: :func:`poeem.index.refit.refit_layer`).
+        items: (num_items, dim) the model's item embeddings, if they were just computed (in
+            eval mode); None embeds them.
 
     Returns:
         The distilled layer and its item codes.
@@ -76,7 +79,7 @@ def distill_run_index(
     if distributed.is_active():
         raise PoeemError("distill", "one process", "torchrun", "run 'poeem distill' without torchrun")
     with torch.no_grad():
-        items = model.all_item_embeddings(item_features)
+        items = model.all_item_embeddings(item_features) if items is None else items
         queries = query_encoder(model, data)(np.unique(data.train_queries))
     if model.index is not None:
         if layer_settings:

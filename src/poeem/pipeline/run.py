@@ -242,8 +242,8 @@ def train_run(
         )
     if not distributed.is_main():
         return model, {}
-    refit = _refit_after_training(model, artifacts, cfg)
-    distilled = _distill_after_training(model, data, artifacts, cfg)
+    refit, items = _refit_after_training(model, artifacts, cfg)
+    distilled = _distill_after_training(model, data, artifacts, cfg, items)
     save_weights(run_dir, model)
     rows = evaluate_model(model, data, cfg)
     metrics = {
@@ -312,22 +312,30 @@ def _check_distill(cfg: RunConfig) -> None:
             )
 
 
-def _refit_after_training(model: RetrievalModel, artifacts: RunArtifacts, cfg: RunConfig) -> dict[str, Any]:
-    """Replace the trained layer by its refit (``train.refit``); what it did, or {}."""
+def _refit_after_training(
+    model: RetrievalModel, artifacts: RunArtifacts, cfg: RunConfig
+) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """Replace the trained layer by its refit (``train.refit``); what it did ({} if nothing),
+    and the (num_items, dim) item embeddings it was fitted on (None if none were computed)."""
     if cfg.train.refit is None or model.index is None:
-        return {}
+        return {}, None
     model.eval()  # the items as served
     started = time.perf_counter()
     with torch.no_grad():
         items = model.all_item_embeddings(artifacts.item_features)
     model.index = refit_layer(model.index, items, cfg.train.refit, progress=cfg.train.progress)
-    return {"quantizer": cfg.train.refit, "seconds": time.perf_counter() - started}
+    return {"quantizer": cfg.train.refit, "seconds": time.perf_counter() - started}, items
 
 
 def _distill_after_training(
-    model: RetrievalModel, data: InteractionData, artifacts: RunArtifacts, cfg: RunConfig
+    model: RetrievalModel,
+    data: InteractionData,
+    artifacts: RunArtifacts,
+    cfg: RunConfig,
+    items: torch.Tensor | None = None,
 ) -> dict[str, Any]:
-    """Distil the trained model's layer in place (``train.distill_epochs``); what it did, or {}."""
+    """Distil the trained model's layer in place (``train.distill_epochs``), on the eval-mode
+    ``items`` (num_items, dim) if already computed; what it did, or {}."""
     epochs = distill_epochs(cfg)
     if not epochs or model.index is None:
         return {}
@@ -343,7 +351,9 @@ def _distill_after_training(
     model.eval()
     started = time.perf_counter()
     distill = run_distill_config(DistillConfig(epochs=epochs, seed=cfg.train.seed), cfg, data.num_items)
-    _, result = distill_run_index(model, data, artifacts.item_features, distill, progress=cfg.train.progress)
+    _, result = distill_run_index(
+        model, data, artifacts.item_features, distill, progress=cfg.train.progress, items=items
+    )
     kept = {"best": result.best, "guard": result.guard, "kept_start": result.kept_start}
     return {"seconds": time.perf_counter() - started, "epochs": len(result.history), **kept}
 

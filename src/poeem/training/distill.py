@@ -46,6 +46,7 @@ GUARD_ITEMS = 16384  # random items the guard scores besides the held-out querie
 GUARD_Z = 2.0  # the start is kept when distillation lowered the guard score by this many standard errors
 GUARD_K = 10  # the guard's depth when DistillConfig.guard_k is None
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
+MAX_QUERIES = 1 << 15  # queries the teacher ranks at most, by default (a sample of more)
 Codes = tuple[torch.Tensor | None, torch.Tensor]  # the items' (n,) lists (None without) and (n, D) codes
 # the best epoch: its held-out loss, parameters, history row, and the codes it was measured with
 Best = tuple[float, list[torch.Tensor], dict[str, float], Codes]
@@ -65,6 +66,9 @@ class DistillConfig:
     list_weight: weight of the list student's loss (the code student has weight 1).
     codebook_lr: Adam's learning rate of the codewords; a residual quantizer's later stages take
         a share of it, their codewords' starting RMS over the first stage's.
+    max_queries: queries the teacher ranks at most (None: all): a larger set is sampled once
+        (by ``seed``). The exact top-k scores every item for each of them, and every epoch
+        passes over them, so this bounds both on catalogues with millions of queries.
     holdout: share of the queries (at most 1,024) kept out of training; after every epoch their
         loss is measured, and the index of the best epoch is the one kept (early stopping).
     patience: a round ends after this many epochs in a row that did not improve on the round's
@@ -79,6 +83,7 @@ class DistillConfig:
     epochs: int = 10
     reassign: bool = True
     teacher_k: int = 100
+    max_queries: int | None = MAX_QUERIES
     batch_size: int = 128
     temperature: float | None = None
     list_weight: float = 1.0
@@ -91,7 +96,7 @@ class DistillConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("rounds", "epochs", "teacher_k", "batch_size", "patience", "guard_k"):
+        for name in ("rounds", "epochs", "teacher_k", "max_queries", "batch_size", "patience", "guard_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PoeemError(f"distill {name}", "at least 1", str(getattr(self, name)), "raise it")
         if self.temperature is not None and not self.temperature > 0:
@@ -273,7 +278,8 @@ def distill_index(
 class _Teacher:
     """The exact ranking the index learns, the split of the queries, and the students' scores.
 
-    ``g`` draws the held-out queries first; training keeps drawing its batches from it.
+    ``g`` draws the query sample (``max_queries``) and the held-out queries first; training keeps
+    drawing its batches from it.
     """
 
     def __init__(
@@ -284,17 +290,18 @@ class _Teacher:
         cfg: DistillConfig,
         g: torch.Generator,
     ) -> None:
+        device = items.device
+        if cfg.max_queries is not None and queries.shape[0] > cfg.max_queries:
+            sample = torch.randperm(queries.shape[0], generator=g)[: cfg.max_queries]
+            queries = queries[sample.sort().values.to(device)]
         self.layer, self.items, self.queries, self.cfg = layer, items, queries, cfg
         self.guard_k = cfg.guard_k or min(GUARD_K, items.shape[0])
-        device = items.device
-        _, self.top = FlatIndex(items, "ip").search(queries, cfg.teacher_k)  # (nq, teacher_k)
+        top_scores, self.top = FlatIndex(items, "ip").search(queries, cfg.teacher_k)  # (nq, teacher_k)
         order = torch.randperm(queries.shape[0], generator=g).to(device)
         held = min(int(cfg.holdout * queries.shape[0]), MAX_HELDOUT) if queries.shape[0] >= 20 else 0
         self.heldout, self.fit = order[:held], order[held:]
         first = self.fit[:1024]
-        self.temperature = cfg.temperature or float(
-            (queries[first] @ items.T).gather(1, self.top[first]).std(dim=1).mean().clamp_min(1e-6)
-        )
+        self.temperature = cfg.temperature or float(top_scores[first].std(dim=1).mean().clamp_min(1e-6))
         # items no query's top-k holds are scored too: training never sees them, so they can drift up
         sample = torch.randperm(items.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
         self.random_items = sample[:GUARD_ITEMS].to(device)
