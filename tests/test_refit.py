@@ -123,3 +123,24 @@ def test_a_finished_run_resumed_with_refit_is_refitted(tmp_path: Path) -> None:
     _, metrics = train_run(cfg, tmp_path / "run", resume=True)
     assert metrics["steps"] == trained["steps"] and metrics["refit"]["quantizer"] == "rq"
     assert load_run(tmp_path / "run")[1].index.config.quantizer == "rq"
+
+
+def test_a_refits_distillation_keeps_the_trained_lists(tmp_path: Path) -> None:
+    from poeem.data import load_data
+    from poeem.pipeline.distill import distill_run_index
+    from poeem.pipeline.run_dir import read_artifacts
+    from poeem.training.distill import DistillConfig
+
+    cfg = tiny_config()
+    cfg.model.poeem["num_coarse"] = 4
+    train_run(cfg, tmp_path / "run")
+    cfg, model = load_run(tmp_path / "run")
+    data, features = load_data(cfg.data), read_artifacts(tmp_path / "run").item_features
+    with torch.no_grad():
+        items = model.all_item_embeddings(features)
+    start = refit_layer(model.index, items, "rq")
+    config = DistillConfig(rounds=2, epochs=2, teacher_k=20, holdout=0.0)  # no guard: it distils
+    layer, result = distill_run_index(model, data, features, config, progress=False, refit="rq")
+    assert torch.equal(layer.coarse, start.coarse)  # the lists as trained
+    assert torch.equal(result.coarse_codes, start.encode(items)[0].long())  # every item in its list
+    assert not torch.equal(layer.codebooks, start.codebooks)  # while the coder was distilled

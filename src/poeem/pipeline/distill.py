@@ -3,6 +3,7 @@ any embeddings (``poeem distill --items --queries``). See :mod:`poeem.training.d
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,8 @@ def distill_run_index(
         item_features: (num_items, Fi) the run's item features, or None.
         checkpoint, resume: see :func:`poeem.training.distill.distill_index`.
         refit: "rq" or "pq": distil a refit of the model's layer instead (its trained lists, a
-            residual coder fitted on the final items: :func:`poeem.index.refit.refit_layer`).
+            residual coder fitted on the final items: :func:`poeem.index.refit.refit_layer`);
+            the lists stay as trained (``config``'s coarse_lr and list_weight are set to 0).
         items: (num_items, dim) the model's item embeddings, if they were just computed (in
             eval mode); None embeds them.
 
@@ -86,7 +88,10 @@ def distill_run_index(
             raise PoeemError(
                 "distill", "no layer flags for a run with a Poeem layer", sorted(layer_settings), "drop them"
             )
-        layer = model.index if refit is None else refit_layer(model.index, items, refit, progress)
+        layer = model.index
+        if refit is not None:  # the refit keeps the trained lists: only its coder is distilled
+            layer = refit_layer(layer, items, refit, progress)
+            config = replace(config, coarse_lr=0.0, list_weight=0.0)
     elif refit is not None:
         raise PoeemError(
             "--refit",

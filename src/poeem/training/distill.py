@@ -63,9 +63,10 @@ class DistillConfig:
     teacher_k: the exact top-k per query that the teacher ranks.
     temperature: of both softmaxes, in score units; None: the mean over queries of the std of
         their teacher top-k scores.
-    list_weight: weight of the list student's loss (the code student has weight 1).
-    codebook_lr: Adam's learning rate of the codewords; a residual quantizer's later stages take
-        a share of it, their codewords' starting RMS over the first stage's.
+    list_weight: weight of the list student's loss (the code student has weight 1; 0: not scored).
+    coarse_lr, codebook_lr, rotation_lr: Adam's learning rates (coarse_lr 0: the coarse
+        centroids stay, and with them every item's list); a residual quantizer's later stages
+        take a share of codebook_lr, their codewords' starting RMS over the first stage's.
     max_queries: queries the teacher ranks at most (None: all): a larger set is sampled once
         (by ``seed``). The exact top-k scores every item for each of them, and every epoch
         passes over them, so this bounds both on catalogues with millions of queries.
@@ -180,7 +181,7 @@ def distill_index(
     g = torch.Generator().manual_seed(cfg.seed)
     teacher = _Teacher(layer, items, queries, cfg, g)
     groups = [{"params": [layer.codebooks], "lr": cfg.codebook_lr}]
-    if layer.coarse is not None:
+    if layer.coarse is not None and cfg.coarse_lr > 0:
         groups.append({"params": [layer.coarse], "lr": cfg.coarse_lr})
     if layer.givens is not None:
         groups.append({"params": list(layer.givens.parameters()), "lr": cfg.rotation_lr})
@@ -325,7 +326,8 @@ class _Teacher:
     def losses(self, rows: torch.Tensor, codes: Codes) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The code and the list students' ListNet losses on the queries ``rows``."""
         teacher, code, lists = self.scores(rows, codes)
-        list_loss = listnet(teacher, lists, self.temperature) if lists is not None else None
+        weighted = lists is not None and self.cfg.list_weight > 0
+        list_loss = listnet(teacher, lists, self.temperature) if weighted else None
         return listnet(teacher, code, self.temperature), list_loss
 
     @torch.no_grad()
