@@ -68,11 +68,25 @@ def test_bad_input_is_a_clear_error() -> None:
         refit_layer(fresh, x, "rq")
 
 
-def test_a_run_trained_with_refit_serves_the_refit(tmp_path: Path) -> None:
+def test_a_run_trained_with_refit_serves_the_refit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import poeem.pipeline.run as run
+
+    refitted = []  # the lists of the layer the refit made, before its distillation
+
+    def refit_and_keep(*args: object, **kwargs: object) -> object:
+        layer = refit_layer(*args, **kwargs)
+        refitted.append(layer.coarse.detach().clone())
+        return layer
+
+    monkeypatch.setattr(run, "refit_layer", refit_and_keep)
+    monkeypatch.setattr("poeem.training.distill.GUARD_Z", float("inf"))  # the distilled index is kept
     cfg = tiny_config()
+    cfg.model.poeem["num_coarse"] = 4
     cfg.train.refit, cfg.train.distill_epochs = "rq", 1
     model, metrics = train_run(cfg, tmp_path / "run")
     assert metrics["refit"]["quantizer"] == "rq" and metrics["distill"]["epochs"] >= 1
+    assert not metrics["distill"]["kept_start"]
+    assert torch.equal(model.index.coarse, refitted[0])  # distilled in the lists as trained
     stored = json.loads((tmp_path / "run" / "config.json").read_text())
     assert stored["model"]["poeem"].get("quantizer") is None  # trained with PQ, as asked
     _, loaded = load_run(tmp_path / "run")

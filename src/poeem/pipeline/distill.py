@@ -3,7 +3,6 @@ any embeddings (``poeem distill --items --queries``). See :mod:`poeem.training.d
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -71,7 +70,7 @@ def distill_run_index(
         checkpoint, resume: see :func:`poeem.training.distill.distill_index`.
         refit: "rq" or "pq": distil a refit of the model's layer instead (its trained lists, a
             residual coder fitted on the final items: :func:`poeem.index.refit.refit_layer`);
-            the lists stay as trained (``config``'s coarse_lr and list_weight are set to 0).
+            the lists stay as trained (:meth:`DistillConfig.keeping_lists`).
         items: (num_items, dim) the model's item embeddings, if they were just computed (in
             eval mode); None embeds them.
 
@@ -91,7 +90,7 @@ def distill_run_index(
         layer = model.index
         if refit is not None:  # the refit keeps the trained lists: only its coder is distilled
             layer = refit_layer(layer, items, refit, progress)
-            config = replace(config, coarse_lr=0.0, list_weight=0.0)
+            config = config.keeping_lists()
     elif refit is not None:
         raise PoeemError(
             "--refit",

@@ -351,6 +351,8 @@ def _distill_after_training(
     model.eval()
     started = time.perf_counter()
     distill = run_distill_config(DistillConfig(epochs=epochs, seed=cfg.train.seed), cfg, data.num_items)
+    if cfg.train.refit:  # the layer was refitted in the trained lists: they stay
+        distill = distill.keeping_lists()
     _, result = distill_run_index(
         model, data, artifacts.item_features, distill, progress=cfg.train.progress, items=items
     )

@@ -28,7 +28,7 @@ item in the top-k does.
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -109,6 +109,11 @@ class DistillConfig:
         for name in ("list_weight", "coarse_lr", "codebook_lr", "rotation_lr"):
             if not getattr(self, name) >= 0:
                 raise PoeemError(f"distill {name}", "a number >= 0", str(getattr(self, name)), "fix it")
+
+    def keeping_lists(self) -> DistillConfig:
+        """This config with the coarse centroids, and so every item's list, frozen (coarse_lr 0,
+        no list student): how a refit, whose lists joint training made, is distilled."""
+        return replace(self, coarse_lr=0.0, list_weight=0.0)
 
 
 @dataclass
