@@ -227,9 +227,9 @@ def train(
         Opt(
             help="After training, refit the layer's residual coder on the final item embeddings "
             "inside its trained lists, then distil it; the run serves the refit. rq: a residual "
-            "quantizer at the same bytes (on MovieLens, Gowalla and SciFact above the trained codes "
-            "and every peer, not on the synthetic task: docs/benchmarks.md; FAISS scans its codes "
-            "slower than PQ's) | pq (safe on --resume).",
+            "quantizer at the same bytes (above the trained codes and every peer on every dataset "
+            "measured: docs/benchmarks.md; FAISS scans its codes slower than PQ's, and not with "
+            "--fast-scan) | pq (safe on --resume).",
             rich_help_panel="Training",
         ),
     ] = None,

@@ -100,7 +100,7 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
             raise PoeemError(
                 "fast_scan",
                 "product-quantization codes",
-                "a residual quantizer",
+                "a residual quantizer (a run trained with --refit rq or --quantizer rq)",
                 "export without --fast-scan",
             )
         inner = _residual_index(ix, fmetric, nbits, centroids, ids)
