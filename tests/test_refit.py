@@ -2,6 +2,7 @@
 
 import copy
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,11 @@ def test_a_refits_distillation_keeps_the_trained_lists(tmp_path: Path) -> None:
     assert torch.equal(layer.coarse, start.coarse)  # the lists as trained
     assert torch.equal(result.coarse_codes, start.encode(items)[0].long())  # every item in its list
     assert not torch.equal(layer.codebooks, start.codebooks)  # while the coder was distilled
+    # and so is a run trained with --refit when it is distilled again (poeem distill RUN_DIR)
+    from poeem.pipeline.run import run_distill_config
+
+    cfg.train.refit = "rq"
+    kept = replace(config.keeping_lists(), teacher_k=20, guard_k=10)
+    assert run_distill_config(config, cfg, 10_000) == kept
+    cfg.train.refit = None
+    assert run_distill_config(config, cfg, 10_000).coarse_lr == config.coarse_lr > 0

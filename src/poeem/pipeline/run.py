@@ -285,9 +285,12 @@ def distill_epochs(cfg: RunConfig) -> int:
 
 def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) -> DistillConfig:
     """``config`` for a run: unless set, its guard watches the shallowest depth the run
-    evaluates (``eval.ks``), and a catalogue smaller than the teacher's top-k is ranked whole."""
+    evaluates (``eval.ks``), and a catalogue smaller than the teacher's top-k is ranked whole; a
+    run refitted after training (``train.refit``) keeps its trained lists
+    (:meth:`DistillConfig.keeping_lists`)."""
     guard_k = config.guard_k or min(min(cfg.eval.ks), num_items)
-    return replace(config, guard_k=guard_k, teacher_k=min(config.teacher_k, num_items))
+    config = replace(config, guard_k=guard_k, teacher_k=min(config.teacher_k, num_items))
+    return config.keeping_lists() if cfg.train.refit else config
 
 
 def _check_distill(cfg: RunConfig) -> None:
@@ -351,8 +354,6 @@ def _distill_after_training(
     model.eval()
     started = time.perf_counter()
     distill = run_distill_config(DistillConfig(epochs=epochs, seed=cfg.train.seed), cfg, data.num_items)
-    if cfg.train.refit:  # the layer was refitted in the trained lists: they stay
-        distill = distill.keeping_lists()
     _, result = distill_run_index(
         model, data, artifacts.item_features, distill, progress=cfg.train.progress, items=items
     )
