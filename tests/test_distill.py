@@ -150,6 +150,18 @@ def test_the_teacher_ranks_a_sample_of_many_queries() -> None:
     assert f"{MAX_QUERIES:,}" in CliRunner().invoke(app, ["distill", "--help"]).output
 
 
+def test_a_round_holds_the_codes_in_their_smallest_dtype(tmp_path: Path) -> None:
+    from poeem.training.checkpoint import read_checkpoint
+
+    items, queries = clustered(600, 2), clustered(150, 3)
+    layer, state = fitted_layer(items), tmp_path / "state.safetensors"
+    config = DistillConfig(rounds=1, epochs=1, teacher_k=20)
+    result = distill_index(layer, items, queries, config, progress=False, checkpoint=state)
+    tensors, _ = read_checkpoint(state)  # a catalogue's codes, 8x smaller than int64 while frozen
+    assert tensors["extra.codes"].dtype == tensors["extra.coarse_codes"].dtype == torch.uint8
+    assert result.codes.dtype == result.coarse_codes.dtype == torch.int64  # returned as documented
+
+
 def test_patience_ends_rounds_that_stop_improving(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     items, queries = clustered(600, 4), clustered(200, 5)
     frozen = {"codebook_lr": 0.0, "coarse_lr": 0.0, "rotation_lr": 0.0}  # the held-out loss never improves

@@ -258,7 +258,8 @@ def distill_index(
                 codes, reencoded = fresh, True
     elif cfg.reassign:
         codes = _encode(layer, items)
-    result = DistillResult(*codes, history, best[2] if best is not None else history[-1], reencoded=reencoded)
+    row = best[2] if best is not None else history[-1]
+    result = DistillResult(*_as_long(codes), history, row, reencoded=reencoded)
     before = start[2]
     if before is not None:  # the guard: not an index whose top-k the model scores lower on held-out queries
         after = teacher.guard_scores(codes)
@@ -268,7 +269,7 @@ def distill_index(
         result.guard["k"] = teacher.guard_k
         if float(diff.mean()) < -GUARD_Z * stderr:
             _copy_into(trained, start[0])
-            (result.coarse_codes, result.codes), result.kept_start = start[1], True
+            (result.coarse_codes, result.codes), result.kept_start = _as_long(start[1]), True
             warnings.warn(
                 f"distillation lowered the model's mean score of the held-out queries' top-{teacher.guard_k} "
                 f"({result.guard['start']:.4f} -> {result.guard['distilled']:.4f}, standard error "
@@ -323,8 +324,8 @@ class _Teacher:
         cand = (pool if extra is None else torch.cat([pool, extra])).unique()
         q = self.queries[rows]
         qr = q @ layer.rotation_matrix
-        lists = layer.coarse[coarse_codes[cand]] if layer.coarse is not None else None
-        recon = pq_reconstruct(pq_codes[cand], layer.codebooks, layer.config.dim)
+        lists = layer.coarse[coarse_codes[cand].long()] if layer.coarse is not None else None
+        recon = pq_reconstruct(pq_codes[cand].long(), layer.codebooks, layer.config.dim)
         code = qr @ (recon if lists is None else recon + lists).T
         return q @ self.items[cand].T, code, (qr @ lists.T if lists is not None else None)
 
@@ -489,8 +490,14 @@ def _restore(
 
 
 def _encode(layer: PoeemLayer, items: torch.Tensor) -> Codes:
-    cc, codes = layer.encode(items)
-    return (cc.long() if cc is not None else None), codes.long()
+    """The items' codes in the layer's smallest dtypes (uint8 for K <= 256): a catalogue's codes
+    stay 8x smaller than int64 while they are frozen through a round."""
+    return layer.encode(items)
+
+
+def _as_long(codes: Codes) -> Codes:
+    coarse, pq = codes
+    return (None if coarse is None else coarse.long()), pq.long()
 
 
 def _check_inputs(layer: PoeemLayer, items: torch.Tensor, queries: torch.Tensor, cfg: DistillConfig) -> None:
