@@ -143,6 +143,7 @@ def test_a_finished_run_resumed_with_refit_is_refitted(tmp_path: Path) -> None:
 def test_a_refits_distillation_keeps_the_trained_lists(tmp_path: Path) -> None:
     from poeem.data import load_data
     from poeem.pipeline.distill import distill_run_index
+    from poeem.pipeline.run import run_distill_config
     from poeem.pipeline.run_dir import read_artifacts
     from poeem.training.distill import DistillConfig
 
@@ -160,8 +161,6 @@ def test_a_refits_distillation_keeps_the_trained_lists(tmp_path: Path) -> None:
     assert torch.equal(result.coarse_codes, start.encode(items)[0].long())  # every item in its list
     assert not torch.equal(layer.codebooks, start.codebooks)  # while the coder was distilled
     # and so is a run trained with --refit when it is distilled again (poeem distill RUN_DIR)
-    from poeem.pipeline.run import run_distill_config
-
     cfg.train.refit = "rq"
     kept = replace(config.keeping_lists(), teacher_k=20, guard_k=10)
     assert run_distill_config(config, cfg, 10_000) == kept

@@ -69,9 +69,8 @@ def refit_layer(
         x = x[pick.to(x.device)]
     rotation = layer.rotation_matrix.detach().float()
     coarse = None if layer.coarse is None else layer.coarse.detach().float()
-    if (
-        quantizer == "rq"
-    ):  # RQ takes no rotation: its lists in the items' own coordinates, <q, c R^T> = <qR, c>
+    if quantizer == "rq":
+        # RQ takes no rotation: its lists in the items' own coordinates, <q, c R^T> = <qR, c>
         coarse = None if coarse is None else coarse @ rotation.T
         rotation = torch.eye(c.dim, device=x.device)
     residual = x @ rotation

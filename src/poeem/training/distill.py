@@ -201,7 +201,7 @@ def distill_index(
             raise PoeemError("distill resume", "a checkpoint file", "None", "pass checkpoint=PATH")
         done, history, best, codes, start = _restore(checkpoint, layer, optimizer, g, inputs, trained)
     else:
-        codes = _encode(layer, items)
+        codes = layer.encode(items)  # in the smallest dtypes (uint8 for K <= 256) while frozen
         start = ([p.detach().clone() for p in trained], codes, teacher.guard_scores(codes))
     stage_steps = _stage_steps(layer, start[0][0])
     fit = teacher.fit
@@ -219,7 +219,7 @@ def distill_index(
     while step < total:
         round_no, epoch = divmod(step, cfg.epochs)
         if round_no and not epoch and cfg.reassign:
-            codes = _encode(layer, items)
+            codes = layer.encode(items)
         sums, count = {"code_loss": 0.0, "list_loss": 0.0}, 0
         for rows in fit[torch.randperm(fit.numel(), generator=g).to(device)].split(cfg.batch_size):
             code_loss, list_loss = teacher.losses(rows, codes)
@@ -253,11 +253,11 @@ def distill_index(
         _copy_into(trained, best[1])
         codes = best[3]
         if cfg.reassign:  # or the items re-encoded with those parameters, if they score better
-            fresh = _encode(layer, items)
+            fresh = layer.encode(items)
             if teacher.heldout_loss(fresh) < best[0]:
                 codes, reencoded = fresh, True
     elif cfg.reassign:
-        codes = _encode(layer, items)
+        codes = layer.encode(items)
     row = best[2] if best is not None else history[-1]
     result = DistillResult(*_as_long(codes), history, row, reencoded=reencoded)
     before = start[2]
@@ -299,8 +299,8 @@ class _Teacher:
     ) -> None:
         device = items.device
         if cfg.max_queries is not None and queries.shape[0] > cfg.max_queries:
-            sample = torch.randperm(queries.shape[0], generator=g)[: cfg.max_queries]
-            queries = queries[sample.sort().values.to(device)]
+            picked = torch.randperm(queries.shape[0], generator=g)[: cfg.max_queries]
+            queries = queries[picked.sort().values.to(device)]
         self.layer, self.items, self.queries, self.cfg = layer, items, queries, cfg
         self.guard_k = cfg.guard_k or min(GUARD_K, items.shape[0])
         top_scores, self.top = FlatIndex(items, "ip").search(queries, cfg.teacher_k)  # (nq, teacher_k)
@@ -489,13 +489,8 @@ def _restore(
     return state["done"], state["history"], best, codes[""], start
 
 
-def _encode(layer: PoeemLayer, items: torch.Tensor) -> Codes:
-    """The items' codes in the layer's smallest dtypes (uint8 for K <= 256): a catalogue's codes
-    stay 8x smaller than int64 while they are frozen through a round."""
-    return layer.encode(items)
-
-
 def _as_long(codes: Codes) -> Codes:
+    """The codes as the int64 tensors :class:`DistillResult` holds."""
     coarse, pq = codes
     return (None if coarse is None else coarse.long()), pq.long()
 
