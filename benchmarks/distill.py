@@ -242,12 +242,16 @@ def distilled(
     started: float | None = None,
     reassign: bool = True,
     k: int | None = None,
+    keep_lists: bool = False,
 ) -> tuple[Any, float, dict[str, Any]]:
-    """Distil ``layer`` in place with the default settings, its guard watching the top ``k``
-    that the benchmark scores; (its index, the seconds since ``started`` or of the distillation
-    alone, plus ``before_s``, and the best epoch, the epochs run and the guard's decision)."""
+    """Distil ``layer`` in place with the default settings (``keep_lists``: those of a refit,
+    :meth:`DistillConfig.keeping_lists`), its guard watching the top ``k`` that the benchmark
+    scores; (its index, the seconds since ``started`` or of the distillation alone, plus
+    ``before_s``, and the best epoch, the epochs run and the guard's decision)."""
     started = started if started is not None else time.perf_counter()
     config = DistillConfig(reassign=reassign, seed=seed, guard_k=k)
+    if keep_lists:
+        config = config.keeping_lists()
     if tiny:
         config = replace(config, rounds=1, epochs=1, teacher_k=20)
     result = distill_index(layer, items, queries, config, progress=False)

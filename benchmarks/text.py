@@ -162,7 +162,7 @@ def index_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, 
         started = time.perf_counter()  # poeem train --refit rq: an RQ coder refitted in its lists, distilled
         layer = refit_layer(model.index, items, "rq")
         refit_s = time.perf_counter() - started
-        index, seconds, _ = distilled(layer, items, queries, seed, False, refit_s, k=KS[0])
+        index, seconds, _ = distilled(layer, items, queries, seed, False, refit_s, k=KS[0], keep_lists=True)
         return [*rows, row("poeem-refit-rq-distilled", index, seconds)]
     started = time.perf_counter()
     rows = [row("scann", ScannIndex(items, 0, budget, 256), time.perf_counter() - started)]
