@@ -106,21 +106,6 @@ def test_the_heldout_queries_pick_the_epoch_kept() -> None:
     assert result.best == best
 
 
-def test_a_distillation_that_keeps_the_lists_runs_one_round_unless_told() -> None:
-    from poeem.training.distill import ROUNDS
-
-    assert DistillConfig().num_rounds == ROUNDS > 1
-    assert DistillConfig().keeping_lists().num_rounds == 1
-    assert DistillConfig(rounds=2).keeping_lists().num_rounds == 2  # a rounds set is kept
-    items, queries = clustered(800, 4), clustered(300, 5)
-    kept = DistillConfig(epochs=2, teacher_k=20, patience=None).keeping_lists()
-    result = distill_index(fitted_layer(items), items, queries, kept, progress=False)
-    assert [(row["round"], row["epoch"]) for row in result.history] == [(0, 0), (0, 1)]
-    moving = replace(kept, coarse_lr=1e-3)
-    result = distill_index(fitted_layer(items), items, queries, moving, progress=False)
-    assert [row["round"] for row in result.history] == [0, 0, 1, 1, 2, 2]
-
-
 @pytest.mark.parametrize("rotation", ["none", "givens"])
 def test_the_index_returned_is_the_one_the_heldout_queries_scored(rotation: str) -> None:
     from poeem.training.distill import _Teacher

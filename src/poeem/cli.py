@@ -516,13 +516,7 @@ def distill(
             "with a residual coder fitted on the final items: rq (residual quantizer, same bytes) | pq."
         ),
     ] = None,
-    rounds: Annotated[
-        int | None,
-        typer.Option(
-            help="Rounds; item codes are re-assigned between them. Default: 3, or 1 where the lists "
-            "stay (--refit, or a run trained with --refit)."
-        ),
-    ] = None,
+    rounds: Annotated[int, typer.Option(help="Rounds; item codes are re-assigned between them.")] = 3,
     epochs: Annotated[int, typer.Option(help="Passes over the queries per round.")] = 10,
     reassign: Annotated[
         bool, typer.Option("--reassign/--no-reassign", help="Re-assign item codes between rounds.")

@@ -47,7 +47,6 @@ GUARD_Z = 2.0  # the start is kept when distillation lowered the guard score by 
 GUARD_K = 10  # the guard's depth when DistillConfig.guard_k is None
 MAX_HELDOUT = 1024  # held-out queries at most: enough to pick an epoch, cheap to score
 MAX_QUERIES = 1 << 15  # queries the teacher ranks at most, by default (a sample of more)
-ROUNDS = 3  # rounds when DistillConfig.rounds is None and the lists move
 Codes = tuple[torch.Tensor | None, torch.Tensor]  # the items' (n,) lists (None without) and (n, D) codes
 # the best epoch: its held-out loss, parameters, history row, and the codes it was measured with
 Best = tuple[float, list[torch.Tensor], dict[str, float], Codes]
@@ -59,10 +58,7 @@ Start = tuple[list[torch.Tensor], Codes, torch.Tensor | None]
 class DistillConfig:
     """How the index is distilled.
 
-    rounds: passes of ``epochs`` epochs each; item codes are frozen within a round. None:
-        :data:`ROUNDS`, or 1 when the lists are kept (:meth:`keeping_lists`; then only codes are
-        re-assigned, and on Gowalla and the synthetic task a second round found nothing better:
-        half the time for the same index, docs/design.md).
+    rounds: passes of ``epochs`` epochs each; item codes are frozen within a round.
     reassign: re-encode the items between rounds (else their first codes are kept: JPQ-style).
     teacher_k: the exact top-k per query that the teacher ranks.
     temperature: of both softmaxes, in score units; None: the mean over queries of the std of
@@ -84,7 +80,7 @@ class DistillConfig:
         top ``guard_k`` by more than ``GUARD_Z`` standard errors.
     """
 
-    rounds: int | None = None
+    rounds: int = 3
     epochs: int = 10
     reassign: bool = True
     teacher_k: int = 100
@@ -114,17 +110,9 @@ class DistillConfig:
             if not getattr(self, name) >= 0:
                 raise PoeemError(f"distill {name}", "a number >= 0", str(getattr(self, name)), "fix it")
 
-    @property
-    def num_rounds(self) -> int:
-        """The rounds run: ``rounds``, or when None 1 if the lists are kept, else :data:`ROUNDS`."""
-        if self.rounds is not None:
-            return self.rounds
-        return 1 if self.coarse_lr == 0 and self.list_weight == 0 else ROUNDS
-
     def keeping_lists(self) -> DistillConfig:
         """This config with the coarse centroids, and so every item's list, frozen (coarse_lr 0,
-        no list student): how a refit, whose lists joint training made, is distilled (in one
-        round unless ``rounds`` is set)."""
+        no list student): how a refit, whose lists joint training made, is distilled."""
         return replace(self, coarse_lr=0.0, list_weight=0.0)
 
 
@@ -218,7 +206,7 @@ def distill_index(
     stage_steps = _stage_steps(layer, start[0][0])
     fit = teacher.fit
     per_epoch = -(-fit.numel() // cfg.batch_size)
-    total = cfg.num_rounds * cfg.epochs
+    total = cfg.rounds * cfg.epochs
     bar = tqdm(
         total=total * per_epoch,
         initial=done * per_epoch,
@@ -390,7 +378,7 @@ def _next_step(step: int, history: list[dict[str, float]], best: Best | None, cf
     held-out loss (a round starts from re-assigned codes, higher than the best so far, and gets
     its whole patience to improve on itself); the end (rounds * epochs) when the round that ended
     found no better loss than an earlier round."""
-    total = cfg.num_rounds * cfg.epochs
+    total = cfg.rounds * cfg.epochs
     if cfg.patience is None or best is None:
         return step + 1
     round_no, epoch = divmod(step, cfg.epochs)
