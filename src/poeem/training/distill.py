@@ -314,11 +314,11 @@ class _Teacher:
         self.random_items = sample[:GUARD_ITEMS].to(device)
 
     def scores(
-        self, rows: torch.Tensor, codes: Codes, extra: torch.Tensor | None = None
+        self, rows: torch.Tensor, codes: Codes, extra: torch.Tensor | None = None, with_lists: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """For the queries ``rows`` (B,) and their candidates (M: the union of their teacher
         top-k, and the ``extra`` items): the teacher's (B, M) exact scores, the code student's
-        and the list student's (None without lists)."""
+        and, ``with_lists``, the list student's (else None, as without lists)."""
         layer, (coarse_codes, pq_codes) = self.layer, codes
         pool = self.top[rows].reshape(-1)
         cand = (pool if extra is None else torch.cat([pool, extra])).unique()
@@ -327,13 +327,13 @@ class _Teacher:
         lists = layer.coarse[coarse_codes[cand].long()] if layer.coarse is not None else None
         recon = pq_reconstruct(pq_codes[cand].long(), layer.codebooks, layer.config.dim)
         code = qr @ (recon if lists is None else recon + lists).T
-        return q @ self.items[cand].T, code, (qr @ lists.T if lists is not None else None)
+        return q @ self.items[cand].T, code, (qr @ lists.T if with_lists and lists is not None else None)
 
     def losses(self, rows: torch.Tensor, codes: Codes) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The code and the list students' ListNet losses on the queries ``rows``."""
-        teacher, code, lists = self.scores(rows, codes)
-        weighted = lists is not None and self.cfg.list_weight > 0
-        list_loss = listnet(teacher, lists, self.temperature) if weighted else None
+        """The code and the list students' ListNet losses on the queries ``rows`` (the list
+        student's None without lists or with list_weight 0: then it is not scored at all)."""
+        teacher, code, lists = self.scores(rows, codes, with_lists=self.cfg.list_weight > 0)
+        list_loss = listnet(teacher, lists, self.temperature) if lists is not None else None
         return listnet(teacher, code, self.temperature), list_loss
 
     @torch.no_grad()
