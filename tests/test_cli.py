@@ -50,6 +50,8 @@ def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
         "128",
         "--logger",
         "none",
+        "--refit",
+        "none",  # serve the codes training computed, which this test compares
     )
     assert "poeem" in out and "faiss-ivfpq" in out
     assert "precision@10" in invoke("evaluate", run, "--nprobe", "2")

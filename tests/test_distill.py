@@ -304,10 +304,12 @@ def test_a_run_is_distilled_without_changing_it(tmp_path: Path) -> None:
 
 def test_train_distils_its_index_after_training_even_on_resume(tmp_path: Path) -> None:
     # a finished run resumed with --distill-epochs: no training step left, then distillation
-    plain, trained = train_run(tiny_config(), tmp_path / "run")
+    cfg = tiny_config()
+    cfg.train.refit = None  # the index as trained: without a refit, id runs do not distil
+    plain, trained = train_run(cfg, tmp_path / "run")
     before = copy.deepcopy(plain.index)
     cfg, applied = resume_config(tmp_path / "run", {"train": {"distill_epochs": 1}})
-    assert applied == ["train.distill_epochs: default -> 1"]  # the default: none for id runs
+    assert applied == ["train.distill_epochs: default -> 1"]
     model, metrics = train_run(cfg, tmp_path / "run", resume=True)
     assert metrics["steps"] == trained["steps"] and metrics["distill"]["epochs"] == 3  # rounds x 1
     towers = {k: v for k, v in model.state_dict().items() if not k.startswith("index.")}
@@ -330,9 +332,11 @@ def test_distill_epochs_need_a_layer(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_text_runs_distil_by_default_and_id_runs_when_asked() -> None:
+def test_text_and_refitted_runs_distil_by_default_and_other_id_runs_when_asked() -> None:
     cfg = tiny_config()
-    assert cfg.train.distill_epochs is None and distill_epochs(cfg) == 0  # id towers
+    assert cfg.train.refit == "auto" and distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS  # a refit
+    cfg.train.refit = None
+    assert cfg.train.distill_epochs is None and distill_epochs(cfg) == 0  # id towers as trained
     cfg.model.text = {"encoder": "any"}
     assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS
     cfg.train.distill_epochs = 0  # asked not to

@@ -127,12 +127,50 @@ def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) ->
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     result = CliRunner().invoke(app, ["train", "--refit", "opq", "--run-dir", str(tmp_path / "cli")])
-    assert "train.refit" in str(result.exception) and "'pq' or 'rq'" in str(result.exception)
+    assert "train.refit" in str(result.exception) and "'rq', 'pq' or 'none'" in str(result.exception)
     assert not (tmp_path / "cli").exists()
 
 
+def test_by_default_a_run_serves_a_refit_and_reports_its_index_as_trained(tmp_path: Path) -> None:
+    default, as_trained = tiny_config(), tiny_config()
+    as_trained.train.refit = None
+    _, metrics = train_run(default, tmp_path / "default")
+    _, plain = train_run(as_trained, tmp_path / "plain")
+    assert metrics["refit"]["quantizer"] == "rq" and "refit" not in plain
+    assert load_run(tmp_path / "default")[1].index.config.quantizer == "rq"
+    stored = json.loads((tmp_path / "default" / "config.json").read_text())
+    assert stored["train"]["refit"] == "rq"  # resolved where it ran: a resume does the same
+    rows, plain_rows = ({r["method"]: r for r in m["rows"]} for m in (metrics, plain))
+    # the index the run would have served without the refit, measured before it was replaced
+    assert rows["poeem-as-trained"]["recall@10"] == plain_rows["poeem"]["recall@10"]
+    assert rows["poeem-as-trained"]["codes_scanned"] == plain_rows["poeem"]["codes_scanned"]
+    assert "poeem-as-trained" not in plain_rows
+    baseline = tiny_config()
+    baseline.model.poeem = None
+    _, metrics = train_run(baseline, tmp_path / "baseline")
+    assert "refit" not in metrics  # nothing to refit, and no error either
+    assert json.loads((tmp_path / "baseline" / "config.json").read_text())["train"]["refit"] is None
+
+
+def test_under_torchrun_the_default_serves_the_index_as_trained(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from poeem.pipeline.run import resolve_refit
+
+    monkeypatch.setattr("poeem.distributed.is_active", lambda: True)
+    monkeypatch.setattr("poeem.distributed.is_main", lambda: True)
+    assert resolve_refit(tiny_config()).train.refit is None
+    assert "poeem distill RUN_DIR --refit rq" in capsys.readouterr().out
+    asked = tiny_config()
+    asked.train.refit = "rq"
+    assert resolve_refit(asked).train.refit == "rq"  # refused later, with how to refit after training
+
+
 def test_a_finished_run_resumed_with_refit_is_refitted(tmp_path: Path) -> None:
-    _, trained = train_run(tiny_config(), tmp_path / "run")
+    cfg = tiny_config()
+    cfg = replace(cfg, train=replace(cfg.train, refit="none"))  # as TOML or the command line say it
+    _, trained = train_run(cfg, tmp_path / "run")
+    assert "refit" not in trained and load_run(tmp_path / "run")[1].index.config.quantizer == "pq"
     cfg, applied = resume_config(tmp_path / "run", {"train": {"refit": "rq", "distill_epochs": 1}})
     assert "train.refit: default -> rq" in applied
     _, metrics = train_run(cfg, tmp_path / "run", resume=True)

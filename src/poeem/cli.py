@@ -218,7 +218,8 @@ def train(
         int | None,
         Opt(
             help="After training, distil the index from the model's own ranking for this many "
-            "epochs per round (0: no; default: 10 for text models, 0 for id models; safe on --resume).",
+            "epochs per round (0: no; default: 10 for a refitted run (the default) or a text model, else "
+            "0; safe on --resume).",
             rich_help_panel="Training",
         ),
     ] = None,
@@ -226,10 +227,12 @@ def train(
         str | None,
         Opt(
             help="After training, refit the layer's residual coder on the final item embeddings "
-            "inside its trained lists, then distil it; the run serves the refit. rq: a residual "
-            "quantizer at the same bytes (above the trained codes and every peer on every dataset "
-            "measured: docs/benchmarks.md; FAISS scans its codes slower than PQ's, and not with "
-            "--fast-scan) | pq (safe on --resume).",
+            "inside its trained lists, then distil it; the run serves the refit. auto (default): rq "
+            "for a run with a layer in one process | rq: a residual quantizer at the same bytes "
+            "(above every peer on every dataset measured, and on average above the index as trained, "
+            "which the run's poeem-as-trained rows show: docs/benchmarks.md; FAISS scans its codes "
+            "slower than PQ's, and not with --fast-scan) | pq | none: serve the index as trained, "
+            "the moment training ends (safe on --resume).",
             rich_help_panel="Training",
         ),
     ] = None,
@@ -439,7 +442,13 @@ def evaluate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem train' with a Poeem layer.")],
     out: Annotated[Path, typer.Option(help="The index directory to create.")],
-    fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
+    fast_scan: Annotated[
+        bool,
+        typer.Option(
+            help="4-bit fast-scan FAISS index (needs PQ codes with K=16: a run trained with "
+            "--refit none or pq)."
+        ),
+    ] = False,
     replace: Annotated[
         bool,
         typer.Option(

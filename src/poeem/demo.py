@@ -3,7 +3,8 @@
 Trains the same two-tower model twice on the synthetic task: without the index (then FAISS
 IVF8,PQ8 is built on its item embeddings) and with the Poeem layer (coarse_K=8, D=8, K=256,
 dim 64, learnable Givens rotation, lists assigned by inner product), then prints precision@100
-of exact search, FAISS and Poeem at nprobe 1.
+of exact search, FAISS and Poeem at nprobe 1: Poeem's index as trained (the paper's) and the
+refit that the run serves by default (``train.refit``).
 """
 
 from __future__ import annotations
@@ -117,7 +118,11 @@ def run_demo(
         _, metrics = train_run(cfg, out / name)
         results[name] = metrics
     base_rows = {r["method"]: r for r in results["baseline"]["rows"]}
-    poeem_row = next(r for r in results["poeem"]["rows"] if r["method"] == "poeem")
+    poeem_rows = {r["method"]: r for r in results["poeem"]["rows"]}
+    poeem_s = results["poeem"]["train_s"]
+    # the run serves its index refitted and distilled (train.refit): both count as its build
+    after_training = sum(results["poeem"].get(step, {}).get("seconds", 0.0) for step in ("refit", "distill"))
+    refit = {**poeem_rows["poeem"], "build_s": poeem_rows["poeem"]["build_s"] + after_training}
     table = [
         ("exact (brute force)", base_rows["exact"], results["baseline"]["train_s"], TUTORIAL["exact"]),
         (
@@ -126,15 +131,17 @@ def run_demo(
             results["baseline"]["train_s"],
             TUTORIAL["faiss-ivfpq"],
         ),
-        ("Poeem (joint, Givens)", poeem_row, results["poeem"]["train_s"], TUTORIAL["poeem"]),
+        ("Poeem as trained (joint)", poeem_rows["poeem-as-trained"], poeem_s, TUTORIAL["poeem"]),
+        ("Poeem refit (default)", refit, poeem_s, None),
     ]
     typer.echo("")
     header = ("method", "precision@100", "tutorial", "train s", "index build s", "search s")
     typer.echo(f"{header[0]:28}" + "".join(f"{h:>15}" for h in header[1:]))
     rows = []
     for label, row, train_s, ref in table:
+        shown = "-" if ref is None else f"{ref:.4f}"
         typer.echo(
-            f"{label:28}{row['precision@100']:>15.4f}{ref:>15.4f}{train_s:>15.1f}"
+            f"{label:28}{row['precision@100']:>15.4f}{shown:>15}{train_s:>15.1f}"
             f"{row['build_s']:>15.3f}{row['eval_s']:>15.2f}"
         )
         rows.append(
@@ -148,6 +155,8 @@ def run_demo(
         )
     typer.echo(
         "\nprecision@100 over all 10,000 queries at nprobe 1; 'search s' includes scoring the "
-        "results. Index build: FAISS train+add vs Poeem's zero-training export of the codes."
+        "results. Index build: FAISS train+add; Poeem as trained: the zero-training export of the "
+        "codes training computed (the paper's index); Poeem refit: its residual coder fitted again "
+        "on the final items inside the trained lists, then distilled (`poeem train --refit`)."
     )
     return rows

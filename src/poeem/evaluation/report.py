@@ -104,23 +104,7 @@ def compare_indexes(
     item_features = torch.from_numpy(data.item_features) if data.item_features is not None else None
     xb = model.all_item_embeddings(item_features).cpu()
     rows = _rows("exact", FlatIndex(xb, "ip"), 0.0, model, data, ks, (1,))
-    if model.index is not None and model.index.is_initialized:  # not during the warm start
-        started = time.perf_counter()
-        rows_all, metric = torch.arange(xb.shape[0]), model.config.search_metric
-        codes = encode_reusing(  # what `poeem export` writes, served as users serve it
-            model.index,
-            rows_all,
-            lambda r: prepare_queries(xb[r], metric, xb.shape[1], "items"),
-            EXPORT_DEFAULT,
-        )
-        learned = learned_index(model.index, codes)
-        searcher = FaissSearcher(build_faiss_index(learned, "ip"))
-        rows += _rows("poeem", searcher, time.perf_counter() - started, model, data, ks, nprobes)
-        if lists_ceiling and learned.coarse is not None:
-            started = time.perf_counter()
-            items = prepare_queries(xb, metric, xb.shape[1], "items")
-            flat = FaissSearcher(build_float_lists_index(learned, items, "ip"))
-            rows += _rows("poeem-lists-flat", flat, time.perf_counter() - started, model, data, ks, nprobes)
+    rows += learned_index_rows(model, data, xb, ks, nprobes, lists_ceiling=lists_ceiling)
     if lists_ceiling and not any(row["method"] == "poeem-lists-flat" for row in rows):
         warnings.warn("no lists-ceiling rows: the model has no trained index with IVF lists", stacklevel=2)
     baselines = [("faiss-ivfpq", False)] * faiss_baseline + [("faiss-opq-ivfpq", True)] * opq_baseline
@@ -135,4 +119,42 @@ def compare_indexes(
         started = time.perf_counter()
         index = train_faiss_ivfpq(xb, *budget, metric="ip", opq=opq, seed=seed)
         rows += _rows(name, FaissSearcher(index), time.perf_counter() - started, model, data, ks, nprobes)
+    return rows
+
+
+@torch.no_grad()
+def learned_index_rows(
+    model: RetrievalModel,
+    data: InteractionData,
+    xb: torch.Tensor,
+    ks: tuple[int, ...],
+    nprobes: tuple[int, ...],
+    method: str = "poeem",
+    lists_ceiling: bool = False,
+) -> list[dict[str, Any]]:
+    """Metric rows (as :func:`compare_indexes` makes them) of the model's learned index exported
+    to FAISS without training, as ``poeem export`` writes it, named ``method``; with
+    ``lists_ceiling`` also ``poeem-lists-flat``. None before the layer is initialised.
+
+    Args:
+        xb: (num_items, dim) the model's item embeddings, in eval mode.
+    """
+    if model.index is None or not model.index.is_initialized:  # no layer, or in its warm start
+        return []
+    started = time.perf_counter()
+    rows_all, metric = torch.arange(xb.shape[0]), model.config.search_metric
+    codes = encode_reusing(  # what `poeem export` writes, served as users serve it
+        model.index,
+        rows_all,
+        lambda r: prepare_queries(xb[r], metric, xb.shape[1], "items"),
+        EXPORT_DEFAULT,
+    )
+    learned = learned_index(model.index, codes)
+    searcher = FaissSearcher(build_faiss_index(learned, "ip"))
+    rows = _rows(method, searcher, time.perf_counter() - started, model, data, ks, nprobes)
+    if lists_ceiling and learned.coarse is not None:
+        started = time.perf_counter()
+        items = prepare_queries(xb, metric, xb.shape[1], "items")
+        flat = FaissSearcher(build_float_lists_index(learned, items, "ip"))
+        rows += _rows("poeem-lists-flat", flat, time.perf_counter() - started, model, data, ks, nprobes)
     return rows

@@ -100,8 +100,8 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
             raise PoeemError(
                 "fast_scan",
                 "product-quantization codes",
-                "a residual quantizer (a run trained with --refit rq or --quantizer rq)",
-                "export without --fast-scan",
+                "a residual quantizer",
+                "export without --fast-scan, or train with --refit none (PQ codes with K = 16)",
             )
         inner = _residual_index(ix, fmetric, nbits, centroids, ids)
     elif ix.coarse is not None:

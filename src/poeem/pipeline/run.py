@@ -14,7 +14,7 @@ import torch
 from poeem import distributed
 from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
-from poeem.evaluation.report import compare_indexes
+from poeem.evaluation.report import compare_indexes, learned_index_rows
 from poeem.export.item_codes import EXPORT_DEFAULT, FromTraining, check_from_training, item_codes
 from poeem.index.config import PoeemConfig
 from poeem.index.refit import Refit, refit_layer
@@ -196,6 +196,7 @@ def train_run(
         text = {**(cfg.model.text or {}), "encoder": str(Path(encoder).resolve())}
         cfg = replace(cfg, model=replace(cfg.model, text=text))
     device = distributed.setup(resolve_device(cfg.train.device))
+    cfg = resolve_refit(cfg)
     _check_distill(cfg)
     data = load_data(cfg.data)
     shapes = model_shapes(data)
@@ -242,10 +243,10 @@ def train_run(
         )
     if not distributed.is_main():
         return model, {}
-    refit, items = _refit_after_training(model, artifacts, cfg)
+    refit, items, as_trained = _refit_after_training(model, data, artifacts, cfg)
     distilled = _distill_after_training(model, data, artifacts, cfg, items)
     save_weights(run_dir, model)
-    rows = evaluate_model(model, data, cfg)
+    rows = evaluate_model(model, data, cfg) + as_trained
     metrics = {
         "data": data.summary(),
         "steps": trainer.step,
@@ -275,7 +276,7 @@ def distill_epochs(cfg: RunConfig) -> int:
     A text model's layer trains few steps on a small labelled set: on SciFact its index alone
     kept 88% of exact ndcg@10 at 16 bytes and 97% at 48, below FAISS OPQ fitted afterwards;
     distilled, 92% and 98%, above or level with it (docs/benchmarks.md). On id data the gain was
-    1-2% and the synthetic task lost up to 5 points, so id runs distil only when asked. A
+    1-2% and the synthetic task lost up to 5 points, so id runs without a refit distil only when asked. A
     refitted coder gains from distillation alone (Gowalla: nothing before it, +7% after)."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
@@ -291,6 +292,22 @@ def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) ->
     guard_k = config.guard_k or min(min(cfg.eval.ks), num_items)
     config = replace(config, guard_k=guard_k, teacher_k=min(config.teacher_k, num_items))
     return config.keeping_lists() if cfg.train.refit else config
+
+
+def resolve_refit(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with ``train.refit`` "auto" made concrete, as the run stores it: "rq" for a run
+    with a layer in one process, else None (under torchrun it says how to refit afterwards)."""
+    if cfg.train.refit != "auto":
+        return cfg
+    layer = cfg.model.poeem is not None
+    if layer and distributed.is_active() and distributed.is_main():
+        print(
+            "the index is not refitted under torchrun: after training, run "
+            "'poeem distill RUN_DIR --refit rq --out INDEX' (one process) for the most accurate index",
+            flush=True,
+        )
+    refit = "rq" if layer and not distributed.is_active() else None
+    return replace(cfg, train=replace(cfg.train, refit=refit))
 
 
 def _check_distill(cfg: RunConfig) -> None:
@@ -316,18 +333,23 @@ def _check_distill(cfg: RunConfig) -> None:
 
 
 def _refit_after_training(
-    model: RetrievalModel, artifacts: RunArtifacts, cfg: RunConfig
-) -> tuple[dict[str, Any], torch.Tensor | None]:
-    """Replace the trained layer by its refit (``train.refit``); what it did ({} if nothing),
-    and the (num_items, dim) item embeddings it was fitted on (None if none were computed)."""
+    model: RetrievalModel, data: InteractionData, artifacts: RunArtifacts, cfg: RunConfig
+) -> tuple[dict[str, Any], torch.Tensor | None, list[dict[str, Any]]]:
+    """Replace the trained layer by its refit (``train.refit``). Returns what it did ({} if
+    nothing), the (num_items, dim) item embeddings it was fitted on (None if none were
+    computed), and the evaluation rows of the index as trained (method ``poeem-as-trained``,
+    what the run would serve without the refit), measured before it was replaced."""
     if cfg.train.refit is None or model.index is None:
-        return {}, None
+        return {}, None, []
     model.eval()  # the items as served
-    started = time.perf_counter()
     with torch.no_grad():
         items = model.all_item_embeddings(artifacts.item_features)
+    as_trained = learned_index_rows(
+        model, data, items.cpu(), cfg.eval.ks, cfg.eval.nprobes, "poeem-as-trained"
+    )
+    started = time.perf_counter()
     model.index = refit_layer(model.index, items, cfg.train.refit, progress=cfg.train.progress)
-    return {"quantizer": cfg.train.refit, "seconds": time.perf_counter() - started}, items
+    return {"quantizer": cfg.train.refit, "seconds": time.perf_counter() - started}, items, as_trained
 
 
 def _distill_after_training(

@@ -117,7 +117,8 @@ def read_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     raw = read_json(run_dir / "config.json", "run config", FIX_RUN)
     if not isinstance(raw, dict):
         raise PoeemError("run config", "a JSON object", type(raw).__name__, FIX_RUN)
-    return RunConfig.from_dict(raw), raw
+    stored = {**raw, "train": {"refit": None, **(raw.get("train") or {})}}  # older runs: no refit
+    return RunConfig.from_dict(stored), raw
 
 
 def read_artifacts(run_dir: Path) -> RunArtifacts:

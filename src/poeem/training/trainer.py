@@ -59,11 +59,14 @@ class TrainConfig:
     distill_epochs: int | None = None
     # after training, refit the layer's residual coder on the final item embeddings inside its
     # trained lists (poeem.index.refit): "rq" (a residual quantizer, same bytes) or "pq"; the
-    # refitted index is then distilled (distill_epochs None: 10) and is the one the run serves
-    refit: Literal["pq", "rq"] | None = None
+    # refitted index is then distilled (distill_epochs None: 10) and is the one the run serves.
+    # "auto": "rq" for a run with a layer in one process, else none; None or "none": no refit
+    refit: Literal["auto", "pq", "rq"] | None = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.refit == "none":  # how a TOML file or the command line says None
+            self.refit = None
         checks = [
             ("epochs", self.epochs >= 0, "a non-negative integer"),
             ("batch_size", self.batch_size >= 1, "a positive integer"),
@@ -81,7 +84,7 @@ class TrainConfig:
             ("log_every", self.log_every >= 1, "a positive integer"),
             ("max_steps", self.max_steps is None or self.max_steps >= 0, "None or an integer >= 0"),
             ("distill_epochs", (self.distill_epochs or 0) >= 0, "None or an integer >= 0"),
-            ("refit", self.refit in (None, "pq", "rq"), "None, 'pq' or 'rq'"),
+            ("refit", self.refit in (None, "auto", "pq", "rq"), "'auto', 'rq', 'pq' or 'none'"),
         ]
         for name, ok, expected in checks:
             if not ok:
