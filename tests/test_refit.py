@@ -144,7 +144,29 @@ def test_by_default_a_run_serves_a_refit_and_reports_its_index_as_trained(tmp_pa
     # the index the run would have served without the refit, measured before it was replaced
     assert rows["poeem-as-trained"]["recall@10"] == plain_rows["poeem"]["recall@10"]
     assert rows["poeem-as-trained"]["codes_scanned"] == plain_rows["poeem"]["codes_scanned"]
-    assert "poeem-as-trained" not in plain_rows
+    assert (
+        "poeem-as-trained" not in plain_rows
+        and not (tmp_path / "plain" / "index_as_trained.safetensors").exists()
+    )
+    # the index as trained is kept beside the refit: exported, it is the --refit none run's
+    for run, flags in ((tmp_path / "default", ["--as-trained"]), (tmp_path / "plain", [])):
+        args = ["export", str(run), "--out", str(run / "ix"), "--fast-scan", *flags]  # PQ, K = 16
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, (result.output, result.exception)
+    kept, plain_ix = (Searcher.load(tmp_path / r / "ix").tensors for r in ("default", "plain"))
+    assert torch.equal(kept.codes, plain_ix.codes) and torch.equal(kept.coarse_codes, plain_ix.coarse_codes)
+    assert torch.equal(kept.codebooks, plain_ix.codebooks)
+    result = CliRunner().invoke(
+        app, ["export", str(tmp_path / "default"), "--out", str(tmp_path / "rq"), "--fast-scan"]
+    )
+    assert "poeem export --as-trained" in str(result.exception)  # the refit is RQ: no fast scan
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "default"), "--as-trained"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    shown = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith("poeem")}
+    assert float(shown["poeem"][2]) == pytest.approx(plain_rows["poeem"]["recall@10"], abs=1e-4)
+    (tmp_path / "default" / "index_as_trained.safetensors").unlink()  # a run refitted by an older poeem
+    with pytest.raises(PoeemError, match="train the run again with --refit none"):
+        load_run(tmp_path / "default", as_trained=True)
     baseline = tiny_config()
     baseline.model.poeem = None
     _, metrics = train_run(baseline, tmp_path / "baseline")

@@ -425,13 +425,20 @@ def evaluate(
             "will not help much."
         ),
     ] = False,
+    as_trained: Annotated[
+        bool,
+        typer.Option(
+            help="A refitted run (the default): its index as training left it (PQ codes, the "
+            "paper's index), not the refit it serves."
+        ),
+    ] = False,
 ) -> None:
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
     from poeem.data import load_data
     from poeem.evaluation.format import format_rows
     from poeem.pipeline import attach_data, evaluate_model, load_run
 
-    cfg, model = load_run(run_dir)
+    cfg, model = load_run(run_dir, as_trained=as_trained)
     cfg.eval.lists_ceiling = cfg.eval.lists_ceiling or lists_ceiling
     data = load_data(cfg.data)
     rows = evaluate_model(attach_data(model, data), data, cfg, tuple(nprobe) if nprobe else None)
@@ -445,8 +452,8 @@ def export(
     fast_scan: Annotated[
         bool,
         typer.Option(
-            help="4-bit fast-scan FAISS index (needs PQ codes with K=16: a run trained with "
-            "--refit none or pq)."
+            help="4-bit fast-scan FAISS index (needs PQ codes with K=16: --as-trained, or a run "
+            "trained with --refit none or pq)."
         ),
     ] = False,
     replace: Annotated[
@@ -466,6 +473,13 @@ def export(
             "item from scratch. Items never coded in training are encoded."
         ),
     ] = "lists",
+    as_trained: Annotated[
+        bool,
+        typer.Option(
+            help="A refitted run (the default): its index as training left it (PQ codes, the "
+            "paper's index), not the refit it serves."
+        ),
+    ] = False,
 ) -> None:
     """Export the learned index of a run into a FAISS index directory, with no training.
 
@@ -481,6 +495,7 @@ def export(
         fast_scan,
         replace,
         from_training=None if from_training == "none" else from_training,  # type: ignore[arg-type]
+        as_trained=as_trained,
     )
     if searcher is None:  # not rank 0 under torchrun
         return

@@ -20,6 +20,7 @@ from poeem.errors import PoeemError
 from poeem.model import ModelConfig
 from poeem.pipeline.config import EvalConfig, RunConfig
 from poeem.pipeline.run import train_run
+from poeem.pipeline.run_dir import AS_TRAINED
 from poeem.training.trainer import TrainConfig
 
 RUN_FILES = {
@@ -27,6 +28,7 @@ RUN_FILES = {
     "ids.json",
     "features.safetensors",
     "model.safetensors",
+    AS_TRAINED,
     "checkpoint.safetensors",
     "metrics.json",
     "log.csv",

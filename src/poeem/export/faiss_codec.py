@@ -101,7 +101,8 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
                 "fast_scan",
                 "product-quantization codes",
                 "a residual quantizer",
-                "export without --fast-scan, or train with --refit none (PQ codes with K = 16)",
+                "export without --fast-scan, or a refitted run's index as trained "
+                "(poeem export --as-trained; PQ codes with K = 16)",
             )
         inner = _residual_index(ix, fmetric, nbits, centroids, ids)
     elif ix.coarse is not None:

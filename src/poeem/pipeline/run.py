@@ -243,9 +243,10 @@ def train_run(
         )
     if not distributed.is_main():
         return model, {}
+    trained_index = model.index
     refit, items, as_trained = _refit_after_training(model, data, artifacts, cfg)
     distilled = _distill_after_training(model, data, artifacts, cfg, items)
-    save_weights(run_dir, model)
+    save_weights(run_dir, model, trained_index if refit else None)  # both indexes of a refit
     rows = evaluate_model(model, data, cfg) + as_trained
     metrics = {
         "data": data.summary(),
@@ -393,8 +394,12 @@ def export_run(
     resume: bool = False,
     from_training: FromTraining | None = EXPORT_DEFAULT,
     refit: Refit | None = None,
+    as_trained: bool = False,
 ) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
+
+    ``as_trained``: a refitted run's index as training left it (see :func:`load_run`) instead
+    of the refit it serves.
 
     ``from_training`` says what is reused from training for the items a step coded since the
     index was fitted (:mod:`poeem.export.item_codes`): ``"lists"`` (default) keeps each item's
@@ -419,8 +424,10 @@ def export_run(
     """
     run_dir = Path(run_dir)
     check_from_training(from_training)
+    if as_trained and refit is not None:
+        raise PoeemError("export", "the index as trained or a refit", "both asked", "drop one of them")
     distributed.setup(torch.device("cpu"))
-    cfg, model = load_run(run_dir)
+    cfg, model = load_run(run_dir, as_trained=as_trained)
     if model.index is None and distill is None:
         raise PoeemError(
             "export",

@@ -4,6 +4,7 @@
 
     RUN_DIR/config.json              RunConfig plus the vocabulary sizes the model was built with
     RUN_DIR/model.safetensors        final weights (safetensors: loading executes no code)
+    RUN_DIR/index_as_trained.safetensors   a refitted run's layer as training left it
     RUN_DIR/checkpoint.safetensors   model + optimizer + step, for --resume
     RUN_DIR/ids.json                 the data's own query and item ids of each dense row
     RUN_DIR/features.safetensors     per-id numeric features, when the data has feature columns
@@ -31,6 +32,7 @@ from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
 from poeem.user_files import require_folder
 
+AS_TRAINED = "index_as_trained.safetensors"  # a refitted run's layer as training left it
 FIX_RUN = "pass the folder 'poeem train' wrote, after training finished (or retrain)"
 
 
@@ -107,9 +109,15 @@ def save_run(run_dir: Path, cfg: RunConfig, shapes: dict[str, int], artifacts: R
         save_tensors(run_dir / "features.safetensors", present)
 
 
-def save_weights(run_dir: Path, model: torch.nn.Module) -> None:
-    """Write ``model.safetensors`` atomically."""
+def save_weights(run_dir: Path, model: torch.nn.Module, as_trained: torch.nn.Module | None = None) -> None:
+    """Write ``model.safetensors`` atomically, and the layer as trained (``as_trained``, when the
+    model serves a refit of it) to ``index_as_trained.safetensors``; without it, a stale one of an
+    earlier refit is deleted."""
     save_tensors(run_dir / "model.safetensors", model.state_dict())
+    if as_trained is not None:
+        save_tensors(run_dir / AS_TRAINED, as_trained.state_dict())
+    else:
+        (run_dir / AS_TRAINED).unlink(missing_ok=True)
 
 
 def read_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
@@ -138,15 +146,33 @@ def read_artifacts(run_dir: Path) -> RunArtifacts:
     return out
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu") -> tuple[RunConfig, RetrievalModel]:
-    """The config and the trained model (eval mode) of a finished run."""
+def load_run(
+    run_dir: str | Path, device: torch.device | str = "cpu", as_trained: bool = False
+) -> tuple[RunConfig, RetrievalModel]:
+    """The config and the trained model (eval mode) of a finished run.
+
+    With ``as_trained``, a run that serves a refit of its layer (``train.refit``) is loaded with
+    the layer as training left it instead (``index_as_trained.safetensors``), and its config
+    reads as if trained with ``--refit none``; other runs load as they are."""
     run_dir = require_folder(run_dir, "run folder", FIX_RUN)
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise PoeemError("run folder", f"'{name}' inside '{run_dir}'", "it is missing", FIX_RUN)
     cfg, raw = read_config(run_dir)
-    model = build_model(served_model_config(cfg), raw.get("shapes") or {})
     weights = read_tensors(run_dir / "model.safetensors", "run weights", FIX_RUN)
+    if as_trained and cfg.train.refit is not None and cfg.model.poeem is not None:
+        if not (run_dir / AS_TRAINED).is_file():
+            raise PoeemError(
+                "the index as trained",
+                f"'{AS_TRAINED}' inside '{run_dir}'",
+                "it is missing (the run was refitted before poeem kept its index as trained)",
+                "train the run again with --refit none",
+            )
+        layer = read_tensors(run_dir / AS_TRAINED, "the index as trained", FIX_RUN)
+        weights = {k: v for k, v in weights.items() if not k.startswith("index.")}
+        weights |= {f"index.{k}": v for k, v in layer.items()}
+        cfg = replace(cfg, train=replace(cfg.train, refit=None))
+    model = build_model(served_model_config(cfg), raw.get("shapes") or {})
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:
