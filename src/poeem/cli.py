@@ -45,6 +45,13 @@ def demo(
 
 
 Opt = typer.Option
+AsTrained = Annotated[  # poeem evaluate / export --as-trained
+    bool,
+    Opt(
+        help="A refitted run (the default): its index as training left it (PQ codes, the paper's "
+        "index), not the refit it serves."
+    ),
+]
 
 
 @app.command()
@@ -425,13 +432,7 @@ def evaluate(
             "will not help much."
         ),
     ] = False,
-    as_trained: Annotated[
-        bool,
-        typer.Option(
-            help="A refitted run (the default): its index as training left it (PQ codes, the "
-            "paper's index), not the refit it serves."
-        ),
-    ] = False,
+    as_trained: AsTrained = False,
 ) -> None:
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
     from poeem.data import load_data
@@ -473,13 +474,7 @@ def export(
             "item from scratch. Items never coded in training are encoded."
         ),
     ] = "lists",
-    as_trained: Annotated[
-        bool,
-        typer.Option(
-            help="A refitted run (the default): its index as training left it (PQ codes, the "
-            "paper's index), not the refit it serves."
-        ),
-    ] = False,
+    as_trained: AsTrained = False,
 ) -> None:
     """Export the learned index of a run into a FAISS index directory, with no training.
 
