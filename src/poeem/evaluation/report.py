@@ -134,7 +134,7 @@ def learned_index_rows(
 ) -> list[dict[str, Any]]:
     """Metric rows (as :func:`compare_indexes` makes them) of the model's learned index exported
     to FAISS without training, as ``poeem export`` writes it, named ``method``; with
-    ``lists_ceiling`` also ``poeem-lists-flat``. None before the layer is initialised.
+    ``lists_ceiling`` also ``poeem-lists-flat``; no rows without a layer or in its warm start.
 
     Args:
         xb: (num_items, dim) the model's item embeddings, in eval mode.
