@@ -32,7 +32,7 @@ from poeem.data import load_data
 from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.report import query_encoder
 from poeem.pipeline.config import RunConfig
-from poeem.pipeline.run import train_run
+from poeem.pipeline.run import after_training_seconds, train_run
 from poeem.search.faiss_backend import train_faiss_ivfpq
 
 from common import add_mean_std, command_line, merge_runs, save_result
@@ -109,7 +109,7 @@ def train_variant(
     """Train one Poeem variant, append its run record to ``runs``, return the model."""
     model, metrics = one_run(pre.run_config(seed, variant, nprobes), work, f"{variant}-{seed}")
     # a refit's index is built after training: the refit and its distillation count as its build
-    after_s = sum(metrics.get(stage, {}).get("seconds", 0.0) for stage in ("refit", "distill"))
+    after_s = after_training_seconds(metrics)
     runs.append(
         {
             "seed": seed,

@@ -265,6 +265,12 @@ def train_run(
     return model, metrics
 
 
+def after_training_seconds(metrics: dict[str, Any]) -> float:
+    """Seconds a run spent on its index after training (the refit and the distillation, from
+    ``train_run``'s metrics): part of the build time of the index it serves."""
+    return sum(metrics.get(stage, {}).get("seconds", 0.0) for stage in ("refit", "distill"))
+
+
 DEFAULT_DISTILL_EPOCHS = 10  # per round, when a text or refitted run leaves train.distill_epochs unset
 
 
