@@ -16,7 +16,7 @@ from poeem import PoeemError, Searcher
 from poeem.cli import app
 from poeem.export import learned_index, to_faiss
 from poeem.index.refit import refit_layer
-from poeem.pipeline import load_run, resume_config, train_run
+from poeem.pipeline import export_run, load_run, resume_config, train_run
 from poeem.search import FaissSearcher, TorchIVFPQ
 
 
@@ -164,6 +164,8 @@ def test_by_default_a_run_serves_a_refit_and_reports_its_index_as_trained(tmp_pa
     assert result.exit_code == 0, (result.output, result.exception)
     shown = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith("poeem")}
     assert float(shown["poeem"][2]) == pytest.approx(plain_rows["poeem"]["recall@10"], abs=1e-4)
+    with pytest.raises(PoeemError, match="the index as trained or a refit"):
+        export_run(tmp_path / "default", tmp_path / "both", as_trained=True, refit="rq")
     (tmp_path / "default" / "index_as_trained.safetensors").unlink()  # a run refitted by an older poeem
     with pytest.raises(PoeemError, match="train the run again with --refit none"):
         load_run(tmp_path / "default", as_trained=True)
