@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 import poeem.search.segments as segments
 from poeem import Searcher
 from poeem.cli import app
+from poeem.errors import PoeemError
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.search import FaissSearcher, TorchIVFPQ
 
@@ -28,19 +29,32 @@ def rebuilt_search(
     return d.numpy(), searcher.item_keys.raw(ids) if searcher.item_keys is not None else ids
 
 
-CASES = [  # (rotation, num_coarse, K, metric, fast_scan, string ids)
-    ("givens", 8, 16, "ip", False, False),
-    ("none", 8, 16, "l2", False, False),
-    ("none", 8, 16, "ip", True, False),
-    ("givens", 0, 16, "cosine", False, True),
+CASES = [  # (rotation, num_coarse, K, metric, fast_scan, string ids, quantizer)
+    ("givens", 8, 16, "ip", False, False, "pq"),
+    ("none", 8, 16, "l2", False, False, "pq"),
+    ("none", 8, 16, "ip", True, False, "pq"),
+    ("givens", 0, 16, "cosine", False, True, "pq"),
+    ("none", 8, 16, "ip", False, False, "rq"),  # FAISS takes no id selector for an IVF-RQ
+    ("none", 8, 16, "l2", False, True, "rq"),
+    ("none", 0, 16, "ip", False, False, "rq"),
 ]
 
 
-@pytest.mark.parametrize(("rotation", "num_coarse", "k", "metric", "fast_scan", "strings"), CASES)
+@pytest.mark.parametrize(
+    ("rotation", "num_coarse", "k", "metric", "fast_scan", "strings", "quantizer"), CASES
+)
 def test_segments_and_tombstones_search_like_a_rebuilt_index(
-    tmp_path: Path, rotation: str, num_coarse: int, k: int, metric: str, fast_scan: bool, strings: bool
+    tmp_path: Path,
+    rotation: str,
+    num_coarse: int,
+    k: int,
+    metric: str,
+    fast_scan: bool,
+    strings: bool,
+    quantizer: str,
 ) -> None:
-    layer, x = trained_layer(rotation, num_coarse, k=k, coarse_metric="l2" if metric == "l2" else "ip")
+    coarse_metric = "l2" if metric == "l2" else "ip"
+    layer, x = trained_layer(rotation, num_coarse, k=k, coarse_metric=coarse_metric, quantizer=quantizer)
     if metric == "cosine":
         x = torch.nn.functional.normalize(x, dim=1)
     names = np.array([f"item-{i}" for i in range(1500)]) if strings else np.arange(1500) + 7
@@ -85,8 +99,9 @@ def test_adding_one_item_writes_one_small_segment(tmp_path: Path) -> None:
     assert 50_000 in searcher.search(x[1400:1401], 1401, nprobe=8)[1]
 
 
-def test_a_removed_id_can_come_back(tmp_path: Path) -> None:
-    layer, x = trained_layer("none", 8)
+@pytest.mark.parametrize("quantizer", ["pq", "rq"])
+def test_a_removed_id_can_come_back(tmp_path: Path, quantizer: str) -> None:
+    layer, x = trained_layer("none", 8, quantizer=quantizer)
     Searcher.create(tmp_path / "ix", layer, x[:1000], metric="ip")
     searcher = Searcher.load(tmp_path / "ix")
     searcher.remove([5])
@@ -99,9 +114,12 @@ def test_a_removed_id_can_come_back(tmp_path: Path) -> None:
     assert_same_topk(d, i, *rebuilt_search(reloaded, x[:20], 10, 2))
 
 
-def test_updates_compact_past_the_threshold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("quantizer", ["pq", "rq"])
+def test_updates_compact_past_the_threshold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, quantizer: str
+) -> None:
     monkeypatch.setattr(segments, "COMPACT_MIN_ROWS", 50)
-    layer, x = trained_layer("none", 8)
+    layer, x = trained_layer("none", 8, quantizer=quantizer)
     Searcher.create(tmp_path / "ix", layer, x[:300], metric="ip")
     searcher = Searcher.load(tmp_path / "ix")
     searcher.add(x[300:320], np.arange(2000, 2020))
@@ -126,8 +144,9 @@ def test_many_segments_merge_into_one(tmp_path: Path, monkeypatch: pytest.Monkey
     assert_same_topk(*reloaded.search(xq, 10, nprobe=3), *rebuilt_search(reloaded, xq, 10, 3))
 
 
-def test_poeem_compact(tmp_path: Path) -> None:
-    layer, x = trained_layer("none", 8)
+@pytest.mark.parametrize("quantizer", ["pq", "rq"])
+def test_poeem_compact(tmp_path: Path, quantizer: str) -> None:
+    layer, x = trained_layer("none", 8, quantizer=quantizer)
     Searcher.create(tmp_path / "ix", layer, x[:500], metric="ip")
     searcher = Searcher.load(tmp_path / "ix")
     searcher.add(x[500:510], np.arange(900, 910))
@@ -179,3 +198,19 @@ def test_an_update_answers_from_the_version_it_published(tmp_path: Path) -> None
     second = service.add([x[301].tolist(), x[302].tolist()], [None, None], np.array([9001, 9002]))
     assert (first.version, first.ntotal) == (2, 301) and (second.version, second.ntotal) == (3, 303)
     assert service.searcher is second
+
+
+def test_a_version_that_cannot_be_searched_is_never_published(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An IVF-RQ base searched with an id selector (which FAISS refuses) must fail the update,
+    not every later search: the directory and the searcher keep the version before it."""
+    layer, x = trained_layer("none", 8, quantizer="rq")
+    Searcher.create(tmp_path / "ix", layer, x[:500], metric="ip")
+    searcher = Searcher.load(tmp_path / "ix")
+    monkeypatch.setattr(segments, "takes_selector", lambda index, selector: True)
+    with pytest.raises(PoeemError, match="an index that can be searched"):
+        searcher.remove([3])
+    assert searcher.version == 1 and searcher.ntotal == 500
+    assert Searcher.load(tmp_path / "ix").version == 1
+    assert 3 in searcher.search(x[3:4], 500, nprobe=8)[1]

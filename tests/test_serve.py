@@ -461,3 +461,99 @@ def test_a_token_with_a_trailing_newline_still_authorises(index_dir: Path) -> No
         assert server.call("POST", "/reload", token=TOKEN)[0] == 200
     finally:
         server.stop()
+
+
+def test_a_served_ivf_rq_index_answers_searches_after_a_delete(tmp_path: Path) -> None:
+    from test_export_search import trained_layer
+
+    layer, x = trained_layer("none", 8, quantizer="rq")
+    Searcher.create(tmp_path / "ix", layer, x[:800], metric="ip")
+    server = Server(tmp_path / "ix")
+    try:
+        status, body = server.call("DELETE", "/items", {"ids": [7, 8]}, token=TOKEN)
+        assert status == 200 and body["items"] == 798, body
+        query = {"queries": [{"embedding": x[7].tolist()}], "k": 800, "nprobe": 8}
+        status, body = server.call("POST", "/search", query)
+        assert status == 200, body
+        assert len(body["results"][0]["ids"]) == 798 and not {7, 8} & set(body["results"][0]["ids"])
+        assert server.call("GET", "/ready")[0] == 200
+    finally:
+        server.stop()
+
+
+def random_json(rng: np.random.Generator, depth: int = 0) -> Any:
+    """A JSON value of any type, biased to what breaks parsers: unicode digits, huge and tiny
+    numbers, empty and ragged containers."""
+    kind = rng.integers(0, 12 if depth < 2 else 8)
+    choices: list[Any] = [
+        int(rng.integers(-5, 20)),
+        int(rng.choice([2**63 - 1, -(2**63), 2**64, 10**30, 0])),
+        float(rng.choice([0.5, -1e308, 1e308, 3.4e38, 1e-45])),
+        str(rng.choice(["3", "²", "١٢", "", "x", "𝟙", "-1", "1e3", " 4", "null", "a" * 300])),
+        bool(rng.integers(0, 2)),
+        None,
+        str(rng.integers(0, 50)),
+        "é" * int(rng.integers(1, 4)),
+    ]
+    if kind < 8:
+        return choices[kind]
+    if kind < 10:
+        return [random_json(rng, depth + 1) for _ in range(int(rng.choice([0, 1, 3, 16])))]
+    if kind == 10:
+        return [[1.0] * int(rng.choice([1, 16])) for _ in range(int(rng.integers(1, 3)))]  # ragged
+    return {str(random_json(rng, 2)): random_json(rng, depth + 1)}
+
+
+def random_query(rng: np.random.Generator) -> Any:
+    """A query: mostly a valid one with one field of random JSON, sometimes random throughout."""
+    roll = rng.random()
+    if roll < 0.1:
+        return random_json(rng)
+    if roll < 0.3:
+        keys = ["id", "features", "embedding", "text", "exclude", "other"]
+        return {
+            str(k): random_json(rng) for k in rng.choice(keys, size=int(rng.integers(0, 4)), replace=False)
+        }
+    query: dict[str, Any] = {"id": int(rng.integers(0, 20))}
+    if roll < 0.45:
+        query = {"embedding": [float(v) for v in rng.normal(size=int(rng.choice([DIM, DIM, 3])))]}
+    field = rng.choice(["exclude", "features", "none"])
+    if field == "exclude":
+        query["exclude"] = [random_json(rng, depth=2) for _ in range(int(rng.integers(0, 4)))]
+    elif field == "features":
+        query["features"] = random_json(rng, depth=1)
+    return query
+
+
+def test_no_generated_body_gets_a_5xx(server: Server) -> None:
+    rng = np.random.default_rng(0)
+    statuses = []
+    for _ in range(150):
+        body: Any = {"queries": [random_query(rng) for _ in range(int(rng.integers(1, 4)))]}
+        for key in ("k", "nprobe"):
+            if rng.random() < 0.4:
+                body[key] = random_json(rng)
+        if rng.random() < 0.1:
+            body = random_json(rng)
+        status, answer = server.call("POST", "/search", body)
+        assert status < 500, (body, answer)
+        statuses.append(status)
+    for _ in range(60):
+        items = [
+            {"id": random_json(rng), "embedding": random_json(rng) if rng.random() < 0.5 else [0.1] * DIM}
+            for _ in range(int(rng.integers(1, 3)))
+        ]
+        status, answer = server.call("POST", "/items", {"items": items}, token=TOKEN)
+        assert status < 500, (items, answer)
+        ids = [random_json(rng) for _ in range(int(rng.integers(1, 4)))]
+        status, answer = server.call("DELETE", "/items", {"ids": ids}, token=TOKEN)
+        assert status < 500, (ids, answer)
+    assert 200 in statuses and 400 in statuses and 422 in statuses  # every path was reached
+    bad = server.call("POST", "/search", {"queries": [{"id": 1, "exclude": ["²", "١٢", 3]}]})
+    assert bad[0] == 200, bad
+    ragged = server.call(
+        "POST", "/search", {"queries": [{"id": 1, "features": [1.0]}, {"id": 2, "features": []}]}
+    )
+    assert ragged[0] == 400, ragged
+    mixed = server.call("DELETE", "/items", {"ids": [1, "x"]}, token=TOKEN)
+    assert mixed[0] == 400 and "'x'" in mixed[1]["error"]["message"], mixed

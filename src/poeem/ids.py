@@ -19,6 +19,32 @@ from poeem.errors import PoeemError
 Ids = torch.Tensor | np.ndarray | list[int]
 
 
+def integer_text(text: str) -> bool:
+    """Whether ``text`` spells a whole number in ASCII digits, e.g. "12" or "-3" (not "²" or
+    "١٢", which ``str.isdigit`` or ``int`` would accept)."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit()
+
+
+def raw_id_array(values: list[Any]) -> np.ndarray:
+    """(n,) raw ids from JSON values: int64 or str when all share a type, else objects (so that
+    a string among integers is not turned into its neighbours' type, or they into strings)."""
+    kinds = {type(v) for v in values}
+    return np.array(values, dtype=object) if len(kinds) > 1 else np.array(values)
+
+
+def _not_integer(values: list[Any]) -> Any:
+    """The first value that is not an integer id (the one an error should quote)."""
+    for v in values:
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, int | np.integer | str)
+            or (isinstance(v, str) and not integer_text(v))
+        ):
+            return v
+    return values[0]
+
+
 def check_ids(ids: Ids | None, n: int | None = None, what: str = "ids", unique: bool = True) -> torch.Tensor:
     """Validated (n,) int64 ids: integers (no floats), non-negative, unique; 0..n-1 for None.
 
@@ -44,7 +70,8 @@ def check_ids(ids: Ids | None, n: int | None = None, what: str = "ids", unique: 
         raise PoeemError(
             what,
             "64-bit integer ids",
-            f"dtype {array.dtype}" + (f", e.g. {array.ravel()[0].item()!r}" if array.size else ""),
+            f"dtype {array.dtype}"
+            + (f", e.g. {_not_integer(array.ravel().tolist())!r}" if array.size else ""),
             "pass whole-number ids (floats are not truncated, to avoid silent collisions)",
         )
     out = torch.from_numpy(np.ascontiguousarray(array.astype(np.int64).ravel()))
@@ -62,6 +89,17 @@ def check_ids(ids: Ids | None, n: int | None = None, what: str = "ids", unique: 
             what, "unique ids", f"{out.numel() - out.unique().numel()} duplicates", "deduplicate"
         )
     return out
+
+
+def check_raw_ids(ids: Any, n: int, what: str = "ids") -> None:
+    """Validate the items' own (n,) ids: unique non-negative integers, or unique non-empty strings."""
+    array = np.asarray(ids)
+    if array.dtype.kind in "UO" and not all(isinstance(v, int | np.integer) for v in array.ravel()):
+        if array.size != n:
+            raise PoeemError(what, f"one id per item ({n})", f"{array.size} ids", "pass one id per item")
+        IdMap(array.ravel())
+    else:
+        check_ids(ids, n, what)
 
 
 class IdMap:
@@ -104,10 +142,9 @@ class IdMap:
         text = text.strip()
         if not self.is_integer:
             return text
-        try:
-            return int(text)
-        except ValueError:
-            raise PoeemError("id", "an integer id", repr(text), "pass the ids the data used") from None
+        if not integer_text(text):
+            raise PoeemError("id", "an integer id", repr(text), "pass the ids the data used")
+        return int(text)
 
     def rows(self, raw: Any, what: str = "ids") -> np.ndarray:
         """(n,) int64 dense rows of raw ids; unknown ids are a clear error."""
@@ -116,7 +153,7 @@ class IdMap:
             raise PoeemError(
                 what,
                 "integer ids",
-                f"e.g. {next(v for v in values if not isinstance(v, int))!r}",
+                f"e.g. {_not_integer(values)!r}",
                 "pass the ids the data used",
             )
         out = self.lookup(values)

@@ -38,29 +38,30 @@ def check_search_args(k: int, nprobe: int) -> None:
 
 
 def prepare_queries(
-    xq: torch.Tensor | np.ndarray, metric: str, dim: int, what: str = "queries"
+    xq: torch.Tensor | np.ndarray, metric: str, dim: int | None, what: str = "queries"
 ) -> torch.Tensor:
     """Validate (nq, dim) finite vectors and L2-normalise them for cosine; returns float32.
 
     Args:
         xq: (nq, dim) numbers.
         metric: "ip", "cosine" or "l2".
-        dim: the index's dimension.
+        dim: the index's dimension, or None for any.
         what: how error messages name the vectors.
     """
+    shape = f"(n, {dim})" if dim is not None else "(n, dim)"
     if not isinstance(xq, torch.Tensor):
         try:
             xq = torch.as_tensor(np.asarray(xq, dtype=np.float32))
         except (TypeError, ValueError) as err:
             raise PoeemError(
-                what, f"an (n, {dim}) array of numbers", f"{err}", "pass float vectors"
+                what, f"an {shape} array of numbers", f"{err}", "pass float vectors of one length"
             ) from None
-    if xq.dim() != 2 or xq.shape[1] != dim:
+    if xq.dim() != 2 or (dim is not None and xq.shape[1] != dim):
         raise PoeemError(
             what,
-            f"shape (n, {dim})",
+            f"shape {shape}",
             f"shape {tuple(xq.shape)}",
-            f"pass vectors of dimension {dim} (the index's dim)",
+            f"pass vectors of dimension {dim} (the index's dim)" if dim is not None else "pass a 2-D array",
         )
     if xq.dtype == torch.bool or xq.is_complex():
         raise PoeemError(what, "real numbers", str(xq.dtype), "pass float vectors")

@@ -260,6 +260,10 @@ def faiss_quantizer(owner: faiss.Index) -> FaissQuantizer:
     file's own (trained with a wider beam); the codebooks are the file's.
     ``owner`` owns every sub-index read here, so it stays referenced until the end.
     """
+    if not owner.is_trained:
+        raise PoeemError(
+            "FAISS index", "a trained index", "an untrained one", "call index.train(x) before writing it"
+        )
     metric: Metric = "ip"
     rotation = None
     index = faiss.downcast_index(owner)

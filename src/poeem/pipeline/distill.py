@@ -13,6 +13,7 @@ from poeem import distributed
 from poeem.data import InteractionData
 from poeem.errors import PoeemError
 from poeem.evaluation.report import query_encoder
+from poeem.ids import check_raw_ids
 from poeem.index import PoeemLayer
 from poeem.index.refit import Refit, refit_layer
 from poeem.metric import prepare_queries
@@ -178,7 +179,9 @@ def distill_embeddings(
             "--metric", "'ip' or 'cosine' (the teacher ranks by inner product)", repr(metric), "pick one"
         )
     checkpoint = checkpoint_for(out, resume, replace)
-    dim = np.asarray(items).shape[-1] if np.ndim(items) == 2 else -1
+    dim = prepare_queries(items, "ip", None, "items").shape[1]
+    if ids is not None:  # before the distillation, which would otherwise run for nothing
+        check_raw_ids(ids, len(items), "--ids")
     layer = None
     if from_faiss is not None:
         if set(layer_settings) - {"rotation"}:

@@ -29,6 +29,7 @@ from poeem.pipeline.run_dir import (
     model_shapes,
     read_artifacts,
     read_config,
+    save_config,
     save_run,
     save_weights,
     write_metrics,
@@ -202,6 +203,8 @@ def train_run(
     shapes = model_shapes(data)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity())).to(device)
+    if model.index is not None:
+        check_catalogue(model.index.config, data.num_items, data.name)
     attach_data(model, data, cfg.train.progress and distributed.is_main())
     artifacts = RunArtifacts.of(data)
     if distributed.is_main():
@@ -244,9 +247,27 @@ def train_run(
     if not distributed.is_main():
         return model, {}
     trained_index = model.index
-    refit, items, as_trained = _refit_after_training(model, data, artifacts, cfg)
-    distilled = _distill_after_training(model, data, artifacts, cfg, items)
-    save_weights(run_dir, model, trained_index if refit else None)  # both indexes of a refit
+    # the trained model is saved before the stages after training, so that none loses it
+    if cfg.train.refit is not None:  # until the refit is saved, the run serves its index as trained
+        save_config(run_dir, replace(cfg, train=replace(cfg.train, refit=None)), shapes)
+    save_weights(run_dir, model)
+    try:
+        refit, items, as_trained = _refit_after_training(model, data, artifacts, cfg)
+        distilled = _distill_after_training(model, data, artifacts, cfg, items)
+    except (PoeemError, RuntimeError, ValueError) as err:
+        finish = f"'poeem distill {run_dir} --out INDEX" + (
+            f" --refit {cfg.train.refit}'" if cfg.train.refit else "'"
+        )
+        raise PoeemError(
+            "the index after training",
+            "a refit or distillation that completes",
+            f"{type(err).__name__}: {err}",
+            f"training finished and is saved in '{run_dir}' with its index as trained: export that "
+            f"with 'poeem export {run_dir} --out INDEX', or finish with {finish}",
+        ) from err
+    if refit or distilled:
+        save_weights(run_dir, model, trained_index if refit else None)  # both indexes of a refit
+        save_config(run_dir, cfg, shapes)
     rows = evaluate_model(model, data, cfg) + as_trained
     metrics = {
         "data": data.summary(),
@@ -263,6 +284,19 @@ def train_run(
         metrics["distill"] = distilled
     write_metrics(run_dir, metrics)
     return model, metrics
+
+
+def check_catalogue(layer: PoeemConfig, num_items: int, name: str = "the data") -> None:
+    """Refuse, before the first step, a catalogue too small for the layer: its k-means (at the
+    warm start's end, and in a refit) needs at least max(K, coarse_K) items."""
+    needed = max(layer.codebook_size, layer.num_coarse)
+    if num_items < needed:
+        raise PoeemError(
+            "catalogue",
+            f"at least max(K, coarse_K) = {needed} items, for the layer's k-means",
+            f"{num_items} items in {name}",
+            f"lower --codebook-size and --num-coarse to at most {num_items}, or train without --poeem",
+        )
 
 
 def after_training_seconds(metrics: dict[str, Any]) -> float:

@@ -98,7 +98,7 @@ def served_model_config(cfg: RunConfig) -> ModelConfig:
 def save_run(run_dir: Path, cfg: RunConfig, shapes: dict[str, int], artifacts: RunArtifacts) -> None:
     """Write ``config.json``, ``ids.json`` and ``features.safetensors`` (each atomically)."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "shapes": shapes})
+    save_config(run_dir, cfg, shapes)
     keys = {"queries": artifacts.query_keys, "items": artifacts.item_keys}
     atomic_write_json(
         run_dir / "ids.json", {k: v.to_json() if v is not None else None for k, v in keys.items()}
@@ -107,6 +107,11 @@ def save_run(run_dir: Path, cfg: RunConfig, shapes: dict[str, int], artifacts: R
     present = {k: v for k, v in features.items() if v is not None}
     if present:
         save_tensors(run_dir / "features.safetensors", present)
+
+
+def save_config(run_dir: Path, cfg: RunConfig, shapes: dict[str, int]) -> None:
+    """Write ``config.json`` (the run's config and its model's shapes) atomically."""
+    atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "shapes": shapes})
 
 
 def save_weights(run_dir: Path, model: torch.nn.Module, as_trained: torch.nn.Module | None = None) -> None:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from poeem.errors import PoeemError
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.export.learned import ItemsOrCodes, export_learned
-from poeem.ids import IdMap, check_ids
+from poeem.ids import IdMap, check_ids, integer_text
 from poeem.index import PoeemLayer
 from poeem.index.quantize import encode_rotated
 from poeem.index.tensors import IndexTensors
@@ -270,6 +270,15 @@ class Searcher:
             )
         else:
             self._engine = TorchIVFPQ(self.tensors.to(self.device), self.metric)  # type: ignore[arg-type]
+        try:  # one query, so that a version FAISS cannot search is refused here, not per request
+            self._engine.search(torch.ones(1, self.manifest.dim), 1, 1)
+        except RuntimeError as err:
+            raise PoeemError(
+                "index",
+                "an index that can be searched",
+                f"'{self.directory}' ({err})",
+                f"this version is neither served nor published; {REEXPORT}",
+            ) from None
 
     # ------------------------------------------------------------------ search
     @property
@@ -373,7 +382,7 @@ class Searcher:
         """FAISS ids of the items' own ids that the index holds (others dropped)."""
         values = list(raw)
         if self.item_keys is None or self.item_keys.is_integer:  # "12" names item 12 too
-            values = [int(v) for v in values if isinstance(v, int | np.integer) or str(v).isdigit()]
+            values = [int(v) for v in values if isinstance(v, int | np.integer) or integer_text(str(v))]
             values = [v for v in values if 0 <= v < 2**63]  # no FAISS id lies outside
         rows = self.item_keys.lookup(values) if self.item_keys is not None else np.array(values, np.int64)
         rows = np.asarray(rows, np.int64)
@@ -630,10 +639,15 @@ class Searcher:
     ) -> None:
         """Write ``payloads`` as the next version and make ``index`` (with ``base_faiss``, the
         FAISS index of a new base) this searcher's state."""
-        self.manifest = write_version(self.directory, self.manifest, self.manifest, payloads, drop=drop)
+        before = (self.index, self._base_faiss, self.item_keys, self._engine)
         self.index = index
         if base_faiss is not None:
             self._base_faiss = base_faiss
         if item_keys is not None:
             self.item_keys = item_keys
-        self._build_engine()
+        try:
+            self._build_engine()  # a version that cannot be searched is never published
+            self.manifest = write_version(self.directory, self.manifest, self.manifest, payloads, drop=drop)
+        except BaseException:
+            self.index, self._base_faiss, self.item_keys, self._engine = before
+            raise

@@ -2,7 +2,8 @@
 Milvus keep theirs), so that an update writes what it adds, not the whole index.
 
 The live index is: the base's items that are not removed, then each segment's items that are
-not removed. FAISS searches the base once (its removed ids filtered by an ``IDSelector``) and
+not removed. FAISS searches the base once (its removed ids filtered by an ``IDSelector``, or,
+for the index types that take none, over-fetched and dropped after the search) and
 a small in-memory index of the live segment items built from the same centroids and
 codebooks; both probe the same lists and score alike, so the merged top-k is the top-k of the
 rebuilt index. Compaction folds segments and tombstones into a new base.
@@ -21,7 +22,7 @@ import torch
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.index.tensors import IndexTensors
 from poeem.metric import Metric
-from poeem.search.faiss_backend import FaissSearcher
+from poeem.search.faiss_backend import FaissSearcher, search_parameters
 
 SEGMENT_ROLE = "segment"  # roles "segment:<v>" (codes) and "segment_keys:<v>" (string ids)
 TOMBSTONES_ROLE = "tombstones"
@@ -152,13 +153,15 @@ class SegmentedFaissSearcher:
         self.metric, self.removed = metric, index.removed
         removed = np.ascontiguousarray(index.removed.numpy(), dtype=np.int64)
         self._selector: Any = None
-        # an IVF filters removed ids while it scans; a flat PQ takes no selector (FAISS refuses
-        # search parameters there), so its results are over-fetched and filtered instead
-        self._filter_after = bool(removed.size) and not _has_ivf(base)
-        if removed.size and not self._filter_after:
+        self._filter_after = False
+        if removed.size:
             batch = faiss.IDSelectorBatch(removed)
             self._selector = faiss.IDSelectorNot(batch)
             self._selector.referenced_batch = batch  # keep it alive as long as the selector
+            # FAISS filters ids while it scans only some index types (not a flat PQ, nor an
+            # additive quantizer); the others are over-fetched and filtered after the search
+            if not takes_selector(base, self._selector):
+                self._selector, self._filter_after = None, True
         self.base = FaissSearcher(base, selector=self._selector)
         delta = index.delta
         self.delta = (
@@ -187,9 +190,13 @@ class SegmentedFaissSearcher:
         return merge_top_k(torch.cat([d, d2], 1), torch.cat([i, i2], 1), k, self.metric)
 
 
-def _has_ivf(index: faiss.Index) -> bool:
+def takes_selector(index: faiss.Index, selector: faiss.IDSelector) -> bool:
+    """Whether FAISS searches ``index`` with an id ``selector`` (it refuses one for some index
+    types); tried on one query."""
+    probe = np.ones((1, index.d), np.float32)
+    params = search_parameters(index, 1, selector)
     try:
-        faiss.extract_index_ivf(index)
+        index.search(probe, 1, params=params[0])
     except RuntimeError:
         return False
     return True

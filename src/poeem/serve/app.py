@@ -22,7 +22,6 @@ from dataclasses import asdict, dataclass
 from typing import Annotated, Any
 
 import faiss
-import numpy as np
 import orjson
 import torch
 import uvicorn
@@ -44,6 +43,7 @@ from uvicorn.supervisors import Multiprocess
 
 from poeem._version import __version__
 from poeem.errors import PoeemError
+from poeem.ids import raw_id_array
 from poeem.search.index_dir import StaleIndexError
 from poeem.serve.service import IndexService, Query, set_search_threads
 
@@ -404,7 +404,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         lengths = {len(item.embedding) for item in body.items if item.embedding is not None}
         if len(lengths) > 1:
             raise HttpError(400, "every embedding must have the same length", received=sorted(lengths)[:5])
-        ids = np.array([item.id for item in body.items])
+        ids = raw_id_array([item.id for item in body.items])
         published = service().add(
             [item.embedding for item in body.items], [item.text for item in body.items], ids
         )
@@ -415,7 +415,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         """Remove items by their own ids; publishes a new version."""
         require_token(request)
         check_limits(1, 1, len(body.ids))
-        removed, published = service().remove(np.array(body.ids))
+        removed, published = service().remove(raw_id_array(body.ids))
         return {"removed": removed, "version": published.version, "items": published.ntotal}
 
     @app.post("/reload")

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from poeem.errors import PoeemError
+from poeem.ids import raw_id_array
 from poeem.metric import prepare_queries
 from poeem.search.index_dir import StaleIndexError, read_manifest
 from poeem.search.searcher import Backend, Searcher, found
@@ -107,8 +108,12 @@ class IndexService:
                     f"{sum(with_features)} of {len(by_id)}",
                     "send the features of every query, or none (the saved ones are used)",
                 )
-            ids = np.array([queries[i].id for i in by_id])
-            features = np.array([queries[i].features for i in by_id]) if all(with_features) else None
+            ids = raw_id_array([queries[i].id for i in by_id])
+            features = None
+            if all(with_features):
+                features = prepare_queries(
+                    [queries[i].features for i in by_id], "ip", None, "query features"
+                ).numpy()
             xq[by_id] = searcher.embed_queries(ids, features)
         return xq
 
