@@ -510,6 +510,140 @@ def save_scanned_plot(fig: Any, ax: Any, metric: str, path: Path, **legend: Any)
     plt.close(fig)
 
 
+FRONTIER_LABELS = {
+    "poeem": "poeem, as trained (default)",
+    "poeem-k16-fastscan": "poeem K=16, fast scan",
+    "poeem-refit": "poeem refit (--refit rq)",
+    "faiss-ivfpq": "FAISS IVF-PQ",
+    "faiss-ivfpq-fastscan": "FAISS IVF-PQ fast scan",
+    "faiss-opq-ivfpq": "FAISS OPQ + IVF-PQ",
+    "faiss-ivfrq": "FAISS IVF-RQ",
+    "scann-lut256": "ScaNN AH lut256",
+    "scann-lut16": "ScaNN AH lut16",
+    "hnsw": "FAISS HNSW32 (floats)",
+}
+
+
+def front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other row beats on both recall and queries per second, fastest first."""
+    out, best = [], -np.inf
+    for row in sorted(rows, key=lambda r: (-r["qps"], -r["recall"])):
+        if row["recall"] > best:
+            out.append(row)
+            best = row["recall"]
+    return out
+
+
+def best_recall_at(rows: list[dict[str, Any]], qps: float) -> float | None:
+    """The best recall of ``rows`` at ``qps`` queries per second or faster (None: none is as fast)."""
+    fast = [r["recall"] for r in rows if r["qps"] >= qps]
+    return max(fast) if fast else None
+
+
+def default_verdict(r: dict[str, Any]) -> list[str]:
+    """Where the default's points stand against every peer point at equal bytes that reaches half
+    of exact recall: matched (the default is as fast and as accurate somewhere) or not."""
+    rows = r["rows"]
+    default = [x for x in rows if x["default"]]
+    if not default:
+        return []
+    half = r["exact"]["recall"] / 2
+    bytes_ = default[0]["bytes_per_item"]
+    peers = [
+        x
+        for x in rows
+        if not x["method"].startswith("poeem") and x["bytes_per_item"] == bytes_ and x["recall"] >= half
+    ]
+    beaten = [x for x in peers if (best_recall_at(default, x["qps"]) or -1) < x["recall"]]
+    lines = []
+    if peers and not beaten:
+        lines.append(
+            f"The default matches or beats all {len(peers)} peer points at {bytes_:g} bytes per item that "
+            "reach half of exact recall or more (as fast, and at least as accurate)."
+        )
+    elif beaten:
+        worst = max(beaten, key=lambda x: x["recall"] - (best_recall_at(default, x["qps"]) or 0))
+        ours = best_recall_at(default, worst["qps"])
+        lines.append(
+            f"The default does not match {len(beaten)} of {len(peers)} peer points at {bytes_:g} bytes "
+            f"per item that reach half of exact recall: the widest gap is "
+            f"{FRONTIER_LABELS.get(worst['method'], worst['method'])} at {worst['setting']} "
+            f"({worst['recall']:.4f} at {worst['qps']:.0f} queries/s, against "
+            + (f"{ours:.4f}" if ours is not None else "no default point as fast")
+            + ")."
+        )
+    ivfpq = [x for x in rows if x["method"] == "faiss-ivfpq"]
+    if ivfpq:
+        top = max(ivfpq, key=lambda x: x["recall"])
+        ours = best_recall_at(default, top["qps"])
+        if ours is not None:
+            lines.append(
+                f"At the speed where FAISS IVF-PQ reaches its best recall ({top['recall']:.4f} at "
+                f"{top['qps']:.0f} queries/s, {top['setting']}), the default reaches {ours:.4f} "
+                f"({ours / top['recall']:.2f}x)."
+            )
+    return [" ".join(lines), ""] if lines else []
+
+
+def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
+    """Recall against queries per second at equal bytes: the plot and each method's front."""
+    h, rows = r["headline"], r["rows"]
+    methods = list(dict.fromkeys(x["method"] for x in rows))
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, method in enumerate(methods):
+        points = sorted((x for x in rows if x["method"] == method), key=lambda x: x["qps"])
+        best = front(points)
+        style = {"lw": 2.5, "color": "black"} if points[0]["default"] else {"lw": 1.2}
+        line = ax.plot(
+            [x["qps"] for x in best],
+            [x["recall"] for x in best],
+            marker="os^vD<>px*"[i % 10],
+            ms=4,
+            label=FRONTIER_LABELS.get(method, method),
+            **style,
+        )[0]
+        others = [x for x in points if x not in best]
+        ax.scatter(
+            [x["qps"] for x in others], [x["recall"] for x in others], s=8, color=line.get_color(), alpha=0.4
+        )
+    ax.axhline(r["exact"]["recall"], color="grey", ls="--", lw=1, label="exact (floats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second (1 thread, whole query set at once)")
+    ax.set_ylabel(h)
+    ax.set_title(f"{r['dataset']}: {r['num_items']} items, {r['lists']} lists", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(img / f"{name}.png", dpi=120)
+    plt.close(fig)
+    bytes_ = next(x["bytes_per_item"] for x in rows if x["method"] != "hnsw")
+    seeds = r.get("seeds", [0])
+    lines = [
+        f"### {r['dataset']}, {bytes_:g} bytes per item: {h} against queries per second",
+        "",
+        f"{r['num_items']} items, {r['lists']} lists for every IVF method ({r['lists_rule']}); "
+        f"mean over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}. Exact search: {h} "
+        f"{r['exact']['recall']:.4f} at {r['exact']['qps']:.0f} queries/s. Each method's line is its "
+        "Pareto front (faint points: its other settings).",
+        "",
+        f"![{h} against queries per second](img/{name}.png)",
+        "",
+    ]
+    lines += default_verdict(r)
+    lines += [
+        f"| method | bytes/item | front: setting | {h} | queries/s | build s |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for method in methods:
+        for x in front([y for y in rows if y["method"] == method]):
+            lines.append(
+                f"| {FRONTIER_LABELS.get(method, method)} | {x['bytes_per_item']:.4g} | {x['setting']} | "
+                f"{fmt(x, 'recall')} | {x['qps']:.0f} | {x['build_s']:.2f} |"
+            )
+    train = ", ".join(f"{k} {v:.0f} s" for k, v in r.get("train_s", {}).items() if not k.endswith("_std"))
+    lines += ["", f"Training time: {train}.", "", provenance(r), ""]
+    return lines
+
+
 def fmt_optional(value: float | None, digits: int) -> str:
     """A number, or "-" where it was not measured."""
     return "-" if value is None else f"{value:.{digits}f}"
@@ -747,6 +881,18 @@ def main() -> None:
         "except where marked 'published'.",
         "",
     ]
+    frontiers = sorted(n for n in results if n.startswith("frontier_"))
+    if frontiers:
+        lines += [
+            "## Recall against queries per second at equal bytes",
+            "",
+            "Every index as its users judge it (`benchmarks/frontier.py`): the default (the index "
+            "as trained, ready when training ends), poeem's opt-in recipes, and the peers fitted "
+            "after training on the baseline model's embeddings.",
+            "",
+        ]
+        for name in frontiers:
+            lines += frontier_section(name, results[name], img)
     if "export_speed" in results:
         lines += export_section(results["export_speed"])
     if "search_speed" in results:

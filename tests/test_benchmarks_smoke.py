@@ -71,6 +71,17 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 ),
                 ("coarse_fit.py", "--results-dir", out),
                 (
+                    "frontier.py",
+                    *synthetic,
+                    "--methods",
+                    "poeem",
+                    "poeem-k16-fastscan",
+                    "faiss-ivfpq",
+                    "hnsw",
+                    "--results-dir",
+                    out,
+                ),
+                (
                     "search_speed.py",
                     "--n",
                     "30000",
@@ -139,6 +150,22 @@ def test_benchmarks_write_results(results: Path) -> None:
     update = json.loads((results / "update_cost.json").read_text())
     assert update["quiet"]["failures"] == update["under_search_load"]["failures"] == 0
     assert 0 < update["quiet"]["bytes_written_mean"] < update["compaction"]["bytes_written"]
+    frontier = json.loads((results / "frontier_synthetic_tiny.json").read_text())
+    assert {"dataset", "headline", "num_items", "threads", "exact", "rows", "lists"} <= set(frontier)
+    assert frontier["threads"] == 1 and frontier["exact"]["qps"] > 0 and 0 < frontier["exact"]["recall"] <= 1
+    keys = {"method", "default", "bytes_per_item", "setting", "recall", "qps", "build_s"}
+    assert all(keys <= set(row) for row in frontier["rows"])
+    assert {row["method"] for row in frontier["rows"] if row["default"]} == {"poeem"}
+    assert {row["method"] for row in frontier["rows"]} == {
+        "poeem",
+        "poeem-k16-fastscan",
+        "faiss-ivfpq",
+        "hnsw",
+    }
+    assert {row["bytes_per_item"] for row in frontier["rows"] if row["method"] != "hnsw"} == {4}
+    settings = {row["setting"] for row in frontier["rows"] if row["method"] == "faiss-ivfpq"}
+    assert settings == {"nprobe=1", "nprobe=2", "nprobe=4"}  # 1 to all lists
+    assert all(row["qps"] > 0 and 0 <= row["recall"] <= 1 for row in frontier["rows"])
     recall = json.loads((results / "recall_synthetic_tiny.json").read_text())
     methods = {row["method"] for row in recall["summary"]}
     peers = {"exact", "faiss-ivfpq", "faiss-opq-ivfpq", "faiss-rq", "scann"}
@@ -176,7 +203,13 @@ def test_benchmarks_write_results(results: Path) -> None:
 
 
 def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
-    tiny = ("recall_synthetic", "sweep_synthetic", "ablation_synthetic", "train_cost_synthetic")
+    tiny = (
+        "recall_synthetic",
+        "sweep_synthetic",
+        "ablation_synthetic",
+        "train_cost_synthetic",
+        "frontier_synthetic",
+    )
     for name in (f"{t}_tiny" for t in tiny):  # the report skips *_tiny files
         (results / f"{name}.json").rename(results / f"{name.replace('_tiny', '')}.json")
     (results / "sweep_synthetic.json").rename(results / "sweep_gowalla.json")
@@ -192,6 +225,8 @@ def test_report_renders_tables_and_plots(results: Path, tmp_path: Path) -> None:
     assert "Training cost: synthetic" in text and "| layer, defaults |" in text
     assert "Ablation: synthetic" in text and (tmp_path / "img" / "ablation_synthetic.png").is_file()
     assert (tmp_path / "img" / "recall_synthetic_scanned.png").is_file()
+    assert "### synthetic, 4 bytes per item: precision@100 against queries per second" in text
+    assert (tmp_path / "img" / "frontier_synthetic.png").is_file()
 
 
 def peer_task() -> tuple[Any, Any, Any]:

@@ -1,0 +1,376 @@
+"""Recall against queries per second at equal bytes: every index as its users judge it.
+
+For each seed it trains the baseline two-tower model (no layer) and builds the peers on its item
+embeddings, all at the same bytes per item and the same number of lists (FAISS's guideline of
+4 sqrt(n), rounded to a power of two):
+
+- faiss-ivfpq: ``IVF{L},PQ{D}x8``;
+- faiss-ivfpq-fastscan: ``IVF{L},PQ{2D}x4fs`` (4-bit codes, twice the sub-codes);
+- faiss-opq-ivfpq: ``OPQ{D},IVF{L},PQ{D}x8``;
+- faiss-ivfrq: ``IVF{L},RQ{D}x8``;
+- scann-lut256 and scann-lut16: ScaNN tree + AH, no reorder (peers.py);
+- exact and hnsw (``HNSW32,Flat``) as references, at the bytes they take.
+
+It trains the same model with a Poeem layer twice: at K = 256 (D sub-codes), served as trained
+(``poeem``, what ``poeem train`` serves with no index flags) and refitted (``poeem-refit``,
+``--refit rq``: both come from one run, which keeps its index as trained); and at K = 16 (2D
+sub-codes) exported with ``--fast-scan`` (``poeem-k16-fastscan``).
+
+Each method is searched at every nprobe from 1 to all lists (HNSW: efSearch 16 to 512).
+``qps`` is the whole evaluation query set searched at once on 1 thread, best of 3, search only;
+``recall`` is the headline metric (training items excluded, as every benchmark here).
+``build_s`` is everything the index needs after training: FAISS's train + add, ScaNN's build,
+a Poeem export, and for the refit its refit and distillation too.
+
+    python benchmarks/frontier.py --dataset ml-100k --seeds 0 1 2
+    python benchmarks/frontier.py --dataset gowalla --seeds 0
+    python benchmarks/frontier.py --dataset gowalla --seeds 0 --num-subspaces 16
+
+Writes ``results/frontier_<dataset>[_D<bytes>].json``; ``benchmarks/report.py`` plots it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shutil
+import tempfile
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from poeem.data import load_data
+from poeem.evaluation.evaluate import evaluate_retrieval
+from poeem.evaluation.report import query_encoder
+from poeem.export.learned import export_learned
+from poeem.pipeline.run import after_training_seconds, train_run
+from poeem.pipeline.run_dir import load_run
+from poeem.search import FaissSearcher
+from poeem.search.faiss_backend import untrained_faiss_index
+
+from common import add_mean_std, save_result
+from peers import ScannIndex
+from presets import Preset, preset, tiny
+
+HNSW_EF = (16, 32, 64, 128, 256, 512)
+QPS_SECONDS = {"least_s": 0.5}  # a timing repeats for at least this long (small query sets are noisy)
+METHODS = [  # plotting and table order
+    "poeem",
+    "poeem-k16-fastscan",
+    "poeem-refit",
+    "faiss-ivfpq",
+    "faiss-ivfpq-fastscan",
+    "faiss-opq-ivfpq",
+    "faiss-ivfrq",
+    "scann-lut256",
+    "scann-lut16",
+    "hnsw",
+]
+DEFAULT_METHOD = "poeem"  # what `poeem train` serves with no index flags
+
+
+def guideline_lists(num_items: int) -> int:
+    """FAISS's guideline of 4-16 sqrt(n) lists, at its low end, as a power of two."""
+    return 2 ** round(math.log2(4 * math.sqrt(num_items)))
+
+
+class HnswSearcher:
+    """FAISS ``HNSW32,Flat`` by inner product; ``nprobe`` is its efSearch."""
+
+    def __init__(self, items: np.ndarray) -> None:
+        self.index = faiss.index_factory(items.shape[1], "HNSW32,Flat", faiss.METRIC_INNER_PRODUCT)
+        self.index.add(items)
+        self.ntotal = self.index.ntotal
+
+    def search(self, xq: torch.Tensor, k: int, nprobe: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, dim) queries -> (nq, k) scores and ids, with efSearch ``nprobe``."""
+        params = faiss.SearchParametersHNSW(efSearch=max(nprobe, k))
+        d, i = self.index.search(np.ascontiguousarray(xq.float().numpy()), k, params=params)
+        return torch.from_numpy(d), torch.from_numpy(i)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """FAISS and torch on one thread inside the block."""
+    threads = torch.get_num_threads()
+    faiss.omp_set_num_threads(1)
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+        torch.set_num_threads(threads)
+
+
+def best_qps(index: Any, xq: torch.Tensor, k: int, setting: int, repeats: int = 3) -> float:
+    """Queries per second of ``index.search`` over all (nq, dim) ``xq`` at once: the best of
+    ``repeats`` passes, and of as many more as fit in ``QPS_SECONDS["least_s"]``."""
+    least_s = QPS_SECONDS["least_s"]
+    with one_thread():
+        best, spent, passes = math.inf, 0.0, 0
+        while passes < repeats or spent < least_s:
+            started = time.perf_counter()
+            index.search(xq, k, setting)
+            elapsed = time.perf_counter() - started
+            best, spent, passes = min(best, elapsed), spent + elapsed, passes + 1
+    return xq.shape[0] / best
+
+
+def timed(build: Callable[[], Any]) -> tuple[Any, float]:
+    """``build()`` and the seconds it took."""
+    started = time.perf_counter()
+    out = build()
+    return out, time.perf_counter() - started
+
+
+def faiss_peer(items: np.ndarray, spec: str, seed: int) -> FaissSearcher:
+    """A FAISS index from ``spec``, trained on and filled with the (n, dim) ``items``."""
+    index = untrained_faiss_index(items.shape[1], spec, "ip", seed)
+    index.train(items)
+    index.add(items)
+    return FaissSearcher(index)
+
+
+Built = tuple[Any, float, float, list[int]]  # index, build seconds, bytes per item, search settings
+
+
+def peers(
+    items: torch.Tensor, lists: int, d: int, seed: int, methods: list[str]
+) -> Iterator[tuple[str, Built]]:
+    """Each of ``methods``' peers built on the (n, dim) ``items``, one at a time."""
+    x = np.ascontiguousarray(items.float().numpy())
+    nprobes = [2**i for i in range(lists.bit_length())]
+    specs = {
+        "faiss-ivfpq": f"IVF{lists},PQ{d}x8",
+        "faiss-ivfpq-fastscan": f"IVF{lists},PQ{2 * d}x4fs",
+        "faiss-opq-ivfpq": f"OPQ{d},IVF{lists},PQ{d}x8",
+        "faiss-ivfrq": f"IVF{lists},RQ{d}x8",
+    }
+    scann = {"scann-lut256": (d, 256), "scann-lut16": (2 * d, 16)}
+    for name in methods:
+        if name in specs:
+            index, seconds = timed(lambda spec=specs[name]: faiss_peer(x, spec, seed))
+            yield name, (index, seconds, float(d), nprobes)
+        elif name in scann:
+            subspaces, k = scann[name]
+            index, seconds = timed(lambda s=subspaces, k=k: ScannIndex(items, lists, s, k))
+            yield name, (index, seconds, float(d), nprobes)
+        elif name == "hnsw":
+            hnsw, seconds = timed(lambda: HnswSearcher(x))
+            yield name, (hnsw, seconds, len(faiss.serialize_index(hnsw.index)) / x.shape[0], list(HNSW_EF))
+
+
+def poeem_searcher(model: Any, fast_scan: bool = False) -> tuple[FaissSearcher, float]:
+    """A trained model's learned index exported to FAISS (no training), and the export seconds."""
+
+    def export() -> FaissSearcher:
+        with torch.no_grad():
+            items = model.all_item_embeddings()
+        _, index = export_learned(model.index, items, None, model.config.search_metric, fast_scan)
+        return FaissSearcher(index)
+
+    return timed(export)
+
+
+def measure(
+    method: str,
+    index: Any,
+    build_s: float,
+    bytes_per_item: float,
+    settings: list[int],
+    encode: Callable[[np.ndarray], torch.Tensor],
+    data: Any,
+    pre: Preset,
+) -> list[dict[str, Any]]:
+    """One row per search setting: recall (headline metric) and queries per second."""
+    k = int(pre.headline.split("@")[1])
+    with torch.no_grad():
+        xq = encode(data.eval_queries())
+    rows = []
+    for setting in settings:
+        recall = evaluate_retrieval(index, encode, data, (k,), setting)[pre.headline]
+        label = f"efSearch={setting}" if method == "hnsw" else f"nprobe={setting}"
+        rows.append(
+            {
+                "method": method,
+                "default": method == DEFAULT_METHOD,
+                "bytes_per_item": bytes_per_item,
+                "setting": label,
+                "recall": recall,
+                "qps": best_qps(index, xq, k, setting),
+                "build_s": build_s,
+            }
+        )
+    best = max(rows, key=lambda r: r["recall"])
+    print(f"  {method}: best {pre.headline} {best['recall']:.4f} ({best['setting']})", flush=True)
+    return rows
+
+
+def poeem_config(
+    pre: Preset, seed: int, budget: tuple[int, int, int], refit: str | None, distill_epochs: int | None
+) -> Any:
+    """The run of the layer's defaults at ``budget`` (coarse_K, D, K), with ``refit``."""
+    lists = budget[0]
+    cfg = replace(pre, budget=budget).run_config(seed, "poeem-ip", (1,))
+    cfg.model.poeem["buffer_size"] = max(cfg.model.poeem["buffer_size"], 40 * lists)  # k-means
+    cfg.train = replace(cfg.train, refit=refit, distill_epochs=distill_epochs if refit else None)
+    return cfg
+
+
+def one_seed(
+    pre: Preset, seed: int, lists: int, d: int, work: Path, methods: list[str], distill_epochs: int | None
+) -> tuple[list[dict[str, Any]], dict]:
+    """The rows of ``methods`` for one seed, the exact reference, and the training seconds."""
+    rows: list[dict[str, Any]] = []
+    cfg = replace(pre, budget=(lists, d, 256)).run_config(seed, None, (1,))
+    data = load_data(cfg.data)
+    k = int(pre.headline.split("@")[1])
+    baseline, metrics = train_run(cfg, work / f"baseline-{seed}")
+    train_s = {"baseline": metrics["train_s"]}
+    encode = query_encoder(baseline, data)
+    with torch.no_grad():
+        items = baseline.all_item_embeddings()
+    exact_index = FaissSearcher(faiss.IndexFlatIP(items.shape[1]))
+    exact_index.index.add(np.ascontiguousarray(items.float().numpy()))
+    with torch.no_grad():
+        xq = encode(data.eval_queries())
+    exact = {
+        "recall": evaluate_retrieval(exact_index, encode, data, (k,), 1)[pre.headline],
+        "qps": best_qps(exact_index, xq, k, 1),
+        "bytes_per_item": 4.0 * items.shape[1],
+    }
+    print(f"  exact: {pre.headline} {exact['recall']:.4f}", flush=True)
+    for method, (index, build_s, size, settings) in peers(items, lists, d, seed, methods):
+        print(f"  {method} built in {build_s:.1f}s", flush=True)
+        rows += measure(method, index, build_s, size, settings, encode, data, pre)
+    nprobes = [2**i for i in range(lists.bit_length())]
+
+    if {"poeem", "poeem-refit"} & set(methods):  # one run: a refitted run keeps its index as trained
+        refit = "rq" if "poeem-refit" in methods else None
+        run = work / f"poeem-{seed}"
+        model, metrics = train_run(poeem_config(pre, seed, (lists, d, 256), refit, distill_epochs), run)
+        train_s["poeem"] = metrics["train_s"]
+        encode = query_encoder(model, data)
+        if refit:
+            searcher, export_s = poeem_searcher(model)
+            build_s = after_training_seconds(metrics) + export_s
+            rows += measure("poeem-refit", searcher, build_s, float(d), nprobes, encode, data, pre)
+            _, model = load_run(run, as_trained=True)
+        if "poeem" in methods:
+            searcher, export_s = poeem_searcher(model)
+            rows += measure("poeem", searcher, export_s, float(d), nprobes, encode, data, pre)
+    if "poeem-k16-fastscan" in methods:
+        cfg = poeem_config(pre, seed, (lists, 2 * d, 16), None, None)
+        model, metrics = train_run(cfg, work / f"k16-{seed}")
+        train_s["poeem-k16"] = metrics["train_s"]
+        searcher, export_s = poeem_searcher(model, fast_scan=True)
+        encode = query_encoder(model, data)
+        rows += measure("poeem-k16-fastscan", searcher, export_s, float(d), nprobes, encode, data, pre)
+    return rows, {"exact": exact, "train_s": train_s}
+
+
+def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows no other row beats on both recall and qps, by qps descending."""
+    ordered = sorted(rows, key=lambda r: (-r["qps"], -r["recall"]))
+    front, best = [], -math.inf
+    for row in ordered:
+        if row["recall"] > best:
+            front.append(row)
+            best = row["recall"]
+    return front
+
+
+def mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Mean (and std) over seeds of each (method, setting) row."""
+    grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for rows in per_seed:
+        for row in rows:
+            grouped[(row["method"], row["setting"])].append(row)
+    out = []
+    for rows in grouped.values():
+        entry = {key: rows[0][key] for key in ("method", "default", "bytes_per_item", "setting")}
+        for key in ("recall", "qps", "build_s"):
+            add_mean_std(entry, key, [r[key] for r in rows])
+        entry["seeds"] = len(rows)
+        out.append(entry)
+    return sorted(out, key=lambda r: (METHODS.index(r["method"]), -r["qps"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, choices=["synthetic", "ml-100k", "gowalla"])
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--num-subspaces", type=int, default=None, help="D: bytes per item (default 8)")
+    p.add_argument("--lists", type=int, default=None, help="default: FAISS's guideline, 4 sqrt(n)")
+    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument(
+        "--refit-distill-epochs", type=int, default=None, help="the refit's distillation (default: the run's)"
+    )
+    p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
+    p.add_argument("--results-dir", type=Path, default=None)
+    args = p.parse_args()
+
+    pre = preset(args.dataset, args.data_dir)
+    if args.tiny:
+        pre = tiny(pre)
+        QPS_SECONDS["least_s"] = 0.0
+    d = args.num_subspaces or (4 if args.tiny else 8)
+    num_items = load_data(pre.run_config(args.seeds[0], None, (1,)).data).num_items
+    lists = args.lists or (4 if args.tiny else guideline_lists(num_items))
+    print(f"{args.dataset}: {num_items} items, {lists} lists, {d} bytes per item", flush=True)
+    work = Path(tempfile.mkdtemp(prefix="poeem-frontier-"))
+    per_seed, extras = [], []
+    try:
+        for seed in args.seeds:
+            print(f"seed {seed}", flush=True)
+            rows, extra = one_seed(pre, seed, lists, d, work, args.methods, args.refit_distill_epochs)
+            per_seed.append(rows)
+            extras.append(extra)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    exact: dict[str, Any] = {"bytes_per_item": extras[0]["exact"]["bytes_per_item"]}
+    for key in ("recall", "qps"):
+        add_mean_std(exact, key, [e["exact"][key] for e in extras])
+    rows = mean_rows(per_seed)
+    train_s: dict[str, Any] = {}
+    for name in extras[0]["train_s"]:
+        add_mean_std(train_s, name, [e["train_s"][name] for e in extras])
+    result = {
+        "dataset": args.dataset,
+        "headline": pre.headline,
+        "num_items": num_items,
+        "threads": 1,
+        "lists": lists,
+        "lists_rule": "4 sqrt(n), rounded to a power of two (FAISS's guideline: 4-16 sqrt(n))",
+        "seeds": args.seeds,
+        "tiny": args.tiny,
+        "exact": exact,
+        "rows": rows,
+        "pareto": {
+            m: [r["setting"] for r in pareto([r for r in rows if r["method"] == m])] for m in args.methods
+        },
+        "train_s": train_s,
+        "per_seed": per_seed,
+    }
+    suffix = f"_D{args.num_subspaces}" if args.num_subspaces else ""
+    name = f"frontier_{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
+    path = save_result(name, result, args.results_dir)
+    for row in rows:
+        print(
+            f"{row['method']:22} {row['setting']:14} {pre.headline}={row['recall']:.4f} "
+            f"qps={row['qps']:9.0f} build={row['build_s']:.2f}s"
+        )
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
