@@ -14,7 +14,9 @@ embeddings, all at the same bytes per item and the same number of lists (FAISS's
 It trains the same model with a Poeem layer twice: at K = 256 (D sub-codes), served as trained
 (``poeem``, what ``poeem train`` serves with no index flags) and refitted (``poeem-refit``,
 ``--refit rq``: both come from one run, which keeps its index as trained); and at K = 16 (2D
-sub-codes) exported with ``--fast-scan`` (``poeem-k16-fastscan``).
+sub-codes) exported with ``--fast-scan`` (``poeem-k16-fastscan``). ``poeem-distill-items`` is
+``poeem distill --items --queries`` with its defaults on the baseline's item embeddings, taught
+by every query's embedding: poeem's index for embeddings it did not train.
 
 Each method is searched at every nprobe from 1 to all lists (HNSW: efSearch 16 to 512).
 ``qps`` is the whole evaluation query set searched at once on 1 thread, best of 3, search only;
@@ -50,11 +52,14 @@ import torch
 from poeem.data import load_data
 from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.report import query_encoder
+from poeem.export.faiss_codec import build_faiss_index
 from poeem.export.learned import export_learned
+from poeem.pipeline.distill import distill_embeddings
 from poeem.pipeline.run import after_training_seconds, train_run
 from poeem.pipeline.run_dir import load_run
 from poeem.search import FaissSearcher
 from poeem.search.faiss_backend import untrained_faiss_index
+from poeem.training.distill import DistillConfig
 
 from common import add_mean_std, save_result
 from peers import ScannIndex
@@ -66,6 +71,7 @@ METHODS = [  # plotting and table order
     "poeem",
     "poeem-k16-fastscan",
     "poeem-refit",
+    "poeem-distill-items",
     "faiss-ivfpq",
     "faiss-ivfpq-fastscan",
     "faiss-opq-ivfpq",
@@ -180,6 +186,26 @@ def poeem_searcher(model: Any, fast_scan: bool = False) -> tuple[FaissSearcher, 
     return timed(export)
 
 
+def distilled_items(
+    encode: Callable[[np.ndarray], torch.Tensor],
+    num_queries: int,
+    items: torch.Tensor,
+    budget: tuple,
+    out: Path,
+) -> FaissSearcher:
+    """``poeem distill --items --queries`` with its defaults at ``budget`` (lists, D, seed): an
+    index fitted on the (n, dim) ``items``, distilled from every query's embedding (no labels)."""
+    with torch.no_grad():
+        queries = encode(np.arange(num_queries)).float().numpy()
+    lists, d, seed = budget
+    settings = {"num_coarse": lists, "num_subspaces": d}
+    config = DistillConfig(seed=seed)
+    searcher, _ = distill_embeddings(
+        items.float().numpy(), queries, out, settings, config=config, progress=False
+    )
+    return FaissSearcher(build_faiss_index(searcher.tensors, "ip"))
+
+
 def measure(
     method: str,
     index: Any,
@@ -252,6 +278,12 @@ def one_seed(
         print(f"  {method} built in {build_s:.1f}s", flush=True)
         rows += measure(method, index, build_s, size, settings, encode, data, pre)
     nprobes = [2**i for i in range(lists.bit_length())]
+    if "poeem-distill-items" in methods:
+        out = work / f"items-{seed}"
+        searcher, build_s = timed(
+            lambda: distilled_items(encode, data.num_queries, items, (lists, d, seed), out)
+        )
+        rows += measure("poeem-distill-items", searcher, build_s, float(d), nprobes, encode, data, pre)
 
     if {"poeem", "poeem-refit"} & set(methods):  # one run: a refitted run keeps its index as trained
         refit = "rq" if "poeem-refit" in methods else None

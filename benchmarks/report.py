@@ -514,6 +514,7 @@ FRONTIER_LABELS = {
     "poeem": "poeem, as trained (default)",
     "poeem-k16-fastscan": "poeem K=16, fast scan",
     "poeem-refit": "poeem refit (--refit rq)",
+    "poeem-distill-items": "poeem distill --items (defaults)",
     "faiss-ivfpq": "FAISS IVF-PQ",
     "faiss-ivfpq-fastscan": "FAISS IVF-PQ fast scan",
     "faiss-opq-ivfpq": "FAISS OPQ + IVF-PQ",
