@@ -73,10 +73,11 @@ for line in (data_path / "u.item").read_text(encoding="latin-1").splitlines():
 # model ends its movie tower with a `PoeemLayer`: 8 IVF lists and 8 sub-codes of 4 bits, that is
 # 4 bytes per movie. It trains without quantization for the first third of the steps, then
 # k-means initializes the codebooks (learnable Givens rotation on top of OPQ) and the model
-# trains with the quantized movies. When training ends, the run keeps the lists it trained and
-# codes the movies again with a residual quantizer fitted on their final embeddings, taught the
-# model's own ranking (`TrainConfig.refit`, "auto" by default; `refit=None` keeps the codes of
-# training).
+# trains with the quantized movies. When training ends, the run serves its index as training
+# left it, ready at once (the default). `TrainConfig(refit="rq")` would instead keep the lists
+# it trained and code the movies again with a residual quantizer fitted on their final
+# embeddings, taught the model's own ranking: a build after training (docs/design.md, "Refit
+# after training").
 
 # %%
 data_config = DataConfig(kind="movielens", path=str(data_path), split="random", test_fraction=0.2)
@@ -108,9 +109,8 @@ for name, poeem_layer in (("baseline", None), ("poeem", layer)):
 # - **exact**: brute force over the baseline's un-quantized movie embeddings;
 # - **faiss-ivfpq**: the usual pipeline, FAISS `IVF8,PQ8x4` trained on those embeddings after
 #   training;
-# - **poeem-as-trained**: the Poeem model's index as training left it, exported to FAISS
-#   without any FAISS training (the paper's index: it exists the moment training ends);
-# - **poeem**: the index the run serves, refitted in the trained lists and distilled.
+# - **poeem**: the Poeem model's index as training left it, exported to FAISS without any
+#   FAISS training (the paper's index: it exists the moment training ends).
 #
 # At nprobe 1 a user's query probes one of the 8 lists; at nprobe 8 it scans them all.
 
@@ -123,13 +123,13 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-shown = {"poeem": "poeem (refit)", "poeem-as-trained": "poeem\n(as trained)"}
+shown = {"poeem": "poeem\n(as trained)"}
 labels = [
     f"{shown.get(r['method'], r['method'])}\nnprobe {r['nprobe']}" if r["method"] != "exact" else "exact"
     for r in rows
 ]
 fig, ax = plt.subplots(figsize=(9, 3.5))
-colors = {"exact": "#555", "faiss-ivfpq": "#c66", "poeem-as-trained": "#9bd", "poeem": "#37a"}
+colors = {"exact": "#555", "faiss-ivfpq": "#c66", "poeem": "#37a"}
 ax.bar(labels, [r["recall@20"] for r in rows], color=[colors[r["method"]] for r in rows])
 ax.set_ylabel("recall@20")
 ax.set_title("MovieLens 100K, 4 bytes per movie")

@@ -334,9 +334,11 @@ def test_distill_epochs_need_a_layer(tmp_path: Path) -> None:
 
 def test_text_and_refitted_runs_distil_by_default_and_other_id_runs_when_asked() -> None:
     cfg = tiny_config()
-    assert cfg.train.refit == "auto" and distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS  # a refit
+    assert cfg.train.refit is None and cfg.train.distill_epochs is None
+    assert distill_epochs(cfg) == 0  # id towers as trained, the default
+    cfg.train.refit = "rq"
+    assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS  # a refit, asked for
     cfg.train.refit = None
-    assert cfg.train.distill_epochs is None and distill_epochs(cfg) == 0  # id towers as trained
     cfg.model.text = {"encoder": "any"}
     assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS
     cfg.train.distill_epochs = 0  # asked not to

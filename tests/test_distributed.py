@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from poeem import PoeemLayer, Searcher
 from poeem.data.synthetic import synthetic_task
 from poeem.model import ModelConfig, TwoTowerModel
-from poeem.pipeline import export_run
+from poeem.pipeline import export_run, load_run
 from poeem.training import PairBatches, TrainConfig, Trainer
 
 BATCH = 64
@@ -297,10 +297,17 @@ def cli(*args: str, torchrun: bool = False, ok: bool = True) -> subprocess.Compl
     return done
 
 
-def test_torchrun_trains_and_exports_through_the_cli(tmp_path: Path) -> None:
-    run_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The run of ``trained_run`` trained by 2 ranks under torchrun, and what it printed."""
+    run_dir = tmp_path_factory.mktemp("torchrun") / "run"
     done = cli("train", "--run-dir", str(run_dir), *TINY_RUN, "--max-steps", "12", torchrun=True)
-    assert done.stdout.count("run folder:") == 1  # rank 0 alone reports
+    return run_dir, done.stdout
+
+
+def test_torchrun_trains_and_exports_through_the_cli(tmp_path: Path, torchrun_run: tuple[Path, str]) -> None:
+    run_dir, stdout = torchrun_run
+    assert stdout.count("run folder:") == 1  # rank 0 alone reports
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 12 and {r["method"] for r in metrics["rows"]} >= {"exact", "poeem"}
     done = cli("export", str(run_dir), "--out", str(tmp_path / "index"), torchrun=True)
@@ -312,6 +319,22 @@ def test_torchrun_trains_and_exports_through_the_cli(tmp_path: Path) -> None:
 def test_nproc_relaunches_through_torchrun(tmp_path: Path) -> None:
     done = cli("train", "--run-dir", str(tmp_path), *TINY_RUN, "--max-steps", "4", "--nproc", "2")
     assert "launching 2 processes" in done.stdout and done.stdout.count("run folder:") == 1
+
+
+def test_the_default_serves_the_same_index_in_one_process_and_under_torchrun(
+    trained_run: Path, torchrun_run: tuple[Path, str]
+) -> None:
+    """No refit by default: the same command in one process and in 2 gloo ranks stores and
+    serves the index as trained."""
+    served = []
+    for run_dir in (trained_run, torchrun_run[0]):  # one process, two gloo ranks
+        assert json.loads((run_dir / "config.json").read_text())["train"]["refit"] is None
+        assert "refit" not in json.loads((run_dir / "metrics.json").read_text())
+        assert not (run_dir / "index_as_trained.safetensors").exists()
+        served.append(load_run(run_dir)[1].index)
+    assert served[0].config == served[1].config and served[0].config.quantizer == "pq"
+    # 2 ranks of half the batch train like one rank: the same codebooks, up to summation order
+    torch.testing.assert_close(served[0].codebooks, served[1].codebooks, rtol=0, atol=1e-4)
 
 
 def test_batch_size_must_split_across_ranks(tmp_path: Path) -> None:

@@ -70,7 +70,7 @@ def test_the_readme_main_command_runs_twice_in_one_fresh_folder(tmp_path: Path) 
         )
         assert done.returncode == 0, done.stderr
         outputs.append(done.stdout + done.stderr)
-    labels = ("exact (brute force)", "FAISS IVF8,PQ8 (separate)", "Poeem as trained", "Poeem refit (default)")
+    labels = ("exact (brute force)", "FAISS IVF8,PQ8 (after training)", "Poeem as trained (default)")
     for label in labels:
         assert label in outputs[0] and label in outputs[1]
     assert "replacing the earlier demo run in runs/demo/baseline/" in outputs[1]

@@ -131,15 +131,16 @@ def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) ->
     assert not (tmp_path / "cli").exists()
 
 
-def test_by_default_a_run_serves_a_refit_and_reports_its_index_as_trained(tmp_path: Path) -> None:
-    default, as_trained = tiny_config(), tiny_config()
-    as_trained.train.refit = None
-    _, metrics = train_run(default, tmp_path / "default")
+def test_a_run_with_refit_rq_serves_it_and_reports_its_index_as_trained(tmp_path: Path) -> None:
+    refitted, as_trained = tiny_config(), tiny_config()
+    assert as_trained.train.refit is None  # the default: the index as trained
+    refitted.train.refit = "rq"  # an opt-in
+    _, metrics = train_run(refitted, tmp_path / "refitted")
     _, plain = train_run(as_trained, tmp_path / "plain")
     assert metrics["refit"]["quantizer"] == "rq" and "refit" not in plain
-    assert load_run(tmp_path / "default")[1].index.config.quantizer == "rq"
-    stored = json.loads((tmp_path / "default" / "config.json").read_text())
-    assert stored["train"]["refit"] == "rq"  # resolved where it ran: a resume does the same
+    assert load_run(tmp_path / "refitted")[1].index.config.quantizer == "rq"
+    stored = json.loads((tmp_path / "refitted" / "config.json").read_text())
+    assert stored["train"]["refit"] == "rq"  # a resume does the same
     rows, plain_rows = ({r["method"]: r for r in m["rows"]} for m in (metrics, plain))
     # the index the run would have served without the refit, measured before it was replaced
     assert rows["poeem-as-trained"]["recall@10"] == plain_rows["poeem"]["recall@10"]
@@ -149,41 +150,47 @@ def test_by_default_a_run_serves_a_refit_and_reports_its_index_as_trained(tmp_pa
         and not (tmp_path / "plain" / "index_as_trained.safetensors").exists()
     )
     # the index as trained is kept beside the refit: exported, it is the --refit none run's
-    for run, flags in ((tmp_path / "default", ["--as-trained"]), (tmp_path / "plain", [])):
+    for run, flags in ((tmp_path / "refitted", ["--as-trained"]), (tmp_path / "plain", [])):
         args = ["export", str(run), "--out", str(run / "ix"), "--fast-scan", *flags]  # PQ, K = 16
         result = CliRunner().invoke(app, args)
         assert result.exit_code == 0, (result.output, result.exception)
-    kept, plain_ix = (Searcher.load(tmp_path / r / "ix").tensors for r in ("default", "plain"))
+    kept, plain_ix = (Searcher.load(tmp_path / r / "ix").tensors for r in ("refitted", "plain"))
     assert torch.equal(kept.codes, plain_ix.codes) and torch.equal(kept.coarse_codes, plain_ix.coarse_codes)
     assert torch.equal(kept.codebooks, plain_ix.codebooks)
     result = CliRunner().invoke(
-        app, ["export", str(tmp_path / "default"), "--out", str(tmp_path / "rq"), "--fast-scan"]
+        app, ["export", str(tmp_path / "refitted"), "--out", str(tmp_path / "rq"), "--fast-scan"]
     )
     assert "poeem export --as-trained" in str(result.exception)  # the refit is RQ: no fast scan
-    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "default"), "--as-trained"])
+    result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "refitted"), "--as-trained"])
     assert result.exit_code == 0, (result.output, result.exception)
     shown = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith("poeem")}
     assert float(shown["poeem"][2]) == pytest.approx(plain_rows["poeem"]["recall@10"], abs=1e-4)
     with pytest.raises(PoeemError, match="the index as trained or a refit"):
-        export_run(tmp_path / "default", tmp_path / "both", as_trained=True, refit="rq")
-    (tmp_path / "default" / "index_as_trained.safetensors").unlink()  # a run refitted by an older poeem
+        export_run(tmp_path / "refitted", tmp_path / "both", as_trained=True, refit="rq")
+    (tmp_path / "refitted" / "index_as_trained.safetensors").unlink()  # a run refitted by an older poeem
     with pytest.raises(PoeemError, match="train the run again with --refit none"):
-        load_run(tmp_path / "default", as_trained=True)
+        load_run(tmp_path / "refitted", as_trained=True)
     baseline = tiny_config()
-    baseline.model.poeem = None
+    baseline.model.poeem, baseline.train.refit = None, "auto"
     _, metrics = train_run(baseline, tmp_path / "baseline")
-    assert "refit" not in metrics  # nothing to refit, and no error either
+    assert "refit" not in metrics  # "auto": nothing to refit, and no error either
     assert json.loads((tmp_path / "baseline" / "config.json").read_text())["train"]["refit"] is None
 
 
-def test_under_torchrun_the_default_serves_the_index_as_trained(
+def test_the_default_serves_the_index_as_trained_and_auto_refits_in_one_process_only(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from poeem.pipeline.run import resolve_refit
 
+    auto = tiny_config()
+    auto.train.refit = "auto"
+    assert resolve_refit(tiny_config()).train.refit is None  # one process
+    assert resolve_refit(auto).train.refit == "rq"
     monkeypatch.setattr("poeem.distributed.is_active", lambda: True)
     monkeypatch.setattr("poeem.distributed.is_main", lambda: True)
-    assert resolve_refit(tiny_config()).train.refit is None
+    assert resolve_refit(tiny_config()).train.refit is None  # torchrun: the same, and silent
+    assert capsys.readouterr().out == ""
+    assert resolve_refit(auto).train.refit is None
     assert "poeem distill RUN_DIR --refit rq" in capsys.readouterr().out
     asked = tiny_config()
     asked.train.refit = "rq"

@@ -48,8 +48,8 @@ Opt = typer.Option
 AsTrained = Annotated[  # poeem evaluate / export --as-trained
     bool,
     Opt(
-        help="A refitted run (the default): its index as training left it (PQ codes, the paper's "
-        "index), not the refit it serves."
+        help="A run trained with --refit rq or pq: its index as training left it (PQ codes, the "
+        "paper's index), not the refit it serves."
     ),
 ]
 
@@ -225,21 +225,21 @@ def train(
         int | None,
         Opt(
             help="After training, distil the index from the model's own ranking for this many "
-            "epochs per round (0: no; default: 10 for a refitted run (the default) or a text model, else "
-            "0; safe on --resume).",
+            "epochs per round (0: no; default: 10 for a text model or a run with --refit, else 0; "
+            "safe on --resume).",
             rich_help_panel="Training",
         ),
     ] = None,
     refit: Annotated[
         str | None,
         Opt(
-            help="After training, refit the layer's residual coder on the final item embeddings "
-            "inside its trained lists, then distil it; the run serves the refit. auto (default): rq "
-            "for a run with a layer in one process | rq: a residual quantizer at the same bytes "
-            "(above every peer on every dataset measured, and on average above the index as trained, "
-            "which the run's poeem-as-trained rows show: docs/benchmarks.md; FAISS scans its codes "
-            "slower than PQ's, and not with --fast-scan) | pq | none: serve the index as trained, "
-            "the moment training ends (safe on --resume).",
+            help="none (default): serve the index as trained, ready the moment training ends, in "
+            "one process and under torchrun alike. Opt-in: after training, refit the layer's "
+            "residual coder on the final item embeddings inside its trained lists, then distil it; "
+            "the run serves the refit, a build after training that on the benchmarks took about as "
+            "long as training itself (docs/benchmarks.md). rq: a residual quantizer at the same "
+            "bytes (FAISS scans its codes slower than PQ's, and has no --fast-scan for them) | pq | "
+            "auto: rq for a run with a layer in one process, else none. Safe on --resume.",
             rich_help_panel="Training",
         ),
     ] = None,
@@ -453,8 +453,8 @@ def export(
     fast_scan: Annotated[
         bool,
         typer.Option(
-            help="4-bit fast-scan FAISS index (needs PQ codes with K=16: --as-trained, or a run "
-            "trained with --refit none or pq)."
+            help="4-bit fast-scan FAISS index (needs PQ codes with K=16: a run trained without "
+            "--refit or with --refit pq, or --as-trained)."
         ),
     ] = False,
     replace: Annotated[

@@ -268,6 +268,9 @@ def train_run(
     if refit or distilled:
         save_weights(run_dir, model, trained_index if refit else None)  # both indexes of a refit
         save_config(run_dir, cfg, shapes)
+    evaluated = ["exact search"] + ["the index the run serves"] * (model.index is not None)
+    evaluated += ["FAISS IVF-PQ built on the item embeddings"] * cfg.eval.faiss_baseline
+    print(f"evaluating {', '.join(evaluated)} ...", flush=True)  # a line even off a terminal
     rows = evaluate_model(model, data, cfg) + as_trained
     metrics = {
         "data": data.summary(),
@@ -314,11 +317,10 @@ def distill_epochs(cfg: RunConfig) -> int:
     layer (``train.refit``) and 0 otherwise (in one process only: a run under torchrun says how
     to distil it afterwards).
 
-    A text model's layer trains few steps on a small labelled set: on SciFact its index alone
-    kept 88% of exact ndcg@10 at 16 bytes and 97% at 48, below FAISS OPQ fitted afterwards;
-    distilled, 92% and 98%, above or level with it (docs/benchmarks.md). On id data the gain was
-    1-2% and the synthetic task lost up to 5 points, so id runs without a refit distil only when asked. A
-    refitted coder gains from distillation alone (Gowalla: nothing before it, +7% after)."""
+    A text model's layer trains few steps on a small labelled set, and distillation lifts its
+    index to or above FAISS OPQ fitted afterwards; on id data the gain was small and the
+    synthetic task lost from it, so id runs without a refit distil only when asked; a refitted
+    coder gains most from it (docs/benchmarks.md)."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
     has_layer = cfg.model.poeem is not None
@@ -336,8 +338,9 @@ def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) ->
 
 
 def resolve_refit(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with ``train.refit`` "auto" made concrete, as the run stores it: "rq" for a run
-    with a layer in one process, else None (under torchrun it says how to refit afterwards)."""
+    """``cfg`` with ``train.refit`` made concrete, as the run stores it. The default (None)
+    stays None in one process and under torchrun alike; an explicit "auto" becomes "rq" for a
+    run with a layer in one process, else None (under torchrun it says how to refit afterwards)."""
     if cfg.train.refit != "auto":
         return cfg
     layer = cfg.model.poeem is not None

@@ -57,11 +57,13 @@ class TrainConfig:
     # the frozen model's own ranking of its training queries teaches the layer. None: 10 for
     # text models with a layer trained in one process (pipeline.run.distill_epochs), else 0
     distill_epochs: int | None = None
-    # after training, refit the layer's residual coder on the final item embeddings inside its
-    # trained lists (poeem.index.refit): "rq" (a residual quantizer, same bytes) or "pq"; the
-    # refitted index is then distilled (distill_epochs None: 10) and is the one the run serves.
-    # "auto": "rq" for a run with a layer in one process, else none; None or "none": no refit
-    refit: Literal["auto", "pq", "rq"] | None = "auto"
+    # None or "none" (the default): the run serves its index as trained, ready when training
+    # ends. Opt-in: after training, refit the layer's residual coder on the final item embeddings
+    # inside its trained lists (poeem.index.refit), "rq" (a residual quantizer, same bytes) or
+    # "pq"; the refitted index is then distilled (distill_epochs None: 10) and is the one the
+    # run serves, at the cost of a build after training (docs/benchmarks.md). "auto": "rq" for
+    # a run with a layer in one process, else none
+    refit: Literal["auto", "pq", "rq"] | None = None
     progress: bool = True
 
     def __post_init__(self) -> None:
