@@ -671,7 +671,7 @@ def recall_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "faiss-rq and poeem-rq code the residual with a residual quantizer of the same bytes "
         "(D stages of K codewords over all coordinates) in place of PQ; poeem-ip-refit-rq is "
         "poeem-ip with its coder refitted after training as such a residual quantizer in the "
-        "trained lists, then distilled (`poeem train`'s default, `--refit auto`; its build s are "
+        "trained lists, then distilled (`poeem train --refit rq`; its build s are "
         "the refit and the distillation); the other poeem rows serve the index as trained "
         "(`--refit none`).",
         "",

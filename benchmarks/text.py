@@ -56,8 +56,8 @@ SHOWN = {
     "refit-rq": "+ poeem RQ fit",
     "refit-distilled": "+ poeem OPQ fit, distilled",
     "poeem": "+ its learned index",
-    "poeem-distilled": "+ its learned index, distilled (poeem train --refit none)",
-    "poeem-refit-rq-distilled": "+ an RQ coder refitted on it, distilled (poeem train's default)",
+    "poeem-distilled": "+ its learned index, distilled (poeem train's default for text)",
+    "poeem-refit-rq-distilled": "+ an RQ coder refitted on it, distilled (poeem train --refit rq)",
 }
 
 
