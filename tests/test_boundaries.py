@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from conftest import trained_layer
 from typer.testing import CliRunner
 
 import poeem.pipeline.run as run_module
@@ -152,8 +153,6 @@ def test_only_ascii_digits_spell_an_integer_id(text: str, integer: bool) -> None
 
 
 def test_search_excludes_with_unicode_digits_are_ignored_not_a_traceback(tmp_path: Path) -> None:
-    from test_export_search import trained_layer
-
     layer, x = trained_layer("none", 8)
     Searcher.create(tmp_path / "ix", layer, x[:300], metric="ip")
     np.save(tmp_path / "q.npy", x[:2].numpy())

@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import make_dir, trained_layer
 from typer.testing import CliRunner
 
 from poeem import Searcher
@@ -145,8 +146,6 @@ def test_import_poeem_stays_light() -> None:
 
 
 def test_float_ids_in_npy_files_are_refused(tmp_path: Path) -> None:
-    from test_export_search import make_dir
-
     make_dir(tmp_path)
     np.save(tmp_path / "items.npy", np.random.default_rng(1).normal(size=(2, 16)).astype(np.float32))
     np.save(tmp_path / "ids.npy", np.array([20000.7, 20001.2]))
@@ -184,8 +183,6 @@ POISONED_EMPTY = (
 @pytest.mark.parametrize("threads", ["1", "2"])
 @pytest.mark.parametrize("poison", [False, True])
 def test_first_search_of_a_fast_scan_index_returns_k_rows(tmp_path: Path, threads: str, poison: bool) -> None:
-    from test_export_search import trained_layer
-
     from poeem import Searcher
 
     layer, x = trained_layer("none", 8, k=16)

@@ -4,7 +4,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from test_export_search import DIM, trained_layer
+from conftest import DIM, tiny_config, trained_layer
 
 from poeem.evaluation.cost import codes_scanned, imbalance_factor, list_sizes
 from poeem.export import to_faiss
@@ -46,8 +46,6 @@ def test_a_flat_index_scans_everything() -> None:
 
 
 def test_evaluation_rows_report_the_cost(tmp_path) -> None:
-    from test_model_training import tiny_config
-
     from poeem.pipeline import train_run
 
     _, metrics = train_run(tiny_config(), tmp_path / "run")

@@ -8,9 +8,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import correlated
-from test_export_search import assert_same_topk
-from test_model_training import tiny_config
+from conftest import DIM, assert_same_topk, clustered, correlated, distill_from_faiss_file, tiny_config
 from typer.testing import CliRunner
 
 from poeem import PoeemError, PoeemLayer, Searcher
@@ -24,14 +22,6 @@ from poeem.pipeline.distill import layer_from_faiss
 from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS, distill_epochs, run_distill_config
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index, listnet
-
-DIM = 16
-
-
-def clustered(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(40, DIM, generator=g)
-    return centres[torch.randint(40, (n,), generator=g)] + 0.4 * torch.randn(n, DIM, generator=g)
 
 
 def fitted_layer(items: torch.Tensor, rotation: str = "givens", num_coarse: int = 8) -> PoeemLayer:
@@ -345,20 +335,6 @@ def test_text_and_refitted_runs_distil_by_default_and_other_id_runs_when_asked()
     assert distill_epochs(cfg) == 0
     cfg.train.distill_epochs, cfg.model.poeem = None, None  # no layer to distil
     assert distill_epochs(cfg) == 0
-
-
-def distill_from_faiss_file(
-    tmp_path: Path, items: np.ndarray, queries: np.ndarray, start: Path, epochs: int
-) -> list[str]:
-    """``poeem distill --items --queries --from-faiss start --out tmp_path/ix`` (one round of
-    ``epochs``) on (n, dim) ``items`` and (nq, dim) ``queries`` saved as .npy; its arguments."""
-    np.save(tmp_path / "items.npy", items)
-    np.save(tmp_path / "queries.npy", queries)
-    args = ["distill", "--items", str(tmp_path / "items.npy"), "--queries", str(tmp_path / "queries.npy")]
-    args += ["--from-faiss", str(start), "--out", str(tmp_path / "ix"), "--rounds", "1"]
-    result = CliRunner().invoke(app, [*args, "--epochs", str(epochs), "--teacher-k", "20", "--no-progress"])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return args
 
 
 def test_distillation_starts_from_a_faiss_file(tmp_path: Path) -> None:

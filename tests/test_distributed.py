@@ -2,18 +2,12 @@
 cross-rank negatives, resume across world sizes, sharded export and the torchrun CLI."""
 
 import json
-import os
-import socket
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from conftest import cli, run_ranks
 
 from poeem import PoeemLayer, Searcher
 from poeem.data.synthetic import synthetic_task
@@ -30,31 +24,6 @@ LAYER = {
     "buffer_size": 256,  # filled by steps 4-7, so k-means runs at step 7
     "kmeans_iters": 5,
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _join(rank: int, world: int, port: int, fn: Callable[..., None], args: tuple[Any, ...]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        fn(*args)
-        dist.barrier()  # no rank tears gloo down while another still uses it (a flaky SIGABRT)
-    finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable[..., None], *args: Any, world: int = 2) -> None:
-    """Run ``fn(*args)`` in ``world`` gloo processes (in this process when world is 1)."""
-    if world == 1:
-        fn(*args)
-        return
-    mp.spawn(_join, args=(world, free_port(), fn, args), nprocs=world, join=True)
 
 
 # ------------------------------------------------------------------ warm start
@@ -285,16 +254,6 @@ TINY_RUN = (
     "--logger",
     "none",
 )
-
-
-def cli(*args: str, torchrun: bool = False, ok: bool = True) -> subprocess.CompletedProcess[str]:
-    """Run ``poeem ARGS`` (under ``torchrun --nnodes 1 --nproc-per-node 2`` with ``torchrun``)."""
-    launcher = ["-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
-    port = ["--master-port", str(free_port())]
-    command = [sys.executable, *(launcher + port if torchrun else []), "-m", "poeem", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert (done.returncode == 0) == ok, done.stderr[-3000:]
-    return done
 
 
 @pytest.fixture(scope="module")

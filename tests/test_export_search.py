@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import correlated
+from conftest import DIM, D, assert_same_topk, correlated, make_dir, trained_layer
 from faiss.contrib.inspect_tools import get_invlist
 
 from poeem import PoeemError, PoeemLayer, Searcher
@@ -14,42 +14,6 @@ from poeem.export import learned_index, to_faiss
 from poeem.export.faiss_codec import pack_sa_codes
 from poeem.index.tensors import IndexTensors
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
-
-DIM, D = 16, 4
-
-
-def trained_layer(
-    rotation: str, num_coarse: int, k: int = 16, coarse_metric: str = "ip", quantizer: str = "pq"
-) -> tuple[PoeemLayer, torch.Tensor]:
-    x = correlated(1500, DIM, seed=1)
-    layer = PoeemLayer(
-        coarse_metric=coarse_metric,
-        dim=DIM,
-        num_subspaces=D,
-        codebook_size=k,
-        num_coarse=num_coarse,
-        rotation=rotation,
-        quantizer=quantizer,
-        warmup_steps=0,
-        buffer_size=1000,
-        kmeans_iters=4,
-        opq_rounds=1,
-    )
-    layer.initialize(x[:1000])
-    if rotation == "givens":  # move the angles so the rotation is not just the OPQ one
-        with torch.no_grad():
-            layer.givens.angles.uniform_(-0.3, 0.3)
-    return layer, x
-
-
-def assert_same_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndarray) -> None:
-    """Scores equal; ids equal except among tied scores (compared as sets per score)."""
-    np.testing.assert_allclose(d1, d2, atol=1e-4, rtol=1e-5)
-    for a_d, a_i, b_i in zip(d1, i1, i2, strict=True):
-        kth = a_d[-1]
-        strictly_in = np.abs(a_d - kth) > 1e-4  # not tied with the last kept score
-        assert set(a_i[strictly_in]) == set(b_i[strictly_in])
-
 
 CASES = [
     (rot, nc, metric) for rot in ("none", "givens") for nc in (0, 8) for metric in ("ip", "cosine", "l2")
@@ -140,13 +104,6 @@ def test_fast_scan_needs_4_bits() -> None:
     layer, x = trained_layer("none", 8, k=256)
     with pytest.raises(PoeemError, match="fast_scan: expected K = 16"):
         to_faiss(layer, x, fast_scan=True)
-
-
-def make_dir(tmp_path: Path, backend: str = "faiss") -> tuple[Searcher, PoeemLayer, torch.Tensor]:
-    layer, x = trained_layer("givens", 8)
-    x = torch.nn.functional.normalize(x, dim=1)  # a cosine model's items are unit vectors
-    Searcher.create(tmp_path / "ix", layer, x[:1000], ids=np.arange(1000) + 10, metric="cosine")
-    return Searcher.load(tmp_path / "ix", backend=backend), layer, x
 
 
 @pytest.mark.parametrize("backend", ["faiss", "torch"])

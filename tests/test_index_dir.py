@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_export_search import DIM, make_dir, trained_layer
+from conftest import DIM, make_dir, tiny_run, trained_layer
 
 import poeem.search.searcher as searcher_module
 from poeem import PoeemError, Searcher
@@ -151,8 +151,6 @@ def test_non_finite_queries_are_refused(tmp_path: Path, backend: str, bad: float
 
 
 def test_truncated_run_files_are_clear_errors(tmp_path: Path) -> None:
-    from test_model_training import tiny_run
-
     run = tiny_run(tmp_path)
     weights = run / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])

@@ -5,6 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run
 
 from poeem import PoeemError
 from poeem.data import DataConfig
@@ -166,22 +167,6 @@ def test_train_run_writes_a_complete_run_folder(tmp_path: Path) -> None:
     assert model.index.is_initialized
     with pytest.raises(PoeemError, match="holds a trained run"):
         train_run(cfg, tmp_path / "run")
-
-
-def tiny_config() -> RunConfig:
-    layer = {"num_coarse": 2, "num_subspaces": 4, "codebook_size": 16, "warmup_steps": 4, "buffer_size": 256}
-    return RunConfig(
-        data=DataConfig(kind="synthetic", num_pairs=2000),
-        model=ModelConfig(dim=16, poeem=layer),
-        train=TrainConfig(epochs=1, batch_size=256, progress=False, checkpoint_every=0, log="none"),
-        eval=EvalConfig(ks=(10,), faiss_baseline=False),
-    )
-
-
-def tiny_run(tmp_path: Path) -> Path:
-    """A finished run folder of a tiny synthetic Poeem run."""
-    train_run(tiny_config(), tmp_path / "run")
-    return tmp_path / "run"
 
 
 def test_resume_applies_safe_flags_and_refuses_the_others(tmp_path: Path) -> None:

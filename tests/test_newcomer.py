@@ -13,8 +13,7 @@ import pytest
 import torch
 import typer
 from click.testing import Result
-from test_model_training import tiny_config
-from test_pipeline_ids_features import table_config, write_table
+from conftest import table_config, tiny_config, write_table
 from typer.testing import CliRunner
 
 from poeem import PoeemError, Searcher

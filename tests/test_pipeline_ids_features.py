@@ -8,53 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import table_config, write_table
 from typer.testing import CliRunner
 
 from poeem import PoeemError, Searcher
 from poeem.cli import app
-from poeem.data import DataConfig
-from poeem.model import ModelConfig
-from poeem.pipeline import EvalConfig, RunConfig, export_run, load_run, train_run
+from poeem.pipeline import export_run, load_run, train_run
 from poeem.pipeline.run_dir import read_artifacts
-from poeem.training import TrainConfig
-
-LAYER = {
-    "num_coarse": 4,
-    "num_subspaces": 4,
-    "codebook_size": 16,
-    "warmup_steps": 4,
-    "buffer_size": 256,
-    "kmeans_iters": 3,
-}
-
-
-def write_table(path: Path, seed: int = 0) -> Path:
-    """Interactions with string ids, a time column, and numeric user and item features."""
-    rng = np.random.default_rng(seed)
-    users = [f"user-{u:03d}" for u in range(60)]
-    items = [f"sku-{i:04d}" for i in rng.choice(9000, 200, replace=False)]
-    item_price = rng.normal(size=200)
-    user_age = rng.normal(size=60)
-    rows = ["user,item,time,age,price,weight"]
-    for t in range(3000):
-        u = int(rng.integers(60))
-        i = int((u * 3 + rng.integers(12)) % 200)
-        rows.append(f"{users[u]},{items[i]},{t},{user_age[u]:.3f},{item_price[i]:.3f},{i % 7}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def table_config(path: Path) -> RunConfig:
-    data = DataConfig(
-        kind="table",
-        path=str(path),
-        time_column="time",
-        query_feature_columns=["age"],
-        item_feature_columns=["price", "weight"],
-    )
-    model = ModelConfig(dim=16, query_hidden=(8,), item_hidden=(8,), poeem=LAYER)
-    train = TrainConfig(epochs=2, batch_size=128, progress=False, log="none", checkpoint_every=0)
-    return RunConfig(data, model, train, EvalConfig(ks=(10,), faiss_baseline=False))
 
 
 @pytest.fixture(scope="module")

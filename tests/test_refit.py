@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import correlated
-from test_export_search import DIM, assert_same_topk, trained_layer
-from test_model_training import tiny_config
+from conftest import DIM, assert_same_topk, correlated, tiny_config, trained_layer
 from typer.testing import CliRunner
 
 from poeem import PoeemError, Searcher

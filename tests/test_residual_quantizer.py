@@ -6,9 +6,8 @@ import faiss
 import numpy as np
 import pytest
 import torch
+from conftest import assert_same_topk, clustered, distill_from_faiss_file, trained_layer
 from faiss.contrib.inspect_tools import get_invlist
-from test_distill import clustered, distill_from_faiss_file
-from test_export_search import assert_same_topk, trained_layer
 from typer.testing import CliRunner
 
 from poeem import PoeemError, PoeemLayer, Searcher

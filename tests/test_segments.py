@@ -6,8 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import correlated
-from test_export_search import DIM, assert_same_topk, trained_layer
+from conftest import DIM, assert_same_topk, correlated, trained_layer
 from typer.testing import CliRunner
 
 import poeem.search.segments as segments

@@ -2,7 +2,6 @@
 
 import http.client
 import json
-import os
 import shutil
 import signal
 import socket
@@ -10,91 +9,27 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from conftest import TOKEN, Server, free_port, tiny_config, trained_layer
 
 from poeem import Searcher
 from poeem.pipeline import export_run, train_run
 
-TOKEN = "test-token-0123456789abcdef"
 DIM = 16
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An index directory exported from a tiny synthetic run (with its query tower)."""
-    from test_model_training import tiny_config
-
     tmp = tmp_path_factory.mktemp("serve")
     train_run(tiny_config(), tmp / "run")
     export_run(tmp / "run", tmp / "ix")
     return tmp / "ix"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A `poeem serve` subprocess and a tiny JSON client for it."""
-
-    def __init__(self, index_dir: Path, token: str | None = TOKEN, *extra: str) -> None:
-        self.port = free_port()
-        args = [sys.executable, "-m", "poeem.cli", "serve", str(index_dir), "--port", str(self.port)]
-        args += ["--log-level", "warning", "--poll-s", "0.2", *extra]
-        env = {k: v for k, v in os.environ.items() if k != "POEEM_TOKEN"}
-        if token is not None:
-            env["POEEM_TOKEN"] = token
-        self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(self.process.stdout.read().decode())
-            try:
-                if self.call("GET", "/ready")[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError("server did not become ready")
-
-    def call(
-        self,
-        method: str,
-        path: str,
-        body: Any = None,
-        token: str | None = None,
-        raw: bytes | None = None,
-        content_type: str | None = "application/json",
-    ) -> tuple[int, Any]:
-        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", data=data, method=method)
-        if content_type is not None:
-            request.add_header("content-type", content_type)
-        if token is not None:
-            request.add_header("authorization", f"Bearer {token}")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                text = response.read().decode()
-                status = response.status
-        except urllib.error.HTTPError as err:
-            text, status = err.read().decode(), err.code
-        try:
-            return status, json.loads(text)
-        except json.JSONDecodeError:
-            return status, text
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=30)
 
 
 @pytest.fixture
@@ -464,8 +399,6 @@ def test_a_token_with_a_trailing_newline_still_authorises(index_dir: Path) -> No
 
 
 def test_a_served_ivf_rq_index_answers_searches_after_a_delete(tmp_path: Path) -> None:
-    from test_export_search import trained_layer
-
     layer, x = trained_layer("none", 8, quantizer="rq")
     Searcher.create(tmp_path / "ix", layer, x[:800], metric="ip")
     server = Server(tmp_path / "ix")

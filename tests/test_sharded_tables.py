@@ -4,12 +4,11 @@ like one local table under row-wise Adagrad on the global batch. Skipped without
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import run_ranks
 
 from poeem.model import ModelConfig, TwoTowerModel
 from poeem.model.sharded_tables import torchrec_available
 from poeem.training import RowWiseAdagrad
-
-from test_distributed import run_ranks
 
 pytestmark = pytest.mark.skipif(not torchrec_available(), reason="torchrec extra not installed")
 

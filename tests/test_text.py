@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TOKEN, Server, cli
 
 pytest.importorskip("sentence_transformers")
 
@@ -231,8 +232,6 @@ def test_train_export_and_search_by_text(tmp_path: Path, tiny_encoder: Path, mod
 
 
 def test_a_text_run_under_torchrun_says_how_to_distil_its_index(tmp_path: Path, tiny_encoder: Path) -> None:
-    from test_distributed import cli
-
     args = train_args(write_beir(tmp_path / "beir"), tiny_encoder, "frozen", tmp_path / "run")
     done = cli(*args, torchrun=True)
     assert done.stdout.count("run folder:") == 1
@@ -257,8 +256,6 @@ def test_search_by_text_needs_a_text_index(tmp_path: Path) -> None:
 
 
 def test_serve_accepts_text_queries(tmp_path: Path, tiny_encoder: Path) -> None:
-    from test_serve import TOKEN, Server
-
     _, index = train(tmp_path, tiny_encoder, "frozen")
     server = Server(index)
     try:

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import correlated
+from conftest import correlated, tiny_config
 
 from poeem import PoeemConfig, PoeemLayer
 from poeem.errors import PoeemError
@@ -156,8 +156,6 @@ def test_the_model_sets_num_items_and_refuses_another_size() -> None:
 
 
 def test_exporting_trained_codes_of_a_run_without_any_warns_and_encodes(tmp_path: Path) -> None:
-    from test_model_training import tiny_config
-
     from poeem.pipeline import export_run, train_run
 
     cfg = tiny_config()
