@@ -59,7 +59,7 @@ from poeem.model import ModelConfig, TwoTowerModel
 from poeem.model.config import TableDtype
 from poeem.search.faiss_backend import untrained_faiss_index
 from poeem.training import TrainConfig, Trainer
-from poeem.training.optimizers import TableOptimizerName
+from poeem.training.config import TableOptimizerName
 
 from common import save_result, timed_steps_per_s
 

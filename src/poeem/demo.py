@@ -21,7 +21,7 @@ from poeem.model import ModelConfig
 from poeem.pipeline.config import EvalConfig, RunConfig
 from poeem.pipeline.run import train_run
 from poeem.pipeline.run_dir import AS_TRAINED
-from poeem.training.trainer import TrainConfig
+from poeem.training.config import TrainConfig
 
 RUN_FILES = {
     "config.json",

@@ -11,8 +11,8 @@ from poeem.data import DataConfig
 from poeem.errors import PoeemError
 from poeem.model import ModelConfig
 from poeem.storage import read_json
+from poeem.training.config import TrainConfig
 from poeem.training.optimizers import check_table_precision
-from poeem.training.trainer import TrainConfig
 
 
 @dataclass

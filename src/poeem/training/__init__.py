@@ -2,8 +2,9 @@
 
 from poeem.training.batches import PairBatches
 from poeem.training.checkpoint import load_checkpoint, save_checkpoint
+from poeem.training.config import TrainConfig
 from poeem.training.optimizers import RowWiseAdagrad, build_optimizer
-from poeem.training.trainer import TrainConfig, Trainer, resolve_device
+from poeem.training.trainer import Trainer, resolve_device
 
 __all__ = [
     "PairBatches",

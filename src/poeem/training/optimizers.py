@@ -14,18 +14,13 @@ optimizer:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+from typing import Any, TypeAlias
 
 import torch
 from torch import nn
 
 from poeem.errors import PoeemError
-
-if TYPE_CHECKING:
-    from poeem.training.trainer import TrainConfig
-
-OptimizerName = Literal["adam", "adamw", "adagrad"]
-TableOptimizerName = Literal["dense", "rowwise_adagrad", "sparse_adam"]
+from poeem.training.config import TrainConfig
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
