@@ -541,49 +541,50 @@ def best_recall_at(rows: list[dict[str, Any]], qps: float) -> float | None:
     return max(fast) if fast else None
 
 
-def default_verdict(r: dict[str, Any]) -> list[str]:
-    """Where the default's points stand against every peer point at equal bytes that reaches half
-    of exact recall: matched (the default is as fast and as accurate somewhere) or not."""
-    rows = r["rows"]
-    default = [x for x in rows if x["default"]]
-    if not default:
-        return []
-    half = r["exact"]["recall"] / 2
-    bytes_ = default[0]["bytes_per_item"]
-    peers = [
-        x
-        for x in rows
-        if not x["method"].startswith("poeem") and x["bytes_per_item"] == bytes_ and x["recall"] >= half
+def verdict(r: dict[str, Any]) -> list[str]:
+    """Each poeem index against every peer point at its bytes that reaches half of exact recall
+    (matched: the poeem index is as fast and as accurate at some setting), its recall at the
+    speed where FAISS IVF-PQ reaches its best, and its build time against training's."""
+    rows, half = r["rows"], r["exact"]["recall"] / 2
+    train = r.get("train_s", {})
+    lines = [
+        "| poeem index | peer points matched | at FAISS IVF-PQ's best | build s | of training |",
+        "|---|---:|---:|---:|---:|",
     ]
-    beaten = [x for x in peers if (best_recall_at(default, x["qps"]) or -1) < x["recall"]]
-    lines = []
-    if peers and not beaten:
-        lines.append(
-            f"The default matches or beats all {len(peers)} peer points at {bytes_:g} bytes per item that "
-            "reach half of exact recall or more (as fast, and at least as accurate)."
-        )
-    elif beaten:
-        worst = max(beaten, key=lambda x: x["recall"] - (best_recall_at(default, x["qps"]) or 0))
-        ours = best_recall_at(default, worst["qps"])
-        lines.append(
-            f"The default does not match {len(beaten)} of {len(peers)} peer points at {bytes_:g} bytes "
-            f"per item that reach half of exact recall: the widest gap is "
-            f"{FRONTIER_LABELS.get(worst['method'], worst['method'])} at {worst['setting']} "
-            f"({worst['recall']:.4f} at {worst['qps']:.0f} queries/s, against "
-            + (f"{ours:.4f}" if ours is not None else "no default point as fast")
-            + ")."
-        )
     ivfpq = [x for x in rows if x["method"] == "faiss-ivfpq"]
-    if ivfpq:
-        top = max(ivfpq, key=lambda x: x["recall"])
-        ours = best_recall_at(default, top["qps"])
-        if ours is not None:
-            lines.append(
-                f"At the speed where FAISS IVF-PQ reaches its best recall ({top['recall']:.4f} at "
-                f"{top['qps']:.0f} queries/s, {top['setting']}), the default reaches {ours:.4f} "
-                f"({ours / top['recall']:.2f}x)."
+    top = max(ivfpq, key=lambda x: (x["recall"], x["qps"])) if ivfpq else None
+    worst_lines = []
+    for method in dict.fromkeys(x["method"] for x in rows if x["method"].startswith("poeem")):
+        ours = [x for x in rows if x["method"] == method]
+        size = ours[0]["bytes_per_item"]
+        peers = [
+            x
+            for x in rows
+            if not x["method"].startswith("poeem") and x["bytes_per_item"] == size and x["recall"] >= half
+        ]
+        missed = [x for x in peers if (best_recall_at(ours, x["qps"]) or -1) < x["recall"]]
+        at_top = best_recall_at(ours, top["qps"]) if top else None
+        ratio = f"{at_top:.4f} ({at_top / top['recall']:.2f}x)" if at_top is not None and top else "-"
+        trained = train.get("poeem-k16" if "k16" in method else "poeem")
+        share = f"{ours[0]['build_s'] / trained:.1%}" if trained and method != "poeem-distill-items" else "-"
+        label = FRONTIER_LABELS.get(method, method)
+        matched = f"{len(peers) - len(missed)} of {len(peers)}"
+        lines.append(f"| {label} | {matched} | {ratio} | {ours[0]['build_s']:.2f} | {share} |")
+        if missed:
+            worst = max(missed, key=lambda x: x["recall"] - (best_recall_at(ours, x["qps"]) or 0))
+            mine = best_recall_at(ours, worst["qps"])
+            worst_lines.append(
+                f"{label} misses {FRONTIER_LABELS.get(worst['method'], worst['method'])} at "
+                f"{worst['setting']} by the most ({worst['recall']:.4f} at {worst['qps']:.0f} queries/s, "
+                "against " + (f"{mine:.4f}" if mine is not None else "no point of its own as fast") + ")."
             )
-    return [" ".join(lines), ""] if lines else []
+    if top:
+        lines += [
+            "",
+            f"FAISS IVF-PQ's best: {top['recall']:.4f} at {top['qps']:.0f} queries/s ({top['setting']}); "
+            "a peer point counts if it reaches half of exact recall or more. " + " ".join(worst_lines),
+        ]
+    return [*lines, ""]
 
 
 def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
@@ -629,7 +630,7 @@ def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         f"![{h} against queries per second](img/{name}.png)",
         "",
     ]
-    lines += default_verdict(r)
+    lines += verdict(r)
     lines += [
         f"| method | bytes/item | front: setting | {h} | queries/s | build s |",
         "|---|---:|---|---:|---:|---:|",
