@@ -392,6 +392,7 @@ def _refit_after_training(
         model, data, items.cpu(), cfg.eval.ks, cfg.eval.nprobes, "poeem-as-trained"
     )
     started = time.perf_counter()
+    print(f"refitting the index's coder ({cfg.train.refit}) on {items.shape[0]} items ...", flush=True)
     model.index = refit_layer(model.index, items, cfg.train.refit, progress=cfg.train.progress)
     return {"quantizer": cfg.train.refit, "seconds": time.perf_counter() - started}, items, as_trained
 
@@ -419,6 +420,7 @@ def _distill_after_training(
 
     model.eval()
     started = time.perf_counter()
+    print(f"distilling the index ({epochs} epochs per round) ...", flush=True)  # a line off a terminal too
     distill = run_distill_config(DistillConfig(epochs=epochs, seed=cfg.train.seed), cfg, data.num_items)
     _, result = distill_run_index(
         model, data, artifacts.item_features, distill, progress=cfg.train.progress, items=items
