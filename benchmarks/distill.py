@@ -1,4 +1,4 @@
-"""Index distillation on embeddings a model already has (issue 17): FAISS OPQ IVF-PQ, FAISS IVF
+"""Index distillation on embeddings a model already has: FAISS OPQ IVF-PQ, FAISS IVF
 with a residual quantizer (RQ) and ScaNN (tree + anisotropic hashing, no reorder) against the
 layer's own k-means/OPQ fit and the same index distilled from the exact ranking of the training
 queries, at equal bytes and nprobe. No model training, no labels in the distillation.

@@ -65,7 +65,7 @@ class Preset:
 
 
 # the paper's losses only (distortion regularizer + straight-through estimator): every option
-# that trains the index for retrieval (docs/design.md, issue 9) off
+# that trains the index for retrieval (docs/design.md) off
 PAPER_LOSSES: dict[str, Any] = {
     "routing_weight": 0.0,
     "route_centroids": False,

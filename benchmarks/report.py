@@ -917,13 +917,13 @@ def main() -> None:
         if n in results
     ]
     if sparse:
-        lines += ["## Sparse id tables: quality (issue 19)", ""]
+        lines += ["## Sparse id tables: quality", ""]
         for name in sparse:
             lines += sparse_tables_section(results[name])
     trained = [n for n in ("trained_codes_ml-100k", "trained_codes_gowalla") if n in results]
     if trained:
         lines += [
-            "## The index as trained: kept codes and lists against re-encoding (issue 19)",
+            "## The index as trained: kept codes and lists against re-encoding",
             "",
             "`poeem export --from-training codes` keeps each item's codes from its latest training "
             "step; `--from-training lists` (the default) keeps its list and encodes the residual; "
@@ -939,7 +939,7 @@ def main() -> None:
             lines += recall_section(name, results[name], img)
     ablations = [n for n in ("ablation_synthetic", "ablation_ml-100k", "ablation_gowalla") if n in results]
     if ablations:
-        lines += ["## Closing the gap to exact search: ablation (issue 9)", ""]
+        lines += ["## Closing the gap to exact search: ablation", ""]
         for name in ablations:
             lines += ablation_section(results[name], img)
     for name in ("train_cost_gowalla", "train_cost_synthetic"):
@@ -948,7 +948,7 @@ def main() -> None:
     names = ("distill_scifact", "distill_ml-100k", "distill_gowalla", "distill_synthetic")
     distilled = [n for n in names if n in results]
     if distilled:
-        lines += ["## Index distillation (issue 17)", ""]
+        lines += ["## Index distillation", ""]
         for name in distilled:
             lines += distill_section(name, results[name], img)
     if "sweep_gowalla" in results:

@@ -1,4 +1,4 @@
-"""Does training the id tables with a sparse optimizer keep the quality? (issue 19)
+"""Does training the id tables with a sparse optimizer keep the quality?
 
 For each dataset preset and seed it trains the baseline model and the default Poeem variant
 with the preset's dense optimizer, and again with the id tables on a sparse optimizer (the rest

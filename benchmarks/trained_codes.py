@@ -1,4 +1,4 @@
-"""The index as trained against the index re-encoded at export (issue 19).
+"""The index as trained against the index re-encoded at export.
 
 For each seed it trains a preset's joint model once, then builds three indexes from the same
 layer and evaluates each at nprobe 1 and all lists:

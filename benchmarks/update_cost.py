@@ -1,4 +1,4 @@
-"""What one update costs: adding single items to a large served index (issue 18).
+"""What one update costs: adding single items to a large served index.
 
 Builds a synthetic index of ``--items`` clustered unit vectors (dim 64, IVF16,PQ8x8, cosine),
 serves it with `poeem serve` (one worker), and adds one item per `POST /items`, first on a

@@ -1,4 +1,4 @@
-"""Index distillation (issue 17): the index learns the model's own ranking, with no labels."""
+"""Index distillation: the index learns the model's own ranking, with no labels."""
 
 import copy
 from dataclasses import replace

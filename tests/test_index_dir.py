@@ -1,5 +1,5 @@
 """The index directory under several writers and readers, and with damaged files.
-Each test is a regression of issue 8 (lost updates, raw tracebacks, unreadable files)."""
+Each test is a regression (lost updates, raw tracebacks, unreadable files)."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""A newcomer's first afternoon (issue 20): the README's main command run twice, errors whose
+"""A newcomer's first afternoon: the README's main command run twice, errors whose
 fixes name real options, and the CLI's edges (short rows, exclusions, embed, publish)."""
 
 import os

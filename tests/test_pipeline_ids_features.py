@@ -1,5 +1,5 @@
 """Export and search use exactly the model's embeddings (features included) and speak the
-data's own ids. Regressions of issue 8: features were dropped at export (every code differed)
+data's own ids. Regressions: features were dropped at export (every code differed)
 and raw ids were lost (a raw user id silently answered for another user)."""
 
 import json

@@ -1,4 +1,4 @@
-"""Updates as segments and tombstones (issue 18): an update writes what it adds, and searching
+"""Updates as segments and tombstones: an update writes what it adds, and searching
 base + segments - tombstones returns what a fully rebuilt index returns."""
 
 from pathlib import Path

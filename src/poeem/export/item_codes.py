@@ -7,7 +7,7 @@ default of ``poeem export``: measured as good as encoding from scratch, without 
 that grows with the catalogue), or its codes as they are (``"codes"``: the index as trained).
 Codes an index distillation kept (``poeem train --distill-epochs``, ``--refit``) are taken as
 they are by both: they are the index the distillation chose, and re-encoding them with its
-codewords lost up to 3% of recall@20 on MovieLens 100K (docs/benchmarks.md).
+codewords lost recall (docs/benchmarks.md).
 """
 
 from __future__ import annotations

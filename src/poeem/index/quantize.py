@@ -9,7 +9,7 @@ shape tells which (:func:`is_residual`); with D = 1 both are the same.
 Bulk encoding (``bulk=True``: exports, ``Searcher.add``) of float32 vectors on the CPU runs on
 FAISS's flat search and PQ encoder: exact like the torch path, and faster (most of all for the
 sub-codes), which is most of an export's time. Training and fitting keep the torch path: FAISS's
-OpenMP pool, started before training, slowed training steps (docs/benchmarks_notes.md, issue 19).
+OpenMP pool, started before training, slowed training steps (docs/benchmarks_notes.md).
 """
 
 from __future__ import annotations
