@@ -100,3 +100,13 @@ def timed_steps_per_s(trainer: Any, batches: Any, warm: int, steps: int) -> floa
     trainer.fit(batches)
     distributed.barrier()
     return steps / (time.perf_counter() - started)
+
+
+def pareto_front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows (each with "recall" and "qps") that no other row beats on both, fastest first."""
+    out, best = [], float("-inf")
+    for row in sorted(rows, key=lambda r: (-r["qps"], -r["recall"])):
+        if row["recall"] > best:
+            out.append(row)
+            best = row["recall"]
+    return out

@@ -64,7 +64,7 @@ from poeem.search import FaissSearcher
 from poeem.search.faiss_backend import untrained_faiss_index
 from poeem.training.distill import DistillConfig
 
-from common import add_mean_std, save_result
+from common import add_mean_std, pareto_front, save_result
 from peers import ScannIndex
 from presets import Preset, preset, tiny
 
@@ -325,17 +325,6 @@ def one_seed(
     return rows, {"exact": exact, "train_s": train_s}
 
 
-def pareto(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows no other row beats on both recall and qps, by qps descending."""
-    ordered = sorted(rows, key=lambda r: (-r["qps"], -r["recall"]))
-    front, best = [], -math.inf
-    for row in ordered:
-        if row["recall"] > best:
-            front.append(row)
-            best = row["recall"]
-    return front
-
-
 def mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """Mean (and std) over seeds of each (method, setting) row."""
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
@@ -404,7 +393,8 @@ def main() -> None:
         "exact": exact,
         "rows": rows,
         "pareto": {
-            m: [r["setting"] for r in pareto([r for r in rows if r["method"] == m])] for m in args.methods
+            m: [r["setting"] for r in pareto_front([r for r in rows if r["method"] == m])]
+            for m in args.methods
         },
         "train_s": train_s,
         "per_seed": per_seed,

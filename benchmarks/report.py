@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import NullFormatter
 
-from common import RESULTS
+from common import RESULTS, pareto_front
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 PUBLISHED_GOWALLA = {"LightGCN": 0.1830, "NGCF": 0.1570, "MF (BPR, NGCF paper)": 0.1291}
@@ -525,16 +525,6 @@ FRONTIER_LABELS = {
 }
 
 
-def front(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows no other row beats on both recall and queries per second, fastest first."""
-    out, best = [], -np.inf
-    for row in sorted(rows, key=lambda r: (-r["qps"], -r["recall"])):
-        if row["recall"] > best:
-            out.append(row)
-            best = row["recall"]
-    return out
-
-
 def best_recall_at(rows: list[dict[str, Any]], qps: float) -> float | None:
     """The best recall of ``rows`` at ``qps`` queries per second or faster (None: none is as fast)."""
     fast = [r["recall"] for r in rows if r["qps"] >= qps]
@@ -594,7 +584,7 @@ def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, method in enumerate(methods):
         points = sorted((x for x in rows if x["method"] == method), key=lambda x: x["qps"])
-        best = front(points)
+        best = pareto_front(points)
         style = {"lw": 2.5, "color": "black"} if points[0]["default"] else {"lw": 1.2}
         line = ax.plot(
             [x["qps"] for x in best],
@@ -636,7 +626,7 @@ def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         "|---|---:|---|---:|---:|---:|",
     ]
     for method in methods:
-        for x in front([y for y in rows if y["method"] == method]):
+        for x in pareto_front([y for y in rows if y["method"] == method]):
             lines.append(
                 f"| {FRONTIER_LABELS.get(method, method)} | {x['bytes_per_item']:.4g} | {x['setting']} | "
                 f"{fmt(x, 'recall')} | {x['qps']:.0f} | {x['build_s']:.2f} |"

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from conftest import trained_layer
+from conftest import tiny_config, trained_layer
 from typer.testing import CliRunner
 
 import poeem.pipeline.run as run_module
@@ -19,7 +19,7 @@ from poeem.cli import app
 from poeem.errors import PoeemError
 from poeem.ids import check_ids, check_raw_ids, integer_text
 from poeem.pipeline import export_run, train_run
-from poeem.pipeline.config import DataConfig, EvalConfig, ModelConfig, RunConfig, TrainConfig
+from poeem.pipeline.config import RunConfig
 from poeem.pipeline.distill import distill_embeddings
 from poeem.pipeline.run_dir import read_config
 
@@ -51,16 +51,10 @@ def test_a_catalogue_smaller_than_k_is_refused_before_the_first_step(tmp_path: P
     assert not (tmp_path / "r" / "checkpoint.safetensors").exists()  # no step ran
 
 
-def tiny_refit_config() -> RunConfig:
-    layer = {"num_coarse": 2, "num_subspaces": 4, "codebook_size": 16, "warmup_steps": 4, "buffer_size": 256}
-    return RunConfig(
-        data=DataConfig(kind="synthetic", num_pairs=2000),
-        model=ModelConfig(dim=16, poeem=layer),
-        train=TrainConfig(
-            epochs=1, batch_size=256, progress=False, checkpoint_every=0, log="none", refit="rq"
-        ),
-        eval=EvalConfig(ks=(10,), faiss_baseline=False),
-    )
+def tiny_refit_config(**train: object) -> RunConfig:
+    """The shared tiny run, refitted after training (``train``: more TrainConfig fields)."""
+    cfg = tiny_config()
+    return replace(cfg, train=replace(cfg.train, refit="rq", **train))
 
 
 def test_a_failing_refit_keeps_the_trained_model_and_says_how_to_finish(
@@ -80,8 +74,7 @@ def test_a_failing_refit_keeps_the_trained_model_and_says_how_to_finish(
 
 
 def test_a_completed_refit_is_recorded_with_both_indexes(tmp_path: Path) -> None:
-    cfg = replace(tiny_refit_config(), train=replace(tiny_refit_config().train, distill_epochs=0))
-    train_run(cfg, tmp_path / "run")
+    train_run(tiny_refit_config(distill_epochs=0), tmp_path / "run")
     assert read_config(tmp_path / "run")[0].train.refit == "rq"
     assert (tmp_path / "run" / "index_as_trained.safetensors").is_file()
 

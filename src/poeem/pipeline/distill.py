@@ -179,9 +179,10 @@ def distill_embeddings(
             "--metric", "'ip' or 'cosine' (the teacher ranks by inner product)", repr(metric), "pick one"
         )
     checkpoint = checkpoint_for(out, resume, replace)
-    dim = prepare_queries(items, "ip", None, "items").shape[1]
+    x = prepare_queries(items, "ip", None, "items")  # shape and finiteness, before any work
+    dim = x.shape[1]
     if ids is not None:  # before the distillation, which would otherwise run for nothing
-        check_raw_ids(ids, len(items), "--ids")
+        check_raw_ids(ids, x.shape[0], "--ids")
     layer = None
     if from_faiss is not None:
         if set(layer_settings) - {"rotation"}:
@@ -189,7 +190,7 @@ def distill_embeddings(
                 "--from-faiss", "no layer flags but --rotation givens", sorted(layer_settings), "drop them"
             )
         layer, metric = layer_from_faiss(from_faiss, dim, layer_settings.get("rotation"))
-    x = prepare_queries(items, metric, dim, "items")
+    x = prepare_queries(x, metric, dim, "items")  # normalised for cosine
     q = prepare_queries(queries, metric, x.shape[1], "queries")
     layer = layer or new_layer(x.shape[1], layer_settings, x, progress)
     result = distill_index(layer, x, q, config, progress, checkpoint, resume)
