@@ -88,7 +88,10 @@ def assert_same_topk(d1: np.ndarray, i1: np.ndarray, d2: np.ndarray, i2: np.ndar
 def make_dir(tmp_path: Path, backend: str = "faiss") -> tuple[Searcher, PoeemLayer, torch.Tensor]:
     layer, x = trained_layer("givens", 8)
     x = torch.nn.functional.normalize(x, dim=1)  # a cosine model's items are unit vectors
-    Searcher.create(tmp_path / "ix", layer, x[:1000], ids=np.arange(1000) + 10, metric="cosine")
+    # plain IVF-PQ, whose scores equal poeem's own (4-bit codes default to approximate fast scan)
+    Searcher.create(
+        tmp_path / "ix", layer, x[:1000], ids=np.arange(1000) + 10, metric="cosine", fast_scan=False
+    )
     return Searcher.load(tmp_path / "ix", backend=backend), layer, x
 
 

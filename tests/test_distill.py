@@ -200,7 +200,8 @@ def test_a_distilled_index_exports_bit_for_bit_to_faiss(tmp_path: Path, rotation
     layer = fitted_layer(items, rotation)
     config = DistillConfig(rounds=1, epochs=2, teacher_k=20, holdout=0.0)  # the distilled codes, unguarded
     result = distill_index(layer, items, queries, config, progress=False)
-    searcher = Searcher.create(tmp_path / "ix", layer, (result.coarse_codes, result.codes), metric="ip")
+    codes = (result.coarse_codes, result.codes)
+    searcher = Searcher.create(tmp_path / "ix", layer, codes, metric="ip", fast_scan=False)  # exact ADC
     xq = correlated(25, DIM, seed=8)
     d, i = searcher.search(xq, 10, nprobe=3)
     d2, i2 = TorchIVFPQ(learned_index(layer, (result.coarse_codes, result.codes)), "ip").search(xq, 10, 3)

@@ -100,6 +100,20 @@ def test_fast_scan_search_ignores_what_the_output_buffer_held(metric: str) -> No
     assert (ids >= 0).all()
 
 
+@pytest.mark.parametrize("k", [16, 256])
+def test_index_dir_serves_4_bit_pq_as_fast_scan_by_default(tmp_path: Path, k: int) -> None:
+    layer, x = trained_layer("none", 8, k=k)
+    searcher = Searcher.create(tmp_path / "ix", layer, x, ids=np.arange(len(x)))
+    assert searcher.manifest.fast_scan == (k == 16)
+    inner = faiss.downcast_index(faiss.read_index(str(tmp_path / "ix" / "index-1.faiss")))
+    assert isinstance(inner, faiss.IndexIVFPQFastScan if k == 16 else faiss.IndexIVFPQ)
+    xq = torch.randn(50, DIM)
+    _, found = searcher.search(xq, 10, nprobe=8)
+    _, exact_adc = TorchIVFPQ(learned_index(layer, x, torch.arange(len(x))), "ip").search(xq, 10, 8)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact_adc.numpy(), strict=True)])
+    assert overlap > (0.9 if k == 16 else 0.999)
+
+
 def test_fast_scan_needs_4_bits() -> None:
     layer, x = trained_layer("none", 8, k=256)
     with pytest.raises(PoeemError, match="fast_scan: expected K = 16"):

@@ -170,7 +170,7 @@ def test_poeem_compact(tmp_path: Path, quantizer: str) -> None:
 
 def test_a_fork_updates_without_touching_the_served_searcher(tmp_path: Path) -> None:
     layer, x = trained_layer("none", 8)
-    Searcher.create(tmp_path / "ix", layer, x[:500], metric="ip")
+    Searcher.create(tmp_path / "ix", layer, x[:500], metric="ip", fast_scan=False)  # exact ADC scores
     served = Searcher.load(tmp_path / "ix")
     xq = torch.randn(5, DIM)
     before = served.search(xq, 5, nprobe=8)

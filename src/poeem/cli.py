@@ -52,6 +52,12 @@ AsTrained = Annotated[  # poeem evaluate / export --as-trained
         "paper's index), not the refit it serves."
     ),
 ]
+FastScanOpt = Opt(  # poeem export / distill --fast-scan
+    "--fast-scan/--no-fast-scan",
+    help="4-bit fast-scan FAISS index. Default: fast scan exactly when the codes are PQ with K=16 "
+    "(the layer's default).",
+    show_default=False,
+)
 
 
 @app.command()
@@ -130,9 +136,19 @@ def train(
     num_coarse: Annotated[
         int | None, Opt(help="coarse_K (IVF lists), 0 = none.", rich_help_panel="Index layer")
     ] = None,
-    num_subspaces: Annotated[int | None, Opt(help="D, PQ subvectors.", rich_help_panel="Index layer")] = None,
+    num_subspaces: Annotated[
+        int | None,
+        Opt(
+            help="D, PQ subvectors (default 16; bytes per item: D log2(K) / 8).",
+            rich_help_panel="Index layer",
+        ),
+    ] = None,
     codebook_size: Annotated[
-        int | None, Opt(help="K, codewords per subspace (a power of two).", rich_help_panel="Index layer")
+        int | None,
+        Opt(
+            help="K, codewords per subspace, a power of two (default 16: 4-bit fast scan).",
+            rich_help_panel="Index layer",
+        ),
     ] = None,
     coarse_metric: Annotated[
         str | None, Opt(help="List rule: ip | l2.", rich_help_panel="Index layer")
@@ -450,13 +466,7 @@ def evaluate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A folder written by 'poeem train' with a Poeem layer.")],
     out: Annotated[Path, typer.Option(help="The index directory to create.")],
-    fast_scan: Annotated[
-        bool,
-        typer.Option(
-            help="4-bit fast-scan FAISS index (needs PQ codes with K=16: a run trained without "
-            "--refit or with --refit pq, or --as-trained)."
-        ),
-    ] = False,
+    fast_scan: Annotated[bool | None, FastScanOpt] = None,
     replace: Annotated[
         bool,
         typer.Option(
@@ -524,8 +534,10 @@ def distill(
         ),
     ] = None,
     num_coarse: Annotated[int | None, typer.Option(help="coarse_K (IVF lists), 0 = none.")] = None,
-    num_subspaces: Annotated[int | None, typer.Option(help="D, PQ subvectors (bytes at K=256).")] = None,
-    codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace.")] = None,
+    num_subspaces: Annotated[
+        int | None, typer.Option(help="D, PQ subvectors (16 at K=16: 8 bytes per item; D log2(K) / 8).")
+    ] = None,
+    codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace (default 16).")] = None,
     rotation: Annotated[str | None, typer.Option(help="none | opq | givens")] = None,
     quantizer: Annotated[str | None, typer.Option(help="pq (subvectors) | rq (residual stages).")] = None,
     refit: Annotated[
@@ -570,7 +582,7 @@ def distill(
             "queries' top-k (default: a run's smallest evaluated k; 10 with --items)."
         ),
     ] = None,
-    fast_scan: Annotated[bool, typer.Option(help="4-bit fast-scan FAISS index (needs K=16).")] = False,
+    fast_scan: Annotated[bool | None, FastScanOpt] = None,
     replace: Annotated[
         bool, typer.Option(help="--out holds an index: publish this one as its next version.")
     ] = False,
@@ -648,7 +660,12 @@ def distill(
         if item_ids is not None and len(item_ids) != len(x):
             raise PoeemError("--ids", f"one id per item ({len(x)})", f"{len(item_ids)} ids", "align them")
         if "num_subspaces" not in settings and from_faiss is None:
-            raise PoeemError("distill", "--num-subspaces with --items", "none", "pass e.g. --num-subspaces 8")
+            raise PoeemError(
+                "distill",
+                "--num-subspaces with --items",
+                "none",
+                "pass e.g. --num-subspaces 16 (8 bytes at K=16)",
+            )
         searcher, _ = distill_embeddings(
             x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss, resume
         )

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from poeem.errors import PoeemError
+from poeem.index.config import PoeemConfig
 from poeem.index.quantize import is_residual
 from poeem.index.tensors import IndexTensors
 from poeem.metric import Metric, check_metric, list_rule, prepare_queries
@@ -69,6 +70,13 @@ def faiss_metric(metric: str) -> int:
 
 def _is_identity(m: torch.Tensor) -> bool:
     return bool(torch.equal(m, torch.eye(m.shape[0], dtype=m.dtype)))
+
+
+def default_fast_scan(config: PoeemConfig) -> bool:
+    """Whether an index directory holds a layer's index as 4-bit fast scan when no flag says:
+    yes for PQ codes with K = 16 (the layer's default), the fastest index at equal bytes in
+    docs/benchmarks.md ("Recall against queries per second"); a plain IVF-PQ otherwise."""
+    return config.quantizer == "pq" and config.codebook_size == 16
 
 
 def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool = False) -> faiss.Index:

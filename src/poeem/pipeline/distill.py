@@ -151,7 +151,7 @@ def distill_embeddings(
     metric: str = "ip",
     ids: Any = None,
     config: DistillConfig | None = None,
-    fast_scan: bool = False,
+    fast_scan: bool | None = None,
     replace: bool = False,
     progress: bool = True,
     from_faiss: str | Path | None = None,
@@ -167,6 +167,7 @@ def distill_embeddings(
         layer_settings: PoeemConfig fields (num_coarse, num_subspaces, codebook_size, rotation ...).
         metric: "ip" or "cosine" (vectors are normalised for cosine).
         ids: (n,) the items' own ids (integers or strings); row numbers by default.
+        fast_scan: a 4-bit fast-scan FAISS index; None: when the codes are PQ with K = 16.
         from_faiss: start from this FAISS IVF-PQ (or IVF-RQ) file's quantizer instead of fitting one; its
             metric replaces ``metric``, and ``layer_settings`` may only ask for a "givens" rotation.
         resume: continue a stopped distillation for ``out`` (see :func:`checkpoint_for`).

@@ -432,7 +432,7 @@ def _distill_after_training(
 def export_run(
     run_dir: str | Path,
     out: str | Path,
-    fast_scan: bool = False,
+    fast_scan: bool | None = None,
     replace: bool = False,
     distill: DistillConfig | None = None,
     layer_settings: dict[str, Any] | None = None,
@@ -442,6 +442,9 @@ def export_run(
     as_trained: bool = False,
 ) -> Searcher | None:
     """Export a trained run's learned index, query tower, features and ids (no training).
+
+    ``fast_scan``: a 4-bit fast-scan FAISS index; None (default) when the layer has PQ codes
+    with K = 16 (:func:`poeem.export.faiss_codec.default_fast_scan`).
 
     ``as_trained``: a refitted run's index as training left it (see :func:`load_run`) instead
     of the refit it serves.

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from poeem.errors import PoeemError
-from poeem.export.faiss_codec import build_faiss_index
+from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import ItemsOrCodes, export_learned
 from poeem.ids import IdMap, check_ids, integer_text
 from poeem.index import PoeemLayer
@@ -119,7 +119,7 @@ class Searcher:
         items: ItemsOrCodes,
         ids: Any = None,
         metric: Metric = "ip",
-        fast_scan: bool = False,
+        fast_scan: bool | None = None,
         query_tower: Tower | None = None,
         normalize_queries: bool = False,
         query_keys: IdMap | None = None,
@@ -139,7 +139,8 @@ class Searcher:
                 or strings (FAISS stores row numbers, and the directory maps them back);
                 0..n-1 by default.
             metric: "ip", "cosine" or "l2", as the model was trained.
-            fast_scan: 4-bit fast-scan FAISS index (K = 16).
+            fast_scan: 4-bit fast-scan FAISS index (PQ with K = 16); None: fast scan exactly
+                when the layer has such codes (:func:`default_fast_scan`).
             query_tower: the query tower, to search by query id.
             normalize_queries: whether the tower's output is L2-normalised (cosine models).
             query_keys: the raw query id of each tower row; None when ids are the rows.
@@ -153,6 +154,8 @@ class Searcher:
         if ids is not None and np.asarray(ids).dtype.kind in "UO":
             item_keys = IdMap(np.asarray(ids))
             ids = np.arange(len(item_keys))
+        if fast_scan is None:
+            fast_scan = default_fast_scan(layer.config)
         tensors, index = export_learned(layer, items, ids, metric, fast_scan)
         extra: dict[str, Any] = {}
         if query_tower is not None:
