@@ -13,6 +13,7 @@ from typing import Any
 
 from poeem.data import DataConfig
 from poeem.model import ModelConfig
+from poeem.model.config import DEFAULT_ENCODER
 from poeem.pipeline.config import EvalConfig, RunConfig
 from poeem.training import TrainConfig
 
@@ -31,6 +32,8 @@ class Preset:
     headline: str = "recall@20"
     layer: dict[str, Any] = field(default_factory=dict)  # extra PoeemConfig fields
     warmup_fraction: float = 1 / 3  # of all training steps
+    buffer_size: int = 8192  # warm-start buffer (at least 4 K)
+    kmeans_points_per_list: int = 40  # the frontier's buffer holds at least this many per list
 
     def run_config(self, seed: int, variant: str | None, nprobes: tuple[int, ...]) -> RunConfig:
         """The RunConfig of one row: ``variant`` None = baseline, else a poeem variant."""
@@ -43,7 +46,7 @@ class Preset:
                 "num_subspaces": d,
                 "codebook_size": k,
                 "warmup_steps": int(steps * self.warmup_fraction),
-                "buffer_size": max(8192, 4 * k),
+                "buffer_size": max(self.buffer_size, 4 * k),
                 **self.layer,
                 **VARIANTS[variant],
             }
@@ -125,7 +128,7 @@ def quiet_training(**kwargs: Any) -> TrainConfig:
 
 
 def preset(name: str, data_path: str | None = None) -> Preset:
-    """The named preset: "synthetic", "ml-100k" or "gowalla"."""
+    """The named preset: "synthetic", "ml-100k", "gowalla" or "scifact"."""
     if name == "synthetic":  # the original tutorial
         return Preset(
             data=DataConfig(kind="synthetic"),
@@ -151,7 +154,20 @@ def preset(name: str, data_path: str | None = None) -> Preset:
             train=quiet_training(epochs=10, batch_size=2048, optimizer="adam", lr=5e-3, log_every=20),
             budget=(16, 8, 256),
         )
-    raise SystemExit(f"unknown dataset {name!r}: pick synthetic, ml-100k or gowalla")
+    if name == "scifact":  # text: the query tower fine-tunes MiniLM, documents are embedded once
+        text = {"encoder": DEFAULT_ENCODER, "mode": "query", "encoder_lr": 2e-5}
+        return Preset(
+            data=DataConfig(kind="beir", path=data_dir("scifact", data_path)),
+            model=ModelConfig(dim=384, temperature=0.05, random_negatives=64, text=text),
+            train=quiet_training(epochs=6, batch_size=64, optimizer="adam", lr=1e-3, log="none"),
+            budget=(0, 16, 256),
+            ks=(10,),
+            headline="ndcg@10",
+            warmup_fraction=0.1,
+            buffer_size=4096,
+            kmeans_points_per_list=16,  # 5,183 documents: FAISS's guideline gives ~20 per list
+        )
+    raise SystemExit(f"unknown dataset {name!r}: pick synthetic, ml-100k, gowalla or scifact")
 
 
 def tiny(p: Preset) -> Preset:

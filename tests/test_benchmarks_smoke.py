@@ -75,7 +75,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     *synthetic,
                     "--methods",
                     "poeem",
-                    "poeem-k16-fastscan",
+                    "poeem-k256",
                     "faiss-ivfpq",
                     "hnsw",
                     "--results-dir",
@@ -158,7 +158,7 @@ def test_benchmarks_write_results(results: Path) -> None:
     assert {row["method"] for row in frontier["rows"] if row["default"]} == {"poeem"}
     assert {row["method"] for row in frontier["rows"]} == {
         "poeem",
-        "poeem-k16-fastscan",
+        "poeem-k256",
         "faiss-ivfpq",
         "hnsw",
     }
