@@ -3,6 +3,7 @@ remove, compact, serve."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -12,6 +13,8 @@ import numpy as np
 import typer
 
 from poeem.errors import PoeemError
+from poeem.options import Option
+from poeem.pipeline.config import run_options
 from poeem.user_files import read_array, read_ids, read_new_ids, require_file
 
 if TYPE_CHECKING:
@@ -60,216 +63,17 @@ FastScanOpt = Opt(  # poeem export / distill --fast-scan
 )
 
 
-@app.command()
 def train(
     run_dir: Annotated[Path, Opt(help="Folder for config, checkpoints, weights, metrics.")] = Path(
         "runs/latest"
     ),
     config: Annotated[Path | None, Opt(help="A .json or .toml RunConfig; flags override it.")] = None,
     resume: Annotated[bool, Opt(help="Continue the run in --run-dir from its checkpoint.")] = False,
-    # data
-    data: Annotated[
-        str | None, Opt(help="synthetic | movielens | lightgcn | table | beir", rich_help_panel="Data")
-    ] = None,
-    data_path: Annotated[str | None, Opt(help="File or folder of the data.", rich_help_panel="Data")] = None,
-    data_seed: Annotated[
-        int | None, Opt(help="Seed of the data (synthetic pairs, random splits).", rich_help_panel="Data")
-    ] = None,
-    num_pairs: Annotated[int | None, Opt(help="synthetic: training pairs.", rich_help_panel="Data")] = None,
-    split: Annotated[
-        str | None, Opt(help="leave-last-out | random (movielens, table).", rich_help_panel="Data")
-    ] = None,
-    test_fraction: Annotated[
-        float | None, Opt(help="Held-out share with --split random.", rich_help_panel="Data")
-    ] = None,
-    min_rating: Annotated[
-        float | None, Opt(help="movielens: drop ratings below.", rich_help_panel="Data")
-    ] = None,
-    query_column: Annotated[str | None, Opt(help="table: query id column.", rich_help_panel="Data")] = None,
-    item_column: Annotated[str | None, Opt(help="table: item id column.", rich_help_panel="Data")] = None,
-    time_column: Annotated[
-        str | None, Opt(help="table: time column (for leave-last-out).", rich_help_panel="Data")
-    ] = None,
-    query_feature: Annotated[
-        list[str] | None, Opt(help="table: numeric query feature column; repeat.", rich_help_panel="Data")
-    ] = None,
-    item_feature: Annotated[
-        list[str] | None, Opt(help="table: numeric item feature column; repeat.", rich_help_panel="Data")
-    ] = None,
-    # model
-    dim: Annotated[int | None, Opt(help="Embedding size.", rich_help_panel="Model")] = None,
-    score: Annotated[str | None, Opt(help="cosine | dot", rich_help_panel="Model")] = None,
-    temperature: Annotated[float | None, Opt(help="Softmax temperature.", rich_help_panel="Model")] = None,
-    logq: Annotated[
-        bool | None, Opt("--logq/--no-logq", help="logQ popularity correction.", rich_help_panel="Model")
-    ] = None,
-    random_negatives: Annotated[
-        int | None, Opt(help="Uniform negatives added to each batch.", rich_help_panel="Model")
-    ] = None,
-    table_dtype: Annotated[
-        str | None,
-        Opt(
-            help="Id tables stored as float32 | bfloat16 (half the memory; needs --table-optimizer "
-            "rowwise_adagrad).",
-            rich_help_panel="Model",
-        ),
-    ] = None,
-    text_encoder: Annotated[
-        str | None,
-        Opt(
-            help="Text towers (--data beir): a sentence-transformers folder or installed model "
-            "(default all-MiniLM-L6-v2).",
-            rich_help_panel="Model",
-        ),
-    ] = None,
-    text_mode: Annotated[
-        str | None,
-        Opt(help="Text towers: frozen | query | both (what fine-tunes).", rich_help_panel="Model"),
-    ] = None,
-    # index layer
     poeem: Annotated[
         bool | None,
         Opt(
             "--poeem/--no-poeem", help="End the item tower with a Poeem layer.", rich_help_panel="Index layer"
         ),
-    ] = None,
-    num_coarse: Annotated[
-        int | None, Opt(help="coarse_K (IVF lists), 0 = none.", rich_help_panel="Index layer")
-    ] = None,
-    num_subspaces: Annotated[
-        int | None,
-        Opt(
-            help="D, PQ subvectors (default 16; bytes per item: D log2(K) / 8).",
-            rich_help_panel="Index layer",
-        ),
-    ] = None,
-    codebook_size: Annotated[
-        int | None,
-        Opt(
-            help="K, codewords per subspace, a power of two (default 16: 4-bit fast scan).",
-            rich_help_panel="Index layer",
-        ),
-    ] = None,
-    coarse_metric: Annotated[
-        str | None, Opt(help="List rule: ip | l2.", rich_help_panel="Index layer")
-    ] = None,
-    rotation: Annotated[str | None, Opt(help="none | opq | givens", rich_help_panel="Index layer")] = None,
-    quantizer: Annotated[
-        str | None,
-        Opt(help="Residual coding: pq (subvectors) | rq (residual stages).", rich_help_panel="Index layer"),
-    ] = None,
-    warmup_steps: Annotated[
-        int | None, Opt(help="Steps before the index starts.", rich_help_panel="Index layer")
-    ] = None,
-    buffer_size: Annotated[
-        int | None, Opt(help="Item embeddings for k-means.", rich_help_panel="Index layer")
-    ] = None,
-    regularizer_weight: Annotated[
-        float | None, Opt(help="Weight of the distortion regularizer.", rich_help_panel="Index layer")
-    ] = None,
-    commitment_weight: Annotated[
-        float | None, Opt(help="Weight of the commitment term.", rich_help_panel="Index layer")
-    ] = None,
-    routing_weight: Annotated[
-        float | None,
-        Opt(help="Weight of the routing loss (queries learn their lists).", rich_help_panel="Index layer"),
-    ] = None,
-    routing_lists: Annotated[
-        str | None,
-        Opt(
-            help="Lists the routing softmax scores: all | batch (the batch's positives' lists) | auto "
-            "(batch once the index has more lists than the global batch has rows).",
-            rich_help_panel="Index layer",
-        ),
-    ] = None,
-    unquantized_loss_weight: Annotated[
-        float | None,
-        Opt(help="Weight of the task loss on un-quantized items.", rich_help_panel="Index layer"),
-    ] = None,
-    unquantized_schedule: Annotated[
-        str | None,
-        Opt(
-            help="When the task loss scores the un-quantized items: alternate (every other step, "
-            "one softmax a step) | every_step (both softmaxes each step, slower).",
-            rich_help_panel="Index layer",
-        ),
-    ] = None,
-    balance_weight: Annotated[
-        float | None, Opt(help="Weight of the list-balance term.", rich_help_panel="Index layer")
-    ] = None,
-    reseed_after: Annotated[
-        int | None,
-        Opt(help="Re-seed codes unused this many steps (0: never).", rich_help_panel="Index layer"),
-    ] = None,
-    # training
-    epochs: Annotated[
-        int | None, Opt(help="Epochs (safe to change on --resume).", rich_help_panel="Training")
-    ] = None,
-    batch_size: Annotated[int | None, Opt(help="Training batch size.", rich_help_panel="Training")] = None,
-    optimizer: Annotated[str | None, Opt(help="adam | adamw | adagrad", rich_help_panel="Training")] = None,
-    lr: Annotated[float | None, Opt(help="Learning rate.", rich_help_panel="Training")] = None,
-    index_lr: Annotated[
-        float | None,
-        Opt(help="Learning rate of the index parameters (0 freezes them).", rich_help_panel="Training"),
-    ] = None,
-    weight_decay: Annotated[float | None, Opt(rich_help_panel="Training")] = None,
-    table_optimizer: Annotated[
-        str | None,
-        Opt(
-            help="Id tables: dense (the --optimizer) | rowwise_adagrad | sparse_adam (sparse: a step "
-            "updates only the rows its batch used).",
-            rich_help_panel="Training",
-        ),
-    ] = None,
-    table_lr: Annotated[
-        float | None, Opt(help="Learning rate of the id tables (default: --lr).", rich_help_panel="Training")
-    ] = None,
-    seed: Annotated[
-        int | None,
-        Opt(help="Seed of initialisation and batch order (not the data).", rich_help_panel="Training"),
-    ] = None,
-    device: Annotated[
-        str | None, Opt(help="cpu | cuda | auto (safe to change on --resume).", rich_help_panel="Training")
-    ] = None,
-    max_steps: Annotated[
-        int | None, Opt(help="Stop after this many steps (safe on --resume).", rich_help_panel="Training")
-    ] = None,
-    checkpoint_every: Annotated[
-        int | None, Opt(help="Steps between checkpoints.", rich_help_panel="Training")
-    ] = None,
-    distill_epochs: Annotated[
-        int | None,
-        Opt(
-            help="After training, distil the index from the model's own ranking for this many "
-            "epochs per round (0: no; default: 10 for a text model or a run with --refit, else 0; "
-            "safe on --resume).",
-            rich_help_panel="Training",
-        ),
-    ] = None,
-    refit: Annotated[
-        str | None,
-        Opt(
-            help="none (default): serve the index as trained, ready the moment training ends, in "
-            "one process and under torchrun alike. Opt-in: after training, refit the layer's "
-            "residual coder on the final item embeddings inside its trained lists, then distil it; "
-            "the run serves the refit, a build after training that on the benchmarks took about as "
-            "long as training itself (docs/benchmarks.md). rq: a residual quantizer at the same "
-            "bytes (FAISS scans its codes slower than PQ's, and has no --fast-scan for them) | pq | "
-            "auto: rq for a run with a layer in one process, else none. Safe on --resume.",
-            rich_help_panel="Training",
-        ),
-    ] = None,
-    eval_every: Annotated[
-        int | None, Opt(help="Steps between evaluations (0: each epoch).", rich_help_panel="Training")
-    ] = None,
-    logger: Annotated[
-        str | None, Opt(help="Training curves: csv | tensorboard | none.", rich_help_panel="Training")
-    ] = None,
-    log_every: Annotated[
-        int | None, Opt(help="Steps between rows of the training curves.", rich_help_panel="Training")
-    ] = None,
-    progress: Annotated[
-        bool | None, Opt("--progress/--no-progress", help="Progress bars.", rich_help_panel="Training")
     ] = None,
     nproc: Annotated[
         int,
@@ -279,13 +83,7 @@ def train(
             rich_help_panel="Training",
         ),
     ] = 1,
-    # evaluation
-    k: Annotated[
-        list[int] | None, Opt("--k", help="Metric cut-offs; repeat.", rich_help_panel="Evaluation")
-    ] = None,
-    nprobe: Annotated[
-        list[int] | None, Opt(help="IVF lists probed at evaluation; repeat.", rich_help_panel="Evaluation")
-    ] = None,
+    **settings: Any,
 ) -> None:
     """Train a two-tower model (with or without the Poeem layer), then evaluate it.
 
@@ -306,73 +104,11 @@ def train(
         return
     main_rank = os.environ.get("RANK", "0") == "0"
 
-    def given(**values: Any) -> dict[str, Any]:
-        return {key: value for key, value in values.items() if value is not None}
-
-    overrides = {
-        "data": given(
-            kind=data,
-            path=data_path,
-            seed=data_seed,
-            num_pairs=num_pairs,
-            split=split,
-            test_fraction=test_fraction,
-            min_rating=min_rating,
-            query_column=query_column,
-            item_column=item_column,
-            time_column=time_column,
-            query_feature_columns=query_feature,
-            item_feature_columns=item_feature,
-        ),
-        "model": given(
-            dim=dim,
-            score=score,
-            temperature=temperature,
-            logq_correction=logq,
-            random_negatives=random_negatives,
-            table_dtype=table_dtype,
-        ),
-        "train": given(
-            epochs=epochs,
-            batch_size=batch_size,
-            optimizer=optimizer,
-            lr=lr,
-            index_lr=index_lr,
-            weight_decay=weight_decay,
-            table_optimizer=table_optimizer,
-            table_lr=table_lr,
-            seed=seed,
-            device=device,
-            max_steps=max_steps,
-            distill_epochs=distill_epochs,
-            refit=refit,
-            checkpoint_every=checkpoint_every,
-            eval_every=eval_every,
-            log=logger,
-            log_every=log_every,
-            progress=progress,
-        ),
-        "eval": given(ks=tuple(k) if k else None, nprobes=tuple(nprobe) if nprobe else None),
-    }
-    layer = given(
-        num_coarse=num_coarse,
-        num_subspaces=num_subspaces,
-        codebook_size=codebook_size,
-        coarse_metric=coarse_metric,
-        rotation=rotation,
-        quantizer=quantizer,
-        warmup_steps=warmup_steps,
-        buffer_size=buffer_size,
-        regularizer_weight=regularizer_weight,
-        commitment_weight=commitment_weight,
-        routing_weight=routing_weight,
-        routing_lists=routing_lists,
-        unquantized_loss_weight=unquantized_loss_weight,
-        unquantized_schedule=unquantized_schedule,
-        balance_weight=balance_weight,
-        reseed_after=reseed_after,
-    )
-    text = given(encoder=text_encoder, mode=text_mode)
+    given = given_settings(settings)
+    overrides = {section: given.get(section, {}) for section in ("data", "model", "train", "eval")}
+    layer, text = given.get("model.poeem", {}), given.get("model.text", {})
+    dim = overrides["model"].get("dim")
+    data = overrides["data"].get("kind")
     if resume:
         if config is not None:
             raise PoeemError(
@@ -424,6 +160,41 @@ def train(
             )
         typer.echo(format_rows(metrics["rows"]))
         typer.echo(f"run folder: {run_dir}")
+
+
+def given_settings(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The run settings given on the command line, by config section ({"train": {"lr": 0.1}})."""
+    found: dict[str, dict[str, Any]] = {}
+    for o in run_options():
+        value = values.get(o.param)
+        if value is None or (isinstance(value, list | tuple) and not value):
+            continue
+        found.setdefault(o.section, {})[o.name] = tuple(value) if isinstance(o.default, tuple) else value
+    return found
+
+
+def _setting_parameter(o: Option) -> inspect.Parameter:
+    """The ``poeem train`` parameter of a documented run setting."""
+    decls = [f"{o.flag}/--no-{o.flag.removeprefix('--')}"] if o.value_type is bool else [o.flag]
+    text = o.help + (f" One of: {' | '.join(o.choices)}." if o.choices else "")
+    text += " Safe to change on --resume." if o.resume else ""
+    option = Opt(*decls, help=text, rich_help_panel=o.panel, show_default=False)
+    annotation = Annotated[o.value_type | None, option]  # type: ignore[name-defined]
+    return inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def _with_run_settings(command: Any) -> Any:
+    """``command`` with one keyword parameter per run setting in place of its ``**settings``."""
+    fixed = [
+        p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD
+    ]
+    params = fixed + [_setting_parameter(o) for o in run_options() if o.cli]
+    command.__signature__ = inspect.Signature(params, return_annotation=None)
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    return command
+
+
+app.command()(_with_run_settings(train))
 
 
 def _text_encoder_dim(text: dict[str, Any]) -> int:

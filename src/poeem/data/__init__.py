@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from poeem.data.beir import beir_task, load_beir
@@ -13,6 +13,7 @@ from poeem.data.splits import Split
 from poeem.data.synthetic import synthetic_task
 from poeem.data.table import load_table
 from poeem.errors import PoeemError
+from poeem.options import setting
 
 DataKind = Literal["synthetic", "movielens", "lightgcn", "table", "beir"]
 
@@ -21,18 +22,28 @@ DataKind = Literal["synthetic", "movielens", "lightgcn", "table", "beir"]
 class DataConfig:
     """Which data to train on, and how to split it."""
 
-    kind: DataKind = "synthetic"
-    path: str | None = None  # file or folder, for every kind but synthetic
-    num_pairs: int = 1_000_000  # synthetic only
-    min_rating: float = 0.0  # movielens: ratings below are dropped
-    split: Split = "leave-last-out"  # movielens and table (table needs time_column for it)
-    test_fraction: float = 0.2  # with split="random"
-    query_column: str = "user"  # table only
-    item_column: str = "item"
-    time_column: str | None = None
-    query_feature_columns: list[str] = field(default_factory=list)
-    item_feature_columns: list[str] = field(default_factory=list)
-    seed: int = 0
+    kind: DataKind = setting(
+        "synthetic", help="Which data: synthetic (built in) or a format to read.", flag="--data"
+    )
+    path: str | None = setting(
+        None, help="File or folder of the data (every kind but synthetic).", flag="--data-path"
+    )
+    num_pairs: int = setting(1_000_000, help="synthetic: training pairs.")
+    min_rating: float = setting(0.0, help="movielens: drop ratings below.")
+    split: Split = setting(
+        "leave-last-out", help="movielens and table (table needs --time-column for leave-last-out)."
+    )
+    test_fraction: float = setting(0.2, help="Held-out share with --split random.")
+    query_column: str = setting("user", help="table: query id column.")
+    item_column: str = setting("item", help="table: item id column.")
+    time_column: str | None = setting(None, help="table: time column (for leave-last-out).")
+    query_feature_columns: list[str] = setting(
+        default_factory=list, help="table: numeric query feature column; repeat.", flag="--query-feature"
+    )
+    item_feature_columns: list[str] = setting(
+        default_factory=list, help="table: numeric item feature column; repeat.", flag="--item-feature"
+    )
+    seed: int = setting(0, help="Seed of the data (synthetic pairs, random splits).", flag="--data-seed")
 
 
 def load_data(cfg: DataConfig) -> InteractionData:

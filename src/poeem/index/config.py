@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from poeem.errors import PoeemError
+from poeem.options import setting
 
 Rotation = Literal["none", "opq", "givens"]
 MAX_CODEBOOK_SIZE = 1 << 16
@@ -20,61 +21,111 @@ class PoeemConfig:
     so an item costs ``D * log2(K) / 8`` bytes plus its list.
     """
 
-    dim: int  # embedding size; must be divisible by num_subspaces (product quantization)
-    # the defaults, D = 16 sub-codes of K = 16 codewords (4 bits, the paper's K), cost 8 bytes
-    # per item and export as FAISS's 4-bit fast scan: the fastest index at equal bytes
-    # (docs/benchmarks.md, "Recall against queries per second")
-    num_subspaces: int = 16  # D: subvectors per item (PQ), or stages (RQ)
-    codebook_size: int = 16  # K: codewords per subspace, a power of two in 2..65536
-    # how the residual to the list is coded: "pq" product quantization (D subvectors of dim / D
-    # coordinates, one codeword each), or "rq" residual quantization (D stages, each codeword
-    # spanning all dim coordinates and coding what the stages before it left): same bytes,
-    # lower distortion, D times the encoding work; no rotation (RQ does not need one)
-    quantizer: Literal["pq", "rq"] = "pq"
-    num_coarse: int = 8  # coarse_K: IVF lists; 0 turns the coarse quantizer off
-    # list assignment: "l2" nearest centroid, or "ip" largest inner product, the rule by which
-    # an inner-product IVF index (FAISS, poeem's ADC) probes lists for a query
-    coarse_metric: Literal["l2", "ip"] = "ip"
-    # how the warm start fits the coarse centroids for the "ip" rule: "kmeans" (L2 k-means),
-    # "equal_norm" (spherical k-means, one shared norm), or "auto": equal_norm when the item
-    # norms vary (dot-product models), kmeans when they do not (cosine models)
-    coarse_fit: Literal["auto", "kmeans", "equal_norm"] = "auto"
-    rotation: Rotation = "none"  # "opq": fixed OPQ rotation; "givens": learnable, OPQ-initialised
-    warmup_steps: int = 1000  # training steps with the layer as identity
-    buffer_size: int = 8192  # item embeddings collected after warm-up for k-means
-    init: Literal["kmeans", "random"] = "kmeans"  # "random": codewords are random buffer rows
-    kmeans_iters: int = 20
-    opq_rounds: int = 4  # OPQ alternations (k-means, then Procrustes) in the warm start
-    regularizer_weight: float = 1.0  # weight of ||x_hat - sg(x)||^2, trains the index
-    commitment_weight: float = 0.0  # weight of ||x - sg(x_hat)||^2, pulls items to codewords
-    eval_before_init: Literal["raise", "identity"] = "raise"  # eval() before k-means
-    seed: int = 0
+    dim: int = setting(
+        help="Size of the item embedding; must be divisible by `num_subspaces` for PQ.", cli=False
+    )
+    # the defaults, D = 16 sub-codes of K = 16 codewords (4 bits, the paper's K), cost 8 bytes per
+    # item and export as FAISS's 4-bit fast scan: the fastest index at equal bytes measured
+    num_subspaces: int = setting(
+        16, help="D: PQ sub-vectors per item (RQ: stages), each log2(K) bits; bytes per item = D log2(K) / 8."
+    )
+    codebook_size: int = setting(
+        16,
+        help="K: codewords per sub-vector, a power of two (16 = 4 bits, exported as FAISS fast scan; "
+        "256 = 8 bits).",
+    )
+    quantizer: Literal["pq", "rq"] = setting(
+        "pq",
+        help="How the residual to the list is coded: pq (D sub-vectors, one codeword each) or rq "
+        "(D residual stages over all coordinates: same bytes, lower distortion, D times the "
+        "encoding work, no rotation).",
+    )
+    num_coarse: int = setting(
+        8, help="coarse_K: IVF lists; 0 turns IVF off (a flat PQ that scans everything)."
+    )
+    coarse_metric: Literal["l2", "ip"] = setting(
+        "ip",
+        help="How items are assigned to lists: largest inner product (ip) or nearest centroid (l2). "
+        "Use the rule the search probes lists by: ip for inner-product and cosine indexes.",
+    )
+    coarse_fit: Literal["auto", "kmeans", "equal_norm"] = setting(
+        "auto",
+        help="How the warm start fits the lists for the ip rule: L2 k-means, or equal-norm spherical "
+        "k-means; auto picks equal_norm when item norms vary (dot-product models).",
+        cli=False,
+    )
+    rotation: Rotation = setting(
+        "none",
+        help="opq: a fixed OPQ rotation fitted at the warm start; givens: OPQ, then learned in "
+        "training (always orthogonal).",
+    )
+    warmup_steps: int = setting(
+        1000, help="Training steps with the layer as the identity, so the towers learn first."
+    )
+    buffer_size: int = setting(
+        8192, help="Item embeddings collected after the warm-up to fit k-means (about 40 per centroid)."
+    )
+    init: Literal["kmeans", "random"] = setting(
+        "kmeans", help="random (codewords from random buffer rows) is an ablation, not for use.", cli=False
+    )
+    kmeans_iters: int = setting(20, help="k-means iterations of the warm-start fit.", cli=False)
+    opq_rounds: int = setting(
+        4, help="OPQ alternations (k-means, then Procrustes) of the warm-start fit.", cli=False
+    )
+    regularizer_weight: float = setting(
+        1.0, help="Weight of the distortion loss that trains the codebooks, centroids and rotation."
+    )
+    commitment_weight: float = setting(
+        0.0, help="Weight of a term that pulls item embeddings toward their codewords."
+    )
+    eval_before_init: Literal["raise", "identity"] = setting(
+        "raise", help="What eval() does before the index exists: raise, or act as the identity.", cli=False
+    )
+    seed: int = setting(0, help="Seeds the k-means fits (a run sets it from its own seed).", cli=False)
     # --- training the index for retrieval (docs/design.md, "Closing the gap to exact search")
-    # routing loss: cross-entropy of the query's soft list choice against its positive's list;
-    # the model adds it when it calls PoeemLayer.routing_loss (it moves the query tower, and
-    # the centroids and rotation too with route_centroids); nothing to route without lists
-    routing_weight: float = 1.0
-    route_centroids: bool = False
-    # lists the routing softmax scores: "all", or "batch" (the lists of the batch's positives, a
-    # sampled softmax whose cost grows with the batch, not with coarse_K); "auto": "all" while
-    # coarse_K <= the global batch, else "batch"
-    routing_lists: Literal["auto", "all", "batch"] = "auto"
-    # retrieval-aware index: the task loss's gradient reaches codebooks and centroids through
-    # the reconstruction (the items still get the straight-through identity)
-    index_task_grad: bool = False
-    balance_weight: float = 0.0  # KL(mean soft list assignment || uniform), moves the centroids
-    list_temperature: float = 0.1  # temperature of the soft list assignments of both terms
-    reseed_after: int = 500  # re-seed a codeword or list unused for this many steps (0: never)
-    # keep the towers whole: the model's task loss also scores the un-quantized items, at
-    # this weight (RetrievalModel does it; a model of your own asks PoeemLayer.task_items)
-    unquantized_loss_weight: float = 1.0
-    # when the task loss scores them: "alternate" (even steps the un-quantized items, odd steps
-    # the quantized ones, each at twice its weight: the same loss in expectation, one softmax per
-    # step) or "every_step" (both softmaxes every step: on Gowalla 1.9x a step without the layer)
-    unquantized_schedule: Literal["alternate", "every_step"] = "alternate"
-    # remember each item's codes from training (item ids passed to forward, in [0, num_items)):
-    # the index as trained, which an export takes instead of encoding every item; 0: off
-    num_items: int = 0
+    routing_weight: float = setting(
+        1.0,
+        help="Weight of the routing loss: the query tower learns to probe first the list its "
+        "positive item is in (a model of your own adds layer.routing_loss).",
+    )
+    route_centroids: bool = setting(
+        False, help="Let the routing loss move the centroids and rotation too (measured worse).", cli=False
+    )
+    routing_lists: Literal["auto", "all", "batch"] = setting(
+        "auto",
+        help="Lists the routing softmax scores: all, or batch (the lists of the batch's positives); "
+        "auto: all while coarse_K is at most the global batch.",
+    )
+    index_task_grad: bool = setting(
+        False,
+        help="Let the task loss's gradient reach the codebooks and centroids through the "
+        "reconstruction (measured worse).",
+        cli=False,
+    )
+    balance_weight: float = setting(
+        0.0, help="Pulls the lists toward equal use; measured to cost more recall than it saves."
+    )
+    list_temperature: float = setting(
+        0.1, help="Temperature of the soft list choices of the routing and balance terms.", cli=False
+    )
+    reseed_after: int = setting(
+        500, help="A codeword or list unused for this many steps moves onto a current item (0: never)."
+    )
+    unquantized_loss_weight: float = setting(
+        1.0,
+        help="The model's task loss also scores the un-quantized items at this weight, which keeps "
+        "the towers as good as without the layer.",
+    )
+    unquantized_schedule: Literal["alternate", "every_step"] = setting(
+        "alternate",
+        help="When: in turn with the quantized items (one softmax a step), or every_step (both, slower).",
+    )
+    num_items: int = setting(
+        0,
+        help="Remember each item's codes from training (the index as trained, which an export "
+        "reuses); a run sets it to its catalogue size. 0: off.",
+        cli=False,
+    )
 
     def __post_init__(self) -> None:
         self.validate()

@@ -9,7 +9,7 @@ shape tells which (:func:`is_residual`); with D = 1 both are the same.
 Bulk encoding (``bulk=True``: exports, ``Searcher.add``) of float32 vectors on the CPU runs on
 FAISS's flat search and PQ encoder: exact like the torch path, and faster (most of all for the
 sub-codes), which is most of an export's time. Training and fitting keep the torch path: FAISS's
-OpenMP pool, started before training, slowed training steps (docs/benchmarks_notes.md).
+OpenMP pool, started before training, slowed training steps (docs/experiments/).
 """
 
 from __future__ import annotations
@@ -277,7 +277,7 @@ def fit_residual_codebooks(
 
     Plain k-means of each stage in full dimension memorises points when they are few per
     codeword (5k 384-d text embeddings, 16 x 256 codewords): its codewords then reconstruct
-    some items exactly and the rest poorly, and rank far worse (docs/benchmarks_notes.md).
+    some items exactly and the rest poorly, and rank far worse (docs/experiments/).
 
     Args:
         residual: (n, dim) vectors to code, n >= codebook_size.

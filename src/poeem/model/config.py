@@ -7,6 +7,7 @@ from typing import Any, Literal, get_args
 
 from poeem.errors import PoeemError
 from poeem.index import PoeemConfig
+from poeem.options import setting
 
 TextMode = Literal["frozen", "query", "both"]
 TableDtype = Literal["float32", "bfloat16"]
@@ -23,8 +24,14 @@ def check_table_dtype(value: str) -> None:
 class TextConfig:
     """Which sentence encoder, and what trains."""
 
-    encoder: str = DEFAULT_ENCODER  # a local folder, an installed model, or a cached HF name
-    mode: TextMode = "frozen"
+    encoder: str = setting(
+        DEFAULT_ENCODER,
+        help="Text towers (--data beir): a sentence-transformers folder, installed model or cached name.",
+        flag="--text-encoder",
+    )
+    mode: TextMode = setting(
+        "frozen", help="Text towers: what fine-tunes (frozen, query or both).", flag="--text-mode"
+    )
     max_seq_length: int = 256  # tokens per text (longer texts are truncated)
     batch_size: int = 64  # texts encoded at once when building the caches
     encoder_lr: float = 2e-5  # learning rate of a fine-tuned encoder (the heads use train.lr)
@@ -49,11 +56,13 @@ class TextConfig:
 class ModelConfig:
     """Architecture and scoring of a retrieval model: id towers, or text towers with ``text``."""
 
-    dim: int = 64
-    score: Literal["cosine", "dot"] = "cosine"  # cosine: both towers L2-normalised
-    temperature: float = 0.1  # logits are score / temperature
-    logq_correction: bool = True  # subtract log item frequency from in-batch logits (Yi et al. 2019)
-    random_negatives: int = 0  # uniform item samples added as negatives to every row
+    dim: int = setting(64, help="Embedding size.")
+    score: Literal["cosine", "dot"] = setting("cosine", help="cosine: both towers L2-normalised; or dot.")
+    temperature: float = setting(0.1, help="Softmax temperature: logits are score / temperature.")
+    logq_correction: bool = setting(
+        True, help="logQ popularity correction of the in-batch logits (Yi et al. 2019).", flag="--logq"
+    )
+    random_negatives: int = setting(0, help="Uniform item samples added as negatives to every row.")
     # under torch.distributed, score against every rank's positives (N ranks of batch B/N
     # then train like one rank of batch B); else each rank uses its own B/N
     cross_rank_negatives: bool = True
@@ -62,7 +71,11 @@ class ModelConfig:
     init_std: float = 0.1
     # storage of the id tables: bfloat16 halves them (100M x 64 rows: 12.8 GB instead of 25.6);
     # it needs table_optimizer "rowwise_adagrad", which rounds its updates stochastically
-    table_dtype: TableDtype = "float32"
+    table_dtype: TableDtype = setting(
+        "float32",
+        help="Id tables stored as float32 or bfloat16 (half the memory; needs --table-optimizer "
+        "rowwise_adagrad).",
+    )
     poeem: dict[str, Any] | None = field(default=None)  # PoeemConfig fields; None = baseline
     # TextConfig fields: sentence-transformers towers over the data's texts; None = id towers
     text: dict[str, Any] | None = field(default=None)

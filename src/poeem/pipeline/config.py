@@ -9,7 +9,10 @@ from typing import Any
 
 from poeem.data import DataConfig
 from poeem.errors import PoeemError
+from poeem.index import PoeemConfig
 from poeem.model import ModelConfig
+from poeem.model.config import TextConfig
+from poeem.options import Option, options, setting
 from poeem.storage import read_json
 from poeem.training.config import TrainConfig
 from poeem.training.optimizers import check_table_precision
@@ -19,8 +22,8 @@ from poeem.training.optimizers import check_table_precision
 class EvalConfig:
     """What ``poeem evaluate`` measures."""
 
-    ks: tuple[int, ...] = (20, 50, 100)
-    nprobes: tuple[int, ...] = (1,)  # IVF lists probed; each gets its own rows
+    ks: tuple[int, ...] = setting((20, 50, 100), help="Metric cut-offs; repeat.", flag="--k")
+    nprobes: tuple[int, ...] = setting((1,), help="IVF lists probed at evaluation; repeat.", flag="--nprobe")
     faiss_baseline: bool = True  # also FAISS IVF-PQ trained on the un-quantized item embeddings
     opq_baseline: bool = False  # also FAISS OPQ + IVF-PQ
     lists_ceiling: bool = False  # also the learned lists with float vectors (what perfect codes reach)
@@ -84,3 +87,15 @@ class RunConfig:
         except tomllib.TOMLDecodeError as err:
             raise PoeemError(f"config file {path}", "valid TOML", str(err), "fix the syntax") from None
         return cls.from_dict(raw)
+
+
+def run_options() -> list[Option]:
+    """Every documented setting of a run, section by section: the flags of ``poeem train``."""
+    return [
+        *options(DataConfig, "data", "Data"),
+        *options(ModelConfig, "model", "Model"),
+        *options(TextConfig, "model.text", "Model"),
+        *options(PoeemConfig, "model.poeem", "Index layer"),
+        *options(TrainConfig, "train", "Training"),
+        *options(EvalConfig, "eval", "Evaluation"),
+    ]

@@ -21,7 +21,7 @@ from poeem.index.refit import Refit, refit_layer
 from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
 from poeem.model.text import TextTwoTowerModel
-from poeem.pipeline.config import RunConfig
+from poeem.pipeline.config import RunConfig, run_options
 from poeem.pipeline.run_dir import (
     RunArtifacts,
     build_model,
@@ -38,22 +38,6 @@ from poeem.search.searcher import Searcher
 from poeem.training.batches import PairBatches
 from poeem.training.distill import DistillConfig
 from poeem.training.trainer import Trainer, resolve_device
-
-# Settings that a resumed run may change: they alter neither the model nor the batches seen.
-SAFE_ON_RESUME = {
-    "train": {
-        "epochs",
-        "max_steps",
-        "distill_epochs",
-        "refit",
-        "device",
-        "checkpoint_every",
-        "eval_every",
-        "log_every",
-        "log",
-        "progress",
-    }
-}
 
 
 def attach_data(model: RetrievalModel, data: InteractionData, progress: bool = True) -> RetrievalModel:
@@ -121,11 +105,12 @@ def resume_config(
         )
     cfg, _ = read_config(run_dir)
     stored = cfg.to_dict()
+    safe = {(o.section, o.name): o.flag for o in run_options() if o.resume}
     refused = [
         f"{section}.{key}"
         for section, values in overrides.items()
         for key, value in values.items()
-        if key not in SAFE_ON_RESUME.get(section, set()) and stored[section].get(key) != value
+        if (section, key) not in safe and stored[section].get(key) != value
     ]
     for name, given in (("poeem", layer), ("text", text)):
         kept = _with_defaults(name, stored["model"]) if given else {}
@@ -133,11 +118,10 @@ def resume_config(
     if poeem is not None and poeem != (stored["model"].get("poeem") is not None):
         refused.append("--poeem" if poeem else "--no-poeem")
     if refused:
-        safe = sorted(f"--{'logger' if k == 'log' else k.replace('_', '-')}" for k in SAFE_ON_RESUME["train"])
         raise PoeemError(
             "--resume",
-            f"only settings that are safe to change on a resumed run ({', '.join(safe)}), or the "
-            "run's own values",
+            f"only settings that are safe to change on a resumed run ({', '.join(sorted(safe.values()))}), "
+            "or the run's own values",
             f"changes to {', '.join(refused)}",
             "drop those flags to continue the run as it was configured, or start a new run "
             "in another --run-dir",

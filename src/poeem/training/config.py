@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal, get_args
 
 from poeem.errors import PoeemError
+from poeem.options import setting
 
 OptimizerName = Literal["adam", "adamw", "adagrad"]
 TableOptimizerName = Literal["dense", "rowwise_adagrad", "sparse_adam"]
@@ -15,35 +16,47 @@ TableOptimizerName = Literal["dense", "rowwise_adagrad", "sparse_adam"]
 class TrainConfig:
     """Optimisation and bookkeeping of a training run."""
 
-    epochs: int = 3
-    batch_size: int = 1024
-    optimizer: OptimizerName = "adam"
-    lr: float = 1e-2
-    index_lr: float | None = None  # learning rate of the index (codebooks, rotation); None = lr, 0 freezes
-    weight_decay: float = 0.0
-    # id tables: "dense" (the optimizer above) or a sparse optimizer that updates only the rows
-    # a batch touched ("rowwise_adagrad", "sparse_adam"), see poeem.training.optimizers
-    table_optimizer: TableOptimizerName = "dense"
-    table_lr: float | None = None  # learning rate of the id tables; None = lr
-    seed: int = 0
-    device: str = "auto"  # "cpu", "cuda", "cuda:1" or "auto"
-    checkpoint_every: int = 1000  # steps between checkpoints (0: only at the end)
-    eval_every: int = 0  # steps between evaluations (0: at the end of each epoch)
-    log_every: int = 50  # steps between log rows
-    log: Literal["csv", "tensorboard", "none"] = "csv"
-    max_steps: int | None = None  # stop early (a checkpoint is still written)
-    # epochs per round of index distillation after training (poeem.training.distill; 0: none):
-    # the frozen model's own ranking of its training queries teaches the layer. None: 10 for
-    # text models with a layer trained in one process (pipeline.run.distill_epochs), else 0
-    distill_epochs: int | None = None
-    # None or "none" (the default): the run serves its index as trained, ready when training
-    # ends. Opt-in: after training, refit the layer's residual coder on the final item embeddings
-    # inside its trained lists (poeem.index.refit), "rq" (a residual quantizer, same bytes) or
-    # "pq"; the refitted index is then distilled (distill_epochs None: 10) and is the one the
-    # run serves, at the cost of a build after training (docs/benchmarks.md). "auto": "rq" for
-    # a run with a layer in one process, else none
-    refit: Literal["auto", "pq", "rq"] | None = None
-    progress: bool = True
+    epochs: int = setting(3, help="Epochs.", resume=True)
+    batch_size: int = setting(1024, help="Training batch size (under torchrun: the global batch).")
+    optimizer: OptimizerName = setting("adam", help="Optimizer of the model.")
+    lr: float = setting(1e-2, help="Learning rate.")
+    index_lr: float | None = setting(
+        None, help="Learning rate of the index (codebooks, rotation); default --lr; 0 freezes it."
+    )
+    weight_decay: float = setting(0.0, help="Weight decay.")
+    table_optimizer: TableOptimizerName = setting(
+        "dense",
+        help="Id tables: dense (the --optimizer) or a sparse optimizer that updates only the rows "
+        "a batch used (rowwise_adagrad, sparse_adam).",
+    )
+    table_lr: float | None = setting(None, help="Learning rate of the id tables (default: --lr).")
+    seed: int = setting(0, help="Seed of initialisation and batch order (not the data).")
+    device: str = setting("auto", help="cpu, cuda, cuda:1 or auto.", resume=True)
+    checkpoint_every: int = setting(1000, help="Steps between checkpoints (0: only at the end).", resume=True)
+    eval_every: int = setting(0, help="Steps between evaluations (0: at the end of each epoch).", resume=True)
+    log_every: int = setting(50, help="Steps between rows of the training curves.", resume=True)
+    log: Literal["csv", "tensorboard", "none"] = setting(
+        "csv", help="Training curves.", flag="--logger", resume=True
+    )
+    max_steps: int | None = setting(
+        None, help="Stop after this many steps (a checkpoint is still written).", resume=True
+    )
+    distill_epochs: int | None = setting(
+        None,
+        help="After training, distil the index from the model's own ranking for this many epochs "
+        "per round (0: no); default 10 for a text model or a run with --refit in one process, else 0.",
+        resume=True,
+    )
+    refit: Literal["auto", "pq", "rq"] | None = setting(
+        None,
+        help="none (default): serve the index as trained, ready the moment training ends, in one "
+        "process and under torchrun alike. Opt-in: after training, refit the layer's residual coder "
+        "on the final item embeddings inside its trained lists, then distil it (a build after "
+        "training, docs/cli.md): rq, a residual quantizer at the same bytes (no fast scan), or pq; "
+        "auto: rq for a run with a layer in one process, else none.",
+        resume=True,
+    )
+    progress: bool = setting(True, help="Progress bars.", resume=True)
 
     def __post_init__(self) -> None:
         if self.refit == "none":  # how a TOML file or the command line says None
