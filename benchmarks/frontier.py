@@ -39,6 +39,7 @@ Writes ``results/frontier_<dataset>[_D<bytes>].json``; ``benchmarks/report.py`` 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import shutil
 import tempfile
@@ -60,13 +61,13 @@ from poeem.evaluation.report import query_encoder
 from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import export_learned
 from poeem.pipeline.distill import distill_embeddings
-from poeem.pipeline.run import after_training_seconds, train_run
+from poeem.pipeline.run import after_training_seconds, attach_data, train_run
 from poeem.pipeline.run_dir import load_run
 from poeem.search import FaissSearcher
 from poeem.search.faiss_backend import untrained_faiss_index
 from poeem.training.distill import DistillConfig
 
-from common import add_mean_std, pareto_front, save_result
+from common import RESULTS, add_mean_std, command_line, pareto_front, save_result
 from peers import ScannIndex
 from presets import Preset, preset, tiny
 
@@ -335,6 +336,7 @@ def one_seed(
         rows += measure(name, (searcher, build_s, float(d), nprobes), encode, data, pre, exact["qps"])
         if refit and "poeem-k256" in methods:
             _, model = load_run(run, as_trained=True)
+            model = attach_data(model, data, progress=False)  # a text model's texts
             searcher, export_s = poeem_searcher(model, data)
             rows += measure(
                 "poeem-k256", (searcher, export_s, float(d), nprobes), encode, data, pre, exact["qps"]
@@ -378,6 +380,12 @@ def main() -> None:
     p.add_argument(
         "--refit-distill-epochs", type=int, default=None, help="the refit's distillation (default: the run's)"
     )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="measure only --methods and put their rows in place of theirs in the existing results "
+        "file (same seeds); the other rows are kept",
+    )
     p.add_argument("--tiny", action="store_true", help="seconds-long smoke configuration")
     p.add_argument("--results-dir", type=Path, default=None)
     args = p.parse_args()
@@ -400,13 +408,28 @@ def main() -> None:
             extras.append(extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    suffix = f"_D{args.num_subspaces}" if args.num_subspaces else ""
+    name = f"frontier_{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
+    commands: list[str] = []
+    if args.merge:
+        old = json.loads(((args.results_dir or RESULTS) / f"{name}.json").read_text())
+        if old["seeds"] != args.seeds:
+            raise SystemExit(f"--merge needs the file's seeds {old['seeds']}")
+        per_seed = [
+            [r for r in kept if r["method"] not in args.methods] + new
+            for kept, new in zip(old["per_seed"], per_seed, strict=True)
+        ]
+        commands = [*old.get("commands", [old["command"]]), command_line()]
     exact: dict[str, Any] = {"bytes_per_item": extras[0]["exact"]["bytes_per_item"]}
     for key in ("recall", "qps"):
         add_mean_std(exact, key, [e["exact"][key] for e in extras])
+    if args.merge:  # the reference the kept rows were measured against
+        exact = old["exact"]
     rows = mean_rows(per_seed)
-    train_s: dict[str, Any] = {}
-    for name in extras[0]["train_s"]:
-        add_mean_std(train_s, name, [e["train_s"][name] for e in extras])
+    train_s: dict[str, Any] = dict(old["train_s"]) if args.merge else {}
+    for key in extras[0]["train_s"]:
+        add_mean_std(train_s, key, [e["train_s"][key] for e in extras])
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     result = {
         "dataset": args.dataset,
         "headline": pre.headline,
@@ -419,14 +442,12 @@ def main() -> None:
         "exact": exact,
         "rows": rows,
         "pareto": {
-            m: [r["setting"] for r in pareto_front([r for r in rows if r["method"] == m])]
-            for m in args.methods
+            m: [r["setting"] for r in pareto_front([r for r in rows if r["method"] == m])] for m in methods
         },
         "train_s": train_s,
         "per_seed": per_seed,
+        **({"commands": commands} if commands else {}),
     }
-    suffix = f"_D{args.num_subspaces}" if args.num_subspaces else ""
-    name = f"frontier_{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
     path = save_result(name, result, args.results_dir)
     for row in rows:
         print(

@@ -7,6 +7,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -306,6 +307,17 @@ def test_code_usage_covers_a_window_not_the_last_short_batch() -> None:
     assert layer.stats()["subcodes_used"] > 200
 
 
+def test_the_readme_python_quickstart_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"## Python quickstart\n.*?```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    scope: dict[str, Any] = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["ids"].shape == (2, 10) and scope["scores"].shape == (2, 10)
+    assert np.isin(scope["ids"], np.arange(10_000)).all()  # the synthetic task's item ids
+    assert (tmp_path / "index" / "quick" / "manifest.json").is_file()
+
+
 def test_the_readme_command_line_block_runs_line_by_line(tmp_path: Path) -> None:
     """Every command of the README's MovieLens block, on a small generated u.data (the same ids
     the README uses), each input made by a line before it."""
@@ -330,5 +342,8 @@ def test_the_readme_command_line_block_runs_line_by_line(tmp_path: Path) -> None
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "removed 1 items" in done.stdout and "merged 1 segments and 1 removed ids" in done.stdout
     assert "(version 5)" in done.stdout
+    assert (
+        "4 bytes per item (8 x 4-bit PQ codes), fast scan" in done.stdout
+    )  # the defaults' K, --num-subspaces 8
     hits = [line for line in done.stdout.splitlines() if line.startswith(("1,", "42,"))]
     assert hits and not any(line.startswith("1,") and line.split(",")[2] == "50" for line in hits)

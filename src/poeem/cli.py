@@ -276,7 +276,7 @@ def export(
     if searcher is None:  # not rank 0 under torchrun
         return
     typer.echo(
-        f"exported {searcher.ntotal} items ({searcher.nlist} lists, metric {searcher.metric}) "
+        f"exported {searcher.ntotal} items ({searcher.describe()}, metric {searcher.metric}) "
         f"to {out} (version {searcher.version}) in {time.perf_counter() - started:.2f}s"
     )
 
@@ -440,7 +440,7 @@ def distill(
         searcher, _ = distill_embeddings(
             x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss, resume
         )
-    typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.nlist} lists) written to {out}")
+    typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.describe()}) written to {out}")
 
 
 @app.command()

@@ -299,6 +299,16 @@ class Searcher:
         """Number of IVF lists (1 without a coarse quantizer)."""
         return self.tensors.nlist
 
+    def describe(self) -> str:
+        """The index in a few words: lists, code size and scan, e.g. "1024 lists, 8 bytes per
+        item (16 x 4-bit PQ codes), fast scan"."""
+        layer = self.manifest.layer
+        d, k = layer["num_subspaces"], layer["codebook_size"]
+        bits = k.bit_length() - 1
+        codes = f"{d} x {bits}-bit {layer.get('quantizer', 'pq').upper()} codes"
+        scan = ", fast scan" if self.manifest.fast_scan else ""
+        return f"{self.nlist} lists, {d * bits / 8:g} bytes per item ({codes}){scan}"
+
     @property
     def version(self) -> int:
         """The index directory version this searcher holds."""
