@@ -3,6 +3,7 @@ remove, compact, serve."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import sys
@@ -13,7 +14,7 @@ import numpy as np
 import typer
 
 from poeem.errors import PoeemError
-from poeem.options import Option
+from poeem.options import Option, options
 from poeem.pipeline.config import run_options
 from poeem.user_files import read_array, read_ids, read_new_ids, require_file
 
@@ -104,7 +105,7 @@ def train(
         return
     main_rank = os.environ.get("RANK", "0") == "0"
 
-    given = given_settings(settings)
+    given = given_settings(settings, run_options())
     overrides = {section: given.get(section, {}) for section in ("data", "model", "train", "eval")}
     layer, text = given.get("model.poeem", {}), given.get("model.text", {})
     dim = overrides["model"].get("dim")
@@ -162,39 +163,51 @@ def train(
         typer.echo(f"run folder: {run_dir}")
 
 
-def given_settings(values: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The run settings given on the command line, by config section ({"train": {"lr": 0.1}})."""
-    found: dict[str, dict[str, Any]] = {}
-    for o in run_options():
+def given_settings(values: dict[str, Any], found: list[Option]) -> dict[str, dict[str, Any]]:
+    """The settings given on the command line, by config section ({"train": {"lr": 0.1}})."""
+    given: dict[str, dict[str, Any]] = {}
+    for o in found:
         value = values.get(o.param)
         if value is None or (isinstance(value, list | tuple) and not value):
             continue
-        found.setdefault(o.section, {})[o.name] = tuple(value) if isinstance(o.default, tuple) else value
-    return found
+        given.setdefault(o.section, {})[o.name] = tuple(value) if isinstance(o.default, tuple) else value
+    return given
+
+
+def distill_options() -> list[Option]:
+    """``poeem distill``'s settings: the distillation's, and the layer's shape for a new index."""
+    from poeem.index import PoeemConfig
+    from poeem.training.distill import DistillConfig
+
+    shape = ("num_coarse", "num_subspaces", "codebook_size", "rotation", "quantizer")
+    layer = [o for o in options(PoeemConfig, "layer", "Index") if o.name in shape]
+    return [*layer, *options(DistillConfig, "distill", "Distillation")]
 
 
 def _setting_parameter(o: Option) -> inspect.Parameter:
-    """The ``poeem train`` parameter of a documented run setting."""
+    """The command-line parameter of a documented setting."""
     decls = [f"{o.flag}/--no-{o.flag.removeprefix('--')}"] if o.value_type is bool else [o.flag]
     text = o.help + (f" One of: {' | '.join(o.choices)}." if o.choices else "")
     text += " Safe to change on --resume." if o.resume else ""
-    option = Opt(*decls, help=text, rich_help_panel=o.panel, show_default=False)
+    shown = ", ".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
+    known = shown not in (None, [], "") and o.default is not dataclasses.MISSING
+    option = Opt(*decls, help=text, rich_help_panel=o.panel, show_default=str(shown) if known else False)
     annotation = Annotated[o.value_type | None, option]  # type: ignore[name-defined]
     return inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 
 
-def _with_run_settings(command: Any) -> Any:
-    """``command`` with one keyword parameter per run setting in place of its ``**settings``."""
+def _with_settings(command: Any, found: list[Option]) -> Any:
+    """``command`` with one keyword parameter per setting in place of its ``**settings``."""
     fixed = [
         p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD
     ]
-    params = fixed + [_setting_parameter(o) for o in run_options() if o.cli]
+    params = fixed + [_setting_parameter(o) for o in found if o.cli]
     command.__signature__ = inspect.Signature(params, return_annotation=None)
     command.__annotations__ = {p.name: p.annotation for p in params}
     return command
 
 
-app.command()(_with_run_settings(train))
+app.command()(_with_settings(train, run_options()))
 
 
 def _text_encoder_dim(text: dict[str, Any]) -> int:
@@ -281,7 +294,6 @@ def export(
     )
 
 
-@app.command()
 def distill(
     run_dir: Annotated[
         Path | None, typer.Argument(help="A folder written by 'poeem train' (or use --items and --queries).")
@@ -304,53 +316,11 @@ def distill(
             "quantizer instead of fitting one; only --rotation givens may be added (PQ files)."
         ),
     ] = None,
-    num_coarse: Annotated[int | None, typer.Option(help="coarse_K (IVF lists), 0 = none.")] = None,
-    num_subspaces: Annotated[
-        int | None, typer.Option(help="D, PQ subvectors (16 at K=16: 8 bytes per item; D log2(K) / 8).")
-    ] = None,
-    codebook_size: Annotated[int | None, typer.Option(help="K, codewords per subspace (default 16).")] = None,
-    rotation: Annotated[str | None, typer.Option(help="none | opq | givens")] = None,
-    quantizer: Annotated[str | None, typer.Option(help="pq (subvectors) | rq (residual stages).")] = None,
     refit: Annotated[
         str | None,
         typer.Option(
             help="With RUN_DIR (a run with a layer): distil a refit of its layer, its trained lists "
             "with a residual coder fitted on the final items: rq (residual quantizer, same bytes) | pq."
-        ),
-    ] = None,
-    rounds: Annotated[int, typer.Option(help="Rounds; item codes are re-assigned between them.")] = 3,
-    epochs: Annotated[int, typer.Option(help="Passes over the queries per round.")] = 10,
-    reassign: Annotated[
-        bool, typer.Option("--reassign/--no-reassign", help="Re-assign item codes between rounds.")
-    ] = True,
-    patience: Annotated[
-        int,
-        typer.Option(
-            help="A round ends after this many epochs that do not improve on its best held-out "
-            "loss, and distillation stops after a round that found nothing better than an earlier "
-            "one; 0: run every epoch."
-        ),
-    ] = 3,
-    teacher_k: Annotated[int, typer.Option(help="Exact top-k per query that the teacher ranks.")] = 100,
-    max_queries: Annotated[
-        int | None,
-        typer.Option(
-            help="Queries the teacher ranks at most; more are sampled (their exact top-k scores "
-            "every item, and every epoch passes over them); 0: all. Default: 32,768."
-        ),
-    ] = None,
-    temperature: Annotated[
-        float | None,
-        typer.Option(
-            help="Of the teacher's and students' softmax, in score units (default: the mean std of "
-            "the queries' teacher top-k scores; raise it if the starting index is kept)."
-        ),
-    ] = None,
-    guard_k: Annotated[
-        int | None,
-        typer.Option(
-            help="The depth you serve: the starting index is kept if distillation lowered the held-out "
-            "queries' top-k (default: a run's smallest evaluated k; 10 with --items)."
         ),
     ] = None,
     fast_scan: Annotated[bool | None, FastScanOpt] = None,
@@ -364,6 +334,7 @@ def distill(
             help="Continue a stopped distillation for --out from its state file (OUT.distill.safetensors)."
         ),
     ] = False,
+    **settings: Any,
 ) -> None:
     """Distil an index from a model's own ranking: the exact top-k of each query teaches the
     coarse centroids, codebooks and rotation (ListNet), with no labels and no model training.
@@ -372,27 +343,9 @@ def distill(
     layer flags), or for any embeddings with --items and --queries."""
     from poeem.training.distill import DistillConfig
 
-    config = DistillConfig(
-        rounds=rounds,
-        epochs=epochs,
-        reassign=reassign,
-        patience=patience or None,
-        teacher_k=teacher_k,
-        **({} if max_queries is None else {"max_queries": max_queries or None}),
-        temperature=temperature,
-        guard_k=guard_k,
-    )
-    settings = {
-        key: value
-        for key, value in {
-            "num_coarse": num_coarse,
-            "num_subspaces": num_subspaces,
-            "codebook_size": codebook_size,
-            "rotation": rotation,
-            "quantizer": quantizer,
-        }.items()
-        if value is not None
-    }
+    given = given_settings(settings, distill_options())
+    config = DistillConfig(**given.get("distill", {}))
+    settings = given.get("layer", {})
     if (run_dir is None) == (items is None):
         raise PoeemError("distill", "a RUN_DIR or --items (one of them)", "both or neither", "pass one")
     if refit is not None:
@@ -441,6 +394,9 @@ def distill(
             x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss, resume
         )
     typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.describe()}) written to {out}")
+
+
+app.command()(_with_settings(distill, distill_options()))
 
 
 @app.command()

@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from poeem.errors import PoeemError
 from poeem.index import PoeemLayer
 from poeem.index.quantize import pq_reconstruct
+from poeem.options import setting
 from poeem.search.exact import FlatIndex
 from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 
@@ -80,23 +81,44 @@ class DistillConfig:
         top ``guard_k`` by more than ``GUARD_Z`` standard errors.
     """
 
-    rounds: int = 3
-    epochs: int = 10
-    reassign: bool = True
-    teacher_k: int = 100
-    max_queries: int | None = MAX_QUERIES
+    rounds: int = setting(3, help="Rounds; item codes are re-assigned between them.")
+    epochs: int = setting(10, help="Passes over the queries per round.")
+    reassign: bool = setting(True, help="Re-assign item codes between rounds.")
+    teacher_k: int = setting(100, help="Exact top-k per query that the teacher ranks.")
+    max_queries: int | None = setting(
+        MAX_QUERIES,
+        help="Queries the teacher ranks at most; more are sampled (their exact top-k scores every "
+        "item, and every epoch passes over them); 0: all.",
+    )
     batch_size: int = 128
-    temperature: float | None = None
+    temperature: float | None = setting(
+        None,
+        help="Of the teacher's and students' softmax, in score units (default: the mean std of the "
+        "queries' teacher top-k scores; raise it if the starting index is kept).",
+    )
     list_weight: float = 1.0
     coarse_lr: float = 1e-3
     codebook_lr: float = 1e-3
     rotation_lr: float = 1e-3
     holdout: float = 0.1
-    patience: int | None = 3
-    guard_k: int | None = None
+    patience: int | None = setting(
+        3,
+        help="A round ends after this many epochs that do not improve on its best held-out loss, "
+        "and distillation stops after a round that found nothing better than an earlier one; 0: "
+        "run every epoch.",
+    )
+    guard_k: int | None = setting(
+        None,
+        help="The depth you serve: the starting index is kept if distillation lowered the held-out "
+        "queries' top-k (default: a run's smallest evaluated k; 10 with --items).",
+    )
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if self.patience == 0:  # how the command line says None
+            self.patience = None
+        if self.max_queries == 0:
+            self.max_queries = None
         for name in ("rounds", "epochs", "teacher_k", "max_queries", "batch_size", "patience", "guard_k"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise PoeemError(f"distill {name}", "at least 1", str(getattr(self, name)), "raise it")
