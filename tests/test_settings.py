@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from poeem.cli import app, distill_options, given_settings
+from poeem.cli import app
+from poeem.cli_options import distill_options, given_settings
 from poeem.pipeline.config import run_options
 from poeem.settings_tables import DOCUMENTED, refreshed_tables
 

@@ -3,8 +3,6 @@ remove, compact, serve."""
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 import os
 import sys
 from pathlib import Path
@@ -13,8 +11,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 import numpy as np
 import typer
 
+from poeem.cli_options import distill_options, given_settings, with_settings
 from poeem.errors import PoeemError
-from poeem.options import Option, options
 from poeem.pipeline.config import run_options
 from poeem.user_files import read_array, read_ids, read_new_ids, require_file
 
@@ -163,51 +161,7 @@ def train(
         typer.echo(f"run folder: {run_dir}")
 
 
-def given_settings(values: dict[str, Any], found: list[Option]) -> dict[str, dict[str, Any]]:
-    """The settings given on the command line, by config section ({"train": {"lr": 0.1}})."""
-    given: dict[str, dict[str, Any]] = {}
-    for o in found:
-        value = values.get(o.param)
-        if value is None or (isinstance(value, list | tuple) and not value):
-            continue
-        given.setdefault(o.section, {})[o.name] = tuple(value) if isinstance(o.default, tuple) else value
-    return given
-
-
-def distill_options() -> list[Option]:
-    """``poeem distill``'s settings: the distillation's, and the layer's shape for a new index."""
-    from poeem.index import PoeemConfig
-    from poeem.training.distill import DistillConfig
-
-    shape = ("num_coarse", "num_subspaces", "codebook_size", "rotation", "quantizer")
-    layer = [o for o in options(PoeemConfig, "layer", "Index") if o.name in shape]
-    return [*layer, *options(DistillConfig, "distill", "Distillation")]
-
-
-def _setting_parameter(o: Option) -> inspect.Parameter:
-    """The command-line parameter of a documented setting."""
-    decls = [f"{o.flag}/--no-{o.flag.removeprefix('--')}"] if o.value_type is bool else [o.flag]
-    text = o.help + (f" One of: {' | '.join(o.choices)}." if o.choices else "")
-    text += " Safe to change on --resume." if o.resume else ""
-    shown = ", ".join(map(str, o.default)) if isinstance(o.default, tuple) else o.default
-    known = shown not in (None, [], "") and o.default is not dataclasses.MISSING
-    option = Opt(*decls, help=text, rich_help_panel=o.panel, show_default=str(shown) if known else False)
-    annotation = Annotated[o.value_type | None, option]  # type: ignore[name-defined]
-    return inspect.Parameter(o.param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-
-
-def _with_settings(command: Any, found: list[Option]) -> Any:
-    """``command`` with one keyword parameter per setting in place of its ``**settings``."""
-    fixed = [
-        p for p in inspect.signature(command, eval_str=True).parameters.values() if p.kind != p.VAR_KEYWORD
-    ]
-    params = fixed + [_setting_parameter(o) for o in found if o.cli]
-    command.__signature__ = inspect.Signature(params, return_annotation=None)
-    command.__annotations__ = {p.name: p.annotation for p in params}
-    return command
-
-
-app.command()(_with_settings(train, run_options()))
+app.command()(with_settings(train, run_options()))
 
 
 def _text_encoder_dim(text: dict[str, Any]) -> int:
@@ -396,7 +350,7 @@ def distill(
     typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.describe()}) written to {out}")
 
 
-app.command()(_with_settings(distill, distill_options()))
+app.command()(with_settings(distill, distill_options()))
 
 
 @app.command()
