@@ -12,12 +12,13 @@ of 4 sqrt(n), rounded to a power of two):
 - exact and hnsw (``HNSW32,Flat``) as references, at the bytes they take.
 
 It trains the same model with a Poeem layer: at K = 16 (2D sub-codes), exported as fast scan
-(``poeem``: what ``poeem train`` and ``poeem export`` serve with no index flags); and at K = 256
+(``poeem``: what ``poeem train`` and ``poeem export`` serve with no index flags), and the same
+distilled after training (``poeem-distilled``, ``--distill-epochs 10``); and at K = 256
 (D sub-codes), served as trained (``poeem-k256``) and refitted (``poeem-refit``, ``--refit rq``:
 both come from one run, which keeps its index as trained). ``poeem-distill-items`` is ``poeem
 distill --items --queries`` with its defaults on the baseline's item embeddings, taught by every
-query's embedding: poeem's index for embeddings it did not train. A text model's runs distil
-their index after training, as ``poeem train`` does for text; that is part of their build.
+query's embedding: poeem's index for embeddings it did not train. A refit and a distillation
+after training are part of a run's build.
 
 Each method is searched at every nprobe from 1 to all lists (HNSW: efSearch 16 to 512), up to
 the first setting that is slower than exact search and takes over 2 s for the query set: exact
@@ -61,6 +62,7 @@ from poeem.evaluation.report import query_encoder
 from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import export_learned
 from poeem.pipeline.distill import distill_embeddings
+from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS as DISTILL_EPOCHS
 from poeem.pipeline.run import after_training_seconds, attach_data, train_run
 from poeem.pipeline.run_dir import load_run
 from poeem.search import FaissSearcher
@@ -78,6 +80,7 @@ QPS_SECONDS = {"least_s": 0.5, "stop_below_exact": 1.0}
 SLOW_PASS_S = 2.0  # ... when a pass over the query set also takes this long
 METHODS = [  # plotting and table order
     "poeem",
+    "poeem-distilled",
     "poeem-k256",
     "poeem-refit",
     "poeem-distill-items",
@@ -341,15 +344,18 @@ def one_seed(
             rows += measure(
                 "poeem-k256", (searcher, export_s, float(d), nprobes), encode, data, pre, exact["qps"]
             )
-    if "poeem" in methods:  # the defaults: K = 16, twice the sub-codes, exported as fast scan
-        model, metrics = train_run(
-            poeem_config(pre, seed, (lists, 2 * d, 16), None, None), work / f"poeem-{seed}"
-        )
-        train_s["poeem"] = metrics["train_s"]
+    # the defaults: K = 16, twice the sub-codes, exported as fast scan; and the same distilled
+    for name, epochs in (("poeem", None), ("poeem-distilled", DISTILL_EPOCHS)):
+        if name not in methods:
+            continue
+        cfg = poeem_config(pre, seed, (lists, 2 * d, 16), None, None)
+        cfg.train = replace(cfg.train, distill_epochs=epochs)
+        model, metrics = train_run(cfg, work / f"{name}-{seed}")
+        train_s[name] = metrics["train_s"]
         searcher, export_s = poeem_searcher(model, data)
         build_s = after_training_seconds(metrics) + export_s
         encode = remembered(query_encoder(model, data))
-        rows += measure("poeem", (searcher, build_s, float(d), nprobes), encode, data, pre, exact["qps"])
+        rows += measure(name, (searcher, build_s, float(d), nprobes), encode, data, pre, exact["qps"])
     return rows, {"exact": exact, "train_s": train_s}
 
 

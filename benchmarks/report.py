@@ -512,6 +512,7 @@ def save_scanned_plot(fig: Any, ax: Any, metric: str, path: Path, **legend: Any)
 
 FRONTIER_LABELS = {
     "poeem": "poeem, the default (K=16, fast scan)",
+    "poeem-distilled": "poeem, distilled (--distill-epochs 10)",
     "poeem-k256": "poeem K=256, as trained",
     "poeem-refit": "poeem refit (--refit rq)",
     "poeem-distill-items": "poeem distill --items (defaults)",
@@ -555,7 +556,7 @@ def verdict(r: dict[str, Any]) -> list[str]:
         missed = [x for x in peers if (best_recall_at(ours, x["qps"]) or -1) < x["recall"]]
         at_top = best_recall_at(ours, top["qps"]) if top else None
         ratio = f"{at_top:.4f} ({at_top / top['recall']:.2f}x)" if at_top is not None and top else "-"
-        trained = train.get("poeem-k256" if method in ("poeem-k256", "poeem-refit") else "poeem")
+        trained = train.get("poeem-k256" if method in ("poeem-k256", "poeem-refit") else method)
         share = f"{ours[0]['build_s'] / trained:.1%}" if trained and method != "poeem-distill-items" else "-"
         label = FRONTIER_LABELS.get(method, method)
         matched = f"{len(peers) - len(missed)} of {len(peers)}"

@@ -297,18 +297,12 @@ DEFAULT_DISTILL_EPOCHS = 10  # per round, when a text or refitted run leaves tra
 
 def distill_epochs(cfg: RunConfig) -> int:
     """Epochs per round of index distillation after training: ``train.distill_epochs``, or when
-    it is None, :data:`DEFAULT_DISTILL_EPOCHS` for a text model with a layer or a refitted
-    layer (``train.refit``) and 0 otherwise (in one process only: a run under torchrun says how
-    to distil it afterwards).
-
-    A text model's layer trains few steps on a small labelled set, and distillation lifts its
-    index to or above FAISS OPQ fitted afterwards; on id data the gain was small and the
-    synthetic task lost from it, so id runs without a refit distil only when asked; a refitted
-    coder gains most from it (docs/benchmarks.md)."""
+    it is None, :data:`DEFAULT_DISTILL_EPOCHS` for a refitted layer (``train.refit``), which
+    gains most from it, and 0 otherwise: by default a run serves its index as trained, ready when
+    training ends, in one process and under torchrun alike (docs/design.md, "Codebook size")."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
-    has_layer = cfg.model.poeem is not None
-    return DEFAULT_DISTILL_EPOCHS if has_layer and (cfg.model.text is not None or cfg.train.refit) else 0
+    return DEFAULT_DISTILL_EPOCHS if cfg.model.poeem is not None and cfg.train.refit else 0
 
 
 def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) -> DistillConfig:
@@ -392,13 +386,6 @@ def _distill_after_training(
     ``items`` (num_items, dim) if already computed; what it did, or {}."""
     epochs = distill_epochs(cfg)
     if not epochs or model.index is None:
-        return {}
-    if distributed.is_active():  # only the text default gets here: _check_distill refused the rest
-        print(
-            "the index was not distilled (text runs distil it after training in one process): "
-            "run 'poeem distill RUN_DIR --out INDEX' to distil it",
-            flush=True,
-        )
         return {}
     from poeem.pipeline.distill import distill_run_index
 

@@ -44,7 +44,7 @@ class TrainConfig:
     distill_epochs: int | None = setting(
         None,
         help="After training, distil the index from the model's own ranking for this many epochs "
-        "per round (0: no); default 10 for a text model or a run with --refit in one process, else 0.",
+        "per round (0: no; one process only); default 10 with --refit, else 0.",
         resume=True,
     )
     refit: Literal["auto", "pq", "rq"] | None = setting(
