@@ -180,7 +180,7 @@ def train(tmp_path: Path, encoder: Path, mode: str) -> tuple[Path, Path]:
     result = CliRunner().invoke(app, train_args(beir, encoder, mode, run_dir), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "poeem" in result.output
-    assert "index distilled after training" in result.output  # text runs distil by default
+    assert "index distilled" not in result.output  # served as trained, as under torchrun
     result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(index)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return run_dir, index
@@ -231,11 +231,12 @@ def test_train_export_and_search_by_text(tmp_path: Path, tiny_encoder: Path, mod
         )
 
 
-def test_a_text_run_under_torchrun_says_how_to_distil_its_index(tmp_path: Path, tiny_encoder: Path) -> None:
+def test_a_text_run_under_torchrun_serves_its_index_as_trained(tmp_path: Path, tiny_encoder: Path) -> None:
     args = train_args(write_beir(tmp_path / "beir"), tiny_encoder, "frozen", tmp_path / "run")
     done = cli(*args, torchrun=True)
-    assert done.stdout.count("run folder:") == 1
-    assert "index was not distilled" in done.stdout and "poeem distill RUN_DIR" in done.stdout
+    assert done.stdout.count("run folder:") == 1 and "index distilled" not in done.stdout
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train"]["refit"] is None and config["train"]["distill_epochs"] is None
 
 
 def test_text_query_head_must_match_the_encoder(tmp_path: Path, tiny_encoder: Path) -> None:
