@@ -233,7 +233,7 @@ def distilled_items(
     with torch.no_grad():
         queries = encode(np.arange(num_queries)).float().numpy()
     lists, d, seed = budget
-    settings = {"num_coarse": lists, "num_subspaces": 2 * d, "codebook_size": 16}  # D bytes at 4 bits
+    settings = {"num_coarse": lists, "num_subspaces": d}  # D bytes at its default K = 256
     config = DistillConfig(seed=seed)
     searcher, _ = distill_embeddings(
         items.float().numpy(), queries, out, settings, config=config, progress=False

@@ -18,7 +18,7 @@ from poeem.evaluation.report import query_encoder
 from poeem.export import learned_index
 from poeem.export.faiss_codec import pack_sa_codes
 from poeem.pipeline import resume_config, train_run
-from poeem.pipeline.distill import layer_from_faiss
+from poeem.pipeline.distill import layer_from_faiss, new_layer
 from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS, distill_epochs, run_distill_config
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index, listnet
@@ -327,15 +327,14 @@ def test_distill_epochs_need_a_layer(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_text_and_refitted_runs_distil_by_default_and_other_id_runs_when_asked() -> None:
+def test_refitted_runs_distil_by_default_and_other_runs_when_asked() -> None:
     cfg = tiny_config()
     assert cfg.train.refit is None and cfg.train.distill_epochs is None
     assert distill_epochs(cfg) == 0  # id towers as trained, the default
+    cfg.model.text = {"encoder": "any"}
+    assert distill_epochs(cfg) == 0  # text towers too
     cfg.train.refit = "rq"
     assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS  # a refit, asked for
-    cfg.train.refit = None
-    cfg.model.text = {"encoder": "any"}
-    assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS
     cfg.train.distill_epochs = 0  # asked not to
     assert distill_epochs(cfg) == 0
     cfg.train.distill_epochs, cfg.model.poeem = None, None  # no layer to distil
@@ -558,3 +557,9 @@ def test_a_state_without_its_starting_index_is_refused_clearly(tmp_path: Path) -
     save_file(tensors, state, metadata=meta)
     with pytest.raises(PoeemError, match="older poeem"):
         distill_index(start, items, queries, cfg, progress=False, checkpoint=state, resume=True)
+
+
+def test_an_index_fitted_after_training_defaults_to_8_bit_codes() -> None:
+    items = clustered(600, 3)
+    assert new_layer(DIM, {"num_subspaces": 4, "num_coarse": 2}, items, False).config.codebook_size == 256
+    assert new_layer(DIM, {"num_subspaces": 4, "codebook_size": 16}, items, False).config.codebook_size == 16

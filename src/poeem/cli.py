@@ -342,7 +342,7 @@ def distill(
                 "distill",
                 "--num-subspaces with --items",
                 "none",
-                "pass e.g. --num-subspaces 16 (8 bytes at K=16)",
+                "pass e.g. --num-subspaces 8 (8 bytes per item at K=256)",
             )
         searcher, _ = distill_embeddings(
             x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss, resume

@@ -26,10 +26,18 @@ def given_settings(values: dict[str, Any], found: list[Option]) -> dict[str, dic
 def distill_options() -> list[Option]:
     """``poeem distill``'s settings: the distillation's, and the layer's shape for a new index."""
     from poeem.index import PoeemConfig
+    from poeem.pipeline.distill import FITTED_CODEBOOK_SIZE
     from poeem.training.distill import DistillConfig
 
     shape = ("num_coarse", "num_subspaces", "codebook_size", "rotation", "quantizer")
     layer = [o for o in options(PoeemConfig, "layer", "Index") if o.name in shape]
+    fitted_k = dataclasses.replace(
+        next(o for o in layer if o.name == "codebook_size"),
+        default=FITTED_CODEBOOK_SIZE,
+        help="K of a new index: codewords per sub-vector, a power of two (8-bit codes are the most "
+        "accurate fitted after training; 16: 4-bit fast scan).",
+    )
+    layer = [fitted_k if o.name == "codebook_size" else o for o in layer]
     return [*layer, *options(DistillConfig, "distill", "Distillation")]
 
 

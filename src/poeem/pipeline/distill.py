@@ -22,10 +22,18 @@ from poeem.search.index_dir import check_publishable
 from poeem.search.searcher import Searcher
 from poeem.training.distill import DistillConfig, DistillResult, distill_index
 
+FITTED_CODEBOOK_SIZE = 256  # K of an index fitted on embeddings trained without it
+
 
 def new_layer(dim: int, settings: dict[str, Any], items: torch.Tensor, progress: bool) -> PoeemLayer:
-    """A layer with ``settings`` (PoeemConfig fields), fitted on ``items`` (n, dim) by k-means."""
-    defaults = {"warmup_steps": 0, "buffer_size": max(8192, settings.get("codebook_size", 256))}
+    """A layer with ``settings`` (PoeemConfig fields), fitted on ``items`` (n, dim) by k-means.
+
+    K defaults to 256 here, not to the layer's 16: 4-bit codes are the fastest index at equal
+    bytes when trained jointly with the model, but fitted after training they lost recall to
+    8-bit ones at equal bytes (``poeem distill --items`` on Gowalla and MovieLens 100K,
+    docs/benchmarks.md; FAISS's own 4-bit fast scan loses more)."""
+    k = settings.get("codebook_size", FITTED_CODEBOOK_SIZE)
+    defaults = {"warmup_steps": 0, "codebook_size": k, "buffer_size": max(8192, k)}
     layer = PoeemLayer(dim=dim, **{**defaults, **settings})
     layer.initialize(items, progress=progress)
     return layer
