@@ -340,31 +340,3 @@ def test_assigning_nan_to_lists_is_a_clear_error() -> None:
     x[3, 0] = float("nan")
     with pytest.raises(PoeemError, match="finite"):
         coarse_assign(x, torch.randn(4, 8), "ip", bulk=True)
-
-
-def test_the_warm_start_fits_each_item_once_on_its_latest_row() -> None:
-    """Batches repeat popular items; the k-means of the warm start takes every item once."""
-    layer = PoeemLayer(dim=8, num_subspaces=2, codebook_size=4, num_coarse=2, warmup_steps=0, buffer_size=12)
-    fitted: list[torch.Tensor] = []
-    layer.initialize = lambda x, progress=False: fitted.append(x.clone())  # type: ignore[method-assign]
-    layer.train()
-    batches = [torch.randn(4, 8) for _ in range(3)]
-    ids = [torch.tensor([0, 1, 0, 2]), torch.tensor([3, 0, 4, 1]), torch.tensor([5, 0, 6, 0])]
-    for x, i in zip(batches, ids, strict=True):
-        layer(x, i)
-    rows = torch.cat(batches)
-    every = torch.cat(ids)
-    latest = [int(torch.nonzero(every == item).max()) for item in range(7)]  # each item's last row
-    assert len(fitted) == 1
-    torch.testing.assert_close(fitted[0], rows[sorted(latest)])
-
-
-def test_without_ids_the_warm_start_fits_the_whole_buffer() -> None:
-    layer = PoeemLayer(dim=8, num_subspaces=2, codebook_size=4, num_coarse=2, warmup_steps=0, buffer_size=8)
-    fitted: list[torch.Tensor] = []
-    layer.initialize = lambda x, progress=False: fitted.append(x.clone())  # type: ignore[method-assign]
-    layer.train()
-    batches = [torch.randn(4, 8), torch.randn(4, 8)]
-    for x in batches:
-        layer(x)
-    torch.testing.assert_close(fitted[0], torch.cat(batches))

@@ -65,11 +65,8 @@ class PoeemLayer(nn.Module):
 
     Phases, counted in training-mode forward calls: ``warmup_steps`` calls as the identity,
     then item embeddings fill a buffer of ``buffer_size`` rows, then k-means (or OPQ) fits the
-    index on that buffer and every later call quantizes. When ``forward`` is given item ids,
-    the fit takes each item once (its latest row), as an index fitted on the catalogue would:
-    batches repeat popular items, and k-means on such a sample spends its lists on them. Phase,
-    step, buffer and flags are registered buffers, so a checkpoint taken in any phase resumes
-    exactly. After
+    index on that buffer and every later call quantizes. Phase, step, buffer and flags are
+    registered buffers, so a checkpoint taken in any phase resumes exactly. After
     initialization the buffer is released (its shape becomes (0, dim)).
 
     Non-finite inputs raise :class:`PoeemError` before they can reach the codebooks.
@@ -104,7 +101,6 @@ class PoeemLayer(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("buffer", torch.zeros(c.buffer_size, c.dim))
         self.register_buffer("buffer_count", torch.zeros((), dtype=torch.long))
-        self.register_buffer("buffer_ids", torch.full((c.buffer_size,), -1, dtype=torch.long))  # -1: unknown
         # the last step each codeword and each list coded an item (for reseed_after)
         words = (c.num_subspaces, c.codebook_size)
         self.register_buffer("codeword_last_used", torch.zeros(words, dtype=torch.long))
@@ -177,16 +173,16 @@ class PoeemLayer(nn.Module):
         """
         self._check_input(x)
         with _full_precision(x):
-            out = self._forward(x, ids)
+            out = self._forward(x)
         if self.training and out.quantized and ids is not None and self.trained is not None:
             assert out.codes is not None
             self.trained.record(ids, out.coarse_codes, out.codes, int(self.step))
         return out
 
-    def _forward(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> PoeemOutput:
+    def _forward(self, x: torch.Tensor) -> PoeemOutput:
         x32 = x.float()
         if self.training:
-            self._advance(x32.detach(), ids)
+            self._advance(x32.detach())
         if not self.is_initialized:
             if not self.training and self.config.eval_before_init == "raise":
                 raise PoeemError(
@@ -199,9 +195,8 @@ class PoeemLayer(nn.Module):
             return PoeemOutput(output=x, loss=x32.new_zeros(()))
         return self._quantize(x, x32)
 
-    def _advance(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> None:
-        """One training step of the warm-start state machine (and of re-seeding after it);
-        ``ids``: the (B,) item ids of ``x``'s rows, if known."""
+    def _advance(self, x: torch.Tensor) -> None:
+        """One training step of the warm-start state machine (and of re-seeding after it)."""
         self.step += 1
         if self.is_initialized:
             if self.config.reseed_after and int(self.step) % self.config.reseed_after == 0:
@@ -211,30 +206,12 @@ class PoeemLayer(nn.Module):
             return
         self.phase.fill_(COLLECT)
         rows = gather_rows(x)
-        row_ids = gather_rows(
-            ids.to(x.device).long() if ids is not None else torch.full_like(x[:, 0], -1).long()
-        )
         count = int(self.buffer_count)
         take = min(rows.shape[0], self.config.buffer_size - count)
         self.buffer[count : count + take] = rows[:take]
-        self.buffer_ids[count : count + take] = row_ids[:take]
         self.buffer_count += take
         if int(self.buffer_count) == self.config.buffer_size:
-            self.initialize(self._one_row_per_item())
-
-    def _one_row_per_item(self) -> torch.Tensor:
-        """The full warm-start buffer with each item's latest row only, when every row's item
-        is known and enough items remain for the fit; else the whole buffer."""
-        ids = self.buffer_ids
-        if bool((ids < 0).any()):
-            return self.buffer
-        items, row_item = torch.unique(ids, return_inverse=True)
-        order = torch.arange(ids.numel(), device=ids.device)
-        latest = torch.zeros_like(items)
-        latest.scatter_reduce_(0, row_item, order, reduce="amax", include_self=False)
-        if latest.numel() < max(self.config.codebook_size, self.config.num_coarse):
-            return self.buffer
-        return self.buffer[latest.sort().values]
+            self.initialize(self.buffer)
 
     def _quantize(self, x: torch.Tensor, x32: torch.Tensor) -> PoeemOutput:
         c = self.config
@@ -533,7 +510,6 @@ class PoeemLayer(nn.Module):
         self.initialized.fill_(True)
         self.phase.fill_(QUANTIZE)
         self.buffer = self.buffer.new_zeros(0, c.dim)  # release the warm-start buffer
-        self.buffer_ids = self.buffer_ids.new_zeros(0)
         self.buffer_count.zero_()
 
     def _random_init(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -709,9 +685,6 @@ class PoeemLayer(nn.Module):
         for key in ("codeword_last_used", "list_last_used"):  # absent from older checkpoints
             if prefix + key not in state_dict and prefix + "step" in state_dict:
                 state_dict[prefix + key] = torch.full_like(own[key], int(state_dict[prefix + "step"]))
-        if prefix + "buffer_ids" not in state_dict and prefix + "buffer" in state_dict:  # older: ids unknown
-            rows = state_dict[prefix + "buffer"].shape[0]
-            state_dict[prefix + "buffer_ids"] = torch.full((rows,), -1, dtype=torch.long)
         mismatched = []
         for key, value in own.items():
             incoming = state_dict.get(prefix + key)
@@ -722,9 +695,6 @@ class PoeemLayer(nn.Module):
                 (self.config.buffer_size, self.config.dim),
             }:
                 self.buffer = self.buffer.new_zeros(incoming.shape)  # released or still filling
-                continue
-            if key == "buffer_ids" and incoming.shape in {(0,), (self.config.buffer_size,)}:
-                self.buffer_ids = self.buffer_ids.new_zeros(incoming.shape)
                 continue
             mismatched.append(f"{key}: checkpoint {tuple(incoming.shape)} vs layer {tuple(value.shape)}")
         if mismatched:
