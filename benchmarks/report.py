@@ -582,11 +582,12 @@ def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
     """Recall against queries per second at equal bytes: the plot and each method's front."""
     h, rows = r["headline"], r["rows"]
     methods = list(dict.fromkeys(x["method"] for x in rows))
+    colors = plt.get_cmap("tab20")  # more methods than the default cycle's 10 colours
     fig, ax = plt.subplots(figsize=(7.5, 5))
     for i, method in enumerate(methods):
         points = sorted((x for x in rows if x["method"] == method), key=lambda x: x["qps"])
         best = pareto_front(points)
-        style = {"lw": 2.5, "color": "black"} if points[0]["default"] else {"lw": 1.2}
+        style = {"lw": 2.5, "color": "black"} if points[0]["default"] else {"lw": 1.2, "color": colors(i)}
         line = ax.plot(
             [x["qps"] for x in best],
             [x["recall"] for x in best],
