@@ -74,8 +74,8 @@ def _is_identity(m: torch.Tensor) -> bool:
 
 def default_fast_scan(config: PoeemConfig) -> bool:
     """Whether an index directory holds a layer's index as 4-bit fast scan when no flag says:
-    yes for PQ codes with K = 16 (the layer's default), the fastest index at equal bytes in
-    docs/benchmarks.md ("Recall against queries per second"); a plain IVF-PQ otherwise."""
+    yes for PQ codes with K = 16 (the layer's default; docs/design.md, "Codebook size"), a plain
+    IVF-PQ otherwise."""
     return config.quantizer == "pq" and config.codebook_size == 16
 
 

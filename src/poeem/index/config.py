@@ -25,7 +25,7 @@ class PoeemConfig:
         help="Size of the item embedding; must be divisible by `num_subspaces` for PQ.", cli=False
     )
     # the defaults, D = 16 sub-codes of K = 16 codewords (4 bits, the paper's K), cost 8 bytes per
-    # item and export as FAISS's 4-bit fast scan: the fastest index at equal bytes measured
+    # item and export as FAISS's 4-bit fast scan (docs/design.md, "Codebook size")
     num_subspaces: int = setting(
         16, help="D: PQ sub-vectors per item (RQ: stages), each log2(K) bits; bytes per item = D log2(K) / 8."
     )
