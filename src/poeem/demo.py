@@ -148,8 +148,9 @@ def run_demo(
     typer.echo(
         "\nprecision@100 over all 10,000 queries at nprobe 1; 'search s' includes scoring the "
         "results. Index build: FAISS train+add on the trained item embeddings; Poeem as trained: "
-        "the zero-training export of the codes training computed (the paper's index), what "
-        "`poeem train` serves by default. `poeem train --refit rq` refits its coder after "
-        "training instead, at the cost of a build after training (docs/benchmarks.md)."
+        "the zero-training export of the codes training computed (the paper's index), as "
+        "`poeem train` serves it by default; the demo keeps the tutorial's 8-bit codes, where "
+        "`poeem train` defaults to 4-bit ones searched by fast scan (docs/design.md, "
+        "\"Codebook size\")."
     )
     return rows
