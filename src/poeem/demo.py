@@ -151,6 +151,6 @@ def run_demo(
         "the zero-training export of the codes training computed (the paper's index), as "
         "`poeem train` serves it by default; the demo keeps the tutorial's 8-bit codes, where "
         "`poeem train` defaults to 4-bit ones searched by fast scan (docs/design.md, "
-        "\"Codebook size\")."
+        '"Codebook size").'
     )
     return rows
