@@ -62,8 +62,7 @@ from poeem.evaluation.report import query_encoder
 from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import export_learned
 from poeem.pipeline.distill import distill_embeddings
-from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS as DISTILL_EPOCHS
-from poeem.pipeline.run import after_training_seconds, attach_data, train_run
+from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS, after_training_seconds, attach_data, train_run
 from poeem.pipeline.run_dir import load_run
 from poeem.search import FaissSearcher
 from poeem.search.faiss_backend import untrained_faiss_index
@@ -345,7 +344,7 @@ def one_seed(
                 "poeem-k256", (searcher, export_s, float(d), nprobes), encode, data, pre, exact["qps"]
             )
     # the defaults: K = 16, twice the sub-codes, exported as fast scan; and the same distilled
-    for name, epochs in (("poeem", None), ("poeem-distilled", DISTILL_EPOCHS)):
+    for name, epochs in (("poeem", None), ("poeem-distilled", DEFAULT_DISTILL_EPOCHS)):
         if name not in methods:
             continue
         cfg = poeem_config(pre, seed, (lists, 2 * d, 16), None, None)

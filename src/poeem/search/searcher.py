@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from poeem.errors import PoeemError
-from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
+from poeem.export.faiss_codec import build_faiss_index, default_fast_scan, nbits_of
 from poeem.export.learned import ItemsOrCodes, export_learned
 from poeem.ids import IdMap, check_ids, integer_text
 from poeem.index import PoeemLayer
@@ -304,7 +304,7 @@ class Searcher:
         item (16 x 4-bit PQ codes), fast scan"."""
         layer = self.manifest.layer
         d, k = layer["num_subspaces"], layer["codebook_size"]
-        bits = k.bit_length() - 1
+        bits = nbits_of(k)
         codes = f"{d} x {bits}-bit {layer.get('quantizer', 'pq').upper()} codes"
         scan = ", fast scan" if self.manifest.fast_scan else ""
         return f"{self.nlist} lists, {d * bits / 8:g} bytes per item ({codes}){scan}"
