@@ -251,6 +251,8 @@ def test_bad_input_is_a_clear_error(tmp_path: Path) -> None:
     assert "at least max(K, coarse_K) = 256 embeddings" in str(result.exception)
     result = CliRunner().invoke(app, ["distill", "--out", str(tmp_path / "ix")])
     assert "a RUN_DIR or --items (one of them)" in str(result.exception)
+    result = CliRunner().invoke(app, [*args[:5], "--out", str(tmp_path / "ix")])  # no --num-subspaces
+    assert "pass e.g. --num-subspaces 8 (8 bytes per item at K=256)" in str(result.exception)
 
 
 def test_a_run_is_distilled_without_changing_it(tmp_path: Path) -> None:
