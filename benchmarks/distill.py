@@ -39,12 +39,12 @@ from poeem import PoeemLayer
 from poeem.data import DataConfig, load_data
 from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.metrics import ranking_metrics
-from poeem.evaluation.report import query_encoder
 from poeem.export import learned_index
 from poeem.export.faiss_codec import build_faiss_index, build_float_lists_index
+from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline import load_run, train_run
 from poeem.pipeline.config import EvalConfig
-from poeem.pipeline.distill import layer_from_faiss
+from poeem.pipeline.recipe import layer_from_faiss
 from poeem.search import FaissSearcher, FlatIndex
 from poeem.search.faiss_backend import train_faiss_ivfpq
 from poeem.training.distill import DistillConfig, distill_index
@@ -115,7 +115,7 @@ def id_task(name: str, seed: int, workdir: Path, tiny: bool, joint: str | None =
     train_run(cfg, run)
     cfg, model = load_run(run)
     data = load_data(cfg.data)
-    encode = query_encoder(model, data)
+    encode = QueryEncoder.from_model(model, data).by_rows
     with torch.no_grad():
         items = model.all_item_embeddings()
         queries = encode(np.unique(data.train_queries))

@@ -58,11 +58,12 @@ import torch
 
 from poeem.data import load_data
 from poeem.evaluation.evaluate import evaluate_retrieval
-from poeem.evaluation.report import query_encoder
 from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import export_learned
+from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline.distill import distill_embeddings
-from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS, after_training_seconds, attach_data, train_run
+from poeem.pipeline.recipe import DEFAULT_DISTILL_EPOCHS
+from poeem.pipeline.run import after_training_seconds, attach_data, train_run
 from poeem.pipeline.run_dir import load_run
 from poeem.search import FaissSearcher
 from poeem.search.faiss_backend import untrained_faiss_index
@@ -300,7 +301,7 @@ def one_seed(
     k = int(pre.headline.split("@")[1])
     baseline, metrics = train_run(cfg, work / f"baseline-{seed}")
     train_s = {"baseline": metrics["train_s"]}
-    encode = remembered(query_encoder(baseline, data))
+    encode = remembered(QueryEncoder.from_model(baseline, data).by_rows)
     with torch.no_grad():
         items = baseline.all_item_embeddings(item_features(data))
     exact_index = FaissSearcher(faiss.IndexFlatIP(items.shape[1]))
@@ -331,7 +332,7 @@ def one_seed(
         run = work / f"k256-{seed}"
         model, metrics = train_run(poeem_config(pre, seed, (lists, d, 256), refit, distill_epochs), run)
         train_s["poeem-k256"] = metrics["train_s"]
-        encode = remembered(query_encoder(model, data))
+        encode = remembered(QueryEncoder.from_model(model, data).by_rows)
         searcher, export_s = poeem_searcher(model, data)
         build_s = after_training_seconds(metrics) + export_s
         name = "poeem-refit" if refit else "poeem-k256"
@@ -353,7 +354,7 @@ def one_seed(
         train_s[name] = metrics["train_s"]
         searcher, export_s = poeem_searcher(model, data)
         build_s = after_training_seconds(metrics) + export_s
-        encode = remembered(query_encoder(model, data))
+        encode = remembered(QueryEncoder.from_model(model, data).by_rows)
         rows += measure(name, (searcher, build_s, float(d), nprobes), encode, data, pre, exact["qps"])
     return rows, {"exact": exact, "train_s": train_s}
 

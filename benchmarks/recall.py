@@ -30,7 +30,7 @@ import torch
 
 from poeem.data import load_data
 from poeem.evaluation.evaluate import evaluate_retrieval
-from poeem.evaluation.report import query_encoder
+from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run import after_training_seconds, train_run
 from poeem.search.faiss_backend import train_faiss_ivfpq
@@ -81,7 +81,7 @@ def peer_rows(
         "faiss-rq": lambda: faiss_residual_index(items, *budget, seed=seed),
         "scann": lambda: ScannIndex(items, *budget),
     }
-    encode, rows = query_encoder(model, data), []
+    encode, rows = QueryEncoder.from_model(model, data).by_rows, []
     test = encode(data.eval_queries())
     for method, build in builders.items():
         started = time.perf_counter()

@@ -33,9 +33,10 @@ import torch
 from poeem.data import DataConfig, load_beir, load_data
 from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.evaluation.metrics import ranking_metrics
-from poeem.evaluation.report import compare_indexes, query_encoder
+from poeem.evaluation.report import compare_indexes
 from poeem.export import learned_index
 from poeem.index.refit import refit_layer
+from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.run import train_run
 
@@ -150,7 +151,7 @@ def index_rows(model: Any, data: Any, budget: int, seed: int) -> list[dict[str, 
     queries' exact top-100, without qrels."""
     features = torch.from_numpy(data.item_features) if data.item_features is not None else None
     items = model.all_item_embeddings(features).cpu()
-    encode = query_encoder(model, data)
+    encode = QueryEncoder.from_model(model, data).by_rows
     with torch.no_grad():
         queries = encode(np.unique(data.train_queries))
 

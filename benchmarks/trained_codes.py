@@ -33,9 +33,9 @@ import torch
 
 from poeem.data import load_data
 from poeem.evaluation.evaluate import evaluate_retrieval
-from poeem.evaluation.report import query_encoder
 from poeem.export import build_faiss_index, learned_index
 from poeem.export.item_codes import item_codes
+from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline.run import train_run
 from poeem.search.faiss_backend import FaissSearcher
 
@@ -50,7 +50,7 @@ def compare(model: Any, data: Any, ks: tuple[int, ...], nprobes: tuple[int, ...]
     """Rows of the three indexes of one trained model, and how many codes the trained and the
     re-encoded ones share."""
     features = torch.from_numpy(data.item_features) if data.item_features is not None else None
-    encode, rows, codes = query_encoder(model, data), [], {}
+    encode, rows, codes = QueryEncoder.from_model(model, data).by_rows, [], {}
     for mode, from_training in MODES.items():
         started = time.perf_counter()
         codes[mode] = item_codes(model, features, from_training=from_training)

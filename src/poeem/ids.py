@@ -102,6 +102,24 @@ def check_raw_ids(ids: Any, n: int, what: str = "ids") -> None:
         check_ids(ids, n, what)
 
 
+def known_rows(ids: Any, keys: IdMap | None, count: int, what: str) -> torch.Tensor:
+    """(n,) int64 rows of ``ids``, the user's own: looked up in ``keys``, or, without keys, the ids
+    themselves, which must lie in [0, count). Unknown ids are an error naming ``what`` ("query
+    ids", "item ids")."""
+    if keys is not None:
+        return torch.from_numpy(keys.rows(ids, what))
+    rows = check_ids(ids, what=what, unique=False)
+    if rows.numel() and int(rows.max()) >= count:
+        kind = what.removesuffix(" ids") + "s"
+        raise PoeemError(
+            what,
+            f"ids in [0, {count})",
+            f"max {int(rows.max())}",
+            f"pass ids of {kind} the model was trained on",
+        )
+    return rows
+
+
 class IdMap:
     """Raw ids (integers or strings) of n rows <-> dense rows 0..n-1.
 

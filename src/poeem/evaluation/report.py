@@ -18,21 +18,9 @@ from poeem.export.item_codes import EXPORT_DEFAULT, encode_reusing
 from poeem.export.learned import learned_index
 from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
+from poeem.model.query_encoder import QueryEncoder
 from poeem.search.exact import FlatIndex
 from poeem.search.faiss_backend import FaissSearcher, train_faiss_ivfpq
-
-
-def query_encoder(model: RetrievalModel, data: InteractionData) -> Callable[[np.ndarray], torch.Tensor]:
-    """(nq,) query ids -> (nq, dim) query embeddings, on CPU."""
-    device = model.item_log_q.device
-    feats = torch.from_numpy(data.query_features) if data.query_features is not None else None
-
-    def encode(rows: np.ndarray) -> torch.Tensor:
-        ids = torch.from_numpy(rows)
-        f = feats[ids].to(device) if feats is not None else None
-        return model.encode_queries(ids.to(device), f).cpu()
-
-    return encode
 
 
 def _rows(
@@ -45,7 +33,7 @@ def _rows(
     nprobes: tuple[int, ...],
 ) -> list[dict[str, Any]]:
     out = []
-    encode = query_encoder(model, data)
+    encode = QueryEncoder.from_model(model, data).by_rows
     for nprobe in nprobes:
         started = time.perf_counter()
         metrics = evaluate_retrieval(index, encode, data, ks, nprobe)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from poeem.errors import PoeemError
-from poeem.ids import check_ids
+from poeem.ids import known_rows
 from poeem.metric import prepare_queries
 from poeem.model.two_tower import TwoTowerModel
 from poeem.pipeline.run_dir import load_run, read_artifacts
@@ -34,17 +34,7 @@ def embed_items(run_dir: str | Path, ids: Any, features: np.ndarray | None = Non
             "poeem embed", "a run of id towers", "a text run", "embed documents with the text model in Python"
         )
     art = read_artifacts(run_dir)
-    if art.item_keys is not None:
-        rows = torch.from_numpy(art.item_keys.rows(ids, "item ids"))
-    else:
-        rows = check_ids(ids, what="item ids", unique=False)
-        if rows.numel() and int(rows.max()) >= model.num_items:
-            raise PoeemError(
-                "item ids",
-                f"ids in [0, {model.num_items})",
-                f"max {int(rows.max())}",
-                "pass ids of items the model was trained on",
-            )
+    rows = known_rows(ids, art.item_keys, model.num_items, "item ids")
     tower_features = model.item_tower.num_numeric
     if features is not None and not tower_features:
         raise PoeemError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +17,10 @@ import numpy as np
 import torch
 
 from poeem.errors import PoeemError
-from poeem.ids import raw_id_array
+from poeem.export.index_dir import StaleIndexError, read_manifest
 from poeem.metric import prepare_queries
-from poeem.search.index_dir import StaleIndexError, read_manifest
+from poeem.model.query_encoder import Query
 from poeem.search.searcher import Backend, Searcher, found
-
-
-@dataclass
-class Query:
-    """One query of a search request: a query id (with optional features), an embedding or a text."""
-
-    id: Any = None
-    features: list[float] | None = None
-    embedding: list[float] | None = None
-    text: str | None = None
-    exclude: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -78,7 +67,7 @@ class IndexService:
             One :class:`Hits` per query, and the index version that answered.
         """
         searcher = self._searcher  # one snapshot for the whole request
-        xq = self._embed(searcher, queries)
+        xq = searcher.queries.encode(queries)
         exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
         scores, ids = searcher.search(
             xq, min(k, max(1, searcher.ntotal)), min(nprobe, searcher.nlist), exclude=exclude
@@ -87,35 +76,6 @@ class IndexService:
         for row_ids, row_scores, row_found in zip(ids, scores, found(ids), strict=True):
             out.append(Hits(row_ids[row_found].tolist(), row_scores[row_found].tolist()))
         return out, searcher.version
-
-    @staticmethod
-    def _embed(searcher: Searcher, queries: list[Query]) -> torch.Tensor:
-        """(nq, dim) query embeddings, in request order."""
-        by_id = [i for i, q in enumerate(queries) if q.id is not None]
-        xq = torch.zeros(len(queries), searcher.manifest.dim)
-        given = [i for i, q in enumerate(queries) if q.embedding is not None]
-        if given:
-            xq[given] = prepare_queries([queries[i].embedding for i in given], "ip", searcher.manifest.dim)
-        texts = [i for i, q in enumerate(queries) if q.text is not None]
-        if texts:
-            xq[texts] = searcher.embed_texts([str(queries[i].text) for i in texts])
-        if by_id:
-            with_features = [queries[i].features is not None for i in by_id]
-            if any(with_features) and not all(with_features):
-                raise PoeemError(
-                    "queries",
-                    "features on every query id of a request, or on none",
-                    f"{sum(with_features)} of {len(by_id)}",
-                    "send the features of every query, or none (the saved ones are used)",
-                )
-            ids = raw_id_array([queries[i].id for i in by_id])
-            features = None
-            if all(with_features):
-                features = prepare_queries(
-                    [queries[i].features for i in by_id], "ip", None, "query features"
-                ).numpy()
-            xq[by_id] = searcher.embed_queries(ids, features)
-        return xq
 
     # ----------------------------------------------------------------- updates
     def add(self, embeddings: list[list[float] | None], texts: list[str | None], ids: np.ndarray) -> Searcher:
