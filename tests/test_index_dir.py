@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import DIM, make_dir, tiny_run, trained_layer
 
-import poeem.search.searcher as searcher_module
+import poeem.search.reader as reader_module
 from poeem import PoeemError, Searcher
 from poeem.export import to_faiss
+from poeem.export.index_dir import StaleIndexError, read_manifest
 from poeem.pipeline import load_run
-from poeem.search.index_dir import StaleIndexError, read_manifest
 
 
 def test_a_stale_writer_is_refused_instead_of_dropping_items(tmp_path: Path) -> None:
@@ -41,13 +41,13 @@ def test_a_reader_that_read_an_old_manifest_reloads(tmp_path: Path, monkeypatch:
     writer.add(torch.randn(1, DIM), np.array([70_001]))
     writer.compact()  # version 5: now v1's files are gone
     assert not (tmp_path / "ix" / old_manifest.files["codes"]).exists()
-    real, calls = searcher_module.read_manifest, []
+    real, calls = reader_module.read_manifest, []
 
     def racing(directory: Path, verify: bool = True) -> object:  # a load that read v1 just before
         calls.append(1)
         return old_manifest if len(calls) <= 2 else real(directory, verify)
 
-    monkeypatch.setattr(searcher_module, "read_manifest", racing)
+    monkeypatch.setattr(reader_module, "read_manifest", racing)
     loaded = Searcher.load(tmp_path / "ix")
     assert len(calls) > 2 and loaded.version == 5 and loaded.ntotal == 1002
 
@@ -179,7 +179,7 @@ def test_a_file_that_vanishes_mid_read_reloads(tmp_path: Path, monkeypatch: pyte
     """Regression: only MissingIndexFile was retried; a file deleted by a writer between the
     manifest check and its read (here: inside the tensor read) failed the load."""
     make_dir(tmp_path)
-    real_read = searcher_module.read_tensors
+    real_read = reader_module.read_tensors
     writes = iter([True])
 
     def read_while_a_writer_publishes(path: Path, *args: object) -> dict[str, torch.Tensor]:
@@ -192,7 +192,7 @@ def test_a_file_that_vanishes_mid_read_reloads(tmp_path: Path, monkeypatch: pyte
             assert not Path(path).exists()
         return real_read(path, *args)
 
-    monkeypatch.setattr(searcher_module, "read_tensors", read_while_a_writer_publishes)
+    monkeypatch.setattr(reader_module, "read_tensors", read_while_a_writer_publishes)
     loaded = Searcher.load(tmp_path / "ix")
     assert loaded.version == 5 and loaded.ntotal == 1002
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from poeem.errors import PoeemError
-from poeem.index.config import PoeemConfig
+from poeem.index.config import IndexSpec
 from poeem.index.quantize import is_residual
 from poeem.index.tensors import IndexTensors
 from poeem.metric import Metric, check_metric, list_rule, prepare_queries
@@ -72,7 +72,7 @@ def _is_identity(m: torch.Tensor) -> bool:
     return bool(torch.equal(m, torch.eye(m.shape[0], dtype=m.dtype)))
 
 
-def default_fast_scan(config: PoeemConfig) -> bool:
+def default_fast_scan(config: IndexSpec) -> bool:
     """Whether an index directory holds a layer's index as 4-bit fast scan when no flag says:
     yes for PQ codes with K = 16 (the layer's default; docs/design.md, "Codebook size"), a plain
     IVF-PQ otherwise."""

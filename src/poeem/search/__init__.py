@@ -3,6 +3,7 @@
 from poeem.search.adc import TorchIVFPQ
 from poeem.search.exact import FlatIndex
 from poeem.search.faiss_backend import FaissSearcher
+from poeem.search.reader import IndexReader
 from poeem.search.searcher import Searcher
 
-__all__ = ["FaissSearcher", "FlatIndex", "Searcher", "TorchIVFPQ"]
+__all__ = ["FaissSearcher", "FlatIndex", "IndexReader", "Searcher", "TorchIVFPQ"]

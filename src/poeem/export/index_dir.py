@@ -42,7 +42,7 @@ import faiss
 
 from poeem._version import __version__
 from poeem.errors import PoeemError
-from poeem.index.config import PoeemConfig
+from poeem.index.config import IndexSpec, PoeemConfig
 from poeem.metric import METRICS
 from poeem.storage import atomic_write, atomic_write_json, fsync_dir, read_json, save_tensors
 from poeem.user_files import require_folder
@@ -84,9 +84,10 @@ class Manifest:
     format: str = FORMAT
 
     @property
-    def layer_config(self) -> PoeemConfig:
-        """The layer's config (validated when the manifest was read)."""
-        return PoeemConfig.from_dict(self.layer)
+    def spec(self) -> IndexSpec:
+        """What the index is: its dimension, lists and codes (validated when the manifest was
+        read; the layer's training settings are kept beside it, in ``layer``)."""
+        return IndexSpec.of(self.layer)
 
     @classmethod
     def from_json(cls, raw: Any) -> Manifest:
