@@ -1,9 +1,11 @@
-"""Configuration of the Poeem index layer, validated on construction."""
+"""Configuration of the Poeem index layer, validated on construction: what the exported index is
+(:class:`IndexSpec`) and how the layer trains it (:class:`LayerTraining`), together
+:class:`PoeemConfig`."""
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 from poeem.errors import PoeemError
@@ -14,8 +16,8 @@ MAX_CODEBOOK_SIZE = 1 << 16
 
 
 @dataclass
-class PoeemConfig:
-    """Hyper-parameters of :class:`poeem.PoeemLayer`, in the paper's notation.
+class IndexSpec:
+    """What an exported index is: its dimension, IVF lists and codes, in the paper's notation.
 
     The code of an item is one coarse code (coarse_K lists) plus D sub-codes of K codewords,
     so an item costs ``D * log2(K) / 8`` bytes plus its list.
@@ -48,16 +50,90 @@ class PoeemConfig:
         help="How items are assigned to lists: largest inner product (ip) or nearest centroid (l2). "
         "Use the rule the search probes lists by: ip for inner-product and cosine indexes.",
     )
+    rotation: Rotation = setting(
+        "none",
+        help="opq: a fixed OPQ rotation fitted at the warm start; givens: OPQ, then learned in "
+        "training (always orthogonal).",
+    )
+
+    @property
+    def dsub(self) -> int:
+        """Coordinates per subvector, dim / D."""
+        return self.dim // self.num_subspaces
+
+    @property
+    def codeword_dim(self) -> int:
+        """Coordinates per codeword: dim / D for PQ, dim for RQ."""
+        return self.dim if self.quantizer == "rq" else self.dsub
+
+    @classmethod
+    def of(cls, settings: dict[str, Any]) -> IndexSpec:
+        """The spec within a layer's settings (:meth:`PoeemConfig.to_dict` output, e.g. an index
+        directory's manifest); the training settings are left out."""
+        return IndexSpec(**{f.name: settings[f.name] for f in fields(IndexSpec) if f.name in settings})
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`PoeemError` on an inconsistent index shape."""
+        if self.dim < 1 or self.num_subspaces < 1:
+            raise PoeemError(
+                "dim and num_subspaces",
+                "positive integers",
+                f"dim={self.dim}, num_subspaces={self.num_subspaces}",
+                "pass positive sizes",
+            )
+        if self.quantizer not in ("pq", "rq"):
+            raise PoeemError("quantizer", "'pq' or 'rq'", repr(self.quantizer), "pick one of those")
+        if self.quantizer == "rq" and self.rotation != "none":
+            raise PoeemError(
+                "rotation",
+                "'none' with the residual quantizer (its codewords span every coordinate)",
+                repr(self.rotation),
+                "drop the rotation, or use quantizer 'pq'",
+            )
+        if self.quantizer == "pq" and self.dim % self.num_subspaces:
+            raise PoeemError(
+                "num_subspaces",
+                f"a divisor of dim={self.dim}",
+                f"num_subspaces={self.num_subspaces}",
+                "pick D such that dim % D == 0, e.g. 8 for dim 64",
+            )
+        k = self.codebook_size
+        if not 2 <= k <= MAX_CODEBOOK_SIZE or k & (k - 1):
+            raise PoeemError(
+                "codebook_size",
+                f"K a power of two between 2 and {MAX_CODEBOOK_SIZE} (a code is log2(K) bits, "
+                "and FAISS stores whole bits)",
+                f"K={k}",
+                "use e.g. K=256 (8 bits) or K=16 (4 bits)",
+            )
+        if self.num_coarse < 0:
+            raise PoeemError(
+                "num_coarse",
+                "coarse_K >= 0 (0 turns IVF off)",
+                f"{self.num_coarse}",
+                "pass a non-negative number of lists",
+            )
+        if self.rotation not in ("none", "opq", "givens"):
+            raise PoeemError(
+                "rotation", "'none', 'opq' or 'givens'", repr(self.rotation), "pick one of those"
+            )
+        if self.coarse_metric not in ("l2", "ip"):
+            raise PoeemError("coarse_metric", "'l2' or 'ip'", repr(self.coarse_metric), "pick one of those")
+
+
+@dataclass
+class LayerTraining:
+    """How the layer trains its index: the warm start and its k-means fit, the loss weights, and
+    the schedules."""
+
     coarse_fit: Literal["auto", "kmeans", "equal_norm"] = setting(
         "auto",
         help="How the warm start fits the lists for the ip rule: L2 k-means, or equal-norm spherical "
         "k-means; auto picks equal_norm when item norms vary (dot-product models).",
         cli=False,
-    )
-    rotation: Rotation = setting(
-        "none",
-        help="opq: a fixed OPQ rotation fitted at the warm start; givens: OPQ, then learned in "
-        "training (always orthogonal).",
     )
     warmup_steps: int = setting(
         1000, help="Training steps with the layer as the identity, so the towers learn first."
@@ -127,83 +203,8 @@ class PoeemConfig:
         cli=False,
     )
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def dsub(self) -> int:
-        """Coordinates per subvector, dim / D."""
-        return self.dim // self.num_subspaces
-
-    @property
-    def codeword_dim(self) -> int:
-        """Coordinates per codeword: dim / D for PQ, dim for RQ."""
-        return self.dim if self.quantizer == "rq" else self.dsub
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-serialisable copy."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PoeemConfig:
-        """Build from :meth:`to_dict` output; unknown keys are a clear error."""
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise PoeemError(
-                "PoeemConfig",
-                f"keys among {sorted(cls.__dataclass_fields__)}",
-                f"unknown keys {unknown}",
-                "remove or rename them",
-            )
-        return cls(**data)
-
     def validate(self) -> None:
-        """Raise :class:`PoeemError` on an inconsistent configuration."""
-        if self.dim < 1 or self.num_subspaces < 1:
-            raise PoeemError(
-                "dim and num_subspaces",
-                "positive integers",
-                f"dim={self.dim}, num_subspaces={self.num_subspaces}",
-                "pass positive sizes",
-            )
-        if self.quantizer not in ("pq", "rq"):
-            raise PoeemError("quantizer", "'pq' or 'rq'", repr(self.quantizer), "pick one of those")
-        if self.quantizer == "rq" and self.rotation != "none":
-            raise PoeemError(
-                "rotation",
-                "'none' with the residual quantizer (its codewords span every coordinate)",
-                repr(self.rotation),
-                "drop the rotation, or use quantizer 'pq'",
-            )
-        if self.quantizer == "pq" and self.dim % self.num_subspaces:
-            raise PoeemError(
-                "num_subspaces",
-                f"a divisor of dim={self.dim}",
-                f"num_subspaces={self.num_subspaces}",
-                "pick D such that dim % D == 0, e.g. 8 for dim 64",
-            )
-        k = self.codebook_size
-        if not 2 <= k <= MAX_CODEBOOK_SIZE or k & (k - 1):
-            raise PoeemError(
-                "codebook_size",
-                f"K a power of two between 2 and {MAX_CODEBOOK_SIZE} (a code is log2(K) bits, "
-                "and FAISS stores whole bits)",
-                f"K={k}",
-                "use e.g. K=256 (8 bits) or K=16 (4 bits)",
-            )
-        if self.num_coarse < 0:
-            raise PoeemError(
-                "num_coarse",
-                "coarse_K >= 0 (0 turns IVF off)",
-                f"{self.num_coarse}",
-                "pass a non-negative number of lists",
-            )
-        if self.rotation not in ("none", "opq", "givens"):
-            raise PoeemError(
-                "rotation", "'none', 'opq' or 'givens'", repr(self.rotation), "pick one of those"
-            )
-        if self.coarse_metric not in ("l2", "ip"):
-            raise PoeemError("coarse_metric", "'l2' or 'ip'", repr(self.coarse_metric), "pick one of those")
+        """Raise :class:`PoeemError` on inconsistent training settings."""
         if self.coarse_fit not in ("auto", "kmeans", "equal_norm"):
             raise PoeemError(
                 "coarse_fit", "'auto', 'kmeans' or 'equal_norm'", repr(self.coarse_fit), "pick one of those"
@@ -239,6 +240,56 @@ class PoeemConfig:
             )
         if not math.isfinite(self.list_temperature) or self.list_temperature <= 0:
             raise PoeemError("list_temperature", "a positive number", repr(self.list_temperature), "e.g. 0.1")
+        if not isinstance(self.num_items, int) or self.num_items < 0:
+            raise PoeemError(
+                "num_items",
+                "an integer >= 0 (0: no trained codes)",
+                repr(self.num_items),
+                "pass the catalogue size",
+            )
+        if min(self.warmup_steps, self.kmeans_iters, self.opq_rounds, self.reseed_after) < 0:
+            raise PoeemError(
+                "warmup_steps, kmeans_iters, opq_rounds, reseed_after",
+                "non-negative integers",
+                f"{self.warmup_steps}, {self.kmeans_iters}, {self.opq_rounds}, {self.reseed_after}",
+                "pass values >= 0",
+            )
+
+
+@dataclass
+class PoeemConfig(LayerTraining, IndexSpec):
+    """Hyper-parameters of :class:`poeem.PoeemLayer`: the index it exports (:class:`IndexSpec`)
+    and how it is trained (:class:`LayerTraining`), as one flat set of fields."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def spec(self) -> IndexSpec:
+        """What the exported index is, without the training settings."""
+        return IndexSpec.of(self.to_dict())
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable copy."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PoeemConfig:
+        """Build from :meth:`to_dict` output; unknown keys are a clear error."""
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise PoeemError(
+                "PoeemConfig",
+                f"keys among {sorted(cls.__dataclass_fields__)}",
+                f"unknown keys {unknown}",
+                "remove or rename them",
+            )
+        return cls(**data)
+
+    def validate(self) -> None:
+        """Raise :class:`PoeemError` on an inconsistent configuration."""
+        IndexSpec.validate(self)
+        LayerTraining.validate(self)
         if self.balance_weight and self.num_coarse == 0:
             raise PoeemError(
                 "balance_weight",
@@ -253,18 +304,4 @@ class PoeemConfig:
                 f"at least max(K, coarse_K) = {needed} embeddings",
                 f"buffer_size={self.buffer_size}",
                 f"set buffer_size >= {needed} (10-50x that is better)",
-            )
-        if not isinstance(self.num_items, int) or self.num_items < 0:
-            raise PoeemError(
-                "num_items",
-                "an integer >= 0 (0: no trained codes)",
-                repr(self.num_items),
-                "pass the catalogue size",
-            )
-        if min(self.warmup_steps, self.kmeans_iters, self.opq_rounds, self.reseed_after) < 0:
-            raise PoeemError(
-                "warmup_steps, kmeans_iters, opq_rounds, reseed_after",
-                "non-negative integers",
-                f"{self.warmup_steps}, {self.kmeans_iters}, {self.opq_rounds}, {self.reseed_after}",
-                "pass values >= 0",
             )
