@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_config, trained_layer
 from typer.testing import CliRunner
 
-import poeem.pipeline.run as run_module
+import poeem.pipeline.recipe as recipe_module
 from poeem import Searcher
 from poeem.cli import app
 from poeem.errors import PoeemError
@@ -63,7 +63,7 @@ def test_a_failing_refit_keeps_the_trained_model_and_says_how_to_finish(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(run_module, "refit_layer", broken)
+    monkeypatch.setattr(recipe_module, "refit_layer", broken)
     with pytest.raises(PoeemError, match="training finished and is saved in") as caught:
         train_run(tiny_refit_config(), tmp_path / "run")
     assert "poeem export" in str(caught.value) and "--refit rq" in str(caught.value)
@@ -82,12 +82,11 @@ def test_a_completed_refit_is_recorded_with_both_indexes(tmp_path: Path) -> None
 def test_ids_are_checked_before_the_distillation_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import poeem.pipeline.distill as distill_module
 
     def never(*args: object, **kwargs: object) -> None:
         raise AssertionError("the distillation ran")
 
-    monkeypatch.setattr(distill_module, "distill_index", never)
+    monkeypatch.setattr(recipe_module, "distill_index", never)
     x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
     settings = {"num_coarse": 4, "num_subspaces": 2, "codebook_size": 16}
     for ids, message in (

@@ -14,12 +14,17 @@ from typer.testing import CliRunner
 from poeem import PoeemError, PoeemLayer, Searcher
 from poeem.cli import app
 from poeem.data import load_data
-from poeem.evaluation.report import query_encoder
 from poeem.export import learned_index
 from poeem.export.faiss_codec import pack_sa_codes
+from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline import resume_config, train_run
-from poeem.pipeline.distill import layer_from_faiss, new_layer
-from poeem.pipeline.run import DEFAULT_DISTILL_EPOCHS, distill_epochs, run_distill_config
+from poeem.pipeline.recipe import (
+    DEFAULT_DISTILL_EPOCHS,
+    distill_epochs,
+    layer_from_faiss,
+    new_layer,
+    run_distill_config,
+)
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index, listnet
 
@@ -315,7 +320,7 @@ def test_train_distils_its_index_after_training_even_on_resume(tmp_path: Path) -
     data = load_data(cfg.data)
     with torch.no_grad():
         items = model.all_item_embeddings(None)
-        queries = query_encoder(model, data)(np.unique(data.train_queries))
+        queries = QueryEncoder.from_model(model, data).by_rows(np.unique(data.train_queries))
     distilled = overlap_with_teacher(model.index, items, queries, model.index.encode(items))
     assert distilled > overlap_with_teacher(before, items, queries, before.encode(items))
 

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from poeem import PoeemError, Searcher
 from poeem.cli import app
 from poeem.pipeline import export_run, load_run, train_run
+from poeem.pipeline.recipe import IndexRecipe
 from poeem.pipeline.run_dir import read_artifacts
 
 
@@ -22,7 +23,8 @@ def table_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Searcher]
     tmp = tmp_path_factory.mktemp("table")
     run = tmp / "run"
     train_run(table_config(write_table(tmp / "events.csv")), run)
-    return run, export_run(run, tmp / "ix", from_training=None)  # every item encoded from scratch
+    every_item_encoded = IndexRecipe(from_training=None)
+    return run, export_run(run, tmp / "ix", recipe=every_item_encoded)
 
 
 def test_export_encodes_items_with_their_features(table_run: tuple[Path, Searcher]) -> None:

@@ -14,7 +14,8 @@ from poeem import PoeemError, Searcher
 from poeem.cli import app
 from poeem.export import learned_index, to_faiss
 from poeem.index.refit import refit_layer
-from poeem.pipeline import export_run, load_run, resume_config, train_run
+from poeem.pipeline import load_run, resume_config, train_run
+from poeem.pipeline.recipe import IndexRecipe
 from poeem.search import FaissSearcher, TorchIVFPQ
 
 
@@ -68,7 +69,7 @@ def test_bad_input_is_a_clear_error() -> None:
 
 
 def test_a_run_trained_with_refit_serves_the_refit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import poeem.pipeline.run as run
+    import poeem.pipeline.recipe as recipe
 
     refitted = []  # the lists of the layer the refit made, before its distillation
 
@@ -77,7 +78,7 @@ def test_a_run_trained_with_refit_serves_the_refit(tmp_path: Path, monkeypatch: 
         refitted.append(layer.coarse.detach().clone())
         return layer
 
-    monkeypatch.setattr(run, "refit_layer", refit_and_keep)
+    monkeypatch.setattr(recipe, "refit_layer", refit_and_keep)
     monkeypatch.setattr("poeem.training.distill.GUARD_Z", float("inf"))  # the distilled index is kept
     cfg = tiny_config()
     cfg.model.poeem["num_coarse"] = 4
@@ -164,7 +165,7 @@ def test_a_run_with_refit_rq_serves_it_and_reports_its_index_as_trained(tmp_path
     shown = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith("poeem")}
     assert float(shown["poeem"][2]) == pytest.approx(plain_rows["poeem"]["recall@10"], abs=1e-4)
     with pytest.raises(PoeemError, match="the index as trained or a refit"):
-        export_run(tmp_path / "refitted", tmp_path / "both", as_trained=True, refit="rq")
+        IndexRecipe(start="as-trained", refit="rq")
     (tmp_path / "refitted" / "index_as_trained.safetensors").unlink()  # a run refitted by an older poeem
     with pytest.raises(PoeemError, match="train the run again with --refit none"):
         load_run(tmp_path / "refitted", as_trained=True)
@@ -209,8 +210,7 @@ def test_a_finished_run_resumed_with_refit_is_refitted(tmp_path: Path) -> None:
 
 def test_a_refits_distillation_keeps_the_trained_lists(tmp_path: Path) -> None:
     from poeem.data import load_data
-    from poeem.pipeline.distill import distill_run_index
-    from poeem.pipeline.run import run_distill_config
+    from poeem.pipeline.recipe import RunSource, build_index, run_distill_config
     from poeem.pipeline.run_dir import read_artifacts
     from poeem.training.distill import DistillConfig
 
@@ -223,9 +223,11 @@ def test_a_refits_distillation_keeps_the_trained_lists(tmp_path: Path) -> None:
         items = model.all_item_embeddings(features)
     start = refit_layer(model.index, items, "rq")
     config = DistillConfig(rounds=2, epochs=2, teacher_k=20, holdout=0.0)  # no guard: it distils
-    layer, result = distill_run_index(model, data, features, config, progress=False, refit="rq")
+    recipe = IndexRecipe(start="refit", refit="rq", distill=config)
+    built = build_index(RunSource(model, features, cfg, data), recipe, progress=False)
+    layer, (coarse_codes, _) = built.layer, built.items
     assert torch.equal(layer.coarse, start.coarse)  # the lists as trained
-    assert torch.equal(result.coarse_codes, start.encode(items)[0].long())  # every item in its list
+    assert torch.equal(coarse_codes, start.encode(items)[0].long())  # every item in its list
     assert not torch.equal(layer.codebooks, start.codebooks)  # while the coder was distilled
     # and so is a run trained with --refit when it is distilled again (poeem distill RUN_DIR)
     cfg.train.refit = "rq"

@@ -16,7 +16,7 @@ from poeem.export import learned_index, to_faiss
 from poeem.export.faiss_codec import build_faiss_index, pack_sa_codes, read_faiss_quantizer
 from poeem.index.kmeans import kmeans
 from poeem.index.quantize import fit_residual_codebooks, pq_reconstruct, rq_assign
-from poeem.pipeline.distill import layer_from_faiss
+from poeem.pipeline.recipe import layer_from_faiss
 from poeem.search import FaissSearcher, TorchIVFPQ
 from poeem.training.distill import DistillConfig, distill_index
 

@@ -157,12 +157,14 @@ def test_the_model_sets_num_items_and_refuses_another_size() -> None:
 
 def test_exporting_trained_codes_of_a_run_without_any_warns_and_encodes(tmp_path: Path) -> None:
     from poeem.pipeline import export_run, train_run
+    from poeem.pipeline.recipe import IndexRecipe
 
     cfg = tiny_config()
     cfg.model.poeem["num_items"] = 0  # like a run trained before the layer kept its codes
     train_run(cfg, tmp_path / "run")
+    codes_as_trained = IndexRecipe(from_training="codes")
     with pytest.warns(UserWarning, match="holds no codes from training"):
-        as_trained = export_run(tmp_path / "run", tmp_path / "trained", from_training="codes")
+        as_trained = export_run(tmp_path / "run", tmp_path / "trained", recipe=codes_as_trained)
     encoded = export_run(tmp_path / "run", tmp_path / "encoded")
     assert torch.equal(as_trained.tensors.codes, encoded.tensors.codes)
 

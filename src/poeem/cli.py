@@ -230,16 +230,14 @@ def export(
     import time
 
     from poeem.pipeline import export_run
+    from poeem.pipeline.recipe import IndexRecipe
 
     started = time.perf_counter()
-    searcher = export_run(
-        run_dir,
-        out,
-        fast_scan,
-        replace,
+    recipe = IndexRecipe(
+        start="as-trained" if as_trained else "trained",
         from_training=None if from_training == "none" else from_training,  # type: ignore[arg-type]
-        as_trained=as_trained,
     )
+    searcher = export_run(run_dir, out, fast_scan, replace, recipe)
     if searcher is None:  # not rank 0 under torchrun
         return
     typer.echo(
@@ -302,23 +300,13 @@ def distill(
     settings = given.get("layer", {})
     if (run_dir is None) == (items is None):
         raise PoeemError("distill", "a RUN_DIR or --items (one of them)", "both or neither", "pass one")
-    if refit is not None:
-        from poeem.index.refit import check_refit
-
-        check_refit(refit)
     if run_dir is not None:
         from poeem.pipeline import export_run
+        from poeem.pipeline.recipe import IndexRecipe
 
-        searcher = export_run(
-            run_dir,
-            out,
-            fast_scan,
-            replace,
-            distill=config,
-            layer_settings=settings or None,
-            resume=resume,
-            refit=refit,
-        )
+        start = "refit" if refit is not None else "fit" if settings else "trained"
+        recipe = IndexRecipe(start=start, refit=refit, layer=settings, distill=config)  # type: ignore[arg-type]
+        searcher = export_run(run_dir, out, fast_scan, replace, recipe, resume)
         assert searcher is not None
     else:
         from poeem.pipeline.distill import distill_embeddings
@@ -436,17 +424,18 @@ def search(
     if (query_file is None) == (not query):
         raise PoeemError("search", "--query-file or --query (one of them)", "both or neither", "pass one")
     searcher = Searcher.load(index_dir, backend=backend)  # type: ignore[arg-type]
+    encoder = searcher.queries
     by_embedding = query_file is None or query_file.suffix == ".npy"
     if query:
-        queries = searcher.embed_texts(query).numpy()
+        queries = encoder.by_texts(query).numpy()
         names = np.arange(len(queries))
     elif query_file is not None and by_embedding:
         queries: np.ndarray = read_array(query_file, "query embeddings")
         names: np.ndarray = np.arange(len(queries))
     else:
         assert query_file is not None
-        names = read_ids(query_file, searcher.query_keys)
-        searcher.query_rows(names)  # unknown ids fail here, before any output
+        names = read_ids(query_file, encoder.keys)
+        encoder.rows(names)  # unknown ids fail here, before any output
         queries = names
     feats = read_array(query_features, "query features") if query_features is not None else None
     if feats is not None and (by_embedding or len(feats) != len(names)):
@@ -468,7 +457,7 @@ def search(
             xq = (
                 queries[part]
                 if by_embedding
-                else searcher.embed_queries(queries[part], feats[part] if feats is not None else None)
+                else encoder.by_ids(queries[part], feats[part] if feats is not None else None)
             )
             skip = [seen.get(str(name), ()) for name in names[part].tolist()] if seen is not None else None
             with warnings.catch_warnings():
@@ -617,7 +606,7 @@ def serve(
             "poeem serve", "uvicorn and fastapi installed", "missing", "pip install 'poeem[serve]'"
         )
 
-    from poeem.search.index_dir import read_manifest
+    from poeem.export.index_dir import read_manifest
     from poeem.serve.app import TOKEN_ENV, ServeConfig, run_server
 
     read_manifest(index_dir)  # a clear error now, before any worker starts

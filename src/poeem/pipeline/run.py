@@ -15,13 +15,13 @@ from poeem import distributed
 from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes, learned_index_rows
-from poeem.export.item_codes import EXPORT_DEFAULT, FromTraining, check_from_training, item_codes
 from poeem.index.config import PoeemConfig
-from poeem.index.refit import Refit, refit_layer
 from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
 from poeem.model.text import TextTwoTowerModel
 from poeem.pipeline.config import RunConfig, run_options
+from poeem.pipeline.distill import checkpoint_for
+from poeem.pipeline.recipe import IndexRecipe, RunSource, build_index
 from poeem.pipeline.run_dir import (
     RunArtifacts,
     build_model,
@@ -36,7 +36,6 @@ from poeem.pipeline.run_dir import (
 )
 from poeem.search.searcher import Searcher
 from poeem.training.batches import PairBatches
-from poeem.training.distill import DistillConfig
 from poeem.training.trainer import Trainer, resolve_device
 
 
@@ -174,12 +173,7 @@ def train_run(
             f"'{run_dir}' holds a trained run",
             "pass --resume to continue it, or another --run-dir (nothing was overwritten)",
         )
-    if cfg.data.path and Path(cfg.data.path).exists():  # the run must find its data from anywhere
-        cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
-    encoder = (cfg.model.text or {}).get("encoder")
-    if encoder and Path(encoder).is_dir():  # and its text encoder (an index names it too)
-        text = {**(cfg.model.text or {}), "encoder": str(Path(encoder).resolve())}
-        cfg = replace(cfg, model=replace(cfg.model, text=text))
+    cfg = _with_absolute_paths(cfg)
     device = distributed.setup(resolve_device(cfg.train.device))
     cfg = resolve_refit(cfg)
     _check_distill(cfg)
@@ -211,11 +205,8 @@ def train_run(
     if distributed.is_main():
         kind = "two-tower model with a Poeem layer" if cfg.model.poeem is not None else "two-tower model"
         span = f"{cfg.train.epochs} epochs" if cfg.train.max_steps is None else "--max-steps"
-        print(
-            f"training a {kind} on {data.summary()}; {trainer.total_steps(len(batches))} steps of "
-            f"batch {cfg.train.batch_size} ({span}) into {run_dir}/",
-            flush=True,
-        )
+        steps = f"{trainer.total_steps(len(batches))} steps of batch {cfg.train.batch_size} ({span})"
+        print(f"training a {kind} on {data.summary()}; {steps} into {run_dir}/", flush=True)
     started = time.perf_counter()
     history = trainer.fit(batches)
     train_s = time.perf_counter() - started - trainer.eval_s
@@ -235,22 +226,9 @@ def train_run(
     if cfg.train.refit is not None:  # until the refit is saved, the run serves its index as trained
         save_config(run_dir, replace(cfg, train=replace(cfg.train, refit=None)), shapes)
     save_weights(run_dir, model)
-    try:
-        refit, items, as_trained = _refit_after_training(model, data, artifacts, cfg)
-        distilled = _distill_after_training(model, data, artifacts, cfg, items)
-    except (PoeemError, RuntimeError, ValueError) as err:
-        finish = f"'poeem distill {run_dir} --out INDEX" + (
-            f" --refit {cfg.train.refit}'" if cfg.train.refit else "'"
-        )
-        raise PoeemError(
-            "the index after training",
-            "a refit or distillation that completes",
-            f"{type(err).__name__}: {err}",
-            f"training finished and is saved in '{run_dir}' with its index as trained: export that "
-            f"with 'poeem export {run_dir} --out INDEX', or finish with {finish}",
-        ) from err
-    if refit or distilled:
-        save_weights(run_dir, model, trained_index if refit else None)  # both indexes of a refit
+    stages, as_trained = _after_training(model, data, artifacts, cfg, run_dir)
+    if stages:
+        save_weights(run_dir, model, trained_index if "refit" in stages else None)  # both indexes of a refit
         save_config(run_dir, cfg, shapes)
     evaluated = ["exact search"] + ["the index the run serves"] * (model.index is not None)
     evaluated += ["FAISS IVF-PQ built on the item embeddings"] * cfg.eval.faiss_baseline
@@ -265,12 +243,21 @@ def train_run(
         "history": history,
         "index_stats": model.index.stats() if model.index is not None else {},
     }
-    if refit:
-        metrics["refit"] = refit
-    if distilled:
-        metrics["distill"] = distilled
+    metrics.update(stages)
     write_metrics(run_dir, metrics)
     return model, metrics
+
+
+def _with_absolute_paths(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with its data file and text encoder folder made absolute, so that the run (and an
+    index, which names the encoder too) finds them from anywhere."""
+    if cfg.data.path and Path(cfg.data.path).exists():
+        cfg = replace(cfg, data=replace(cfg.data, path=str(Path(cfg.data.path).resolve())))
+    encoder = (cfg.model.text or {}).get("encoder")
+    if encoder and Path(encoder).is_dir():
+        text = {**(cfg.model.text or {}), "encoder": str(Path(encoder).resolve())}
+        cfg = replace(cfg, model=replace(cfg.model, text=text))
+    return cfg
 
 
 def check_catalogue(layer: PoeemConfig, num_items: int, name: str = "the data") -> None:
@@ -290,29 +277,6 @@ def after_training_seconds(metrics: dict[str, Any]) -> float:
     """Seconds a run spent on its index after training (the refit and the distillation, from
     ``train_run``'s metrics): part of the build time of the index it serves."""
     return sum(metrics.get(stage, {}).get("seconds", 0.0) for stage in ("refit", "distill"))
-
-
-DEFAULT_DISTILL_EPOCHS = 10  # per round, when a text or refitted run leaves train.distill_epochs unset
-
-
-def distill_epochs(cfg: RunConfig) -> int:
-    """Epochs per round of index distillation after training: ``train.distill_epochs``, or when
-    it is None, :data:`DEFAULT_DISTILL_EPOCHS` for a refitted layer (``train.refit``), which
-    gains most from it, and 0 otherwise: by default a run serves its index as trained, ready when
-    training ends, in one process and under torchrun alike (docs/design.md, "Codebook size")."""
-    if cfg.train.distill_epochs is not None:
-        return cfg.train.distill_epochs
-    return DEFAULT_DISTILL_EPOCHS if cfg.model.poeem is not None and cfg.train.refit else 0
-
-
-def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) -> DistillConfig:
-    """``config`` for a run: unless set, its guard watches the shallowest depth the run
-    evaluates (``eval.ks``), and a catalogue smaller than the teacher's top-k is ranked whole; a
-    run refitted after training (``train.refit``) keeps its trained lists
-    (:meth:`DistillConfig.keeping_lists`)."""
-    guard_k = config.guard_k or min(min(cfg.eval.ks), num_items)
-    config = replace(config, guard_k=guard_k, teacher_k=min(config.teacher_k, num_items))
-    return config.keeping_lists() if cfg.train.refit else config
 
 
 def resolve_refit(cfg: RunConfig) -> RunConfig:
@@ -354,50 +318,35 @@ def _check_distill(cfg: RunConfig) -> None:
             )
 
 
-def _refit_after_training(
-    model: RetrievalModel, data: InteractionData, artifacts: RunArtifacts, cfg: RunConfig
-) -> tuple[dict[str, Any], torch.Tensor | None, list[dict[str, Any]]]:
-    """Replace the trained layer by its refit (``train.refit``). Returns what it did ({} if
-    nothing), the (num_items, dim) item embeddings it was fitted on (None if none were
-    computed), and the evaluation rows of the index as trained (method ``poeem-as-trained``,
-    what the run would serve without the refit), measured before it was replaced."""
-    if cfg.train.refit is None or model.index is None:
-        return {}, None, []
-    model.eval()  # the items as served
-    with torch.no_grad():
-        items = model.all_item_embeddings(artifacts.item_features)
-    as_trained = learned_index_rows(
-        model, data, items.cpu(), cfg.eval.ks, cfg.eval.nprobes, "poeem-as-trained"
-    )
-    started = time.perf_counter()
-    print(f"refitting the index's coder ({cfg.train.refit}) on {items.shape[0]} items ...", flush=True)
-    model.index = refit_layer(model.index, items, cfg.train.refit, progress=cfg.train.progress)
-    return {"quantizer": cfg.train.refit, "seconds": time.perf_counter() - started}, items, as_trained
-
-
-def _distill_after_training(
-    model: RetrievalModel,
-    data: InteractionData,
-    artifacts: RunArtifacts,
-    cfg: RunConfig,
-    items: torch.Tensor | None = None,
-) -> dict[str, Any]:
-    """Distil the trained model's layer in place (``train.distill_epochs``), on the eval-mode
-    ``items`` (num_items, dim) if already computed; what it did, or {}."""
-    epochs = distill_epochs(cfg)
-    if not epochs or model.index is None:
-        return {}
-    from poeem.pipeline.distill import distill_run_index
-
-    model.eval()
-    started = time.perf_counter()
-    print(f"distilling the index ({epochs} epochs per round) ...", flush=True)  # a line off a terminal too
-    distill = run_distill_config(DistillConfig(epochs=epochs, seed=cfg.train.seed), cfg, data.num_items)
-    _, result = distill_run_index(
-        model, data, artifacts.item_features, distill, progress=cfg.train.progress, items=items
-    )
-    kept = {"best": result.best, "guard": result.guard, "kept_start": result.kept_start}
-    return {"seconds": time.perf_counter() - started, "epochs": len(result.history), **kept}
+def _after_training(
+    model: RetrievalModel, data: InteractionData, artifacts: RunArtifacts, cfg: RunConfig, run_dir: Path
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Apply the run's index recipe (:meth:`IndexRecipe.of_run`) to the trained model's layer.
+    Returns what each stage did ({} if nothing) and, for a refit, the evaluation rows of the
+    index as trained (method ``poeem-as-trained``), measured before it was replaced."""
+    recipe = IndexRecipe.of_run(cfg)
+    if model.index is None or not recipe.needs_items:
+        return {}, []
+    source = RunSource(model, artifacts.item_features, cfg, data)
+    as_trained = []
+    if recipe.start == "refit":
+        items = source.item_embeddings().cpu()
+        as_trained = learned_index_rows(model, data, items, cfg.eval.ks, cfg.eval.nprobes, "poeem-as-trained")
+    try:
+        built = build_index(source, recipe, progress=True, encode=False)
+    except (PoeemError, RuntimeError, ValueError) as err:
+        finish = f"'poeem distill {run_dir} --out INDEX" + (
+            f" --refit {cfg.train.refit}'" if cfg.train.refit else "'"
+        )
+        raise PoeemError(
+            "the index after training",
+            "a refit or distillation that completes",
+            f"{type(err).__name__}: {err}",
+            f"training finished and is saved in '{run_dir}' with its index as trained: export that "
+            f"with 'poeem export {run_dir} --out INDEX', or finish with {finish}",
+        ) from err
+    model.index = built.layer
+    return built.stages, as_trained
 
 
 def export_run(
@@ -405,32 +354,22 @@ def export_run(
     out: str | Path,
     fast_scan: bool | None = None,
     replace: bool = False,
-    distill: DistillConfig | None = None,
-    layer_settings: dict[str, Any] | None = None,
+    recipe: IndexRecipe | None = None,
     resume: bool = False,
-    from_training: FromTraining | None = EXPORT_DEFAULT,
-    refit: Refit | None = None,
-    as_trained: bool = False,
 ) -> Searcher | None:
-    """Export a trained run's learned index, query tower, features and ids (no training).
+    """Build a trained run's index by ``recipe`` and write it, with the query tower, features and
+    ids, as an index directory.
 
-    ``fast_scan``: a 4-bit fast-scan FAISS index; None (default) when the layer has PQ codes
-    with K = 16 (:func:`poeem.export.faiss_codec.default_fast_scan`).
-
-    ``as_trained``: a refitted run's index as training left it (see :func:`load_run`) instead
-    of the refit it serves.
-
-    ``from_training`` says what is reused from training for the items a step coded since the
-    index was fitted (:mod:`poeem.export.item_codes`): ``"lists"`` (default) keeps each item's
-    list and encodes its residual, skipping the list search; ``"codes"`` keeps its codes (no
-    pass over the catalogue; codes up to an epoch old); None encodes every item from scratch.
-
-    With ``distill``, the index is first distilled from the model's own ranking of its
-    training queries (:func:`poeem.pipeline.distill.distill_run_index`; a run without a layer
-    gets a new one with ``layer_settings``); the run itself is not changed. Its state is kept
-    after every epoch next to ``out`` and, with ``resume``, continued (see
-    :func:`poeem.pipeline.distill.checkpoint_for`). With ``refit`` too, the distilled index is
-    a refit of the run's layer (:func:`poeem.index.refit.refit_layer`).
+    Args:
+        run_dir: a finished run folder.
+        out: the index directory to write.
+        fast_scan: a 4-bit fast-scan FAISS index; None (default) when the layer has PQ codes
+            with K = 16 (:func:`poeem.export.faiss_codec.default_fast_scan`).
+        replace: ``out`` holds an index: publish this one as its next version.
+        recipe: how the index is built (:class:`IndexRecipe`); by default the run's index as
+            it serves it, with no training (the export). A distillation keeps its state next to
+            ``out`` after every epoch and, with ``resume``, continues it
+            (:func:`poeem.pipeline.distill.checkpoint_for`); the run itself is not changed.
 
     Items are encoded with their saved features, exactly as the model embeds them; FAISS
     stores the data's own item ids when they are non-negative integers (else row numbers,
@@ -441,76 +380,48 @@ def export_run(
     Returns:
         The new index's :class:`Searcher` on rank 0; None on the other ranks.
     """
-    run_dir = Path(run_dir)
-    check_from_training(from_training)
-    if as_trained and refit is not None:
-        raise PoeemError("export", "the index as trained or a refit", "both asked", "drop one of them")
+    run_dir, recipe = Path(run_dir), recipe or IndexRecipe()
     distributed.setup(torch.device("cpu"))
-    cfg, model = load_run(run_dir, as_trained=as_trained)
-    if model.index is None and distill is None:
-        raise PoeemError(
-            "export",
-            "a run trained with a Poeem layer",
-            f"'{run_dir}' (baseline, no layer)",
-            "train with --poeem, or distil an index for it with 'poeem distill'",
-        )
+    cfg, model = load_run(run_dir, as_trained=recipe.start == "as-trained")
     art = read_artifacts(run_dir)
-    text_query = text_item = None
-    data = load_data(cfg.data) if distill is not None or isinstance(model, TextTwoTowerModel) else None
+    text = isinstance(model, TextTwoTowerModel)
+    data = load_data(cfg.data) if recipe.distill is not None or text else None
     if isinstance(model, TextTwoTowerModel):
         assert data is not None
         attach_data(model, data, distributed.is_main())
-        text_query, text_item = model.query_side(), model.item_side()
-    checkpoint = None
-    if distill is not None:
-        from poeem.pipeline.distill import checkpoint_for, distill_run_index
-
-        assert data is not None
-        checkpoint = checkpoint_for(out, resume, replace)
-        distill = run_distill_config(distill, cfg, data.num_items)
-        layer, result = distill_run_index(
-            model,
-            data,
-            art.item_features,
-            distill,
-            layer_settings,
-            cfg.train.progress,
-            checkpoint,
-            resume,
-            refit,
-        )
-        coarse_codes, codes = result.coarse_codes, result.codes
-    else:
-        assert model.index is not None
-        layer = model.index
-        if from_training == "codes" and (layer.trained is None or not bool(layer.trained.seen().any())):
+    if recipe.from_training == "codes" and not recipe.needs_items and model.index is not None:
+        trained = model.index.trained
+        if trained is None or not bool(trained.seen().any()):
             warnings.warn(
                 f"'{run_dir}' holds no codes from training (trained before poeem kept them, or "
                 "with num_items 0): every item is encoded",
                 stacklevel=2,
             )
-        coarse_codes, codes = item_codes(
-            model, art.item_features, progress=cfg.train.progress, from_training=from_training
-        )
+    checkpoint = checkpoint_for(out, resume, replace) if recipe.distill is not None else None
+    source = RunSource(model, art.item_features, cfg, data)
+    built = build_index(source, recipe, cfg.train.progress, checkpoint, resume)
     if not distributed.is_main():
         return None
     ids = None
     if art.item_keys is not None:
         keys = art.item_keys.keys
         ids = keys if art.item_keys.is_integer and keys.min(initial=0) >= 0 else keys.astype(str)
+    text_sides = (
+        (model.query_side(), model.item_side()) if isinstance(model, TextTwoTowerModel) else (None, None)
+    )
     searcher = Searcher.create(
         out,
-        layer,
-        (coarse_codes, codes),
+        built.layer,
+        built.items,
         ids,
-        metric=model.config.search_metric,
+        metric=built.metric,
         fast_scan=fast_scan,
         query_tower=getattr(model, "query_tower", None),
         normalize_queries=cfg.model.score == "cosine",
         query_keys=art.query_keys,
         query_features=art.query_features,
-        text_query=text_query,
-        text_item=text_item,
+        text_query=text_sides[0],
+        text_item=text_sides[1],
         replace=replace,
     )
     if checkpoint is not None:
