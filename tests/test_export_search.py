@@ -214,7 +214,7 @@ def test_create_refuses_to_overwrite(tmp_path: Path) -> None:
 
 def test_interrupted_update_leaves_previous_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     searcher, _, x = make_dir(tmp_path)
-    import poeem.search.index_dir as index_dir
+    import poeem.export.index_dir as index_dir
 
     def fail(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")

@@ -25,7 +25,7 @@ import faiss
 import orjson
 import torch
 import uvicorn
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -43,9 +43,10 @@ from uvicorn.supervisors import Multiprocess
 
 from poeem._version import __version__
 from poeem.errors import PoeemError
+from poeem.export.index_dir import StaleIndexError
 from poeem.ids import raw_id_array
-from poeem.search.index_dir import StaleIndexError
-from poeem.serve.service import IndexService, Query, set_search_threads
+from poeem.model.query_encoder import Query
+from poeem.serve.service import IndexService, set_search_threads
 
 log = logging.getLogger("poeem.serve")
 # a raw id: a 64-bit integer (FAISS ids) or a non-empty string ("" means "no result")
@@ -204,40 +205,87 @@ class BodyLimit:
         await JSONResponse(body, status_code=413)(scope, receive, send)
 
 
-def create_app(config: ServeConfig) -> FastAPI:
-    """The FastAPI application serving ``config.index_dir``."""
-    registry = CollectorRegistry()
-    requests = Counter("poeem_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
-    latency = Histogram(
-        "poeem_request_seconds",
-        "Request latency",
-        ["endpoint"],
-        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
-        registry=registry,
-    )
-    items_gauge = Gauge("poeem_index_items", "Items in the served index", registry=registry)
-    version_gauge = Gauge("poeem_index_version", "Served index version", registry=registry)
-    state: dict[str, Any] = {}
+class ServerMetrics:
+    """The Prometheus metrics of one application."""
 
-    def service() -> IndexService:
-        if "service" not in state:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "poeem_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "poeem_request_seconds",
+            "Request latency",
+            ["endpoint"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.items = Gauge("poeem_index_items", "Items in the served index", registry=self.registry)
+        self.version = Gauge("poeem_index_version", "Served index version", registry=self.registry)
+
+
+class Server:
+    """What the routes share: the config, the served index once loaded, and the metrics."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config, self.metrics = config, ServerMetrics()
+        self.loaded: IndexService | None = None
+
+    def service(self) -> IndexService:
+        """The served index (503 until it is loaded)."""
+        if self.loaded is None:
             raise HttpError(503, "the index is not loaded yet")
-        return state["service"]
+        return self.loaded
 
-    def poll(stop: threading.Event) -> None:
-        while not stop.wait(config.poll_s):
+    def poll(self, stop: threading.Event) -> None:
+        """Reload the index whenever its directory names a new version, until ``stop``."""
+        while not stop.wait(self.config.poll_s):
             try:
-                service().reload_if_changed()
+                self.service().reload_if_changed()
             except Exception:  # keep polling; the current index keeps serving
                 log.exception("polling the index directory failed")
+
+    def require_token(self, request: Request) -> None:
+        """Refuse a write without the server's bearer token."""
+        if self.config.token is None:
+            raise HttpError(
+                403,
+                "write endpoints are off: the server has no token",
+                fix=f"start 'poeem serve' with {TOKEN_ENV} set or --token-file",
+            )
+        given = request.headers.get("authorization", "")
+        expected = f"Bearer {self.config.token}"
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            raise HttpError(401, "missing or wrong bearer token", fix="send 'Authorization: Bearer <token>'")
+
+    def check_limits(self, k: int, nprobe: int, batch: int) -> None:
+        """Refuse a request past the server's limits."""
+        if not 1 <= k <= self.config.max_k:
+            raise HttpError(400, f"k must be between 1 and {self.config.max_k}", received=k)
+        if nprobe < 1:
+            raise HttpError(400, "nprobe must be at least 1", received=nprobe)
+        if batch > self.config.max_batch:
+            raise HttpError(
+                400, f"at most {self.config.max_batch} per request", received=batch, fix="split the batch"
+            )
+
+
+def server_of(request: Request) -> Server:
+    """The :class:`Server` of the application answering ``request``."""
+    return request.app.state.server
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    """The FastAPI application serving ``config.index_dir``."""
+    server = Server(config)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         set_search_threads(config.search_threads)
-        state["service"] = IndexService(config.index_dir, config.backend)  # type: ignore[arg-type]
+        server.loaded = IndexService(config.index_dir, config.backend)  # type: ignore[arg-type]
         stop = threading.Event()
         if config.poll_s > 0:
-            threading.Thread(target=poll, args=(stop,), daemon=True, name="poeem-poll").start()
+            threading.Thread(target=server.poll, args=(stop,), daemon=True, name="poeem-poll").start()
         yield
         stop.set()
 
@@ -247,186 +295,190 @@ def create_app(config: ServeConfig) -> FastAPI:
         summary="Search a jointly trained product-quantization index (Poeem) exported to FAISS.",
         lifespan=lifespan,
     )
-
-    @app.exception_handler(HttpError)
-    async def _http_error(_: Request, err: HttpError) -> JSONResponse:
-        return JSONResponse(error_body(err.message, **err.detail), status_code=err.status)
-
-    @app.exception_handler(PoeemError)
-    async def _poeem_error(_: Request, err: PoeemError) -> JSONResponse:
-        status = 409 if isinstance(err, StaleIndexError) else 400
-        detail = {"what": err.what, "expected": err.expected, "received": err.received, "fix": err.fix}
-        return JSONResponse(error_body(str(err), **detail), status_code=status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _routing_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        problems = [
-            {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
-            for e in err.errors()
-        ]
-        return JSONResponse(error_body("invalid request", problems=problems), status_code=422)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, err: Exception) -> JSONResponse:
-        log.exception("unexpected error")
-        return JSONResponse(error_body(f"internal error ({type(err).__name__})"), status_code=500)
-
-    @app.middleware("http")
-    async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        known = route is not None and request.method in (getattr(route, "methods", None) or ())
-        endpoint = f"{request.method} {route.path}" if known else "other"  # bounded label set
-        requests.labels(endpoint, str(response.status_code)).inc()
-        latency.labels(endpoint).observe(time.perf_counter() - started)
-        return response
-
-    def require_token(request: Request) -> None:
-        if config.token is None:
-            raise HttpError(
-                403,
-                "write endpoints are off: the server has no token",
-                fix=f"start 'poeem serve' with {TOKEN_ENV} set or --token-file",
-            )
-        given = request.headers.get("authorization", "")
-        expected = f"Bearer {config.token}"
-        if not hmac.compare_digest(given.encode(), expected.encode()):
-            raise HttpError(401, "missing or wrong bearer token", fix="send 'Authorization: Bearer <token>'")
-
-    def check_limits(k: int, nprobe: int, batch: int) -> None:
-        if not 1 <= k <= config.max_k:
-            raise HttpError(400, f"k must be between 1 and {config.max_k}", received=k)
-        if nprobe < 1:
-            raise HttpError(400, "nprobe must be at least 1", received=nprobe)
-        if batch > config.max_batch:
-            raise HttpError(
-                400, f"at most {config.max_batch} per request", received=batch, fix="split the batch"
-            )
-
-    search_schema = {
-        "content": {"application/json": {"schema": SearchIn.model_json_schema()}},
-        "required": True,
-    }
-
-    @app.post("/search", openapi_extra={"requestBody": search_schema})
-    async def search(request: Request) -> Response:
-        """Top-k items of each query, best first, in the items' own ids:
-        ``{"version": v, "results": [{"ids": [...], "scores": [...]}, ...]}``. ``nprobe`` above
-        the server's ``max_nprobe`` is clamped to it; a query may exclude ``max_exclude`` ids.
-
-        The hot path: the body is parsed and validated in one pass (pydantic's JSON parser), the
-        search runs in the thread pool, and orjson writes the answer."""
-        try:
-            body = SearchIn.model_validate_json(await request.body())
-        except ValidationError as err:
-            raise RequestValidationError(err.errors()) from None
-        check_limits(body.k, body.nprobe, len(body.queries))
-        longest = max(len(q.exclude) for q in body.queries)
-        if longest > config.max_exclude:
-            raise HttpError(
-                400,
-                f"at most {config.max_exclude} excluded ids per query",
-                received=longest,
-                fix="filter long exclusion lists on the client, or ask for a larger k",
-            )
-        queries = [Query(q.id, q.features, q.embedding, q.text, q.exclude) for q in body.queries]
-        nprobe = min(body.nprobe, config.max_nprobe)
-        hits, version = await run_in_threadpool(service().search, queries, body.k, nprobe)
-        payload = {"version": version, "results": [{"ids": h.ids, "scores": h.scores} for h in hits]}
-        return Response(orjson.dumps(payload), media_type="application/json")
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    def ready() -> dict[str, Any]:
-        """Readiness: an index is loaded (503 otherwise)."""
-        s = service()
-        return {"status": "ready", "version": s.searcher.version}
-
-    @app.get("/info")
-    def info() -> dict[str, Any]:
-        """The served index: config, size, version, and library versions."""
-        s = service().searcher
-        m = s.manifest
-        return {
-            "index_dir": str(s.directory),
-            "version": m.version,
-            "items": s.ntotal,
-            "lists": s.nlist,
-            "metric": m.metric,
-            "dim": m.dim,
-            "layer": m.layer,
-            "fast_scan": m.fast_scan,
-            "backend": s.backend,
-            "query_tower": m.query_tower is not None,
-            "text_queries": m.text_query is not None,
-            "text_items": m.text_item is not None,
-            "writes_enabled": config.token is not None,
-            "limits": {
-                "max_k": config.max_k,
-                "max_batch": config.max_batch,
-                "max_body_bytes": config.max_body_bytes,
-                "max_exclude": config.max_exclude,
-                "max_nprobe": config.max_nprobe,
-            },
-            "versions": {
-                "poeem": __version__,
-                "faiss": faiss.__version__,
-                "torch": torch.__version__,
-                "python": platform.python_version(),
-                "index_written_by_poeem": m.poeem_version,
-            },
-        }
-
-    @app.get("/metrics")
-    def metrics() -> Response:
-        """Prometheus text format."""
-        s = state.get("service")
-        if s is not None:
-            items_gauge.set(s.searcher.ntotal)
-            version_gauge.set(s.searcher.version)
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.post("/items")
-    def add_items(body: AddIn, request: Request) -> dict[str, Any]:
-        """Add items by embedding or by text (coded with the frozen codebooks); publishes a new
-        version."""
-        require_token(request)
-        check_limits(1, 1, len(body.items))
-        lengths = {len(item.embedding) for item in body.items if item.embedding is not None}
-        if len(lengths) > 1:
-            raise HttpError(400, "every embedding must have the same length", received=sorted(lengths)[:5])
-        ids = raw_id_array([item.id for item in body.items])
-        published = service().add(
-            [item.embedding for item in body.items], [item.text for item in body.items], ids
-        )
-        return {"added": len(body.items), "version": published.version, "items": published.ntotal}
-
-    @app.delete("/items")
-    def remove_items(body: RemoveIn, request: Request) -> dict[str, Any]:
-        """Remove items by their own ids; publishes a new version."""
-        require_token(request)
-        check_limits(1, 1, len(body.ids))
-        removed, published = service().remove(raw_id_array(body.ids))
-        return {"removed": removed, "version": published.version, "items": published.ntotal}
-
-    @app.post("/reload")
-    def reload(request: Request) -> dict[str, Any]:
-        """Load the newest version on disk and swap it in; a broken one is refused (the old one stays)."""
-        require_token(request)  # a reload re-reads and checks the whole index: a write
-        previous, current = service().reload()
-        return {"previous_version": previous, "version": current}
-
+    app.state.server = server
+    for error, handler in ERROR_HANDLERS:
+        app.add_exception_handler(error, handler)  # type: ignore[arg-type]
+    app.middleware("http")(_measure)
+    app.include_router(router)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
     return app
+
+
+async def _http_error(_: Request, err: HttpError) -> JSONResponse:
+    return JSONResponse(error_body(err.message, **err.detail), status_code=err.status)
+
+
+async def _poeem_error(_: Request, err: PoeemError) -> JSONResponse:
+    status = 409 if isinstance(err, StaleIndexError) else 400
+    detail = {"what": err.what, "expected": err.expected, "received": err.received, "fix": err.fix}
+    return JSONResponse(error_body(str(err), **detail), status_code=status)
+
+
+async def _routing_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+    return JSONResponse(error_body(str(err.detail)), status_code=err.status_code, headers=err.headers)
+
+
+async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    problems = [
+        {"where": ".".join(str(p) for p in e.get("loc", ())), "problem": e.get("msg", "")}
+        for e in err.errors()
+    ]
+    return JSONResponse(error_body("invalid request", problems=problems), status_code=422)
+
+
+async def _unexpected(_: Request, err: Exception) -> JSONResponse:
+    log.exception("unexpected error")
+    return JSONResponse(error_body(f"internal error ({type(err).__name__})"), status_code=500)
+
+
+ERROR_HANDLERS: list[tuple[type[Exception], Callable[..., Awaitable[JSONResponse]]]] = [
+    (HttpError, _http_error),
+    (PoeemError, _poeem_error),
+    (StarletteHTTPException, _routing_error),
+    (RequestValidationError, _invalid),
+    (Exception, _unexpected),
+]
+
+
+async def _measure(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Count each request and time it, by endpoint."""
+    started = time.perf_counter()
+    response = await call_next(request)
+    route = request.scope.get("route")
+    known = route is not None and request.method in (getattr(route, "methods", None) or ())
+    endpoint = f"{request.method} {route.path}" if known else "other"  # bounded label set
+    metrics = server_of(request).metrics
+    metrics.requests.labels(endpoint, str(response.status_code)).inc()
+    metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+    return response
+
+
+router = APIRouter()
+SEARCH_SCHEMA = {"content": {"application/json": {"schema": SearchIn.model_json_schema()}}, "required": True}
+
+
+@router.post("/search", openapi_extra={"requestBody": SEARCH_SCHEMA})
+async def search(request: Request) -> Response:
+    """Top-k items of each query, best first, in the items' own ids:
+    ``{"version": v, "results": [{"ids": [...], "scores": [...]}, ...]}``. ``nprobe`` above
+    the server's ``max_nprobe`` is clamped to it; a query may exclude ``max_exclude`` ids.
+
+    The hot path: the body is parsed and validated in one pass (pydantic's JSON parser), the
+    search runs in the thread pool, and orjson writes the answer."""
+    server = server_of(request)
+    try:
+        body = SearchIn.model_validate_json(await request.body())
+    except ValidationError as err:
+        raise RequestValidationError(err.errors()) from None
+    server.check_limits(body.k, body.nprobe, len(body.queries))
+    longest = max(len(q.exclude) for q in body.queries)
+    if longest > server.config.max_exclude:
+        raise HttpError(
+            400,
+            f"at most {server.config.max_exclude} excluded ids per query",
+            received=longest,
+            fix="filter long exclusion lists on the client, or ask for a larger k",
+        )
+    queries = [Query(q.id, q.features, q.embedding, q.text, q.exclude) for q in body.queries]
+    nprobe = min(body.nprobe, server.config.max_nprobe)
+    hits, version = await run_in_threadpool(server.service().search, queries, body.k, nprobe)
+    payload = {"version": version, "results": [{"ids": h.ids, "scores": h.scores} for h in hits]}
+    return Response(orjson.dumps(payload), media_type="application/json")
+
+
+@router.get("/health")
+def health() -> dict[str, str]:
+    """Liveness: the process answers."""
+    return {"status": "ok"}
+
+
+@router.get("/ready")
+def ready(request: Request) -> dict[str, Any]:
+    """Readiness: an index is loaded (503 otherwise)."""
+    return {"status": "ready", "version": server_of(request).service().searcher.version}
+
+
+@router.get("/info")
+def info(request: Request) -> dict[str, Any]:
+    """The served index: config, size, version, and library versions."""
+    server = server_of(request)
+    config, s = server.config, server.service().searcher
+    m = s.manifest
+    return {
+        "index_dir": str(s.directory),
+        "version": m.version,
+        "items": s.ntotal,
+        "lists": s.nlist,
+        "metric": m.metric,
+        "dim": m.dim,
+        "layer": m.layer,
+        "fast_scan": m.fast_scan,
+        "backend": s.backend,
+        "query_tower": m.query_tower is not None,
+        "text_queries": m.text_query is not None,
+        "text_items": m.text_item is not None,
+        "writes_enabled": config.token is not None,
+        "limits": {
+            "max_k": config.max_k,
+            "max_batch": config.max_batch,
+            "max_body_bytes": config.max_body_bytes,
+            "max_exclude": config.max_exclude,
+            "max_nprobe": config.max_nprobe,
+        },
+        "versions": {
+            "poeem": __version__,
+            "faiss": faiss.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "index_written_by_poeem": m.poeem_version,
+        },
+    }
+
+
+@router.get("/metrics")
+def metrics(request: Request) -> Response:
+    """Prometheus text format."""
+    server = server_of(request)
+    if server.loaded is not None:
+        server.metrics.items.set(server.loaded.searcher.ntotal)
+        server.metrics.version.set(server.loaded.searcher.version)
+    return PlainTextResponse(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.post("/items")
+def add_items(body: AddIn, request: Request) -> dict[str, Any]:
+    """Add items by embedding or by text (coded with the frozen codebooks); publishes a new
+    version."""
+    server = server_of(request)
+    server.require_token(request)
+    server.check_limits(1, 1, len(body.items))
+    lengths = {len(item.embedding) for item in body.items if item.embedding is not None}
+    if len(lengths) > 1:
+        raise HttpError(400, "every embedding must have the same length", received=sorted(lengths)[:5])
+    ids = raw_id_array([item.id for item in body.items])
+    published = server.service().add(
+        [item.embedding for item in body.items], [item.text for item in body.items], ids
+    )
+    return {"added": len(body.items), "version": published.version, "items": published.ntotal}
+
+
+@router.delete("/items")
+def remove_items(body: RemoveIn, request: Request) -> dict[str, Any]:
+    """Remove items by their own ids; publishes a new version."""
+    server = server_of(request)
+    server.require_token(request)
+    server.check_limits(1, 1, len(body.ids))
+    removed, published = server.service().remove(raw_id_array(body.ids))
+    return {"removed": removed, "version": published.version, "items": published.ntotal}
+
+
+@router.post("/reload")
+def reload(request: Request) -> dict[str, Any]:
+    """Load the newest version on disk and swap it in; a broken one is refused (the old one stays)."""
+    server = server_of(request)
+    server.require_token(request)  # a reload re-reads and checks the whole index: a write
+    previous, current = server.service().reload()
+    return {"previous_version": previous, "version": current}
 
 
 def app_from_env() -> FastAPI:

@@ -207,13 +207,7 @@ def distill_index(
     items, queries = items.detach().float().to(device), queries.detach().float().to(device)
     g = torch.Generator().manual_seed(cfg.seed)
     teacher = _Teacher(layer, items, queries, cfg, g)
-    groups = [{"params": [layer.codebooks], "lr": cfg.codebook_lr}]
-    if layer.coarse is not None and cfg.coarse_lr > 0:
-        groups.append({"params": [layer.coarse], "lr": cfg.coarse_lr})
-    if layer.givens is not None:
-        groups.append({"params": list(layer.givens.parameters()), "lr": cfg.rotation_lr})
-    optimizer = torch.optim.Adam(groups)
-    trained = [p for group in groups for p in group["params"]]
+    optimizer, trained = _optimizer(layer, cfg)
     history: list[dict[str, float]] = []
     best: Best | None = None
     inputs = {"config": asdict(cfg), "items": _fingerprint(items), "queries": _fingerprint(queries)}
@@ -242,22 +236,9 @@ def distill_index(
         round_no, epoch = divmod(step, cfg.epochs)
         if round_no and not epoch and cfg.reassign:
             codes = layer.encode(items)
-        sums, count = {"code_loss": 0.0, "list_loss": 0.0}, 0
-        for rows in fit[torch.randperm(fit.numel(), generator=g).to(device)].split(cfg.batch_size):
-            code_loss, list_loss = teacher.losses(rows, codes)
-            loss = code_loss if list_loss is None else code_loss + cfg.list_weight * list_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            before = layer.codebooks.detach().clone() if stage_steps is not None else None
-            optimizer.step()
-            if before is not None:  # each residual stage moves by its own scale
-                with torch.no_grad():
-                    layer.codebooks.copy_(torch.lerp(before, layer.codebooks, stage_steps))
-            sums["code_loss"] += float(code_loss.detach())
-            sums["list_loss"] += float(list_loss.detach()) if list_loss is not None else 0.0
-            count += 1
-            bar.update(1)
-        row = {"round": round_no, "epoch": epoch, **{k: v / max(count, 1) for k, v in sums.items()}}
+        order = fit[torch.randperm(fit.numel(), generator=g).to(device)]
+        losses = _train_epoch(teacher, optimizer, codes, order, stage_steps, bar)
+        row = {"round": round_no, "epoch": epoch, **losses}
         if teacher.heldout.numel():
             row["heldout_code_loss"] = teacher.heldout_loss(codes)
             if best is None or row["heldout_code_loss"] < best[0]:
@@ -282,26 +263,72 @@ def distill_index(
         codes = layer.encode(items)
     row = best[2] if best is not None else history[-1]
     result = DistillResult(*_as_long(codes), history, row, reencoded=reencoded)
-    before = start[2]
-    if before is not None:  # the guard: not an index whose top-k the model scores lower on held-out queries
-        after = teacher.guard_scores(codes)
-        diff = after - before
-        stderr = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
-        result.guard = {"start": float(before.mean()), "distilled": float(after.mean()), "stderr": stderr}
-        result.guard["k"] = teacher.guard_k
-        if float(diff.mean()) < -GUARD_Z * stderr:
-            _copy_into(trained, start[0])
-            (result.coarse_codes, result.codes), result.kept_start = _as_long(start[1]), True
-            warnings.warn(
-                f"distillation lowered the model's mean score of the held-out queries' top-{teacher.guard_k} "
-                f"({result.guard['start']:.4f} -> {result.guard['distilled']:.4f}, standard error "
-                f"{stderr:.4f}); the starting index is kept "
-                "(a larger temperature may help: DistillConfig.temperature, poeem distill --temperature)",
-                stacklevel=2,
-            )
+    if start[2] is not None:
+        _guard(result, teacher, start, trained)
     if layer.trained is not None and layer.trained.num_items == items.shape[0]:  # items in id order
         layer.trained.keep_distilled(result.coarse_codes, result.codes)
     return result
+
+
+def _optimizer(layer: PoeemLayer, cfg: DistillConfig) -> tuple[torch.optim.Adam, list[torch.Tensor]]:
+    """Adam over what distillation trains (codebooks, centroids unless their lr is 0, Givens
+    angles), and those parameters in order."""
+    groups = [{"params": [layer.codebooks], "lr": cfg.codebook_lr}]
+    if layer.coarse is not None and cfg.coarse_lr > 0:
+        groups.append({"params": [layer.coarse], "lr": cfg.coarse_lr})
+    if layer.givens is not None:
+        groups.append({"params": list(layer.givens.parameters()), "lr": cfg.rotation_lr})
+    return torch.optim.Adam(groups), [p for group in groups for p in group["params"]]
+
+
+def _train_epoch(
+    teacher: _Teacher,
+    optimizer: torch.optim.Optimizer,
+    codes: Codes,
+    order: torch.Tensor,
+    stage_steps: torch.Tensor | None,
+    bar: tqdm,
+) -> dict[str, float]:
+    """One epoch over the training queries in ``order``; the mean code and list losses."""
+    layer, cfg = teacher.layer, teacher.cfg
+    sums, count = {"code_loss": 0.0, "list_loss": 0.0}, 0
+    for rows in order.split(cfg.batch_size):
+        code_loss, list_loss = teacher.losses(rows, codes)
+        loss = code_loss if list_loss is None else code_loss + cfg.list_weight * list_loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        before = layer.codebooks.detach().clone() if stage_steps is not None else None
+        optimizer.step()
+        if before is not None:  # each residual stage moves by its own scale
+            with torch.no_grad():
+                layer.codebooks.copy_(torch.lerp(before, layer.codebooks, stage_steps))
+        sums["code_loss"] += float(code_loss.detach())
+        sums["list_loss"] += float(list_loss.detach()) if list_loss is not None else 0.0
+        count += 1
+        bar.update(1)
+    return {k: v / max(count, 1) for k, v in sums.items()}
+
+
+def _guard(result: DistillResult, teacher: _Teacher, start: Start, trained: list[torch.Tensor]) -> None:
+    """Keep the starting index (parameters and codes) in ``result`` if the model scores the
+    distilled index's top-k lower on the held-out queries, by more than GUARD_Z standard errors;
+    record both scores in ``result.guard``."""
+    before, after = start[2], teacher.guard_scores((result.coarse_codes, result.codes))
+    assert before is not None and after is not None
+    diff = after - before
+    stderr = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
+    result.guard = {"start": float(before.mean()), "distilled": float(after.mean()), "stderr": stderr}
+    result.guard["k"] = teacher.guard_k
+    if float(diff.mean()) < -GUARD_Z * stderr:
+        _copy_into(trained, start[0])
+        (result.coarse_codes, result.codes), result.kept_start = _as_long(start[1]), True
+        warnings.warn(
+            f"distillation lowered the model's mean score of the held-out queries' top-{teacher.guard_k} "
+            f"({result.guard['start']:.4f} -> {result.guard['distilled']:.4f}, standard error "
+            f"{stderr:.4f}); the starting index is kept "
+            "(a larger temperature may help: DistillConfig.temperature, poeem distill --temperature)",
+            stacklevel=2,
+        )
 
 
 class _Teacher:
