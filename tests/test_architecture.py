@@ -5,7 +5,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # functions allowed past a screen, each for the reason docs/design.md ("Architecture") gives
-LONG_FUNCTIONS = {"cli.py:train", "cli.py:search", "cli.py:distill", "training/distill.py:distill_index"}
+LONG_FUNCTIONS = {"cli.py:search"}
 SCREEN = 100
 
 
@@ -17,9 +17,17 @@ def module_name(path: Path) -> str:
 def top_level_imports(path: Path, modules: set[str]) -> set[str]:
     """The poeem modules ``path`` imports when it is imported (not inside functions, not only for
     type checking)."""
-    found = set()
-    for node in ast.parse(path.read_text()).body:
-        if isinstance(node, ast.If):  # `if TYPE_CHECKING:` blocks do not run
+    found: set[str] = set()
+    statements = list(ast.parse(path.read_text()).body)
+    while statements:
+        node = statements.pop()
+        if isinstance(node, ast.If):
+            if not (isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"):  # never runs
+                statements += node.body + node.orelse
+            continue
+        if isinstance(node, ast.Try):
+            statements += node.body + node.orelse + node.finalbody
+            statements += [n for handler in node.handlers for n in handler.body]
             continue
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
@@ -64,3 +72,6 @@ def test_no_function_is_much_over_a_screen_without_a_reason() -> None:
                 if node.end_lineno - node.lineno + 1 > SCREEN:
                     long.add(f"{path.relative_to(SRC / 'poeem')}:{node.name}")
     assert long <= LONG_FUNCTIONS, sorted(long - LONG_FUNCTIONS)
+    assert long >= LONG_FUNCTIONS, (
+        f"{sorted(LONG_FUNCTIONS - long)} fit a screen now: drop them from the list"
+    )

@@ -75,5 +75,12 @@ def test_poeem_distill_on_a_run_builds_by_its_recipe(tmp_path: Path) -> None:
     args = ["distill", str(tmp_path / "run"), "--out", str(tmp_path / "ix"), "--no-progress"]
     result = CliRunner().invoke(app, [*args, "--rounds", "1", "--epochs", "1", "--no-fast-scan"])
     assert result.exit_code == 0, (result.output, result.exception)
-    result = CliRunner().invoke(app, [*args[:3], str(tmp_path / "ix2"), "--num-subspaces", "8"])
-    assert "no layer flags for a run with a Poeem layer" in str(result.exception)
+    for extra, message in (
+        (["--num-subspaces", "8"], "no layer flags for a run with a Poeem layer"),
+        (["--refit", "rq", "--num-subspaces", "8"], "a refit keeps the shape of the run's trained layer"),
+        (["--queries", "q.npy"], "--queries: expected --items"),
+        (["--from-faiss", "x.faiss"], "--from-faiss: expected --items"),
+    ):
+        result = CliRunner().invoke(app, [*args[:3], str(tmp_path / "ix2"), *extra])
+        assert message in str(result.exception), (extra, result.exception)
+    assert not (tmp_path / "ix2").exists()

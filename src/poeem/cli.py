@@ -237,7 +237,7 @@ def export(
         start="as-trained" if as_trained else "trained",
         from_training=None if from_training == "none" else from_training,  # type: ignore[arg-type]
     )
-    searcher = export_run(run_dir, out, fast_scan, replace, recipe)
+    searcher = export_run(run_dir, out, fast_scan, replace, recipe=recipe)
     if searcher is None:  # not rank 0 under torchrun
         return
     typer.echo(
@@ -302,11 +302,11 @@ def distill(
         raise PoeemError("distill", "a RUN_DIR or --items (one of them)", "both or neither", "pass one")
     if run_dir is not None:
         from poeem.pipeline import export_run
-        from poeem.pipeline.recipe import IndexRecipe
 
-        start = "refit" if refit is not None else "fit" if settings else "trained"
-        recipe = IndexRecipe(start=start, refit=refit, layer=settings, distill=config)  # type: ignore[arg-type]
-        searcher = export_run(run_dir, out, fast_scan, replace, recipe, resume)
+        recipe = _run_recipe(
+            refit, settings, config, {"--queries": queries, "--ids": ids, "--from-faiss": from_faiss}
+        )
+        searcher = export_run(run_dir, out, fast_scan, replace, recipe=recipe, resume=resume)
         assert searcher is not None
     else:
         from poeem.pipeline.distill import distill_embeddings
@@ -339,6 +339,28 @@ def distill(
 
 
 app.command()(with_settings(distill, distill_options()))
+
+
+def _run_recipe(refit: str | None, settings: dict[str, Any], config: Any, items_only: dict[str, Any]) -> Any:
+    """The recipe ``poeem distill RUN_DIR`` builds by: a refit of the run's layer (``--refit``), a
+    new layer (layer flags, for a run without one) or the run's own layer, distilled by
+    ``config``; flags that only go with ``--items`` are refused."""
+    from poeem.pipeline.recipe import IndexRecipe
+
+    for flag, value in items_only.items():
+        if value is not None:
+            raise PoeemError(
+                flag, "--items (embeddings of your own)", "a RUN_DIR", f"drop {flag}: a run has its own"
+            )
+    if refit is not None and settings:
+        raise PoeemError(
+            "--refit",
+            "no layer flags: a refit keeps the shape of the run's trained layer",
+            f"layer flags {sorted(settings)}",
+            "drop the layer flags, or drop --refit to fit a new index on a run without a layer",
+        )
+    start = "refit" if refit is not None else "fit" if settings else "trained"
+    return IndexRecipe(start=start, refit=refit, layer=settings, distill=config)  # type: ignore[arg-type]
 
 
 @app.command()

@@ -203,6 +203,9 @@ class LayerTraining:
         cli=False,
     )
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> None:
         """Raise :class:`PoeemError` on inconsistent training settings."""
         if self.coarse_fit not in ("auto", "kmeans", "equal_norm"):

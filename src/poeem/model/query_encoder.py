@@ -3,7 +3,7 @@
 A query is a query id (with optional numeric features), a text, or an embedding. The same
 encoder serves evaluation and distillation (a trained model, by data row:
 :meth:`QueryEncoder.from_model`) and search and serving (the query tower an index directory
-saved: :class:`poeem.search.searcher.Searcher`).
+saved: :attr:`poeem.search.reader.IndexReader.queries`).
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import numpy as np
 from poeem.errors import PoeemError
 from poeem.export.index_dir import check_publishable
 from poeem.ids import check_raw_ids
+from poeem.metric import Metric
 from poeem.pipeline.recipe import EmbeddingSource, IndexRecipe, build_index
 from poeem.search.searcher import Searcher
 from poeem.training.distill import DistillConfig
@@ -39,7 +40,7 @@ def distill_embeddings(
     queries: np.ndarray,
     out: str | Path,
     layer_settings: dict[str, Any],
-    metric: str = "ip",
+    metric: Metric = "ip",
     ids: Any = None,
     config: DistillConfig | None = None,
     fast_scan: bool | None = None,
@@ -72,7 +73,7 @@ def distill_embeddings(
         faiss_file=from_faiss,
         distill=config or DistillConfig(),
     )
-    source = EmbeddingSource(items, queries, metric)  # type: ignore[arg-type]
+    source = EmbeddingSource(items, queries, metric)
     checkpoint = checkpoint_for(out, resume, replace)
     if ids is not None:  # before the distillation, which would otherwise run for nothing
         check_raw_ids(ids, source.num_items, "--ids")

@@ -147,7 +147,7 @@ class RunSource:
     item_features: torch.Tensor | None
     cfg: RunConfig
     data: InteractionData | None = None
-    _items: torch.Tensor | None = None
+    _items: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     @property
     def metric(self) -> Metric:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -187,18 +188,7 @@ def train_run(
     artifacts = RunArtifacts.of(data)
     if distributed.is_main():
         save_run(run_dir, cfg, shapes, artifacts)
-    ks = cfg.eval.ks
-
-    def periodic_eval(_: torch.nn.Module) -> dict[str, float]:
-        rows = compare_indexes(model, data, ks, cfg.eval.nprobes[:1], faiss_baseline=False)
-        return {
-            f"{r['method']}/{name}": v
-            for r in rows
-            for name, v in r.items()
-            if name.split("@")[0] in ("recall", "precision", "ndcg")
-        }
-
-    trainer = Trainer(model, cfg.train, run_dir, periodic_eval)
+    trainer = Trainer(model, cfg.train, run_dir, _periodic_eval(model, data, cfg))
     batches = PairBatches(data, cfg.train.batch_size, cfg.train.seed, device, cfg.model.random_negatives)
     if resume:
         trainer.resume()
@@ -246,6 +236,24 @@ def train_run(
     metrics.update(stages)
     write_metrics(run_dir, metrics)
     return model, metrics
+
+
+def _periodic_eval(
+    model: RetrievalModel, data: InteractionData, cfg: RunConfig
+) -> Callable[[torch.nn.Module], dict[str, float]]:
+    """The trainer's evaluation during training: exact search and the index at the first nprobe,
+    without the FAISS baseline, as "method/metric@k" values."""
+
+    def evaluate(_: torch.nn.Module) -> dict[str, float]:
+        rows = compare_indexes(model, data, cfg.eval.ks, cfg.eval.nprobes[:1], faiss_baseline=False)
+        return {
+            f"{r['method']}/{name}": v
+            for r in rows
+            for name, v in r.items()
+            if name.split("@")[0] in ("recall", "precision", "ndcg")
+        }
+
+    return evaluate
 
 
 def _with_absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -329,11 +337,12 @@ def _after_training(
         return {}, []
     source = RunSource(model, artifacts.item_features, cfg, data)
     as_trained = []
-    if recipe.start == "refit":
-        items = source.item_embeddings().cpu()
-        as_trained = learned_index_rows(model, data, items, cfg.eval.ks, cfg.eval.nprobes, "poeem-as-trained")
     try:
-        built = build_index(source, recipe, progress=True, encode=False)
+        if recipe.start == "refit":  # what the run would serve without the refit
+            items = source.item_embeddings().cpu()
+            ks, nprobes = cfg.eval.ks, cfg.eval.nprobes
+            as_trained = learned_index_rows(model, data, items, ks, nprobes, "poeem-as-trained")
+        built = build_index(source, recipe, progress=cfg.train.progress, encode=False)
     except (PoeemError, RuntimeError, ValueError) as err:
         finish = f"'poeem distill {run_dir} --out INDEX" + (
             f" --refit {cfg.train.refit}'" if cfg.train.refit else "'"
@@ -354,6 +363,7 @@ def export_run(
     out: str | Path,
     fast_scan: bool | None = None,
     replace: bool = False,
+    *,
     recipe: IndexRecipe | None = None,
     resume: bool = False,
 ) -> Searcher | None:
@@ -383,6 +393,14 @@ def export_run(
     run_dir, recipe = Path(run_dir), recipe or IndexRecipe()
     distributed.setup(torch.device("cpu"))
     cfg, model = load_run(run_dir, as_trained=recipe.start == "as-trained")
+    if model.index is None and recipe.start in ("trained", "as-trained") and recipe.distill is None:
+        raise PoeemError(
+            "export",
+            "a run trained with a Poeem layer",
+            f"'{run_dir}' (baseline, no layer)",
+            "train with --poeem, or fit and distil an index for it with 'poeem distill RUN_DIR "
+            "--num-subspaces 8'",
+        )
     art = read_artifacts(run_dir)
     text = isinstance(model, TextTwoTowerModel)
     data = load_data(cfg.data) if recipe.distill is not None or text else None

@@ -66,8 +66,8 @@ def found(ids: np.ndarray) -> np.ndarray:
 class IndexReader:
     """Search a saved learned index by query embeddings or, with a saved query tower, by query ids.
 
-    Use :meth:`load` to open a directory. ``backend="faiss"`` searches the exported FAISS index; ``backend="torch"`` runs poeem's own
-    ADC (same results; usable on GPU through ``device``).
+    Use :meth:`load` to open a directory. ``backend="faiss"`` searches the exported FAISS index;
+    ``backend="torch"`` runs poeem's own ADC (same results; usable on GPU through ``device``).
     """
 
     def __init__(
@@ -378,7 +378,7 @@ class IndexReader:
 
     def embed_item_texts(self, texts: list[str]) -> torch.Tensor:
         """Document embeddings of texts, through the saved text document encoder: what
-        :meth:`add` takes to add documents by text.
+        :meth:`Searcher.add <poeem.search.searcher.Searcher.add>` takes to add documents by text.
 
         Args:
             texts: (n,) document texts (a title and a body joined by a space, as in training).

@@ -327,7 +327,7 @@ def _guard(result: DistillResult, teacher: _Teacher, start: Start, trained: list
             f"({result.guard['start']:.4f} -> {result.guard['distilled']:.4f}, standard error "
             f"{stderr:.4f}); the starting index is kept "
             "(a larger temperature may help: DistillConfig.temperature, poeem distill --temperature)",
-            stacklevel=2,
+            stacklevel=3,
         )
 
 
