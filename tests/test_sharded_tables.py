@@ -1,6 +1,8 @@
 """The TorchRec path: the two-tower model's item table sharded row-wise over 2 gloo ranks trains
 like one local table under row-wise Adagrad on the global batch. Skipped without torchrec."""
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -34,7 +36,7 @@ def global_batches() -> list[dict[str, torch.Tensor]]:
 
 def sharded_worker(out: str) -> None:
     from poeem import distributed
-    from poeem.model.sharded_tables import ShardedIdTable
+    from poeem.model.sharded_tables import ShardedIdTable, TableShards, save_table_shards
 
     model = tiny_model()
     local = model.item_tower.embedding
@@ -48,7 +50,23 @@ def sharded_worker(out: str) -> None:
         model({k: v[share] for k, v in batch.items()})["loss"].backward()  # the fused step runs here
     first, rows = table.local_rows()
     drawn = ShardedIdTable(INIT_ROWS, 4, lr=LR, init_std=0.5, seed=7).local_rows()  # its own rows only
-    torch.save({"first": first, "rows": rows, "drawn": drawn}, f"{out}/rank{dist.get_rank()}.pt")
+    # saved by each rank, loaded into a fresh table: the next step is the same as without the stop
+    save_table_shards(table, f"{out}/tables", "item", tag="3")
+    _, _, sums = table.local_state()
+    resumed = ShardedIdTable(101, 8, lr=LR, seed=1)
+    resumed.load_shards(TableShards(f"{out}/tables", "item"))
+    loaded = resumed.local_state()
+    last = global_batches()[0]
+    after = []
+    for t in (table, resumed):
+        model.item_tower.embedding = t
+        model({k: v[share] for k, v in last.items()})["loss"].backward()
+        after.append(t.local_state())
+    torch.save(
+        {"first": first, "rows": rows, "sums": sums, "drawn": drawn, "loaded": loaded, "after": after}
+        | {"tables": f"{out}/tables"},
+        f"{out}/rank{dist.get_rank()}.pt",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +106,23 @@ def test_ranks_draw_their_own_rows_of_one_seeded_table(rank_outputs: list[dict])
     assert torch.equal(torch.cat([rows for _, rows in parts]), whole)
     assert torch.equal(seeded_rows(65_000, 2_000, 4, 0.5, seed=7), whole[65_000:67_000])  # across blocks
     assert 0.45 < float(whole.std()) < 0.55 and not torch.equal(whole, seeded_rows(0, INIT_ROWS, 4, 0.5, 8))
+
+
+def test_a_sharded_table_is_saved_by_each_rank_and_resumes_exactly(rank_outputs: list[dict]) -> None:
+    from poeem.model.sharded_tables import TableShards
+
+    parts = sorted(rank_outputs, key=lambda p: p["first"])
+    saved = TableShards(parts[0]["tables"], "item")  # one process reads the whole table back
+    rows, sums = saved.read(0, 101)
+    assert torch.equal(rows, torch.cat([p["rows"] for p in parts]))
+    assert torch.equal(sums, torch.cat([p["sums"] for p in parts]))
+    middle = saved.read(40, 30)  # a range across the two ranks' files
+    assert torch.equal(middle[0], rows[40:70]) and torch.equal(middle[1], sums[40:70])
+    assert len(list(Path(parts[0]["tables"]).glob("item-*.safetensors"))) == 2  # one file per rank
+    for part in rank_outputs:
+        first, rows, sums = part["loaded"]
+        assert first == part["first"] and torch.equal(rows, part["rows"]) and torch.equal(sums, part["sums"])
+        assert float(part["sums"].sum()) > 0  # the Adagrad state came along, not zeros
+        (_, cont_rows, cont_sums), (_, res_rows, res_sums) = part["after"]
+        assert torch.equal(cont_rows, res_rows) and torch.equal(cont_sums, res_sums)
+        assert not torch.equal(cont_rows, part["rows"])  # the step after the load did train

@@ -5,16 +5,24 @@ the pairing that loads with torch 2.13 on CPU) and an initialised torch.distribu
 Each rank stores only its rows and their row-wise Adagrad state; a lookup sends every id to the
 rank that owns it (TorchRec's all-to-all), and the optimizer step is fused into the backward
 pass (FBGEMM's exact row-wise Adagrad, the update of :class:`poeem.training.RowWiseAdagrad`).
+
+Saved, each rank writes its own rows and their Adagrad sums (:func:`save_table_shards`:
+safetensors files and a JSON list of them, no pickle), and no rank ever holds the whole table;
+:class:`TableShards` reads any row range back, so a table saved by N ranks loads on any number
+of ranks (:meth:`ShardedIdTable.load_shards`) or whole in one process.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from poeem import distributed
 from poeem.errors import PoeemError
+from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
 
 INIT_BLOCK = 65536  # rows per seeded block of the default initialisation
 
@@ -118,6 +126,40 @@ class ShardedIdTable(nn.Module):
             return 0, torch.zeros(0, self.dim)
         return shards[0][0], torch.cat([s for _, s in shards]).detach().clone()
 
+    def _local_sums(self) -> list[torch.Tensor]:
+        """The row-wise Adagrad sum of each local shard's rows (the fused optimizer's state, in
+        place), in the order of :meth:`_local_shards`."""
+        (state,) = self.sharded.fused_optimizer.state_dict()["state"].values()
+        (momentum,) = state.values()
+        return [s.tensor for s in momentum.local_shards()]
+
+    def local_state(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(first id, (n, dim) rows, (n,) row-wise Adagrad sums) of the rows this rank owns, copied."""
+        shards = self._local_shards()
+        if not shards:
+            return 0, torch.zeros(0, self.dim), torch.zeros(0)
+        first = min(offset for offset, _ in shards)
+        order = sorted(range(len(shards)), key=lambda i: shards[i][0])
+        sums = self._local_sums()
+        rows = torch.cat([shards[i][1] for i in order]).detach().clone()
+        return first, rows, torch.cat([sums[i] for i in order]).detach().clone()
+
+    def load_shards(self, saved: TableShards) -> None:
+        """Set this rank's rows and their Adagrad sums from a saved table of the same shape (saved
+        by any number of ranks): training continues exactly where the saved one stopped."""
+        if (saved.rows, saved.dim) != (self.rows, self.dim):
+            raise PoeemError(
+                "saved table",
+                f"shape ({self.rows}, {self.dim})",
+                f"({saved.rows}, {saved.dim})",
+                "load its own run",
+            )
+        with torch.no_grad():
+            for (offset, shard), sums in zip(self._local_shards(), self._local_sums(), strict=True):
+                rows, saved_sums = saved.read(offset, shard.shape[0])
+                shard.copy_(rows)
+                sums.copy_(saved_sums)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """(B,) int64 ids in [0, rows) -> (B, dim) embeddings (this rank's batch)."""
         from torchrec import KeyedJaggedTensor
@@ -129,3 +171,77 @@ class ShardedIdTable(nn.Module):
             keys=["ids"], values=ids.long(), lengths=torch.ones_like(ids, dtype=torch.long)
         )
         return self.sharded(features)["ids"].values()
+
+
+def save_table_shards(table: ShardedIdTable, folder: str | Path, name: str, tag: str) -> None:
+    """Save a sharded table, every rank at once (a collective call): each rank writes its rows and
+    their Adagrad sums to ``folder/<name>-<tag>-<first>.safetensors``, then rank 0 replaces
+    ``folder/<name>.json``, the list of the shards, and deletes the files of earlier saves.
+
+    ``tag`` names this save (e.g. the step): until the new list replaces the old one, the old
+    list and its files stay whole, so a save that stops midway loses nothing.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    first, rows, sums = table.local_state()
+    file = f"{name}-{tag}-{first:012d}.safetensors"
+    if rows.shape[0]:
+        save_tensors(folder / file, {"rows": rows, "sum": sums})
+    parts = [(first, rows.shape[0], file)]
+    if distributed.is_active():
+        gathered: list[object] = [None] * distributed.world_size()
+        torch.distributed.all_gather_object(gathered, parts[0])
+        parts = gathered  # type: ignore[assignment]
+    if distributed.is_main():
+        shards = [{"first": f, "count": n, "file": path} for f, n, path in sorted(parts) if n]  # type: ignore[misc]
+        atomic_write_json(folder / f"{name}.json", {"rows": table.rows, "dim": table.dim, "shards": shards})
+        kept = {s["file"] for s in shards}
+        for old in folder.glob(f"{name}-*.safetensors"):
+            if old.name not in kept:
+                old.unlink(missing_ok=True)
+    distributed.barrier()
+
+
+class TableShards:
+    """A table saved by :func:`save_table_shards`, read by row ranges (files are memory-mapped:
+    a range costs only its own rows).
+
+    Args:
+        folder: where the table was saved; name: its name there.
+    """
+
+    FIX = "save the run again, or resume from an earlier checkpoint"
+
+    def __init__(self, folder: str | Path, name: str) -> None:
+        self.folder = Path(folder)
+        index = read_json(self.folder / f"{name}.json", f"sharded table '{name}'", self.FIX)
+        try:
+            self.rows, self.dim = int(index["rows"]), int(index["dim"])
+            self.shards = [(int(s["first"]), int(s["count"]), str(s["file"])) for s in index["shards"]]
+        except (KeyError, TypeError, ValueError) as err:
+            raise PoeemError(f"sharded table '{name}'", "rows, dim and shards", repr(err), self.FIX) from None
+        covered = 0
+        for first, count, _ in self.shards:
+            if first != covered:
+                raise PoeemError(
+                    f"sharded table '{name}'",
+                    f"shards covering rows 0..{self.rows}",
+                    f"a gap at {covered}",
+                    self.FIX,
+                )
+            covered += count
+        if covered != self.rows:
+            raise PoeemError(f"sharded table '{name}'", f"{self.rows} rows", f"{covered}", self.FIX)
+
+    def read(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``[first, first + count)``: ((count, dim) rows, (count,) row-wise Adagrad sums)."""
+        rows, sums = torch.empty(count, self.dim), torch.empty(count)
+        stop = first + count
+        for start, n, file in self.shards:
+            lo, hi = max(first, start), min(stop, start + n)
+            if lo >= hi:
+                continue
+            part = read_tensors(self.folder / file, f"table shard '{file}'", self.FIX, mmap=True)
+            rows[lo - first : hi - first] = part["rows"][lo - start : hi - start]
+            sums[lo - first : hi - first] = part["sum"][lo - start : hi - start]
+        return rows, sums
