@@ -51,7 +51,7 @@ def sharded_worker(out: str) -> None:
     first, rows = table.local_rows()
     drawn = ShardedIdTable(INIT_ROWS, 4, lr=LR, init_std=0.5, seed=7).local_rows()  # its own rows only
     # saved by each rank, loaded into a fresh table: the next step is the same as without the stop
-    save_table_shards(table, f"{out}/tables", "item", tag="3")
+    save_table_shards(table, f"{out}/tables", "item")
     _, _, sums = table.local_state()
     resumed = ShardedIdTable(101, 8, lr=LR, seed=1)
     resumed.load_shards(TableShards(f"{out}/tables", "item"))

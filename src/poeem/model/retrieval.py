@@ -50,8 +50,13 @@ class RetrievalModel(nn.Module):
         return self.item_log_q.shape[0]
 
     def id_tables(self) -> list[nn.Embedding]:
-        """The id embedding tables of the towers (the rows a sparse optimizer updates)."""
-        return [m.embedding for m in self.modules() if isinstance(m, Tower)]
+        """The id embedding tables of the towers (the rows a sparse optimizer updates); tables
+        sharded over ranks step themselves and are not among them."""
+        return [
+            m.embedding
+            for m in self.modules()
+            if isinstance(m, Tower) and isinstance(m.embedding, nn.Embedding)
+        ]
 
     def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) query ids (+ (B, Fq) features) -> (B, dim) query embeddings, as searched."""

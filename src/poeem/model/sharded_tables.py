@@ -115,6 +115,16 @@ class ShardedIdTable(nn.Module):
                 else:
                     shard.copy_(seeded_rows(offset, n, dim, init_std, seed))
 
+    @property
+    def num_embeddings(self) -> int:
+        """Rows of the whole table (as :class:`torch.nn.Embedding` names them)."""
+        return self.rows
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of a row."""
+        return self.dim
+
     def _local_shards(self) -> list[tuple[int, torch.Tensor]]:
         (weight,) = self.sharded.state_dict().values()
         return [(int(s.metadata.shard_offsets[0]), s.tensor) for s in weight.local_shards()]
@@ -173,18 +183,16 @@ class ShardedIdTable(nn.Module):
         return self.sharded(features)["ids"].values()
 
 
-def save_table_shards(table: ShardedIdTable, folder: str | Path, name: str, tag: str) -> None:
+def save_table_shards(table: ShardedIdTable, folder: str | Path, name: str) -> None:
     """Save a sharded table, every rank at once (a collective call): each rank writes its rows and
-    their Adagrad sums to ``folder/<name>-<tag>-<first>.safetensors``, then rank 0 replaces
-    ``folder/<name>.json``, the list of the shards, and deletes the files of earlier saves.
-
-    ``tag`` names this save (e.g. the step): until the new list replaces the old one, the old
-    list and its files stay whole, so a save that stops midway loses nothing.
+    their Adagrad sums to ``folder/<name>-<first>.safetensors``, and rank 0 then writes
+    ``folder/<name>.json``, the list of the shards. Save each version to a new folder and name
+    it in one atomic write afterwards: the folder of the last save stays whole until then.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     first, rows, sums = table.local_state()
-    file = f"{name}-{tag}-{first:012d}.safetensors"
+    file = f"{name}-{first:012d}.safetensors"
     if rows.shape[0]:
         save_tensors(folder / file, {"rows": rows, "sum": sums})
     parts = [(first, rows.shape[0], file)]
@@ -195,10 +203,6 @@ def save_table_shards(table: ShardedIdTable, folder: str | Path, name: str, tag:
     if distributed.is_main():
         shards = [{"first": f, "count": n, "file": path} for f, n, path in sorted(parts) if n]  # type: ignore[misc]
         atomic_write_json(folder / f"{name}.json", {"rows": table.rows, "dim": table.dim, "shards": shards})
-        kept = {s["file"] for s in shards}
-        for old in folder.glob(f"{name}-*.safetensors"):
-            if old.name not in kept:
-                old.unlink(missing_ok=True)
     distributed.barrier()
 
 

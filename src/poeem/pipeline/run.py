@@ -17,7 +17,7 @@ from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes, learned_index_rows
 from poeem.index.config import PoeemConfig
-from poeem.model import RetrievalModel
+from poeem.model import RetrievalModel, TwoTowerModel
 from poeem.model.config import TextConfig
 from poeem.model.text import TextTwoTowerModel
 from poeem.pipeline.config import RunConfig, run_options
@@ -37,6 +37,12 @@ from poeem.pipeline.run_dir import (
 )
 from poeem.search.searcher import Searcher
 from poeem.training.batches import PairBatches
+from poeem.training.table_sharding import (
+    check_table_sharding,
+    save_run_tables,
+    shard_id_tables,
+    without_sharded_tables,
+)
 from poeem.training.trainer import Trainer, resolve_device
 
 
@@ -184,11 +190,16 @@ def train_run(
     model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity())).to(device)
     if model.index is not None:
         check_catalogue(model.index.config, data.num_items, data.name)
+    check_table_sharding(cfg.train, isinstance(model, TwoTowerModel), cfg.model.table_dtype)
+    sharded = cfg.train.table_sharding == "torchrec"
+    if sharded:
+        shard_id_tables(model, cfg.train)
     attach_data(model, data, cfg.train.progress and distributed.is_main())
     artifacts = RunArtifacts.of(data)
     if distributed.is_main():
         save_run(run_dir, cfg, shapes, artifacts)
-    trainer = Trainer(model, cfg.train, run_dir, _periodic_eval(model, data, cfg))
+    # a sharded table answers lookups from every rank at once: no evaluation on rank 0 alone
+    trainer = Trainer(model, cfg.train, run_dir, None if sharded else _periodic_eval(model, data, cfg))
     batches = PairBatches(data, cfg.train.batch_size, cfg.train.seed, device, cfg.model.random_negatives)
     if resume:
         trainer.resume()
@@ -209,13 +220,16 @@ def train_run(
         model.index.initialize(
             model.all_item_embeddings(artifacts.item_features), progress=cfg.train.progress
         )
+    if sharded:  # every rank saves its own rows; the evaluation reads the whole model back
+        model = _save_sharded(run_dir, model, trainer.step)
     if not distributed.is_main():
         return model, {}
     trained_index = model.index
     # the trained model is saved before the stages after training, so that none loses it
     if cfg.train.refit is not None:  # until the refit is saved, the run serves its index as trained
         save_config(run_dir, replace(cfg, train=replace(cfg.train, refit=None)), shapes)
-    save_weights(run_dir, model)
+    if not sharded:
+        save_weights(run_dir, model)
     stages, as_trained = _after_training(model, data, artifacts, cfg, run_dir)
     if stages:
         save_weights(run_dir, model, trained_index if "refit" in stages else None)  # both indexes of a refit
@@ -236,6 +250,17 @@ def train_run(
     metrics.update(stages)
     write_metrics(run_dir, metrics)
     return model, metrics
+
+
+def _save_sharded(run_dir: Path, model: RetrievalModel, step: int) -> RetrievalModel:
+    """Save a model with sharded tables: each rank its rows, rank 0 the rest (a collective
+    call). Returns, on rank 0, the whole model read back from the folder (docs/distributed.md)."""
+    save_run_tables(run_dir, model, f"step-{step:012d}")
+    if not distributed.is_main():
+        return model
+    with without_sharded_tables(model):
+        save_weights(run_dir, model)
+    return load_run(run_dir)[1]
 
 
 def _periodic_eval(

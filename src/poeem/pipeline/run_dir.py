@@ -30,6 +30,7 @@ from poeem.index.refit import refit_settings
 from poeem.model import ModelConfig, RetrievalModel, TwoTowerModel
 from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
+from poeem.training.table_sharding import run_table_weights
 from poeem.user_files import require_folder
 
 AS_TRAINED = "index_as_trained.safetensors"  # a refitted run's layer as training left it
@@ -165,6 +166,7 @@ def load_run(
             raise PoeemError("run folder", f"'{name}' inside '{run_dir}'", "it is missing", FIX_RUN)
     cfg, raw = read_config(run_dir)
     weights = read_tensors(run_dir / "model.safetensors", "run weights", FIX_RUN)
+    weights |= run_table_weights(run_dir)  # tables saved by the ranks of a sharded run
     if as_trained and cfg.train.refit is not None and cfg.model.poeem is not None:
         if not (run_dir / AS_TRAINED).is_file():
             raise PoeemError(

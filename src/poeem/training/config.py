@@ -10,6 +10,7 @@ from poeem.options import setting
 
 OptimizerName = Literal["adam", "adamw", "adagrad"]
 TableOptimizerName = Literal["dense", "rowwise_adagrad", "sparse_adam"]
+TableShardingName = Literal["none", "torchrec"]
 
 
 @dataclass
@@ -30,6 +31,12 @@ class TrainConfig:
         "a batch used (rowwise_adagrad, sparse_adam).",
     )
     table_lr: float | None = setting(None, help="Learning rate of the id tables (default: --lr).")
+    table_sharding: TableShardingName = setting(
+        "none",
+        help="Id tables: replicated on every process (none), or sharded row-wise over the torchrun "
+        "processes by TorchRec, each holding and saving only its rows (torchrec; with "
+        "--table-optimizer rowwise_adagrad, which it fuses into the backward pass).",
+    )
     seed: int = setting(0, help="Seed of initialisation and batch order (not the data).")
     device: str = setting("auto", help="cpu, cuda, cuda:1 or auto.", resume=True)
     checkpoint_every: int = setting(1000, help="Steps between checkpoints (0: only at the end).", resume=True)
@@ -72,6 +79,11 @@ class TrainConfig:
                 "table_optimizer",
                 self.table_optimizer in get_args(TableOptimizerName),
                 _one_of(get_args(TableOptimizerName)),
+            ),
+            (
+                "table_sharding",
+                self.table_sharding in get_args(TableShardingName),
+                _one_of(get_args(TableShardingName)),
             ),
             ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
             ("eval_every", self.eval_every >= 0, "an integer >= 0"),

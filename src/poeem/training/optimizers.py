@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from poeem.errors import PoeemError
+from poeem.model.sharded_tables import ShardedIdTable
 from poeem.training.config import TrainConfig
 
 
@@ -212,7 +213,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     table_params = {id(t.weight) for t in tables}
     overrides = {"index": lr if index_lr is None else index_lr, **getattr(model, "lr_overrides", {})}
     groups: list[dict[str, Any]] = []
-    taken: set[int] = set(table_params)
+    sharded = {id(p) for m in model.modules() if isinstance(m, ShardedIdTable) for p in m.parameters()}
+    taken: set[int] = table_params | sharded  # sharded tables step in their own backward pass
     for sub_name, sub_lr in overrides.items():
         sub = getattr(model, sub_name, None)
         params = [p for p in sub.parameters() if id(p) not in taken] if isinstance(sub, nn.Module) else []
@@ -222,7 +224,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     groups.insert(0, {"params": [p for p in model.parameters() if id(p) not in taken]})
     dense = _dense_optimizer(groups, cfg.optimizer, lr, weight_decay)
     if not tables:
-        if table_optimizer != "dense":
+        if table_optimizer != "dense" and not sharded:
             raise PoeemError(
                 "table_optimizer",
                 "a model with id embedding tables",

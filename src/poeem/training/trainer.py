@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -22,6 +22,13 @@ from poeem.training.checkpoint import load_checkpoint, save_checkpoint
 from poeem.training.config import TrainConfig
 from poeem.training.metrics_log import MetricsLog
 from poeem.training.optimizers import build_optimizer
+from poeem.training.table_sharding import (
+    drop_other_tags,
+    load_tables,
+    save_tables,
+    sharded_tables,
+    without_sharded_tables,
+)
 
 
 class BatchSource(Protocol):
@@ -66,6 +73,7 @@ class Trainer:
     ) -> None:
         self.model, self.cfg, self.run_dir, self.evaluate = model, cfg, run_dir, evaluate
         self.main = distributed.is_main()
+        self.sharded = bool(sharded_tables(model))  # id tables sharded over the ranks
         self.optimizer = build_optimizer(model, cfg)
         self.step = 0
         self.eval_s = 0.0  # seconds spent in evaluation callbacks during fit()
@@ -77,18 +85,44 @@ class Trainer:
         """Where checkpoints go."""
         return self.run_dir / "checkpoint.safetensors" if self.run_dir else None
 
+    @property
+    def tables_dir(self) -> Path | None:
+        """Where each rank writes its rows of sharded tables at a checkpoint."""
+        return self.run_dir / "checkpoint_tables" if self.run_dir else None
+
     def resume(self) -> None:
-        """Restore model, optimizer, step and history from the run folder's checkpoint."""
-        assert self.checkpoint_path is not None, "resume needs a run_dir"
-        state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer)
+        """Restore model, optimizer, step and history from the run folder's checkpoint (and each
+        rank's rows of sharded tables, saved by any number of ranks)."""
+        assert self.checkpoint_path is not None and self.tables_dir is not None, "resume needs a run_dir"
+        with without_sharded_tables(self.model):
+            state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer)
+        if self.sharded:
+            if "tables" not in state:
+                raise PoeemError(
+                    "--resume with --table-sharding torchrec",
+                    "a checkpoint of a run with sharded tables",
+                    "a checkpoint with whole tables",
+                    "resume with the run's own --table-sharding",
+                )
+            load_tables(self.model, self.tables_dir, state["tables"])
         self.step, self.history = int(state["step"]), list(state.get("history", []))
 
     def save(self) -> None:
-        """Write a checkpoint atomically, on rank 0 (no-op without a run folder)."""
-        if self.checkpoint_path is not None and self.main:
-            save_checkpoint(
-                self.checkpoint_path, self.model, self.optimizer, {"step": self.step, "history": self.history}
-            )
+        """Write a checkpoint atomically (no-op without a run folder): rank 0 writes the model and
+        optimizer; with sharded tables every rank first writes its rows, which the checkpoint
+        then names."""
+        if self.checkpoint_path is None or self.tables_dir is None:
+            return
+        trainer_state: dict[str, Any] = {"step": self.step, "history": self.history}
+        if self.sharded:
+            trainer_state["tables"] = f"step-{self.step:012d}"
+            save_tables(self.model, self.tables_dir, trainer_state["tables"])
+        if self.main:
+            with without_sharded_tables(self.model):
+                save_checkpoint(self.checkpoint_path, self.model, self.optimizer, trainer_state)
+            if self.sharded:
+                drop_other_tags(self.tables_dir, trainer_state["tables"])
+        distributed.barrier()
 
     def total_steps(self, per_epoch: int) -> int:
         """Where training stops: ``epochs`` epochs of ``per_epoch`` steps, or ``max_steps``."""
@@ -167,6 +201,13 @@ class Trainer:
         """The model, wrapped in DistributedDataParallel under torch.distributed."""
         if not distributed.is_active():
             return self.model
+        tables = sharded_tables(self.model)
+        if tables:  # they exchange rows and step themselves: DDP trains the rest
+            owned = {id(p) for table in tables.values() for p in table.parameters()}
+            ignored = [name for name, p in self.model.named_parameters() if id(p) in owned]
+            DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ignored)
+            if not any(p.requires_grad and id(p) not in owned for p in self.model.parameters()):
+                return self.model
         device = next(self.model.parameters()).device
         index = getattr(self.model, "index", None)
         return DistributedDataParallel(

@@ -1,0 +1,105 @@
+"""``poeem train --table-sharding torchrec`` on 2 gloo ranks: the id tables sharded by TorchRec,
+saved by each rank, resumed, exported and searched like a one-process run. Skipped without
+torchrec."""
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_same_topk, cli
+
+from poeem import PoeemError, Searcher
+from poeem.model.sharded_tables import torchrec_available
+from poeem.pipeline import load_run
+from poeem.storage import read_tensors
+
+pytestmark = pytest.mark.skipif(not torchrec_available(), reason="torchrec extra not installed")
+
+RUN = (
+    *("--data", "synthetic", "--num-pairs", "4000", "--dim", "16", "--poeem", "--num-coarse", "4"),
+    *("--num-subspaces", "4", "--codebook-size", "16", "--warmup-steps", "4", "--buffer-size", "256"),
+    *("--batch-size", "64", "--epochs", "1", "--no-progress", "--logger", "none"),
+    *("--table-optimizer", "rowwise_adagrad"),
+)
+SHARDED = ("--table-sharding", "torchrec")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A sharded run stopped after 6 steps and resumed to 12 on 2 ranks, and the same 12 steps
+    in one process with whole tables."""
+    root = tmp_path_factory.mktemp("sharding")
+    cli("train", "--run-dir", str(root / "sharded"), *RUN, *SHARDED, "--max-steps", "6", torchrun=True)
+    cli(
+        "train",
+        "--run-dir",
+        str(root / "sharded"),
+        *RUN,
+        *SHARDED,
+        "--max-steps",
+        "12",
+        "--resume",
+        torchrun=True,
+    )
+    cli("train", "--run-dir", str(root / "whole"), *RUN, "--max-steps", "12")
+    return root / "sharded", root / "whole"
+
+
+def test_a_sharded_run_resumed_trains_like_one_process(runs: tuple[Path, Path]) -> None:
+    sharded, whole = (load_run(r)[1].state_dict() for r in runs)
+    assert sharded.keys() == whole.keys()
+    for name, value in sharded.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(value, whole[name], rtol=0, atol=1e-5, msg=name)
+        else:
+            assert torch.equal(value, whole[name]), name
+
+
+def test_each_rank_saves_its_own_rows(runs: tuple[Path, Path]) -> None:
+    sharded, _ = runs
+    saved = read_tensors(sharded / "model.safetensors", "run", "")
+    assert not any(name.endswith("embedding.weight") for name in saved)  # the tables are not in it
+    (tag,) = [p for p in (sharded / "tables").iterdir()]  # only the last save is kept
+    assert tag.name == "step-000000000012"
+    for tower in ("query_tower", "item_tower"):
+        assert len(list(tag.glob(f"{tower}-*.safetensors"))) == 2  # one file per rank
+    (checkpoint,) = list((sharded / "checkpoint_tables").iterdir())
+    assert checkpoint.name == "step-000000000012"
+
+
+def test_a_sharded_run_exports_and_searches_like_one_process(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    found = []
+    for run in runs:
+        cli("export", str(run), "--out", str(tmp_path / run.name), "--no-fast-scan")
+        searcher = Searcher.load(tmp_path / run.name)
+        found.append(searcher.search(searcher.embed_queries(np.arange(50)), k=10, nprobe=2))
+    assert_same_topk(*found[0], *found[1])
+
+
+def test_table_sharding_is_refused_where_it_cannot_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from poeem import distributed
+    from poeem.training import TrainConfig
+    from poeem.training.table_sharding import check_table_sharding
+
+    done = cli("train", "--run-dir", str(tmp_path / "one"), *RUN, *SHARDED, "--max-steps", "2", ok=False)
+    assert "--table-sharding torchrec: expected torchrun (several processes), got one process" in done.stderr
+    monkeypatch.setattr(distributed, "is_active", lambda: True)  # as under torchrun
+    sharded = TrainConfig(table_sharding="torchrec", table_optimizer="rowwise_adagrad")
+    check_table_sharding(sharded, True, "float32")  # what the runs above train with
+    for config, has_id_tables, dtype, message in (
+        (
+            TrainConfig(table_sharding="torchrec"),
+            True,
+            "float32",
+            "expected --table-optimizer rowwise_adagrad",
+        ),
+        (sharded, False, "float32", "expected id towers, got text towers"),
+        (sharded, True, "bfloat16", "expected float32 tables"),
+        (replace(sharded, weight_decay=0.1), True, "float32", "expected no weight decay"),
+    ):
+        with pytest.raises(PoeemError, match=message):
+            check_table_sharding(config, has_id_tables, dtype)
