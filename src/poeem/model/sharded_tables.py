@@ -214,7 +214,7 @@ class TableShards:
         folder: where the table was saved; name: its name there.
     """
 
-    FIX = "save the run again, or resume from an earlier checkpoint"
+    FIX = "restore that folder, or train the run again"
 
     def __init__(self, folder: str | Path, name: str) -> None:
         self.folder = Path(folder)

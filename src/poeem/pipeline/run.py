@@ -38,9 +38,15 @@ from poeem.pipeline.run_dir import (
 from poeem.search.searcher import Searcher
 from poeem.training.batches import PairBatches
 from poeem.training.table_sharding import (
+    RUN_TABLES,
     check_table_sharding,
-    save_run_tables,
+    drop_other_tags,
+    new_tag,
+    run_table_weights,
+    save_tables,
     shard_id_tables,
+    tables_metadata,
+    unshard_id_tables,
     without_sharded_tables,
 )
 from poeem.training.trainer import Trainer, resolve_device
@@ -190,10 +196,12 @@ def train_run(
     model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity())).to(device)
     if model.index is not None:
         check_catalogue(model.index.config, data.num_items, data.name)
-    check_table_sharding(cfg.train, isinstance(model, TwoTowerModel), cfg.model.table_dtype)
+    check_table_sharding(cfg.train, isinstance(model, TwoTowerModel), cfg.model.table_dtype, device)
     sharded = cfg.train.table_sharding == "torchrec"
     if sharded:
         shard_id_tables(model, cfg.train)
+        if distributed.is_main():
+            print("the id tables are sharded over the ranks: no evaluation during training", flush=True)
     attach_data(model, data, cfg.train.progress and distributed.is_main())
     artifacts = RunArtifacts.of(data)
     if distributed.is_main():
@@ -220,8 +228,8 @@ def train_run(
         model.index.initialize(
             model.all_item_embeddings(artifacts.item_features), progress=cfg.train.progress
         )
-    if sharded:  # every rank saves its own rows; the evaluation reads the whole model back
-        model = _save_sharded(run_dir, model, trainer.step)
+    if sharded:  # every rank saves its own rows; rank 0 then holds whole tables to evaluate
+        _save_sharded(run_dir, model, trainer.step)
     if not distributed.is_main():
         return model, {}
     trained_index = model.index
@@ -252,15 +260,19 @@ def train_run(
     return model, metrics
 
 
-def _save_sharded(run_dir: Path, model: RetrievalModel, step: int) -> RetrievalModel:
-    """Save a model with sharded tables: each rank its rows, rank 0 the rest (a collective
-    call). Returns, on rank 0, the whole model read back from the folder (docs/distributed.md)."""
-    save_run_tables(run_dir, model, f"step-{step:012d}")
-    if not distributed.is_main():
-        return model
-    with without_sharded_tables(model):
-        save_weights(run_dir, model)
-    return load_run(run_dir)[1]
+def _save_sharded(run_dir: Path, model: RetrievalModel, step: int) -> None:
+    """Save a model with sharded tables (a collective call): each rank writes its rows, then rank
+    0 the rest of the model, whose header names them (the commit point), and on rank 0 the model
+    gets whole tables back, read from the folder, to evaluate (docs/distributed.md)."""
+    tag = new_tag(step)
+    save_tables(model, run_dir / RUN_TABLES, tag)
+    if distributed.is_main():
+        named = tables_metadata(model, tag)
+        with without_sharded_tables(model):
+            save_weights(run_dir, model, metadata=named)
+        drop_other_tags(run_dir / RUN_TABLES, tag)
+        unshard_id_tables(model, run_table_weights(run_dir))
+    distributed.barrier()
 
 
 def _periodic_eval(

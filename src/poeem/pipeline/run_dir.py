@@ -115,11 +115,17 @@ def save_config(run_dir: Path, cfg: RunConfig, shapes: dict[str, int]) -> None:
     atomic_write_json(run_dir / "config.json", {**cfg.to_dict(), "shapes": shapes})
 
 
-def save_weights(run_dir: Path, model: torch.nn.Module, as_trained: torch.nn.Module | None = None) -> None:
+def save_weights(
+    run_dir: Path,
+    model: torch.nn.Module,
+    as_trained: torch.nn.Module | None = None,
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write ``model.safetensors`` atomically, and the layer as trained (``as_trained``, when the
     model serves a refit of it) to ``index_as_trained.safetensors``; without it, a stale one of an
-    earlier refit is deleted."""
-    save_tensors(run_dir / "model.safetensors", model.state_dict())
+    earlier refit is deleted. ``metadata``: strings stored in the file's header (a sharded run
+    names its tables there: :mod:`poeem.training.table_sharding`)."""
+    save_tensors(run_dir / "model.safetensors", model.state_dict(), metadata)
     if as_trained is not None:
         save_tensors(run_dir / AS_TRAINED, as_trained.state_dict())
     else:

@@ -3,37 +3,48 @@
 Each tower's table becomes a :class:`~poeem.model.sharded_tables.ShardedIdTable`: a rank holds
 its rows and their row-wise Adagrad sums, the optimizer step runs in the backward pass, and
 DistributedDataParallel trains everything else. A save writes each rank's rows to
-``<folder>/<tag>/`` (:func:`save_tables`) and then names that tag in one atomic write (the
-checkpoint's metadata, or the run's ``tables.json``); the tags before it are deleted then. The
-rest of the model is saved as in any run, without the tables.
+``<folder>/<tag>/`` (:func:`save_tables`), and rank 0 then names that tag in the metadata of
+the one file it writes atomically (``checkpoint.safetensors``, or ``model.safetensors``: the
+commit point); the tags before it are deleted after that. The rest of the model is saved as in
+any run, without the tables.
 """
 
 from __future__ import annotations
 
+import json
+import secrets
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from poeem import distributed
 from poeem.errors import PoeemError
 from poeem.model.sharded_tables import ShardedIdTable, TableShards, save_table_shards, torchrec_available
-from poeem.storage import atomic_write_json, read_json
 from poeem.training.config import TrainConfig
 
 TOWERS = ("query_tower", "item_tower")  # the towers whose id table (``.embedding``) is sharded
-RUN_TABLES = "tables"  # a finished run's tables: <run>/tables/<tag>/, named by <run>/tables.json
-FIX = "train the run again (its saved tables are incomplete)"
+RUN_TABLES = "tables"  # a finished run's tables: <run>/tables/<tag>/, named by model.safetensors
+FIX = "restore the run folder's tables, or train the run again"
 
 
-def check_table_sharding(cfg: TrainConfig, has_id_tables: bool, table_dtype: str) -> None:
+def check_table_sharding(
+    cfg: TrainConfig, has_id_tables: bool, table_dtype: str, device: torch.device | None = None
+) -> None:
     """Refuse, before training, a ``table_sharding`` that cannot run here."""
     if cfg.table_sharding == "none":
         return
     problems = [
+        (
+            device is not None and device.type != "cpu",
+            "the CPU (TorchRec's CPU kernels; CUDA is not wired yet)",
+            str(device),
+            "pass --device cpu",
+        ),
         (
             not distributed.is_active(),
             "torchrun (several processes)",
@@ -111,28 +122,47 @@ def drop_other_tags(folder: Path, tag: str) -> None:
                 shutil.rmtree(old, ignore_errors=True)
 
 
-def save_run_tables(run_dir: Path, model: nn.Module, tag: str) -> None:
-    """A finished run's tables: saved by every rank, then named in ``run_dir/tables.json``."""
-    save_tables(model, run_dir / RUN_TABLES, tag)
-    if distributed.is_main():
-        atomic_write_json(run_dir / f"{RUN_TABLES}.json", {"tag": tag, "towers": list(sharded_tables(model))})
-        drop_other_tags(run_dir / RUN_TABLES, tag)
-    distributed.barrier()
+def new_tag(step: int) -> str:
+    """A name for one save, the same on every rank and never used before (the step, and a token
+    rank 0 draws), so that no save rewrites the files an earlier one committed."""
+    tag = [f"step-{step:012d}-{secrets.token_hex(4)}"]
+    if distributed.is_active():
+        torch.distributed.broadcast_object_list(tag, src=0)
+    return tag[0]
+
+
+def tables_metadata(model: nn.Module, tag: str) -> dict[str, str]:
+    """What a saved model names of its sharded tables (safetensors metadata): the tag, and the towers."""
+    return {"tables": json.dumps({"tag": tag, "towers": list(sharded_tables(model))})}
 
 
 def run_table_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """A run's sharded tables as whole ``<tower>.embedding.weight`` tensors (one process reads
-    them all; {} for a run whose tables are in ``model.safetensors``)."""
-    named = run_dir / f"{RUN_TABLES}.json"
-    if not named.is_file():
-        return {}
-    index = read_json(named, "run tables", FIX)
+    """The sharded tables a run's ``model.safetensors`` names, as whole
+    ``<tower>.embedding.weight`` tensors read in one process ({} for a run whose tables are in
+    ``model.safetensors`` itself)."""
+    path = run_dir / "model.safetensors"
     try:
+        with safe_open(str(path), framework="pt") as f:
+            named = (f.metadata() or {}).get("tables")
+    except (SafetensorError, OSError):
+        return {}  # load_run reports the unreadable file itself
+    if named is None:
+        return {}
+    try:
+        index = json.loads(named)
         tag, towers = str(index["tag"]), [str(t) for t in index["towers"]]
-    except (KeyError, TypeError) as err:
-        raise PoeemError("run tables", "tag and towers", repr(err), FIX) from None
+    except (ValueError, KeyError, TypeError) as err:
+        raise PoeemError("run tables", "a tag and towers in model.safetensors", repr(err), FIX) from None
     weights = {}
     for name in towers:
         saved = TableShards(run_dir / RUN_TABLES / tag, name)
         weights[f"{name}.embedding.weight"] = saved.read(0, saved.rows)[0]
     return weights
+
+
+def unshard_id_tables(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
+    """Put whole tables (``run_table_weights``) back in the towers of a sharded model, on the
+    model's device: one process then evaluates and exports it like any model."""
+    for name in sharded_tables(model):
+        rows = weights[f"{name}.embedding.weight"]
+        getattr(model, name).embedding = nn.Embedding.from_pretrained(rows, freeze=False)

@@ -18,13 +18,14 @@ from tqdm.auto import tqdm
 
 from poeem import distributed
 from poeem.errors import PoeemError
-from poeem.training.checkpoint import load_checkpoint, save_checkpoint
+from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from poeem.training.config import TrainConfig
 from poeem.training.metrics_log import MetricsLog
 from poeem.training.optimizers import build_optimizer
 from poeem.training.table_sharding import (
     drop_other_tags,
     load_tables,
+    new_tag,
     save_tables,
     sharded_tables,
     without_sharded_tables,
@@ -94,16 +95,17 @@ class Trainer:
         """Restore model, optimizer, step and history from the run folder's checkpoint (and each
         rank's rows of sharded tables, saved by any number of ranks)."""
         assert self.checkpoint_path is not None and self.tables_dir is not None, "resume needs a run_dir"
+        tensors, meta = read_checkpoint(self.checkpoint_path)
+        if self.sharded != ("tables" in meta.get("trainer", {})):
+            raise PoeemError(
+                "--resume",
+                "the table sharding the checkpoint was saved with",
+                "sharded tables and a checkpoint of whole ones" if self.sharded else "the reverse",
+                "resume with the run's own --table-sharding",
+            )
         with without_sharded_tables(self.model):
-            state = load_checkpoint(self.checkpoint_path, self.model, self.optimizer)
+            state = restore_checkpoint(self.checkpoint_path, tensors, meta, self.model, self.optimizer)
         if self.sharded:
-            if "tables" not in state:
-                raise PoeemError(
-                    "--resume with --table-sharding torchrec",
-                    "a checkpoint of a run with sharded tables",
-                    "a checkpoint with whole tables",
-                    "resume with the run's own --table-sharding",
-                )
             load_tables(self.model, self.tables_dir, state["tables"])
         self.step, self.history = int(state["step"]), list(state.get("history", []))
 
@@ -115,7 +117,7 @@ class Trainer:
             return
         trainer_state: dict[str, Any] = {"step": self.step, "history": self.history}
         if self.sharded:
-            trainer_state["tables"] = f"step-{self.step:012d}"
+            trainer_state["tables"] = new_tag(self.step)
             save_tables(self.model, self.tables_dir, trainer_state["tables"])
         if self.main:
             with without_sharded_tables(self.model):
@@ -205,6 +207,7 @@ class Trainer:
         if tables:  # they exchange rows and step themselves: DDP trains the rest
             owned = {id(p) for table in tables.values() for p in table.parameters()}
             ignored = [name for name, p in self.model.named_parameters() if id(p) in owned]
+            # DDP's own way to leave parameters out (a private API, as TorchRec uses it; torch 2.13)
             DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, ignored)
             if not any(p.requires_grad and id(p) not in owned for p in self.model.parameters()):
                 return self.model
