@@ -19,12 +19,15 @@ nearest sqrt(n)) it measures, in a fresh process so that peak memory is per size
   scratch is skipped and the memory holds random codes, which cost the same to export);
 - search time of both indexes at equal bytes and nprobe;
 - up to ``--ddp-max-size``: steps/s with 1 and 2 processes (torch.distributed, gloo), same global
-  batch.
+  batch, and each rank's peak and resident memory; with ``--sharded`` also 2 processes whose id
+  tables are sharded row-wise by TorchRec (``poeem train --table-sharding torchrec``).
 
 The towers are untrained (random embeddings): the numbers are costs, not quality.
 
     python benchmarks/scale.py                                 # 100k, 1M, 10M items
     python benchmarks/scale.py --sizes 100000 --steps 5        # a quick look
+    python benchmarks/scale.py --sizes 1000000 10000000 --processes-only --sharded \
+        --results-name scale_sharded                           # replicated against sharded tables
     python benchmarks/scale.py --sizes 50000000 --faiss-max-size 0 --ddp-max-size 0 --steps 300
     python benchmarks/scale.py --sizes 100000000 --table-dtype bfloat16 --scratch-max-size 0 \
         --faiss-max-size 0 --ddp-max-size 0 --steps 300     # 100M rows in 12.8 GB
@@ -247,7 +250,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ddp_worker(rank: int, world: int, port: int, n: int, args: argparse.Namespace, out: str) -> None:
+def resident_gb() -> float:
+    """Resident memory of this process now, GB (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def ddp_worker(
+    rank: int, world: int, port: int, n: int, args: argparse.Namespace, out: str, sharded: bool
+) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -256,23 +269,40 @@ def ddp_worker(rank: int, world: int, port: int, n: int, args: argparse.Namespac
         poeem = layer_config(n, 1, init="random")  # steps/s only: skip the k-means
         model = TwoTowerModel(ModelConfig(dim=DIM, poeem=poeem, table_dtype=args.table_dtype), NUM_QUERIES, n)
         model.index.initialize(model.all_item_embeddings(rows=slice(0, poeem["buffer_size"])))
+        if sharded:  # as poeem train --table-sharding torchrec does
+            from poeem.training.table_sharding import shard_id_tables
+
+            shard_id_tables(
+                model,
+                TrainConfig(table_sharding="torchrec", table_optimizer="rowwise_adagrad", table_lr=0.05),
+            )
         rate = steps_per_s(model, args)
-        if rank == 0:
-            Path(out).write_text(json.dumps({"steps_per_s": rate, "peak_rss_gb_rank0": peak_rss_gb()}))
+        memory = {"peak_rss_gb": peak_rss_gb(), "resident_after_training_gb": resident_gb()}
+        Path(f"{out}.{rank}").write_text(json.dumps({"steps_per_s": rate, **memory}))
     finally:
         dist.destroy_process_group()
 
 
 def processes(n: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Steps/s and samples/s of training with the layer on 1 and 2 processes."""
+    """Steps/s and samples/s of training with the layer on 1 and 2 processes (tables replicated,
+    and, with ``--sharded``, sharded by TorchRec), and each rank's memory."""
     out: dict[str, Any] = {}
-    for world in (1, 2):
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            mp.spawn(ddp_worker, args=(world, free_port(), n, args, f.name), nprocs=world, join=True)
-            rate = json.loads(Path(f.name).read_text())
-        rate["samples_per_s"] = rate["steps_per_s"] * args.batch_size
-        out[str(world)] = rate
-        print(f"n={n:,}: {world} process(es) {rate['steps_per_s']:.2f} steps/s", flush=True)
+    variants = [(1, False), (2, False)] + [(2, True)] * args.sharded
+    for world, sharded in variants:
+        with tempfile.TemporaryDirectory() as tmp:
+            base = f"{tmp}/rate"
+            mp.spawn(ddp_worker, args=(world, free_port(), n, args, base, sharded), nprocs=world, join=True)
+            ranks = [json.loads(Path(f"{base}.{r}").read_text()) for r in range(world)]
+        rate = {
+            "steps_per_s": ranks[0]["steps_per_s"],
+            "samples_per_s": ranks[0]["steps_per_s"] * args.batch_size,
+            "peak_rss_gb_rank0": ranks[0]["peak_rss_gb"],
+            "peak_rss_gb_per_rank": [r["peak_rss_gb"] for r in ranks],
+            "resident_after_training_gb_per_rank": [r["resident_after_training_gb"] for r in ranks],
+        }
+        name = f"{world}-sharded" if sharded else str(world)
+        out[name] = rate
+        print(f"n={n:,}: {name} process(es) {rate['steps_per_s']:.2f} steps/s", flush=True)
     return out
 
 
@@ -287,6 +317,9 @@ def main() -> None:
     p.add_argument("--ddp-max-size", type=int, default=10_000_000, help="largest size run on 2 processes")
     p.add_argument("--faiss-max-size", type=int, default=10_000_000, help="largest size FAISS is built for")
     p.add_argument("--table-optimizer", default="rowwise_adagrad", choices=get_args(TableOptimizerName))
+    p.add_argument(
+        "--sharded", action="store_true", help="also 2 processes with the id tables sharded by TorchRec"
+    )
     p.add_argument("--table-dtype", default="float32", choices=get_args(TableDtype))
     p.add_argument(
         "--scratch-max-size",
@@ -297,10 +330,16 @@ def main() -> None:
     p.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one size
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument("--results-name", default="scale", help="the results file: benchmarks/results/NAME.json")
+    p.add_argument(
+        "--processes-only",
+        action="store_true",
+        help="only the 1- and 2-process training rows (no export, search)",
+    )
     args = p.parse_args()
 
     if args.one is not None:  # a child process: one size, peak memory of its own
-        row = measure(args.one, args)
+        row = {"items": args.one} if args.processes_only else measure(args.one, args)
         if args.one <= args.ddp_max_size:
             row["processes"] = processes(args.one, args)
         args.out.write_text(json.dumps(row))
@@ -314,14 +353,14 @@ def main() -> None:
                 [sys.executable, __file__, *sys.argv[1:], "--one", str(n), "--out", str(out)], check=True
             )
             rows.append(json.loads(out.read_text()))
-    config = {k: v for k, v in vars(args).items() if k not in ("one", "out", "results_dir")}
+    config = {k: v for k, v in vars(args).items() if k not in ("one", "out", "results_dir", "results_name")}
     result = {
         "config": config | {"dim": DIM, "num_queries": NUM_QUERIES, "search_queries": SEARCH_QUERIES},
         "faiss_threads": faiss.omp_get_max_threads(),
         "faiss_polysemous_training": False,  # see untrained_faiss_index
         "rows": rows,
     }
-    print("wrote", save_result("scale", result, args.results_dir))
+    print("wrote", save_result(args.results_name, result, args.results_dir))
 
 
 if __name__ == "__main__":
