@@ -53,15 +53,20 @@ def sharding_section(r: dict[str, Any]) -> list[str]:
         "after training. On 2 cores, 2 processes measure the overhead of the exchange, not a "
         "speed-up.",
         "",
-        "| items | processes | steps/s | peak GB per rank | resident after training, GB per rank |",
-        "|---:|---|---:|---|---|",
+        "| items | processes | steps/s | peak GB per rank | peak per rank / one process "
+        "| resident after training, GB per rank |",
+        "|---:|---|---:|---|---|---|",
     ]
     for row in r["rows"]:
+        one = row["processes"]["1"]["peak_rss_gb_per_rank"][0]
         for name, rate in row.get("processes", {}).items():
             peaks = " / ".join(f"{x:.2f}" for x in rate["peak_rss_gb_per_rank"])
+            ratios = " / ".join(f"{x / one:.2f}x" for x in rate["peak_rss_gb_per_rank"])
             now = " / ".join(f"{x:.2f}" for x in rate["resident_after_training_gb_per_rank"])
             label = name.replace("-sharded", ", tables sharded")
-            lines.append(f"| {row['items']:,} | {label} | {rate['steps_per_s']:.2f} | {peaks} | {now} |")
+            lines.append(
+                f"| {row['items']:,} | {label} | {rate['steps_per_s']:.2f} | {peaks} | {ratios} | {now} |"
+            )
     return [*lines, "", provenance(r), ""]
 
 

@@ -26,7 +26,8 @@ The towers are untrained (random embeddings): the numbers are costs, not quality
 
     python benchmarks/scale.py                                 # 100k, 1M, 10M items
     python benchmarks/scale.py --sizes 100000 --steps 5        # a quick look
-    python benchmarks/scale.py --sizes 1000000 10000000 --processes-only --sharded \
+    python benchmarks/scale.py --sizes 1000000 10000000 50000000 --processes-only --sharded \
+        --replicated-max-size 10000000 --ddp-max-size 50000000 \
         --results-name scale_sharded                           # replicated against sharded tables
     python benchmarks/scale.py --sizes 50000000 --faiss-max-size 0 --ddp-max-size 0 --steps 300
     python benchmarks/scale.py --sizes 100000000 --table-dtype bfloat16 --scratch-max-size 0 \
@@ -267,15 +268,16 @@ def ddp_worker(
     try:
         torch.manual_seed(0)
         poeem = layer_config(n, 1, init="random")  # steps/s only: skip the k-means
-        model = TwoTowerModel(ModelConfig(dim=DIM, poeem=poeem, table_dtype=args.table_dtype), NUM_QUERIES, n)
-        model.index.initialize(model.all_item_embeddings(rows=slice(0, poeem["buffer_size"])))
-        if sharded:  # as poeem train --table-sharding torchrec does
+        config = ModelConfig(dim=DIM, poeem=poeem, table_dtype=args.table_dtype)
+        model = TwoTowerModel(config, NUM_QUERIES, n, tables_on_meta=sharded)
+        if sharded:  # as poeem train --table-sharding torchrec does: each rank draws its own rows
             from poeem.training.table_sharding import shard_id_tables
 
-            shard_id_tables(
-                model,
-                TrainConfig(table_sharding="torchrec", table_optimizer="rowwise_adagrad", table_lr=0.05),
+            sharding = TrainConfig(
+                table_sharding="torchrec", table_optimizer="rowwise_adagrad", table_lr=0.05
             )
+            shard_id_tables(model, sharding)
+        model.index.initialize(model.all_item_embeddings(rows=slice(0, poeem["buffer_size"])))
         rate = steps_per_s(model, args)
         memory = {"peak_rss_gb": peak_rss_gb(), "resident_after_training_gb": resident_gb()}
         Path(f"{out}.{rank}").write_text(json.dumps({"steps_per_s": rate, **memory}))
@@ -287,7 +289,7 @@ def processes(n: int, args: argparse.Namespace) -> dict[str, Any]:
     """Steps/s and samples/s of training with the layer on 1 and 2 processes (tables replicated,
     and, with ``--sharded``, sharded by TorchRec), and each rank's memory."""
     out: dict[str, Any] = {}
-    variants = [(1, False), (2, False)] + [(2, True)] * args.sharded
+    variants = [(1, False)] + [(2, False)] * (n <= args.replicated_max_size) + [(2, True)] * args.sharded
     for world, sharded in variants:
         with tempfile.TemporaryDirectory() as tmp:
             base = f"{tmp}/rate"
@@ -319,6 +321,12 @@ def main() -> None:
     p.add_argument("--table-optimizer", default="rowwise_adagrad", choices=get_args(TableOptimizerName))
     p.add_argument(
         "--sharded", action="store_true", help="also 2 processes with the id tables sharded by TorchRec"
+    )
+    p.add_argument(
+        "--replicated-max-size",
+        type=int,
+        default=1 << 62,
+        help="largest size run on 2 processes with replicated tables (each holds the whole table)",
     )
     p.add_argument("--table-dtype", default="float32", choices=get_args(TableDtype))
     p.add_argument(

@@ -255,3 +255,21 @@ def test_a_lists_ceiling_without_lists_is_said_not_skipped(tmp_path: Path) -> No
             model, load_data(cfg.data), (10,), (1,), faiss_baseline=False, lists_ceiling=True
         )
     assert [r["method"] for r in rows] == ["exact"]
+
+
+def test_a_tower_built_without_its_table_draws_any_rows_of_the_same_table() -> None:
+    """What a rank of a sharded run draws: its rows of the table one process would hold, while
+    the global random state moves on as it would (so every other parameter is the same too)."""
+    from poeem.model.towers import Tower
+
+    torch.manual_seed(5)
+    dense = Tower(1001, 5, init_std=0.1).embedding.weight.detach()
+    after = torch.rand(3)
+    torch.manual_seed(5)
+    meta = Tower(1001, 5, init_std=0.1, table_on_meta=True)
+    assert torch.equal(torch.rand(3), after)
+    assert meta.embedding.weight.is_meta
+    whole, part = torch.empty(1001, 5), torch.empty(400, 5)
+    meta.table_rows(0, whole)
+    meta.table_rows(300, part)
+    assert torch.equal(whole, dense) and torch.equal(part, dense[300:700])

@@ -15,6 +15,7 @@ of ranks (:meth:`ShardedIdTable.load_shards`) or whole in one process.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -59,9 +60,11 @@ class ShardedIdTable(nn.Module):
         rows: table rows (ids 0..rows-1).
         dim: embedding width.
         lr: row-wise Adagrad learning rate; eps its epsilon.
-        init: (rows, dim) initial values (each rank copies its own rows), or None: each rank
-            draws only its own rows, N(0, ``init_std``), by :func:`seeded_rows` with ``seed``
-            (the same table on any number of ranks; no rank holds the whole table).
+        init: (rows, dim) initial values (each rank copies its own rows); or a function
+            (first, out) that writes rows first.. into ``out`` (n, dim), called with this rank's
+            rows only; or None: each
+            rank draws only its own rows, N(0, ``init_std``), by :func:`seeded_rows` with
+            ``seed`` (the same table on any number of ranks; no rank holds the whole table).
     """
 
     def __init__(
@@ -70,7 +73,7 @@ class ShardedIdTable(nn.Module):
         dim: int,
         lr: float,
         eps: float = 1e-8,
-        init: torch.Tensor | None = None,
+        init: torch.Tensor | Callable[[int, torch.Tensor], None] | None = None,
         init_std: float = 0.1,
         seed: int = 0,
     ) -> None:
@@ -83,7 +86,7 @@ class ShardedIdTable(nn.Module):
             raise PoeemError(
                 "sharded id tables", "an initialised process group", "none", "run under torchrun"
             )
-        if init is not None and tuple(init.shape) != (rows, dim):
+        if isinstance(init, torch.Tensor) and tuple(init.shape) != (rows, dim):
             raise PoeemError("init", f"shape ({rows}, {dim})", f"shape {tuple(init.shape)}", "pass the table")
         from torchrec import EmbeddingCollection, EmbeddingConfig
         from torchrec.distributed.embedding import EmbeddingCollectionSharder
@@ -110,8 +113,10 @@ class ShardedIdTable(nn.Module):
         with torch.no_grad():
             for offset, shard in self._local_shards():
                 n = shard.shape[0]
-                if init is not None:
+                if isinstance(init, torch.Tensor):
                     shard.copy_(init[offset : offset + n])
+                elif init is not None:
+                    init(offset, shard)
                 else:
                     shard.copy_(seeded_rows(offset, n, dim, init_std, seed))
 

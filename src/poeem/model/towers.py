@@ -10,6 +10,29 @@ from torch import nn
 from poeem.errors import PoeemError
 from poeem.model.config import TableDtype, check_table_dtype
 
+DRAW_CHUNK = 1 << 22  # values per normal_ call when drawing a table by parts (a multiple of 16)
+
+
+def normal_draws(
+    total: int, std: float, generator: torch.Generator, start: int = 0, out: torch.Tensor | None = None
+) -> None:
+    """Draw ``total`` N(0, std) float32 values from ``generator`` in parts, exactly as one
+    ``normal_`` of ``total`` values draws them (parts are multiples of 16 values, and the last
+    one at least 16: torch draws in blocks of 16), writing values ``[start, start + out.numel())``
+    into ``out`` (nothing is kept without it)."""
+    stop = start + (out.numel() if out is not None else 0)
+    flat = out.view(-1) if out is not None else None
+    done = 0
+    while done < total:
+        size = min(DRAW_CHUNK, total - done)
+        if total - done - size < 16:
+            size = total - done
+        values = torch.empty(size).normal_(0, std, generator=generator)
+        lo, hi = max(start, done), min(stop, done + size)
+        if flat is not None and lo < hi:
+            flat[lo - start : hi - start] = values[lo - done : hi - done]
+        done += size
+
 
 class Tower(nn.Module):
     """Maps an id (and optional numeric features) to a ``dim``-dimensional embedding.
@@ -28,13 +51,22 @@ class Tower(nn.Module):
         hidden: tuple[int, ...] = (),
         init_std: float = 0.1,
         table_dtype: TableDtype = "float32",
+        table_on_meta: bool = False,
     ) -> None:
         super().__init__()
         check_table_dtype(table_dtype)
         self.num_numeric, self.hidden, self.table_dtype = num_numeric, tuple(hidden), table_dtype
-        # allocated in its own dtype: a bfloat16 table never exists as float32, even briefly
-        self.embedding = nn.Embedding(num_ids, dim, dtype=getattr(torch, table_dtype))
-        nn.init.normal_(self.embedding.weight, std=init_std)
+        self.init_std = init_std
+        self.table_rng: torch.Tensor | None = None  # the generator state a meta table replays
+        if table_on_meta:  # no memory: each rank draws its own rows later (table_rows)
+            self.table_rng = torch.get_rng_state()
+            self.embedding = nn.Embedding(num_ids, dim, dtype=getattr(torch, table_dtype), device="meta")
+            for std in (1.0, init_std):  # the global generator moves on as the two draws below move it
+                normal_draws(num_ids * dim, std, torch.default_generator)
+        else:
+            # allocated in its own dtype: a bfloat16 table never exists as float32, even briefly
+            self.embedding = nn.Embedding(num_ids, dim, dtype=getattr(torch, table_dtype))
+            nn.init.normal_(self.embedding.weight, std=init_std)
         self.numeric: nn.Module | None = None
         if num_numeric:
             layers: list[nn.Module] = []
@@ -44,6 +76,17 @@ class Tower(nn.Module):
                 width = h
             layers.append(nn.Linear(width, dim))
             self.numeric = nn.Sequential(*layers)
+
+    def table_rows(self, first: int, out: torch.Tensor) -> None:
+        """Write into ``out`` (count, dim) rows ``[first, first + count)`` of the table a tower
+        built without ``table_on_meta`` would hold (the same draws of the same generator state),
+        without the rest of the table."""
+        assert self.table_rng is not None, "only a tower built with table_on_meta replays its draws"
+        g = torch.Generator()
+        g.set_state(self.table_rng)
+        n, dim = self.embedding.num_embeddings, self.embedding.embedding_dim
+        normal_draws(n * dim, 1.0, g)  # nn.Embedding's own initialisation, then ours
+        normal_draws(n * dim, self.init_std, g, first * dim, out)
 
     @property
     def num_ids(self) -> int:

@@ -11,7 +11,11 @@ from poeem.model.towers import Tower
 
 class TwoTowerModel(RetrievalModel):
     """A query tower and an item tower of id embeddings (plus optional feature MLPs), trained
-    with in-batch softmax; see :class:`RetrievalModel`."""
+    with in-batch softmax; see :class:`RetrievalModel`.
+
+    ``tables_on_meta`` builds the id tables without memory, for tables that each rank then draws
+    and holds only in part (:func:`poeem.training.table_sharding.shard_id_tables`); every other
+    parameter, and the global random state after the build, are as without it."""
 
     def __init__(
         self,
@@ -21,12 +25,15 @@ class TwoTowerModel(RetrievalModel):
         num_query_features: int = 0,
         num_item_features: int = 0,
         item_counts: torch.Tensor | None = None,
+        tables_on_meta: bool = False,
     ) -> None:
         super().__init__(config, num_items, item_counts)
         c = config
-        dtype = c.table_dtype
-        self.query_tower = Tower(num_queries, c.dim, num_query_features, c.query_hidden, c.init_std, dtype)
-        self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std, dtype)
+        dtype, meta = c.table_dtype, tables_on_meta  # meta: tables to be sharded, drawn by each rank
+        self.query_tower = Tower(
+            num_queries, c.dim, num_query_features, c.query_hidden, c.init_std, dtype, meta
+        )
+        self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std, dtype, meta)
 
     def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) query ids (+ (B, Fq) features) -> (B, dim) query embeddings, as searched."""

@@ -17,7 +17,7 @@ from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes, learned_index_rows
 from poeem.index.config import PoeemConfig
-from poeem.model import RetrievalModel, TwoTowerModel
+from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
 from poeem.model.text import TextTwoTowerModel
 from poeem.pipeline.config import RunConfig, run_options
@@ -192,16 +192,17 @@ def train_run(
     _check_distill(cfg)
     data = load_data(cfg.data)
     shapes = model_shapes(data)
-    torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity())).to(device)
-    if model.index is not None:
-        check_catalogue(model.index.config, data.num_items, data.name)
-    check_table_sharding(cfg.train, isinstance(model, TwoTowerModel), cfg.model.table_dtype, device)
+    check_table_sharding(cfg.train, cfg.model.text is None, cfg.model.table_dtype, device)
     sharded = cfg.train.table_sharding == "torchrec"
-    if sharded:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, shapes, torch.from_numpy(data.item_popularity()), tables_on_meta=sharded)
+    if sharded:  # each rank draws and holds its own rows only
         shard_id_tables(model, cfg.train)
         if distributed.is_main():
             print("the id tables are sharded over the ranks: no evaluation during training", flush=True)
+    model = model.to(device)
+    if model.index is not None:
+        check_catalogue(model.index.config, data.num_items, data.name)
     attach_data(model, data, cfg.train.progress and distributed.is_main())
     artifacts = RunArtifacts.of(data)
     if distributed.is_main():

@@ -67,10 +67,14 @@ def model_shapes(data: InteractionData) -> dict[str, int]:
 
 
 def build_model(
-    cfg: ModelConfig, shapes: dict[str, int], item_counts: torch.Tensor | None = None
+    cfg: ModelConfig,
+    shapes: dict[str, int],
+    item_counts: torch.Tensor | None = None,
+    tables_on_meta: bool = False,
 ) -> RetrievalModel:
     """A fresh model for the given shapes: text towers when ``cfg.text`` is set (they still need
-    :func:`poeem.pipeline.run.attach_data`), else id towers."""
+    :func:`poeem.pipeline.run.attach_data`), else id towers (with ``tables_on_meta``, their id
+    tables take no memory until they are sharded: :class:`TwoTowerModel`)."""
     try:
         if cfg.text is not None:
             from poeem.model.text import TextTwoTowerModel
@@ -83,6 +87,7 @@ def build_model(
             int(shapes["num_query_features"]),
             int(shapes["num_item_features"]),
             item_counts,
+            tables_on_meta,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PoeemError("run config 'shapes'", "the model's vocabulary sizes", repr(err), FIX_RUN) from None

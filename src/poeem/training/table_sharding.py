@@ -78,13 +78,15 @@ def sharded_tables(model: nn.Module) -> dict[str, ShardedIdTable]:
 
 
 def shard_id_tables(model: nn.Module, cfg: TrainConfig) -> None:
-    """Replace each tower's id table by a sharded one, holding the same initial rows."""
+    """Replace each tower's id table by a sharded one, holding the same initial rows: copied from
+    a whole table, or, for a tower built with ``table_on_meta``, drawn for this rank's rows alone
+    (:meth:`poeem.model.towers.Tower.table_rows`)."""
     lr = cfg.lr if cfg.table_lr is None else cfg.table_lr
     for name in TOWERS:
         tower = getattr(model, name)
-        weight = tower.embedding.weight.detach()
-        tower.embedding = ShardedIdTable(weight.shape[0], weight.shape[1], lr=lr, init=weight)
-        del weight  # each rank keeps only its own rows
+        rows, dim = tower.embedding.num_embeddings, tower.embedding.embedding_dim
+        init = tower.table_rows if tower.table_rng is not None else tower.embedding.weight.detach()
+        tower.embedding = ShardedIdTable(rows, dim, lr=lr, init=init)
 
 
 @contextmanager
