@@ -34,6 +34,30 @@ def normal_draws(
         done += size
 
 
+class TableRows(nn.Module):
+    """Rows ``[first, first + n)`` of an id table of ``num_embeddings`` rows, in place of the
+    table where a process needs only those: lookups of other ids are an error.
+
+    Args:
+        first: the first row's id; rows: (n, dim) the rows; num_embeddings: the table's rows.
+    """
+
+    def __init__(self, first: int, rows: torch.Tensor, num_embeddings: int) -> None:
+        super().__init__()
+        self.first, self.num_embeddings, self.embedding_dim = first, num_embeddings, rows.shape[1]
+        self.register_buffer("rows", rows, persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """(B,) ids in ``[first, first + n)`` -> (B, dim) rows."""
+        last = self.first + self.rows.shape[0]
+        if ids.numel() and (int(ids.min()) < self.first or int(ids.max()) >= last):
+            found = f"ids from {int(ids.min())} to {int(ids.max())}"
+            raise PoeemError(
+                "ids", f"ids in [{self.first}, {last}) (this process's rows)", found, "look up its own rows"
+            )
+        return self.rows[ids - self.first]
+
+
 class Tower(nn.Module):
     """Maps an id (and optional numeric features) to a ``dim``-dimensional embedding.
 
@@ -52,17 +76,19 @@ class Tower(nn.Module):
         init_std: float = 0.1,
         table_dtype: TableDtype = "float32",
         table_on_meta: bool = False,
+        replay_init: bool = True,
     ) -> None:
         super().__init__()
         check_table_dtype(table_dtype)
         self.num_numeric, self.hidden, self.table_dtype = num_numeric, tuple(hidden), table_dtype
         self.init_std = init_std
         self.table_rng: torch.Tensor | None = None  # the generator state a meta table replays
-        if table_on_meta:  # no memory: each rank draws its own rows later (table_rows)
-            self.table_rng = torch.get_rng_state()
+        if table_on_meta:  # no memory: rows are drawn (table_rows) or loaded later
             self.embedding = nn.Embedding(num_ids, dim, dtype=getattr(torch, table_dtype), device="meta")
-            for std in (1.0, init_std):  # the global generator moves on as the two draws below move it
-                normal_draws(num_ids * dim, std, torch.default_generator)
+            if replay_init:  # the global generator moves on as the two draws below move it
+                self.table_rng = torch.get_rng_state()
+                for std in (1.0, init_std):
+                    normal_draws(num_ids * dim, std, torch.default_generator)
         else:
             # allocated in its own dtype: a bfloat16 table never exists as float32, even briefly
             self.embedding = nn.Embedding(num_ids, dim, dtype=getattr(torch, table_dtype))

@@ -15,7 +15,8 @@ class TwoTowerModel(RetrievalModel):
 
     ``tables_on_meta`` builds the id tables without memory, for tables that each rank then draws
     and holds only in part (:func:`poeem.training.table_sharding.shard_id_tables`); every other
-    parameter, and the global random state after the build, are as without it."""
+    parameter, and the global random state after the build, are as without it. With
+    ``replay_init`` False the tables are not drawn at all (a model whose weights are loaded next)."""
 
     def __init__(
         self,
@@ -26,14 +27,13 @@ class TwoTowerModel(RetrievalModel):
         num_item_features: int = 0,
         item_counts: torch.Tensor | None = None,
         tables_on_meta: bool = False,
+        replay_init: bool = True,
     ) -> None:
         super().__init__(config, num_items, item_counts)
         c = config
-        dtype, meta = c.table_dtype, tables_on_meta  # meta: tables to be sharded, drawn by each rank
-        self.query_tower = Tower(
-            num_queries, c.dim, num_query_features, c.query_hidden, c.init_std, dtype, meta
-        )
-        self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, c.init_std, dtype, meta)
+        tables = (c.init_std, c.table_dtype, tables_on_meta, replay_init)
+        self.query_tower = Tower(num_queries, c.dim, num_query_features, c.query_hidden, *tables)
+        self.item_tower = Tower(num_items, c.dim, num_item_features, c.item_hidden, *tables)
 
     def encode_queries(self, ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """(B,) query ids (+ (B, Fq) features) -> (B, dim) query embeddings, as searched."""

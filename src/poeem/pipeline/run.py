@@ -430,7 +430,10 @@ def export_run(
     """
     run_dir, recipe = Path(run_dir), recipe or IndexRecipe()
     distributed.setup(torch.device("cpu"))
-    cfg, model = load_run(run_dir, as_trained=recipe.start == "as-trained")
+    # under torchrun each rank of a run with sharded tables loads only its share of the items
+    cfg, model = load_run(
+        run_dir, as_trained=recipe.start == "as-trained", item_share=distributed.is_active()
+    )
     if model.index is None and recipe.start in ("trained", "as-trained") and recipe.distill is None:
         raise PoeemError(
             "export",

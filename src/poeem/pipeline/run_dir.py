@@ -23,14 +23,16 @@ from typing import Any
 
 import torch
 
+from poeem import distributed
 from poeem.data import InteractionData
 from poeem.errors import PoeemError
 from poeem.ids import IdMap
 from poeem.index.refit import refit_settings
 from poeem.model import ModelConfig, RetrievalModel, TwoTowerModel
+from poeem.model.towers import TableRows
 from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
-from poeem.training.table_sharding import run_table_weights
+from poeem.training.table_sharding import run_tables
 from poeem.user_files import require_folder
 
 AS_TRAINED = "index_as_trained.safetensors"  # a refitted run's layer as training left it
@@ -71,6 +73,7 @@ def build_model(
     shapes: dict[str, int],
     item_counts: torch.Tensor | None = None,
     tables_on_meta: bool = False,
+    replay_init: bool = True,
 ) -> RetrievalModel:
     """A fresh model for the given shapes: text towers when ``cfg.text`` is set (they still need
     :func:`poeem.pipeline.run.attach_data`), else id towers (with ``tables_on_meta``, their id
@@ -88,6 +91,7 @@ def build_model(
             int(shapes["num_item_features"]),
             item_counts,
             tables_on_meta,
+            replay_init,
         )
     except (KeyError, TypeError, ValueError) as err:
         raise PoeemError("run config 'shapes'", "the model's vocabulary sizes", repr(err), FIX_RUN) from None
@@ -164,20 +168,33 @@ def read_artifacts(run_dir: Path) -> RunArtifacts:
 
 
 def load_run(
-    run_dir: str | Path, device: torch.device | str = "cpu", as_trained: bool = False
+    run_dir: str | Path,
+    device: torch.device | str = "cpu",
+    as_trained: bool = False,
+    item_share: bool = False,
 ) -> tuple[RunConfig, RetrievalModel]:
     """The config and the trained model (eval mode) of a finished run.
 
     With ``as_trained``, a run that serves a refit of its layer (``train.refit``) is loaded with
     the layer as training left it instead (``index_as_trained.safetensors``), and its config
-    reads as if trained with ``--refit none``; other runs load as they are."""
+    reads as if trained with ``--refit none``; other runs load as they are.
+
+    With ``item_share``, a run whose tables were sharded (``--table-sharding``) holds only this
+    process's share of the item rows (:func:`poeem.distributed.shard`, a :class:`TableRows`):
+    what each rank of a per-rank export encodes."""
     run_dir = require_folder(run_dir, "run folder", FIX_RUN)
     for name in ("config.json", "model.safetensors"):
         if not (run_dir / name).is_file():
             raise PoeemError("run folder", f"'{name}' inside '{run_dir}'", "it is missing", FIX_RUN)
     cfg, raw = read_config(run_dir)
     weights = read_tensors(run_dir / "model.safetensors", "run weights", FIX_RUN)
-    weights |= run_table_weights(run_dir)  # tables saved by the ranks of a sharded run
+    tables = run_tables(run_dir)  # saved by the ranks of a sharded run
+    item_rows = None
+    if item_share and "item_tower" in tables:
+        saved = tables.pop("item_tower")
+        share = distributed.shard(saved.rows)
+        item_rows = TableRows(share.start, saved.read(share.start, share.stop - share.start)[0], saved.rows)
+    weights |= {f"{name}.embedding.weight": t.read(0, t.rows)[0] for name, t in tables.items()}
     if as_trained and cfg.train.refit is not None and cfg.model.poeem is not None:
         if not (run_dir / AS_TRAINED).is_file():
             raise PoeemError(
@@ -190,7 +207,11 @@ def load_run(
         weights = {k: v for k, v in weights.items() if not k.startswith("index.")}
         weights |= {f"index.{k}": v for k, v in layer.items()}
         cfg = replace(cfg, train=replace(cfg.train, refit=None))
-    model = build_model(served_model_config(cfg), raw.get("shapes") or {})
+    model = build_model(served_model_config(cfg), raw.get("shapes") or {}, None, item_rows is not None, False)
+    if item_rows is not None:  # the query table whole (an index keeps its tower), the items' in part
+        query = weights["query_tower.embedding.weight"]
+        model.query_tower.embedding = torch.nn.Embedding.from_pretrained(query, freeze=False)  # type: ignore[union-attr]
+        model.item_tower.embedding = item_rows  # type: ignore[union-attr]
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

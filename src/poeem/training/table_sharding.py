@@ -138,10 +138,9 @@ def tables_metadata(model: nn.Module, tag: str) -> dict[str, str]:
     return {"tables": json.dumps({"tag": tag, "towers": list(sharded_tables(model))})}
 
 
-def run_table_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """The sharded tables a run's ``model.safetensors`` names, as whole
-    ``<tower>.embedding.weight`` tensors read in one process ({} for a run whose tables are in
-    ``model.safetensors`` itself)."""
+def run_tables(run_dir: Path) -> dict[str, TableShards]:
+    """The sharded tables a run's ``model.safetensors`` names, by tower ({} for a run whose
+    tables are in ``model.safetensors`` itself)."""
     path = run_dir / "model.safetensors"
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -155,11 +154,13 @@ def run_table_weights(run_dir: Path) -> dict[str, torch.Tensor]:
         tag, towers = str(index["tag"]), [str(t) for t in index["towers"]]
     except (ValueError, KeyError, TypeError) as err:
         raise PoeemError("run tables", "a tag and towers in model.safetensors", repr(err), FIX) from None
-    weights = {}
-    for name in towers:
-        saved = TableShards(run_dir / RUN_TABLES / tag, name)
-        weights[f"{name}.embedding.weight"] = saved.read(0, saved.rows)[0]
-    return weights
+    return {name: TableShards(run_dir / RUN_TABLES / tag, name) for name in towers}
+
+
+def run_table_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's sharded tables as whole ``<tower>.embedding.weight`` tensors ({} for a run whose
+    tables are in ``model.safetensors`` itself)."""
+    return {f"{name}.embedding.weight": t.read(0, t.rows)[0] for name, t in run_tables(run_dir).items()}
 
 
 def unshard_id_tables(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
