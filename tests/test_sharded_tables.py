@@ -126,3 +126,20 @@ def test_a_sharded_table_is_saved_by_each_rank_and_resumes_exactly(rank_outputs:
         (_, cont_rows, cont_sums), (_, res_rows, res_sums) = part["after"]
         assert torch.equal(cont_rows, res_rows) and torch.equal(cont_sums, res_sums)
         assert not torch.equal(cont_rows, part["rows"])  # the step after the load did train
+
+
+def three_rank_worker(tables: str, out: str) -> None:
+    from poeem.model.sharded_tables import ShardedIdTable, TableShards
+
+    table = ShardedIdTable(101, 8, lr=LR, seed=2)
+    table.load_shards(TableShards(tables, "item"))  # saved by 2 ranks, read by 3
+    torch.save(table.local_state(), f"{out}/three{dist.get_rank()}.pt")
+
+
+def test_a_table_saved_by_two_ranks_loads_on_three(rank_outputs: list[dict], tmp_path: Path) -> None:
+    parts = sorted(rank_outputs, key=lambda p: p["first"])
+    run_ranks(three_rank_worker, parts[0]["tables"], str(tmp_path), world=3)
+    loaded = sorted((torch.load(tmp_path / f"three{r}.pt") for r in range(3)), key=lambda s: s[0])
+    assert len({first for first, _, _ in loaded}) == 3  # three row ranges
+    assert torch.equal(torch.cat([rows for _, rows, _ in loaded]), torch.cat([p["rows"] for p in parts]))
+    assert torch.equal(torch.cat([sums for _, _, sums in loaded]), torch.cat([p["sums"] for p in parts]))

@@ -32,23 +32,20 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A sharded run stopped after 6 steps and resumed to 12 on 2 ranks, and the same 12 steps
     in one process with whole tables."""
     root = tmp_path_factory.mktemp("sharding")
-    cli("train", "--run-dir", str(root / "sharded"), *RUN, *SHARDED, "--max-steps", "6", torchrun=True)
-    cli(
-        "train",
-        "--run-dir",
-        str(root / "sharded"),
-        *RUN,
-        *SHARDED,
-        "--max-steps",
-        "12",
-        "--resume",
-        torchrun=True,
-    )
+    stopped = ("--max-steps", "6", "--no-eval-after-training")  # no rank holds a whole table
+    done = cli("train", "--run-dir", str(root / "sharded"), *RUN, *SHARDED, *stopped, torchrun=True)
+    assert "not evaluated (--no-eval-after-training)" in done.stdout
+    assert json.loads((root / "sharded" / "metrics.json").read_text())["rows"] == []
+    resumed = ("--max-steps", "12", "--resume", "--eval-after-training")  # rank 0 evaluates
+    cli("train", "--run-dir", str(root / "sharded"), *RUN, *SHARDED, *resumed, torchrun=True)
     cli("train", "--run-dir", str(root / "whole"), *RUN, "--max-steps", "12")
     return root / "sharded", root / "whole"
 
 
 def test_a_sharded_run_resumed_trains_like_one_process(runs: tuple[Path, Path]) -> None:
+    evaluated = {r: json.loads((r / "metrics.json").read_text())["rows"] for r in runs}
+    served = [next(row for row in rows if row["method"] == "poeem") for rows in evaluated.values()]
+    assert abs(served[0]["recall@20"] - served[1]["recall@20"]) < 1e-3  # rank 0 evaluated it whole
     sharded, whole = (load_run(r)[1].state_dict() for r in runs)
     assert sharded.keys() == whole.keys()
     for name, value in sharded.items():

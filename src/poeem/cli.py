@@ -3,6 +3,7 @@ remove, compact, serve."""
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -157,7 +158,10 @@ def train(
                 f"index distilled after training: {d['epochs']} epochs in {d['seconds']:.1f}s, {kept} "
                 "(the rows below are the index kept)"
             )
-        typer.echo(format_rows(metrics["rows"]))
+        if metrics["rows"] or cfg.eval.after_training:
+            typer.echo(format_rows(metrics["rows"]))
+        else:
+            typer.echo(f"not evaluated (--no-eval-after-training): 'poeem evaluate {run_dir}' evaluates it")
         typer.echo(f"run folder: {run_dir}")
 
 
@@ -683,6 +687,7 @@ def main() -> None:
         print("interrupted (checkpoints written so far are intact)", file=sys.stderr)
         sys.exit(130)
     finally:
+        gc.collect()  # a model of sharded tables goes while its process group is still there
         if finished:  # ranks leave together: gloo may abort a rank that quits while others work
             distributed.barrier()
         distributed.teardown()

@@ -24,6 +24,14 @@ class EvalConfig:
 
     ks: tuple[int, ...] = setting((20, 50, 100), help="Metric cut-offs; repeat.", flag="--k")
     nprobes: tuple[int, ...] = setting((1,), help="IVF lists probed at evaluation; repeat.", flag="--nprobe")
+    after_training: bool = setting(
+        True,
+        help="Evaluate when training ends (in one process: with --table-sharding, rank 0 then holds "
+        "the whole tables; turn it off for tables past one machine, and evaluate with 'poeem "
+        "evaluate' where they fit).",
+        flag="--eval-after-training",
+        resume=True,
+    )
     faiss_baseline: bool = True  # also FAISS IVF-PQ trained on the un-quantized item embeddings
     opq_baseline: bool = False  # also FAISS OPQ + IVF-PQ
     lists_ceiling: bool = False  # also the learned lists with float vectors (what perfect codes reach)

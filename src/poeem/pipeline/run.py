@@ -230,7 +230,7 @@ def train_run(
             model.all_item_embeddings(artifacts.item_features), progress=cfg.train.progress
         )
     if sharded:  # every rank saves its own rows; rank 0 then holds whole tables to evaluate
-        _save_sharded(run_dir, model, trainer.step)
+        _save_sharded(run_dir, model, trainer.step, whole_on_rank0=cfg.eval.after_training)
     if not distributed.is_main():
         return model, {}
     trained_index = model.index
@@ -243,10 +243,12 @@ def train_run(
     if stages:
         save_weights(run_dir, model, trained_index if "refit" in stages else None)  # both indexes of a refit
         save_config(run_dir, cfg, shapes)
-    evaluated = ["exact search"] + ["the index the run serves"] * (model.index is not None)
-    evaluated += ["FAISS IVF-PQ built on the item embeddings"] * cfg.eval.faiss_baseline
-    print(f"evaluating {', '.join(evaluated)} ...", flush=True)  # a line even off a terminal
-    rows = evaluate_model(model, data, cfg) + as_trained
+    rows = as_trained
+    if cfg.eval.after_training:
+        evaluated = ["exact search"] + ["the index the run serves"] * (model.index is not None)
+        evaluated += ["FAISS IVF-PQ built on the item embeddings"] * cfg.eval.faiss_baseline
+        print(f"evaluating {', '.join(evaluated)} ...", flush=True)  # a line even off a terminal
+        rows = evaluate_model(model, data, cfg) + rows
     metrics = {
         "data": data.summary(),
         "steps": trainer.step,
@@ -261,10 +263,11 @@ def train_run(
     return model, metrics
 
 
-def _save_sharded(run_dir: Path, model: RetrievalModel, step: int) -> None:
+def _save_sharded(run_dir: Path, model: RetrievalModel, step: int, whole_on_rank0: bool) -> None:
     """Save a model with sharded tables (a collective call): each rank writes its rows, then rank
-    0 the rest of the model, whose header names them (the commit point), and on rank 0 the model
-    gets whole tables back, read from the folder, to evaluate (docs/distributed.md)."""
+    0 the rest of the model, whose header names them (the commit point); with
+    ``whole_on_rank0``, the model on rank 0 gets whole tables back, read from the folder, to
+    evaluate (docs/distributed.md)."""
     tag = new_tag(step)
     save_tables(model, run_dir / RUN_TABLES, tag)
     if distributed.is_main():
@@ -272,7 +275,8 @@ def _save_sharded(run_dir: Path, model: RetrievalModel, step: int) -> None:
         with without_sharded_tables(model):
             save_weights(run_dir, model, metadata=named)
         drop_other_tags(run_dir / RUN_TABLES, tag)
-        unshard_id_tables(model, run_table_weights(run_dir))
+        if whole_on_rank0:
+            unshard_id_tables(model, run_table_weights(run_dir))
     distributed.barrier()
 
 
