@@ -44,7 +44,7 @@ def test_only_settings_that_keep_the_model_and_batches_may_change_on_resume() ->
     safe = {o.name for o in run_options() if o.resume}
     assert {"epochs", "max_steps", "device", "refit", "distill_epochs", "log"} <= safe
     assert not safe & {"lr", "batch_size", "seed", "optimizer", "num_coarse", "dim"}
-    assert all(o.section == "train" for o in run_options() if o.resume)
+    assert all(o.section in ("train", "eval") for o in run_options() if o.resume)
 
 
 def test_distill_takes_the_distillation_and_layer_shape_settings() -> None:

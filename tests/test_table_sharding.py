@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import assert_same_topk, cli
 
-from poeem import PoeemError, Searcher
+from poeem import PoeemError
 from poeem.model.sharded_tables import torchrec_available
 from poeem.pipeline import load_run
 from poeem.storage import read_tensors
@@ -32,11 +32,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """A sharded run stopped after 6 steps and resumed to 12 on 2 ranks, and the same 12 steps
     in one process with whole tables."""
     root = tmp_path_factory.mktemp("sharding")
-    stopped = ("--max-steps", "6", "--no-eval-after-training")  # no rank holds a whole table
+    stopped = ("--max-steps", "6", "--no-final-eval")  # no rank holds a whole table
     done = cli("train", "--run-dir", str(root / "sharded"), *RUN, *SHARDED, *stopped, torchrun=True)
-    assert "not evaluated (--no-eval-after-training)" in done.stdout
+    assert "not evaluated (--no-final-eval)" in done.stdout
     assert json.loads((root / "sharded" / "metrics.json").read_text())["rows"] == []
-    resumed = ("--max-steps", "12", "--resume", "--eval-after-training")  # rank 0 evaluates
+    resumed = ("--max-steps", "12", "--resume", "--final-eval")  # rank 0 evaluates
     cli("train", "--run-dir", str(root / "sharded"), *RUN, *SHARDED, *resumed, torchrun=True)
     cli("train", "--run-dir", str(root / "whole"), *RUN, "--max-steps", "12")
     return root / "sharded", root / "whole"
@@ -68,11 +68,15 @@ def test_each_rank_saves_its_own_rows(runs: tuple[Path, Path]) -> None:
 
 
 def test_a_sharded_run_exports_and_searches_like_one_process(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    (tmp_path / "queries.txt").write_text("\n".join(map(str, range(50))))
     found = []
     for run in runs:
         cli("export", str(run), "--out", str(tmp_path / run.name), "--no-fast-scan")
-        searcher = Searcher.load(tmp_path / run.name)
-        found.append(searcher.search(searcher.embed_queries(np.arange(50)), k=10, nprobe=2))
+        args = ["--query-file", str(tmp_path / "queries.txt"), "-k", "10", "--nprobe", "2"]
+        printed = cli("search", str(tmp_path / run.name), *args).stdout.splitlines()[1:]  # poeem search
+        rows = np.array([line.split(",") for line in printed], dtype=np.float64)  # query,rank,id,score
+        assert len(rows) == 500
+        found.append((rows[:, 3].reshape(50, 10), rows[:, 2].astype(np.int64).reshape(50, 10)))
     assert_same_topk(*found[0], *found[1])
 
 

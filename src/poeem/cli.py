@@ -161,7 +161,7 @@ def train(
         if metrics["rows"] or cfg.eval.after_training:
             typer.echo(format_rows(metrics["rows"]))
         else:
-            typer.echo(f"not evaluated (--no-eval-after-training): 'poeem evaluate {run_dir}' evaluates it")
+            typer.echo(f"not evaluated (--no-final-eval): 'poeem evaluate {run_dir}' evaluates it")
         typer.echo(f"run folder: {run_dir}")
 
 

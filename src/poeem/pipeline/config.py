@@ -29,7 +29,7 @@ class EvalConfig:
         help="Evaluate when training ends (in one process: with --table-sharding, rank 0 then holds "
         "the whole tables; turn it off for tables past one machine, and evaluate with 'poeem "
         "evaluate' where they fit).",
-        flag="--eval-after-training",
+        flag="--final-eval",
         resume=True,
     )
     faiss_baseline: bool = True  # also FAISS IVF-PQ trained on the un-quantized item embeddings

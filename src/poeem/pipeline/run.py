@@ -243,12 +243,7 @@ def train_run(
     if stages:
         save_weights(run_dir, model, trained_index if "refit" in stages else None)  # both indexes of a refit
         save_config(run_dir, cfg, shapes)
-    rows = as_trained
-    if cfg.eval.after_training:
-        evaluated = ["exact search"] + ["the index the run serves"] * (model.index is not None)
-        evaluated += ["FAISS IVF-PQ built on the item embeddings"] * cfg.eval.faiss_baseline
-        print(f"evaluating {', '.join(evaluated)} ...", flush=True)  # a line even off a terminal
-        rows = evaluate_model(model, data, cfg) + rows
+    rows = (_final_evaluation(model, data, cfg) if cfg.eval.after_training else []) + as_trained
     metrics = {
         "data": data.summary(),
         "steps": trainer.step,
@@ -261,6 +256,14 @@ def train_run(
     metrics.update(stages)
     write_metrics(run_dir, metrics)
     return model, metrics
+
+
+def _final_evaluation(model: RetrievalModel, data: InteractionData, cfg: RunConfig) -> list[dict[str, Any]]:
+    """The evaluation rows of a finished run, announced by a line (also off a terminal)."""
+    evaluated = ["exact search"] + ["the index the run serves"] * (model.index is not None)
+    evaluated += ["FAISS IVF-PQ built on the item embeddings"] * cfg.eval.faiss_baseline
+    print(f"evaluating {', '.join(evaluated)} ...", flush=True)
+    return evaluate_model(model, data, cfg)
 
 
 def _save_sharded(run_dir: Path, model: RetrievalModel, step: int, whole_on_rank0: bool) -> None:
