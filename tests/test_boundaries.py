@@ -160,3 +160,14 @@ def test_search_excludes_with_unicode_digits_are_ignored_not_a_traceback(tmp_pat
     rows = [line.split(",") for line in result.output.strip().splitlines()[1:]]
     assert [int(r[2]) for r in rows] == expected.ravel().tolist()
     assert torch.isin(torch.tensor(3), torch.tensor(expected[1])).item() is False
+
+
+def test_ids_outside_the_trained_rows_name_their_kind() -> None:
+    from poeem.ids import known_rows
+
+    assert torch.equal(known_rows([2, 0], None, 3, "item"), torch.tensor([2, 0]))
+    for kind, plural in (("query", "queries"), ("item", "items")):
+        with pytest.raises(
+            PoeemError, match=rf"{kind} ids: expected ids in \[0, 3\), got max 7\. Fix: pass ids of {plural}"
+        ):
+            known_rows([7], None, 3, kind)

@@ -81,7 +81,12 @@ def test_health_ready_info_metrics_docs(server: Server) -> None:
         ({"queries": [{"id": 1}], "k": 5000}, 400, "k must be between 1 and 1000"),
         ({"queries": [{"id": 1}] * 1025}, 400, "at most 1024 per request"),
         ({"queries": [{"embedding": [0.1, 0.2]}]}, 400, "expected shape (n, 16), got shape (1, 2)"),
-        ({"queries": [{"id": 123456}]}, 400, "query ids: expected ids in [0, 10000)"),
+        (
+            {"queries": [{"id": 123456}]},
+            400,
+            "query ids: expected ids in [0, 10000), got max 123456. "
+            "Fix: pass ids of queries the model was trained on",
+        ),
         ({"queries": [{"id": 1.5}]}, 422, "invalid request"),
         ({"queries": [{"id": "abc"}]}, 400, "query ids: expected 64-bit integer ids"),
         ({"queries": [{"id": 1, "embedding": [0.0] * 16}]}, 422, "invalid request"),

@@ -9,7 +9,7 @@ returns -1 for "no result", so every id that reaches FAISS must be a non-negativ
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -102,20 +102,20 @@ def check_raw_ids(ids: Any, n: int, what: str = "ids") -> None:
         check_ids(ids, n, what)
 
 
-def known_rows(ids: Any, keys: IdMap | None, count: int, what: str) -> torch.Tensor:
+def known_rows(ids: Any, keys: IdMap | None, count: int, kind: Literal["query", "item"]) -> torch.Tensor:
     """(n,) int64 rows of ``ids``, the user's own: looked up in ``keys``, or, without keys, the ids
-    themselves, which must lie in [0, count). Unknown ids are an error naming ``what`` ("query
-    ids", "item ids")."""
+    themselves, which must lie in [0, count). Unknown ids are an error naming the ``kind``."""
+    what = f"{kind} ids"
     if keys is not None:
         return torch.from_numpy(keys.rows(ids, what))
     rows = check_ids(ids, what=what, unique=False)
     if rows.numel() and int(rows.max()) >= count:
-        kind = what.removesuffix(" ids") + "s"
+        plural = {"query": "queries", "item": "items"}[kind]
         raise PoeemError(
             what,
             f"ids in [0, {count})",
             f"max {int(rows.max())}",
-            f"pass ids of {kind} the model was trained on",
+            f"pass ids of {plural} the model was trained on",
         )
     return rows
 

@@ -95,7 +95,7 @@ class QueryEncoder:
                 "an index without one",
                 "search with query embeddings (.npy), or export from a training run",
             )
-        return known_rows(query_ids, self.keys, self.num_ids, "query ids")
+        return known_rows(query_ids, self.keys, self.num_ids, "query")
 
     @torch.no_grad()
     def by_rows(self, rows: np.ndarray | torch.Tensor, features: Any = None) -> torch.Tensor:

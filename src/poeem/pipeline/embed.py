@@ -34,7 +34,7 @@ def embed_items(run_dir: str | Path, ids: Any, features: np.ndarray | None = Non
             "poeem embed", "a run of id towers", "a text run", "embed documents with the text model in Python"
         )
     art = read_artifacts(run_dir)
-    rows = known_rows(ids, art.item_keys, model.num_items, "item ids")
+    rows = known_rows(ids, art.item_keys, model.num_items, "item")
     tower_features = model.item_tower.num_numeric
     if features is not None and not tower_features:
         raise PoeemError(
