@@ -62,9 +62,9 @@ class ShardedIdTable(nn.Module):
         lr: row-wise Adagrad learning rate; eps its epsilon.
         init: (rows, dim) initial values (each rank copies its own rows); or a function
             (first, out) that writes rows first.. into ``out`` (n, dim), called with this rank's
-            rows only; or None: each
-            rank draws only its own rows, N(0, ``init_std``), by :func:`seeded_rows` with
-            ``seed`` (the same table on any number of ranks; no rank holds the whole table).
+            rows only; or None: each rank draws only its own rows, N(0, ``init_std``), by
+            :func:`seeded_rows` with ``seed`` (the same table on any number of ranks; no rank
+            holds the whole table).
     """
 
     def __init__(
@@ -136,10 +136,8 @@ class ShardedIdTable(nn.Module):
 
     def local_rows(self) -> tuple[int, torch.Tensor]:
         """(first id, (n, dim) copy of the rows) this rank owns."""
-        shards = sorted(self._local_shards(), key=lambda s: s[0])
-        if not shards:
-            return 0, torch.zeros(0, self.dim)
-        return shards[0][0], torch.cat([s for _, s in shards]).detach().clone()
+        first, rows, _ = self.local_state()
+        return first, rows
 
     def _local_sums(self) -> list[torch.Tensor]:
         """The row-wise Adagrad sum of each local shard's rows (the fused optimizer's state, in

@@ -191,7 +191,6 @@ class EmbeddingSource:
     items: Any
     queries: Any
     metric: Metric = "ip"
-    layer: PoeemLayer | None = None  # none is trained: a recipe fits one or reads a FAISS file's
 
     def __post_init__(self) -> None:
         if self.metric not in ("ip", "cosine"):
@@ -201,13 +200,22 @@ class EmbeddingSource:
                 repr(self.metric),
                 "pick one",
             )
-        x = prepare_queries(self.items, "ip", None, "items")  # shape and finiteness, before any work
+        x = prepare_queries(self.items, self.metric, None, "items")  # shape and finiteness, before any work
         self.num_items, self.dim = x.shape
+        self._prepared = (self.metric, x)  # the items as prepared for a metric, kept for reuse
         prepare_queries(self.queries, "ip", self.dim, "queries")
 
+    @property
+    def layer(self) -> PoeemLayer | None:
+        """None: no layer is trained here; a recipe fits one or reads a FAISS file's."""
+        return None
+
     def item_embeddings(self) -> torch.Tensor:
-        """(n, dim) the items as the index codes them (normalised for cosine)."""
-        return prepare_queries(self.items, self.metric, self.dim, "items")
+        """(n, dim) the items as the index codes them (normalised for cosine), prepared once per
+        metric."""
+        if self._prepared[0] != self.metric:
+            self._prepared = (self.metric, prepare_queries(self.items, self.metric, self.dim, "items"))
+        return self._prepared[1]
 
     def query_embeddings(self) -> torch.Tensor:
         """(nq, dim) the queries, normalised for cosine."""

@@ -40,14 +40,13 @@ from poeem.training.batches import PairBatches
 from poeem.training.table_sharding import (
     RUN_TABLES,
     check_table_sharding,
-    drop_other_tags,
-    new_tag,
-    run_table_weights,
-    save_tables,
+    run_tables,
+    save_with_tables,
     shard_id_tables,
+    sharded_tables,
     tables_metadata,
     unshard_id_tables,
-    without_sharded_tables,
+    whole_tables,
 )
 from poeem.training.trainer import Trainer, resolve_device
 
@@ -271,16 +270,14 @@ def _save_sharded(run_dir: Path, model: RetrievalModel, step: int, whole_on_rank
     0 the rest of the model, whose header names them (the commit point); with
     ``whole_on_rank0``, the model on rank 0 gets whole tables back, read from the folder, to
     evaluate (docs/distributed.md)."""
-    tag = new_tag(step)
-    save_tables(model, run_dir / RUN_TABLES, tag)
-    if distributed.is_main():
-        named = tables_metadata(model, tag)
-        with without_sharded_tables(model):
-            save_weights(run_dir, model, metadata=named)
-        drop_other_tags(run_dir / RUN_TABLES, tag)
-        if whole_on_rank0:
-            unshard_id_tables(model, run_table_weights(run_dir))
-    distributed.barrier()
+    towers = list(sharded_tables(model))
+
+    def write(tag: str) -> None:
+        save_weights(run_dir, model, metadata=tables_metadata(towers, tag))
+
+    save_with_tables(model, run_dir / RUN_TABLES, step, write)
+    if whole_on_rank0 and distributed.is_main():
+        unshard_id_tables(model, whole_tables(run_tables(run_dir)))
 
 
 def _periodic_eval(

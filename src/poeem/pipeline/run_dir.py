@@ -32,7 +32,7 @@ from poeem.model import ModelConfig, RetrievalModel, TwoTowerModel
 from poeem.model.towers import TableRows
 from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
-from poeem.training.table_sharding import run_tables
+from poeem.training.table_sharding import run_tables, whole_tables
 from poeem.user_files import require_folder
 
 AS_TRAINED = "index_as_trained.safetensors"  # a refitted run's layer as training left it
@@ -194,7 +194,7 @@ def load_run(
         saved = tables.pop("item_tower")
         share = distributed.shard(saved.rows)
         item_rows = TableRows(share.start, saved.read(share.start, share.stop - share.start)[0], saved.rows)
-    weights |= {f"{name}.embedding.weight": t.read(0, t.rows)[0] for name, t in tables.items()}
+    weights |= whole_tables(tables)
     if as_trained and cfg.train.refit is not None and cfg.model.poeem is not None:
         if not (run_dir / AS_TRAINED).is_file():
             raise PoeemError(
@@ -207,7 +207,10 @@ def load_run(
         weights = {k: v for k, v in weights.items() if not k.startswith("index.")}
         weights |= {f"index.{k}": v for k, v in layer.items()}
         cfg = replace(cfg, train=replace(cfg.train, refit=None))
-    model = build_model(served_model_config(cfg), raw.get("shapes") or {}, None, item_rows is not None, False)
+    shapes = raw.get("shapes") or {}
+    model = build_model(
+        served_model_config(cfg), shapes, tables_on_meta=item_rows is not None, replay_init=False
+    )
     if item_rows is not None:  # the query table whole (an index keeps its tower), the items' in part
         query = weights["query_tower.embedding.weight"]
         model.query_tower.embedding = torch.nn.Embedding.from_pretrained(query, freeze=False)  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -116,12 +116,21 @@ def load_tables(model: nn.Module, folder: Path, tag: str) -> None:
         table.load_shards(TableShards(folder / tag, name))
 
 
-def drop_other_tags(folder: Path, tag: str) -> None:
-    """Delete the saves in ``folder`` other than ``tag`` (rank 0, once ``tag`` is named)."""
-    if distributed.is_main() and folder.is_dir():
-        for old in folder.iterdir():
-            if old.is_dir() and old.name != tag:
-                shutil.rmtree(old, ignore_errors=True)
+def save_with_tables(model: nn.Module, folder: Path, step: int, write_rest: Callable[[str], None]) -> None:
+    """Save a model with sharded tables, every rank at once (a collective call): each rank writes
+    its rows to ``folder/<tag>/`` under a new tag, then rank 0 calls ``write_rest(tag)``, which
+    writes the rest of the model (its tables taken out) in one atomic file that names the tag:
+    the commit point. The saves before it are deleted after that."""
+    tag = new_tag(step)
+    save_tables(model, folder, tag)
+    if distributed.is_main():
+        with without_sharded_tables(model):
+            write_rest(tag)
+        if folder.is_dir():
+            for old in folder.iterdir():
+                if old.is_dir() and old.name != tag:
+                    shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
 
 
 def new_tag(step: int) -> str:
@@ -133,9 +142,9 @@ def new_tag(step: int) -> str:
     return tag[0]
 
 
-def tables_metadata(model: nn.Module, tag: str) -> dict[str, str]:
+def tables_metadata(towers: list[str], tag: str) -> dict[str, str]:
     """What a saved model names of its sharded tables (safetensors metadata): the tag, and the towers."""
-    return {"tables": json.dumps({"tag": tag, "towers": list(sharded_tables(model))})}
+    return {"tables": json.dumps({"tag": tag, "towers": towers})}
 
 
 def run_tables(run_dir: Path) -> dict[str, TableShards]:
@@ -157,15 +166,14 @@ def run_tables(run_dir: Path) -> dict[str, TableShards]:
     return {name: TableShards(run_dir / RUN_TABLES / tag, name) for name in towers}
 
 
-def run_table_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    """A run's sharded tables as whole ``<tower>.embedding.weight`` tensors ({} for a run whose
-    tables are in ``model.safetensors`` itself)."""
-    return {f"{name}.embedding.weight": t.read(0, t.rows)[0] for name, t in run_tables(run_dir).items()}
+def whole_tables(tables: dict[str, TableShards]) -> dict[str, torch.Tensor]:
+    """Saved tables (``run_tables``) read whole, as ``<tower>.embedding.weight`` tensors."""
+    return {f"{name}.embedding.weight": t.read(0, t.rows)[0] for name, t in tables.items()}
 
 
 def unshard_id_tables(model: nn.Module, weights: dict[str, torch.Tensor]) -> None:
-    """Put whole tables (``run_table_weights``) back in the towers of a sharded model, on the
-    model's device: one process then evaluates and exports it like any model."""
+    """Put whole tables (``whole_tables``) back in the towers of a sharded model, on the model's
+    device: one process then evaluates and exports it like any model."""
     for name in sharded_tables(model):
         rows = weights[f"{name}.embedding.weight"]
         getattr(model, name).embedding = nn.Embedding.from_pretrained(rows, freeze=False)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -23,10 +23,8 @@ from poeem.training.config import TrainConfig
 from poeem.training.metrics_log import MetricsLog
 from poeem.training.optimizers import build_optimizer
 from poeem.training.table_sharding import (
-    drop_other_tags,
     load_tables,
-    new_tag,
-    save_tables,
+    save_with_tables,
     sharded_tables,
     without_sharded_tables,
 )
@@ -115,15 +113,17 @@ class Trainer:
         then names."""
         if self.checkpoint_path is None or self.tables_dir is None:
             return
-        trainer_state: dict[str, Any] = {"step": self.step, "history": self.history}
+        path, state = self.checkpoint_path, {"step": self.step, "history": self.history}
+
+        def write(tables: str | None = None) -> None:
+            extra = {"tables": tables} if tables is not None else {}
+            save_checkpoint(path, self.model, self.optimizer, {**state, **extra})
+
         if self.sharded:
-            trainer_state["tables"] = new_tag(self.step)
-            save_tables(self.model, self.tables_dir, trainer_state["tables"])
+            save_with_tables(self.model, self.tables_dir, self.step, write)
+            return
         if self.main:
-            with without_sharded_tables(self.model):
-                save_checkpoint(self.checkpoint_path, self.model, self.optimizer, trainer_state)
-            if self.sharded:
-                drop_other_tags(self.tables_dir, trainer_state["tables"])
+            write()
         distributed.barrier()
 
     def total_steps(self, per_epoch: int) -> int:
