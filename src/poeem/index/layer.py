@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +25,7 @@ from poeem.index.quantize import (
     split_subvectors,
     stage_inputs,
 )
-from poeem.index.stats import UsageCounts, batch_usage_counts, index_stats
+from poeem.index.stats import batch_usage_counts, index_stats
 from poeem.index.trained_codes import TrainedCodes
 
 WARMUP, COLLECT, QUANTIZE = 0, 1, 2
@@ -48,16 +51,23 @@ class PoeemOutput:
             quantization starts. Add it to the task loss.
         coarse_codes: (B,) int64 coarse codes, or None (no IVF, or not quantizing).
         codes: (B, D) int64 sub-codes, or None when not quantizing.
-        stats: index health of this batch (see :func:`poeem.index.stats.index_stats`).
         quantized: whether ``output`` is quantized.
+        health: computes :attr:`stats` when they are first read (None: no statistics).
     """
 
     output: torch.Tensor
     loss: torch.Tensor
     coarse_codes: torch.Tensor | None = None
     codes: torch.Tensor | None = None
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)
     quantized: bool = False
+    health: Callable[[], dict[str, torch.Tensor]] | None = field(default=None, repr=False)
+
+    @property
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Index health of this batch, as scalar tensors (see
+        :func:`poeem.index.stats.index_stats`); computed when first read, since a training step
+        that is not logged never needs them."""
+        return self.health() if self.health is not None else {}
 
 
 class PoeemLayer(nn.Module):
@@ -109,11 +119,13 @@ class PoeemLayer(nn.Module):
         self.trained = (
             TrainedCodes(c.num_items, c.num_subspaces, c.codebook_size, c.num_coarse) if c.num_items else None
         )
-        self._last_stats: dict[str, torch.Tensor] = {}
-        # code usage of the last USAGE_WINDOW training rows (not saved): a last short batch
-        # alone would make the usage statistics look like dying codes
-        self._recent_codes: list[tuple[int, UsageCounts]] = []  # (rows, counts) of each batch
-        self._window_counts: UsageCounts | None = None
+        self._last_health: Callable[[], dict[str, torch.Tensor]] | None = None
+        # the codes of the last USAGE_WINDOW training rows (not saved), for the usage statistics:
+        # a last short batch alone would make them look like dying codes
+        self._recent_codes: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
+        self._recent_rows = 0
+        # the rotation without gradient, kept until the angles or the base rotation change
+        self._rotation_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -137,9 +149,38 @@ class PoeemLayer(nn.Module):
             return self.base_rotation
         return self.base_rotation @ self.givens.matrix()
 
+    def _rotation_key(self) -> tuple[int, ...]:
+        """What the rotation is a function of: the angles and the base rotation, by storage and
+        in-place version (an optimizer step, a load or a refit moves the version)."""
+        assert self.givens is not None
+        angles, base = self.givens.angles, self.base_rotation
+        return angles.data_ptr(), angles._version, base.data_ptr(), base._version
+
+    def _fixed_rotation(self) -> torch.Tensor:
+        """:attr:`rotation_matrix` without gradient; the Givens product is built once per change
+        of the angles, not once per use (a training step codes items and routes queries)."""
+        if self.givens is None:
+            return self.base_rotation
+        key = self._rotation_key()
+        if self._rotation_cache is None or self._rotation_cache[0] != key:
+            with torch.no_grad():
+                self._rotation_cache = key, self.rotation_matrix
+        return self._rotation_cache[1]
+
+    def _step_rotation(self) -> torch.Tensor:
+        """The rotation a forward pass codes with: differentiable in the Givens angles while
+        autograd records (and then kept, detached, for the rest of the step)."""
+        if self.givens is None or not torch.is_grad_enabled():
+            return self._fixed_rotation()
+        rotation = self.rotation_matrix
+        self._rotation_cache = self._rotation_key(), rotation.detach()
+        return rotation
+
     def stats(self) -> dict[str, float]:
         """Index health of the last quantized batch, as floats (empty before quantization)."""
-        return {k: float(v) for k, v in self._last_stats.items()}
+        if self._last_health is None:
+            return {}
+        return {k: float(v) for k, v in self._last_health().items()}
 
     def train(self, mode: bool = True) -> PoeemLayer:
         """Training mode; entering it forgets the codes a distillation kept (they fit the
@@ -155,7 +196,8 @@ class PoeemLayer(nn.Module):
             out = fn(t)
             return out.float() if t.is_floating_point() and out.is_floating_point() else out
 
-        self._recent_codes, self._window_counts = [], None  # usage counts live on the old device
+        self._recent_codes, self._recent_rows = deque(), 0  # codes live on the old device
+        self._rotation_cache = None
         return super()._apply(keep_float32, recurse)
 
     # ---------------------------------------------------------------- forward
@@ -197,12 +239,12 @@ class PoeemLayer(nn.Module):
 
     def _advance(self, x: torch.Tensor) -> None:
         """One training step of the warm-start state machine (and of re-seeding after it)."""
-        self.step += 1
+        step = int(self.step.add_(1))
         if self.is_initialized:
-            if self.config.reseed_after and int(self.step) % self.config.reseed_after == 0:
+            if self.config.reseed_after and step % self.config.reseed_after == 0:
                 self._reseed(x)
             return
-        if int(self.step) <= self.config.warmup_steps:
+        if step <= self.config.warmup_steps:
             return
         self.phase.fill_(COLLECT)
         rows = gather_rows(x)
@@ -215,7 +257,7 @@ class PoeemLayer(nn.Module):
 
     def _quantize(self, x: torch.Tensor, x32: torch.Tensor) -> PoeemOutput:
         c = self.config
-        rotation = self.rotation_matrix
+        rotation = self._step_rotation()
         xr = x32 @ rotation if c.rotation != "none" else x32  # (B, dim)
         with torch.no_grad():
             coarse = self.coarse.detach() if self.coarse is not None else None
@@ -224,21 +266,23 @@ class PoeemLayer(nn.Module):
             )
         recon = decode_rotated(coarse_codes, codes, self.coarse, self.codebooks, c.dim)
         x_hat = recon @ rotation.T if c.rotation != "none" else recon  # (B, dim)
-        loss = c.regularizer_weight * (x_hat - x32.detach()).pow(2).sum(-1).mean()
+        rows = x32.shape[0]
+        # mean over items of ||x_hat - sg(x)||^2, in one kernel
+        loss = (c.regularizer_weight / max(rows, 1)) * F.mse_loss(x_hat, x32.detach(), reduction="sum")
         if c.commitment_weight:
             loss = loss + c.commitment_weight * (x32 - x_hat.detach()).pow(2).sum(-1).mean()
         if c.balance_weight and coarse_codes is not None:
             loss = loss + c.balance_weight * self.balance_loss(xr.detach())
         if self.training and c.reseed_after:
             self._mark_used(coarse_codes, codes)
-        usage = batch_usage_counts(coarse_codes, codes, c.num_coarse, c.codebook_size)
-        stats = index_stats(x32, x_hat, self._window_usage(len(codes), usage) if self.training else usage)
-        self._last_stats = stats
+        window = self._code_window(coarse_codes, codes) if self.training else ((coarse_codes, codes),)
+        health = functools.cache(functools.partial(self._health, x32.detach(), x_hat.detach(), window))
+        self._last_health = health
         # straight-through estimator: value x_hat, identity gradient to the items; with
         # index_task_grad the task's gradient reaches the index through x_hat as well
         ste = x_hat if c.index_task_grad else x_hat.detach()
         output = ste + (x32 - x32.detach())
-        return PoeemOutput(output.to(x.dtype), loss, coarse_codes, codes, stats, quantized=True)
+        return PoeemOutput(output.to(x.dtype), loss, coarse_codes, codes, quantized=True, health=health)
 
     # ------------------------------------------------------- list training
     def list_logits(
@@ -256,7 +300,7 @@ class PoeemLayer(nn.Module):
         if self.coarse is None:
             raise PoeemError("list_logits()", "a coarse quantizer", "num_coarse=0", "set num_coarse > 0")
         with _full_precision(v):
-            rotation = self.rotation_matrix if index_grad else self.rotation_matrix.detach()
+            rotation = self.rotation_matrix if index_grad else self._fixed_rotation()
             vr = v.float() @ rotation if c.rotation != "none" else v.float()
             coarse = self.coarse if index_grad else self.coarse.detach()
             return self._rotated_list_logits(vr, coarse if lists is None else coarse[lists])
@@ -337,27 +381,36 @@ class PoeemLayer(nn.Module):
         return (mean_p * (mean_p * self.config.num_coarse).clamp_min(1e-12).log()).sum()
 
     # ------------------------------------------------------------ re-seeding
+    def _code_window(
+        self, coarse_codes: torch.Tensor | None, codes: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor | None, torch.Tensor], ...]:
+        """The codes of the last :data:`USAGE_WINDOW` training rows, this batch's included: the
+        batches are kept as they come and counted only when statistics are read."""
+        self._recent_codes.append((coarse_codes, codes))
+        self._recent_rows += codes.shape[0]
+        while self._recent_rows - self._recent_codes[0][1].shape[0] >= USAGE_WINDOW:
+            self._recent_rows -= self._recent_codes.popleft()[1].shape[0]
+        return tuple(self._recent_codes)
+
     @torch.no_grad()
-    def _window_usage(self, rows: int, batch: UsageCounts) -> UsageCounts:
-        """Code usage over the last :data:`USAGE_WINDOW` training rows, this batch's ``rows``
-        included. Counts are kept per batch and summed as batches come and go."""
-        total = self._window_counts
-        if total is None or (total[1] is None) != (batch[1] is None):
-            self._recent_codes.clear()
-            total = (torch.zeros_like(batch[0]), None if batch[1] is None else torch.zeros_like(batch[1]))
-        total = _add_counts(total, batch)
-        self._recent_codes.append((rows, batch))
-        while sum(n for n, _ in self._recent_codes[1:]) >= USAGE_WINDOW:
-            total = _add_counts(total, self._recent_codes.pop(0)[1], -1)
-        self._window_counts = total
-        return total
+    def _health(
+        self,
+        x: torch.Tensor,
+        x_hat: torch.Tensor,
+        window: tuple[tuple[torch.Tensor | None, torch.Tensor], ...],
+    ) -> dict[str, torch.Tensor]:
+        """:func:`index_stats` of a batch (B, dim) ``x`` and ``x_hat``, with the code usage of
+        ``window``: (coarse codes (n,) or None, sub-codes (n, D)) of recent batches."""
+        c = self.config
+        lists = torch.cat([cc for cc, _ in window]) if window[0][0] is not None else None
+        usage = batch_usage_counts(lists, torch.cat([k for _, k in window]), c.num_coarse, c.codebook_size)
+        return index_stats(x, x_hat, usage)
 
     def _mark_used(self, coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> None:
-        step = self.step.expand(codes.shape)
-        subspace = torch.arange(codes.shape[1], device=codes.device).expand(codes.shape)
-        self.codeword_last_used[subspace, codes] = step
+        offsets = torch.arange(codes.shape[1], device=codes.device) * self.config.codebook_size
+        self.codeword_last_used.view(-1).index_fill_(0, (codes + offsets).view(-1), self.step)
         if coarse_codes is not None:
-            self.list_last_used[coarse_codes] = self.step.expand(coarse_codes.shape)
+            self.list_last_used.index_fill_(0, coarse_codes, self.step)
         all_reduce_max(self.codeword_last_used)  # every rank's usage: replicas stay identical
         all_reduce_max(self.list_last_used)
 
@@ -377,7 +430,7 @@ class PoeemLayer(nn.Module):
         if not bool(dead_words.any()) and not bool(dead_lists.any()):
             return
         xr = gather_rows(x).to(self.codebooks.device)
-        xr = xr @ self.rotation_matrix if c.rotation != "none" else xr
+        xr = xr @ self._fixed_rotation() if c.rotation != "none" else xr
         g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
         if self.coarse is not None and bool(dead_lists.any()):
             lists = dead_lists.nonzero()[:, 0]
@@ -550,7 +603,7 @@ class PoeemLayer(nn.Module):
         c = self.config
         if lists is not None:
             self._check_lists(lists, x.shape[0])
-        rotation = self.rotation_matrix.detach()
+        rotation = self._fixed_rotation()
         coarse = self.coarse.detach() if self.coarse is not None else None
         coarse_parts, code_parts = [], []
         for start in range(0, x.shape[0], batch_size):
@@ -602,7 +655,7 @@ class PoeemLayer(nn.Module):
                 f"coarse_codes={'None' if coarse_codes is None else 'a tensor'}, num_coarse={c.num_coarse}",
                 "pass what encode() returned",
             )
-        rotation = self.rotation_matrix.detach()
+        rotation = self._fixed_rotation()
         device = rotation.device
         parts = []
         for start in range(0, codes.shape[0], batch_size):
@@ -641,13 +694,21 @@ class PoeemLayer(nn.Module):
             raise PoeemError(
                 "PoeemLayer input", "a floating-point tensor", str(x.dtype), "cast with x.float()"
             )
-        if not bool(torch.isfinite(x).all()):
+        # one reduction per batch; the rows are counted only when it is not finite
+        if not bool(torch.isfinite(x.sum(dtype=torch.float32))):
             bad = int((~torch.isfinite(x)).any(-1).sum())
+            if bad:
+                raise PoeemError(
+                    "PoeemLayer input",
+                    "finite values",
+                    f"NaN or inf in {bad} rows",
+                    "check the item tower (learning rate, normalisation) for divergence",
+                )
             raise PoeemError(
                 "PoeemLayer input",
-                "finite values",
-                f"NaN or inf in {bad} rows",
-                "check the item tower (learning rate, normalisation) for divergence",
+                "values whose sums and squared distances fit float32",
+                f"values up to {float(x.abs().max()):.3g}",
+                "scale or normalise the item embeddings",
             )
 
     def _check_lists(self, lists: torch.Tensor, n: int) -> None:
@@ -705,9 +766,3 @@ class PoeemLayer(nn.Module):
                 "build the layer with the config the checkpoint was saved with",
             )
         super()._load_from_state_dict(state_dict, prefix, *args)
-
-
-def _add_counts(total: UsageCounts, batch: UsageCounts, sign: int = 1) -> UsageCounts:
-    """``total + sign * batch``, space by space."""
-    lists = None if total[1] is None or batch[1] is None else total[1] + sign * batch[1]
-    return total[0] + sign * batch[0], lists

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from poeem.distributed import gather_rows
+from poeem.distributed import gather_rows, is_active
 from poeem.errors import PoeemError
 from poeem.index.quantize import smallest_uint_dtype
 
@@ -72,22 +72,26 @@ class TrainedCodes(nn.Module):
                 f"{ids.dtype} of shape {tuple(ids.shape)}",
                 "pass the item ids of the batch, or no ids",
             )
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_items):
-            raise PoeemError(
-                "PoeemLayer item ids",
-                f"ids in [0, {self.num_items}) (the layer's num_items)",
-                f"ids from {int(ids.min())} to {int(ids.max())}",
-                "map raw ids to rows first, or build the layer with a larger num_items",
-            )
-        parts = [ids.long(), codes.long()] + ([coarse_codes.long()] if coarse_codes is not None else [])
-        rows = gather_rows(torch.cat([p.reshape(ids.shape[0], -1) for p in parts], dim=1))
+        if ids.numel():
+            low, high = (int(v) for v in torch.aminmax(ids))
+            if low < 0 or high >= self.num_items:
+                raise PoeemError(
+                    "PoeemLayer item ids",
+                    f"ids in [0, {self.num_items}) (the layer's num_items)",
+                    f"ids from {low} to {high}",
+                    "map raw ids to rows first, or build the layer with a larger num_items",
+                )
+        if is_active():  # every rank records all ranks' items, in one gather
+            parts = [ids.long(), codes.long()] + ([coarse_codes.long()] if coarse_codes is not None else [])
+            rows = gather_rows(torch.cat([p.reshape(ids.shape[0], -1) for p in parts], dim=1))
+            ids, codes = rows[:, 0], rows[:, 1 : 1 + codes.shape[1]]
+            coarse_codes = rows[:, -1] if coarse_codes is not None else None
         device = self.step.device
-        rows = rows.to(device)
-        ids = rows[:, 0]
+        ids = ids.to(device)
         self.step[ids] = step
-        self.codes[ids] = rows[:, 1 : 1 + self.codes.shape[1]].to(self.codes.dtype)
+        self.codes[ids] = codes.to(device, self.codes.dtype)
         if self.coarse_codes is not None and coarse_codes is not None:
-            self.coarse_codes[ids] = rows[:, -1].to(self.coarse_codes.dtype)
+            self.coarse_codes[ids] = coarse_codes.to(device, self.coarse_codes.dtype)
 
     @torch.no_grad()
     def forget(

@@ -82,7 +82,8 @@ class RetrievalModel(nn.Module):
 
         Returns:
             ``loss`` (task + index), ``task_loss``, ``index_loss`` (distortion regularizer,
-            routing and balance terms), ``routing_loss``, and the index health stats. The task
+            routing and balance terms) and ``routing_loss`` (:meth:`log_stats` adds the index
+            health of the step, for the steps that are logged). The task
             loss scores the items :meth:`PoeemLayer.task_items` names: the quantized ones, and
             (``unquantized_loss_weight``) the un-quantized ones, every step or in turn.
         """
@@ -101,7 +102,6 @@ class RetrievalModel(nn.Module):
         if self.index is not None:
             res = self.index(x, item_ids)
             scored, index_loss = self.index.task_items(x, res), res.loss
-            out.update(res.stats)
             if res.coarse_codes is not None:
                 routing = self.index.routing_loss(q, res.coarse_codes[: positives.shape[0]])
                 index_loss = index_loss + routing
@@ -109,6 +109,11 @@ class RetrievalModel(nn.Module):
         task = sum(w * self._task_loss(q, items, positives, item_ids) for w, items in scored)
         out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
         return out
+
+    def log_stats(self) -> dict[str, float]:
+        """The index health of the last training step (distortion, code and list usage), for a
+        logged step; empty without a layer or before it quantizes."""
+        return self.index.stats() if self.index is not None else {}
 
     def _task_loss(
         self, q: torch.Tensor, x: torch.Tensor, positives: torch.Tensor, item_ids: torch.Tensor

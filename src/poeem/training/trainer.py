@@ -1,5 +1,6 @@
 """A trainer that knows nothing about the model: the model maps a batch to a dict of scalars
-holding ``loss``; evaluation and logging join through callbacks.
+holding ``loss`` (and may have ``log_stats()``, scalars worth computing only for the steps that
+are logged); evaluation and logging join through callbacks.
 
 Under torch.distributed (see :mod:`poeem.distributed`) the model is wrapped in
 DistributedDataParallel; progress, logs, evaluation and checkpoints happen on rank 0 only."""
@@ -180,11 +181,16 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == total:
                     busy = time.perf_counter() - started - (self.eval_s - eval_before)
                     rate = (self.step - started_step) / max(busy, 1e-9)
-                    row = {k: float(v.detach()) for k, v in out.items()} | {
-                        "loss": float(shown),
-                        "steps_per_s": rate,
-                        "epoch": epoch,
-                    }
+                    logged = getattr(self.model, "log_stats", None)  # computed for logged steps only
+                    row = (
+                        {k: float(v.detach()) for k, v in out.items()}
+                        | (logged() if logged else {})
+                        | {
+                            "loss": float(shown),
+                            "steps_per_s": rate,
+                            "epoch": epoch,
+                        }
+                    )
                     bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k in _SHOWN})
                     if self.log:
                         self.log.write(self.step, row)
