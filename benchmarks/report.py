@@ -845,19 +845,39 @@ def sweep_section(r: dict[str, Any], img: Path) -> list[str]:
 
 
 def train_cost_section(r: dict[str, Any]) -> list[str]:
-    """Table of ``benchmarks/train_cost.py``: steps/s without the layer and with it."""
+    """Tables of ``benchmarks/train_cost.py``: steps/s without the layer and with it, per batch
+    size, budget and thread count, and where a profiled step's time goes."""
     lines = [
         f"### Training cost: {r['dataset']}",
         "",
-        f"Training steps per second on the preset's batches (batch {r['rows'][0]['batch_size']}, "
-        f"{r['threads']} torch threads), every timed step quantizing.",
+        "Training steps per second on the preset's batches, every timed step quantizing; the median "
+        "of the runs, which take turns with the other settings.",
         "",
-        "| setting | steps/s | time per step vs no layer |",
-        "|---|---:|---:|",
+        "| batch | torch threads | budget | setting | steps/s | time per step vs no layer |",
+        "|---:|---:|---|---|---:|---:|",
     ]
-    lines += [
-        f"| {x['setting']} | {x['steps_per_s']:.2f} | {x['time_vs_no_layer']:.2f}x |" for x in r["rows"]
-    ]
+    runs = sorted(r["runs"], key=lambda x: (x["threads"], x["budget"], x["batch_size"]))
+    for x in runs:
+        ratio = f"{x['time_vs_no_layer']:.2f}x" if "time_vs_no_layer" in x else ""
+        lines.append(
+            f"| {x['batch_size']} | {x['threads']} | {x['budget']} | {x['setting']} "
+            f"| {x['steps_per_s']:.1f} | {ratio} |"
+        )
+    profiled = [x for x in runs if "profile_ms" in x]
+    if profiled:
+        parts = list(dict.fromkeys(p for x in profiled for p in x["profile_ms"]))
+        lines += [
+            "",
+            "Where a profiled step's time goes, ms per step (`--profile`; the parts nest: the "
+            "layer's forward holds the rotation, the assignment, the reconstruction and the trained "
+            "codes, and `backward` is autograd's whole pass):",
+            "",
+            "| batch | threads | budget | setting | " + " | ".join(parts) + " |",
+            "|---:|---:|---|---|" + "---:|" * len(parts),
+        ]
+        for x in profiled:
+            cells = " | ".join(f"{x['profile_ms'][p]:.2f}" if p in x["profile_ms"] else "" for p in parts)
+            lines.append(f"| {x['batch_size']} | {x['threads']} | {x['budget']} | {x['setting']} | {cells} |")
     return [*lines, "", provenance(r), ""]
 
 

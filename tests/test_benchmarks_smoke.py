@@ -120,7 +120,23 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     out,
                 ),
                 ("update_cost.py", "--items", "5000", "--adds", "10", "--clients", "2", "--results-dir", out),
-                ("train_cost.py", *synthetic, "--steps", "3", "--warm", "1", "--results-dir", out),
+                (
+                    "train_cost.py",
+                    *synthetic,
+                    "--steps",
+                    "3",
+                    "--warm",
+                    "1",
+                    "--repeats",
+                    "1",
+                    "--profile",
+                    "--settings",
+                    "no layer",
+                    "layer, defaults",
+                    "layer, defaults, givens rotation",
+                    "--results-dir",
+                    out,
+                ),
             ],
         ]
     )
@@ -188,10 +204,12 @@ def test_benchmarks_write_results(results: Path) -> None:
         ("rowwise_adagrad_bf16", "baseline"),
         ("rowwise_adagrad_bf16", "poeem-ip"),
     ]
-    cost = json.loads((results / "train_cost_synthetic_tiny.json").read_text())["rows"]
-    assert [r["setting"] for r in cost][:3] == ["no layer", "layer, paper losses", "layer, defaults"]
-    assert cost[3]["setting"].endswith("every step")
+    cost = json.loads((results / "train_cost_synthetic_tiny.json").read_text())["runs"]
+    assert [r["setting"] for r in cost] == ["no layer", "layer, defaults", "layer, defaults, givens rotation"]
     assert cost[0]["time_vs_no_layer"] == 1.0 and all(r["steps_per_s"] > 0 for r in cost)
+    profiled = cost[2]["profile_ms"]  # the parts of a step, each a share of the whole
+    assert 0 < profiled["rotation"] < profiled["layer forward"] < profiled["step (profiled)"]
+    assert "profile_ms" not in cost[0] and profiled["backward"] > 0
     ablation = json.loads((results / "ablation_synthetic_tiny.json").read_text())
     assert [r["option"] for r in ablation["summary"]] == ["none", "default"]
     assert ablation["runs"][0]["layer"]["routing_weight"] == 0 and ablation["runs"][1]["layer"] == {}

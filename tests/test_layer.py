@@ -27,7 +27,7 @@ def ready_layer(
     return layer, x
 
 
-@pytest.mark.parametrize("rotation", ["none", "opq", "givens"])
+@pytest.mark.parametrize("rotation", ["none", "opq", "givens", "cayley"])
 def test_straight_through_gradient_is_identity(rotation: str) -> None:
     layer, x = ready_layer(rotation)
     x = x[:64].clone().requires_grad_(True)
@@ -38,7 +38,7 @@ def test_straight_through_gradient_is_identity(rotation: str) -> None:
     torch.testing.assert_close(x.grad, upstream)
 
 
-@pytest.mark.parametrize("rotation", ["none", "givens"])
+@pytest.mark.parametrize("rotation", ["none", "givens", "cayley"])
 def test_index_params_get_gradient_only_from_regularizer(rotation: str) -> None:
     layer, x = ready_layer(rotation)
     out = layer(x[:64].clone().requires_grad_(True))
@@ -48,8 +48,8 @@ def test_index_params_get_gradient_only_from_regularizer(rotation: str) -> None:
     out.loss.backward()
     assert layer.codebooks.grad.abs().sum() > 0
     assert layer.coarse.grad.abs().sum() > 0
-    if rotation == "givens":
-        assert layer.givens.angles.grad.abs().sum() > 0
+    if layer.learned_rotation is not None:
+        assert next(layer.learned_rotation.parameters()).grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("num_coarse", [0, 4])
@@ -96,9 +96,10 @@ def test_codes_use_uint16_for_large_k() -> None:
     assert codes.dtype == torch.uint16
 
 
-def test_givens_rotation_stays_orthogonal_under_large_steps() -> None:
-    layer, x = ready_layer("givens")
-    opt = torch.optim.Adam(layer.parameters(), lr=0.5)  # angles move up to 0.5 rad a step
+@pytest.mark.parametrize("rotation", ["givens", "cayley"])
+def test_learned_rotation_stays_orthogonal_under_large_steps(rotation: str) -> None:
+    layer, x = ready_layer(rotation)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.5)  # parameters move up to 0.5 a step
     for i in range(200):
         out = layer(x[(i % 8) * 64 : (i % 8 + 1) * 64])
         opt.zero_grad()
@@ -106,7 +107,92 @@ def test_givens_rotation_stays_orthogonal_under_large_steps() -> None:
         opt.step()
     r = layer.rotation_matrix.detach()
     torch.testing.assert_close(r @ r.T, torch.eye(16), atol=1e-5, rtol=0)
-    assert layer.givens.angles.abs().max() > 0.01  # it really moved
+    assert next(layer.learned_rotation.parameters()).abs().max() > 0.01  # it really moved
+
+
+def test_cayley_rotation_is_the_cayley_map_and_agrees_with_givens_to_first_order() -> None:
+    from poeem.index.cayley import CayleyRotation
+    from poeem.index.givens import GivensRotation
+
+    cayley, givens = CayleyRotation(6), GivensRotation(6)
+    torch.testing.assert_close(cayley.matrix(), torch.eye(6))
+    with torch.no_grad():
+        cayley.generator.uniform_(-1, 1)
+    s = torch.zeros(6, 6, dtype=torch.float64)
+    s[cayley.upper_i, cayley.upper_j] = cayley.generator.detach().double()
+    s = s - s.T
+    eye = torch.eye(6, dtype=torch.float64)
+    expected = torch.linalg.inv(eye - s / 2) @ (eye + s / 2)
+    torch.testing.assert_close(cayley.matrix().double(), expected, atol=1e-6, rtol=0)
+    # tiny parameters on the same coordinate pairs give the same rotation up to second order
+    with torch.no_grad():
+        givens.angles.uniform_(-1e-3, 1e-3)
+        pairs = {
+            (int(i), int(j)): a
+            for i, j, a in zip(
+                givens.pair_i.flatten(), givens.pair_j.flatten(), givens.angles.flatten(), strict=True
+            )
+        }
+        for n, (i, j) in enumerate(zip(cayley.upper_i.tolist(), cayley.upper_j.tolist(), strict=True)):
+            cayley.generator[n] = pairs[(i, j)]
+    torch.testing.assert_close(cayley.matrix(), givens.matrix(), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "adagrad", "sgd"])
+@pytest.mark.parametrize("rotation", ["givens", "cayley"])
+def test_a_step_builds_the_rotation_once_and_never_serves_a_stale_one(optimizer: str, rotation: str) -> None:
+    layer, x = ready_layer(rotation)
+    opt = {"adam": torch.optim.Adam, "adagrad": torch.optim.Adagrad, "sgd": torch.optim.SGD}[optimizer](
+        layer.parameters(), lr=0.05
+    )
+    learned = type(layer.learned_rotation)
+    built = []
+    original = learned.matrix
+
+    def counted(self: torch.nn.Module) -> torch.Tensor:
+        built.append(1)
+        return original(self)
+
+    learned.matrix = counted
+    try:
+        for i in range(5):
+            built.clear()
+            out = layer(x[i * 64 : (i + 1) * 64])
+            routing = layer.list_logits(torch.randn(8, 16), index_grad=False)  # reuses the step's
+            fresh = original(layer.learned_rotation).detach()
+            torch.testing.assert_close(layer._fixed_rotation(), layer.base_rotation @ fresh)
+            assert len(built) == 1 and routing.shape == (8, 4)
+            opt.zero_grad()
+            out.loss.backward()
+            opt.step()  # the parameters move: the next use rebuilds the rotation
+            moved = layer.base_rotation @ original(layer.learned_rotation).detach()
+            torch.testing.assert_close(layer._fixed_rotation(), moved)
+    finally:
+        learned.matrix = original
+
+
+@pytest.mark.parametrize(("k", "d"), [(16, 4), (256, 2), (512, 2)])
+def test_training_codes_match_brute_force(k: int, d: int) -> None:
+    layer, x = ready_layer("opq", k=k, d=d)
+    out = layer(x[:300])  # a training step: sub-codes from FAISS's encoder (K <= 256) or torch
+    xr = x[:300] @ layer.rotation_matrix.detach()
+    lists = torch.cdist(xr, layer.coarse.detach()).argmin(1)
+    assert torch.equal(out.coarse_codes, lists)
+    sub = split_subvectors((xr - layer.coarse.detach()[lists]).double(), d)
+    for s in range(d):
+        expected = torch.cdist(sub[s], layer.codebooks[s].detach().double()).argmin(1)
+        assert (out.codes[:, s] == expected).float().mean() > 0.99  # float32 near-ties aside
+
+
+def test_one_faiss_thread_restores_the_thread_count() -> None:
+    import faiss
+
+    from poeem.index.quantize import one_faiss_thread
+
+    before = faiss.omp_get_max_threads()
+    with one_faiss_thread():
+        assert faiss.omp_get_max_threads() == 1
+    assert faiss.omp_get_max_threads() == before
 
 
 def test_opq_reduces_distortion_on_correlated_data() -> None:
@@ -196,6 +282,26 @@ def test_stats_report_usage_and_distortion() -> None:
     assert 1 <= s["coarse_perplexity"] <= 4
     expected = (x - out.output).pow(2).sum(1).mean()
     assert s["distortion"] == pytest.approx(float(expected), rel=1e-4)
+    assert {k: float(v) for k, v in out.stats.items()} == s
+
+
+def test_training_stats_count_codes_over_a_window_of_recent_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    from poeem.index.stats import batch_usage_counts, usage_stats
+
+    monkeypatch.setattr("poeem.index.layer.USAGE_WINDOW", 300)  # the last 3 batches of 128 rows
+    layer, x = ready_layer(k=16)
+    batches = [layer(x[i * 128 : (i + 1) * 128]) for i in range(8)]
+    window = batches[-3:]
+    counts = batch_usage_counts(
+        torch.cat([b.coarse_codes for b in window]), torch.cat([b.codes for b in window]), 4, 16
+    )
+    expected = {k: float(v) for k, v in usage_stats(counts).items()}
+    got = layer.stats()
+    assert {k: got[k] for k in expected} == pytest.approx(expected)
+    everything = batch_usage_counts(
+        torch.cat([b.coarse_codes for b in batches]), torch.cat([b.codes for b in batches]), 4, 16
+    )
+    assert float(usage_stats(everything)["subcode_perplexity"]) != pytest.approx(got["subcode_perplexity"])
 
 
 def test_givens_matrix_equals_sequential_plane_rotations() -> None:

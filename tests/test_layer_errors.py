@@ -26,7 +26,7 @@ def small(**kw: object) -> PoeemLayer:
         (dict(commitment_weight=float("nan")), r"commitment_weight: expected a finite number >= 0, got nan"),
         (dict(codebook_size=8, buffer_size=4), r"buffer_size: expected at least max\(K, coarse_K\) = 8"),
         (dict(num_coarse=32, buffer_size=16), r"at least max\(K, coarse_K\) = 32 embeddings.*buffer_size=16"),
-        (dict(rotation="pca"), r"rotation: expected 'none', 'opq' or 'givens', got 'pca'"),
+        (dict(rotation="pca"), r"rotation: expected 'none', 'opq', 'givens' or 'cayley', got 'pca'"),
         (dict(routing_weight=-0.5), r"routing_weight: expected a finite number >= 0, got -0.5"),
         (dict(routing_lists="some"), r"routing_lists: expected 'auto', 'all' or 'batch', got 'some'"),
         (dict(unquantized_schedule="often"), r"unquantized_schedule: expected 'alternate' or 'every_step'"),

@@ -73,6 +73,10 @@ def test_the_readme_main_command_runs_twice_in_one_fresh_folder(tmp_path: Path) 
     labels = ("exact (brute force)", "FAISS IVF8,PQ8 (after training)", "Poeem as trained (default)")
     for label in labels:
         assert label in outputs[0] and label in outputs[1]
+        row = next(line for line in outputs[1].splitlines() if line.startswith(label))
+        train_s, build_s, served_s = (float(v) for v in row[len(label) :].split()[2:5])
+        assert served_s == pytest.approx(train_s + build_s, abs=0.11)  # each printed to 0.1 s
+    assert "served after s" in outputs[1]
     assert "replacing the earlier demo run in runs/demo/baseline/" in outputs[1]
     assert "\r" not in outputs[1]  # no progress-bar redraws when the output is not a terminal
     assert sorted(p.name for p in (tmp_path / "runs" / "demo").iterdir()) == ["baseline", "poeem"]

@@ -269,7 +269,7 @@ def distill(
         Path | None,
         typer.Option(
             help="With --items: start from this FAISS IVF-PQ/PQ (OPQ included) or IVF-RQ/RQ file's "
-            "quantizer instead of fitting one; only --rotation givens may be added (PQ files)."
+            "quantizer instead of fitting one; only --rotation givens or cayley may be added (PQ files)."
         ),
     ] = None,
     refit: Annotated[

@@ -11,7 +11,8 @@ from typing import Any, Literal
 from poeem.errors import PoeemError
 from poeem.options import setting
 
-Rotation = Literal["none", "opq", "givens"]
+Rotation = Literal["none", "opq", "givens", "cayley"]
+LEARNED_ROTATIONS = ("givens", "cayley")  # trained with the model, on top of an OPQ warm start
 MAX_CODEBOOK_SIZE = 1 << 16
 
 
@@ -53,7 +54,8 @@ class IndexSpec:
     rotation: Rotation = setting(
         "none",
         help="opq: a fixed OPQ rotation fitted at the warm start; givens: OPQ, then learned in "
-        "training (always orthogonal).",
+        "training as a product of Givens rotations (the paper's; always orthogonal); cayley: the "
+        "same, learned through a Cayley map (about a tenth of givens' cost per step).",
     )
 
     @property
@@ -116,9 +118,9 @@ class IndexSpec:
                 f"{self.num_coarse}",
                 "pass a non-negative number of lists",
             )
-        if self.rotation not in ("none", "opq", "givens"):
+        if self.rotation not in ("none", "opq", "givens", "cayley"):
             raise PoeemError(
-                "rotation", "'none', 'opq' or 'givens'", repr(self.rotation), "pick one of those"
+                "rotation", "'none', 'opq', 'givens' or 'cayley'", repr(self.rotation), "pick one of those"
             )
         if self.coarse_metric not in ("l2", "ip"):
             raise PoeemError("coarse_metric", "'l2' or 'ip'", repr(self.coarse_metric), "pick one of those")

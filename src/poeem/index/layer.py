@@ -14,6 +14,7 @@ from torch import nn
 
 from poeem.distributed import all_reduce_max, broadcast_from_rank0, gather_rows
 from poeem.errors import PoeemError
+from poeem.index.cayley import CayleyRotation
 from poeem.index.config import PoeemConfig
 from poeem.index.givens import GivensRotation
 from poeem.index.quantize import (
@@ -105,6 +106,7 @@ class PoeemLayer(nn.Module):
         else:
             self.register_parameter("coarse", None)
         self.givens = GivensRotation(c.dim) if c.rotation == "givens" else None
+        self.cayley = CayleyRotation(c.dim) if c.rotation == "cayley" else None
         self.register_buffer("base_rotation", torch.eye(c.dim))
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         self.register_buffer("phase", torch.tensor(WARMUP if c.warmup_steps else COLLECT))
@@ -143,23 +145,29 @@ class PoeemLayer(nn.Module):
         """The current (dim, dim) orthogonal rotation R; the index codes x @ R.
 
         Identity for rotation "none", the OPQ rotation for "opq", and the OPQ rotation times
-        the learnable Givens product for "givens" (differentiable in the angles).
+        the learnable rotation for "givens" and "cayley" (differentiable in its parameters).
         """
-        if self.givens is None:
+        learned = self.learned_rotation
+        if learned is None:
             return self.base_rotation
-        return self.base_rotation @ self.givens.matrix()
+        return self.base_rotation @ learned.matrix()
+
+    @property
+    def learned_rotation(self) -> GivensRotation | CayleyRotation | None:
+        """The rotation's learnable part (rotation "givens" or "cayley"), else None."""
+        return self.givens if self.givens is not None else self.cayley
 
     def _rotation_key(self) -> tuple[int, ...]:
-        """What the rotation is a function of: the angles and the base rotation, by storage and
-        in-place version (an optimizer step, a load or a refit moves the version)."""
-        assert self.givens is not None
-        angles, base = self.givens.angles, self.base_rotation
-        return angles.data_ptr(), angles._version, base.data_ptr(), base._version
+        """What the rotation is a function of: the learned parameters and the base rotation, by
+        storage and in-place version (an optimizer step, a load or a refit moves the version)."""
+        assert self.learned_rotation is not None
+        params, base = next(self.learned_rotation.parameters()), self.base_rotation
+        return params.data_ptr(), params._version, base.data_ptr(), base._version
 
     def _fixed_rotation(self) -> torch.Tensor:
-        """:attr:`rotation_matrix` without gradient; the Givens product is built once per change
-        of the angles, not once per use (a training step codes items and routes queries)."""
-        if self.givens is None:
+        """:attr:`rotation_matrix` without gradient; a learned rotation is built once per change
+        of its parameters, not once per use (a training step codes items and routes queries)."""
+        if self.learned_rotation is None:
             return self.base_rotation
         key = self._rotation_key()
         if self._rotation_cache is None or self._rotation_cache[0] != key:
@@ -168,9 +176,9 @@ class PoeemLayer(nn.Module):
         return self._rotation_cache[1]
 
     def _step_rotation(self) -> torch.Tensor:
-        """The rotation a forward pass codes with: differentiable in the Givens angles while
+        """The rotation a forward pass codes with: differentiable in the learned rotation while
         autograd records (and then kept, detached, for the rest of the step)."""
-        if self.givens is None or not torch.is_grad_enabled():
+        if self.learned_rotation is None or not torch.is_grad_enabled():
             return self._fixed_rotation()
         rotation = self.rotation_matrix
         self._rotation_cache = self._rotation_key(), rotation.detach()
@@ -408,7 +416,7 @@ class PoeemLayer(nn.Module):
 
     def _mark_used(self, coarse_codes: torch.Tensor | None, codes: torch.Tensor) -> None:
         offsets = torch.arange(codes.shape[1], device=codes.device) * self.config.codebook_size
-        self.codeword_last_used.view(-1).index_fill_(0, (codes + offsets).view(-1), self.step)
+        self.codeword_last_used.view(-1).index_fill_(0, (codes + offsets).reshape(-1), self.step)
         if coarse_codes is not None:
             self.list_last_used.index_fill_(0, coarse_codes, self.step)
         all_reduce_max(self.codeword_last_used)  # every rank's usage: replicas stay identical
@@ -455,7 +463,7 @@ class PoeemLayer(nn.Module):
     def initialize(self, x: torch.Tensor, progress: bool = False) -> None:
         """Fit the index on item embeddings and switch to quantization.
 
-        Runs OPQ (rotation "opq"/"givens") or plain k-means: coarse centroids first, then PQ
+        Runs OPQ (rotation "opq", "givens" or "cayley") or plain k-means: coarse centroids first, then PQ
         codebooks on the residuals. Under torch.distributed, rank 0's result is broadcast.
 
         Args:
@@ -515,8 +523,8 @@ class PoeemLayer(nn.Module):
         """Start quantizing with a given index instead of fitting one (e.g. a FAISS IVF-PQ's).
 
         Args:
-            rotation: (dim, dim) orthogonal R (the index codes x @ R); the Givens angles of a
-                "givens" layer start at zero on top of it.
+            rotation: (dim, dim) orthogonal R (the index codes x @ R); the learned rotation of
+                a "givens" or "cayley" layer starts at the identity on top of it.
             coarse: (coarse_K, dim) centroids, or None for a layer without lists.
             codebooks: (D, K, dsub) codewords ((D, K, dim) for the residual quantizer).
         """
@@ -553,8 +561,9 @@ class PoeemLayer(nn.Module):
         self.codebooks.copy_(codebooks)
         if self.coarse is not None and coarse is not None:
             self.coarse.copy_(coarse)
-        if self.givens is not None:
-            self.givens.angles.zero_()
+        if self.learned_rotation is not None:
+            for p in self.learned_rotation.parameters():
+                p.zero_()
         self.codeword_last_used.fill_(int(self.step))
         self.list_last_used.fill_(int(self.step))
         if self.trained is not None:

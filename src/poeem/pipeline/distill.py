@@ -61,7 +61,8 @@ def distill_embeddings(
         ids: (n,) the items' own ids (integers or strings); row numbers by default.
         fast_scan: a 4-bit fast-scan FAISS index; None: when the codes are PQ with K = 16.
         from_faiss: start from this FAISS IVF-PQ (or IVF-RQ) file's quantizer instead of fitting one; its
-            metric replaces ``metric``, and ``layer_settings`` may only ask for a "givens" rotation.
+            metric replaces ``metric``, and ``layer_settings`` may only ask for a learned
+            rotation ("givens" or "cayley").
         resume: continue a stopped distillation for ``out`` (see :func:`checkpoint_for`).
 
     Returns:

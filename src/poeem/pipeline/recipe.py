@@ -31,6 +31,7 @@ from poeem.errors import PoeemError
 from poeem.export.item_codes import EXPORT_DEFAULT, FromTraining, check_from_training, item_codes
 from poeem.export.learned import ItemsOrCodes
 from poeem.index import PoeemLayer
+from poeem.index.config import LEARNED_ROTATIONS
 from poeem.index.refit import Refit, check_refit, refit_layer
 from poeem.metric import Metric, prepare_queries
 from poeem.model import RetrievalModel
@@ -52,7 +53,7 @@ class IndexRecipe:
         refit: with start "refit": the residual coder, "rq" or "pq".
         layer: with start "fit": PoeemConfig fields of the new layer (num_coarse,
             num_subspaces, codebook_size, rotation, quantizer); with "faiss": only
-            ``{"rotation": "givens"}``, a learnable rotation on top of the file's.
+            ``{"rotation": "givens"}`` or ``"cayley"``, a learnable rotation on top of the file's.
         faiss_file: with start "faiss": the FAISS index file.
         distill: distil the index from the model's own ranking (None: no distillation).
         from_training: with start "trained" or "as-trained" and no distillation, what each item
@@ -85,7 +86,10 @@ class IndexRecipe:
             )
         if self.start == "faiss" and set(self.layer) - {"rotation"}:
             raise PoeemError(
-                "--from-faiss", "no layer flags but --rotation givens", sorted(self.layer), "drop them"
+                "--from-faiss",
+                "no layer flags but --rotation givens or cayley",
+                sorted(self.layer),
+                "drop them",
             )
         if self.layer and self.start not in ("fit", "faiss"):
             raise PoeemError(
@@ -365,7 +369,8 @@ def layer_from_faiss(source: str | Path | Any, dim: int, rotation: str | None) -
         source: a FAISS index file, or a ``faiss.Index`` (see
             :func:`poeem.export.faiss_codec.faiss_quantizer`).
         dim: the dimension of the item embeddings.
-        rotation: None (the file's: "opq" or "none") or "givens" (learnable, on top of it).
+        rotation: None (the file's: "opq" or "none"), or "givens" or "cayley" (learnable, on
+            top of it).
     """
     from poeem.export.faiss_codec import faiss_quantizer, read_faiss_quantizer
 
@@ -381,9 +386,11 @@ def layer_from_faiss(source: str | Path | Any, dim: int, rotation: str | None) -
             "an L2 index",
             "distil a METRIC_INNER_PRODUCT index",
         )
-    if rotation not in (None, "givens"):
-        raise PoeemError("--rotation with --from-faiss", "givens (or none given)", repr(rotation), "drop it")
-    settings = {**found.settings, **({"rotation": "givens"} if rotation else {})}
+    if rotation not in (None, *LEARNED_ROTATIONS):
+        raise PoeemError(
+            "--rotation with --from-faiss", "givens or cayley (or none given)", repr(rotation), "drop it"
+        )
+    settings = {**found.settings, **({"rotation": rotation} if rotation else {})}
     buffer = max(settings["codebook_size"], settings["num_coarse"])  # nothing is collected
     layer = PoeemLayer(dim=dim, warmup_steps=0, buffer_size=buffer, **settings)
     layer.initialize_from(found.rotation, found.coarse, found.codebooks)

@@ -6,8 +6,8 @@ query also sees the others' candidates, like in-batch negatives). Two students s
 candidates with the index: the list score <qR, c_list(d)> and the code score
 <qR, c_list(d) + PQ(d)>. Each is pulled to the teacher with a ListNet loss,
 ``-sum softmax(t / tau) * log softmax(s / tau)``, which moves the coarse centroids, the
-codebooks (a residual quantizer's stages each by their own scale) and (for a Givens rotation)
-the rotation. No labels are needed.
+codebooks (a residual quantizer's stages each by their own scale) and (for a learned rotation,
+Givens or Cayley) the rotation. No labels are needed.
 
 The item assignments (lists and codes) stay frozen while the codewords move, so the codebooks
 cannot collapse the way a task gradient with live re-assignment does; with ``reassign`` they are
@@ -271,13 +271,13 @@ def distill_index(
 
 
 def _optimizer(layer: PoeemLayer, cfg: DistillConfig) -> tuple[torch.optim.Adam, list[torch.Tensor]]:
-    """Adam over what distillation trains (codebooks, centroids unless their lr is 0, Givens
-    angles), and those parameters in order."""
+    """Adam over what distillation trains (codebooks, centroids unless their lr is 0, a learned
+    rotation), and those parameters in order."""
     groups = [{"params": [layer.codebooks], "lr": cfg.codebook_lr}]
     if layer.coarse is not None and cfg.coarse_lr > 0:
         groups.append({"params": [layer.coarse], "lr": cfg.coarse_lr})
-    if layer.givens is not None:
-        groups.append({"params": list(layer.givens.parameters()), "lr": cfg.rotation_lr})
+    if layer.learned_rotation is not None:
+        groups.append({"params": list(layer.learned_rotation.parameters()), "lr": cfg.rotation_lr})
     return torch.optim.Adam(groups), [p for group in groups for p in group["params"]]
 
 
