@@ -377,7 +377,9 @@ def mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", required=True, choices=["synthetic", "ml-100k", "gowalla", "scifact"])
+    p.add_argument(
+        "--dataset", required=True, choices=["synthetic", "ml-100k", "gowalla", "yelp2018", "scifact"]
+    )
     p.add_argument("--data-dir", default=None)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--num-subspaces", type=int, default=None, help="D: bytes per item (default 8)")

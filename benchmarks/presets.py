@@ -128,7 +128,7 @@ def quiet_training(**kwargs: Any) -> TrainConfig:
 
 
 def preset(name: str, data_path: str | None = None) -> Preset:
-    """The named preset: "synthetic", "ml-100k", "gowalla" or "scifact"."""
+    """The named preset: "synthetic", "ml-100k", "gowalla", "yelp2018" or "scifact"."""
     if name == "synthetic":  # the original tutorial
         return Preset(
             data=DataConfig(kind="synthetic"),
@@ -154,6 +154,10 @@ def preset(name: str, data_path: str | None = None) -> Preset:
             train=quiet_training(epochs=10, batch_size=2048, optimizer="adam", lr=5e-3, log_every=20),
             budget=(16, 8, 256),
         )
+    if name == "yelp2018":  # an interaction set held out of every tuning: Gowalla's settings as they are
+        return replace(
+            preset("gowalla"), data=DataConfig(kind="lightgcn", path=data_dir("yelp2018", data_path))
+        )
     if name == "scifact":  # text: the query tower fine-tunes MiniLM, documents are embedded once
         text = {"encoder": DEFAULT_ENCODER, "mode": "query", "encoder_lr": 2e-5}
         return Preset(
@@ -167,7 +171,7 @@ def preset(name: str, data_path: str | None = None) -> Preset:
             buffer_size=4096,
             kmeans_points_per_list=16,  # 5,183 documents: FAISS's guideline gives ~20 per list
         )
-    raise SystemExit(f"unknown dataset {name!r}: pick synthetic, ml-100k, gowalla or scifact")
+    raise SystemExit(f"unknown dataset {name!r}: pick synthetic, ml-100k, gowalla, yelp2018 or scifact")
 
 
 def tiny(p: Preset) -> Preset:

@@ -93,8 +93,10 @@ def train_worker(
     resume: bool,
     table_optimizer: str = "dense",
     table_dtype: str = "float32",
+    catalogue: bool = False,
 ) -> None:
-    """Train the tiny model to ``steps``; save each rank's state and the index after the warm start."""
+    """Train the tiny model to ``steps``; save each rank's state and the index after the warm start.
+    With ``catalogue`` the warm start fits a uniform sample of the catalogue, embedded by the model."""
     data = synthetic_task(num_pairs=4000, seed=0)
     torch.manual_seed(0)
     config = ModelConfig(
@@ -105,6 +107,8 @@ def train_worker(
         table_dtype=table_dtype,  # type: ignore[arg-type]
     )
     model = TwoTowerModel(config, data.num_queries, data.num_items)
+    if catalogue:
+        model.warm_start_on_catalogue()
     cfg = TrainConfig(
         epochs=1,
         batch_size=BATCH,
@@ -157,6 +161,20 @@ def test_two_ranks_of_half_batch_train_like_one_rank(
     assert max_difference(r0, single_rank[str(steps)]) < 1e-5
 
 
+def test_two_ranks_fit_the_lists_one_process_fits_on_the_catalogue(tmp_path: Path) -> None:
+    single = tmp_path / "single"
+    single.mkdir()
+    train_worker(str(single), 4, True, None, False, catalogue=True)  # warm start at step 4
+    run_ranks(train_worker, str(tmp_path), 4, True, None, False, "dense", "float32", True)
+    r0, r1 = states(tmp_path, 2)
+    one = states(single, 1)[0]
+    assert r0["index.phase"] == one["index.phase"] == 2  # fitted at once, no collect phase
+    for name in ("index.coarse", "index.codebooks"):
+        assert torch.equal(r0[name], r1[name])
+        # the same sampled items, embedded by models equal up to float summation order
+        assert float((r0[name] - one[name]).abs().max()) < 1e-4, name
+
+
 @pytest.mark.parametrize(
     ("table_optimizer", "table_dtype"),
     [("rowwise_adagrad", "float32"), ("sparse_adam", "float32"), ("rowwise_adagrad", "bfloat16")],
@@ -191,9 +209,12 @@ def test_resume_across_world_sizes(
 ) -> None:
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    # stop at step 5, mid-collect: the warm-start buffer is half full
+    # stop at step 5, mid-collect: half the warm start's rows went by, each item held once
     run_ranks(train_worker, str(tmp_path), 5, True, str(run_dir), False, world=first)
-    assert int(states(tmp_path, 1)[0]["index.buffer_count"]) == 2 * BATCH
+    collected = states(tmp_path, 1)[0]
+    assert int(collected["index.buffer_seen"]) == 2 * BATCH
+    held = collected["index.buffer_ids"][: int(collected["index.buffer_count"])]
+    assert 0 < held.shape[0] == held.unique().shape[0] <= 2 * BATCH  # each item once
     run_ranks(train_worker, str(tmp_path), 12, True, str(run_dir), True, world=then)
     assert max_difference(states(tmp_path, 1)[0], single_rank["12"]) < 1e-5
 

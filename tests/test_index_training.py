@@ -2,6 +2,7 @@
 
 import faiss
 import numpy as np
+import pytest
 import torch
 from conftest import correlated
 from faiss.contrib.inspect_tools import get_invlist
@@ -216,3 +217,104 @@ def test_alternating_steps_average_to_the_every_step_loss() -> None:
     assert not torch.isclose(alternating[0], alternating[1])  # each step scored one set of items
     model.index.config.unquantized_schedule = "every_step"
     torch.testing.assert_close((alternating[0] + alternating[1]) / 2, model(batch)["task_loss"])
+
+
+# ------------------------------------------------------------------ the warm start's sample
+def _popular_item_batches() -> list[torch.Tensor]:
+    """64-row batches of 400 items in which item 0 fills half of every batch."""
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for _ in range(8):
+        ids = torch.randint(400, (64,), generator=g)
+        ids[:32] = 0
+        batches.append(ids)
+    return batches
+
+
+@pytest.mark.parametrize(("sample", "embedder"), [("items", True), ("items", False), ("batches", False)])
+def test_the_warm_start_fits_each_item_once(sample: str, embedder: bool) -> None:
+    from poeem.index.kmeans import kmeans, nearest_centroid
+
+    items = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    layer = PoeemLayer(
+        dim=16,
+        num_coarse=16,
+        num_subspaces=4,
+        codebook_size=16,
+        warmup_steps=1,
+        buffer_size=256,
+        num_items=400,
+        warm_start_sample=sample,
+        coarse_metric="l2",
+        kmeans_iters=10,
+    )
+    if embedder:  # a model that embeds any item: a uniform sample of the catalogue
+        layer.item_embedder = lambda ids: items[ids]
+    fitted = []
+    layer.initialize = lambda x, progress=False: (fitted.append(x.clone()), PoeemLayer.initialize(layer, x))[
+        1
+    ]
+    for ids in _popular_item_batches():
+        layer(items[ids], ids)
+    assert layer.is_initialized and len(fitted) == 1
+    distinct = fitted[0].unique(dim=0).shape[0]
+    if sample == "batches":  # the paper's warm start: item 0 holds half the rows k-means sees
+        assert distinct < fitted[0].shape[0] // 2
+        return
+    assert distinct == fitted[0].shape[0]  # each item once
+    if embedder:
+        assert fitted[0].shape[0] == 256  # buffer_size items, drawn from the whole catalogue
+    reference = kmeans(items, 16, iters=10, seed=0)  # k-means on the unique items
+    largest = int(torch.bincount(nearest_centroid(items[None], reference[None])[0][0]).max())
+    lists = torch.bincount(layer.encode(items)[0].long(), minlength=16)
+    assert int(lists.max()) <= 1.25 * largest
+
+
+def test_frozen_lists_stay_where_the_warm_start_put_them_and_slow_ones_train_slowly() -> None:
+    from poeem.training import TrainConfig
+    from poeem.training.optimizers import build_optimizer
+
+    def model_with(scale: float) -> TwoTowerModel:
+        torch.manual_seed(0)
+        layer = {
+            "num_coarse": 4,
+            "num_subspaces": 4,
+            "codebook_size": 16,
+            "warmup_steps": 0,
+            "buffer_size": 64,
+            "kmeans_iters": 2,
+            "list_lr_scale": scale,
+        }
+        model = TwoTowerModel(ModelConfig(dim=16, poeem=layer), 50, 100)
+        model.warm_start_on_catalogue()
+        return model
+
+    batch = {"query_ids": torch.arange(32) % 50, "item_ids": torch.arange(32) * 3 % 100}
+    moved = {}
+    for scale in (0.0, 0.1, 1.0):
+        model = model_with(scale)
+        opt = build_optimizer(model, TrainConfig(lr=0.01, index_lr=0.02))
+        lrs = {id(p): g["lr"] for g in opt.param_groups for p in g["params"]}
+        assert lrs[id(model.index.codebooks)] == pytest.approx(0.02)
+        model(batch)  # the warm start fits the catalogue
+        start = model.index.coarse.detach().clone()
+        for _ in range(3):
+            opt.zero_grad()
+            model(batch)["loss"].backward()
+            opt.step()
+        if scale == 0:
+            assert model.index.coarse.grad is None and torch.equal(model.index.coarse.detach(), start)
+        else:
+            assert lrs[id(model.index.coarse)] == pytest.approx(0.02 * scale)
+        moved[scale] = float((model.index.coarse.detach() - start).abs().max())
+    assert 0 == moved[0.0] < moved[0.1] < moved[1.0]
+
+
+def test_a_uniform_sample_is_distinct_reproducible_and_bounded() -> None:
+    from poeem.index.layer import uniform_sample
+
+    for n, m in ((10, 10), (1000, 300), (10**9, 1000)):
+        a = uniform_sample(n, m, torch.Generator().manual_seed(3))
+        b = uniform_sample(n, m, torch.Generator().manual_seed(3))
+        assert torch.equal(a, b) and a.shape == (m,) and a.unique().shape == (m,)
+        assert int(a.min()) >= 0 and int(a.max()) < n

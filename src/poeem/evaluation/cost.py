@@ -56,15 +56,26 @@ def codes_scanned(index: faiss.Index, xq: torch.Tensor, nprobe: int) -> np.ndarr
     return np.where(lists >= 0, sizes[np.maximum(lists, 0)], 0).sum(1)
 
 
-def search_cost(searcher: object, xq: torch.Tensor, nprobe: int, num_items: int) -> dict[str, float]:
-    """``codes_scanned`` (mean per query) and ``imbalance`` of a search backend on queries ``xq``.
+def list_balance(sizes: np.ndarray) -> dict[str, float]:
+    """How evenly (nlist,) list ``sizes`` spread the items: ``largest_list`` (items in the
+    largest), ``list_size_std`` and ``imbalance`` (:func:`imbalance_factor`)."""
+    return {
+        "largest_list": float(sizes.max()) if len(sizes) else 0.0,
+        "list_size_std": float(sizes.std()) if len(sizes) else 0.0,
+        "imbalance": imbalance_factor(sizes),
+    }
 
-    Backends other than :class:`FaissSearcher` (exact search) scan every item, imbalance 1.
+
+def search_cost(searcher: object, xq: torch.Tensor, nprobe: int, num_items: int) -> dict[str, float]:
+    """``codes_scanned`` (mean per query) of a search backend on queries ``xq``, and its
+    :func:`list_balance` (``largest_list``, ``list_size_std``, ``imbalance``).
+
+    Backends other than :class:`FaissSearcher` (exact search) scan every item, in one list.
     """
     if not isinstance(searcher, FaissSearcher):
-        return {"codes_scanned": float(num_items), "imbalance": 1.0}
+        return {"codes_scanned": float(num_items), **list_balance(np.array([num_items]))}
     sizes = list_sizes(searcher.index)
     return {
         "codes_scanned": float(codes_scanned(searcher.index, xq, nprobe).mean()),
-        "imbalance": imbalance_factor(sizes) if sizes is not None else 1.0,
+        **list_balance(sizes if sizes is not None else np.array([searcher.index.ntotal])),
     }

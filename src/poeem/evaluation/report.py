@@ -54,14 +54,15 @@ def _rows(
 def _mean_cost(
     index: Searchable, encode: Callable[[np.ndarray], torch.Tensor], data: InteractionData, nprobe: int
 ) -> dict[str, float]:
-    """``codes_scanned`` averaged over the evaluation queries (in batches), and ``imbalance``."""
+    """``codes_scanned`` averaged over the evaluation queries (in batches), and the index's list
+    balance (:func:`poeem.evaluation.cost.list_balance`)."""
     rows_all = data.eval_queries()
-    total, cost = 0.0, {"codes_scanned": 0.0, "imbalance": 1.0}
+    total, cost = 0.0, {}
     for start in range(0, len(rows_all), 65536):
         rows = rows_all[start : start + 65536]
         cost = search_cost(index, encode(rows), nprobe, data.num_items)
         total += cost["codes_scanned"] * len(rows)
-    return {"codes_scanned": total / max(1, len(rows_all)), "imbalance": cost["imbalance"]}
+    return {**cost, "codes_scanned": total / max(1, len(rows_all))}
 
 
 @torch.no_grad()

@@ -143,6 +143,17 @@ class LayerTraining:
     buffer_size: int = setting(
         8192, help="Item embeddings collected after the warm-up to fit k-means (about 40 per centroid)."
     )
+    warm_start_sample: Literal["items", "batches"] = setting(
+        "items",
+        help="What the warm start's k-means fits: items (each item once: a uniform sample of the "
+        "catalogue when the model can embed any item, else the collected batches' items, each "
+        "once) or batches (rows as batches bring them, so popular items fill the lists).",
+    )
+    list_lr_scale: float = setting(
+        1.0,
+        help="The lists' centroids train at this share of the index's learning rate after the warm "
+        "start; 0 keeps them where k-means put them.",
+    )
     init: Literal["kmeans", "random"] = setting(
         "kmeans", help="random (codewords from random buffer rows) is an ablation, not for use.", cli=False
     )
@@ -217,6 +228,24 @@ class LayerTraining:
         if self.routing_lists not in ("auto", "all", "batch"):
             raise PoeemError(
                 "routing_lists", "'auto', 'all' or 'batch'", repr(self.routing_lists), "pick one of those"
+            )
+        if self.warm_start_sample not in ("items", "batches"):
+            raise PoeemError(
+                "warm_start_sample", "'items' or 'batches'", repr(self.warm_start_sample), "pick one of those"
+            )
+        if not isinstance(self.list_lr_scale, int | float) or not 0 <= self.list_lr_scale <= 1:
+            raise PoeemError(
+                "list_lr_scale",
+                "a number in [0, 1] (0: the lists stay where the warm start put them)",
+                repr(self.list_lr_scale),
+                "pass e.g. 0, 0.1 or 1",
+            )
+        if self.list_lr_scale == 0 and self.route_centroids:
+            raise PoeemError(
+                "route_centroids",
+                "False while list_lr_scale is 0 (the lists do not move)",
+                "True",
+                "drop route_centroids, or let the lists train",
             )
         if self.init not in ("kmeans", "random"):
             raise PoeemError("init", "'kmeans' or 'random'", repr(self.init), "pick one of those")

@@ -75,10 +75,14 @@ class PoeemLayer(nn.Module):
     """Product-quantization index layer (Poeem, SIGIR 2021) with straight-through gradients.
 
     Phases, counted in training-mode forward calls: ``warmup_steps`` calls as the identity,
-    then item embeddings fill a buffer of ``buffer_size`` rows, then k-means (or OPQ) fits the
-    index on that buffer and every later call quantizes. Phase, step, buffer and flags are
-    registered buffers, so a checkpoint taken in any phase resumes exactly. After
-    initialization the buffer is released (its shape becomes (0, dim)).
+    then k-means (or OPQ) fits the index and every later call quantizes. What it fits
+    (``warm_start_sample``): with an :attr:`item_embedder` (a model that can embed any item sets
+    one; :class:`poeem.model.RetrievalModel` does), a uniform sample of ``buffer_size`` items of
+    the catalogue, at once; otherwise the items of the next batches, each once (by the ids passed
+    to forward), until ``buffer_size`` batch rows went by; with "batches", those rows as they
+    come. Phase, step, buffer and flags are registered buffers, so a checkpoint taken in any
+    phase resumes exactly. After initialization the buffer is released (its shape becomes
+    (0, dim)).
 
     Non-finite inputs raise :class:`PoeemError` before they can reach the codebooks.
 
@@ -112,7 +116,12 @@ class PoeemLayer(nn.Module):
         self.register_buffer("phase", torch.tensor(WARMUP if c.warmup_steps else COLLECT))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("buffer", torch.zeros(c.buffer_size, c.dim))
-        self.register_buffer("buffer_count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("buffer_count", torch.zeros((), dtype=torch.long))  # rows held
+        self.register_buffer("buffer_ids", torch.full((c.buffer_size,), -1, dtype=torch.long))
+        self.register_buffer("buffer_seen", torch.zeros((), dtype=torch.long))  # batch rows gone by
+        # (n,) item ids -> (n, dim) embeddings without gradient: the warm start then fits a uniform
+        # sample of the catalogue (set by a model that can embed any item; not saved)
+        self.item_embedder: Callable[[torch.Tensor], torch.Tensor] | None = None
         # the last step each codeword and each list coded an item (for reseed_after)
         words = (c.num_subspaces, c.codebook_size)
         self.register_buffer("codeword_last_used", torch.zeros(words, dtype=torch.long))
@@ -184,6 +193,12 @@ class PoeemLayer(nn.Module):
         self._rotation_cache = self._rotation_key(), rotation.detach()
         return rotation
 
+    def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
+        """Parameters that train at a share of the index's learning rate: the lists' centroids at
+        ``list_lr_scale`` (when it is below 1 and above 0; at 0 they get no gradient at all)."""
+        scale = self.config.list_lr_scale
+        return [(self.coarse, float(scale))] if self.coarse is not None and 0 < scale < 1 else []
+
     def stats(self) -> dict[str, float]:
         """Index health of the last quantized batch, as floats (empty before quantization)."""
         if self._last_health is None:
@@ -223,16 +238,16 @@ class PoeemLayer(nn.Module):
         """
         self._check_input(x)
         with _full_precision(x):
-            out = self._forward(x)
+            out = self._forward(x, ids)
         if self.training and out.quantized and ids is not None and self.trained is not None:
             assert out.codes is not None
             self.trained.record(ids, out.coarse_codes, out.codes, int(self.step))
         return out
 
-    def _forward(self, x: torch.Tensor) -> PoeemOutput:
+    def _forward(self, x: torch.Tensor, ids: torch.Tensor | None) -> PoeemOutput:
         x32 = x.float()
         if self.training:
-            self._advance(x32.detach())
+            self._advance(x32.detach(), ids)
         if not self.is_initialized:
             if not self.training and self.config.eval_before_init == "raise":
                 raise PoeemError(
@@ -245,23 +260,66 @@ class PoeemLayer(nn.Module):
             return PoeemOutput(output=x, loss=x32.new_zeros(()))
         return self._quantize(x, x32)
 
-    def _advance(self, x: torch.Tensor) -> None:
+    def _advance(self, x: torch.Tensor, ids: torch.Tensor | None) -> None:
         """One training step of the warm-start state machine (and of re-seeding after it)."""
+        c = self.config
         step = int(self.step.add_(1))
         if self.is_initialized:
-            if self.config.reseed_after and step % self.config.reseed_after == 0:
+            if c.reseed_after and step % c.reseed_after == 0:
                 self._reseed(x)
             return
-        if step <= self.config.warmup_steps:
+        if step <= c.warmup_steps:
+            return
+        if c.warm_start_sample == "items" and self.item_embedder is not None and c.num_items:
+            self.initialize(self._catalogue_sample(step))
             return
         self.phase.fill_(COLLECT)
         rows = gather_rows(x)
+        if c.warm_start_sample == "items" and ids is not None:
+            self._collect_items(rows, gather_rows(ids.to(rows.device)))
+        else:
+            count = int(self.buffer_count)
+            take = min(rows.shape[0], c.buffer_size - count)
+            self.buffer[count : count + take] = rows[:take]
+            self.buffer_count += take
+        self.buffer_seen += rows.shape[0]
+        if int(self.buffer_seen) >= c.buffer_size:
+            self.initialize(_at_least(self.buffer[: int(self.buffer_count)], self._rows_needed()))
+
+    def _rows_needed(self) -> int:
+        return max(self.config.codebook_size, self.config.num_coarse)
+
+    def _collect_items(self, rows: torch.Tensor, ids: torch.Tensor) -> None:
+        """Hold each item once, at its latest row: (B, dim) ``rows`` of (B,) item ``ids``."""
+        ids = ids.long()
+        unique, inverse = torch.unique(ids, return_inverse=True)
+        latest = torch.zeros_like(unique).scatter_reduce_(
+            0, inverse, torch.arange(ids.shape[0], device=ids.device), "amax", include_self=False
+        )
         count = int(self.buffer_count)
-        take = min(rows.shape[0], self.config.buffer_size - count)
-        self.buffer[count : count + take] = rows[:take]
-        self.buffer_count += take
-        if int(self.buffer_count) == self.config.buffer_size:
-            self.initialize(self.buffer)
+        found = torch.zeros_like(unique, dtype=torch.bool)
+        if count:
+            match = self.buffer_ids[:count].unsqueeze(0) == unique.unsqueeze(
+                1
+            )  # (U, count): collect steps only
+            found = match.any(1)
+            self.buffer[match.int().argmax(1)[found]] = rows[latest[found]]
+        fresh = latest[~found][: self.config.buffer_size - count]
+        self.buffer[count : count + fresh.shape[0]] = rows[fresh]
+        self.buffer_ids[count : count + fresh.shape[0]] = ids[fresh]
+        self.buffer_count += fresh.shape[0]
+
+    @torch.no_grad()
+    def _catalogue_sample(self, step: int) -> torch.Tensor:
+        """(m, dim) embeddings of m = buffer_size items drawn uniformly from the catalogue (all of
+        them when it is smaller; repeated when it holds fewer than K or coarse_K items). The draw
+        depends on (seed, step) only, so every rank embeds the same items."""
+        assert self.item_embedder is not None
+        c = self.config
+        g = torch.Generator().manual_seed(c.seed * 1_000_003 + step)
+        ids = uniform_sample(c.num_items, min(c.buffer_size, c.num_items), g)
+        parts = [self.item_embedder(ids[lo : lo + 65536]) for lo in range(0, ids.shape[0], 65536)]
+        return _at_least(torch.cat(parts).detach().float(), self._rows_needed())
 
     def _quantize(self, x: torch.Tensor, x32: torch.Tensor) -> PoeemOutput:
         c = self.config
@@ -272,7 +330,10 @@ class PoeemLayer(nn.Module):
             coarse_codes, codes = encode_rotated(
                 xr.detach(), coarse, self.codebooks.detach(), c.coarse_metric
             )
-        recon = decode_rotated(coarse_codes, codes, self.coarse, self.codebooks, c.dim)
+        centroids = self.coarse
+        if centroids is not None and not c.list_lr_scale:  # the lists stay where the warm start put them
+            centroids = centroids.detach()
+        recon = decode_rotated(coarse_codes, codes, centroids, self.codebooks, c.dim)
         x_hat = recon @ rotation.T if c.rotation != "none" else recon  # (B, dim)
         rows = x32.shape[0]
         # mean over items of ||x_hat - sg(x)||^2, in one kernel
@@ -572,7 +633,9 @@ class PoeemLayer(nn.Module):
         self.initialized.fill_(True)
         self.phase.fill_(QUANTIZE)
         self.buffer = self.buffer.new_zeros(0, c.dim)  # release the warm-start buffer
+        self.buffer_ids = self.buffer_ids.new_zeros(0)
         self.buffer_count.zero_()
+        self.buffer_seen.zero_()
 
     def _random_init(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Ablation: codewords are random rows (coarse) and random residual subvectors."""
@@ -755,6 +818,10 @@ class PoeemLayer(nn.Module):
         for key in ("codeword_last_used", "list_last_used"):  # absent from older checkpoints
             if prefix + key not in state_dict and prefix + "step" in state_dict:
                 state_dict[prefix + key] = torch.full_like(own[key], int(state_dict[prefix + "step"]))
+        if prefix + "buffer_seen" not in state_dict and prefix + "buffer_count" in state_dict:
+            held = state_dict[prefix + "buffer"].shape[0]  # an older layer held every row it saw
+            state_dict[prefix + "buffer_seen"] = state_dict[prefix + "buffer_count"].clone()
+            state_dict[prefix + "buffer_ids"] = torch.full((held,), -1, dtype=torch.long)
         mismatched = []
         for key, value in own.items():
             incoming = state_dict.get(prefix + key)
@@ -766,6 +833,9 @@ class PoeemLayer(nn.Module):
             }:
                 self.buffer = self.buffer.new_zeros(incoming.shape)  # released or still filling
                 continue
+            if key == "buffer_ids" and incoming.shape in {(0,), (self.config.buffer_size,)}:
+                self.buffer_ids = self.buffer_ids.new_zeros(incoming.shape)
+                continue
             mismatched.append(f"{key}: checkpoint {tuple(incoming.shape)} vs layer {tuple(value.shape)}")
         if mismatched:
             raise PoeemError(
@@ -775,3 +845,21 @@ class PoeemLayer(nn.Module):
                 "build the layer with the config the checkpoint was saved with",
             )
         super()._load_from_state_dict(state_dict, prefix, *args)
+
+
+def uniform_sample(n: int, m: int, generator: torch.Generator) -> torch.Tensor:
+    """(m,) distinct ids drawn uniformly from [0, n), m <= n, in memory O(m) when m << n."""
+    if n <= 4 * m:
+        return torch.randperm(n, generator=generator)[:m]
+    drawn = torch.empty(0, dtype=torch.long)
+    while drawn.shape[0] < m:  # repeats are rare (m << n): one more draw at most, as a rule
+        drawn = torch.unique(torch.cat([drawn, torch.randint(n, (m + m // 8 + 16,), generator=generator)]))
+    return drawn[torch.randperm(drawn.shape[0], generator=generator)[:m]]
+
+
+def _at_least(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(max(len(x), n), dim): ``x``, its rows repeated when it has fewer than n (a catalogue
+    smaller than K or coarse_K; k-means then repairs the duplicate centroids)."""
+    if x.shape[0] >= n or x.shape[0] == 0:
+        return x
+    return x.repeat(-(-n // x.shape[0]), 1)[:n]

@@ -110,6 +110,16 @@ class RetrievalModel(nn.Module):
         out.update(loss=task + index_loss, task_loss=task.detach(), index_loss=index_loss.detach())
         return out
 
+    def warm_start_on_catalogue(self, item_features: torch.Tensor | None = None) -> None:
+        """Let the layer's warm start fit a uniform sample of the whole catalogue (each item
+        once), embedded by this model, instead of the items that batches bring.
+
+        Args:
+            item_features: (num_items, Fi) features of every item, or None.
+        """
+        if self.index is not None:
+            self.index.item_embedder = lambda ids: self.all_item_embeddings(item_features, rows=ids)
+
     def log_stats(self) -> dict[str, float]:
         """The index health of the last training step (distortion, code and list usage), for a
         logged step; empty without a layer or before it quantizes."""

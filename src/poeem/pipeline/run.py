@@ -204,6 +204,7 @@ def train_run(
         check_catalogue(model.index.config, data.num_items, data.name)
     attach_data(model, data, cfg.train.progress and distributed.is_main())
     artifacts = RunArtifacts.of(data)
+    model.warm_start_on_catalogue(artifacts.item_features)
     if distributed.is_main():
         save_run(run_dir, cfg, shapes, artifacts)
     # a sharded table answers lookups from every rank at once: no evaluation on rank 0 alone

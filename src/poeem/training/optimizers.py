@@ -198,7 +198,8 @@ AnyOptimizer: TypeAlias = "torch.optim.Optimizer | SplitOptimizer"
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     """The optimizer of a training run, from ``cfg``'s optimizer settings.
 
-    Parameters of an ``index`` submodule get ``cfg.index_lr`` (None: ``lr``); a model may name
+    Parameters of an ``index`` submodule get ``cfg.index_lr`` (None: ``lr``), times the share
+    its ``lr_scales()`` gives some of them (the Poeem layer's lists); a model may name
     other submodules' learning rates in ``model.lr_overrides`` ({name: lr}). With
     ``cfg.table_optimizer`` other than "dense", the model's id tables (``model.id_tables()``)
     switch to sparse gradients and get that optimizer at ``cfg.table_lr`` (None: ``lr``);
@@ -218,9 +219,14 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     for sub_name, sub_lr in overrides.items():
         sub = getattr(model, sub_name, None)
         params = [p for p in sub.parameters() if id(p) not in taken] if isinstance(sub, nn.Module) else []
+        scaled = dict(sub.lr_scales()) if hasattr(sub, "lr_scales") else {}  # e.g. the layer's lists
+        for scale in sorted(set(scaled.values())):
+            group = [p for p in params if scaled.get(p) == scale]
+            groups.append({"params": group, "lr": sub_lr * scale, "weight_decay": 0.0})
+        params = [p for p in params if p not in scaled]
         if params:
             groups.append({"params": params, "lr": sub_lr, "weight_decay": 0.0})
-            taken.update(id(p) for p in params)
+        taken.update(id(p) for p in params + list(scaled))
     groups.insert(0, {"params": [p for p in model.parameters() if id(p) not in taken]})
     dense = _dense_optimizer(groups, cfg.optimizer, lr, weight_decay)
     if not tables:
