@@ -19,6 +19,7 @@ from poeem.export.faiss_codec import pack_sa_codes
 from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline import resume_config, train_run
 from poeem.pipeline.recipe import (
+    AFTER_TRAINING_DISTILL_EPOCHS,
     DEFAULT_DISTILL_EPOCHS,
     distill_epochs,
     layer_from_faiss,
@@ -334,12 +335,16 @@ def test_distill_epochs_need_a_layer(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
-def test_refitted_runs_distil_by_default_and_other_runs_when_asked() -> None:
+def test_refitted_and_text_runs_distil_by_default_and_other_runs_when_asked() -> None:
     cfg = tiny_config()
     assert cfg.train.refit is None and cfg.train.distill_epochs is None
     assert distill_epochs(cfg) == 0  # id towers as trained, the default
     cfg.model.text = {"encoder": "any"}
-    assert distill_epochs(cfg) == 0  # text towers too
+    assert cfg.model.index_schedule == "after_training"
+    assert distill_epochs(cfg) == AFTER_TRAINING_DISTILL_EPOCHS  # text towers: fitted, then distilled
+    cfg.model.poeem["schedule"] = "joint"
+    assert distill_epochs(cfg) == 0  # text towers trained jointly: as trained
+    cfg.model.text = None
     cfg.train.refit = "rq"
     assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS  # a refit, asked for
     cfg.train.distill_epochs = 0  # asked not to

@@ -180,7 +180,9 @@ def train(tmp_path: Path, encoder: Path, mode: str) -> tuple[Path, Path]:
     result = CliRunner().invoke(app, train_args(beir, encoder, mode, run_dir), catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "poeem" in result.output
-    assert "index distilled" not in result.output  # served as trained, as under torchrun
+    # few labels: the towers train alone, then the index is fitted on every document and distilled
+    assert "the towers trained alone" in result.output and "fitted on 60 items" in result.output
+    assert "index distilled after training" in result.output
     result = CliRunner().invoke(app, ["export", str(run_dir), "--out", str(index)], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     return run_dir, index
@@ -231,12 +233,21 @@ def test_train_export_and_search_by_text(tmp_path: Path, tiny_encoder: Path, mod
         )
 
 
-def test_a_text_run_under_torchrun_serves_its_index_as_trained(tmp_path: Path, tiny_encoder: Path) -> None:
-    args = train_args(write_beir(tmp_path / "beir"), tiny_encoder, "frozen", tmp_path / "run")
-    done = cli(*args, torchrun=True)
-    assert done.stdout.count("run folder:") == 1 and "index distilled" not in done.stdout
-    config = json.loads((tmp_path / "run" / "config.json").read_text())
-    assert config["train"]["refit"] is None and config["train"]["distill_epochs"] is None
+def test_a_text_run_under_torchrun_builds_its_index_as_one_process_does(
+    tmp_path: Path, tiny_encoder: Path
+) -> None:
+    beir = write_beir(tmp_path / "beir")
+    for name, torchrun in (("one", False), ("ranks", True)):
+        done = cli(*train_args(beir, tiny_encoder, "frozen", tmp_path / name), torchrun=torchrun)
+        assert (
+            done.stdout.count("run folder:") == 1 and done.stdout.count("index distilled after training") == 1
+        )
+    one, ranks = (json.loads((tmp_path / n / "metrics.json").read_text()) for n in ("one", "ranks"))
+    assert one["fit"]["items"] == ranks["fit"]["items"] == 60  # rank 0 fits every document alone
+    assert one["distill"]["epochs"] == ranks["distill"]["epochs"]
+    served = [load_run(tmp_path / n)[1].index for n in ("one", "ranks")]
+    assert all(layer.is_initialized for layer in served)
+    assert served[0].config.to_dict() == served[1].config.to_dict()
 
 
 def test_text_query_head_must_match_the_encoder(tmp_path: Path, tiny_encoder: Path) -> None:

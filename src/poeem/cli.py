@@ -94,6 +94,7 @@ def train(
     from poeem import distributed
     from poeem.evaluation.format import format_rows
     from poeem.pipeline import RunConfig, resume_config, train_run
+    from poeem.pipeline.run import after_training_seconds
 
     if nproc < 1:
         raise PoeemError("--nproc", "a positive integer", str(nproc), "pass 1 or more")
@@ -144,6 +145,14 @@ def train(
         cfg = RunConfig.from_dict(raw)
     _, metrics = train_run(cfg, run_dir, resume)
     if metrics:  # rank 0
+        if "fit" in metrics:
+            f, spent = metrics["fit"], after_training_seconds(metrics)
+            share = spent / max(spent + metrics["train_s"], 1e-9)
+            typer.echo(
+                f"the towers trained alone in {metrics['train_s']:.1f}s; the index was fitted on "
+                f"{f['items']} items in {f['seconds']:.1f}s and built in {spent:.1f}s in all "
+                f"({share:.0%} of the run)"
+            )
         if "refit" in metrics:
             r = metrics["refit"]
             typer.echo(f"index refitted after training ({r['quantizer']}) in {r['seconds']:.1f}s")

@@ -11,6 +11,8 @@ cannot split the replicas. See ``docs/distributed.md``.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -18,15 +20,29 @@ import torch.distributed as dist
 
 from poeem.errors import PoeemError
 
+_ALONE = [False]  # inside alone(): this rank acts as a single process
+
 
 def is_active() -> bool:
-    """Whether a process group with more than one process is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    """Whether a process group with more than one process is running (and this rank is not
+    working :func:`alone`)."""
+    return not _ALONE[0] and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def world_size() -> int:
-    """Number of processes in the default group, 1 without torch.distributed."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    """Number of processes in the default group, 1 without torch.distributed or :func:`alone`."""
+    return dist.get_world_size() if is_active() else 1
+
+
+@contextmanager
+def alone() -> Iterator[None]:
+    """Inside, this rank acts as a single process: every helper here is a no-op collective. For
+    work rank 0 does after the other ranks have finished (an index fitted after training)."""
+    before, _ALONE[0] = _ALONE[0], True
+    try:
+        yield
+    finally:
+        _ALONE[0] = before
 
 
 def rank() -> int:

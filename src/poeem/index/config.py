@@ -143,6 +143,14 @@ class LayerTraining:
     buffer_size: int = setting(
         8192, help="Item embeddings collected after the warm-up to fit k-means (about 40 per centroid)."
     )
+    schedule: Literal["auto", "joint", "after_training"] = setting(
+        "auto",
+        help="joint: the index trains with the model after the warm start (the paper's); "
+        "after_training: the towers train alone, then the index is fitted on every item and "
+        "distilled from the model's own ranking (JPQ, Distill-VQ: for few labels); auto: "
+        "after_training for text towers, joint otherwise.",
+        flag="--index-schedule",
+    )
     warm_start_sample: Literal["items", "batches"] = setting(
         "items",
         help="What the warm start's k-means fits: items (each item once: a uniform sample of the "
@@ -228,6 +236,10 @@ class LayerTraining:
         if self.routing_lists not in ("auto", "all", "batch"):
             raise PoeemError(
                 "routing_lists", "'auto', 'all' or 'batch'", repr(self.routing_lists), "pick one of those"
+            )
+        if self.schedule not in ("auto", "joint", "after_training"):
+            raise PoeemError(
+                "schedule", "'auto', 'joint' or 'after_training'", repr(self.schedule), "pick one of those"
             )
         if self.warm_start_sample not in ("items", "batches"):
             raise PoeemError(

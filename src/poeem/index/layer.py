@@ -268,7 +268,7 @@ class PoeemLayer(nn.Module):
             if c.reseed_after and step % c.reseed_after == 0:
                 self._reseed(x)
             return
-        if step <= c.warmup_steps:
+        if step <= c.warmup_steps or c.schedule == "after_training":  # fitted when training ends
             return
         if c.warm_start_sample == "items" and self.item_embedder is not None and c.num_items:
             self.initialize(self._catalogue_sample(step))

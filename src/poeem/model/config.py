@@ -97,6 +97,15 @@ class ModelConfig:
                 )
 
     @property
+    def index_schedule(self) -> Literal["joint", "after_training"]:
+        """When the layer's index trains (``schedule``, "auto" resolved): text towers, which
+        train on few labels, fit and distil it after training; id towers train it jointly."""
+        schedule = (self.poeem or {}).get("schedule", "auto")
+        if schedule == "auto":
+            return "after_training" if self.text is not None else "joint"
+        return schedule
+
+    @property
     def search_metric(self) -> Literal["cosine", "ip"]:
         """How the index is searched: "cosine" (normalise queries, then inner product) or "ip"."""
         return "cosine" if self.score == "cosine" else "ip"

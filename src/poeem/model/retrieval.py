@@ -40,7 +40,8 @@ class RetrievalModel(nn.Module):
                     repr(remembered),
                     "leave it out: the model sets it",
                 )
-            self.index = PoeemLayer(PoeemConfig(**{"dim": c.dim, **c.poeem, "num_items": remembered}))
+            settings = {"dim": c.dim, **c.poeem, "num_items": remembered, "schedule": c.index_schedule}
+            self.index = PoeemLayer(PoeemConfig(**settings))
         counts = item_counts if item_counts is not None else torch.ones(num_items)
         self.register_buffer("item_log_q", (counts.float() / counts.sum()).clamp_min(1e-12).log())
 

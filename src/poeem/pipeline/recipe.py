@@ -42,6 +42,7 @@ from poeem.training.distill import DistillConfig, distill_index
 Start = Literal["trained", "as-trained", "refit", "fit", "faiss"]
 FITTED_CODEBOOK_SIZE = 256  # K of an index fitted on embeddings trained without it
 DEFAULT_DISTILL_EPOCHS = 10  # per round, when a refitted run leaves train.distill_epochs unset
+AFTER_TRAINING_DISTILL_EPOCHS = 4  # per round, for a layer fitted when training ends
 
 
 @dataclass(frozen=True)
@@ -100,15 +101,17 @@ class IndexRecipe:
             )
 
     @classmethod
-    def of_run(cls, cfg: RunConfig) -> IndexRecipe:
-        """What a run applies to its layer after training: its ``train.refit`` and its
-        :func:`distill_epochs`."""
+    def of_run(cls, cfg: RunConfig, layer: PoeemLayer | None = None) -> IndexRecipe:
+        """What a run applies to its ``layer`` after training: its ``train.refit`` and its
+        :func:`distill_epochs`; for a layer of the "after_training" schedule, a fit of its
+        settings on every item, then the distillation."""
         epochs = distill_epochs(cfg)
-        return cls(
-            start="refit" if cfg.train.refit else "trained",
-            refit=cfg.train.refit,
-            distill=DistillConfig(epochs=epochs, seed=cfg.train.seed) if epochs else None,
-        )
+        distill = DistillConfig(epochs=epochs, seed=cfg.train.seed) if epochs else None
+        if layer is not None and layer.config.schedule == "after_training":
+            settings = {**layer.config.to_dict(), "warmup_steps": 0, "schedule": "joint"}
+            del settings["dim"]
+            return cls(start="fit", layer=settings, distill=distill)
+        return cls(start="refit" if cfg.train.refit else "trained", refit=cfg.train.refit, distill=distill)
 
     @property
     def needs_items(self) -> bool:
@@ -123,6 +126,8 @@ def distill_epochs(cfg: RunConfig) -> int:
     training ends, in one process and under torchrun alike (docs/design.md, "Codebook size")."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
+    if cfg.model.poeem is not None and cfg.model.index_schedule == "after_training":
+        return AFTER_TRAINING_DISTILL_EPOCHS
     return DEFAULT_DISTILL_EPOCHS if cfg.model.poeem is not None and cfg.train.refit else 0
 
 
@@ -341,12 +346,17 @@ def _start(
         layer, metric = layer_from_faiss(recipe.faiss_file, source.dim, recipe.layer.get("rotation"))
         source.metric = metric  # type: ignore[assignment]
         return layer
-    if trained is not None:
+    if trained is not None and trained.is_initialized:  # a layer of the "after_training" schedule is not
         raise PoeemError(
             "distill", "no layer flags for a run with a Poeem layer", sorted(recipe.layer), "drop them"
         )
     items = source.item_embeddings()
-    return new_layer(items.shape[1], recipe.layer, items, progress)
+    started = time.perf_counter()
+    if progress:
+        print(f"fitting the index on {items.shape[0]} items ...", flush=True)
+    layer = new_layer(items.shape[1], recipe.layer, items, progress)
+    stages["fit"] = {"items": int(items.shape[0]), "seconds": time.perf_counter() - started}
+    return layer
 
 
 def new_layer(dim: int, settings: dict[str, Any], items: torch.Tensor, progress: bool) -> PoeemLayer:

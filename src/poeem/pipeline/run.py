@@ -220,7 +220,7 @@ def train_run(
     started = time.perf_counter()
     history = trainer.fit(batches)
     train_s = time.perf_counter() - started - trainer.eval_s
-    if model.index is not None and not model.index.is_initialized:
+    if model.index is not None and not model.index.is_initialized and cfg.model.index_schedule == "joint":
         warnings.warn(
             "training ended inside the Poeem warm start, so the index was fitted on the final "
             "item embeddings instead of trained jointly; lower warmup_steps or train longer",
@@ -325,9 +325,9 @@ def check_catalogue(layer: PoeemConfig, num_items: int, name: str = "the data") 
 
 
 def after_training_seconds(metrics: dict[str, Any]) -> float:
-    """Seconds a run spent on its index after training (the refit and the distillation, from
-    ``train_run``'s metrics): part of the build time of the index it serves."""
-    return sum(metrics.get(stage, {}).get("seconds", 0.0) for stage in ("refit", "distill"))
+    """Seconds a run spent on its index after training (a fit, a refit and the distillation,
+    from ``train_run``'s metrics): part of the build time of the index it serves."""
+    return sum(metrics.get(stage, {}).get("seconds", 0.0) for stage in ("fit", "refit", "distill"))
 
 
 def resolve_refit(cfg: RunConfig) -> RunConfig:
@@ -375,7 +375,7 @@ def _after_training(
     """Apply the run's index recipe (:meth:`IndexRecipe.of_run`) to the trained model's layer.
     Returns what each stage did ({} if nothing) and, for a refit, the evaluation rows of the
     index as trained (method ``poeem-as-trained``), measured before it was replaced."""
-    recipe = IndexRecipe.of_run(cfg)
+    recipe = IndexRecipe.of_run(cfg, model.index)
     if model.index is None or not recipe.needs_items:
         return {}, []
     source = RunSource(model, artifacts.item_features, cfg, data)
@@ -385,17 +385,29 @@ def _after_training(
             items = source.item_embeddings().cpu()
             ks, nprobes = cfg.eval.ks, cfg.eval.nprobes
             as_trained = learned_index_rows(model, data, items, ks, nprobes, "poeem-as-trained")
-        built = build_index(source, recipe, progress=cfg.train.progress, encode=False)
+        with distributed.alone():  # rank 0, once the other ranks have finished
+            built = build_index(source, recipe, progress=cfg.train.progress, encode=False)
     except (PoeemError, RuntimeError, ValueError) as err:
-        finish = f"'poeem distill {run_dir} --out INDEX" + (
-            f" --refit {cfg.train.refit}'" if cfg.train.refit else "'"
-        )
+        if recipe.start == "fit":  # the towers trained alone: there is no index yet
+            c = model.index.config
+            flags = f"--num-coarse {c.num_coarse} --num-subspaces {c.num_subspaces}"
+            fix = (
+                f"training finished and is saved in '{run_dir}': build its index with 'poeem distill "
+                f"{run_dir} --out INDEX {flags} --codebook-size {c.codebook_size}'"
+            )
+        else:
+            finish = f"'poeem distill {run_dir} --out INDEX" + (
+                f" --refit {cfg.train.refit}'" if cfg.train.refit else "'"
+            )
+            fix = (
+                f"training finished and is saved in '{run_dir}' with its index as trained: export that "
+                f"with 'poeem export {run_dir} --out INDEX', or finish with {finish}"
+            )
         raise PoeemError(
             "the index after training",
-            "a refit or distillation that completes",
+            "a fit, refit or distillation that completes",
             f"{type(err).__name__}: {err}",
-            f"training finished and is saved in '{run_dir}' with its index as trained: export that "
-            f"with 'poeem export {run_dir} --out INDEX', or finish with {finish}",
+            fix,
         ) from err
     model.index = built.layer
     return built.stages, as_trained
