@@ -158,9 +158,10 @@ class LayerTraining:
         "once) or batches (rows as batches bring them, so popular items fill the lists).",
     )
     list_lr_scale: float = setting(
-        1.0,
+        0.01,
         help="The lists' centroids train at this share of the index's learning rate after the warm "
-        "start; 0 keeps them where k-means put them.",
+        "start, so that training does not drag them toward popular items; 0 keeps them where "
+        "k-means put them, 1 trains them as the codebooks.",
     )
     init: Literal["kmeans", "random"] = setting(
         "kmeans", help="random (codewords from random buffer rows) is an ablation, not for use.", cli=False
