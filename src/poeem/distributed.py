@@ -154,6 +154,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x) if is_active() else x
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself in a single
+    process."""
+    if not is_active():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
     """Overwrite each tensor, in place, with rank 0's value (no-op in a single process)."""
     if not is_active():
