@@ -16,6 +16,7 @@
     INDEX_DIR/segment_keys-<v>.json         their raw ids, for string ids
     INDEX_DIR/tombstones-<v>.safetensors    every FAISS id removed since the base (cumulative)
     INDEX_DIR/.lock                         taken by writers
+    INDEX_DIR/writer.lock                   the export or distillation writing it (poeem.folder_lock)
 
 The ``faiss`` and ``codes`` files are the base; the live index is the base plus the segments
 minus the tombstones (see :mod:`poeem.search.segments`). An update takes the writer lock,

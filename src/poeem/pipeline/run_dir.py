@@ -10,9 +10,11 @@
     RUN_DIR/features.safetensors     per-id numeric features, when the data has feature columns
     RUN_DIR/metrics.json             evaluation results
     RUN_DIR/log.csv                  training curves
+    RUN_DIR/writer.lock              the process training it (:mod:`poeem.folder_lock`)
 
 Export and search read ids and features from here, so they use exactly the embeddings the
-model computes and answer in the data's own ids.
+model computes and answer in the data's own ids. A name read from the folder (the tables a
+sharded run saved) must resolve inside it (:func:`poeem.storage.inside`).
 """
 
 from __future__ import annotations
