@@ -218,7 +218,7 @@ class TableShards:
     FIX = "restore that folder, or train the run again"
 
     def __init__(self, folder: str | Path, name: str) -> None:
-        self.folder = Path(folder)
+        self.folder, self.name = Path(folder), name
         what = f"sharded table '{name}'"
         index = read_json(inside(self.folder, f"{name}.json", what, self.FIX), what, self.FIX)
         self.rows, self.dim, self.shards = _shard_list(index, what, self.FIX)
@@ -230,7 +230,8 @@ class TableShards:
         """Refuse a saved table of another shape than (rows, dim), the table it is loaded into."""
         if (self.rows, self.dim) != (rows, dim):
             found = f"({self.rows}, {self.dim})"
-            raise PoeemError(f"sharded table in '{self.folder}'", f"shape ({rows}, {dim})", found, fix)
+            what = f"sharded table '{self.name}' in '{self.folder}'"
+            raise PoeemError(what, f"shape ({rows}, {dim})", found, fix)
 
     def read(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``[first, first + count)``: ((count, dim) rows, (count,) row-wise Adagrad sums)."""
@@ -262,7 +263,7 @@ def _shard_list(index: object, what: str, fix: str) -> tuple[int, int, list[tupl
         rows, dim = _count(index["rows"], 0), _count(index["dim"], 1)
         shards = [(_count(s["first"], 0), _count(s["count"], 1), s["file"]) for s in index["shards"]]
     except (KeyError, TypeError, ValueError) as err:
-        expected = "an object of integer rows and dim, and shards of integer first and count, and a file"
+        expected = "an object of integer 'rows' and 'dim' and a list of 'shards' ('first', 'count', 'file')"
         raise PoeemError(what, expected, f"{type(err).__name__}: {err}", fix) from None
     covered = 0
     for first, count, _ in shards:
