@@ -91,14 +91,14 @@ def train(
     RunConfig with the sections data, model (the layer under model.poeem), train and eval.
     With --resume, only the flags marked safe may change; the rest is refused.
     """
-    from poeem import distributed
+    from poeem import distributed, launch
     from poeem.evaluation.format import format_rows
     from poeem.pipeline import RunConfig, resume_config, train_run
 
     if nproc < 1:
         raise PoeemError("--nproc", "a positive integer", str(nproc), "pass 1 or more")
     if nproc > 1 and not distributed.launched_by_torchrun():
-        code = distributed.relaunch_with_torchrun(nproc)
+        code = launch.relaunch_with_torchrun(nproc)
         if code:
             raise typer.Exit(code)
         return
@@ -672,6 +672,7 @@ def main() -> None:
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     from poeem import distributed
+    from poeem.launch import report
 
     finished = False
     try:
@@ -681,10 +682,10 @@ def main() -> None:
         finished = not done.code
         raise
     except PoeemError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(f"error: {err}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted (checkpoints written so far are intact)", file=sys.stderr)
+        report("interrupted (checkpoints written so far are intact)")
         sys.exit(130)
     finally:
         gc.collect()  # a model of sharded tables goes while its process group is still there

@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 
 from poeem import distributed
 from poeem.errors import PoeemError
+from poeem.storage import inside
 from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 from poeem.training.config import TrainConfig
 from poeem.training.metrics_log import MetricsLog
 from poeem.training.optimizers import build_optimizer
 from poeem.training.table_sharding import (
+    FIX,
     load_tables,
     save_with_tables,
     sharded_tables,
@@ -105,7 +107,8 @@ class Trainer:
         with without_sharded_tables(self.model):
             state = restore_checkpoint(self.checkpoint_path, tensors, meta, self.model, self.optimizer)
         if self.sharded:
-            load_tables(self.model, self.tables_dir, state["tables"])
+            tables = inside(self.tables_dir.parent, self.tables_dir.name, "checkpoint tables", FIX)
+            load_tables(self.model, tables, state["tables"])
         self.step, self.history = int(state["step"]), list(state.get("history", []))
 
     def save(self) -> None:
