@@ -213,3 +213,50 @@ def test_a_version_that_cannot_be_searched_is_never_published(
     assert searcher.version == 1 and searcher.ntotal == 500
     assert Searcher.load(tmp_path / "ix").version == 1
     assert 3 in searcher.search(x[3:4], 500, nprobe=8)[1]
+
+
+@pytest.mark.parametrize("backend", ["faiss", "torch"])
+@pytest.mark.parametrize("fast_scan", [True, False])
+@pytest.mark.parametrize(("metric", "num_coarse"), [("ip", 8), ("cosine", 8), ("l2", 8), ("l2", 0)])
+def test_an_item_and_its_copy_in_a_segment_score_alike(
+    tmp_path: Path, backend: str, fast_scan: bool, metric: str, num_coarse: int
+) -> None:
+    """The base (read from disk) and a segment (built in memory) search with one set of FAISS
+    settings, so identical codes score identically wherever they are stored."""
+    layer, x = trained_layer("none", num_coarse, coarse_metric="l2" if metric == "l2" else "ip")
+    Searcher.create(tmp_path / "ix", layer, x[:1000], metric=metric, fast_scan=fast_scan)
+    Searcher.load(tmp_path / "ix").add(x[:60], np.arange(5000, 5060))  # copies of items 0..59
+    searcher = Searcher.load(tmp_path / "ix", backend=backend)
+    base, segment = searcher.index.base, searcher.index.segments[0]
+    assert torch.equal(segment.codes, base.codes[:60]) and torch.equal(
+        segment.coarse_codes, base.coarse_codes[:60]
+    )
+    d, i = searcher.search(correlated(20, DIM, seed=5), 1060, nprobe=min(3, searcher.nlist))
+    pairs = 0
+    for row_d, row_i in zip(d, i, strict=True):
+        score = dict(zip(row_i.tolist(), row_d.tolist(), strict=True))
+        for item in range(60):
+            if item in score:
+                assert score[item] == score[5000 + item], (item, score[item], score[5000 + item])
+                pairs += 1
+    assert pairs >= 200
+
+
+@pytest.mark.parametrize("fast_scan", [True, False])
+@pytest.mark.parametrize(("metric", "num_coarse"), [("ip", 8), ("cosine", 0), ("l2", 8), ("l2", 0)])
+def test_the_writer_after_compaction_and_a_fresh_reader_answer_alike(
+    tmp_path: Path, fast_scan: bool, metric: str, num_coarse: int
+) -> None:
+    layer, x = trained_layer("givens", num_coarse, coarse_metric="l2" if metric == "l2" else "ip")
+    Searcher.create(tmp_path / "ix", layer, x[:1000], metric=metric, fast_scan=fast_scan)
+    writer = Searcher.load(tmp_path / "ix")
+    writer.add(x[1000:1100], np.arange(1000, 1100))
+    writer.remove(np.arange(0, 1000, 7))
+    writer.compact()
+    reader = Searcher.load(tmp_path / "ix")
+    assert reader.version == writer.version and not reader.index.segments
+    xq = correlated(30, DIM, seed=5)
+    d1, i1 = writer.search(xq, 20, nprobe=min(3, reader.nlist))
+    d2, i2 = reader.search(xq, 20, nprobe=min(3, reader.nlist))
+    np.testing.assert_array_equal(d1, d2)
+    np.testing.assert_array_equal(i1, i2)

@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import torch
 
-from poeem.export.faiss_codec import faiss_metric, nbits_of
+from poeem.export.faiss_codec import faiss_metric, nbits_of, search_ready
 from poeem.metric import Metric, check_metric, check_search_args, prepare_queries, worst_score
 
 
@@ -43,13 +43,14 @@ class FaissSearcher:
     """``search(xq, k, nprobe) -> (D, I)`` on a FAISS index, in torch tensors.
 
     Queries are validated (and normalised for cosine when the index does not do it itself);
-    with a ``selector`` only the ids it accepts are searched.
+    with a ``selector`` only the ids it accepts are searched. The index gets poeem's one set of
+    search settings (:func:`poeem.export.faiss_codec.search_ready`), wherever it came from.
     """
 
     def __init__(
         self, index: faiss.Index, normalize_queries: bool = False, selector: faiss.IDSelector | None = None
     ) -> None:
-        self.index, self.normalize, self.selector = index, normalize_queries, selector
+        self.index, self.normalize, self.selector = search_ready(index), normalize_queries, selector
 
     @property
     def ntotal(self) -> int:
