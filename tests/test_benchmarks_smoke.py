@@ -119,7 +119,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "--results-dir",
                     out,
                 ),
-                ("update_cost.py", "--items", "5000", "--adds", "10", "--clients", "2", "--results-dir", out),
+                (
+                    "update_cost.py",
+                    *("--items", "5000", "--adds", "10", "--clients", "2"),
+                    *("--remove-items", "5000", "--nlist", "16", "--queries", "20", "--repeats", "1"),
+                    *("--results-dir", out),
+                ),
                 ("train_cost.py", *synthetic, "--steps", "3", "--warm", "1", "--results-dir", out),
             ],
         ]
@@ -150,6 +155,12 @@ def test_benchmarks_write_results(results: Path) -> None:
     update = json.loads((results / "update_cost.json").read_text())
     assert update["quiet"]["failures"] == update["under_search_load"]["failures"] == 0
     assert 0 < update["quiet"]["bytes_written_mean"] < update["compaction"]["bytes_written"]
+    removes = update["removes"]["rows"]
+    assert [(r["index"], r["removed_share"]) for r in removes] == [
+        (index, share) for index in ("PQ16x4fs", "IVF16,PQ16x4fs") for share in (0.0, 0.01, 0.05, 0.1)
+    ]
+    assert {r["filter"] for r in removes if r["removed"]} == {"over-fetch", "id selector"}
+    assert all(r["ms_one_query"] > 0 and r["same_ids_as_rebuilt"] == 1.0 for r in removes)
     frontier = json.loads((results / "frontier_synthetic_tiny.json").read_text())
     assert {"dataset", "headline", "num_items", "threads", "exact", "rows", "lists"} <= set(frontier)
     assert frontier["threads"] == 1 and frontier["exact"]["qps"] > 0 and 0 < frontier["exact"]["recall"] <= 1

@@ -260,3 +260,39 @@ def test_the_writer_after_compaction_and_a_fresh_reader_answer_alike(
     d2, i2 = reader.search(xq, 20, nprobe=min(3, reader.nlist))
     np.testing.assert_array_equal(d1, d2)
     np.testing.assert_array_equal(i1, i2)
+
+
+@pytest.mark.parametrize(
+    ("num_coarse", "quantizer", "fast_scan"),
+    [(0, "pq", True), (0, "pq", False), (0, "rq", False), (8, "rq", False)],  # no id selector
+)
+def test_removes_cost_what_they_remove(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, num_coarse: int, quantizer: str, fast_scan: bool
+) -> None:
+    """A base FAISS filters with no id selector fetches about k / (1 - removed share) results
+    per query, not k plus every removed id; only queries left short are searched again."""
+    layer, x = trained_layer("none", num_coarse, quantizer=quantizer)
+    Searcher.create(tmp_path / "ix", layer, x[:1000], metric="ip", fast_scan=fast_scan)
+    searcher = Searcher.load(tmp_path / "ix")
+    xq = correlated(30, DIM, seed=5)
+    nprobe = min(3, searcher.nlist)
+    nearest = searcher.search(xq[:1], 60, nprobe=nprobe)[1][0]
+    scattered = np.setdiff1d(np.random.default_rng(0).choice(1000, 300, replace=False), nearest)
+    searcher.remove(np.concatenate([scattered, nearest]))  # query 0 loses its 60 nearest
+    widths: list[tuple[int, int]] = []
+    search = FaissSearcher.search
+
+    def spy(
+        self: FaissSearcher, q: torch.Tensor, k: int, nprobe: int = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        widths.append((q.shape[0], k))
+        return search(self, q, k, nprobe)
+
+    monkeypatch.setattr(FaissSearcher, "search", spy)
+    d, i = searcher.search(xq, 10, nprobe=nprobe)
+    monkeypatch.undo()
+    first = widths[0][1]
+    assert widths[0][0] == 30 and 10 < first < 50  # 360 removed: not 370 per query
+    assert widths[1:] and all(nq < 15 and k > first for nq, k in widths[1:])  # query 0 and some near it
+    assert_same_topk(d, i, *rebuilt_search(searcher, xq, 10, nprobe))
+    assert not np.isin(i, np.concatenate([scattered, nearest])).any()
