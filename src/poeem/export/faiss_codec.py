@@ -79,6 +79,16 @@ def default_fast_scan(config: IndexSpec) -> bool:
     return config.quantizer == "pq" and config.codebook_size == 16
 
 
+def factory_string(ix: IndexTensors, fast_scan: bool = False) -> str:
+    """The index :func:`build_faiss_index` makes of ``ix``, in FAISS's ``index_factory`` words:
+    e.g. "IVF1024,PQ16x4fs" (fast scan), "PQ8x8", "IVF64,RQ8x8" (the rotation is not named)."""
+    lists = f"IVF{ix.nlist}," if ix.coarse is not None else ""
+    coder = "RQ" if is_residual(ix.codebooks, ix.dim) else "PQ"
+    return (
+        f"{lists}{coder}{ix.codebooks.shape[0]}x{nbits_of(ix.codebooks.shape[1])}{'fs' if fast_scan else ''}"
+    )
+
+
 def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool = False) -> faiss.Index:
     """A FAISS index holding exactly the given learned index.
 

@@ -102,13 +102,19 @@ def train_faiss_ivfpq(
     """
     check_metric(metric)
     x = prepare_queries(xb, metric, xb.shape[1]).cpu().numpy()
-    opq_part = f"OPQ{num_subspaces}," if opq else ""
-    ivf_part = f"IVF{num_coarse}," if num_coarse else ""
-    spec = f"{opq_part}{ivf_part}PQ{num_subspaces}x{nbits_of(codebook_size)}"
-    index = untrained_faiss_index(x.shape[1], spec, metric, seed)
+    index = untrained_faiss_index(
+        x.shape[1], ivfpq_spec(num_coarse, num_subspaces, codebook_size, opq), metric, seed
+    )
     index.train(x)
     index.add(x)
     return index
+
+
+def ivfpq_spec(num_coarse: int, num_subspaces: int, codebook_size: int, opq: bool = False) -> str:
+    """``index_factory`` words of the baseline: "[OPQ{D},][IVF{coarse_K},]PQ{D}x{nbits}"."""
+    opq_part = f"OPQ{num_subspaces}," if opq else ""
+    ivf_part = f"IVF{num_coarse}," if num_coarse else ""
+    return f"{opq_part}{ivf_part}PQ{num_subspaces}x{nbits_of(codebook_size)}"
 
 
 def untrained_faiss_index(dim: int, spec: str, metric: Metric = "ip", seed: int = 0) -> faiss.Index:
