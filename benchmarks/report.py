@@ -146,6 +146,27 @@ def search_speed_section(r: dict[str, Any]) -> list[str]:
     return lines
 
 
+def backend_agreement_section(r: dict[str, Any]) -> list[str]:
+    lines = [
+        "## The two backends on a fast-scan index",
+        "",
+        f"{r['items']:,} clustered items, {r['index']}, {r['metric']}; {r['queries']:,} queries, "
+        f"top-{r['k']} (`benchmarks/backend_agreement.py`). Shares of queries on which the torch "
+        "backend matches FAISS: the same id lists, the same sets, the same ids above the k-th score "
+        "(items tied at it may differ), all scores within 1e-5 relative. 'Float formula': torch "
+        "scoring without FAISS's 8-bit rounding of the look-up tables, as it did before.",
+        "",
+        "| backend | nprobe | identical lists | same sets | same ids above ties | scores within 1e-5 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        lines.append(
+            f"| {row['backend']} | {row['nprobe']} | {row['identical_lists']:.1%} | {row['same_sets']:.1%} "
+            f"| {row['same_ids_above_ties']:.1%} | {row['scores_within_1e-5']:.1%} |"
+        )
+    return [*lines, "", provenance(r), ""]
+
+
 def poeem_build_s(row: dict[str, Any]) -> float | None:
     """poeem's embed + encode + export seconds (older results timed embed and encode apart), or
     None where the export from scratch was skipped."""
@@ -978,6 +999,8 @@ def main() -> None:
         lines += export_section(results["export_speed"])
     if "search_speed" in results:
         lines += search_speed_section(results["search_speed"])
+    if "backend_agreement" in results:
+        lines += backend_agreement_section(results["backend_agreement"])
     if "serve_load" in results:
         lines += serve_section(results["serve_load"])
     if "update_cost" in results:

@@ -71,6 +71,17 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 ),
                 ("coarse_fit.py", "--results-dir", out),
                 (
+                    "backend_agreement.py",
+                    "--items",
+                    "3000",
+                    "--nlist",
+                    "8",
+                    "--queries",
+                    "50",
+                    "--results-dir",
+                    out,
+                ),
+                (
                     "frontier.py",
                     *synthetic,
                     "--methods",
@@ -141,6 +152,11 @@ def test_benchmarks_write_results(results: Path) -> None:
         (b, p) for b in ("faiss", "torch") for p in (1, 8)
     }
     assert all(r["topk_overlap_with_faiss"] > 0.99 for r in speed["rows"] if r["backend"] == "torch")
+    agreement = json.loads((results / "backend_agreement.json").read_text())["rows"]
+    assert [(r["backend"], r["nprobe"]) for r in agreement] == [
+        (b, p) for p in (1, 8) for b in ("torch", "torch, float formula")
+    ]
+    assert all(r["same_ids_above_ties"] > 0.95 for r in agreement if r["backend"] == "torch")
     fits = {(r["rule"], r["fit"]): r for r in json.loads((results / "coarse_fit.json").read_text())["rows"]}
     assert fits[("ip", "equal_norm")]["empty_lists"] == 0
     assert fits[("ip", "equal_norm")]["relative_distortion"] < fits[("ip", "kmeans")]["relative_distortion"]
