@@ -502,11 +502,13 @@ def add_cost_lines(r: dict[str, Any]) -> list[str]:
 
 
 def remove_cost_lines(r: dict[str, Any]) -> list[str]:
+    cpus = r.get("cpus", [])
+    pinned = f" on CPU {cpus[0]} alone" if len(cpus) == 1 else ""
     lines = [
         "## Updates: what removed items cost a search",
         "",
         f"{r['items']:,} random vectors (dim {r['dim']}, {r['bytes_per_item']} bytes per item: 16 x 4-bit "
-        f"PQ codes, fast scan), inner product, k={r['k']}, {r['threads']} thread. A share of the "
+        f"PQ codes, fast scan), inner product, k={r['k']}, {r['threads']} thread{pinned}. A share of the "
         "items is removed (tombstones; compaction held off). FAISS takes no id selector for a flat "
         "fast-scan index: it fetches (k + 3 sqrt(k p) + 1) / (1 - p) results per query (p the removed "
         "share), drops the removed ones, and searches again only a query left short. The IVF index "

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
 import tempfile
 import time
 from collections.abc import Callable
@@ -242,6 +243,7 @@ def remove_cost(args: argparse.Namespace) -> dict[str, Any]:
         "k": 10,
         "queries": args.queries,
         "threads": 1,
+        "cpus": sorted(os.sched_getaffinity(0)),  # `taskset -c 0` pins the run to CPU 0
         "rows": rows,
     }
 

@@ -177,11 +177,16 @@ def search_ready(index: faiss.Index) -> faiss.Index:
 
 
 def _precomputed_tables(ivf: Any) -> None:
-    """FAISS's precomputed tables of an IVF-PQ (fast scan or not), as ``read_index`` makes
-    them: ``precompute_table`` with the flag at 0 lets FAISS choose; computed once."""
+    """FAISS's precomputed tables of an IVF-PQ (fast scan or not), as ``read_index`` makes them
+    (``precompute_table`` with the flag at 0 lets FAISS choose); only L2 by residual uses them.
+    Computed once: an index that has them, or whose table is too big to have, is left alone."""
+    if not (ivf.by_residual and ivf.metric_type == faiss.METRIC_L2):
+        return
     full = ivf.nlist * ivf.pq.M * ivf.pq.ksub
     if ivf.use_precomputed_table == 1 and ivf.precomputed_table.size() == full:
         return
+    if ivf.use_precomputed_table == 0 and 4 * full > faiss.cvar.precomputed_table_max_bytes:
+        return  # FAISS's own choice: no table
     ivf.use_precomputed_table = 0
     ivf.precompute_table()
 

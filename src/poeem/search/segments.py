@@ -66,7 +66,8 @@ class SegmentedIndex:
     def ever_held(self, ids: torch.Tensor) -> torch.Tensor:
         """(n,) bool: which FAISS ``ids`` the base or a segment holds, removed or not."""
         assert self.base_sorted_ids is not None
-        held = torch.from_numpy(sorted_member(self.base_sorted_ids.numpy(), ids.long().numpy()))
+        ids = ids.long()
+        held = torch.from_numpy(sorted_member(self.base_sorted_ids.numpy(), ids.numpy()))
         for segment in self.segments:
             held |= torch.isin(ids, segment.ids)
         return held
@@ -207,8 +208,8 @@ class SegmentedFaissSearcher:
     def first_width(self, k: int) -> int:
         """Results fetched per query in the first round of a filtered search, (k + 3 sqrt(k p) +
         1) / (1 - p) with p the base's removed share: k live ones, and three standard deviations
-        of the removed ones among them (with random removes, fewer than 1 query in 1,000 then
-        needs a second round)."""
+        of the removed ones among them (with random removes, about 1 query in 1,000 then needs
+        a second round, at most 1 in 400 up to p = 0.5)."""
         total = self._base_total
         p = self._base_removed / max(total, 1)
         width = math.ceil((k + 3 * math.sqrt(k * p) + 1) / max(1 - p, 1 / max(total, 1)))
