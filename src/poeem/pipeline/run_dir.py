@@ -93,6 +93,8 @@ def build_model(
             tables_on_meta,
             replay_init,
         )
+    except PoeemError:
+        raise  # a setting that does not fit the data, e.g. model.poeem.num_items
     except (KeyError, TypeError, ValueError) as err:
         raise PoeemError("run config 'shapes'", "the model's vocabulary sizes", repr(err), FIX_RUN) from None
 
