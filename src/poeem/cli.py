@@ -633,17 +633,22 @@ def serve(
         )
 
     from poeem.export.index_dir import read_manifest
-    from poeem.serve.app import TOKEN_ENV, ServeConfig, run_server
+    from poeem.serve.app import NEW_TOKEN, TOKEN_ENV, ServeConfig, run_server
 
     read_manifest(index_dir)  # a clear error now, before any worker starts
     token = os.environ.get(TOKEN_ENV)
     token = token.strip() if token is not None else None  # like --token-file: no trailing newline
     if token_file is not None:
-        token = require_file(token_file, "token file").read_text().strip()
-    if token is not None and len(token) < 16:
-        raise PoeemError(
-            "token", "at least 16 characters", f"{len(token)} characters", "use a long random token"
-        )
+        raw = require_file(token_file, "token file").read_bytes()
+        try:
+            token = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise PoeemError(
+                "token file",
+                "a token of printable ASCII characters",
+                f"'{token_file}' with a non-ASCII byte",
+                f"write a new token into it, e.g. {NEW_TOKEN}",
+            ) from None
     if workers < 1:
         raise PoeemError("--workers", "at least 1", str(workers), "pass --workers 1 (or one per core)")
     if not 0 < max_body_mb < 1 << 20:  # NaN too
