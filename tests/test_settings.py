@@ -74,24 +74,30 @@ def test_distill_takes_the_distillation_and_layer_shape_settings() -> None:
 
 
 # ------------------------------------------- every setting is checked before any data loads
-def train_error(
-    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
-) -> str:
-    """The one ``error:`` line ``poeem train ARGS`` ends with (exit code 2, no traceback), run in
-    this process with the entry point users run."""
+def cli_error(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> str:
+    """The one ``error:`` line ``poeem ARGS`` ends with (exit code 2, no traceback), run in this
+    process through the entry point users run."""
     import warnings
 
     from poeem.cli import main
 
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own
-    monkeypatch.setattr(sys, "argv", ["poeem", "train", "--run-dir", str(tmp_path / "run"), *args])
+    monkeypatch.setattr(sys, "argv", ["poeem", *args])
     with pytest.raises(SystemExit) as done:
         main()
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert done.value.code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
-    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()  # no step ran
     return lines[0]
+
+
+def train_error(
+    args: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> str:
+    """The error line of ``poeem train --run-dir RUN ARGS``, which ran no step."""
+    line = cli_error(["train", "--run-dir", str(tmp_path / "run"), *args], monkeypatch, capsys)
+    assert not (tmp_path / "run" / "checkpoint.safetensors").exists()
+    return line
 
 
 CONFIG_CASES = [
@@ -272,3 +278,28 @@ def test_a_device_this_machine_lacks_names_those_it_has() -> None:
         PoeemError, match=r"device: expected a device of this machine: auto, cpu.*got 'cuda:7'"
     ):
         resolve_device("cuda:7")
+
+
+def test_evaluate_checks_its_nprobe_before_the_run_loads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    line = cli_error(["evaluate", str(tmp_path / "no-run"), "--nprobe", "0"], monkeypatch, capsys)
+    assert "eval.nprobes: expected a list of integers >= 1, got [0]" in line
+
+
+@pytest.mark.parametrize(
+    ("stored", "message"),
+    [
+        ({"train": 5}, r"\[train\]: expected a table of settings, got 5"),
+        ({"train": {"epochs": "3"}}, "train.epochs: expected an integer >= 0, got '3'"),
+        ([1, 2], "run config: expected a JSON object, got list"),
+    ],
+)
+def test_a_damaged_run_config_is_a_clear_error(tmp_path: Path, stored: object, message: str) -> None:
+    import json
+
+    from poeem.pipeline.run_dir import read_config
+
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(PoeemError, match=message):
+        read_config(tmp_path)

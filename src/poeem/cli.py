@@ -193,14 +193,18 @@ def evaluate(
     as_trained: AsTrained = False,
 ) -> None:
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
+    from dataclasses import replace
+
     from poeem.data import load_data
     from poeem.evaluation.format import format_rows
-    from poeem.pipeline import attach_data, evaluate_model, load_run
+    from poeem.pipeline import EvalConfig, attach_data, evaluate_model, load_run
 
+    given = {"nprobes": tuple(nprobe)} if nprobe else {}
+    EvalConfig(**given)  # a bad --nprobe fails before the run loads
     cfg, model = load_run(run_dir, as_trained=as_trained)
-    cfg.eval.lists_ceiling = cfg.eval.lists_ceiling or lists_ceiling
+    cfg.eval = replace(cfg.eval, **given, lists_ceiling=cfg.eval.lists_ceiling or lists_ceiling)
     data = load_data(cfg.data)
-    rows = evaluate_model(attach_data(model, data), data, cfg, tuple(nprobe) if nprobe else None)
+    rows = evaluate_model(attach_data(model, data), data, cfg)
     typer.echo(format_rows(rows))
 
 

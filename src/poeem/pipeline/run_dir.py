@@ -148,7 +148,11 @@ def read_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     raw = read_json(run_dir / "config.json", "run config", FIX_RUN)
     if not isinstance(raw, dict):
         raise PoeemError("run config", "a JSON object", type(raw).__name__, FIX_RUN)
-    stored = {**raw, "train": {"refit": None, **(raw.get("train") or {})}}  # older runs: no refit
+    train = raw.get("train")
+    stored = {
+        **raw,
+        "train": {"refit": None, **train} if isinstance(train, dict) else train,
+    }  # older: no refit
     return RunConfig.from_dict(stored), raw
 
 
