@@ -22,6 +22,8 @@ from collections.abc import Iterable
 from dataclasses import MISSING, dataclass
 from typing import Annotated, Any, Literal, get_args, get_origin
 
+import numpy as np
+
 from poeem.errors import PoeemError
 
 MAX_SEED = (1 << 31) - 1  # FAISS's k-means takes a 32-bit seed
@@ -262,7 +264,7 @@ def _conform(value: Any, hint: Any) -> Any:
             raise _Mismatch("a table of settings (a dict)")
         return value
     if hint is bool:
-        if isinstance(value, bool) or type(value).__name__ == "bool_":  # numpy's too
+        if isinstance(value, bool | np.bool_):
             return bool(value)
         raise _Mismatch("true or false")
     if hint is int:
