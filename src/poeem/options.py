@@ -99,6 +99,7 @@ class Option:
     cli: bool
     default: Any
     choices: tuple[str, ...] = ()
+    bounds: str = ""  # what a bounded setting accepts, e.g. "an integer >= 1"
 
     @property
     def param(self) -> str:
@@ -108,7 +109,7 @@ class Option:
 
 def options(cls: type, section: str, panel: str) -> list[Option]:
     """The documented fields of the dataclass ``cls``, in declaration order."""
-    hints = typing.get_type_hints(cls)
+    hints, bounded = typing.get_type_hints(cls), _hints(cls)
     found = []
     for f in dataclasses.fields(cls):
         if "help" not in f.metadata:
@@ -129,9 +130,20 @@ def options(cls: type, section: str, panel: str) -> list[Option]:
                 cli=f.metadata["cli"],
                 default=default,
                 choices=choices,
+                bounds=_bounds_text(bounded[f.name]),
             )
         )
     return found
+
+
+def _bounds_text(hint: Any) -> str:
+    """What a setting with bounds accepts ("an integer >= 1", "a list of integers >= 1"), or ""."""
+    hint = _without_none(hint)
+    if get_origin(hint) is Annotated:
+        return _kind(hint)
+    if get_origin(hint) in (tuple, list) and get_origin(get_args(hint)[0]) is Annotated:
+        return f"a list of {_kind(get_args(hint)[0], plural=True)}"
+    return ""
 
 
 def _command_line_type(hint: Any) -> tuple[Any, tuple[str, ...]]:
@@ -152,6 +164,7 @@ def markdown_table(found: list[Option]) -> str:
     for o in found:
         default = "(required)" if o.default is MISSING else f"`{o.default!r}`".replace("|", "\\|")
         text = o.help + (f" One of {', '.join(repr(c) for c in o.choices)}." if o.choices else "")
+        text += f" {o.bounds[0].upper()}{o.bounds[1:]}." if o.bounds else ""
         text += "" if o.cli else " Config file only."
         lines.append(f"| `{o.name}` | {default} | {text} |")
     return "\n".join(lines) + "\n"
@@ -366,12 +379,18 @@ def _written(value: Any) -> str | None:
         return None
 
 
-def _core(hint: Any) -> Any:
-    """A hint without its None option and bounds: ``Annotated[int, ...] | None`` -> int."""
+def _without_none(hint: Any) -> Any:
+    """``X | None`` -> X; other hints as they are."""
     if get_origin(hint) in (typing.Union, types.UnionType):
         rest = [a for a in get_args(hint) if a is not type(None)]
-        return _core(rest[0]) if len(rest) == 1 else hint
-    return _core(get_args(hint)[0]) if get_origin(hint) is Annotated else hint
+        return rest[0] if len(rest) == 1 else hint
+    return hint
+
+
+def _core(hint: Any) -> Any:
+    """A hint without its None option and bounds: ``Annotated[int, ...] | None`` -> int."""
+    hint = _without_none(hint)
+    return get_args(hint)[0] if get_origin(hint) is Annotated else hint
 
 
 def _fits(value: Any, hint: Any) -> bool:
