@@ -57,6 +57,7 @@ RawId = (
 CONFIG_ENV = "POEEM_SERVE_CONFIG"
 TOKEN_ENV = "POEEM_TOKEN"
 MIN_TOKEN = 16  # characters of a bearer token at least
+WORKER_START_S = 120  # seconds a server process may take to answer its first health check
 NEW_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
@@ -579,6 +580,9 @@ def run_server(
         port=port,
         workers=workers,
         log_level=log_level,
+        # uvicorn restarts a worker that does not answer its health check in time; one still
+        # importing torch and FAISS on a busy machine can take longer than uvicorn's 5 s
+        timeout_worker_healthcheck=WORKER_START_S,
     )
     if workers > 1:
         Multiprocess(uv_config, sockets=[uv_config.bind_socket()]).run()
