@@ -72,8 +72,9 @@ class RunConfig:
         try:
             IndexSpec(self.model.dim, e.num_subspaces, e.codebook_size, num_coarse=e.num_coarse)
         except PoeemError as err:
+            fix = f"{err.fix}; or turn the baseline off (eval.faiss_baseline = false)"
             raise PoeemError(
-                f"eval.{err.what} (the FAISS baseline's)", err.expected, err.received, err.fix
+                f"eval.{err.what} (the FAISS baseline's)", err.expected, err.received, fix
             ) from None
 
     def to_dict(self) -> dict[str, Any]:
