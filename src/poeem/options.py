@@ -260,7 +260,8 @@ def _conform(value: Any, hint: Any) -> Any:
                 return _conform(value, arg)
             except _Mismatch as bad:
                 expected.append(bad.expected)
-        raise _Mismatch(" or ".join(expected) + (" or None" if type(None) in args else ""))
+        spelt = any("none" in get_args(a) for a in args if get_origin(a) is Literal)  # "none" is None
+        raise _Mismatch(" or ".join(expected) + (" or None" if type(None) in args and not spelt else ""))
     if origin is Literal:
         if isinstance(value, str) and value in args:
             return value

@@ -60,7 +60,7 @@ class TrainConfig:
         "per round (0: no; one process only); default 10 with --refit, else 0.",
         resume=True,
     )
-    refit: Literal["auto", "pq", "rq"] | None = setting(
+    refit: Literal["auto", "pq", "rq", "none"] | None = setting(
         None,
         help="none (default): serve the index as trained, ready the moment training ends, in one "
         "process and under torchrun alike. Opt-in: after training, refit the layer's residual coder "
@@ -72,9 +72,9 @@ class TrainConfig:
     progress: bool = setting(True, help="Progress bars.", resume=True)
 
     def __post_init__(self) -> None:
+        check_settings(self, "train")
         if self.refit == "none":  # how a TOML file or the command line says None
             self.refit = None
-        check_settings(self, "train")
         check_device_name(self.device)
 
 
