@@ -126,7 +126,9 @@ def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) ->
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     result = CliRunner().invoke(app, ["train", "--refit", "opq", "--run-dir", str(tmp_path / "cli")])
-    assert "train.refit" in str(result.exception) and "'rq', 'pq' or 'none'" in str(result.exception)
+    assert "train.refit" in str(
+        result.exception
+    ) and "expected 'auto', 'pq', 'rq' or 'none', got 'opq'" in str(result.exception)
     assert not (tmp_path / "cli").exists()
 
 

@@ -72,15 +72,13 @@ def budget_of(model: RetrievalModel, cfg: RunConfig) -> tuple[int, int, int]:
     return cfg.eval.num_coarse, cfg.eval.num_subspaces, cfg.eval.codebook_size
 
 
-def evaluate_model(
-    model: RetrievalModel, data: InteractionData, cfg: RunConfig, nprobes: tuple[int, ...] | None = None
-) -> list[dict[str, Any]]:
+def evaluate_model(model: RetrievalModel, data: InteractionData, cfg: RunConfig) -> list[dict[str, Any]]:
     """The evaluation rows a run's config asks for (see :func:`compare_indexes`)."""
     return compare_indexes(
         model,
         data,
         cfg.eval.ks,
-        nprobes or cfg.eval.nprobes,
+        cfg.eval.nprobes,
         cfg.eval.faiss_baseline,
         budget_of(model, cfg),
         cfg.eval.opq_baseline,

@@ -95,6 +95,8 @@ def build_model(
             tables_on_meta,
             replay_init,
         )
+    except PoeemError:
+        raise  # a setting that does not fit the data, e.g. model.poeem.num_items
     except (KeyError, TypeError, ValueError) as err:
         raise PoeemError("run config 'shapes'", "the model's vocabulary sizes", repr(err), FIX_RUN) from None
 
@@ -148,7 +150,11 @@ def read_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     raw = read_json(run_dir / "config.json", "run config", FIX_RUN)
     if not isinstance(raw, dict):
         raise PoeemError("run config", "a JSON object", type(raw).__name__, FIX_RUN)
-    stored = {**raw, "train": {"refit": None, **(raw.get("train") or {})}}  # older runs: no refit
+    train = raw.get("train")
+    stored = {
+        **raw,
+        "train": {"refit": None, **train} if isinstance(train, dict) else train,
+    }  # older: no refit
     return RunConfig.from_dict(stored), raw
 
 
