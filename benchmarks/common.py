@@ -46,21 +46,36 @@ def command_line() -> str:
     return "python " + shlex.join([shown, *sys.argv[1:]])
 
 
-def save_result(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
-    """Write ``results_dir/name.json`` with the command line, machine and date added."""
+def provenance() -> dict[str, Any]:
+    """The command line, machine and date of this run, as every results file records them."""
+    return {"command": command_line(), "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+
+
+def load_result(name: str, results_dir: Path | None = None) -> dict[str, Any]:
+    """The results file ``name`` ({} when there is none)."""
+    path = (results_dir or RESULTS) / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _write(name: str, record: dict[str, Any], results_dir: Path | None) -> Path:
     out_dir = results_dir or RESULTS
     out_dir.mkdir(parents=True, exist_ok=True)
-    record = {
-        "command": command_line(),
-        "machine": machine(),
-        "date": time.strftime("%Y-%m-%d"),
-        **payload,
-    }
     path = out_dir / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(path)
     return path
+
+
+def save_result(name: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
+    """Write ``results_dir/name.json`` with the command line, machine and date added."""
+    return _write(name, {**provenance(), **payload}, results_dir)
+
+
+def save_part(name: str, part: str, payload: dict[str, Any], results_dir: Path | None = None) -> Path:
+    """Set ``part`` of the results file ``name`` to ``payload`` with its own command line,
+    machine and date, keeping the rest of the file (a script with parts that run apart)."""
+    return _write(name, {**load_result(name, results_dir), part: {**provenance(), **payload}}, results_dir)
 
 
 def merge_runs(

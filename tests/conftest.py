@@ -232,7 +232,9 @@ class Server:
         env = {k: v for k, v in os.environ.items() if k != "POEEM_TOKEN"}
         if token is not None:
             env["POEEM_TOKEN"] = token
-        self.process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(  # its own process group: workers included, it can be ended whole
+            args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -242,6 +244,8 @@ class Server:
                     return
             except OSError:
                 time.sleep(0.1)
+        os.killpg(self.process.pid, signal.SIGKILL)  # a server that never became ready ends with the test
+        self.process.wait(timeout=30)
         raise RuntimeError("server did not become ready")
 
     def call(

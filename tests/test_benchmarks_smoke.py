@@ -71,6 +71,17 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 ),
                 ("coarse_fit.py", "--results-dir", out),
                 (
+                    "backend_agreement.py",
+                    "--items",
+                    "3000",
+                    "--nlist",
+                    "8",
+                    "--queries",
+                    "50",
+                    "--results-dir",
+                    out,
+                ),
+                (
                     "frontier.py",
                     *synthetic,
                     "--methods",
@@ -119,7 +130,12 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     "--results-dir",
                     out,
                 ),
-                ("update_cost.py", "--items", "5000", "--adds", "10", "--clients", "2", "--results-dir", out),
+                (
+                    "update_cost.py",
+                    *("--items", "5000", "--adds", "10", "--clients", "2"),
+                    *("--remove-items", "5000", "--nlist", "16", "--queries", "20", "--repeats", "1"),
+                    *("--results-dir", out),
+                ),
                 (
                     "train_cost.py",
                     *synthetic,
@@ -152,6 +168,11 @@ def test_benchmarks_write_results(results: Path) -> None:
         (b, p) for b in ("faiss", "torch") for p in (1, 8)
     }
     assert all(r["topk_overlap_with_faiss"] > 0.99 for r in speed["rows"] if r["backend"] == "torch")
+    agreement = json.loads((results / "backend_agreement.json").read_text())["rows"]
+    assert [(r["backend"], r["nprobe"]) for r in agreement] == [
+        (b, p) for p in (1, 8) for b in ("torch", "torch, float formula")
+    ]
+    assert all(r["same_ids_above_ties"] > 0.95 for r in agreement if r["backend"] == "torch")
     fits = {(r["rule"], r["fit"]): r for r in json.loads((results / "coarse_fit.json").read_text())["rows"]}
     assert fits[("ip", "equal_norm")]["empty_lists"] == 0
     assert fits[("ip", "equal_norm")]["relative_distortion"] < fits[("ip", "kmeans")]["relative_distortion"]
@@ -166,6 +187,12 @@ def test_benchmarks_write_results(results: Path) -> None:
     update = json.loads((results / "update_cost.json").read_text())
     assert update["quiet"]["failures"] == update["under_search_load"]["failures"] == 0
     assert 0 < update["quiet"]["bytes_written_mean"] < update["compaction"]["bytes_written"]
+    removes = update["removes"]["rows"]
+    assert [(r["index"], r["removed_share"]) for r in removes] == [
+        (index, share) for index in ("PQ16x4fs", "IVF16,PQ16x4fs") for share in (0.0, 0.01, 0.05, 0.1)
+    ]
+    assert {r["filter"] for r in removes if r["removed"]} == {"over-fetch", "id selector"}
+    assert all(r["ms_one_query"] > 0 and r["same_ids_as_rebuilt"] == 1.0 for r in removes)
     frontier = json.loads((results / "frontier_synthetic_tiny.json").read_text())
     assert {"dataset", "headline", "num_items", "threads", "exact", "rows", "lists"} <= set(frontier)
     assert frontier["threads"] == 1 and frontier["exact"]["qps"] > 0 and 0 < frontier["exact"]["recall"] <= 1

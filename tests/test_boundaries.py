@@ -22,6 +22,7 @@ from poeem.pipeline import export_run, train_run
 from poeem.pipeline.config import RunConfig
 from poeem.pipeline.distill import distill_embeddings
 from poeem.pipeline.run_dir import read_config
+from poeem.training.distill import DistillConfig
 
 
 def poeem_cli(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -171,3 +172,24 @@ def test_ids_outside_the_trained_rows_name_their_kind() -> None:
             PoeemError, match=rf"{kind} ids: expected ids in \[0, 3\), got max 7\. Fix: pass ids of {plural}"
         ):
             known_rows([7], None, 3, kind)
+
+
+@pytest.mark.parametrize("scale", [1e19, 1e30])
+def test_items_too_long_for_float32_distances_are_named_so_not_nan(tmp_path: Path, scale: float) -> None:
+    """Regression: finite items scaled by 1e30 were reported as "NaN or inf"."""
+    x = np.random.default_rng(0).normal(size=(300, 8)).astype(np.float32)
+    np.save(tmp_path / "items.npy", x * scale)
+    np.save(tmp_path / "queries.npy", x[:50])
+    done = poeem_cli(
+        "distill", "--items", tmp_path / "items.npy", "--queries", tmp_path / "queries.npy",
+        "--out", tmp_path / "ix", "--num-subspaces", "2", "--num-coarse", "4",
+    )  # fmt: skip
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "items: expected vectors of norm at most 9.2e+18" in lines[0] and "NaN" not in lines[0]
+    assert "Fix: divide every vector by one constant" in lines[0]
+    settings = {"num_coarse": 4, "num_subspaces": 2, "codebook_size": 16}
+    distill_embeddings(x * 1e18, x[:50], tmp_path / "ok", settings, progress=False, config=TINY_DISTILL)
+
+
+TINY_DISTILL = DistillConfig(rounds=1, epochs=1, teacher_k=10)

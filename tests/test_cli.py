@@ -59,7 +59,11 @@ def test_train_evaluate_export_search_add_remove(tmp_path: Path) -> None:
     table = invoke("evaluate", run, "--nprobe", "1", "--nprobe", "4", "--lists-ceiling").splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("method"))
     cols = table[header].split()
-    rows = {(r[0], int(r[1])): dict(zip(cols, r, strict=True)) for r in map(str.split, table[header + 1 :])}
+    rows = {
+        (row["method"], int(row["nprobe"])): row
+        for row in (dict(zip(cols, r, strict=True)) for r in map(str.split, table[header + 1 :]))
+    }
+    assert rows[("poeem", 1)]["index"].endswith("x4fs")  # the index `poeem export` writes
     ceiling, exact = rows[("poeem-lists-flat", 4)], rows[("exact", 1)]
     assert ceiling["precision@10"] == exact["precision@10"]  # every list probed: exact search
     assert (

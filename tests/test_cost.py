@@ -52,3 +52,27 @@ def test_evaluation_rows_report_the_cost(tmp_path) -> None:
     rows = {r["method"]: r for r in metrics["rows"]}
     assert rows["exact"]["codes_scanned"] == 10_000 and rows["exact"]["imbalance"] == 1.0
     assert 0 < rows["poeem"]["codes_scanned"] <= 10_000 and rows["poeem"]["imbalance"] >= 1.0
+
+
+def test_the_final_evaluation_scores_the_index_poeem_export_writes(tmp_path) -> None:
+    """The run's report row of its index scores the FAISS index that `poeem export` writes by
+    default (4-bit codes as fast scan), and says which index that is."""
+    from poeem.data import load_data
+    from poeem.evaluation.evaluate import evaluate_retrieval
+    from poeem.model.query_encoder import QueryEncoder
+    from poeem.pipeline import export_run, train_run
+    from poeem.search import FaissSearcher
+
+    cfg = tiny_config()
+    model, metrics = train_run(cfg, tmp_path / "run")
+    row = next(r for r in metrics["rows"] if r["method"] == "poeem")
+    assert row["index"] == "IVF2,PQ4x4fs"
+    assert next(r for r in metrics["rows"] if r["method"] == "exact")["index"] == "Flat"
+    searcher = export_run(tmp_path / "run", tmp_path / "ix")
+    assert searcher is not None and searcher.manifest.fast_scan
+    exported = faiss.read_index(str(tmp_path / "ix" / searcher.manifest.files["faiss"]))
+    assert isinstance(faiss.downcast_index(faiss.extract_index_ivf(exported)), faiss.IndexIVFPQFastScan)
+    data = load_data(cfg.data)
+    encode = QueryEncoder.from_model(model, data).by_rows
+    again = evaluate_retrieval(FaissSearcher(exported), encode, data, (10,), row["nprobe"])
+    assert again["recall@10"] == row["recall@10"] and again["ndcg@10"] == row["ndcg@10"]

@@ -13,6 +13,7 @@ from poeem import PoeemError, PoeemLayer, Searcher
 from poeem.export import learned_index, to_faiss
 from poeem.export.faiss_codec import pack_sa_codes
 from poeem.index.tensors import IndexTensors
+from poeem.metric import prepare_queries
 from poeem.search import FaissSearcher, FlatIndex, TorchIVFPQ
 
 CASES = [
@@ -83,6 +84,34 @@ def test_fast_scan_is_close_to_exact_adc() -> None:
     _, i2 = TorchIVFPQ(learned_index(layer, x), "ip").search(xq, 10, 8)
     overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(i1.numpy(), i2.numpy(), strict=True)])
     assert overlap > 0.9
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine", "l2"])
+@pytest.mark.parametrize(("rotation", "num_coarse"), [("givens", 8), ("none", 8), ("givens", 0)])
+def test_torch_scores_a_fast_scan_index_as_faiss_does(metric: str, rotation: str, num_coarse: int) -> None:
+    """FAISS rounds each query's look-up tables to 8 bits; the torch backend rounds them the same
+    way, so both return the same scores (to float rounding), and the same ids above ties."""
+    layer, x = trained_layer(rotation, num_coarse, coarse_metric="l2" if metric == "l2" else "ip")
+    items = torch.nn.functional.normalize(x, dim=1) if metric == "cosine" else x
+    faiss_index = FaissSearcher(to_faiss(layer, items, metric=metric, fast_scan=True))
+    torch_index = TorchIVFPQ(
+        learned_index(layer, prepare_queries(items, metric, DIM)), metric, fast_scan=True
+    )
+    xq = correlated(100, DIM, seed=5)
+    for nprobe in (1, 3) if num_coarse else (1,):
+        d1, i1 = faiss_index.search(xq, 20, nprobe)
+        d2, i2 = torch_index.search(xq, 20, nprobe)
+        assert_same_topk(d1.numpy(), i1.numpy(), d2.numpy(), i2.numpy())
+        exact = TorchIVFPQ(learned_index(layer, prepare_queries(items, metric, DIM)), metric).search(
+            xq, 20, nprobe
+        )
+        assert not torch.allclose(exact[0], d2, atol=1e-3)  # the 8-bit rounding is there
+
+
+def test_torch_fast_scan_needs_4_bit_pq() -> None:
+    layer, x = trained_layer("none", 8, k=256)
+    with pytest.raises(PoeemError, match="fast_scan: expected PQ codes with K = 16"):
+        TorchIVFPQ(learned_index(layer, x), "ip", fast_scan=True)
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2"])

@@ -205,7 +205,7 @@ def test_index_lr_zero_freezes_the_index() -> None:
     optimizer = build_optimizer(model, TrainConfig(lr=0.1, index_lr=0.0))
     # the towers at lr, the index (its lists at their share of it) at 0
     assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.0, 0.0]
-    with pytest.raises(PoeemError, match=r"train.index_lr: expected None or a number >= 0, got -1"):
+    with pytest.raises(PoeemError, match=r"train.index_lr: expected a finite number >= 0 or None, got -1"):
         TrainConfig(index_lr=-1)
 
 

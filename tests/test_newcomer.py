@@ -112,6 +112,9 @@ def test_every_fix_names_options_its_command_has(run_and_index: tuple[Path, Path
             failure("train", "--run-dir", tmp_path / "new", "--resume"),
             failure("train", "--data", "movielens", "--run-dir", tmp_path / "r"),
             failure("train", "--data", "movielens", "--data-path", missing, "--run-dir", tmp_path / "r"),
+            failure("train", "--k", "0", "--run-dir", tmp_path / "r"),
+            failure("train", "--lr", "inf", "--run-dir", tmp_path / "r"),
+            failure("train", "--seed", "-1", "--run-dir", tmp_path / "r"),
         ],
         "search": [
             failure("search", ix, "--query-file", missing),
@@ -122,9 +125,9 @@ def test_every_fix_names_options_its_command_has(run_and_index: tuple[Path, Path
         "export": [failure("export", run, "--out", ix), failure("export", tmp_path / "nope", "--out", ix)],
         "add": [failure("add", ix, "--items", missing, "--ids", missing)],
         "remove": [failure("remove", ix, "--ids", missing)],
-        "serve": [failure("serve", ix, "--token-file", missing)],
+        "serve": [failure("serve", ix, "--token-file", missing), failure("serve", ix, "--port", "70000")],
         "embed": [failure("embed", run, "--ids", missing, "--out", tmp_path / "e.npy")],
-        "evaluate": [failure("evaluate", tmp_path / "nope")],
+        "evaluate": [failure("evaluate", tmp_path / "nope"), failure("evaluate", run, "--nprobe", "0")],
         "demo": [failure("demo", "--num-pairs", "4000", "--out", busy)],
     }
     for command, messages in errors.items():

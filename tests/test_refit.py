@@ -126,7 +126,9 @@ def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) ->
         train_run(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     result = CliRunner().invoke(app, ["train", "--refit", "opq", "--run-dir", str(tmp_path / "cli")])
-    assert "train.refit" in str(result.exception) and "'rq', 'pq' or 'none'" in str(result.exception)
+    assert "train.refit" in str(
+        result.exception
+    ) and "expected 'auto', 'pq', 'rq' or 'none', got 'opq'" in str(result.exception)
     assert not (tmp_path / "cli").exists()
 
 
@@ -162,8 +164,15 @@ def test_a_run_with_refit_rq_serves_it_and_reports_its_index_as_trained(tmp_path
     assert "poeem export --as-trained" in str(result.exception)  # the refit is RQ: no fast scan
     result = CliRunner().invoke(app, ["evaluate", str(tmp_path / "refitted"), "--as-trained"])
     assert result.exit_code == 0, (result.output, result.exception)
-    shown = {line.split()[0]: line.split() for line in result.output.splitlines() if line.startswith("poeem")}
-    assert float(shown["poeem"][2]) == pytest.approx(plain_rows["poeem"]["recall@10"], abs=1e-4)
+    lines = result.output.splitlines()
+    header = next(line.split() for line in lines if line.startswith("method"))
+    shown = {
+        line.split()[0]: dict(zip(header, line.split(), strict=True))
+        for line in lines
+        if line.startswith("poeem")
+    }
+    assert shown["poeem"]["index"] == "IVF2,PQ4x4fs"  # the index as trained, as `poeem export` writes it
+    assert float(shown["poeem"]["recall@10"]) == pytest.approx(plain_rows["poeem"]["recall@10"], abs=1e-4)
     with pytest.raises(PoeemError, match="the index as trained or a refit"):
         IndexRecipe(start="as-trained", refit="rq")
     (tmp_path / "refitted" / "index_as_trained.safetensors").unlink()  # a run refitted by an older poeem

@@ -2,6 +2,7 @@
 
 import http.client
 import json
+import os
 import shutil
 import signal
 import socket
@@ -383,16 +384,57 @@ def test_removing_every_item_of_a_4_bit_index_leaves_an_empty_working_index(
         (["--max-body-mb", "-1"], "--max-body-mb: expected a size in MiB above 0"),
         (["--workers", "0"], "--workers: expected at least 1, got 0"),
         (["--poll-s", "nan"], "--poll-s: expected seconds >= 0"),
+        (["--port", "70000"], "--port: expected a TCP port from 1 to 65535, got 70000"),
+        (["--port", "-1"], "--port: expected a TCP port from 1 to 65535, got -1"),
     ],
 )
 def test_serve_flags_are_validated(index_dir: Path, flags: list[str], message: str) -> None:
+    assert message in serve_error(index_dir, flags)
+
+
+def serve_error(index_dir: Path, flags: list[str], env: dict[str, str] | None = None) -> str:
+    """The one ``error:`` line ``poeem serve INDEX_DIR FLAGS`` ends with (exit code 2, no traceback)."""
+    clean = {k: v for k, v in os.environ.items() if k != "POEEM_TOKEN"}
     done = subprocess.run(
         [sys.executable, "-m", "poeem", "serve", str(index_dir), *flags],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**clean, **(env or {})},
     )
-    assert done.returncode == 2 and "Traceback" not in done.stderr and message in done.stderr, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("file_bytes", "env_token", "message"),
+    [
+        (b"\xff\xfe" + b"x" * 30, None, "token file: expected a token of printable ASCII characters"),
+        ("tökén-0123456789abcdef".encode(), None, "with a non-ASCII byte. Fix: write a new token into it"),
+        (None, "tökén-0123456789abcdef", "token: expected printable ASCII characters without spaces"),
+        (None, "two words 0123456789abcdef", "got a token with ' ' in it"),
+        (b"short\n", None, "token: expected at least 16 characters, got 5 characters"),
+    ],
+)
+def test_a_token_http_cannot_carry_is_refused_at_start(
+    index_dir: Path, tmp_path: Path, file_bytes: bytes | None, env_token: str | None, message: str
+) -> None:
+    """Headers are read as Latin-1: a client sending a non-ASCII token as UTF-8 would never match."""
+    flags = []
+    if file_bytes is not None:
+        (tmp_path / "token").write_bytes(file_bytes)
+        flags = ["--token-file", str(tmp_path / "token")]
+    line = serve_error(index_dir, flags, {"POEEM_TOKEN": env_token} if env_token else None)
+    assert message in line and "secrets.token_urlsafe" in line, line
+
+
+def test_a_server_config_refuses_a_non_ascii_token(index_dir: Path) -> None:
+    from poeem.errors import PoeemError
+    from poeem.serve.app import ServeConfig
+
+    with pytest.raises(PoeemError, match="printable ASCII"):
+        ServeConfig(str(index_dir), token="ünïcode-token-0123456789")
 
 
 def test_a_token_with_a_trailing_newline_still_authorises(index_dir: Path) -> None:

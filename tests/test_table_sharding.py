@@ -119,3 +119,19 @@ def test_each_rank_exports_its_own_item_rows_and_the_index_is_byte_identical(
     cli("export", str(sharded), "--out", str(tmp_path / "ranks"), torchrun=True)
     hashes = [json.loads((tmp_path / d / "manifest.json").read_text())["sha256"] for d in ("one", "ranks")]
     assert hashes[0] == hashes[1]  # FAISS file, codes and query tower alike
+
+
+def test_a_damaged_shard_on_resume_is_one_clear_error(runs: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import save_file
+
+    run = Path(shutil.copytree(runs[0], tmp_path / "run"))
+    (tag,) = (run / "checkpoint_tables").iterdir()
+    shard = sorted(tag.glob("item_tower-*.safetensors"))[0]
+    save_file({"rows": read_tensors(shard, "shard", "")["rows"]}, str(shard))  # no Adagrad sums
+    resumed = ("--max-steps", "14", "--resume", "--nproc", "2")
+    done = cli("train", "--run-dir", str(run), *RUN, *SHARDED, *resumed, ok=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and "FAILED" not in done.stderr
+    (error,) = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert error.startswith(f"error: table shard '{shard}': expected a tensor 'sum', got tensors ['rows']")

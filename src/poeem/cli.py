@@ -91,7 +91,7 @@ def train(
     RunConfig with the sections data, model (the layer under model.poeem), train and eval.
     With --resume, only the flags marked safe may change; the rest is refused.
     """
-    from poeem import distributed
+    from poeem import distributed, launch
     from poeem.evaluation.format import format_rows
     from poeem.pipeline import RunConfig, resume_config, train_run
     from poeem.pipeline.run import after_training_seconds
@@ -99,7 +99,7 @@ def train(
     if nproc < 1:
         raise PoeemError("--nproc", "a positive integer", str(nproc), "pass 1 or more")
     if nproc > 1 and not distributed.launched_by_torchrun():
-        code = distributed.relaunch_with_torchrun(nproc)
+        code = launch.relaunch_with_torchrun(nproc)
         if code:
             raise typer.Exit(code)
         return
@@ -202,14 +202,18 @@ def evaluate(
     as_trained: AsTrained = False,
 ) -> None:
     """Evaluate a trained run: exact search, the learned index, and a FAISS IVF-PQ baseline."""
+    from dataclasses import replace
+
     from poeem.data import load_data
     from poeem.evaluation.format import format_rows
-    from poeem.pipeline import attach_data, evaluate_model, load_run
+    from poeem.pipeline import EvalConfig, attach_data, evaluate_model, load_run
 
+    given = {"nprobes": tuple(nprobe)} if nprobe else {}
+    EvalConfig(**given)  # a bad --nprobe fails before the run loads
     cfg, model = load_run(run_dir, as_trained=as_trained)
-    cfg.eval.lists_ceiling = cfg.eval.lists_ceiling or lists_ceiling
+    cfg.eval = replace(cfg.eval, **given, lists_ceiling=cfg.eval.lists_ceiling or lists_ceiling)
     data = load_data(cfg.data)
-    rows = evaluate_model(attach_data(model, data), data, cfg, tuple(nprobe) if nprobe else None)
+    rows = evaluate_model(attach_data(model, data), data, cfg)
     typer.echo(format_rows(rows))
 
 
@@ -642,17 +646,22 @@ def serve(
         )
 
     from poeem.export.index_dir import read_manifest
-    from poeem.serve.app import TOKEN_ENV, ServeConfig, run_server
+    from poeem.serve.app import NEW_TOKEN, TOKEN_ENV, ServeConfig, run_server
 
     read_manifest(index_dir)  # a clear error now, before any worker starts
     token = os.environ.get(TOKEN_ENV)
     token = token.strip() if token is not None else None  # like --token-file: no trailing newline
     if token_file is not None:
-        token = require_file(token_file, "token file").read_text().strip()
-    if token is not None and len(token) < 16:
-        raise PoeemError(
-            "token", "at least 16 characters", f"{len(token)} characters", "use a long random token"
-        )
+        raw = require_file(token_file, "token file").read_bytes()
+        try:
+            token = raw.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise PoeemError(
+                "token file",
+                "a token of printable ASCII characters",
+                f"'{token_file}' with a non-ASCII byte",
+                f"write a new token into it, e.g. {NEW_TOKEN}",
+            ) from None
     if workers < 1:
         raise PoeemError("--workers", "at least 1", str(workers), "pass --workers 1 (or one per core)")
     if not 0 < max_body_mb < 1 << 20:  # NaN too
@@ -681,6 +690,7 @@ def main() -> None:
 
     warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     from poeem import distributed
+    from poeem.launch import report
 
     finished = False
     try:
@@ -690,10 +700,10 @@ def main() -> None:
         finished = not done.code
         raise
     except PoeemError as err:
-        print(f"error: {err}", file=sys.stderr)
+        report(f"error: {err}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted (checkpoints written so far are intact)", file=sys.stderr)
+        report("interrupted (checkpoints written so far are intact)")
         sys.exit(130)
     finally:
         gc.collect()  # a model of sharded tables goes while its process group is still there

@@ -13,10 +13,11 @@ from poeem.options import Option, options
 
 
 def given_settings(values: dict[str, Any], found: list[Option]) -> dict[str, dict[str, Any]]:
-    """The settings given on the command line, by config section ({"train": {"lr": 0.1}})."""
+    """The settings given on the command line, by config section ({"train": {"lr": 0.1}}); a
+    setting without a flag is never one of them, even where a flag shares its name."""
     given: dict[str, dict[str, Any]] = {}
     for o in found:
-        value = values.get(o.param)
+        value = values.get(o.param) if o.cli else None
         if value is None or (isinstance(value, list | tuple) and not value):
             continue
         given.setdefault(o.section, {})[o.name] = tuple(value) if isinstance(o.default, tuple) else value

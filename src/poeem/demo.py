@@ -20,6 +20,7 @@ import typer
 
 from poeem.data import DataConfig
 from poeem.errors import PoeemError
+from poeem.folder_lock import LOCK_FILE
 from poeem.model import ModelConfig
 from poeem.pipeline.config import EvalConfig, RunConfig
 from poeem.pipeline.run import train_run
@@ -36,6 +37,7 @@ RUN_FILES = {
     "metrics.json",
     "log.csv",
     "tensorboard",
+    LOCK_FILE,  # left by a demo that was killed
 }
 TUTORIAL = {"exact": 0.9989, "faiss-ivfpq": 0.9610, "poeem": 0.9805}  # TF 1.15, 3 epochs, nprobe 1
 

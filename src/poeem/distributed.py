@@ -11,6 +11,8 @@ cannot split the replicas. See ``docs/distributed.md``.
 from __future__ import annotations
 
 import os
+import signal
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -71,6 +73,7 @@ def setup(device: torch.device) -> torch.device:
     """
     if not launched_by_torchrun():
         return device
+    _end_with_parent()
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -85,6 +88,18 @@ def setup(device: torch.device) -> torch.device:
             )
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return device
+
+
+def _end_with_parent() -> None:
+    """Have the kernel send this rank SIGTERM when the process that started it (torchrun's
+    agent, or the ``--nproc`` launcher) ends, even by SIGKILL: no rank trains on alone (Linux;
+    a no-op elsewhere)."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def teardown() -> None:
@@ -170,6 +185,16 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _GatherWithGrad.apply(x) if is_active() else x
 
 
+def from_rank0(value: Any) -> Any:
+    """Rank 0's ``value`` (any picklable object) on every rank; ``value`` itself in a single
+    process."""
+    if not is_active():
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
 def broadcast_from_rank0(tensors: list[torch.Tensor]) -> None:
     """Overwrite each tensor, in place, with rank 0's value (no-op in a single process)."""
     if not is_active():
@@ -182,22 +207,3 @@ def all_reduce_max(x: torch.Tensor) -> None:
     """Replace ``x``, in place, with its element-wise maximum over ranks (no-op in one process)."""
     if is_active():
         dist.all_reduce(x, op=dist.ReduceOp.MAX)
-
-
-def relaunch_with_torchrun(nproc: int) -> int:
-    """Run this same command line as ``torchrun --standalone --nproc-per-node N -m poeem ...``,
-    without its ``--nproc`` option; returns torchrun's exit code."""
-    import subprocess
-    import sys
-
-    args, skip = [], False
-    for arg in sys.argv[1:]:
-        if skip:
-            skip = False
-        elif arg == "--nproc":
-            skip = True
-        elif not arg.startswith("--nproc="):
-            args.append(arg)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    print(f"launching {nproc} processes: torchrun --standalone --nproc-per-node={nproc} -m poeem ...")
-    return subprocess.run([*command, "-m", "poeem", *args], check=False).returncode

@@ -13,6 +13,8 @@ from poeem.errors import PoeemError
 Metric = Literal["ip", "cosine", "l2"]
 ListRule = Literal["l2", "ip"]
 METRICS = ("ip", "cosine", "l2")
+# items at most this long: any two are within float32 of each other, ||x - y||^2 <= 4 max ||x||^2
+MAX_ITEM_NORM = float(np.sqrt(np.finfo(np.float32).max)) / 2
 
 
 def check_metric(metric: str) -> None:
@@ -88,6 +90,22 @@ def prepare_queries(
             "drop those rows",
         )
     return F.normalize(xq / scale, dim=-1)
+
+
+def check_item_norms(x: torch.Tensor, what: str = "items") -> None:
+    """Refuse (n, dim) finite vectors too long to fit an index to: the distances between them
+    (k-means, coding) would overflow float32, at norms above :data:`MAX_ITEM_NORM` (about 9e18)."""
+    norms = torch.linalg.vector_norm(x, dim=-1)  # inf where the squares overflow: refused too
+    too_long = norms > MAX_ITEM_NORM
+    if bool(too_long.any()):
+        rows = torch.nonzero(too_long).flatten()
+        first = float(x[rows[0]].double().norm())  # in float64: its float32 norm may be inf
+        raise PoeemError(
+            what,
+            f"vectors of norm at most {MAX_ITEM_NORM:.2g} (distances between them must fit in float32)",
+            f"{rows.numel()} longer rows, e.g. row {int(rows[0])} (norm {first:.3g})",
+            "divide every vector by one constant: inner-product and L2 rankings stay the same",
+        )
 
 
 def worst_score(metric: str) -> float:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from poeem.errors import PoeemError
@@ -80,6 +80,38 @@ def save_tensors(
     """Write a safetensors file atomically; tensors are moved to CPU and made contiguous."""
     flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(flat, str(tmp), metadata=metadata))
+
+
+def inside(folder: Path, name: object, what: str, fix: str) -> Path:
+    """``folder / name`` for a name read from a file of ``folder`` (a list of shards, a header,
+    a manifest), if it resolves inside ``folder``, links followed; else a clear error. A folder
+    is copied and downloaded: no name saved in it may reach a file elsewhere.
+
+    Raises:
+        PoeemError: ``name`` is not a string, is empty or absolute, or leads out of ``folder``
+            (``..``, a link) or to ``folder`` itself.
+    """
+    expected = f"the name of a file inside '{folder}'"
+    if not isinstance(name, str) or not name or "\0" in name or Path(name).is_absolute():
+        raise PoeemError(what, expected, repr(name)[:200], fix)
+    path = Path(folder) / name
+    root, target = Path(folder).resolve(), path.resolve()
+    if target == root or not target.is_relative_to(root):
+        raise PoeemError(what, expected, f"{name[:200]!r}, which leads to '{target}'", fix)
+    return path
+
+
+def tensor_specs(path: Path, what: str, fix: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The dtype (safetensors' name: "F32", "I64" ...) and shape of each tensor of a safetensors
+    file, read from its header alone (checked against the file's size), or a clear error."""
+    if not Path(path).is_file():
+        raise PoeemError(what, f"an existing file '{path}'", "it is missing", fix)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            slices = {name: f.get_slice(name) for name in f.keys()}  # noqa: SIM118 (not iterable)
+            return {name: (s.get_dtype(), tuple(s.get_shape())) for name, s in slices.items()}
+    except (SafetensorError, OSError, ValueError) as err:
+        raise PoeemError(what, "a readable safetensors file", f"'{path}' ({err})", fix) from None
 
 
 def read_tensors(path: Path, what: str, fix: str, mmap: bool = False) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from poeem.data.beir import beir_task, load_beir
 from poeem.data.interactions import CSR, InteractionData
@@ -13,7 +13,7 @@ from poeem.data.splits import Split
 from poeem.data.synthetic import synthetic_task
 from poeem.data.table import load_table
 from poeem.errors import PoeemError
-from poeem.options import setting
+from poeem.options import Bounds, PositiveInt, Seed, check_settings, setting
 
 DataKind = Literal["synthetic", "movielens", "lightgcn", "table", "beir"]
 
@@ -28,12 +28,14 @@ class DataConfig:
     path: str | None = setting(
         None, help="File or folder of the data (every kind but synthetic).", flag="--data-path"
     )
-    num_pairs: int = setting(1_000_000, help="synthetic: training pairs.")
+    num_pairs: PositiveInt = setting(1_000_000, help="synthetic: training pairs.")
     min_rating: float = setting(0.0, help="movielens: drop ratings below.")
     split: Split = setting(
         "leave-last-out", help="movielens and table (table needs --time-column for leave-last-out)."
     )
-    test_fraction: float = setting(0.2, help="Held-out share with --split random.")
+    test_fraction: Annotated[float, Bounds(gt=0, lt=1)] = setting(
+        0.2, help="Held-out share with --split random."
+    )
     query_column: str = setting("user", help="table: query id column.")
     item_column: str = setting("item", help="table: item id column.")
     time_column: str | None = setting(None, help="table: time column (for leave-last-out).")
@@ -43,20 +45,16 @@ class DataConfig:
     item_feature_columns: list[str] = setting(
         default_factory=list, help="table: numeric item feature column; repeat.", flag="--item-feature"
     )
-    seed: int = setting(0, help="Seed of the data (synthetic pairs, random splits).", flag="--data-seed")
+    seed: Seed = setting(0, help="Seed of the data (synthetic pairs, random splits).", flag="--data-seed")
+
+    def __post_init__(self) -> None:
+        check_settings(self, "data")
 
 
 def load_data(cfg: DataConfig) -> InteractionData:
     """Load the data a :class:`DataConfig` names."""
     if cfg.kind == "synthetic":
         return synthetic_task(cfg.num_pairs, cfg.seed)
-    if cfg.kind not in ("movielens", "lightgcn", "table", "beir"):
-        raise PoeemError(
-            "data kind",
-            "'synthetic', 'movielens', 'lightgcn', 'table' or 'beir'",
-            repr(cfg.kind),
-            "pick one of those",
-        )
     if not cfg.path:
         raise PoeemError(f"{cfg.kind} data", "a path", "none", "pass --data-path PATH")
     if cfg.kind == "movielens":

@@ -13,18 +13,24 @@ import torch
 from poeem.data.interactions import InteractionData
 from poeem.evaluation.cost import search_cost
 from poeem.evaluation.evaluate import Searchable, evaluate_retrieval
-from poeem.export.faiss_codec import build_faiss_index, build_float_lists_index
+from poeem.export.faiss_codec import (
+    build_faiss_index,
+    build_float_lists_index,
+    default_fast_scan,
+    factory_string,
+)
 from poeem.export.item_codes import EXPORT_DEFAULT, encode_reusing
 from poeem.export.learned import learned_index
 from poeem.metric import prepare_queries
 from poeem.model import RetrievalModel
 from poeem.model.query_encoder import QueryEncoder
 from poeem.search.exact import FlatIndex
-from poeem.search.faiss_backend import FaissSearcher, train_faiss_ivfpq
+from poeem.search.faiss_backend import FaissSearcher, ivfpq_spec, train_faiss_ivfpq
 
 
 def _rows(
     name: str,
+    described: str,
     index: Searchable,
     build_s: float,
     model: RetrievalModel,
@@ -32,6 +38,8 @@ def _rows(
     ks: tuple[int, ...],
     nprobes: tuple[int, ...],
 ) -> list[dict[str, Any]]:
+    """One row per nprobe of ``index``, named ``name``; ``described``: the index scored, in
+    FAISS's factory words."""
     out = []
     encode = QueryEncoder.from_model(model, data).by_rows
     for nprobe in nprobes:
@@ -41,6 +49,7 @@ def _rows(
         out.append(
             {
                 "method": name,
+                "index": described,
                 "nprobe": nprobe,
                 **metrics,
                 **_mean_cost(index, encode, data, nprobe),
@@ -92,7 +101,7 @@ def compare_indexes(
     model.eval()
     item_features = torch.from_numpy(data.item_features) if data.item_features is not None else None
     xb = model.all_item_embeddings(item_features).cpu()
-    rows = _rows("exact", FlatIndex(xb, "ip"), 0.0, model, data, ks, (1,))
+    rows = _rows("exact", "Flat", FlatIndex(xb, "ip"), 0.0, model, data, ks, (1,))
     rows += learned_index_rows(model, data, xb, ks, nprobes, lists_ceiling=lists_ceiling)
     if lists_ceiling and not any(row["method"] == "poeem-lists-flat" for row in rows):
         warnings.warn("no lists-ceiling rows: the model has no trained index with IVF lists", stacklevel=2)
@@ -107,7 +116,9 @@ def compare_indexes(
     for name, opq in baselines:
         started = time.perf_counter()
         index = train_faiss_ivfpq(xb, *budget, metric="ip", opq=opq, seed=seed)
-        rows += _rows(name, FaissSearcher(index), time.perf_counter() - started, model, data, ks, nprobes)
+        build_s = time.perf_counter() - started
+        described = ivfpq_spec(*budget, opq=opq)
+        rows += _rows(name, described, FaissSearcher(index), build_s, model, data, ks, nprobes)
     return rows
 
 
@@ -122,8 +133,10 @@ def learned_index_rows(
     lists_ceiling: bool = False,
 ) -> list[dict[str, Any]]:
     """Metric rows (as :func:`compare_indexes` makes them) of the model's learned index exported
-    to FAISS without training, as ``poeem export`` writes it, named ``method``; with
+    to FAISS without training, as ``poeem export`` writes it by default (4-bit PQ codes as fast
+    scan, :func:`~poeem.export.faiss_codec.default_fast_scan`), named ``method``; with
     ``lists_ceiling`` also ``poeem-lists-flat``; no rows without a layer or in its warm start.
+    Each row's ``index`` names the FAISS index it scored, e.g. "IVF64,PQ16x4fs".
 
     Args:
         xb: (num_items, dim) the model's item embeddings, in eval mode.
@@ -139,11 +152,14 @@ def learned_index_rows(
         EXPORT_DEFAULT,
     )
     learned = learned_index(model.index, codes)
-    searcher = FaissSearcher(build_faiss_index(learned, "ip"))
-    rows = _rows(method, searcher, time.perf_counter() - started, model, data, ks, nprobes)
+    fast_scan = default_fast_scan(model.index.config)
+    searcher = FaissSearcher(build_faiss_index(learned, "ip", fast_scan))
+    described = factory_string(learned, fast_scan)
+    rows = _rows(method, described, searcher, time.perf_counter() - started, model, data, ks, nprobes)
     if lists_ceiling and learned.coarse is not None:
         started = time.perf_counter()
         items = prepare_queries(xb, metric, xb.shape[1], "items")
         flat = FaissSearcher(build_float_lists_index(learned, items, "ip"))
-        rows += _rows("poeem-lists-flat", flat, time.perf_counter() - started, model, data, ks, nprobes)
+        build_s = time.perf_counter() - started
+        rows += _rows("poeem-lists-flat", f"IVF{learned.nlist},Flat", flat, build_s, model, data, ks, nprobes)
     return rows

@@ -79,6 +79,16 @@ def default_fast_scan(config: IndexSpec) -> bool:
     return config.quantizer == "pq" and config.codebook_size == 16
 
 
+def factory_string(ix: IndexTensors, fast_scan: bool = False) -> str:
+    """The index :func:`build_faiss_index` makes of ``ix``, in FAISS's ``index_factory`` words:
+    e.g. "IVF1024,PQ16x4fs" (fast scan), "PQ8x8", "IVF64,RQ8x8" (the rotation is not named)."""
+    lists = f"IVF{ix.nlist}," if ix.coarse is not None else ""
+    coder = "RQ" if is_residual(ix.codebooks, ix.dim) else "PQ"
+    return (
+        f"{lists}{coder}{ix.codebooks.shape[0]}x{nbits_of(ix.codebooks.shape[1])}{'fs' if fast_scan else ''}"
+    )
+
+
 def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool = False) -> faiss.Index:
     """A FAISS index holding exactly the given learned index.
 
@@ -133,7 +143,52 @@ def build_faiss_index(ix: IndexTensors, metric: Metric = "ip", fast_scan: bool =
             inner.index = fast
             # a self-contained copy: the id map no longer points at objects of this function
             inner = faiss.deserialize_index(faiss.serialize_index(inner))
-    return _behind_transforms(inner, ix, metric)
+    return search_ready(_behind_transforms(inner, ix, metric))
+
+
+def search_ready(index: faiss.Index) -> faiss.Index:
+    """``index`` with the one set of search settings that every poeem search uses, whether the
+    index was read from a file (``faiss.read_index``) or built in memory; changed in place and
+    returned. Settings that are already right are left alone, so calling it again is cheap.
+
+    - IVF-PQ (fast scan or not): FAISS's precomputed tables, chosen as ``read_index`` chooses
+      them (for L2 by residual, ``use_precomputed_table`` = 1 when the table fits in
+      ``precomputed_table_max_bytes``). FAISS's conversion to fast scan copies the tables but
+      not that flag, and fast scan rounds the look-up tables of the two ways differently: the
+      same codes would score differently in an index built in memory and one read from disk.
+    - No polysemous (Hamming) pre-filter: every probed code is scored.
+    - Fast scan: FAISS's own choice of kernel and query blocks (``implem``, ``qbs`` 0).
+
+    nprobe is no setting of the index: each search passes it
+    (:func:`poeem.search.faiss_backend.search_parameters`).
+    """
+    core = faiss.downcast_index(index)
+    while isinstance(core, faiss.IndexPreTransform | faiss.IndexIDMap):
+        core = faiss.downcast_index(core.index)
+    if isinstance(core, faiss.IndexIVFPQ | faiss.IndexIVFPQFastScan):
+        _precomputed_tables(core)
+    settings = {"polysemous_ht": 0, "implem": 0, "qbs": 0, "qbs2": 0}
+    if isinstance(core, faiss.IndexPQ):
+        settings["search_type"] = faiss.IndexPQ.ST_PQ
+    for name, value in settings.items():
+        if hasattr(core, name) and getattr(core, name) != value:
+            setattr(core, name, value)
+    return index
+
+
+def _precomputed_tables(ivf: Any) -> None:
+    """FAISS's precomputed tables of an IVF-PQ (fast scan or not), as ``read_index`` makes them
+    (``precompute_table`` with the flag at 0 lets FAISS choose); only L2 by residual uses them.
+    Computed once: an index that has them, or whose table is too big to have, is left alone."""
+    if not (ivf.by_residual and ivf.metric_type == faiss.METRIC_L2):
+        return
+    full = ivf.nlist * ivf.pq.M * ivf.pq.ksub
+    if ivf.use_precomputed_table == 1 and ivf.precomputed_table.size() == full:
+        return
+    if ivf.use_precomputed_table == 0 and 4 * full > faiss.cvar.precomputed_table_max_bytes:
+        return  # FAISS's own choice: no table
+    ivf.use_precomputed_table = 0
+    ivf.precompute_table()
 
 
 def build_float_lists_index(ix: IndexTensors, items: torch.Tensor, metric: Metric = "ip") -> faiss.Index:

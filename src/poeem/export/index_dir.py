@@ -16,6 +16,7 @@
     INDEX_DIR/segment_keys-<v>.json         their raw ids, for string ids
     INDEX_DIR/tombstones-<v>.safetensors    every FAISS id removed since the base (cumulative)
     INDEX_DIR/.lock                         taken by writers
+    INDEX_DIR/writer.lock                   the export or distillation writing it (poeem.folder_lock)
 
 The ``faiss`` and ``codes`` files are the base; the live index is the base plus the segments
 minus the tombstones (see :mod:`poeem.search.segments`). An update takes the writer lock,
@@ -44,7 +45,7 @@ from poeem._version import __version__
 from poeem.errors import PoeemError
 from poeem.index.config import IndexSpec, PoeemConfig
 from poeem.metric import METRICS
-from poeem.storage import atomic_write, atomic_write_json, fsync_dir, read_json, save_tensors
+from poeem.storage import atomic_write, atomic_write_json, fsync_dir, inside, read_json, save_tensors
 from poeem.user_files import require_folder
 
 FORMAT = "poeem-index/1"
@@ -145,7 +146,7 @@ def read_manifest(directory: Path, verify: bool = True) -> Manifest:
     manifest = Manifest.from_json(read_json(path, "index manifest", REEXPORT))
     if verify:
         for name in manifest.files.values():
-            file = directory / name
+            file = inside(directory, name, "index manifest field 'files'", REEXPORT)
             if not file.is_file():
                 raise MissingIndexFile(name)
             if sha256(file) != manifest.sha256[name]:

@@ -4,15 +4,25 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from poeem.errors import PoeemError
-from poeem.options import setting
+from poeem.options import (
+    Bounds,
+    Count,
+    NonNegative,
+    Positive,
+    PositiveInt,
+    Seed,
+    check_keys,
+    check_settings,
+    setting,
+)
 
 Rotation = Literal["none", "opq", "givens", "cayley"]
 LEARNED_ROTATIONS = ("givens", "cayley")  # trained with the model, on top of an OPQ warm start
+SECTION = "model.poeem"  # where the layer's settings go in a run config
 MAX_CODEBOOK_SIZE = 1 << 16
 
 
@@ -24,12 +34,12 @@ class IndexSpec:
     so an item costs ``D * log2(K) / 8`` bytes plus its list.
     """
 
-    dim: int = setting(
+    dim: PositiveInt = setting(
         help="Size of the item embedding; must be divisible by `num_subspaces` for PQ.", cli=False
     )
     # the defaults, D = 16 sub-codes of K = 16 codewords (4 bits, the paper's K), cost 8 bytes per
     # item and export as FAISS's 4-bit fast scan (docs/design.md, "Codebook size")
-    num_subspaces: int = setting(
+    num_subspaces: PositiveInt = setting(
         16, help="D: PQ sub-vectors per item (RQ: stages), each log2(K) bits; bytes per item = D log2(K) / 8."
     )
     codebook_size: int = setting(
@@ -43,7 +53,7 @@ class IndexSpec:
         "(D residual stages over all coordinates: same bytes, lower distortion, D times the "
         "encoding work, no rotation).",
     )
-    num_coarse: int = setting(
+    num_coarse: Count = setting(
         8, help="coarse_K: IVF lists; 0 turns IVF off (a flat PQ that scans everything)."
     )
     coarse_metric: Literal["l2", "ip"] = setting(
@@ -75,19 +85,12 @@ class IndexSpec:
         return IndexSpec(**{f.name: settings[f.name] for f in fields(IndexSpec) if f.name in settings})
 
     def __post_init__(self) -> None:
+        check_settings(self, SECTION)
         self.validate()
 
     def validate(self) -> None:
-        """Raise :class:`PoeemError` on an inconsistent index shape."""
-        if self.dim < 1 or self.num_subspaces < 1:
-            raise PoeemError(
-                "dim and num_subspaces",
-                "positive integers",
-                f"dim={self.dim}, num_subspaces={self.num_subspaces}",
-                "pass positive sizes",
-            )
-        if self.quantizer not in ("pq", "rq"):
-            raise PoeemError("quantizer", "'pq' or 'rq'", repr(self.quantizer), "pick one of those")
+        """Raise :class:`PoeemError` on an inconsistent index shape (the types and bounds of
+        each setting are checked on construction)."""
         if self.quantizer == "rq" and self.rotation != "none":
             raise PoeemError(
                 "rotation",
@@ -111,19 +114,6 @@ class IndexSpec:
                 f"K={k}",
                 "use e.g. K=256 (8 bits) or K=16 (4 bits)",
             )
-        if self.num_coarse < 0:
-            raise PoeemError(
-                "num_coarse",
-                "coarse_K >= 0 (0 turns IVF off)",
-                f"{self.num_coarse}",
-                "pass a non-negative number of lists",
-            )
-        if self.rotation not in ("none", "opq", "givens", "cayley"):
-            raise PoeemError(
-                "rotation", "'none', 'opq', 'givens' or 'cayley'", repr(self.rotation), "pick one of those"
-            )
-        if self.coarse_metric not in ("l2", "ip"):
-            raise PoeemError("coarse_metric", "'l2' or 'ip'", repr(self.coarse_metric), "pick one of those")
 
 
 @dataclass
@@ -137,10 +127,10 @@ class LayerTraining:
         "k-means; auto picks equal_norm when item norms vary (dot-product models).",
         cli=False,
     )
-    warmup_steps: int = setting(
+    warmup_steps: Count = setting(
         1000, help="Training steps with the layer as the identity, so the towers learn first."
     )
-    buffer_size: int = setting(
+    buffer_size: PositiveInt = setting(
         8192, help="Item embeddings collected after the warm-up to fit k-means (about 40 per centroid)."
     )
     schedule: Literal["auto", "joint", "after_training"] = setting(
@@ -157,7 +147,7 @@ class LayerTraining:
         "catalogue when the model can embed any item, else the collected batches' items, each "
         "once) or batches (rows as batches bring them, so popular items fill the lists).",
     )
-    list_lr_scale: float = setting(
+    list_lr_scale: Annotated[float, Bounds(ge=0, le=1)] = setting(
         0.01,
         help="The lists' centroids train at this share of the index's learning rate after the warm "
         "start, so that training does not drag them toward popular items; 0 keeps them where "
@@ -166,22 +156,22 @@ class LayerTraining:
     init: Literal["kmeans", "random"] = setting(
         "kmeans", help="random (codewords from random buffer rows) is an ablation, not for use.", cli=False
     )
-    kmeans_iters: int = setting(20, help="k-means iterations of the warm-start fit.", cli=False)
-    opq_rounds: int = setting(
+    kmeans_iters: Count = setting(20, help="k-means iterations of the warm-start fit.", cli=False)
+    opq_rounds: Count = setting(
         4, help="OPQ alternations (k-means, then Procrustes) of the warm-start fit.", cli=False
     )
-    regularizer_weight: float = setting(
+    regularizer_weight: NonNegative = setting(
         1.0, help="Weight of the distortion loss that trains the codebooks, centroids and rotation."
     )
-    commitment_weight: float = setting(
+    commitment_weight: NonNegative = setting(
         0.0, help="Weight of a term that pulls item embeddings toward their codewords."
     )
     eval_before_init: Literal["raise", "identity"] = setting(
         "raise", help="What eval() does before the index exists: raise, or act as the identity.", cli=False
     )
-    seed: int = setting(0, help="Seeds the k-means fits (a run sets it from its own seed).", cli=False)
+    seed: Seed = setting(0, help="Seeds the layer's k-means fits.", cli=False)
     # --- training the index for retrieval (docs/design.md, "Closing the gap to exact search")
-    routing_weight: float = setting(
+    routing_weight: NonNegative = setting(
         1.0,
         help="Weight of the routing loss: the query tower learns to probe first the list its "
         "positive item is in (a model of your own adds layer.routing_loss).",
@@ -200,16 +190,16 @@ class LayerTraining:
         "reconstruction (measured worse).",
         cli=False,
     )
-    balance_weight: float = setting(
+    balance_weight: NonNegative = setting(
         0.0, help="Pulls the lists toward equal use; measured to cost more recall than it saves."
     )
-    list_temperature: float = setting(
+    list_temperature: Positive = setting(
         0.1, help="Temperature of the soft list choices of the routing and balance terms.", cli=False
     )
-    reseed_after: int = setting(
+    reseed_after: Count = setting(
         500, help="A codeword or list unused for this many steps moves onto a current item (0: never)."
     )
-    unquantized_loss_weight: float = setting(
+    unquantized_loss_weight: NonNegative = setting(
         1.0,
         help="The model's task loss also scores the un-quantized items at this weight, which keeps "
         "the towers as good as without the layer.",
@@ -218,7 +208,7 @@ class LayerTraining:
         "alternate",
         help="When: in turn with the quantized items (one softmax a step), or every_step (both, slower).",
     )
-    num_items: int = setting(
+    num_items: Count = setting(
         0,
         help="Remember each item's codes from training (the index as trained, which an export "
         "reuses); a run sets it to its catalogue size. 0: off.",
@@ -226,81 +216,7 @@ class LayerTraining:
     )
 
     def __post_init__(self) -> None:
-        self.validate()
-
-    def validate(self) -> None:
-        """Raise :class:`PoeemError` on inconsistent training settings."""
-        if self.coarse_fit not in ("auto", "kmeans", "equal_norm"):
-            raise PoeemError(
-                "coarse_fit", "'auto', 'kmeans' or 'equal_norm'", repr(self.coarse_fit), "pick one of those"
-            )
-        if self.routing_lists not in ("auto", "all", "batch"):
-            raise PoeemError(
-                "routing_lists", "'auto', 'all' or 'batch'", repr(self.routing_lists), "pick one of those"
-            )
-        if self.schedule not in ("auto", "joint", "after_training"):
-            raise PoeemError(
-                "schedule", "'auto', 'joint' or 'after_training'", repr(self.schedule), "pick one of those"
-            )
-        if self.warm_start_sample not in ("items", "batches"):
-            raise PoeemError(
-                "warm_start_sample", "'items' or 'batches'", repr(self.warm_start_sample), "pick one of those"
-            )
-        if not isinstance(self.list_lr_scale, int | float) or not 0 <= self.list_lr_scale <= 1:
-            raise PoeemError(
-                "list_lr_scale",
-                "a number in [0, 1] (0: the lists stay where the warm start put them)",
-                repr(self.list_lr_scale),
-                "pass e.g. 0, 0.1 or 1",
-            )
-        if self.list_lr_scale == 0 and self.route_centroids:
-            raise PoeemError(
-                "route_centroids",
-                "False while list_lr_scale is 0 (the lists do not move)",
-                "True",
-                "drop route_centroids, or let the lists train",
-            )
-        if self.init not in ("kmeans", "random"):
-            raise PoeemError("init", "'kmeans' or 'random'", repr(self.init), "pick one of those")
-        if self.eval_before_init not in ("raise", "identity"):
-            raise PoeemError(
-                "eval_before_init", "'raise' or 'identity'", repr(self.eval_before_init), "pick one of those"
-            )
-        for name in (
-            "regularizer_weight",
-            "commitment_weight",
-            "routing_weight",
-            "balance_weight",
-            "unquantized_loss_weight",
-        ):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise PoeemError(
-                    name, "a finite number >= 0", repr(value), "a weight of 0 turns the term off"
-                )
-        if self.unquantized_schedule not in ("alternate", "every_step"):
-            raise PoeemError(
-                "unquantized_schedule",
-                "'alternate' or 'every_step'",
-                repr(self.unquantized_schedule),
-                "pick one of those",
-            )
-        if not math.isfinite(self.list_temperature) or self.list_temperature <= 0:
-            raise PoeemError("list_temperature", "a positive number", repr(self.list_temperature), "e.g. 0.1")
-        if not isinstance(self.num_items, int) or self.num_items < 0:
-            raise PoeemError(
-                "num_items",
-                "an integer >= 0 (0: no trained codes)",
-                repr(self.num_items),
-                "pass the catalogue size",
-            )
-        if min(self.warmup_steps, self.kmeans_iters, self.opq_rounds, self.reseed_after) < 0:
-            raise PoeemError(
-                "warmup_steps, kmeans_iters, opq_rounds, reseed_after",
-                "non-negative integers",
-                f"{self.warmup_steps}, {self.kmeans_iters}, {self.opq_rounds}, {self.reseed_after}",
-                "pass values >= 0",
-            )
+        check_settings(self, SECTION)  # each setting's type and bounds are all it needs
 
 
 @dataclass
@@ -309,6 +225,7 @@ class PoeemConfig(LayerTraining, IndexSpec):
     and how it is trained (:class:`LayerTraining`), as one flat set of fields."""
 
     def __post_init__(self) -> None:
+        check_settings(self, SECTION)
         self.validate()
 
     @property
@@ -323,20 +240,19 @@ class PoeemConfig(LayerTraining, IndexSpec):
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PoeemConfig:
         """Build from :meth:`to_dict` output; unknown keys are a clear error."""
-        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise PoeemError(
-                "PoeemConfig",
-                f"keys among {sorted(cls.__dataclass_fields__)}",
-                f"unknown keys {unknown}",
-                "remove or rename them",
-            )
+        check_keys(data, cls, SECTION)
         return cls(**data)
 
     def validate(self) -> None:
         """Raise :class:`PoeemError` on an inconsistent configuration."""
         IndexSpec.validate(self)
-        LayerTraining.validate(self)
+        if self.list_lr_scale == 0 and self.route_centroids:
+            raise PoeemError(
+                "route_centroids",
+                "False while list_lr_scale is 0 (the lists do not move)",
+                "True",
+                "drop route_centroids, or let the lists train",
+            )
         if self.balance_weight and self.num_coarse == 0:
             raise PoeemError(
                 "balance_weight",

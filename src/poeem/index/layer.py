@@ -98,7 +98,7 @@ class PoeemLayer(nn.Module):
     def __init__(self, config: PoeemConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
         if config is None:
-            config = PoeemConfig(**kwargs)
+            config = PoeemConfig.from_dict(kwargs)
         elif kwargs:
             raise PoeemError(
                 "PoeemLayer arguments", "a config or keyword arguments", "both", "pass only one of them"

@@ -56,7 +56,13 @@ def coarse_assign(
         flat.add(_numpy(coarse))
         _, labels = flat.search(_numpy(xr), 1)
         if (labels < 0).any():  # FAISS's answer for NaN scores
-            raise PoeemError("vectors to assign to lists", "finite values", "NaN or inf", "check the inputs")
+            finite = bool(torch.isfinite(xr).all())
+            raise PoeemError(
+                "vectors to assign to lists",
+                "finite scores against the centroids",
+                "scores past float32 (vectors or centroids too long)" if finite else "NaN or inf vectors",
+                "scale the vectors down" if finite else "check the inputs",
+            )
         return torch.from_numpy(labels[:, 0])
     codes, _ = nearest_centroid(xr.unsqueeze(0), coarse.unsqueeze(0), inner_product=coarse_metric == "ip")
     return codes[0]

@@ -18,6 +18,7 @@ from poeem.errors import PoeemError
 from poeem.index.config import PoeemConfig
 from poeem.index.layer import PoeemLayer
 from poeem.index.quantize import coarse_assign, fit_residual_coder
+from poeem.options import MAX_SEED
 
 REFIT_SAMPLE = 1 << 18  # items the coder is fitted on, at most (every item is encoded afterwards)
 Refit = Literal["pq", "rq"]
@@ -77,7 +78,13 @@ def refit_layer(
     if coarse is not None:
         residual = residual - coarse[coarse_assign(residual, coarse, c.coarse_metric, bulk=True).to(x.device)]
     codebooks = fit_residual_coder(
-        residual, quantizer, c.num_subspaces, c.codebook_size, c.kmeans_iters, c.seed + 1, progress
+        residual,
+        quantizer,
+        c.num_subspaces,
+        c.codebook_size,
+        c.kmeans_iters,
+        (c.seed + 1) % (MAX_SEED + 1),
+        progress,
     )
     new.initialize_from(rotation, coarse, codebooks)
     return new

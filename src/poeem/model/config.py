@@ -7,7 +7,15 @@ from typing import Any, Literal, get_args
 
 from poeem.errors import PoeemError
 from poeem.index import PoeemConfig
-from poeem.options import setting
+from poeem.options import (
+    Count,
+    NonNegative,
+    Positive,
+    PositiveInt,
+    check_keys,
+    check_settings,
+    setting,
+)
 
 TextMode = Literal["frozen", "query", "both"]
 TableDtype = Literal["float32", "bfloat16"]
@@ -32,20 +40,12 @@ class TextConfig:
     mode: TextMode = setting(
         "frozen", help="Text towers: what fine-tunes (frozen, query or both).", flag="--text-mode"
     )
-    max_seq_length: int = 256  # tokens per text (longer texts are truncated)
-    batch_size: int = 64  # texts encoded at once when building the caches
-    encoder_lr: float = 2e-5  # learning rate of a fine-tuned encoder (the heads use train.lr)
+    max_seq_length: PositiveInt = 256  # tokens per text (longer texts are truncated)
+    batch_size: PositiveInt = 64  # texts encoded at once when building the caches
+    encoder_lr: NonNegative = 2e-5  # learning rate of a fine-tuned encoder (the heads use train.lr)
 
     def __post_init__(self) -> None:
-        if self.mode not in ("frozen", "query", "both"):
-            raise PoeemError("text mode", "'frozen', 'query' or 'both'", repr(self.mode), "pick one")
-        if self.max_seq_length < 1 or self.batch_size < 1 or self.encoder_lr < 0:
-            raise PoeemError(
-                "text config",
-                "max_seq_length and batch_size >= 1, encoder_lr >= 0",
-                f"{self.max_seq_length}, {self.batch_size}, {self.encoder_lr}",
-                "fix them",
-            )
+        check_settings(self, "model.text")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""
@@ -56,19 +56,19 @@ class TextConfig:
 class ModelConfig:
     """Architecture and scoring of a retrieval model: id towers, or text towers with ``text``."""
 
-    dim: int = setting(64, help="Embedding size.")
+    dim: PositiveInt = setting(64, help="Embedding size.")
     score: Literal["cosine", "dot"] = setting("cosine", help="cosine: both towers L2-normalised; or dot.")
-    temperature: float = setting(0.1, help="Softmax temperature: logits are score / temperature.")
+    temperature: Positive = setting(0.1, help="Softmax temperature: logits are score / temperature.")
     logq_correction: bool = setting(
         True, help="logQ popularity correction of the in-batch logits (Yi et al. 2019).", flag="--logq"
     )
-    random_negatives: int = setting(0, help="Uniform item samples added as negatives to every row.")
+    random_negatives: Count = setting(0, help="Uniform item samples added as negatives to every row.")
     # under torch.distributed, score against every rank's positives (N ranks of batch B/N
     # then train like one rank of batch B); else each rank uses its own B/N
     cross_rank_negatives: bool = True
-    query_hidden: tuple[int, ...] = ()  # MLP widths for numeric query features
-    item_hidden: tuple[int, ...] = ()
-    init_std: float = 0.1
+    query_hidden: tuple[PositiveInt, ...] = ()  # MLP widths for numeric query features
+    item_hidden: tuple[PositiveInt, ...] = ()
+    init_std: Positive = 0.1
     # storage of the id tables: bfloat16 halves them (100M x 64 rows: 12.8 GB instead of 25.6);
     # it needs table_optimizer "rowwise_adagrad", which rounds its updates stochastically
     table_dtype: TableDtype = setting(
@@ -81,15 +81,18 @@ class ModelConfig:
     text: dict[str, Any] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if self.score not in ("cosine", "dot"):
-            raise PoeemError("score", "'cosine' or 'dot'", repr(self.score), "pick one of those")
-        if self.temperature <= 0:
-            raise PoeemError("temperature", "a positive number", str(self.temperature), "e.g. 0.1")
-        check_table_dtype(self.table_dtype)
-        self.query_hidden, self.item_hidden = tuple(self.query_hidden), tuple(self.item_hidden)
+        check_settings(self, "model")
         if self.poeem is not None:
-            PoeemConfig(**{"dim": self.dim, **self.poeem})  # validate early
+            if self.poeem.get("dim", self.dim) != self.dim:
+                raise PoeemError(
+                    "model.poeem.dim",
+                    f"the model's dim ({self.dim})",
+                    repr(self.poeem["dim"]),
+                    "leave it out: the layer takes model.dim",
+                )
+            PoeemConfig.from_dict({**self.poeem, "dim": self.dim})  # validate early
         if self.text is not None:
+            check_keys(self.text, TextConfig, "model.text")
             TextConfig(**self.text)
             if self.table_dtype != "float32":
                 raise PoeemError(

@@ -23,7 +23,7 @@ from torch import nn
 
 from poeem import distributed
 from poeem.errors import PoeemError
-from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
+from poeem.storage import atomic_write_json, inside, read_json, read_tensors, save_tensors, tensor_specs
 
 INIT_BLOCK = 65536  # rows per seeded block of the default initialisation
 
@@ -160,13 +160,7 @@ class ShardedIdTable(nn.Module):
     def load_shards(self, saved: TableShards) -> None:
         """Set this rank's rows and their Adagrad sums from a saved table of the same shape (saved
         by any number of ranks): training continues exactly where the saved one stopped."""
-        if (saved.rows, saved.dim) != (self.rows, self.dim):
-            raise PoeemError(
-                "saved table",
-                f"shape ({self.rows}, {self.dim})",
-                f"({saved.rows}, {saved.dim})",
-                "load its own run",
-            )
+        saved.require_shape(self.rows, self.dim, "load its own run")
         with torch.no_grad():
             for (offset, shard), sums in zip(self._local_shards(), self._local_sums(), strict=True):
                 rows, saved_sums = saved.read(offset, shard.shape[0])
@@ -213,6 +207,10 @@ class TableShards:
     """A table saved by :func:`save_table_shards`, read by row ranges (files are memory-mapped:
     a range costs only its own rows).
 
+    Opening it checks the list against each file before any row is read: every file lies inside
+    ``folder`` and holds float32 ``rows`` (count, dim) and ``sum`` (count,) as the list says, and
+    the files cover rows 0..rows-1 without a gap; else a clear error.
+
     Args:
         folder: where the table was saved; name: its name there.
     """
@@ -220,25 +218,20 @@ class TableShards:
     FIX = "restore that folder, or train the run again"
 
     def __init__(self, folder: str | Path, name: str) -> None:
-        self.folder = Path(folder)
-        index = read_json(self.folder / f"{name}.json", f"sharded table '{name}'", self.FIX)
-        try:
-            self.rows, self.dim = int(index["rows"]), int(index["dim"])
-            self.shards = [(int(s["first"]), int(s["count"]), str(s["file"])) for s in index["shards"]]
-        except (KeyError, TypeError, ValueError) as err:
-            raise PoeemError(f"sharded table '{name}'", "rows, dim and shards", repr(err), self.FIX) from None
-        covered = 0
-        for first, count, _ in self.shards:
-            if first != covered:
-                raise PoeemError(
-                    f"sharded table '{name}'",
-                    f"shards covering rows 0..{self.rows}",
-                    f"a gap at {covered}",
-                    self.FIX,
-                )
-            covered += count
-        if covered != self.rows:
-            raise PoeemError(f"sharded table '{name}'", f"{self.rows} rows", f"{covered}", self.FIX)
+        self.folder, self.name = Path(folder), name
+        what = f"sharded table '{name}'"
+        index = read_json(inside(self.folder, f"{name}.json", what, self.FIX), what, self.FIX)
+        self.rows, self.dim, self.shards = _shard_list(index, what, self.FIX)
+        for _, count, file in self.shards:
+            path = inside(self.folder, file, f"{what}, shard file", self.FIX)
+            _check_shard(path, count, self.dim, f"table shard '{path}'", self.FIX)
+
+    def require_shape(self, rows: int, dim: int, fix: str) -> None:
+        """Refuse a saved table of another shape than (rows, dim), the table it is loaded into."""
+        if (self.rows, self.dim) != (rows, dim):
+            found = f"({self.rows}, {self.dim})"
+            what = f"sharded table '{self.name}' in '{self.folder}'"
+            raise PoeemError(what, f"shape ({rows}, {dim})", found, fix)
 
     def read(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows ``[first, first + count)``: ((count, dim) rows, (count,) row-wise Adagrad sums)."""
@@ -252,3 +245,45 @@ class TableShards:
             rows[lo - first : hi - first] = part["rows"][lo - start : hi - start]
             sums[lo - first : hi - first] = part["sum"][lo - start : hi - start]
         return rows, sums
+
+
+def _count(value: object, least: int) -> int:
+    """``value`` if it is an integer of at least ``least`` (not a bool, a float or a string)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise ValueError(f"{value!r} is not an integer >= {least}")
+    return value
+
+
+def _shard_list(index: object, what: str, fix: str) -> tuple[int, int, list[tuple[int, int, str]]]:
+    """(rows, dim, [(first, count, file)]) of a table's JSON list, checked: integer sizes, and
+    shards covering rows 0..rows-1 in order without a gap."""
+    try:
+        if not isinstance(index, dict) or not isinstance(index.get("shards"), list):
+            raise TypeError("not an object with a list of shards")
+        rows, dim = _count(index["rows"], 0), _count(index["dim"], 1)
+        shards = [(_count(s["first"], 0), _count(s["count"], 1), s["file"]) for s in index["shards"]]
+    except (KeyError, TypeError, ValueError) as err:
+        expected = "an object of integer 'rows' and 'dim' and a list of 'shards' ('first', 'count', 'file')"
+        raise PoeemError(what, expected, f"{type(err).__name__}: {err}", fix) from None
+    covered = 0
+    for first, count, _ in shards:
+        if first != covered:
+            found = f"a gap or overlap at row {covered}"
+            raise PoeemError(what, f"shards covering rows 0..{rows}", found, fix)
+        covered += count
+    if covered != rows:
+        raise PoeemError(what, f"shards of {rows} rows, its 'rows'", f"{covered} rows", fix)
+    return rows, dim, shards
+
+
+def _check_shard(path: Path, count: int, dim: int, what: str, fix: str) -> None:
+    """Refuse a shard file whose header does not hold float32 ``rows`` (count, dim) and ``sum``
+    (count,), as the table's list says (read from the header alone: no row is read)."""
+    specs = tensor_specs(path, what, fix)
+    for tensor, shape in (("rows", (count, dim)), ("sum", (count,))):
+        if tensor not in specs:
+            raise PoeemError(what, f"a tensor '{tensor}'", f"tensors {sorted(specs)}", fix)
+        if specs[tensor] != ("F32", shape):
+            dtype, found = specs[tensor]
+            expected = f"'{tensor}' of float32 (F32) and shape {shape}, as the table's list says"
+            raise PoeemError(what, expected, f"{dtype} of shape {found}", fix)

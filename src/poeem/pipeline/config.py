@@ -10,9 +10,10 @@ from typing import Any
 from poeem.data import DataConfig
 from poeem.errors import PoeemError
 from poeem.index import PoeemConfig
+from poeem.index.config import IndexSpec
 from poeem.model import ModelConfig
 from poeem.model.config import TextConfig
-from poeem.options import Option, options, setting
+from poeem.options import Count, Option, PositiveInt, check_keys, check_settings, options, setting
 from poeem.storage import read_json
 from poeem.training.config import TrainConfig
 from poeem.training.optimizers import check_table_precision
@@ -22,8 +23,10 @@ from poeem.training.optimizers import check_table_precision
 class EvalConfig:
     """What ``poeem evaluate`` measures."""
 
-    ks: tuple[int, ...] = setting((20, 50, 100), help="Metric cut-offs; repeat.", flag="--k")
-    nprobes: tuple[int, ...] = setting((1,), help="IVF lists probed at evaluation; repeat.", flag="--nprobe")
+    ks: tuple[PositiveInt, ...] = setting((20, 50, 100), help="Metric cut-offs; repeat.", flag="--k")
+    nprobes: tuple[PositiveInt, ...] = setting(
+        (1,), help="IVF lists probed at evaluation; repeat.", flag="--nprobe"
+    )
     after_training: bool = setting(
         True,
         help="Evaluate when training ends (in one process: with --table-sharding, rank 0 then holds "
@@ -36,9 +39,15 @@ class EvalConfig:
     opq_baseline: bool = False  # also FAISS OPQ + IVF-PQ
     lists_ceiling: bool = False  # also the learned lists with float vectors (what perfect codes reach)
     # code budget of the FAISS baseline when the model has no Poeem layer (else the layer's)
-    num_coarse: int = 8
-    num_subspaces: int = 8
-    codebook_size: int = 256
+    num_coarse: Count = 8
+    num_subspaces: PositiveInt = 8
+    codebook_size: PositiveInt = 256
+
+    def __post_init__(self) -> None:
+        check_settings(self, "eval")
+        for name in ("ks", "nprobes"):
+            if not getattr(self, name):
+                raise PoeemError(f"eval.{name}", "at least one value", "an empty list", f"e.g. {name} = [10]")
 
 
 @dataclass
@@ -51,7 +60,22 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        check_settings(self, "")
         check_table_precision(self.train.table_optimizer, self.model.table_dtype)  # before any data loads
+        if self.model.poeem is None and (self.eval.faiss_baseline or self.eval.opq_baseline):
+            self._check_baseline_budget()
+
+    def _check_baseline_budget(self) -> None:
+        """The FAISS baseline of a model without a layer codes with eval's budget: it must be an
+        index shape for the model's dim (:class:`IndexSpec`)."""
+        e = self.eval
+        try:
+            IndexSpec(self.model.dim, e.num_subspaces, e.codebook_size, num_coarse=e.num_coarse)
+        except PoeemError as err:
+            fix = f"{err.fix}; or turn the baseline off (eval.faiss_baseline = false)"
+            raise PoeemError(
+                f"eval.{err.what} (the FAISS baseline's)", err.expected, err.received, fix
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable copy."""
@@ -59,27 +83,25 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RunConfig:
-        """Build from nested dicts; unknown sections or keys are a clear error."""
-        parts = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
-        unknown = sorted(set(raw) - set(parts) - {"shapes"})
-        if unknown:
-            raise PoeemError("run config", f"sections among {sorted(parts)}", f"{unknown}", "remove them")
+        """Build from nested dicts (a config file, ``config.json``); unknown sections or keys and
+        values of the wrong type are a clear error (lists become tuples where a setting is one)."""
+        if not isinstance(raw, dict):
+            raise PoeemError("run config", "a table of sections", type(raw).__name__, "see docs/cli.md")
+        check_keys({k: v for k, v in raw.items() if k != "shapes"}, cls, "")
         built = {}
-        for name, klass in parts.items():
-            section = dict(raw.get(name) or {})
-            known = {f.name for f in fields(klass)}
-            bad = sorted(set(section) - known)
-            if bad:
+        for field_ in fields(cls):
+            section = raw.get(field_.name)
+            section = {} if section is None else section
+            if not isinstance(section, dict):
                 raise PoeemError(
-                    f"run config [{name}]",
-                    f"keys among {sorted(known)}",
-                    f"{bad}",
-                    "fix the spelling or remove them",
+                    f"[{field_.name}]",
+                    "a table of settings",
+                    repr(section),
+                    f"write its settings under [{field_.name}] in TOML, or as an object in JSON",
                 )
-            for key in ("ks", "nprobes", "query_hidden", "item_hidden"):
-                if key in section and isinstance(section[key], list):
-                    section[key] = tuple(section[key])
-            built[name] = klass(**section)
+            klass = field_.default_factory
+            check_keys(section, klass, field_.name)  # type: ignore[arg-type]
+            built[field_.name] = klass(**section)  # type: ignore[operator]
         return cls(**built)
 
     @classmethod

@@ -10,6 +10,7 @@ import numpy as np
 
 from poeem.errors import PoeemError
 from poeem.export.index_dir import check_publishable
+from poeem.folder_lock import folder_writer
 from poeem.ids import check_raw_ids
 from poeem.metric import Metric
 from poeem.pipeline.recipe import EmbeddingSource, IndexRecipe, build_index
@@ -55,7 +56,8 @@ def distill_embeddings(
         items: (n, dim) item embeddings.
         queries: (nq, dim) query embeddings of the kind the index will serve (logged or
             generated queries; no labels).
-        out: the index directory to write (``Searcher.load`` and ``poeem serve`` open it).
+        out: the index directory to write (``Searcher.load`` and ``poeem serve`` open it); the
+            distillation holds its writer lock throughout (:mod:`poeem.folder_lock`).
         layer_settings: PoeemConfig fields (num_coarse, num_subspaces, codebook_size, rotation ...).
         metric: "ip" or "cosine" (vectors are normalised for cosine).
         ids: (n,) the items' own ids (integers or strings); row numbers by default.
@@ -75,12 +77,13 @@ def distill_embeddings(
         distill=config or DistillConfig(),
     )
     source = EmbeddingSource(items, queries, metric)
-    checkpoint = checkpoint_for(out, resume, replace)
-    if ids is not None:  # before the distillation, which would otherwise run for nothing
-        check_raw_ids(ids, source.num_items, "--ids")
-    built = build_index(source, recipe, progress, checkpoint, resume)
-    searcher = Searcher.create(
-        out, built.layer, built.items, ids, metric=built.metric, fast_scan=fast_scan, replace=replace
-    )
-    checkpoint.unlink(missing_ok=True)  # the index is written: nothing to resume
+    with folder_writer(out, "poeem distill"):  # one writer of the index directory and its state
+        checkpoint = checkpoint_for(out, resume, replace)
+        if ids is not None:  # before the distillation, which would otherwise run for nothing
+            check_raw_ids(ids, source.num_items, "--ids")
+        built = build_index(source, recipe, progress, checkpoint, resume)
+        searcher = Searcher.create(
+            out, built.layer, built.items, ids, metric=built.metric, fast_scan=fast_scan, replace=replace
+        )
+        checkpoint.unlink(missing_ok=True)  # the index is written: nothing to resume
     return searcher, built.stages["distill"]

@@ -33,7 +33,7 @@ from poeem.export.learned import ItemsOrCodes
 from poeem.index import PoeemLayer
 from poeem.index.config import LEARNED_ROTATIONS
 from poeem.index.refit import Refit, check_refit, refit_layer
-from poeem.metric import Metric, prepare_queries
+from poeem.metric import Metric, check_item_norms, prepare_queries
 from poeem.model import RetrievalModel
 from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline.config import RunConfig
@@ -210,6 +210,7 @@ class EmbeddingSource:
                 "pick one",
             )
         x = prepare_queries(self.items, self.metric, None, "items")  # shape and finiteness, before any work
+        check_item_norms(x)
         self.num_items, self.dim = x.shape
         self._prepared = (self.metric, x)  # the items as prepared for a metric, kept for reuse
         prepare_queries(self.queries, "ip", self.dim, "queries")

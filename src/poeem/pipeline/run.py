@@ -16,6 +16,7 @@ from poeem import distributed
 from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes, learned_index_rows
+from poeem.folder_lock import folder_writer, writer_of
 from poeem.index.config import PoeemConfig
 from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
@@ -71,15 +72,13 @@ def budget_of(model: RetrievalModel, cfg: RunConfig) -> tuple[int, int, int]:
     return cfg.eval.num_coarse, cfg.eval.num_subspaces, cfg.eval.codebook_size
 
 
-def evaluate_model(
-    model: RetrievalModel, data: InteractionData, cfg: RunConfig, nprobes: tuple[int, ...] | None = None
-) -> list[dict[str, Any]]:
+def evaluate_model(model: RetrievalModel, data: InteractionData, cfg: RunConfig) -> list[dict[str, Any]]:
     """The evaluation rows a run's config asks for (see :func:`compare_indexes`)."""
     return compare_indexes(
         model,
         data,
         cfg.eval.ks,
-        nprobes or cfg.eval.nprobes,
+        cfg.eval.nprobes,
         cfg.eval.faiss_baseline,
         budget_of(model, cfg),
         cfg.eval.opq_baseline,
@@ -165,7 +164,9 @@ def train_run(
 
     Args:
         cfg: the run's config; with ``resume``, the config :func:`resume_config` returned.
-        run_dir: the run folder; it must not hold a trained run unless ``resume``.
+        run_dir: the run folder; it must not hold a trained run unless ``resume``. The run holds
+            its writer lock throughout (:mod:`poeem.folder_lock`): a folder another process
+            writes is refused before anything is written.
         resume: continue from the folder's checkpoint, exactly where it stopped.
 
     Under ``torchrun`` every rank trains its share of each batch (see
@@ -176,6 +177,16 @@ def train_run(
         than 0); ``train_s`` is the training time without the periodic evaluations.
     """
     run_dir = Path(run_dir)
+    cfg = _with_absolute_paths(cfg)
+    device = distributed.setup(resolve_device(cfg.train.device))
+    with folder_writer(run_dir, "poeem train" + " --resume" * resume):  # one writer: every rank agrees
+        return _train_run(cfg, run_dir, resume, device)
+
+
+def _train_run(
+    cfg: RunConfig, run_dir: Path, resume: bool, device: torch.device
+) -> tuple[RetrievalModel, dict[str, Any]]:
+    """:func:`train_run` once this process group holds the run folder's writer lock."""
     if not resume and (
         (run_dir / "model.safetensors").exists() or (run_dir / "checkpoint.safetensors").exists()
     ):
@@ -185,8 +196,6 @@ def train_run(
             f"'{run_dir}' holds a trained run",
             "pass --resume to continue it, or another --run-dir (nothing was overwritten)",
         )
-    cfg = _with_absolute_paths(cfg)
-    device = distributed.setup(resolve_device(cfg.train.device))
     cfg = resolve_refit(cfg)
     _check_distill(cfg)
     data = load_data(cfg.data)
@@ -427,7 +436,8 @@ def export_run(
 
     Args:
         run_dir: a finished run folder.
-        out: the index directory to write.
+        out: the index directory to write; the export holds its writer lock throughout
+            (:mod:`poeem.folder_lock`), so two exports or distillations never write it at once.
         fast_scan: a 4-bit fast-scan FAISS index; None (default) when the layer has PQ codes
             with K = 16 (:func:`poeem.export.faiss_codec.default_fast_scan`).
         replace: ``out`` holds an index: publish this one as its next version.
@@ -447,6 +457,20 @@ def export_run(
     """
     run_dir, recipe = Path(run_dir), recipe or IndexRecipe()
     distributed.setup(torch.device("cpu"))
+    command = "poeem distill" if recipe.distill is not None else "poeem export"
+    with folder_writer(out, command):  # one writer of the index directory (and its distillation state)
+        return _export_run(run_dir, out, fast_scan, replace, recipe, resume)
+
+
+def _export_run(
+    run_dir: Path, out: str | Path, fast_scan: bool | None, replace: bool, recipe: IndexRecipe, resume: bool
+) -> Searcher | None:
+    """:func:`export_run` once this process group holds the index directory's writer lock."""
+    training = writer_of(run_dir)
+    if training is not None and distributed.is_main():
+        warnings.warn(
+            f"'{run_dir}' is being written by {training}: this reads the model it holds now", stacklevel=3
+        )
     # under torchrun each rank of a run with sharded tables loads only its share of the items
     cfg, model = load_run(
         run_dir, as_trained=recipe.start == "as-trained", item_share=distributed.is_active()

@@ -10,9 +10,11 @@
     RUN_DIR/features.safetensors     per-id numeric features, when the data has feature columns
     RUN_DIR/metrics.json             evaluation results
     RUN_DIR/log.csv                  training curves
+    RUN_DIR/writer.lock              the process training it (:mod:`poeem.folder_lock`)
 
 Export and search read ids and features from here, so they use exactly the embeddings the
-model computes and answer in the data's own ids.
+model computes and answer in the data's own ids. A name read from the folder (the tables a
+sharded run saved) must resolve inside it (:func:`poeem.storage.inside`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from poeem.model import ModelConfig, RetrievalModel, TwoTowerModel
 from poeem.model.towers import TableRows
 from poeem.pipeline.config import RunConfig
 from poeem.storage import atomic_write_json, read_json, read_tensors, save_tensors
-from poeem.training.table_sharding import run_tables, whole_tables
+from poeem.training.table_sharding import check_saved_tables, run_tables, whole_tables
 from poeem.user_files import require_folder
 
 AS_TRAINED = "index_as_trained.safetensors"  # a refitted run's layer as training left it
@@ -93,6 +95,8 @@ def build_model(
             tables_on_meta,
             replay_init,
         )
+    except PoeemError:
+        raise  # a setting that does not fit the data, e.g. model.poeem.num_items
     except (KeyError, TypeError, ValueError) as err:
         raise PoeemError("run config 'shapes'", "the model's vocabulary sizes", repr(err), FIX_RUN) from None
 
@@ -146,7 +150,11 @@ def read_config(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
     raw = read_json(run_dir / "config.json", "run config", FIX_RUN)
     if not isinstance(raw, dict):
         raise PoeemError("run config", "a JSON object", type(raw).__name__, FIX_RUN)
-    stored = {**raw, "train": {"refit": None, **(raw.get("train") or {})}}  # older runs: no refit
+    train = raw.get("train")
+    stored = {
+        **raw,
+        "train": {"refit": None, **train} if isinstance(train, dict) else train,
+    }  # older: no refit
     return RunConfig.from_dict(stored), raw
 
 
@@ -189,12 +197,6 @@ def load_run(
     cfg, raw = read_config(run_dir)
     weights = read_tensors(run_dir / "model.safetensors", "run weights", FIX_RUN)
     tables = run_tables(run_dir)  # saved by the ranks of a sharded run
-    item_rows = None
-    if item_share and "item_tower" in tables:
-        saved = tables.pop("item_tower")
-        share = distributed.shard(saved.rows)
-        item_rows = TableRows(share.start, saved.read(share.start, share.stop - share.start)[0], saved.rows)
-    weights |= whole_tables(tables)
     if as_trained and cfg.train.refit is not None and cfg.model.poeem is not None:
         if not (run_dir / AS_TRAINED).is_file():
             raise PoeemError(
@@ -207,14 +209,18 @@ def load_run(
         weights = {k: v for k, v in weights.items() if not k.startswith("index.")}
         weights |= {f"index.{k}": v for k, v in layer.items()}
         cfg = replace(cfg, train=replace(cfg.train, refit=None))
+    item_share = item_share and tables.keys() == {"query_tower", "item_tower"}
     shapes = raw.get("shapes") or {}
-    model = build_model(
-        served_model_config(cfg), shapes, tables_on_meta=item_rows is not None, replay_init=False
-    )
-    if item_rows is not None:  # the query table whole (an index keeps its tower), the items' in part
+    model = build_model(served_model_config(cfg), shapes, tables_on_meta=item_share, replay_init=False)
+    check_saved_tables(model, tables)  # before any row is read
+    saved_items = tables.pop("item_tower") if item_share else None
+    weights |= whole_tables(tables)
+    if saved_items is not None:  # the query table whole (an index keeps its tower), the items' in part
+        share = distributed.shard(saved_items.rows)
+        rows = saved_items.read(share.start, share.stop - share.start)[0]
         query = weights["query_tower.embedding.weight"]
         model.query_tower.embedding = torch.nn.Embedding.from_pretrained(query, freeze=False)  # type: ignore[union-attr]
-        model.item_tower.embedding = item_rows  # type: ignore[union-attr]
+        model.item_tower.embedding = TableRows(share.start, rows, saved_items.rows)  # type: ignore[union-attr]
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

@@ -7,7 +7,7 @@ import faiss
 import numpy as np
 import torch
 
-from poeem.export.faiss_codec import faiss_metric, nbits_of
+from poeem.export.faiss_codec import faiss_metric, nbits_of, search_ready
 from poeem.metric import Metric, check_metric, check_search_args, prepare_queries, worst_score
 
 
@@ -43,13 +43,14 @@ class FaissSearcher:
     """``search(xq, k, nprobe) -> (D, I)`` on a FAISS index, in torch tensors.
 
     Queries are validated (and normalised for cosine when the index does not do it itself);
-    with a ``selector`` only the ids it accepts are searched.
+    with a ``selector`` only the ids it accepts are searched. The index gets poeem's one set of
+    search settings (:func:`poeem.export.faiss_codec.search_ready`), wherever it came from.
     """
 
     def __init__(
         self, index: faiss.Index, normalize_queries: bool = False, selector: faiss.IDSelector | None = None
     ) -> None:
-        self.index, self.normalize, self.selector = index, normalize_queries, selector
+        self.index, self.normalize, self.selector = search_ready(index), normalize_queries, selector
 
     @property
     def ntotal(self) -> int:
@@ -101,13 +102,19 @@ def train_faiss_ivfpq(
     """
     check_metric(metric)
     x = prepare_queries(xb, metric, xb.shape[1]).cpu().numpy()
-    opq_part = f"OPQ{num_subspaces}," if opq else ""
-    ivf_part = f"IVF{num_coarse}," if num_coarse else ""
-    spec = f"{opq_part}{ivf_part}PQ{num_subspaces}x{nbits_of(codebook_size)}"
-    index = untrained_faiss_index(x.shape[1], spec, metric, seed)
+    index = untrained_faiss_index(
+        x.shape[1], ivfpq_spec(num_coarse, num_subspaces, codebook_size, opq), metric, seed
+    )
     index.train(x)
     index.add(x)
     return index
+
+
+def ivfpq_spec(num_coarse: int, num_subspaces: int, codebook_size: int, opq: bool = False) -> str:
+    """``index_factory`` words of the baseline: "[OPQ{D},][IVF{coarse_K},]PQ{D}x{nbits}"."""
+    opq_part = f"OPQ{num_subspaces}," if opq else ""
+    ivf_part = f"IVF{num_coarse}," if num_coarse else ""
+    return f"{opq_part}{ivf_part}PQ{num_subspaces}x{nbits_of(codebook_size)}"
 
 
 def untrained_faiss_index(dim: int, spec: str, metric: Metric = "ip", seed: int = 0) -> faiss.Index:

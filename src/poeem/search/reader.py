@@ -67,7 +67,8 @@ class IndexReader:
     """Search a saved learned index by query embeddings or, with a saved query tower, by query ids.
 
     Use :meth:`load` to open a directory. ``backend="faiss"`` searches the exported FAISS index;
-    ``backend="torch"`` runs poeem's own ADC (same results; usable on GPU through ``device``).
+    ``backend="torch"`` runs poeem's own ADC, which scores as FAISS does, fast scan included
+    (usable on GPU through ``device``; where the two can differ: :mod:`poeem.search.adc`).
     """
 
     def __init__(
@@ -189,7 +190,11 @@ class IndexReader:
                 self.manifest.fast_scan,
             )
         else:
-            self._engine = TorchIVFPQ(self.tensors.to(self.device), self.metric)  # type: ignore[arg-type]
+            self._engine = TorchIVFPQ(
+                self.tensors.to(self.device),
+                self.metric,  # type: ignore[arg-type]
+                fast_scan=self.manifest.fast_scan,
+            )
         try:  # one query, so that a version FAISS cannot search is refused here, not per request
             self._engine.search(torch.ones(1, self.manifest.dim), 1, 1)
         except RuntimeError as err:

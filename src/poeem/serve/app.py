@@ -56,6 +56,9 @@ RawId = (
 )
 CONFIG_ENV = "POEEM_SERVE_CONFIG"
 TOKEN_ENV = "POEEM_TOKEN"
+MIN_TOKEN = 16  # characters of a bearer token at least
+WORKER_START_S = 120  # seconds a server process may take to answer its first health check
+NEW_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 
 
 @dataclass
@@ -74,6 +77,8 @@ class ServeConfig:
     max_nprobe: int = 256  # larger nprobe values are clamped to this
 
     def __post_init__(self) -> None:
+        if self.token is not None:
+            check_token(self.token)
         for name, low in (
             ("max_k", 1),
             ("max_batch", 1),
@@ -89,6 +94,27 @@ class ServeConfig:
                 raise PoeemError(flag, f"at least {low_text}", repr(value), f"pass a larger {flag}")
         if not self.poll_s >= 0:  # NaN too
             raise PoeemError("--poll-s", "seconds >= 0 (0: never)", repr(self.poll_s), "pass --poll-s 2")
+
+
+def check_token(token: str) -> None:
+    """A clear error unless ``token`` can be a bearer token: at least 16 printable ASCII
+    characters without spaces. HTTP headers carry bytes that servers read as Latin-1, so a
+    client sending UTF-8 could never match a non-ASCII token."""
+    if len(token) < MIN_TOKEN:
+        raise PoeemError(
+            "token",
+            f"at least {MIN_TOKEN} characters",
+            f"{len(token)} characters",
+            f"use a long random token ({NEW_TOKEN})",
+        )
+    odd = next((c for c in token if not "!" <= c <= "~"), None)
+    if odd is not None:
+        raise PoeemError(
+            "token",
+            "printable ASCII characters without spaces (HTTP headers carry no other text reliably)",
+            f"a token with {odd!r} in it",
+            f"make a new token, e.g. {NEW_TOKEN}",
+        )
 
 
 class QueryIn(BaseModel):
@@ -541,6 +567,8 @@ def run_server(
     """Run the service under uvicorn: one process, or ``workers`` processes sharing one socket.
 
     A busy port is a clear error before anything starts; ``banner`` is printed once it is free."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise PoeemError("--port", "a TCP port from 1 to 65535", repr(port), "pass e.g. --port 8000")
     check_port_free(host, port)
     if banner:
         print(banner, flush=True)
@@ -552,6 +580,9 @@ def run_server(
         port=port,
         workers=workers,
         log_level=log_level,
+        # uvicorn restarts a worker that does not answer its health check in time; one still
+        # importing torch and FAISS on a busy machine can take longer than uvicorn's 5 s
+        timeout_worker_healthcheck=WORKER_START_S,
     )
     if workers > 1:
         Multiprocess(uv_config, sockets=[uv_config.bind_socket()]).run()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal
+
+import torch
 
 from poeem.errors import PoeemError
-from poeem.options import setting
+from poeem.options import Count, NonNegative, Positive, PositiveInt, Seed, check_settings, setting
 
 OptimizerName = Literal["adam", "adamw", "adagrad"]
 TableOptimizerName = Literal["dense", "rowwise_adagrad", "sparse_adam"]
@@ -17,44 +19,48 @@ TableShardingName = Literal["none", "torchrec"]
 class TrainConfig:
     """Optimisation and bookkeeping of a training run."""
 
-    epochs: int = setting(3, help="Epochs.", resume=True)
-    batch_size: int = setting(1024, help="Training batch size (under torchrun: the global batch).")
+    epochs: Count = setting(3, help="Epochs.", resume=True)
+    batch_size: PositiveInt = setting(1024, help="Training batch size (under torchrun: the global batch).")
     optimizer: OptimizerName = setting("adam", help="Optimizer of the model.")
-    lr: float = setting(1e-2, help="Learning rate.")
-    index_lr: float | None = setting(
+    lr: Positive = setting(1e-2, help="Learning rate.")
+    index_lr: NonNegative | None = setting(
         None, help="Learning rate of the index (codebooks, rotation); default --lr; 0 freezes it."
     )
-    weight_decay: float = setting(0.0, help="Weight decay.")
+    weight_decay: NonNegative = setting(0.0, help="Weight decay.")
     table_optimizer: TableOptimizerName = setting(
         "dense",
         help="Id tables: dense (the --optimizer) or a sparse optimizer that updates only the rows "
         "a batch used (rowwise_adagrad, sparse_adam).",
     )
-    table_lr: float | None = setting(None, help="Learning rate of the id tables (default: --lr).")
+    table_lr: Positive | None = setting(None, help="Learning rate of the id tables (default: --lr).")
     table_sharding: TableShardingName = setting(
         "none",
         help="Id tables: replicated on every process (none), or sharded row-wise over the torchrun "
         "processes by TorchRec, each holding and saving only its rows (torchrec; with "
         "--table-optimizer rowwise_adagrad, which it fuses into the backward pass).",
     )
-    seed: int = setting(0, help="Seed of initialisation and batch order (not the data).")
+    seed: Seed = setting(0, help="Seed of initialisation and batch order (not the data).")
     device: str = setting("auto", help="cpu, cuda, cuda:1 or auto.", resume=True)
-    checkpoint_every: int = setting(1000, help="Steps between checkpoints (0: only at the end).", resume=True)
-    eval_every: int = setting(0, help="Steps between evaluations (0: at the end of each epoch).", resume=True)
-    log_every: int = setting(50, help="Steps between rows of the training curves.", resume=True)
+    checkpoint_every: Count = setting(
+        1000, help="Steps between checkpoints (0: only at the end).", resume=True
+    )
+    eval_every: Count = setting(
+        0, help="Steps between evaluations (0: at the end of each epoch).", resume=True
+    )
+    log_every: PositiveInt = setting(50, help="Steps between rows of the training curves.", resume=True)
     log: Literal["csv", "tensorboard", "none"] = setting(
         "csv", help="Training curves.", flag="--logger", resume=True
     )
-    max_steps: int | None = setting(
+    max_steps: Count | None = setting(
         None, help="Stop after this many steps (a checkpoint is still written).", resume=True
     )
-    distill_epochs: int | None = setting(
+    distill_epochs: Count | None = setting(
         None,
         help="After training, distil the index from the model's own ranking for this many epochs "
         "per round (0: no; one process only); default 10 with --refit, else 0.",
         resume=True,
     )
-    refit: Literal["auto", "pq", "rq"] | None = setting(
+    refit: Literal["auto", "pq", "rq", "none"] | None = setting(
         None,
         help="none (default): serve the index as trained, ready the moment training ends, in one "
         "process and under torchrun alike. Opt-in: after training, refit the layer's residual coder "
@@ -66,40 +72,30 @@ class TrainConfig:
     progress: bool = setting(True, help="Progress bars.", resume=True)
 
     def __post_init__(self) -> None:
+        check_settings(self, "train")
         if self.refit == "none":  # how a TOML file or the command line says None
             self.refit = None
-        checks = [
-            ("epochs", self.epochs >= 0, "a non-negative integer"),
-            ("batch_size", self.batch_size >= 1, "a positive integer"),
-            ("lr", self.lr > 0, "a positive number"),
-            ("index_lr", self.index_lr is None or self.index_lr >= 0, "None or a number >= 0"),
-            ("weight_decay", self.weight_decay >= 0, "a number >= 0"),
-            ("table_lr", self.table_lr is None or self.table_lr > 0, "None or a positive number"),
-            (
-                "table_optimizer",
-                self.table_optimizer in get_args(TableOptimizerName),
-                _one_of(get_args(TableOptimizerName)),
-            ),
-            (
-                "table_sharding",
-                self.table_sharding in get_args(TableShardingName),
-                _one_of(get_args(TableShardingName)),
-            ),
-            ("checkpoint_every", self.checkpoint_every >= 0, "an integer >= 0"),
-            ("eval_every", self.eval_every >= 0, "an integer >= 0"),
-            ("log_every", self.log_every >= 1, "a positive integer"),
-            ("max_steps", self.max_steps is None or self.max_steps >= 0, "None or an integer >= 0"),
-            ("distill_epochs", (self.distill_epochs or 0) >= 0, "None or an integer >= 0"),
-            ("refit", self.refit in (None, "auto", "pq", "rq"), "'auto', 'rq', 'pq' or 'none'"),
-        ]
-        for name, ok, expected in checks:
-            if not ok:
-                raise PoeemError(
-                    f"train.{name}", expected, repr(getattr(self, name)), f"fix --{name.replace('_', '-')}"
-                )
+        check_device_name(self.device)
 
 
-def _one_of(names: tuple[str, ...]) -> str:
-    """'a', 'b' or 'c'."""
-    quoted = [repr(name) for name in names]
-    return f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+def devices_here() -> list[str]:
+    """The device names this machine can train on: "auto", "cpu" and each CUDA device."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ["auto", "cpu", *(["cuda"] if count else []), *(f"cuda:{i}" for i in range(count))]
+
+
+def check_device_name(name: str) -> None:
+    """A clear error unless ``name`` names a device kind training runs on ("auto", "cpu",
+    "cuda", "cuda:N"); whether this machine has it is checked when a run starts
+    (:func:`poeem.training.trainer.resolve_device`), so a config written here runs elsewhere."""
+    try:
+        kind = "auto" if name == "auto" else torch.device(name).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("auto", "cpu", "cuda"):
+        raise PoeemError(
+            "train.device",
+            "cpu, cuda, cuda:N or auto",
+            repr(name),
+            f"pass one of the devices of this machine: {', '.join(devices_here())}",
+        )

@@ -30,7 +30,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from poeem.errors import PoeemError
 from poeem.index import PoeemLayer
 from poeem.index.quantize import pq_reconstruct
-from poeem.options import setting
+from poeem.options import Bounds, Count, NonNegative, Positive, PositiveInt, Seed, check_settings, setting
 from poeem.search.exact import FlatIndex
 from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
 
@@ -81,56 +81,45 @@ class DistillConfig:
         top ``guard_k`` by more than ``GUARD_Z`` standard errors.
     """
 
-    rounds: int = setting(3, help="Rounds; item codes are re-assigned between them.")
-    epochs: int = setting(10, help="Passes over the queries per round.")
+    rounds: PositiveInt = setting(3, help="Rounds; item codes are re-assigned between them.")
+    epochs: PositiveInt = setting(10, help="Passes over the queries per round.")
     reassign: bool = setting(True, help="Re-assign item codes between rounds.")
-    teacher_k: int = setting(100, help="Exact top-k per query that the teacher ranks.")
-    max_queries: int | None = setting(
+    teacher_k: PositiveInt = setting(100, help="Exact top-k per query that the teacher ranks.")
+    max_queries: Count | None = setting(
         MAX_QUERIES,
         help="Queries the teacher ranks at most; more are sampled (their exact top-k scores every "
         "item, and every epoch passes over them); 0: all.",
     )
-    batch_size: int = 128
-    temperature: float | None = setting(
+    batch_size: PositiveInt = 128
+    temperature: Positive | None = setting(
         None,
         help="Of the teacher's and students' softmax, in score units (default: the mean std of the "
         "queries' teacher top-k scores; raise it if the starting index is kept).",
     )
-    list_weight: float = 1.0
-    coarse_lr: float = 1e-3
-    codebook_lr: float = 1e-3
-    rotation_lr: float = 1e-3
-    holdout: float = 0.1
-    patience: int | None = setting(
+    list_weight: NonNegative = 1.0
+    coarse_lr: NonNegative = 1e-3
+    codebook_lr: NonNegative = 1e-3
+    rotation_lr: NonNegative = 1e-3
+    holdout: Annotated[float, Bounds(ge=0, lt=1)] = 0.1
+    patience: Count | None = setting(
         3,
         help="A round ends after this many epochs that do not improve on its best held-out loss, "
         "and distillation stops after a round that found nothing better than an earlier one; 0: "
         "run every epoch.",
     )
-    guard_k: int | None = setting(
+    guard_k: PositiveInt | None = setting(
         None,
         help="The depth you serve: the starting index is kept if distillation lowered the held-out "
         "queries' top-k (default: a run's smallest evaluated k; 10 with --items).",
     )
-    seed: int = 0
+    seed: Seed = 0
 
     def __post_init__(self) -> None:
+        check_settings(self, "distill")
         if self.patience == 0:  # how the command line says None
             self.patience = None
         if self.max_queries == 0:
             self.max_queries = None
-        for name in ("rounds", "epochs", "teacher_k", "max_queries", "batch_size", "patience", "guard_k"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise PoeemError(f"distill {name}", "at least 1", str(getattr(self, name)), "raise it")
-        if self.temperature is not None and not self.temperature > 0:
-            raise PoeemError(
-                "distill temperature", "a positive number or None", str(self.temperature), "e.g. 0.05"
-            )
-        if not 0 <= self.holdout < 1:
-            raise PoeemError("distill holdout", "a share in [0, 1)", str(self.holdout), "e.g. 0.1")
-        for name in ("list_weight", "coarse_lr", "codebook_lr", "rotation_lr"):
-            if not getattr(self, name) >= 0:
-                raise PoeemError(f"distill {name}", "a number >= 0", str(getattr(self, name)), "fix it")
 
     def keeping_lists(self) -> DistillConfig:
         """This config with the coarse centroids, and so every item's list, frozen (coarse_lr 0,
@@ -562,14 +551,14 @@ def _check_inputs(layer: PoeemLayer, items: torch.Tensor, queries: torch.Tensor,
             raise PoeemError(f"distill {what}", "finite values", "NaN or inf", "check the embeddings")
     if cfg.guard_k is not None and cfg.guard_k > min(items.shape[0], GUARD_ITEMS):
         raise PoeemError(
-            "distill guard_k",
+            "distill.guard_k",
             f"at most {min(items.shape[0], GUARD_ITEMS)} (the items, and the guard's random items)",
             str(cfg.guard_k),
             "lower --guard-k",
         )
     if items.shape[0] < cfg.teacher_k:
         raise PoeemError(
-            "distill teacher_k",
+            "distill.teacher_k",
             f"at most the {items.shape[0]} items",
             str(cfg.teacher_k),
             "lower --teacher-k",

@@ -25,6 +25,7 @@ from torch import nn
 from poeem import distributed
 from poeem.errors import PoeemError
 from poeem.model.sharded_tables import ShardedIdTable, TableShards, save_table_shards, torchrec_available
+from poeem.storage import inside
 from poeem.training.config import TrainConfig
 
 TOWERS = ("query_tower", "item_tower")  # the towers whose id table (``.embedding``) is sharded
@@ -109,11 +110,12 @@ def save_tables(model: nn.Module, folder: Path, tag: str) -> None:
         save_table_shards(table, folder / tag, name)
 
 
-def load_tables(model: nn.Module, folder: Path, tag: str) -> None:
+def load_tables(model: nn.Module, folder: Path, tag: object) -> None:
     """Every rank loads its rows of each sharded table from ``folder/tag/``, saved by any number
-    of ranks."""
+    of ranks (``tag``, read from a checkpoint, must name a folder inside ``folder``)."""
+    saved = inside(folder, tag, "the tables a checkpoint names", FIX)
     for name, table in sharded_tables(model).items():
-        table.load_shards(TableShards(folder / tag, name))
+        table.load_shards(TableShards(saved, name))
 
 
 def save_with_tables(model: nn.Module, folder: Path, step: int, write_rest: Callable[[str], None]) -> None:
@@ -136,10 +138,7 @@ def save_with_tables(model: nn.Module, folder: Path, step: int, write_rest: Call
 def new_tag(step: int) -> str:
     """A name for one save, the same on every rank and never used before (the step, and a token
     rank 0 draws), so that no save rewrites the files an earlier one committed."""
-    tag = [f"step-{step:012d}-{secrets.token_hex(4)}"]
-    if distributed.is_active():
-        torch.distributed.broadcast_object_list(tag, src=0)
-    return tag[0]
+    return distributed.from_rank0(f"step-{step:012d}-{secrets.token_hex(4)}")
 
 
 def tables_metadata(towers: list[str], tag: str) -> dict[str, str]:
@@ -160,10 +159,25 @@ def run_tables(run_dir: Path) -> dict[str, TableShards]:
         return {}
     try:
         index = json.loads(named)
-        tag, towers = str(index["tag"]), [str(t) for t in index["towers"]]
+        tag, towers = index["tag"], index["towers"]
     except (ValueError, KeyError, TypeError) as err:
         raise PoeemError("run tables", "a tag and towers in model.safetensors", repr(err), FIX) from None
-    return {name: TableShards(run_dir / RUN_TABLES / tag, name) for name in towers}
+    known = isinstance(towers, list) and all(t in TOWERS for t in towers)
+    if not known or len(set(towers)) != len(towers):  # each tower once
+        raise PoeemError("run tables", f"towers among {list(TOWERS)}", repr(towers)[:200], FIX)
+    folder = inside(run_dir, RUN_TABLES, "run tables", FIX)
+    saved = inside(folder, tag, "the tables model.safetensors names", FIX)
+    return {name: TableShards(saved, name) for name in towers}
+
+
+def check_saved_tables(model: nn.Module, tables: dict[str, TableShards]) -> None:
+    """Refuse saved tables (``run_tables``) of other shapes than the model's id tables, before
+    any row is read."""
+    for name, saved in tables.items():
+        table = getattr(getattr(model, name, None), "embedding", None)
+        if table is None:
+            raise PoeemError("run tables", "id towers, as config.json gives", f"a table of '{name}'", FIX)
+        saved.require_shape(table.num_embeddings, table.embedding_dim, FIX)
 
 
 def whole_tables(tables: dict[str, TableShards]) -> dict[str, torch.Tensor]:

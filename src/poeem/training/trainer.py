@@ -19,11 +19,13 @@ from tqdm.auto import tqdm
 
 from poeem import distributed
 from poeem.errors import PoeemError
+from poeem.storage import inside
 from poeem.training.checkpoint import read_checkpoint, restore_checkpoint, save_checkpoint
-from poeem.training.config import TrainConfig
+from poeem.training.config import TrainConfig, check_device_name, devices_here
 from poeem.training.metrics_log import MetricsLog
 from poeem.training.optimizers import build_optimizer
 from poeem.training.table_sharding import (
+    FIX,
     load_tables,
     save_with_tables,
     sharded_tables,
@@ -40,15 +42,18 @@ class BatchSource(Protocol):
 
 
 def resolve_device(name: str) -> torch.device:
-    """'auto' picks CUDA when available; an unavailable CUDA device is a clear error."""
+    """'auto' picks CUDA when available; a device this machine lacks is a clear error."""
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if name not in devices_here():
         raise PoeemError(
-            "device", "an available device", f"'{name}' (no CUDA here)", "pass --device cpu or --device auto"
+            "device",
+            f"a device of this machine: {', '.join(devices_here())}",
+            f"'{name}'",
+            "pass --device auto, or one of those",
         )
-    return device
+    return torch.device(name)
 
 
 class Trainer:
@@ -105,7 +110,8 @@ class Trainer:
         with without_sharded_tables(self.model):
             state = restore_checkpoint(self.checkpoint_path, tensors, meta, self.model, self.optimizer)
         if self.sharded:
-            load_tables(self.model, self.tables_dir, state["tables"])
+            tables = inside(self.tables_dir.parent, self.tables_dir.name, "checkpoint tables", FIX)
+            load_tables(self.model, tables, state["tables"])
         self.step, self.history = int(state["step"]), list(state.get("history", []))
 
     def save(self) -> None:
