@@ -37,6 +37,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "items+0.03": {"warm_start_sample": "items", "list_lr_scale": 0.03},
     "items+0.01": {"warm_start_sample": "items", "list_lr_scale": 0.01},
     "items+frozen": {"warm_start_sample": "items", "list_lr_scale": 0.0},
+    "default": {},  # each item once, lists at a share of the rate by their size
     "batches+frozen": {"warm_start_sample": "batches", "list_lr_scale": 0.0},
 }
 KEPT = ("codes_scanned", "largest_list", "list_size_std", "imbalance")

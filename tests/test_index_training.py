@@ -310,6 +310,19 @@ def test_frozen_lists_stay_where_the_warm_start_put_them_and_slow_ones_train_slo
     assert 0 == moved[0.0] < moved[0.1] < moved[1.0]
 
 
+def test_small_lists_train_slowly_large_ones_at_the_index_rate() -> None:
+    from poeem.index import PoeemConfig
+
+    def share(num_items: int, num_coarse: int, **given: float) -> float:
+        return PoeemConfig(
+            dim=16, num_subspaces=4, num_items=num_items, num_coarse=num_coarse, **given
+        ).list_lr_share
+
+    assert share(1682, 128) == pytest.approx(1682 / 128 / 1024)  # 13 items a list
+    assert share(10_000, 8) == share(0, 8) == share(100, 0) == 1.0  # large lists; unknown sizes
+    assert share(1682, 128, list_lr_scale=0.5) == 0.5  # given, it is kept
+
+
 def test_a_uniform_sample_is_distinct_reproducible_and_bounded() -> None:
     from poeem.index.layer import uniform_sample
 

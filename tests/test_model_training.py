@@ -203,8 +203,9 @@ def test_index_lr_zero_freezes_the_index() -> None:
     """Regression: index_lr=0 fell back to lr."""
     model, _ = tiny_poeem_model()
     optimizer = build_optimizer(model, TrainConfig(lr=0.1, index_lr=0.0))
-    # the towers at lr, the index (its lists at their share of it) at 0
-    assert [g["lr"] for g in optimizer.param_groups] == [0.1, 0.0, 0.0]
+    # the towers at lr, the index (and its lists at their share of it) at 0
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs[0] == 0.1 and len(lrs) > 1 and set(lrs[1:]) == {0.0}
     with pytest.raises(PoeemError, match=r"train.index_lr: expected a finite number >= 0 or None, got -1"):
         TrainConfig(index_lr=-1)
 

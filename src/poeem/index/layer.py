@@ -195,9 +195,9 @@ class PoeemLayer(nn.Module):
 
     def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
         """Parameters that train at a share of the index's learning rate: the lists' centroids at
-        ``list_lr_scale`` (when it is below 1 and above 0; at 0 they get no gradient at all)."""
-        scale = self.config.list_lr_scale
-        return [(self.coarse, float(scale))] if self.coarse is not None and 0 < scale < 1 else []
+        ``PoeemConfig.list_lr_share`` (when it is below 1 and above 0; at 0 they get no gradient)."""
+        share = self.config.list_lr_share
+        return [(self.coarse, share)] if self.coarse is not None and 0 < share < 1 else []
 
     def stats(self) -> dict[str, float]:
         """Index health of the last quantized batch, as floats (empty before quantization)."""
@@ -331,7 +331,7 @@ class PoeemLayer(nn.Module):
                 xr.detach(), coarse, self.codebooks.detach(), c.coarse_metric
             )
         centroids = self.coarse
-        if centroids is not None and not c.list_lr_scale:  # the lists stay where the warm start put them
+        if centroids is not None and not c.list_lr_share:  # the lists stay where the warm start put them
             centroids = centroids.detach()
         recon = decode_rotated(coarse_codes, codes, centroids, self.codebooks, c.dim)
         x_hat = recon @ rotation.T if c.rotation != "none" else recon  # (B, dim)
