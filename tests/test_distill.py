@@ -335,6 +335,15 @@ def test_distill_epochs_need_a_layer(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
+def test_an_index_fitted_after_training_takes_8_bit_codes_at_the_same_bytes() -> None:
+    from poeem.index.config import fitted_codes
+
+    assert fitted_codes({}) == {"num_subspaces": 8, "codebook_size": 256}  # 8 bytes, as the default
+    assert fitted_codes({"num_subspaces": 32}) == {"num_subspaces": 16, "codebook_size": 256}
+    assert fitted_codes({"num_subspaces": 32, "codebook_size": 16}) == {}  # asked for: kept
+    assert fitted_codes({"num_subspaces": 5}) == {}  # 20 bits: no whole number of 8-bit codes
+
+
 def test_refitted_and_text_runs_distil_by_default_and_other_runs_when_asked() -> None:
     cfg = tiny_config()
     assert cfg.train.refit is None and cfg.train.distill_epochs is None

@@ -94,7 +94,6 @@ def train(
     from poeem import distributed, launch
     from poeem.evaluation.format import format_rows
     from poeem.pipeline import RunConfig, resume_config, train_run
-    from poeem.pipeline.run import after_training_seconds
 
     if nproc < 1:
         raise PoeemError("--nproc", "a positive integer", str(nproc), "pass 1 or more")
@@ -145,28 +144,7 @@ def train(
         cfg = RunConfig.from_dict(raw)
     _, metrics = train_run(cfg, run_dir, resume)
     if metrics:  # rank 0
-        if "fit" in metrics:
-            f, spent = metrics["fit"], after_training_seconds(metrics)
-            share = spent / max(spent + metrics["train_s"], 1e-9)
-            typer.echo(
-                f"the towers trained alone in {metrics['train_s']:.1f}s; the index was fitted on "
-                f"{f['items']} items in {f['seconds']:.1f}s and built in {spent:.1f}s in all "
-                f"({share:.0%} of the run)"
-            )
-        if "refit" in metrics:
-            r = metrics["refit"]
-            typer.echo(f"index refitted after training ({r['quantizer']}) in {r['seconds']:.1f}s")
-        if "distill" in metrics:
-            d = metrics["distill"]
-            kept = (
-                "kept the trained index: the model scored the distilled one's top-k lower on held-out queries"
-                if d["kept_start"]
-                else f"kept round {d['best']['round']} epoch {d['best']['epoch']}"
-            )
-            typer.echo(
-                f"index distilled after training: {d['epochs']} epochs in {d['seconds']:.1f}s, {kept} "
-                "(the rows below are the index kept)"
-            )
+        _echo_index_stages(metrics)
         if metrics["rows"] or cfg.eval.after_training:
             typer.echo(format_rows(metrics["rows"]))
         else:
@@ -175,6 +153,34 @@ def train(
 
 
 app.command()(with_settings(train, run_options()))
+
+
+def _echo_index_stages(metrics: dict[str, Any]) -> None:
+    """Say what a finished run did to its index after training: a fit, a refit, a distillation."""
+    from poeem.pipeline.run import after_training_seconds
+
+    if "fit" in metrics:
+        f, spent = metrics["fit"], after_training_seconds(metrics)
+        share = spent / max(spent + metrics["train_s"], 1e-9)
+        typer.echo(
+            f"the towers trained alone in {metrics['train_s']:.1f}s; the index was fitted on "
+            f"{f['items']} items in {f['seconds']:.1f}s and built in {spent:.1f}s in all "
+            f"({share:.0%} of the run)"
+        )
+    if "refit" in metrics:
+        r = metrics["refit"]
+        typer.echo(f"index refitted after training ({r['quantizer']}) in {r['seconds']:.1f}s")
+    if "distill" in metrics:
+        d = metrics["distill"]
+        kept = (
+            "kept the trained index: the model scored the distilled one's top-k lower on held-out queries"
+            if d["kept_start"]
+            else f"kept round {d['best']['round']} epoch {d['best']['epoch']}"
+        )
+        typer.echo(
+            f"index distilled after training: {d['epochs']} epochs in {d['seconds']:.1f}s, {kept} "
+            "(the rows below are the index kept)"
+        )
 
 
 def _text_encoder_dim(text: dict[str, Any]) -> int:

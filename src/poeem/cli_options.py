@@ -27,7 +27,7 @@ def given_settings(values: dict[str, Any], found: list[Option]) -> dict[str, dic
 def distill_options() -> list[Option]:
     """``poeem distill``'s settings: the distillation's, and the layer's shape for a new index."""
     from poeem.index import PoeemConfig
-    from poeem.pipeline.recipe import FITTED_CODEBOOK_SIZE
+    from poeem.index.config import FITTED_CODEBOOK_SIZE
     from poeem.training.distill import DistillConfig
 
     shape = ("num_coarse", "num_subspaces", "codebook_size", "rotation", "quantizer")

@@ -26,6 +26,23 @@ SECTION = "model.poeem"  # where the layer's settings go in a run config
 # lists of this many items or more train at the index's learning rate; smaller ones proportionally
 # slower (list_lr_scale None): measured on MovieLens 100K, Gowalla, Yelp2018 and the synthetic task
 ITEMS_PER_LIST_AT_FULL_RATE = 1024
+FITTED_CODEBOOK_SIZE = 256  # K of an index fitted on embeddings trained without it
+
+
+def fitted_codes(given: dict[str, Any]) -> dict[str, int]:
+    """The codes of an index fitted after training, from the layer settings ``given``: 8-bit
+    codes (K = 256) at the bytes of the settings' D and K, unless ``codebook_size`` is given.
+    Fitted after training, 8-bit codes beat 4-bit ones at equal bytes (docs/design.md,
+    "Codebook size"); jointly trained, 4-bit ones are the better default."""
+    if "codebook_size" in given:
+        return {}
+    defaults = {f.name: f.default for f in fields(IndexSpec)}
+    bits = given.get("num_subspaces", defaults["num_subspaces"]) * 4  # at the default K = 16
+    if bits % 8:
+        return {}
+    return {"num_subspaces": bits // 8, "codebook_size": FITTED_CODEBOOK_SIZE}
+
+
 MAX_CODEBOOK_SIZE = 1 << 16
 
 
@@ -140,8 +157,9 @@ class LayerTraining:
         "auto",
         help="joint: the index trains with the model after the warm start (the paper's); "
         "after_training: the towers train alone, then the index is fitted on every item and "
-        "distilled from the model's own ranking (JPQ, Distill-VQ: for few labels); auto: "
-        "after_training for text towers, joint otherwise.",
+        "distilled from the model's own ranking (JPQ, Distill-VQ: for few labels), with 8-bit codes "
+        "at the same bytes unless codebook_size is given; auto: after_training for text towers, "
+        "joint otherwise.",
         flag="--index-schedule",
     )
     warm_start_sample: Literal["items", "batches"] = setting(

@@ -12,6 +12,7 @@ from torch import nn
 from poeem import distributed
 from poeem.errors import PoeemError
 from poeem.index import PoeemConfig, PoeemLayer
+from poeem.index.config import fitted_codes
 from poeem.model.config import ModelConfig
 from poeem.model.loss import in_batch_softmax
 from poeem.model.towers import Tower
@@ -41,6 +42,8 @@ class RetrievalModel(nn.Module):
                     "leave it out: the model sets it",
                 )
             settings = {"dim": c.dim, **c.poeem, "num_items": remembered, "schedule": c.index_schedule}
+            if c.index_schedule == "after_training":  # fitted after training: 8-bit codes
+                settings.update(fitted_codes(c.poeem))
             self.index = PoeemLayer(PoeemConfig(**settings))
         counts = item_counts if item_counts is not None else torch.ones(num_items)
         self.register_buffer("item_log_q", (counts.float() / counts.sum()).clamp_min(1e-12).log())

@@ -31,7 +31,7 @@ from poeem.errors import PoeemError
 from poeem.export.item_codes import EXPORT_DEFAULT, FromTraining, check_from_training, item_codes
 from poeem.export.learned import ItemsOrCodes
 from poeem.index import PoeemLayer
-from poeem.index.config import LEARNED_ROTATIONS
+from poeem.index.config import FITTED_CODEBOOK_SIZE, LEARNED_ROTATIONS
 from poeem.index.refit import Refit, check_refit, refit_layer
 from poeem.metric import Metric, check_item_norms, prepare_queries
 from poeem.model import RetrievalModel
@@ -40,7 +40,6 @@ from poeem.pipeline.config import RunConfig
 from poeem.training.distill import DistillConfig, distill_index
 
 Start = Literal["trained", "as-trained", "refit", "fit", "faiss"]
-FITTED_CODEBOOK_SIZE = 256  # K of an index fitted on embeddings trained without it
 DEFAULT_DISTILL_EPOCHS = 10  # per round, when a refitted run leaves train.distill_epochs unset
 AFTER_TRAINING_DISTILL_EPOCHS = 4  # per round, for a layer fitted when training ends
 
