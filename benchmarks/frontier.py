@@ -12,13 +12,15 @@ of 4 sqrt(n), rounded to a power of two):
 - exact and hnsw (``HNSW32,Flat``) as references, at the bytes they take.
 
 It trains the same model with a Poeem layer: at K = 16 (2D sub-codes), exported as fast scan
-(``poeem``: what ``poeem train`` and ``poeem export`` serve with no index flags), and the same
-distilled after training (``poeem-distilled``, ``--distill-epochs 10``); and at K = 256
-(D sub-codes), served as trained (``poeem-k256``) and refitted (``poeem-refit``, ``--refit rq``:
-both come from one run, which keeps its index as trained). ``poeem-distill-items`` is ``poeem
-distill --items --queries`` with its defaults on the baseline's item embeddings, taught by every
-query's embedding: poeem's index for embeddings it did not train. A refit and a distillation
-after training are part of a run's build.
+(``poeem``: what ``poeem train`` and ``poeem export`` serve with no index flags; for text towers
+that is an index fitted after training, D 8-bit codes, and distilled), and the same distilled
+after training (``poeem-distilled``, ``--distill-epochs 10``); and at K = 256 (D sub-codes),
+served as trained (``poeem-k256``) and refitted (``poeem-refit``, ``--refit rq``: both come from
+one run, which keeps its index as trained). ``poeem-distill-items`` is ``poeem distill --items
+--queries`` with its defaults on the baseline's item embeddings, taught by the training queries'
+embeddings (the queries a run distils from; the evaluation queries never teach an index): poeem's
+index for embeddings it did not train. A fit, a refit and a distillation after training are part
+of a run's build.
 
 Each method is searched at every nprobe from 1 to all lists (HNSW: efSearch 16 to 512), up to
 the first setting that is slower than exact search and takes over 2 s for the query set: exact
@@ -223,15 +225,17 @@ def item_features(data: Any) -> torch.Tensor | None:
 
 def distilled_items(
     encode: Callable[[np.ndarray], torch.Tensor],
-    num_queries: int,
+    query_rows: np.ndarray,
     items: torch.Tensor,
     budget: tuple,
     out: Path,
 ) -> FaissSearcher:
     """``poeem distill --items --queries`` with its defaults at ``budget`` (lists, D, seed): an
-    index fitted on the (n, dim) ``items``, distilled from every query's embedding (no labels)."""
+    index fitted on the (n, dim) ``items``, distilled from the embeddings of the queries
+    ``query_rows`` (no labels): the training queries, as a run distils from, so that the queries
+    it is evaluated on never teach it."""
     with torch.no_grad():
-        queries = encode(np.arange(num_queries)).float().numpy()
+        queries = encode(query_rows).float().numpy()
     lists, d, seed = budget
     settings = {"num_coarse": lists, "num_subspaces": d}  # D bytes at its default K = 256
     config = DistillConfig(seed=seed)
@@ -321,7 +325,7 @@ def one_seed(
     if "poeem-distill-items" in methods:
         out = work / f"items-{seed}"
         searcher, build_s = timed(
-            lambda: distilled_items(encode, data.num_queries, items, (lists, d, seed), out)
+            lambda: distilled_items(encode, np.unique(data.train_queries), items, (lists, d, seed), out)
         )
         rows += measure(
             "poeem-distill-items", (searcher, build_s, float(d), nprobes), encode, data, pre, exact["qps"]
@@ -344,11 +348,14 @@ def one_seed(
             rows += measure(
                 "poeem-k256", (searcher, export_s, float(d), nprobes), encode, data, pre, exact["qps"]
             )
-    # the defaults: K = 16, twice the sub-codes, exported as fast scan; and the same distilled
+    # the defaults: K = 16, twice the sub-codes, exported as fast scan; and the same distilled.
+    # Text towers fit their index after training, where the default takes D 8-bit codes instead
     for name, epochs in (("poeem", None), ("poeem-distilled", DEFAULT_DISTILL_EPOCHS)):
         if name not in methods:
             continue
         cfg = poeem_config(pre, seed, (lists, 2 * d, 16), None, None)
+        if cfg.model.index_schedule == "after_training":
+            del cfg.model.poeem["codebook_size"]
         cfg.train = replace(cfg.train, distill_epochs=epochs)
         model, metrics = train_run(cfg, work / f"{name}-{seed}")
         train_s[name] = metrics["train_s"]

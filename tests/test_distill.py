@@ -19,7 +19,6 @@ from poeem.export.faiss_codec import pack_sa_codes
 from poeem.model.query_encoder import QueryEncoder
 from poeem.pipeline import resume_config, train_run
 from poeem.pipeline.recipe import (
-    AFTER_TRAINING_DISTILL_EPOCHS,
     DEFAULT_DISTILL_EPOCHS,
     distill_epochs,
     layer_from_faiss,
@@ -350,7 +349,7 @@ def test_refitted_and_text_runs_distil_by_default_and_other_runs_when_asked() ->
     assert distill_epochs(cfg) == 0  # id towers as trained, the default
     cfg.model.text = {"encoder": "any"}
     assert cfg.model.index_schedule == "after_training"
-    assert distill_epochs(cfg) == AFTER_TRAINING_DISTILL_EPOCHS  # text towers: fitted, then distilled
+    assert distill_epochs(cfg) == DEFAULT_DISTILL_EPOCHS  # text towers: fitted, then distilled
     cfg.model.poeem["schedule"] = "joint"
     assert distill_epochs(cfg) == 0  # text towers trained jointly: as trained
     cfg.model.text = None

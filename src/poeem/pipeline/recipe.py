@@ -40,8 +40,9 @@ from poeem.pipeline.config import RunConfig
 from poeem.training.distill import DistillConfig, distill_index
 
 Start = Literal["trained", "as-trained", "refit", "fit", "faiss"]
-DEFAULT_DISTILL_EPOCHS = 10  # per round, when a refitted run leaves train.distill_epochs unset
-AFTER_TRAINING_DISTILL_EPOCHS = 4  # per round, for a layer fitted when training ends
+# per round, when a run that refits its layer or fits it after training (schedule after_training)
+# leaves train.distill_epochs unset; poeem distill's own default too
+DEFAULT_DISTILL_EPOCHS = 10
 
 
 @dataclass(frozen=True)
@@ -121,13 +122,14 @@ class IndexRecipe:
 def distill_epochs(cfg: RunConfig) -> int:
     """Epochs per round of index distillation after training: ``train.distill_epochs``, or when
     it is None, :data:`DEFAULT_DISTILL_EPOCHS` for a refitted layer (``train.refit``), which
-    gains most from it, and 0 otherwise: by default a run serves its index as trained, ready when
-    training ends, in one process and under torchrun alike (docs/design.md, "Codebook size")."""
+    gains most from it, and for one fitted after training (text towers by default), and 0
+    otherwise: a jointly trained run serves its index as trained, ready when training ends, in
+    one process and under torchrun alike (docs/design.md, "Codebook size")."""
     if cfg.train.distill_epochs is not None:
         return cfg.train.distill_epochs
-    if cfg.model.poeem is not None and cfg.model.index_schedule == "after_training":
-        return AFTER_TRAINING_DISTILL_EPOCHS
-    return DEFAULT_DISTILL_EPOCHS if cfg.model.poeem is not None and cfg.train.refit else 0
+    if cfg.model.poeem is not None and (cfg.train.refit or cfg.model.index_schedule == "after_training"):
+        return DEFAULT_DISTILL_EPOCHS
+    return 0
 
 
 def run_distill_config(config: DistillConfig, cfg: RunConfig, num_items: int) -> DistillConfig:
