@@ -59,6 +59,7 @@ import numpy as np
 import torch
 
 from poeem.data import load_data
+from poeem.evaluation.cost import list_balance, list_sizes
 from poeem.evaluation.evaluate import evaluate_retrieval
 from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import export_learned
@@ -254,9 +255,12 @@ def measure(
     exact_qps: float,
 ) -> list[dict[str, Any]]:
     """One row per search setting, fastest first, up to the first slow one slower than exact
-    search (``exact_qps``): recall (headline metric) and queries per second."""
+    search (``exact_qps``): recall (headline metric) and queries per second, and for a FAISS IVF
+    index its list balance (largest list, std of list sizes)."""
     index, build_s, bytes_per_item, settings = built
     k = int(pre.headline.split("@")[1])
+    sizes = list_sizes(index.index) if isinstance(index, FaissSearcher) else None
+    balance = list_balance(sizes) if sizes is not None else {}
     with torch.no_grad():
         xq = encode(data.eval_queries())
     rows = []
@@ -273,6 +277,7 @@ def measure(
                 "recall": recall,
                 "qps": qps,
                 "build_s": build_s,
+                **balance,
             }
         )
         if qps < exact_qps * QPS_SECONDS["stop_below_exact"] and xq.shape[0] / qps > SLOW_PASS_S:
@@ -375,8 +380,9 @@ def mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for rows in grouped.values():
         entry = {key: rows[0][key] for key in ("method", "default", "bytes_per_item", "setting")}
-        for key in ("recall", "qps", "build_s"):
-            add_mean_std(entry, key, [r[key] for r in rows])
+        for key in ("recall", "qps", "build_s", "largest_list", "list_size_std"):
+            if key in rows[0]:
+                add_mean_std(entry, key, [r[key] for r in rows])
         entry["seeds"] = len(rows)
         out.append(entry)
     return sorted(out, key=lambda r: (METHODS.index(r["method"]), -r["qps"]))
