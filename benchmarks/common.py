@@ -92,11 +92,15 @@ def merge_runs(
     return kept + runs, commands, old
 
 
-def add_mean_std(entry: dict[str, Any], key: str, values: list[float]) -> None:
+def add_mean_std(entry: dict[str, Any], key: str, values: list[Any]) -> None:
     """Set ``entry[key]`` to the mean of ``values`` and ``entry[key + "_std"]`` to their sample
-    std (0 for a single value)."""
+    std (0 for a single value). Values that are not numbers (a row's index name, say) are kept
+    as they are when every seed agrees, else as the list of them."""
     import numpy
 
+    if any(isinstance(v, str) or v is None for v in values):
+        entry[key] = values[0] if all(v == values[0] for v in values) else list(values)
+        return
     array = numpy.asarray(values, dtype=float)
     entry[key] = float(array.mean())
     entry[f"{key}_std"] = float(array.std(ddof=1)) if len(array) > 1 else 0.0

@@ -136,7 +136,7 @@ class PoeemLayer(nn.Module):
         self._recent_codes: deque[tuple[torch.Tensor | None, torch.Tensor]] = deque()
         self._recent_rows = 0
         # the rotation without gradient, kept until the angles or the base rotation change
-        self._rotation_cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._rotation_cache: tuple[list[torch.Tensor], torch.Tensor] | None = None
 
     # ----------------------------------------------------------------- state
     @property
@@ -166,22 +166,35 @@ class PoeemLayer(nn.Module):
         """The rotation's learnable part (rotation "givens" or "cayley"), else None."""
         return self.givens if self.givens is not None else self.cayley
 
-    def _rotation_key(self) -> tuple[int, ...]:
-        """What the rotation is a function of: the learned parameters and the base rotation, by
-        storage and in-place version (an optimizer step, a load or a refit moves the version)."""
+    def _rotation_inputs(self) -> list[torch.Tensor]:
+        """What the rotation is a function of: the learned parameters and the base rotation."""
         assert self.learned_rotation is not None
-        params, base = next(self.learned_rotation.parameters()), self.base_rotation
-        return params.data_ptr(), params._version, base.data_ptr(), base._version
+        return [p.detach() for p in self.learned_rotation.parameters()] + [self.base_rotation]
+
+    def _rotation_is_current(self) -> bool:
+        """Whether the cached rotation was built from the current parameter values (compared by
+        value: a fused optimizer step, a load or a refit changes them in place)."""
+        if self._rotation_cache is None:
+            return False
+        return all(
+            now.shape == then.shape and now.device == then.device and torch.equal(now, then)
+            for now, then in zip(self._rotation_inputs(), self._rotation_cache[0], strict=True)
+        )
+
+    def _cache_rotation(self, rotation: torch.Tensor) -> torch.Tensor:
+        """Keep ``rotation`` (detached) with a copy of the values it was built from."""
+        self._rotation_cache = [t.clone() for t in self._rotation_inputs()], rotation.detach()
+        return self._rotation_cache[1]
 
     def _fixed_rotation(self) -> torch.Tensor:
         """:attr:`rotation_matrix` without gradient; a learned rotation is built once per change
         of its parameters, not once per use (a training step codes items and routes queries)."""
         if self.learned_rotation is None:
             return self.base_rotation
-        key = self._rotation_key()
-        if self._rotation_cache is None or self._rotation_cache[0] != key:
+        if not self._rotation_is_current():
             with torch.no_grad():
-                self._rotation_cache = key, self.rotation_matrix
+                self._cache_rotation(self.rotation_matrix)
+        assert self._rotation_cache is not None
         return self._rotation_cache[1]
 
     def _step_rotation(self) -> torch.Tensor:
@@ -190,7 +203,7 @@ class PoeemLayer(nn.Module):
         if self.learned_rotation is None or not torch.is_grad_enabled():
             return self._fixed_rotation()
         rotation = self.rotation_matrix
-        self._rotation_cache = self._rotation_key(), rotation.detach()
+        self._cache_rotation(rotation)
         return rotation
 
     def lr_scales(self) -> list[tuple[nn.Parameter, float]]:
