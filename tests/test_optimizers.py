@@ -192,3 +192,34 @@ def test_bfloat16_tables_need_rowwise_adagrad_and_id_towers() -> None:
         ModelConfig(text={}, table_dtype="bfloat16")
     with pytest.raises(PoeemError, match="--table-optimizer rowwise_adagrad"):
         RunConfig(model=ModelConfig(table_dtype="bfloat16"))
+
+
+def test_a_checkpoint_saved_before_the_lists_had_a_rate_of_their_own_resumes(tmp_path: Path) -> None:
+    from poeem.training.checkpoint import read_checkpoint, restore_checkpoint
+
+    torch.manual_seed(0)
+    layer = {"num_coarse": 4, "num_subspaces": 4, "codebook_size": 16, "warmup_steps": 0, "buffer_size": 64}
+    model = TwoTowerModel(ModelConfig(dim=16, poeem={**layer, "list_lr_scale": 0.5}), 50, 100)
+    model.warm_start_on_catalogue()
+    cfg = TrainConfig(lr=0.01)
+    earlier = build_optimizer(model, cfg, scaled_groups=False)  # one group for the whole index
+    batch = {"query_ids": torch.arange(32) % 50, "item_ids": torch.arange(32) * 3 % 100}
+    for _ in range(2):
+        earlier.zero_grad()
+        model(batch)["loss"].backward()
+        earlier.step()
+    path = tmp_path / "c.safetensors"
+    save_checkpoint(path, model, earlier, {"step": 2})
+    now = build_optimizer(model, cfg)
+    assert len(now.param_groups) == len(earlier.param_groups) + 1
+    tensors, meta = read_checkpoint(path)
+    with pytest.raises(PoeemError, match="optimizer"):
+        restore_checkpoint(path, tensors, meta, model, now)  # without the earlier layout
+    later = build_optimizer(model, cfg)
+    restore_checkpoint(path, tensors, meta, model, later, earlier=lambda: build_optimizer(model, cfg, False))
+    assert {id(p) for p in later.state} == {id(p) for p in earlier.state}
+    for param, state in earlier.state.items():
+        for key, value in state.items():
+            torch.testing.assert_close(later.state[param][key], value)
+    rates = {id(p): g["lr"] for g in later.param_groups for p in g["params"]}
+    assert rates[id(model.index.coarse)] == pytest.approx(0.005)  # the new layout's rates stay

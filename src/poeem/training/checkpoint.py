@@ -7,6 +7,7 @@ folder is renamed over the old checkpoint, so an interrupted save leaves the old
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from poeem.errors import PoeemError
 from poeem.storage import save_tensors
-from poeem.training.optimizers import AnyOptimizer
+from poeem.training.optimizers import AnyOptimizer, move_state
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,15 +101,25 @@ def restore_checkpoint(
     model: nn.Module,
     optimizer: AnyOptimizer | None = None,
     map_location: torch.device | str = "cpu",
+    earlier: Callable[[], AnyOptimizer] | None = None,
 ) -> dict[str, Any]:
     """:func:`load_checkpoint` from what :func:`read_checkpoint` returned (``path`` names it in
-    errors); returns the trainer state."""
+    errors); returns the trainer state. ``earlier`` builds the optimizer in an earlier layout of
+    its groups: a state that does not fit ``optimizer`` is read into it and moved over."""
     model_state = {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}
     model.load_state_dict(model_state)
     if optimizer is not None and "optimizer" in meta:
         optim = {k: v.to(map_location) for k, v in tensors.items() if k.startswith("optim.")}
+        saved = _unflatten_optimizer(optim, meta["optimizer"])
         try:
-            optimizer.load_state_dict(_unflatten_optimizer(optim, meta["optimizer"]))
+            try:
+                optimizer.load_state_dict(saved)
+            except ValueError:
+                if earlier is None:
+                    raise
+                layout = earlier()
+                layout.load_state_dict(saved)
+                move_state(layout, optimizer)
         except (ValueError, KeyError) as err:
             raise PoeemError(
                 "checkpoint optimizer state",

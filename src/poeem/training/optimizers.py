@@ -195,7 +195,7 @@ class SplitOptimizer:
 AnyOptimizer: TypeAlias = "torch.optim.Optimizer | SplitOptimizer"
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, scaled_groups: bool = True) -> AnyOptimizer:
     """The optimizer of a training run, from ``cfg``'s optimizer settings.
 
     Parameters of an ``index`` submodule get ``cfg.index_lr`` (None: ``lr``), times the share
@@ -203,7 +203,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     other submodules' learning rates in ``model.lr_overrides`` ({name: lr}). With
     ``cfg.table_optimizer`` other than "dense", the model's id tables (``model.id_tables()``)
     switch to sparse gradients and get that optimizer at ``cfg.table_lr`` (None: ``lr``);
-    everything else gets ``cfg.optimizer``.
+    everything else gets ``cfg.optimizer``. ``scaled_groups=False`` builds the layout of
+    checkpoints saved before the lists had a rate of their own (one group per submodule), to
+    read their state (:func:`move_state`).
     """
     table_optimizer, lr, weight_decay = cfg.table_optimizer, cfg.lr, cfg.weight_decay
     index_lr = cfg.index_lr
@@ -219,7 +221,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     for sub_name, sub_lr in overrides.items():
         sub = getattr(model, sub_name, None)
         params = [p for p in sub.parameters() if id(p) not in taken] if isinstance(sub, nn.Module) else []
-        scaled = dict(sub.lr_scales()) if hasattr(sub, "lr_scales") else {}  # e.g. the layer's lists
+        scaled = dict(sub.lr_scales()) if scaled_groups and hasattr(sub, "lr_scales") else {}  # lists
         for scale in sorted(set(scaled.values())):
             group = [p for p in params if scaled.get(p) == scale]
             groups.append({"params": group, "lr": sub_lr * scale, "weight_decay": 0.0})
@@ -256,6 +258,19 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> AnyOptimizer:
     raise PoeemError(
         "table_optimizer", "'dense', 'rowwise_adagrad' or 'sparse_adam'", repr(table_optimizer), "pick one"
     )
+
+
+def _parts(optimizer: AnyOptimizer) -> list[torch.optim.Optimizer]:
+    """The torch optimizers inside ``optimizer``."""
+    return [optimizer.dense, optimizer.table] if isinstance(optimizer, SplitOptimizer) else [optimizer]
+
+
+def move_state(source: AnyOptimizer, target: AnyOptimizer) -> None:
+    """Give ``target`` the per-parameter state (moments, step counts) ``source`` holds for the
+    same parameters, whatever their grouping; ``target`` keeps its own groups and rates."""
+    for old, new in zip(_parts(source), _parts(target), strict=True):
+        for param, state in old.state.items():
+            new.state[param] = state
 
 
 def _dense_optimizer(

@@ -7,6 +7,7 @@ DistributedDataParallel; progress, logs, evaluation and checkpoints happen on ra
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -108,7 +109,9 @@ class Trainer:
                 "resume with the run's own --table-sharding",
             )
         with without_sharded_tables(self.model):
-            state = restore_checkpoint(self.checkpoint_path, tensors, meta, self.model, self.optimizer)
+            earlier = functools.partial(build_optimizer, self.model, self.cfg, scaled_groups=False)
+            path, model, optimizer = self.checkpoint_path, self.model, self.optimizer
+            state = restore_checkpoint(path, tensors, meta, model, optimizer, earlier=earlier)
         if self.sharded:
             tables = inside(self.tables_dir.parent, self.tables_dir.name, "checkpoint tables", FIX)
             load_tables(self.model, tables, state["tables"])
