@@ -33,6 +33,7 @@ def small(**kw: object) -> PoeemLayer:
         (dict(list_temperature=0.0), r"list_temperature: expected a finite number > 0, got 0.0"),
         (dict(reseed_after=-1), r"reseed_after: expected an integer >= 0, got -1"),
         (dict(num_coarse=0, balance_weight=1.0), r"balance_weight: expected a coarse quantizer"),
+        (dict(num_coarse=4, list_lr_scale=0.0, balance_weight=1.0), r"balance_weight: expected 0 while"),
     ],
 )
 def test_bad_config_messages(kwargs: dict, pattern: str) -> None:

@@ -285,6 +285,13 @@ class PoeemConfig(LayerTraining, IndexSpec):
                 "True",
                 "drop route_centroids, or let the lists train",
             )
+        if self.balance_weight and self.num_coarse and self.list_lr_share == 0:
+            raise PoeemError(
+                "balance_weight",
+                "0 while list_lr_scale is 0 (it moves the lists, which stay where they are)",
+                f"balance_weight={self.balance_weight}",
+                "drop balance_weight, or let the lists train (list_lr_scale above 0)",
+            )
         if self.balance_weight and self.num_coarse == 0:
             raise PoeemError(
                 "balance_weight",

@@ -228,11 +228,15 @@ class Trainer:
                 return self.model
         device = next(self.model.parameters()).device
         index = getattr(self.model, "index", None)
+        # an index still in its warm start gets no gradient until k-means has run, and lists
+        # kept where it put them (list_lr_scale 0) never get one
+        idle = index is not None and (
+            not getattr(index, "is_initialized", True) or getattr(index.config, "list_lr_share", 1) == 0
+        )
         return DistributedDataParallel(
             self.model,
             device_ids=[device] if device.type == "cuda" else None,
-            # an index still in its warm start gets no gradient until k-means has run
-            find_unused_parameters=index is not None and not getattr(index, "is_initialized", True),
+            find_unused_parameters=idle,
             forward_sync_buffers=False,  # the layer keeps its state identical on every rank itself
         )
 
