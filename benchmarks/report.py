@@ -913,15 +913,20 @@ def train_cost_section(r: dict[str, Any]) -> list[str]:
         "Training steps per second on the preset's batches, every timed step quantizing; the median "
         "of the runs, which take turns with the other settings.",
         "",
-        "| batch | torch threads | budget | setting | steps/s | time per step vs no layer |",
-        "|---:|---:|---|---|---:|---:|",
+        "`code` names the library version measured (`earlier`: the same script run on an earlier "
+        "commit, named in the command).",
+        "",
+        "| batch | torch threads | budget | code | setting | steps/s | time per step vs no layer |",
+        "|---:|---:|---|---|---|---:|---:|",
     ]
-    runs = sorted(r["runs"], key=lambda x: (x["threads"], x["budget"], x["batch_size"]))
+    runs = sorted(
+        r["runs"], key=lambda x: (x["threads"], x["budget"], x["batch_size"], x.get("code") != "earlier")
+    )
     for x in runs:
         ratio = f"{x['time_vs_no_layer']:.2f}x" if "time_vs_no_layer" in x else ""
         lines.append(
-            f"| {x['batch_size']} | {x['threads']} | {x['budget']} | {x['setting']} "
-            f"| {x['steps_per_s']:.1f} | {ratio} |"
+            f"| {x['batch_size']} | {x['threads']} | {x['budget']} | {x.get('code', 'current')} "
+            f"| {x['setting']} | {x['steps_per_s']:.1f} | {ratio} |"
         )
     profiled = [x for x in runs if "profile_ms" in x]
     if profiled:
@@ -932,12 +937,13 @@ def train_cost_section(r: dict[str, Any]) -> list[str]:
             "layer's forward holds the rotation, the assignment, the reconstruction and the trained "
             "codes, and `backward` is autograd's whole pass):",
             "",
-            "| batch | threads | budget | setting | " + " | ".join(parts) + " |",
-            "|---:|---:|---|---|" + "---:|" * len(parts),
+            "| batch | threads | budget | code | setting | " + " | ".join(parts) + " |",
+            "|---:|---:|---|---|---|" + "---:|" * len(parts),
         ]
         for x in profiled:
             cells = " | ".join(f"{x['profile_ms'][p]:.2f}" if p in x["profile_ms"] else "" for p in parts)
-            lines.append(f"| {x['batch_size']} | {x['threads']} | {x['budget']} | {x['setting']} | {cells} |")
+            where = f"| {x['batch_size']} | {x['threads']} | {x['budget']} | {x.get('code', 'current')} "
+            lines.append(f"{where}| {x['setting']} | {cells} |")
     return [*lines, "", provenance(r), ""]
 
 

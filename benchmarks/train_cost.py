@@ -40,6 +40,7 @@ SETTINGS: dict[str, dict[str, Any] | None] = {
     "layer, defaults": {},
     "layer, defaults with the un-quantized term every step": {"unquantized_schedule": "every_step"},
     "layer, defaults, givens rotation": {"rotation": "givens"},
+    "layer, defaults, cayley rotation": {"rotation": "cayley"},
 }
 
 # where a step's time goes: (part, module, attribute) of the functions timed under the profiler
@@ -48,6 +49,7 @@ PROBES: list[tuple[str, str, str]] = [
     ("query tower", "poeem.model.retrieval:RetrievalModel", "encode_queries"),
     ("layer forward", "poeem.index.layer:PoeemLayer", "forward"),
     ("rotation", "poeem.index.givens:GivensRotation", "matrix"),
+    ("rotation", "poeem.index.cayley:CayleyRotation", "matrix"),
     ("list and code assignment", "poeem.index.layer", "encode_rotated"),
     ("reconstruction", "poeem.index.layer", "decode_rotated"),
     ("trained codes", "poeem.index.trained_codes:TrainedCodes", "record"),
@@ -90,8 +92,11 @@ def _owner(spec: str) -> Any:
     import importlib
 
     module, _, cls = spec.partition(":")
-    owner = importlib.import_module(module)
-    return getattr(owner, cls) if cls else owner
+    try:
+        owner = importlib.import_module(module)
+    except ImportError:  # a part an earlier version of the library does not have
+        return None
+    return getattr(owner, cls, None) if cls else owner
 
 
 def profile_step(trainer: Any, batches: Any, warm: int, steps: int) -> dict[str, float]:
@@ -102,7 +107,7 @@ def profile_step(trainer: Any, batches: Any, warm: int, steps: int) -> dict[str,
     patched = []
     for label, spec, name in PROBES:
         owner = _owner(spec)
-        if hasattr(owner, name):
+        if owner is not None and hasattr(owner, name):
             patched.append((owner, name, getattr(owner, name)))
             setattr(owner, name, _probe(getattr(owner, name), "probe:" + label))
     trainer.cfg.max_steps = trainer.step + steps
@@ -141,6 +146,11 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="also split each layer setting's step")
     p.add_argument("--tiny", action="store_true")
     p.add_argument("--results-dir", type=Path, default=None)
+    p.add_argument(
+        "--code",
+        default="current",
+        help="a label for the library version measured (run an earlier one with PYTHONPATH)",
+    )
     args = p.parse_args()
     pre = preset(args.dataset, args.data_dir)
     if args.tiny:
@@ -160,6 +170,7 @@ def main() -> None:
             rate = statistics.median(rates[name])
             row: dict[str, Any] = {
                 "setting": name,
+                "code": args.code,
                 "batch_size": batch,
                 "threads": threads,
                 "budget": "lists {}, D {}, K {}".format(*budget),
@@ -177,7 +188,7 @@ def main() -> None:
             for part, ms in row.get("profile_ms", {}).items():
                 print(f"    {part}: {ms:.3f} ms", flush=True)
     name = f"train_cost_{args.dataset}{'_tiny' if args.tiny else ''}"
-    key = ("setting", "batch_size", "threads", "budget")
+    key = ("setting", "code", "batch_size", "threads", "budget")
     merged, commands, _ = merge_runs(name, rows, key, args.results_dir)
     payload = {"dataset": args.dataset, "runs": merged, "commands": commands}
     print("wrote", save_result(name, payload, args.results_dir))
