@@ -360,6 +360,9 @@ def one_seed(
             continue
         cfg = poeem_config(pre, seed, (lists, 2 * d, 16), None, None)
         if cfg.model.index_schedule == "after_training":
+            if epochs is not None:  # its default already distils, for as many epochs
+                print(f"  {name}: the same as poeem for towers that fit their index after training")
+                continue
             del cfg.model.poeem["codebook_size"]
         cfg.train = replace(cfg.train, distill_epochs=epochs)
         model, metrics = train_run(cfg, work / f"{name}-{seed}")
