@@ -84,3 +84,17 @@ def test_poeem_distill_on_a_run_builds_by_its_recipe(tmp_path: Path) -> None:
         result = CliRunner().invoke(app, [*args[:3], str(tmp_path / "ix2"), *extra])
         assert message in str(result.exception), (extra, result.exception)
     assert not (tmp_path / "ix2").exists()
+
+
+def test_a_failed_fit_after_training_names_the_distill_flags_of_the_same_index() -> None:
+    from typer.testing import CliRunner
+
+    from poeem.cli import app
+    from poeem.pipeline.run import _fit_flags
+
+    settings = {"num_coarse": 4, "num_subspaces": 8, "quantizer": "rq", "rotation": "opq", "seed": 3}
+    flags = _fit_flags(settings)
+    assert flags == "--codebook-size 256 --num-coarse 4 --num-subspaces 8 --quantizer rq --rotation opq"
+    assert "--codebook-size 16" in _fit_flags({**settings, "codebook_size": 16})
+    help_text = CliRunner().invoke(app, ["distill", "--help"], terminal_width=200).output
+    assert all(flag in help_text for flag in flags.split() if flag.startswith("--"))

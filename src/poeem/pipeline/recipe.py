@@ -334,8 +334,8 @@ def _start(
                 "drop --refit and pass layer flags (e.g. --quantizer rq) to fit a new index",
             )
         assert recipe.refit is not None
+        started = time.perf_counter()  # embedding the items is part of the stage
         items = source.item_embeddings()
-        started = time.perf_counter()
         if progress:
             print(f"refitting the index's coder ({recipe.refit}) on {items.shape[0]} items ...", flush=True)
         layer = refit_layer(trained, items, recipe.refit, progress=progress)
@@ -352,8 +352,8 @@ def _start(
         raise PoeemError(
             "distill", "no layer flags for a run with a Poeem layer", sorted(recipe.layer), "drop them"
         )
-    items = source.item_embeddings()
     started = time.perf_counter()
+    items = source.item_embeddings()
     if progress:
         print(f"fitting the index on {items.shape[0]} items ...", flush=True)
     layer = new_layer(items.shape[1], recipe.layer, items, progress)

@@ -17,7 +17,7 @@ from poeem.data import InteractionData, load_data
 from poeem.errors import PoeemError
 from poeem.evaluation.report import compare_indexes, learned_index_rows
 from poeem.folder_lock import folder_writer, writer_of
-from poeem.index.config import PoeemConfig
+from poeem.index.config import FITTED_CODEBOOK_SIZE, PoeemConfig
 from poeem.model import RetrievalModel
 from poeem.model.config import TextConfig
 from poeem.model.text import TextTwoTowerModel
@@ -378,6 +378,13 @@ def _check_distill(cfg: RunConfig) -> None:
             )
 
 
+def _fit_flags(layer: dict[str, Any]) -> str:
+    """The ``poeem distill`` flags that fit the index a recipe's ``layer`` settings describe."""
+    names = ("num_coarse", "num_subspaces", "codebook_size", "quantizer", "rotation")
+    shown = {"codebook_size": FITTED_CODEBOOK_SIZE, **{k: layer[k] for k in names if k in layer}}
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k in names)
+
+
 def _after_training(
     model: RetrievalModel, data: InteractionData, artifacts: RunArtifacts, cfg: RunConfig, run_dir: Path
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -398,11 +405,9 @@ def _after_training(
             built = build_index(source, recipe, progress=cfg.train.progress, encode=False)
     except (PoeemError, RuntimeError, ValueError) as err:
         if recipe.start == "fit":  # the towers trained alone: there is no index yet
-            c = model.index.config
-            flags = f"--num-coarse {c.num_coarse} --num-subspaces {c.num_subspaces}"
             fix = (
                 f"training finished and is saved in '{run_dir}': build its index with 'poeem distill "
-                f"{run_dir} --out INDEX {flags} --codebook-size {c.codebook_size}'"
+                f"{run_dir} --out INDEX {_fit_flags(recipe.layer)}'"
             )
         else:
             finish = f"'poeem distill {run_dir} --out INDEX" + (
