@@ -6,7 +6,7 @@ dim 64, a learned rotation, lists assigned by inner product), then prints precis
 search, FAISS and Poeem at nprobe 1: the index the Poeem run serves by default, its index as
 trained (the paper's), ready the moment training ends. The rotation is learned through a Cayley
 map: the tutorial's Givens product spans the same rotations near the identity, and on this task
-it cost a quarter more training time for no better index (docs/design.md, "Learnable
+it cost a third to a half more training time for no better index (docs/design.md, "Learnable
 rotation").
 """
 
