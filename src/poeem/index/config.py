@@ -85,7 +85,8 @@ class IndexSpec:
         "none",
         help="opq: a fixed OPQ rotation fitted at the warm start; givens: OPQ, then learned in "
         "training as a product of Givens rotations (the paper's; always orthogonal); cayley: the "
-        "same rotations near the identity, learned through a Cayley map (built in a fifth of the Givens product's time at d = 64).",
+        "same rotations near the identity, learned through a Cayley map (built in a fifth of the "
+        "Givens product's time at d = 64).",
     )
 
     @property
