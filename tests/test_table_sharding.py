@@ -89,6 +89,9 @@ def test_table_sharding_is_refused_where_it_cannot_run(
 
     done = cli("train", "--run-dir", str(tmp_path / "one"), *RUN, *SHARDED, "--max-steps", "2", ok=False)
     assert "--table-sharding torchrec: expected torchrun (several processes), got one process" in done.stderr
+    after = ("--index-schedule", "after_training")
+    done = cli("train", "--run-dir", str(tmp_path / "two"), *RUN, *SHARDED, *after, ok=False)
+    assert "--index-schedule: expected joint with sharded tables" in done.stderr
     monkeypatch.setattr(distributed, "is_active", lambda: True)  # as under torchrun
     sharded = TrainConfig(table_sharding="torchrec", table_optimizer="rowwise_adagrad")
     check_table_sharding(sharded, True, "float32")  # what the runs above train with

@@ -198,6 +198,14 @@ def _train_run(
         )
     cfg = resolve_refit(cfg)
     _check_distill(cfg)
+    sharded_ids = cfg.train.table_sharding == "torchrec" and cfg.model.text is None
+    if sharded_ids and cfg.model.poeem is not None and cfg.model.index_schedule == "after_training":
+        raise PoeemError(  # rank 0 alone cannot read the other ranks' rows
+            "--index-schedule",
+            "joint with sharded tables (the index trains with the model)",
+            "after_training",
+            "drop --index-schedule, or distil the finished run: 'poeem distill RUN_DIR ...'",
+        )
     data = load_data(cfg.data)
     shapes = model_shapes(data)
     check_table_sharding(cfg.train, cfg.model.text is None, cfg.model.table_dtype, device)
