@@ -26,7 +26,7 @@ from typing import Any
 from poeem.data import load_data
 from poeem.pipeline.run import train_run
 
-from common import add_mean_std, merge_runs, save_result
+from common import add_mean_std, command_line, merge_runs, save_result
 from frontier import guideline_lists, poeem_config
 from presets import preset, tiny
 
@@ -120,7 +120,7 @@ def main() -> None:
         "bytes_per_item": d,
         "summary": summary(merged),
         "runs": merged,
-        "commands": commands,
+        "commands": [*commands, command_line()],
     }
     print("wrote", save_result(name, payload, args.results_dir))
     print(json.dumps([e for e in summary(runs) if e["nprobe"] in (1, lists)], indent=1)[:3000])

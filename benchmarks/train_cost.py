@@ -31,7 +31,7 @@ from poeem.data import load_data
 from poeem.pipeline.run_dir import build_model, model_shapes
 from poeem.training import PairBatches, Trainer
 
-from common import merge_runs, save_result, timed_steps_per_s
+from common import command_line, merge_runs, save_result, timed_steps_per_s
 from presets import PAPER_LOSSES, preset, tiny
 
 SETTINGS: dict[str, dict[str, Any] | None] = {
@@ -190,7 +190,7 @@ def main() -> None:
     name = f"train_cost_{args.dataset}{'_tiny' if args.tiny else ''}"
     key = ("setting", "code", "batch_size", "threads", "budget")
     merged, commands, _ = merge_runs(name, rows, key, args.results_dir)
-    payload = {"dataset": args.dataset, "runs": merged, "commands": commands}
+    payload = {"dataset": args.dataset, "runs": merged, "commands": [*commands, command_line()]}
     print("wrote", save_result(name, payload, args.results_dir))
 
 
