@@ -16,11 +16,11 @@ It trains the same model with a Poeem layer: at K = 16 (2D sub-codes), exported 
 that is an index fitted after training, D 8-bit codes, and distilled), and the same distilled
 after training (``poeem-distilled``, ``--distill-epochs 10``); and at K = 256 (D sub-codes),
 served as trained (``poeem-k256``) and refitted (``poeem-refit``, ``--refit rq``: both come from
-one run, which keeps its index as trained). ``poeem-distill-items`` is ``poeem distill --items
---queries`` with its defaults on the baseline's item embeddings, taught by the training queries'
-embeddings (the queries a run distils from; the evaluation queries never teach an index): poeem's
-index for embeddings it did not train. A fit, a refit and a distillation after training are part
-of a run's build.
+one run, which keeps its index as trained), trained with the model for text towers too.
+``poeem-distill-items`` is ``poeem distill --items --queries`` with its defaults on the
+baseline's item embeddings, taught by the training queries' embeddings (the queries a run
+distils from; the evaluation queries never teach an index): poeem's index for embeddings it did
+not train. A fit, a refit and a distillation after training are part of a run's build.
 
 Each method is searched at every nprobe from 1 to all lists (HNSW: efSearch 16 to 512), up to
 the first setting that is slower than exact search and takes over 2 s for the query set: exact
@@ -339,7 +339,9 @@ def one_seed(
     if {"poeem-k256", "poeem-refit"} & set(methods):  # one run: a refitted run keeps its index as trained
         refit = "rq" if "poeem-refit" in methods else None
         run = work / f"k256-{seed}"
-        model, metrics = train_run(poeem_config(pre, seed, (lists, d, 256), refit, distill_epochs), run)
+        cfg = poeem_config(pre, seed, (lists, d, 256), refit, distill_epochs)
+        cfg.model.poeem["schedule"] = "joint"  # the layer trained with the model, text towers too
+        model, metrics = train_run(cfg, run)
         train_s["poeem-k256"] = metrics["train_s"]
         encode = remembered(QueryEncoder.from_model(model, data).by_rows)
         searcher, export_s = poeem_searcher(model, data)

@@ -16,6 +16,7 @@ from poeem.export import learned_index, to_faiss
 from poeem.index.refit import refit_layer
 from poeem.pipeline import load_run, resume_config, train_run
 from poeem.pipeline.recipe import IndexRecipe
+from poeem.pipeline.run import resolve_refit
 from poeem.search import FaissSearcher, TorchIVFPQ
 
 
@@ -130,6 +131,12 @@ def test_a_refit_needs_a_layer_and_is_refused_before_training(tmp_path: Path) ->
         result.exception
     ) and "expected 'auto', 'pq', 'rq' or 'none', got 'opq'" in str(result.exception)
     assert not (tmp_path / "cli").exists()
+    cfg = tiny_config()
+    cfg.model.poeem["schedule"], cfg.train.refit = "after_training", "rq"
+    with pytest.raises(PoeemError, match="--refit: expected a layer trained with the model"):
+        train_run(cfg, tmp_path / "after")
+    assert not (tmp_path / "after").exists()
+    assert resolve_refit(replace(cfg, train=replace(cfg.train, refit="auto"))).train.refit is None
 
 
 def test_a_run_with_refit_rq_serves_it_and_reports_its_index_as_trained(tmp_path: Path) -> None:

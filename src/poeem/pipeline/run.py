@@ -350,10 +350,12 @@ def after_training_seconds(metrics: dict[str, Any]) -> float:
 def resolve_refit(cfg: RunConfig) -> RunConfig:
     """``cfg`` with ``train.refit`` made concrete, as the run stores it. The default (None)
     stays None in one process and under torchrun alike; an explicit "auto" becomes "rq" for a
-    run with a layer in one process, else None (under torchrun it says how to refit afterwards)."""
+    run with a layer trained with the model in one process, else None (under torchrun it says
+    how to refit afterwards)."""
     if cfg.train.refit != "auto":
         return cfg
-    layer = cfg.model.poeem is not None
+    # a layer fitted after training has no trained index to refit: "auto" leaves it alone
+    layer = cfg.model.poeem is not None and cfg.model.index_schedule != "after_training"
     if layer and distributed.is_active() and distributed.is_main():
         print(
             "the index is not refitted under torchrun: after training, run "
@@ -380,7 +382,15 @@ def _check_distill(cfg: RunConfig) -> None:
                 "a baseline run",
                 f"add --poeem, or build an index for the trained run with {after}",
             )
-        if distributed.is_active():
+        after_training = cfg.model.index_schedule == "after_training"
+        if after_training and flag == "--refit":
+            raise PoeemError(
+                "--refit",
+                "a layer trained with the model (--index-schedule joint) to refit",
+                "the after_training schedule, whose index is fitted after training already",
+                "drop --refit (pick the fitted index with --quantizer), or add --index-schedule joint",
+            )
+        if distributed.is_active() and not after_training:  # rank 0 builds that index alone
             raise PoeemError(
                 flag, "one process", "torchrun", f"train without it, then run {after} (one process)"
             )
