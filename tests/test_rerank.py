@@ -98,27 +98,38 @@ def test_rerank_with_excludes_and_short_lists(tmp_path: Path) -> None:
     assert np.isneginf(d[i == ""]).all()
 
 
-def test_rescore_is_one_batched_pass_equal_to_per_query_scoring(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("precision", ["sq8", "fp16"])
+@pytest.mark.parametrize("step", [1, 2])  # consecutive ids (row = id - first) or not (a search)
+def test_rescore_is_one_batched_pass_equal_to_per_query_scoring(
+    monkeypatch: pytest.MonkeyPatch, metric: str, precision: str, step: int
+) -> None:
     """The vectorised re-scoring over many chunks equals scoring each query alone."""
     monkeypatch.setattr(rerank, "GATHER_FLOATS", 50 * DIM * 5)  # chunks of 5 queries
     layer, x = trained_layer("none", 8)
     from poeem.export.learned import learned_index
     from poeem.search.segments import SegmentedIndex
 
-    codec = VectorCodec.fit("sq8", x[:1000])
-    base = learned_index(layer, x[:1000], torch.arange(1000) * 2)
+    codec = VectorCodec.fit(precision, x[:1000])
+    base = learned_index(layer, x[:1000], torch.arange(1000) * step + 5)
     base.vectors = codec.encode(x[:1000])
     stored = rerank.StoredVectors(SegmentedIndex(base), codec)
     xq = correlated(64, DIM, seed=2)
-    cand = torch.randint(0, 1000, (64, 50)) * 2
+    rows = torch.randint(0, 1000, (64, 50))
+    cand = rows * step + 5
     cand[:, -3:] = -1  # missing candidates sort last
-    d, i = rerank.rescore(xq, cand, stored, 8, "l2")
+    cand[0, 5:] = -1  # fewer candidates than k: the row runs short
+    d, i = rerank.rescore(xq.numpy(), cand.numpy(), stored, 8, metric)
+    kept = codec.decode(codec.encode(x[:1000])).double()
     for row in range(64):
-        x_row = codec.decode(codec.encode(x[:1000]))[cand[row, :-3] // 2]
-        s = ((x_row - xq[row]) ** 2).sum(-1)
-        order = torch.argsort(s)[:8]
-        assert i[row].tolist() == cand[row, :-3][order].tolist()
-        torch.testing.assert_close(d[row], s[order], rtol=1e-4, atol=1e-4)
+        valid = cand[row] >= 0
+        x_row, q = kept[rows[row][valid]], xq[row].double()
+        s = ((x_row - q) ** 2).sum(-1) if metric == "l2" else x_row @ q
+        order = torch.argsort(s, descending=metric != "l2")[:8]
+        n = len(order)
+        assert i[row, :n].tolist() == cand[row][valid][order].tolist() and (i[row, n:] == -1).all()
+        np.testing.assert_allclose(d[row, :n], s[order].numpy(), rtol=1e-4, atol=1e-4)
+        assert np.isinf(d[row, n:]).all()
 
 
 def assert_same_reranked(

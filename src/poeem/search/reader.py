@@ -330,9 +330,13 @@ class IndexReader:
             d, i = self._exclude(xq, width, nprobe, batch_size, d, i, [self._index_ids(e) for e in exclude])
         if width > k:
             assert self._vectors is not None
-            scored = rescore(xq, torch.from_numpy(i), self._vectors, k, self.metric)
-            d, i = scored[0].numpy(), scored[1].numpy()
+            d, i = rescore(xq.numpy(), i, self._vectors, k, self.metric)
         return d, self._raw_item_ids(i)
+
+    @property
+    def stored_vectors(self) -> StoredVectors | None:
+        """The live items' stored vectors by FAISS id (what re-ranking reads), or None."""
+        return self._vectors
 
     def rerank_factor(self, rerank: float | None) -> float:
         """The re-ranking factor a search with ``rerank`` uses (validated): None is the index's
