@@ -25,8 +25,8 @@ from poeem.search.segments import SegmentedIndex
 DEFAULT_RERANK_FACTOR = 4.0
 # a factor past this re-scores more candidates than any frontier point needed
 MAX_RERANK_FACTOR = 100
-# (candidates x dim) floats gathered at once: bounds the memory of a large batch
-GATHER_FLOATS = 1 << 22
+# (candidates x dim) floats gathered at once: a chunk of queries stays in cache (1 MiB)
+GATHER_FLOATS = 1 << 18
 NEEDS_VECTORS_FIX = (
     "re-export the index with 'poeem export RUN --out DIR --rerank sq8' (or fp16, float) to keep "
     "each item's vector, or search without --rerank-factor"
