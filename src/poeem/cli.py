@@ -365,21 +365,8 @@ def distill(
                 "none",
                 "pass e.g. --num-subspaces 8 (8 bytes per item at K=256)",
             )
-        searcher, _ = distill_embeddings(
-            x,
-            q,
-            out,
-            settings,
-            metric,
-            item_ids,
-            config,
-            fast_scan,
-            replace,
-            progress,
-            from_faiss,
-            resume,
-            rerank,  # type: ignore[arg-type]
-        )
+        flags = (config, fast_scan, replace, progress, from_faiss, resume, rerank)
+        searcher, _ = distill_embeddings(x, q, out, settings, metric, item_ids, *flags)  # type: ignore[arg-type]
     typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.describe()}) written to {out}")
 
 
