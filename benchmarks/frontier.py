@@ -73,6 +73,7 @@ import torch
 from poeem.data import load_data
 from poeem.evaluation.cost import list_balance, list_sizes
 from poeem.evaluation.evaluate import evaluate_retrieval
+from poeem.evaluation.metrics import ranking_metric_sums
 from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import export_learned
 from poeem.model.query_encoder import QueryEncoder
@@ -291,7 +292,10 @@ def measure(
     rows = []
     for setting in settings:
         qps = best_qps(index, xq, k, setting)
-        recall = evaluate_retrieval(index, encode, data, (k,), setting)[pre.headline]
+        if isinstance(setting, tuple):  # a re-ranking group's (nprobe, F)
+            recall = rerank_recall(index, encode, data, pre, setting)
+        else:
+            recall = evaluate_retrieval(index, encode, data, (k,), setting)[pre.headline]
         label = setting_label(method, setting)
         rows.append(
             {
@@ -310,6 +314,47 @@ def measure(
     best = max(rows, key=lambda r: r["recall"])
     print(f"  {method}: best {pre.headline} {best['recall']:.4f} ({best['setting']})", flush=True)
     return rows
+
+
+def rerank_recall(
+    index: Any,
+    encode: Callable[[np.ndarray], torch.Tensor],
+    data: Any,
+    pre: Preset,
+    setting: tuple[int, float],
+) -> float:
+    """The headline metric of ``index`` searched with ``setting`` (nprobe, F), each query's
+    training items excluded as everywhere here, with as many re-ranked candidates per query as
+    the timed search (k results, no exclusions) re-ranks: a query with e excluded items asks for
+    k + e results with F k + e candidates, and its excluded items are dropped afterwards. (The
+    usual over-fetch of k + 256 results would give every query F (k + 256) candidates.)"""
+    k = int(pre.headline.split("@")[1])
+    nprobe, factor = setting
+    every = data.eval_queries()
+    exclude = data.train_csr() if data.exclude_train else None
+    extra = np.zeros(len(every), np.int64) if exclude is None else exclude.lengths()[every]
+    extra = np.minimum(extra, index.ntotal - k)
+    totals: dict[str, float] = {}
+    for e in np.unique(extra):
+        group = every[extra == e]
+        width = k + int(e)
+        inner = (nprobe, (factor * k + e) / width if factor > 1 else 1.0)
+        for start in range(0, len(group), 2048):
+            rows = group[start : start + 2048]
+            with torch.no_grad():
+                ids = index.search(encode(rows), width, inner)[1].numpy()
+            if exclude is not None:
+                ids = np.where(exclude.contains(rows, ids), -1, ids)
+                ids = np.take_along_axis(ids, np.argsort(ids < 0, axis=1, kind="stable"), axis=1)
+            topk = ids[:, :k]
+            if data.relevance is not None:
+                hits = data.relevance(rows, np.where(topk < 0, 0, topk)) & (topk >= 0)
+                num_relevant = data.relevant_counts[rows]
+            else:
+                hits, num_relevant = data.test.contains(rows, topk), data.test.lengths()[rows]
+            for name, value in ranking_metric_sums(hits, num_relevant, (k,)).items():
+                totals[name] = totals.get(name, 0.0) + value
+    return totals[pre.headline] / max(1, len(every))
 
 
 def setting_label(method: str, setting: int | tuple[int, float]) -> str:
