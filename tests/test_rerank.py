@@ -347,3 +347,11 @@ def test_export_and_distill_keep_vectors_from_the_command_line(tmp_path: Path) -
     distilled = Searcher.load(tmp_path / "d")
     assert distilled.vector_codec is not None and distilled.vector_codec.precision == "fp16"
     assert torch.equal(distilled.index.base.vectors, torch.from_numpy(np.load(items_npy)).half())
+
+
+def test_a_recipe_with_vectors_needs_one_process_and_the_help_names_the_default() -> None:
+    assert IndexRecipe(rerank="sq8").needs_items and not IndexRecipe().needs_items
+    with pytest.raises(PoeemError, match="--rerank: expected one of fp16, sq8, float"):
+        IndexRecipe(rerank="int4")  # type: ignore[arg-type]
+    result = CliRunner().invoke(app, ["search", "--help"], terminal_width=400)
+    assert f"Default: {rerank.DEFAULT_RERANK_FACTOR:g} on an index with stored vectors" in result.output

@@ -472,7 +472,7 @@ def search(
         float | None,
         typer.Option(
             help="F: re-score the codes' top F*k candidates with the items' stored vectors and keep the "
-            "best k (an index exported with --rerank); 0 or 1: off. Default: 4 on an index with "
+            "best k (an index exported with --rerank); 0 or 1: off. Default: 2 on an index with "
             "stored vectors, off on one without.",
             show_default=False,
         ),
