@@ -358,3 +358,15 @@ def test_a_recipe_with_vectors_needs_one_process_and_the_help_names_the_default(
     search = typer.main.get_command(app).commands["search"]  # type: ignore[attr-defined]
     help_text = next(p.help for p in search.params if p.name == "rerank_factor")
     assert f"Default: {rerank.DEFAULT_RERANK_FACTOR:g} on an index with stored vectors" in help_text
+
+
+def test_merged_segments_keep_their_vectors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segments, "MAX_SEGMENTS", 3)
+    layer, x = trained_layer("none", 8)
+    searcher = Searcher.create(tmp_path / "ix", layer, x[:500], rerank="fp16")
+    for start in range(500, 540, 10):
+        searcher.add(x[start : start + 10], np.arange(start, start + 10))
+    reloaded = Searcher.load(tmp_path / "ix")
+    assert len(reloaded.index.segments) < 4  # merged into one, then one more
+    held = reloaded.tensors
+    assert held.vectors is not None and torch.equal(held.vectors, x[held.ids].half())
