@@ -37,6 +37,17 @@ a Poeem export, and a refit and distillation where the run does them.
     python benchmarks/frontier.py --dataset scifact --seeds 0 --num-subspaces 16
 
 Writes ``results/frontier_<dataset>[_D<bytes>].json``; ``benchmarks/report.py`` plots it.
+
+``--rerank`` measures the re-ranking group instead, at its own bytes per item (codes plus the
+kept vectors): poeem's default index exported with ``--rerank sq8`` (and ``fp16``), searched
+with ``rerank=F``; FAISS IVF-PQ and IVF-PQ fast scan with ``Refine(SQ8)`` (and
+``Refine(SQfp16)``), searched with ``k_factor`` F; ScaNN lut16 with int8 (and bfloat16)
+reorder of the top F k; and, as references at the codes' bytes alone, poeem's default and FAISS
+IVF-PQ without re-ranking. It sweeps nprobe (up to ``--rerank-max-nprobe``) times F
+(``--rerank-factors``) and writes ``results/frontier_rerank_<dataset>[_D<bytes>].json``:
+
+    python benchmarks/frontier.py --dataset gowalla --seeds 0 --rerank
+    python benchmarks/frontier.py --dataset scifact --seeds 0 --num-subspaces 16 --rerank
 """
 
 from __future__ import annotations
@@ -47,6 +58,7 @@ import math
 import shutil
 import tempfile
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -61,6 +73,7 @@ import torch
 from poeem.data import load_data
 from poeem.evaluation.cost import list_balance, list_sizes
 from poeem.evaluation.evaluate import evaluate_retrieval
+from poeem.evaluation.metrics import ranking_metric_sums
 from poeem.export.faiss_codec import build_faiss_index, default_fast_scan
 from poeem.export.learned import export_learned
 from poeem.model.query_encoder import QueryEncoder
@@ -68,12 +81,12 @@ from poeem.pipeline.distill import distill_embeddings
 from poeem.pipeline.recipe import DEFAULT_DISTILL_EPOCHS
 from poeem.pipeline.run import after_training_seconds, attach_data, train_run
 from poeem.pipeline.run_dir import load_run
-from poeem.search import FaissSearcher
+from poeem.search import FaissSearcher, Searcher
 from poeem.search.faiss_backend import untrained_faiss_index
 from poeem.training.distill import DistillConfig
 
 from common import RESULTS, add_mean_std, command_line, pareto_front, save_result
-from peers import ScannIndex
+from peers import RefinedFaiss, ScannIndex
 from presets import Preset, preset, tiny
 
 HNSW_EF = (16, 32, 64, 128, 256, 512)
@@ -96,6 +109,19 @@ METHODS = [  # plotting and table order
     "hnsw",
 ]
 DEFAULT_METHOD = "poeem"  # what `poeem train` serves with no index flags
+# the re-ranking group: method -> vector bytes per dimension kept beside the codes (0: none)
+RERANK_METHODS = {
+    "poeem-rerank-sq8": 1,
+    "poeem-rerank-fp16": 2,
+    "faiss-ivfpq-refine-sq8": 1,
+    "faiss-ivfpq-fastscan-refine-sq8": 1,
+    "faiss-ivfpq-fastscan-refine-fp16": 2,
+    "scann-lut16-reorder-int8": 1,
+    "scann-lut16-reorder-bf16": 2,
+    "poeem": 0,
+    "faiss-ivfpq": 0,
+}
+RERANK_DEFAULT = "poeem-rerank-sq8"  # the row the report compares (poeem export --rerank sq8)
 
 
 def guideline_lists(num_items: int) -> int:
@@ -266,12 +292,15 @@ def measure(
     rows = []
     for setting in settings:
         qps = best_qps(index, xq, k, setting)
-        recall = evaluate_retrieval(index, encode, data, (k,), setting)[pre.headline]
-        label = f"efSearch={setting}" if method == "hnsw" else f"nprobe={setting}"
+        if isinstance(setting, tuple):  # a re-ranking group's (nprobe, F)
+            recall = rerank_recall(index, encode, data, pre, setting)
+        else:
+            recall = evaluate_retrieval(index, encode, data, (k,), setting)[pre.headline]
+        label = setting_label(method, setting)
         rows.append(
             {
                 "method": method,
-                "default": method == DEFAULT_METHOD,
+                "default": method in (DEFAULT_METHOD, RERANK_DEFAULT),
                 "bytes_per_item": bytes_per_item,
                 "setting": label,
                 "recall": recall,
@@ -285,6 +314,169 @@ def measure(
     best = max(rows, key=lambda r: r["recall"])
     print(f"  {method}: best {pre.headline} {best['recall']:.4f} ({best['setting']})", flush=True)
     return rows
+
+
+def rerank_recall(
+    index: Any,
+    encode: Callable[[np.ndarray], torch.Tensor],
+    data: Any,
+    pre: Preset,
+    setting: tuple[int, float],
+) -> float:
+    """The headline metric of ``index`` searched with ``setting`` (nprobe, F), each query's
+    training items excluded as everywhere here, with as many re-ranked candidates per query as
+    the timed search (k results, no exclusions) re-ranks: a query with e excluded items asks for
+    k + e results with F k + e candidates, and its excluded items are dropped afterwards. (The
+    usual over-fetch of k + 256 results would give every query F (k + 256) candidates.)"""
+    k = int(pre.headline.split("@")[1])
+    nprobe, factor = setting
+    every = data.eval_queries()
+    exclude = data.train_csr() if data.exclude_train else None
+    extra = np.zeros(len(every), np.int64) if exclude is None else exclude.lengths()[every]
+    extra = np.minimum(extra, index.ntotal - k)
+    totals: dict[str, float] = {}
+    for e in np.unique(extra):
+        group = every[extra == e]
+        width = k + int(e)
+        inner = (nprobe, (factor * k + e) / width if factor > 1 else 1.0)
+        for start in range(0, len(group), 2048):
+            rows = group[start : start + 2048]
+            with torch.no_grad():
+                ids = index.search(encode(rows), width, inner)[1].numpy()
+            if exclude is not None:
+                ids = np.where(exclude.contains(rows, ids), -1, ids)
+                ids = np.take_along_axis(ids, np.argsort(ids < 0, axis=1, kind="stable"), axis=1)
+            topk = ids[:, :k]
+            if data.relevance is not None:
+                hits = data.relevance(rows, np.where(topk < 0, 0, topk)) & (topk >= 0)
+                num_relevant = data.relevant_counts[rows]
+            else:
+                hits, num_relevant = data.test.contains(rows, topk), data.test.lengths()[rows]
+            for name, value in ranking_metric_sums(hits, num_relevant, (k,)).items():
+                totals[name] = totals.get(name, 0.0) + value
+    return totals[pre.headline] / max(1, len(every))
+
+
+def setting_label(method: str, setting: int | tuple[int, float]) -> str:
+    """How a row names its search setting: efSearch, nprobe, or nprobe and re-ranking factor F."""
+    if method == "hnsw":
+        return f"efSearch={setting}"
+    if isinstance(setting, tuple):
+        nprobe, factor = setting
+        return f"nprobe={nprobe}" if factor <= 1 else f"nprobe={nprobe},F={factor:g}"
+    return f"nprobe={setting}"
+
+
+class Reranked:
+    """An index directory searched with re-ranking: ``search(xq, k, (nprobe, F))``."""
+
+    def __init__(self, searcher: Searcher) -> None:
+        self.searcher, self.ntotal = searcher, searcher.ntotal
+
+    def search(
+        self, xq: torch.Tensor, k: int, setting: tuple[int, float]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, dim) queries -> (nq, k) scores and ids."""
+        nprobe, factor = setting
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # nprobe clamped to the lists
+            d, i = self.searcher.search(xq, k, nprobe, rerank=factor)
+        return torch.from_numpy(d), torch.from_numpy(i)
+
+
+def poeem_default_run(pre: Preset, seed: int, lists: int, d: int, work: Path, data: Any) -> tuple[Any, dict]:
+    """The default run at ``d`` bytes (K = 16, 2d sub-codes; a text tower's fitted index takes d
+    8-bit codes) and its metrics."""
+    cfg = poeem_config(pre, seed, (lists, 2 * d, 16), None, None)
+    if cfg.model.index_schedule == "after_training":
+        del cfg.model.poeem["codebook_size"]
+    return train_run(cfg, work / f"poeem-{seed}")
+
+
+def rerank_seed(
+    pre: Preset,
+    seed: int,
+    lists: int,
+    d: int,
+    work: Path,
+    methods: list[str],
+    grid: tuple[list[int], list[float]],
+) -> tuple[list[dict[str, Any]], dict]:
+    """The re-ranking group's rows for one seed (module docstring), the exact reference and the
+    training seconds; ``grid`` is (nprobes, factors F)."""
+    nprobes, factors = grid
+    rows: list[dict[str, Any]] = []
+    cfg = replace(pre, budget=(lists, d, 256)).run_config(seed, None, (1,))
+    data = load_data(cfg.data)
+    k = int(pre.headline.split("@")[1])
+    baseline, metrics = train_run(cfg, work / f"baseline-{seed}")
+    train_s = {"baseline": metrics["train_s"]}
+    encode = remembered(QueryEncoder.from_model(baseline, data).by_rows)
+    with torch.no_grad():
+        items = baseline.all_item_embeddings(item_features(data))
+        xq = encode(data.eval_queries())
+    dim = items.shape[1]
+    x = np.ascontiguousarray(items.float().numpy())
+    exact_index = FaissSearcher(faiss.IndexFlatIP(dim))
+    exact_index.index.add(x)
+    exact = {
+        "recall": evaluate_retrieval(exact_index, encode, data, (k,), 1)[pre.headline],
+        "qps": best_qps(exact_index, xq, k, 1),
+        "bytes_per_item": 4.0 * dim,
+    }
+    print(f"  exact: {pre.headline} {exact['recall']:.4f}", flush=True)
+    grids = {m: [[(n, f) for n in nprobes] for f in factors] for m, v in RERANK_METHODS.items() if v}
+    grids.update({m: [[(n, 1.0) for n in nprobes]] for m, v in RERANK_METHODS.items() if not v})
+    specs = {
+        "faiss-ivfpq-refine-sq8": f"IVF{lists},PQ{d}x8,Refine(SQ8)",
+        "faiss-ivfpq-fastscan-refine-sq8": f"IVF{lists},PQ{2 * d}x4fs,Refine(SQ8)",
+        "faiss-ivfpq-fastscan-refine-fp16": f"IVF{lists},PQ{2 * d}x4fs,Refine(SQfp16)",
+        "faiss-ivfpq": f"IVF{lists},PQ{d}x8",
+    }
+    scann = {"scann-lut16-reorder-int8": "int8", "scann-lut16-reorder-bf16": "bfloat16"}
+
+    def sweep(
+        method: str, index: Any, build_s: float, run_encode: Callable[[np.ndarray], torch.Tensor]
+    ) -> None:
+        size = float(d + RERANK_METHODS[method] * dim)
+        for settings in grids[method]:
+            rows.extend(
+                measure(method, (index, build_s, size, settings), run_encode, data, pre, exact["qps"])
+            )
+
+    for method in methods:
+        if method in specs:
+            index, seconds = timed(lambda spec=specs[method]: RefinedFaiss(x, spec, seed))
+            sweep(method, index, seconds, encode)
+        elif method in scann:
+            built, seconds = timed(
+                lambda r=scann[method]: ScannIndex(items, lists, 2 * d, 16, reorder=r, max_candidates=100)
+            )
+            sweep(method, built, seconds, encode)
+    poeem_methods = [m for m in methods if m.startswith("poeem")]
+    if poeem_methods:
+        model, metrics = poeem_default_run(pre, seed, lists, d, work, data)
+        train_s["poeem"] = metrics["train_s"]
+        encode = remembered(QueryEncoder.from_model(model, data).by_rows)
+        with torch.no_grad():
+            poeem_items = model.all_item_embeddings(item_features(data))
+        fast_scan = default_fast_scan(model.index.config)
+        for method in poeem_methods:
+            precision = method.removeprefix("poeem-rerank-") if method != "poeem" else "sq8"
+            out = work / f"{method}-{seed}"
+            searcher, export_s = timed(
+                lambda out=out, precision=precision: Searcher.create(
+                    out,
+                    model.index,
+                    poeem_items,
+                    None,
+                    model.config.search_metric,
+                    fast_scan,
+                    rerank=precision,
+                )
+            )
+            sweep(method, Reranked(searcher), after_training_seconds(metrics) + export_s, encode)
+    return rows, {"exact": exact, "train_s": train_s}
 
 
 def poeem_config(
@@ -376,8 +568,8 @@ def one_seed(
     return rows, {"exact": exact, "train_s": train_s}
 
 
-def mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Mean (and std) over seeds of each (method, setting) row."""
+def mean_rows(per_seed: list[list[dict[str, Any]]], order: list[str] = METHODS) -> list[dict[str, Any]]:
+    """Mean (and std) over seeds of each (method, setting) row, in ``order`` of methods."""
     grouped: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for rows in per_seed:
         for row in rows:
@@ -390,7 +582,7 @@ def mean_rows(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 add_mean_std(entry, key, [r[key] for r in rows])
         entry["seeds"] = len(rows)
         out.append(entry)
-    return sorted(out, key=lambda r: (METHODS.index(r["method"]), -r["qps"]))
+    return sorted(out, key=lambda r: (order.index(r["method"]), -r["qps"]))
 
 
 def main() -> None:
@@ -402,7 +594,10 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--num-subspaces", type=int, default=None, help="D: bytes per item (default 8)")
     p.add_argument("--lists", type=int, default=None, help="default: FAISS's guideline, 4 sqrt(n)")
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=None, choices=[*METHODS, *RERANK_METHODS])
+    p.add_argument("--rerank", action="store_true", help="the re-ranking group (module docstring)")
+    p.add_argument("--rerank-factors", type=float, nargs="+", default=[2, 4, 8], help="F, candidates / k")
+    p.add_argument("--rerank-max-nprobe", type=int, default=64)
     p.add_argument(
         "--refit-distill-epochs", type=int, default=None, help="the refit's distillation (default: the run's)"
     )
@@ -416,6 +611,10 @@ def main() -> None:
     p.add_argument("--results-dir", type=Path, default=None)
     args = p.parse_args()
 
+    order = list(RERANK_METHODS) if args.rerank else METHODS
+    args.methods = args.methods or order
+    if set(args.methods) - set(order):
+        raise SystemExit(f"--methods of {'the re-ranking group' if args.rerank else 'the frontier'}: {order}")
     pre = preset(args.dataset, args.data_dir)
     if args.tiny:
         pre = tiny(pre)
@@ -429,13 +628,18 @@ def main() -> None:
     try:
         for seed in args.seeds:
             print(f"seed {seed}", flush=True)
-            rows, extra = one_seed(pre, seed, lists, d, work, args.methods, args.refit_distill_epochs)
+            if args.rerank:
+                nprobes = [2**i for i in range(lists.bit_length()) if 2**i <= args.rerank_max_nprobe]
+                grid = (nprobes, args.rerank_factors)
+                rows, extra = rerank_seed(pre, seed, lists, d, work, args.methods, grid)
+            else:
+                rows, extra = one_seed(pre, seed, lists, d, work, args.methods, args.refit_distill_epochs)
             per_seed.append(rows)
             extras.append(extra)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     suffix = f"_D{args.num_subspaces}" if args.num_subspaces else ""
-    name = f"frontier_{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
+    name = f"frontier_{'rerank_' if args.rerank else ''}{args.dataset}{suffix}{'_tiny' if args.tiny else ''}"
     commands: list[str] = []
     if args.merge:
         old = json.loads(((args.results_dir or RESULTS) / f"{name}.json").read_text())
@@ -451,7 +655,8 @@ def main() -> None:
         add_mean_std(exact, key, [e["exact"][key] for e in extras])
     if args.merge:  # the reference the kept rows were measured against
         exact = old["exact"]
-    rows = mean_rows(per_seed)
+    rows = mean_rows(per_seed, order)
+    grid_record = {"factors": args.rerank_factors, "max_nprobe": args.rerank_max_nprobe}
     train_s: dict[str, Any] = dict(old["train_s"]) if args.merge else {}
     for key in extras[0]["train_s"]:
         add_mean_std(train_s, key, [e["train_s"][key] for e in extras])
@@ -473,11 +678,12 @@ def main() -> None:
         "train_s": train_s,
         "per_seed": per_seed,
         **({"commands": commands} if commands else {}),
+        **({"rerank": grid_record} if args.rerank else {}),
     }
     path = save_result(name, result, args.results_dir)
     for row in rows:
         print(
-            f"{row['method']:22} {row['setting']:14} {pre.headline}={row['recall']:.4f} "
+            f"{row['method']:32} {row['setting']:18} {pre.headline}={row['recall']:.4f} "
             f"qps={row['qps']:9.0f} build={row['build_s']:.2f}s"
         )
     print("wrote", path)

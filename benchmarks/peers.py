@@ -7,6 +7,12 @@ code, one byte per block for K = 256 (``lut256``) and half a byte for K = 16 (``
 same bytes per item as IVF-PQ with D sub-codes of K words. No ``.reorder()``: that keeps the
 float vectors, and the comparison would no longer be at equal bytes.
 
+With ``reorder`` ("int8" or "bfloat16"), ScaNN keeps each item's vector at that precision and
+re-scores the top ``F k`` AH candidates with it (``pre_reorder_num_neighbors``): the re-ranking
+peer of the frontier's re-ranking group, at D plus dim (int8) or 2 dim (bfloat16) bytes.
+:class:`RefinedFaiss` is FAISS's counterpart, a factory string ending in ``Refine(SQ8)`` or
+``Refine(SQfp16)`` searched with ``k_factor`` F.
+
 ScaNN does not expose its leaves' sizes; :meth:`ScannIndex.codes_scanned` counts them by asking
 for every candidate of the probed leaves (the rest of the answer is padded with NaN scores).
 
@@ -23,6 +29,7 @@ learned indexes, :func:`poeem.export.faiss_codec.build_float_lists_index` does t
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import faiss
@@ -32,14 +39,23 @@ import torch
 from poeem.evaluation.cost import search_cost
 from poeem.export.faiss_codec import nbits_of
 from poeem.search import FaissSearcher
-from poeem.search.faiss_backend import untrained_faiss_index
+from poeem.search.faiss_backend import untrained_faiss_index, worst_results
 
 
 class ScannIndex:
     """ScaNN tree + AH over ``items`` (n, dim), searched by inner product."""
 
-    def __init__(self, items: torch.Tensor, num_coarse: int, num_subspaces: int, codebook_size: int) -> None:
+    def __init__(
+        self,
+        items: torch.Tensor,
+        num_coarse: int,
+        num_subspaces: int,
+        codebook_size: int,
+        reorder: str | None = None,
+        max_candidates: int = 1000,
+    ) -> None:
         import scann
+        from scann.scann_ops.py.scann_builder import ReorderType
 
         db = np.ascontiguousarray(items.float().numpy())
         n, dim = db.shape
@@ -49,19 +65,30 @@ class ScannIndex:
         builder = scann.scann_ops_pybind.builder(db, 10, "dot_product")
         if num_coarse:
             builder = builder.tree(num_leaves=num_coarse, num_leaves_to_search=1, training_sample_size=n)
-        self.searcher = builder.score_ah(
+        scored = builder.score_ah(
             dim // num_subspaces,
             anisotropic_quantization_threshold=0.2,
             hash_type="lut256" if codebook_size == 256 else "lut16",
             training_sample_size=n,
-        ).build()
+        )
+        if reorder is not None:
+            quantize = {"int8": ReorderType.INT8, "bfloat16": ReorderType.BFLOAT16}[reorder]
+            scored = scored.reorder(max_candidates, quantize=quantize)
+        self.searcher = scored.build()
+        self.reorders = reorder is not None
         self.tree = bool(num_coarse)
         self.ntotal = n
 
-    def search(self, queries: torch.Tensor, k: int, nprobe: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, dim) queries -> (B, k) scores and (B, k) int64 item rows, ``nprobe`` leaves searched."""
+    def search(
+        self, queries: torch.Tensor, k: int, nprobe: int | tuple[int, float] = 1
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, dim) queries -> (B, k) scores and (B, k) int64 item rows, ``nprobe`` leaves
+        searched; with reorder, ``nprobe`` is (leaves, F) and the top ceil(F k) are re-scored."""
         q = np.ascontiguousarray(queries.float().numpy())
-        extra: dict[str, Any] = {"leaves_to_search": nprobe} if self.tree else {}
+        leaves, factor = nprobe if isinstance(nprobe, tuple) else (nprobe, 1.0)
+        extra: dict[str, Any] = {"leaves_to_search": leaves} if self.tree else {}
+        if self.reorders:
+            extra["pre_reorder_num_neighbors"] = max(k, math.ceil(factor * k))
         ids, scores = self.searcher.search_batched(q, final_num_neighbors=k, **extra)
         return torch.from_numpy(np.asarray(scores, dtype=np.float32)), torch.from_numpy(ids.astype(np.int64))
 
@@ -120,3 +147,31 @@ def exact_within_lists(index: Any, items: torch.Tensor) -> FaissSearcher:
     quantizer.this.disown()
     flat.add(np.ascontiguousarray(items.float().numpy()))
     return FaissSearcher(flat)
+
+
+class RefinedFaiss:
+    """A FAISS index from a factory string ending in ``Refine(SQ8)`` (or ``Refine(SQfp16)``,
+    ``RFlat``), trained on and filled with the (n, dim) ``items``, searched by inner product:
+    ``search(xq, k, (nprobe, F))`` takes the base index's top F k and re-scores them with the
+    refine index (``k_factor`` F); F = 1 is the base index alone."""
+
+    def __init__(self, items: np.ndarray, spec: str, seed: int) -> None:
+        self.index = untrained_faiss_index(items.shape[1], spec, "ip", seed)
+        self.index.train(items)
+        self.index.add(items)
+        self.ntotal = self.index.ntotal
+        self.nlist = faiss.extract_index_ivf(self.index).nlist
+
+    def search(
+        self, xq: torch.Tensor, k: int, setting: tuple[int, float] = (1, 1.0)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(nq, dim) queries -> (nq, k) scores and ids, probing ``setting[0]`` lists and
+        re-scoring ``setting[1]`` times k candidates."""
+        nprobe, factor = setting
+        params = faiss.SearchParametersIVF(nprobe=max(1, min(nprobe, self.nlist)))
+        if isinstance(self.index, faiss.IndexRefine):
+            params = faiss.IndexRefineSearchParameters(k_factor=float(factor), base_index_params=params)
+        q = np.ascontiguousarray(xq.float().numpy())
+        d, i = worst_results(len(q), k, self.index.metric_type)
+        self.index.search(q, k, params=params, D=d, I=i)
+        return torch.from_numpy(d), torch.from_numpy(i)

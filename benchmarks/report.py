@@ -633,6 +633,13 @@ FRONTIER_LABELS = {
     "scann-lut256": "ScaNN AH lut256",
     "scann-lut16": "ScaNN AH lut16",
     "hnsw": "FAISS HNSW32 (floats)",
+    "poeem-rerank-sq8": "poeem --rerank sq8",
+    "poeem-rerank-fp16": "poeem --rerank fp16",
+    "faiss-ivfpq-refine-sq8": "FAISS IVF-PQ + Refine(SQ8)",
+    "faiss-ivfpq-fastscan-refine-sq8": "FAISS IVF-PQ fast scan + Refine(SQ8)",
+    "faiss-ivfpq-fastscan-refine-fp16": "FAISS IVF-PQ fast scan + Refine(SQfp16)",
+    "scann-lut16-reorder-int8": "ScaNN AH lut16 + int8 reorder",
+    "scann-lut16-reorder-bf16": "ScaNN AH lut16 + bfloat16 reorder",
 }
 
 
@@ -759,6 +766,123 @@ def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
     train = ", ".join(f"{k} {v:.0f} s" for k, v in r.get("train_s", {}).items() if not k.endswith("_std"))
     lines += ["", f"Training time: {train}.", "", provenance(r), ""]
     return lines
+
+
+def rerank_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
+    """The re-ranking group: recall against queries per second, each method at its own bytes
+    (codes plus kept vectors), and how poeem's re-ranking fares against the peers."""
+    h, rows, exact = r["headline"], r["rows"], r["exact"]["recall"]
+    methods = list(dict.fromkeys(x["method"] for x in rows))
+    colors = plt.get_cmap("tab10")
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for i, method in enumerate(methods):
+        points = sorted((x for x in rows if x["method"] == method), key=lambda x: x["qps"])
+        best = pareto_front(points)
+        style = (
+            {"lw": 2.5, "color": "black"} if method == "poeem-rerank-sq8" else {"lw": 1.2, "color": colors(i)}
+        )
+        dashed = {} if any(",F=" in x["setting"] for x in points) else {"ls": "--"}  # codes alone
+        label = f"{FRONTIER_LABELS.get(method, method)} ({points[0]['bytes_per_item']:g} B)"
+        ax.plot(
+            [x["qps"] for x in best],
+            [x["recall"] for x in best],
+            marker="os^vD<>px*"[i % 10],
+            ms=4,
+            label=label,
+            **style,
+            **dashed,
+        )
+    ax.axhline(exact, color="grey", ls="--", lw=1, label="exact (floats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second (1 thread, whole query set at once)")
+    ax.set_ylabel(h)
+    ax.set_title(f"{r['dataset']}: re-ranking, {r['num_items']} items, {r['lists']} lists", fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(img / f"{name}.png", dpi=120)
+    plt.close(fig)
+    grid = r.get("rerank", {})
+    lines = [
+        f"### {r['dataset']}: {h} against queries per second, with re-ranking",
+        "",
+        f"{r['num_items']} items, {r['lists']} lists. Each method keeps its codes and, where it "
+        "re-ranks, each item's vector (bytes per item = codes + vectors); F is the candidates "
+        f"re-scored per result (F k), swept over {grid.get('factors')} times nprobe up to "
+        f"{grid.get('max_nprobe')}. Dashed lines: codes alone. Exact search: {h} {exact:.4f} at "
+        f"{r['exact']['qps']:.0f} queries/s.",
+        "",
+        f"![{h} against queries per second, with re-ranking](img/{name}.png)",
+        "",
+    ]
+    ivfpq = [x for x in rows if x["method"] == "faiss-ivfpq"]
+    top = max(ivfpq, key=lambda x: (x["recall"], x["qps"])) if ivfpq else None
+    lines += [
+        "| poeem index | bytes/item | at FAISS IVF-PQ's best speed: "
+        + h
+        + " (of exact) | peer points matched |",
+        "|---|---:|---:|---:|",
+    ]
+    for method in (m for m in methods if m.startswith("poeem")):
+        ours = [x for x in rows if x["method"] == method]
+        size = ours[0]["bytes_per_item"]
+        peers = [
+            x
+            for x in rows
+            if not x["method"].startswith("poeem")
+            and x["bytes_per_item"] == size
+            and x["recall"] >= exact / 2
+        ]
+        matched = sum((best_recall_at(ours, x["qps"]) or -1) >= x["recall"] for x in peers)
+        at_top = best_recall_at(ours, top["qps"]) if top else None
+        reached = f"{at_top:.4f} ({at_top / exact:.1%})" if at_top is not None else "-"
+        lines.append(
+            f"| {FRONTIER_LABELS.get(method, method)} | {size:g} | {reached} | {matched} of {len(peers)} |"
+        )
+    if top:
+        lines += [
+            "",
+            f"FAISS IVF-PQ without re-ranking reaches its best, {top['recall']:.4f} "
+            f"({top['recall'] / exact:.1%} of exact), at {top['qps']:.0f} queries/s ({top['setting']}). A "
+            "peer point (same bytes, at least half of exact) is matched where the poeem index is as "
+            "fast and as accurate at some setting.",
+        ]
+    lines += [
+        "",
+        f"| method | bytes/item | front: setting | {h} | of exact | queries/s |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    for method in methods:
+        for x in pareto_front([y for y in rows if y["method"] == method]):
+            lines.append(
+                f"| {FRONTIER_LABELS.get(method, method)} | {x['bytes_per_item']:g} | {x['setting']} | "
+                f"{fmt(x, 'recall')} | {x['recall'] / exact:.1%} | {x['qps']:.0f} |"
+            )
+    return [*lines, "", provenance(r), ""]
+
+
+def rerank_cost_section(r: dict[str, Any]) -> list[str]:
+    """What re-scoring costs beside the codes' search (benchmarks/rerank_cost.py)."""
+    lines = [
+        "### What re-scoring costs",
+        "",
+        f"A synthetic index of Gowalla's shape ({r['items']} items, dim {r['dim']}, {r['lists']} lists, "
+        f"{r['index']}), {r['queries']} queries, k = {r['k']}, nprobe {r['nprobe']}, one thread: the "
+        f"codes' search, the codes' search for the {r['candidates']} candidates re-ranking needs, the "
+        "re-scoring of those candidates alone, and the whole re-ranked search; ms per query with every "
+        "query in one call (latency: one query per call, median).",
+        "",
+        "| vectors | bytes/item | codes' search | for the candidates | re-scoring | re-ranked search "
+        "| re-scoring / codes' search |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in r["rows"]:
+        cells = [
+            f"{row[key]['batch_ms']:.4f} ({row[key]['latency_ms']:.4f})"
+            for key in ("codes", "candidates", "rescore", "reranked")
+        ]
+        share = f"{row['rescore_share_batch']:.0%} ({row['rescore_share_latency']:.0%})"
+        lines.append(f"| {row['precision']} | {row['vector_bytes']} | " + " | ".join(cells) + f" | {share} |")
+    return [*lines, "", provenance(r), ""]
 
 
 def fmt_optional(value: float | None, digits: int) -> str:
@@ -1024,7 +1148,9 @@ def main() -> None:
         "except where marked 'published'.",
         "",
     ]
-    frontiers = sorted(n for n in results if n.startswith("frontier_"))
+    frontiers = sorted(
+        n for n in results if n.startswith("frontier_") and not n.startswith("frontier_rerank_")
+    )
     if frontiers:
         lines += [
             "## Recall against queries per second at equal bytes",
@@ -1036,6 +1162,20 @@ def main() -> None:
         ]
         for name in frontiers:
             lines += frontier_section(name, results[name], img)
+    reranked = sorted(n for n in results if n.startswith("frontier_rerank_"))
+    if reranked or "rerank_cost" in results:
+        lines += [
+            "## Re-ranking with kept vectors",
+            "",
+            "`poeem export --rerank sq8` keeps each item's vector beside its codes and re-scores the "
+            "codes' top F k candidates with it (`docs/cli.md`, \"Re-ranking\"), as FAISS's refine and "
+            "ScaNN's reorder do (`benchmarks/frontier.py --rerank`).",
+            "",
+        ]
+        for name in reranked:
+            lines += rerank_section(name, results[name], img)
+        if "rerank_cost" in results:
+            lines += rerank_cost_section(results["rerank_cost"])
     if "export_speed" in results:
         lines += export_section(results["export_speed"])
     if "search_speed" in results:

@@ -421,3 +421,40 @@ def test_merge_runs_replaces_the_rerun_seeds_and_keeps_the_others(tmp_path: Path
     ]
     assert commands == ["python benchmarks/x.py --seeds 0 1"] and kept == record
     assert merge_runs("missing", new, ("seed",), tmp_path) == (new, [], {})
+
+
+def test_rerank_peers_rescore_more_candidates_with_larger_factors(tmp_path: Path) -> None:
+    """The re-ranking group's peers (FAISS Refine(SQ8), ScaNN int8 reorder) take (nprobe, F),
+    find more exact neighbours than their codes alone, and rerank_cost.py writes its timings."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from peers import RefinedFaiss, ScannIndex
+    finally:
+        sys.path.remove(str(BENCH))
+    items, queries, exact = peer_task()
+    refined = RefinedFaiss(items.numpy(), "IVF8,PQ4x4fs,Refine(SQ8)", seed=0)
+    codes_only = overlap_at_10(refined.search(queries, 10, (8, 1.0))[1], exact)
+    reranked = overlap_at_10(refined.search(queries, 10, (8, 8.0))[1], exact)
+    assert reranked > codes_only + 0.3  # 2 bytes of codes alone find few of them
+    scann = ScannIndex(
+        items, num_coarse=8, num_subspaces=4, codebook_size=16, reorder="int8", max_candidates=80
+    )
+    assert overlap_at_10(scann.search(queries, 10, (8, 8.0))[1], exact) > overlap_at_10(
+        scann.search(queries, 10, (8, 1.0))[1], exact
+    )
+    run(
+        "rerank_cost.py",
+        "--items",
+        "3000",
+        "--lists",
+        "16",
+        "--queries",
+        "5",
+        "--repeats",
+        "1",
+        "--results-dir",
+        str(tmp_path),
+    )
+    cost = json.loads((tmp_path / "rerank_cost.json").read_text())
+    assert [row["precision"] for row in cost["rows"]] == ["sq8", "fp16", "float"]
+    assert all(row["rescore"]["batch_ms"] > 0 and row["rescore_share_batch"] > 0 for row in cost["rows"])

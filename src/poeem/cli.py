@@ -61,6 +61,13 @@ FastScanOpt = Opt(  # poeem export / distill --fast-scan
     "(the layer's default).",
     show_default=False,
 )
+RerankOpt = Opt(  # poeem export / distill --rerank
+    "--rerank",
+    help="fp16 | sq8 | float: also keep each item's final embedding at this precision (2, 1 or 4 "
+    "bytes per dimension beside the codes), so that searches re-score the codes' top candidates "
+    "exactly (poeem search --rerank-factor). Default: codes only.",
+    show_default=False,
+)
 
 
 def train(
@@ -246,6 +253,7 @@ def export(
         ),
     ] = "lists",
     as_trained: AsTrained = False,
+    rerank: Annotated[str | None, RerankOpt] = None,
 ) -> None:
     """Export the learned index of a run into a FAISS index directory, with no training.
 
@@ -259,6 +267,7 @@ def export(
     recipe = IndexRecipe(
         start="as-trained" if as_trained else "trained",
         from_training=None if from_training == "none" else from_training,  # type: ignore[arg-type]
+        rerank=rerank,  # type: ignore[arg-type]
     )
     searcher = export_run(run_dir, out, fast_scan, replace, recipe=recipe)
     if searcher is None:  # not rank 0 under torchrun
@@ -299,6 +308,7 @@ def distill(
         ),
     ] = None,
     fast_scan: Annotated[bool | None, FastScanOpt] = None,
+    rerank: Annotated[str | None, RerankOpt] = None,
     replace: Annotated[
         bool, typer.Option(help="--out holds an index: publish this one as its next version.")
     ] = False,
@@ -327,7 +337,7 @@ def distill(
         from poeem.pipeline import export_run
 
         recipe = _run_recipe(
-            refit, settings, config, {"--queries": queries, "--ids": ids, "--from-faiss": from_faiss}
+            refit, settings, config, {"--queries": queries, "--ids": ids, "--from-faiss": from_faiss}, rerank
         )
         searcher = export_run(run_dir, out, fast_scan, replace, recipe=recipe, resume=resume)
         assert searcher is not None
@@ -355,16 +365,21 @@ def distill(
                 "none",
                 "pass e.g. --num-subspaces 8 (8 bytes per item at K=256)",
             )
-        searcher, _ = distill_embeddings(
-            x, q, out, settings, metric, item_ids, config, fast_scan, replace, progress, from_faiss, resume
-        )
+        flags = (config, fast_scan, replace, progress, from_faiss, resume, rerank)
+        searcher, _ = distill_embeddings(x, q, out, settings, metric, item_ids, *flags)  # type: ignore[arg-type]
     typer.echo(f"distilled index of {searcher.ntotal} items ({searcher.describe()}) written to {out}")
 
 
 app.command()(with_settings(distill, distill_options()))
 
 
-def _run_recipe(refit: str | None, settings: dict[str, Any], config: Any, items_only: dict[str, Any]) -> Any:
+def _run_recipe(
+    refit: str | None,
+    settings: dict[str, Any],
+    config: Any,
+    items_only: dict[str, Any],
+    rerank: str | None = None,
+) -> Any:
     """The recipe ``poeem distill RUN_DIR`` builds by: a refit of the run's layer (``--refit``), a
     new layer (layer flags, for a run without one) or the run's own layer, distilled by
     ``config``; flags that only go with ``--items`` are refused."""
@@ -383,7 +398,7 @@ def _run_recipe(refit: str | None, settings: dict[str, Any], config: Any, items_
             "drop the layer flags, or drop --refit to fit a new index on a run without a layer",
         )
     start = "refit" if refit is not None else "fit" if settings else "trained"
-    return IndexRecipe(start=start, refit=refit, layer=settings, distill=config)  # type: ignore[arg-type]
+    return IndexRecipe(start=start, refit=refit, layer=settings, distill=config, rerank=rerank)  # type: ignore[arg-type]
 
 
 @app.command()
@@ -453,6 +468,15 @@ def search(
     backend: Annotated[str, typer.Option(help="faiss | torch")] = "faiss",
     out: Annotated[Path | None, typer.Option(help="Write results as CSV here (default: stdout).")] = None,
     batch_size: Annotated[int, typer.Option(help="Queries searched and written at a time.")] = 4096,
+    rerank_factor: Annotated[
+        float | None,
+        typer.Option(
+            help="F: re-score the codes' top F*k candidates with the items' stored vectors and keep the "
+            "best k (an index exported with --rerank); 0 or 1: off. Default: 2 on an index with "
+            "stored vectors, off on one without.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Search an index directory; prints CSV rows query,rank,id,score in the data's own ids.
 
@@ -469,6 +493,7 @@ def search(
     if (query_file is None) == (not query):
         raise PoeemError("search", "--query-file or --query (one of them)", "both or neither", "pass one")
     searcher = Searcher.load(index_dir, backend=backend)  # type: ignore[arg-type]
+    searcher.rerank_factor(rerank_factor)  # a factor the index cannot use fails before any output
     encoder = searcher.queries
     by_embedding = query_file is None or query_file.suffix == ".npy"
     if query:
@@ -507,7 +532,7 @@ def search(
             skip = [seen.get(str(name), ()) for name in names[part].tolist()] if seen is not None else None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # k and nprobe clamps: the summary below says it
-                d, i = searcher.search(xq, k, nprobe, exclude=skip)
+                d, i = searcher.search(xq, k, nprobe, exclude=skip, rerank=rerank_factor)
             for name, scores, ids, hits in zip(names[part].tolist(), d, i, found(i), strict=True):
                 rows = zip(ids[hits].tolist(), scores[hits].tolist(), strict=True)
                 stream.write(
@@ -640,6 +665,9 @@ def serve(
     max_nprobe: Annotated[
         int, typer.Option(help="Larger nprobe values of a request are clamped to this.")
     ] = 256,
+    max_rerank_candidates: Annotated[
+        int, typer.Option(help="Most candidates (rerank factor times k) one query may re-score.")
+    ] = 10_000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve an index directory over HTTP: POST /search, /items, /reload; GET /health, /ready,
@@ -685,6 +713,7 @@ def serve(
         search_threads,
         max_exclude,
         max_nprobe,
+        max_rerank_candidates,
     )
     banner = f"serving {index_dir} on http://{host}:{port} (writes {'on' if token else 'off'}); docs at /docs"
     run_server(config, host, port, workers, log_level, banner)

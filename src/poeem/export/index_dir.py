@@ -6,6 +6,10 @@
     INDEX_DIR/index-<v>.faiss               the FAISS index (FAISS's own format, no pickle)
     INDEX_DIR/codes-<v>.safetensors         the same index as tensors: rotation, centroids,
                                             codebooks, codes and FAISS ids (source of truth)
+    INDEX_DIR/vectors-<v>.safetensors       optional: the base items' own vectors, row by row with
+                                            the codes, to re-rank candidates (float32, float16 or
+                                            SQ8, whose per-dimension range the manifest's
+                                            ``rerank`` field records)
     INDEX_DIR/query_tower-<v>.safetensors   optional: the query tower, to search by query id
     INDEX_DIR/text_query-<v>.safetensors    optional: text query head (+ tuned encoder), to search by text
     INDEX_DIR/text_item-<v>.safetensors     optional: text document head (+ tuned encoder), to add by text
@@ -13,6 +17,7 @@
     INDEX_DIR/query_keys-<v>.json           optional: the raw id of each query-tower row
     INDEX_DIR/item_keys-<v>.json            optional: raw item ids when they are not integers
     INDEX_DIR/segment-<v>.safetensors       items added by version v: lists, codes, FAISS ids
+                                            (and their vectors, for an index that keeps them)
     INDEX_DIR/segment_keys-<v>.json         their raw ids, for string ids
     INDEX_DIR/tombstones-<v>.safetensors    every FAISS id removed since the base (cumulative)
     INDEX_DIR/.lock                         taken by writers
@@ -43,6 +48,7 @@ import faiss
 
 from poeem._version import __version__
 from poeem.errors import PoeemError
+from poeem.export.item_vectors import VECTORS_ROLE, VectorCodec
 from poeem.index.config import IndexSpec, PoeemConfig
 from poeem.metric import METRICS
 from poeem.storage import atomic_write, atomic_write_json, fsync_dir, inside, read_json, save_tensors
@@ -80,6 +86,7 @@ class Manifest:
     query_tower: dict[str, Any] | None = None  # Tower.config() + "normalize"
     text_query: dict[str, Any] | None = None  # TextConfig fields + "dim", "normalize"
     text_item: dict[str, Any] | None = None  # the same, of the document side
+    rerank: dict[str, Any] | None = None  # VectorCodec.to_manifest(): the stored vectors' precision
     poeem_version: str = __version__
     faiss_version: str = faiss.__version__
     format: str = FORMAT
@@ -135,7 +142,16 @@ class Manifest:
         for name in ("query_tower", "text_query", "text_item"):
             if raw.get(name) is not None and not isinstance(raw[name], dict):
                 raise bad(name, "an object or null", raw[name])
+        if raw.get("rerank") is not None:
+            VectorCodec.from_manifest(raw["rerank"], raw["dim"])  # raises a clear error when invalid
+        if (raw.get("rerank") is not None) != (VECTORS_ROLE in files):
+            raise bad("rerank", f"a precision exactly when files has '{VECTORS_ROLE}'", raw.get("rerank"))
         return cls(**raw)
+
+    @property
+    def vector_codec(self) -> VectorCodec | None:
+        """How the items' vectors are stored, or None for an index without them."""
+        return VectorCodec.from_manifest(self.rerank, self.dim) if self.rerank is not None else None
 
 
 def read_manifest(directory: Path, verify: bool = True) -> Manifest:

@@ -9,12 +9,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from poeem.errors import PoeemError
 from poeem.export.faiss_codec import default_fast_scan
 from poeem.export.index_dir import Manifest, write_version
+from poeem.export.item_vectors import VECTORS_ROLE, Precision, VectorCodec, check_precision
 from poeem.export.learned import ItemsOrCodes, export_learned
 from poeem.ids import IdMap
 from poeem.index import PoeemLayer
-from poeem.metric import Metric
+from poeem.metric import Metric, prepare_queries
 from poeem.model.towers import Tower
 
 TextSide = tuple[dict[str, Any], dict[str, torch.Tensor]]
@@ -34,6 +36,8 @@ def write_index(
     text_query: TextSide | None = None,
     replace: bool = False,
     text_item: TextSide | None = None,
+    rerank: Precision | None = None,
+    vectors: torch.Tensor | np.ndarray | None = None,
 ) -> None:
     """Export a trained layer and its items into a new index directory.
 
@@ -55,6 +59,10 @@ def write_index(
             with a feature MLP.
         text_query: a text model's ``query_side()`` (config, weights), to search by text.
         text_item: a text model's ``item_side()``, to add documents by text.
+        rerank: keep each item's vector beside its codes at this precision ("float", "fp16" or
+            "sq8", :mod:`poeem.export.item_vectors`) to re-rank search candidates; None: codes only.
+        vectors: with ``rerank``: (n, dim) the items' embeddings, when ``items`` are codes
+            (default: ``items`` themselves); normalised here for a cosine index.
     """
     item_keys = None
     if ids is not None and np.asarray(ids).dtype.kind in "UO":
@@ -64,6 +72,12 @@ def write_index(
         fast_scan = default_fast_scan(layer.config)
     tensors, index = export_learned(layer, items, ids, metric, fast_scan)
     extra: dict[str, Any] = {}
+    codec = None
+    if rerank is not None:
+        codec, stored = item_vectors(rerank, items, vectors, metric, tensors.ntotal, layer.config.dim)
+        extra[VECTORS_ROLE] = {"vectors": stored}
+    elif vectors is not None:
+        raise PoeemError("vectors", "vectors only with rerank", "vectors without rerank", "pass rerank too")
     if query_tower is not None:
         extra["query_tower"] = query_tower.state_dict()
         if query_features is not None:
@@ -85,6 +99,34 @@ def write_index(
         query_tower=tower_config,
         text_query=text_query[0] if text_query is not None else None,
         text_item=text_item[0] if text_item is not None else None,
+        rerank=codec.to_manifest() if codec is not None else None,
     )
     payloads = {"faiss": index, "codes": tensors.to_dict(), **extra}
     write_version(Path(directory), None, manifest, payloads, replace=replace)
+
+
+def item_vectors(
+    rerank: str,
+    items: ItemsOrCodes,
+    vectors: torch.Tensor | np.ndarray | None,
+    metric: Metric,
+    n: int,
+    dim: int,
+) -> tuple[VectorCodec, torch.Tensor]:
+    """The codec (trained on the items) and the (n, dim) stored rows of the vectors an export
+    keeps to re-rank: ``vectors``, or ``items`` when they are embeddings."""
+    check_precision(rerank)
+    if vectors is None:
+        if not isinstance(items, torch.Tensor):
+            raise PoeemError(
+                "rerank",
+                "the items' embeddings to keep",
+                "codes only",
+                "pass vectors=(n, dim) embeddings with the codes",
+            )
+        vectors = items
+    x = prepare_queries(vectors, metric, dim, what="item vectors")  # cosine: unit vectors, as coded
+    if x.shape[0] != n:
+        raise PoeemError("item vectors", f"one per item ({n})", f"{x.shape[0]} rows", "align them")
+    codec = VectorCodec.fit(rerank, x)
+    return codec, codec.encode(x)

@@ -19,6 +19,10 @@ class IndexTensors:
     coarse_codes: (n,) list of each item (zeros without IVF), in ``code_dtype(nlist)``.
     codes: (n, D) sub-codes, in ``code_dtype(K)`` (1 byte each for K <= 256).
     ids: (n,) int64 non-negative ids of the items, as FAISS stores them.
+    vectors: (n, dim) the items' own vectors kept to re-rank candidates (float32, float16 or
+        uint8 rows of a :class:`poeem.export.item_vectors.VectorCodec`), or None. They travel
+        with the rows (segments, removes, compaction) but are saved in their own file, not in
+        :meth:`to_dict`.
 
     Codes of any integer dtype are accepted; :meth:`validate` checks their range and stores them
     compactly (int64 codes cost 8 bytes per sub-code: 3.2 GB for 50M items at D = 8). Index with
@@ -31,6 +35,7 @@ class IndexTensors:
     coarse_codes: torch.Tensor
     codes: torch.Tensor
     ids: torch.Tensor
+    vectors: torch.Tensor | None = None
 
     @property
     def dim(self) -> int:
@@ -56,7 +61,15 @@ class IndexTensors:
 
     def to(self, device: torch.device | str) -> IndexTensors:
         """A copy with every tensor on ``device``."""
-        moved = (self.rotation, self.coarse, self.codebooks, self.coarse_codes, self.codes, self.ids)
+        moved = (
+            self.rotation,
+            self.coarse,
+            self.codebooks,
+            self.coarse_codes,
+            self.codes,
+            self.ids,
+            self.vectors,
+        )
         return IndexTensors(*(t.to(device) if t is not None else None for t in moved))
 
     def validate(self) -> IndexTensors:
@@ -78,14 +91,16 @@ class IndexTensors:
             and self.coarse_codes.shape == (n,)
             and self.ids.shape == (n,)
             and (self.coarse is None or (self.coarse.dim() == 2 and self.coarse.shape[1] == d))
+            and (self.vectors is None or tuple(self.vectors.shape) == (n, d))
         )
         if not shapes_ok:
             raise PoeemError(
                 "index tensors",
                 f"codes (n, {m}), coarse_codes (n,), ids (n,) and coarse (nlist, {d})",
                 f"codes {tuple(self.codes.shape)}, coarse_codes {tuple(self.coarse_codes.shape)}, "
-                f"ids {tuple(self.ids.shape)}",
-                "pass one row of codes, one list and one id per item",
+                f"ids {tuple(self.ids.shape)}"
+                + (f", vectors {tuple(self.vectors.shape)}" if self.vectors is not None else ""),
+                "pass one row of codes, one list, one id (and one vector) per item",
             )
         _check_range("sub-codes", self.codes, k, "K")
         _check_range("coarse codes", self.coarse_codes, self.nlist, "nlist")
@@ -98,7 +113,7 @@ class IndexTensors:
         return self
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        """Flat name -> tensor mapping for safetensors."""
+        """Flat name -> tensor mapping for safetensors (the vectors, if any, are saved apart)."""
         out = {
             "rotation": self.rotation,
             "codebooks": self.codebooks,

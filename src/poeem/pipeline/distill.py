@@ -10,6 +10,7 @@ import numpy as np
 
 from poeem.errors import PoeemError
 from poeem.export.index_dir import check_publishable
+from poeem.export.item_vectors import Precision
 from poeem.folder_lock import folder_writer
 from poeem.ids import check_raw_ids
 from poeem.metric import Metric
@@ -49,6 +50,7 @@ def distill_embeddings(
     progress: bool = True,
     from_faiss: str | Path | None = None,
     resume: bool = False,
+    rerank: Precision | None = None,
 ) -> tuple[Searcher, dict[str, Any]]:
     """Fit (or read) and distill an index for any embeddings, and write it as an index directory.
 
@@ -66,6 +68,8 @@ def distill_embeddings(
             metric replaces ``metric``, and ``layer_settings`` may only ask for a learned
             rotation ("givens" or "cayley").
         resume: continue a stopped distillation for ``out`` (see :func:`checkpoint_for`).
+        rerank: also keep each item's vector at this precision ("float", "fp16", "sq8") to
+            re-rank search candidates (:mod:`poeem.export.item_vectors`).
 
     Returns:
         The new index's searcher, and what the distillation did (seconds, epochs, the guard).
@@ -75,6 +79,7 @@ def distill_embeddings(
         layer=layer_settings,
         faiss_file=from_faiss,
         distill=config or DistillConfig(),
+        rerank=rerank,
     )
     source = EmbeddingSource(items, queries, metric)
     with folder_writer(out, "poeem distill"):  # one writer of the index directory and its state
@@ -83,7 +88,15 @@ def distill_embeddings(
             check_raw_ids(ids, source.num_items, "--ids")
         built = build_index(source, recipe, progress, checkpoint, resume)
         searcher = Searcher.create(
-            out, built.layer, built.items, ids, metric=built.metric, fast_scan=fast_scan, replace=replace
+            out,
+            built.layer,
+            built.items,
+            ids,
+            metric=built.metric,
+            fast_scan=fast_scan,
+            replace=replace,
+            rerank=rerank,
+            vectors=built.vectors,
         )
         checkpoint.unlink(missing_ok=True)  # the index is written: nothing to resume
     return searcher, built.stages["distill"]

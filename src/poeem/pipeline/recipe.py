@@ -29,6 +29,7 @@ from poeem import distributed
 from poeem.data import InteractionData
 from poeem.errors import PoeemError
 from poeem.export.item_codes import EXPORT_DEFAULT, FromTraining, check_from_training, item_codes
+from poeem.export.item_vectors import Precision, check_precision
 from poeem.export.learned import ItemsOrCodes
 from poeem.index import PoeemLayer
 from poeem.index.config import FITTED_CODEBOOK_SIZE, LEARNED_ROTATIONS
@@ -59,6 +60,8 @@ class IndexRecipe:
         distill: distil the index from the model's own ranking (None: no distillation).
         from_training: with start "trained" or "as-trained" and no distillation, what each item
             reuses from training (:mod:`poeem.export.item_codes`).
+        rerank: also keep each item's final embedding at this precision ("float", "fp16" or
+            "sq8", :mod:`poeem.export.item_vectors`) to re-rank search candidates; None: codes only.
     """
 
     start: Start = "trained"
@@ -67,10 +70,13 @@ class IndexRecipe:
     faiss_file: str | Path | None = None
     distill: DistillConfig | None = None
     from_training: FromTraining | None = EXPORT_DEFAULT
+    rerank: Precision | None = None
 
     def __post_init__(self) -> None:
         if self.start not in get_args(Start):
             raise PoeemError("recipe start", f"one of {get_args(Start)}", repr(self.start), "pick one")
+        if self.rerank is not None:
+            check_precision(self.rerank)
         check_from_training(self.from_training)
         if (self.refit is not None) != (self.start == "refit"):
             raise PoeemError(
@@ -116,7 +122,7 @@ class IndexRecipe:
     @property
     def needs_items(self) -> bool:
         """Whether the recipe needs every item's embedding at once (one process)."""
-        return self.start in ("refit", "fit", "faiss") or self.distill is not None
+        return self.start in ("refit", "fit", "faiss") or self.distill is not None or self.rerank is not None
 
 
 def distill_epochs(cfg: RunConfig) -> int:
@@ -250,12 +256,14 @@ class BuiltIndex:
             not asked for.
         metric: the metric the index searches by.
         stages: per stage ("refit", "distill"), what it did and its seconds.
+        vectors: with the recipe's ``rerank``: (n, dim) the item embeddings to keep.
     """
 
     layer: PoeemLayer
     items: ItemsOrCodes | None
     metric: Metric
     stages: dict[str, dict[str, Any]]
+    vectors: torch.Tensor | None = None
 
 
 def build_index(
@@ -282,9 +290,9 @@ def build_index(
     if recipe.needs_items and distributed.is_active():
         raise PoeemError(
             "the index's recipe",
-            "one process for a refit, a fit or a distillation",
+            "one process for a refit, a fit, a distillation or stored vectors (--rerank)",
             "torchrun",
-            "run 'poeem distill' without torchrun",
+            "run 'poeem distill' or 'poeem export --rerank' without torchrun",
         )
     stages: dict[str, dict[str, Any]] = {}
     layer = _start(source, recipe, progress, stages)
@@ -307,7 +315,8 @@ def build_index(
         )
     elif encode:
         items = source.item_embeddings()
-    return BuiltIndex(layer, items, source.metric, stages)
+    vectors = source.item_embeddings() if encode and recipe.rerank is not None else None
+    return BuiltIndex(layer, items, source.metric, stages, vectors)
 
 
 def _start(

@@ -546,6 +546,8 @@ def _export_run(
         text_query=text_sides[0],
         text_item=text_sides[1],
         replace=replace,
+        rerank=recipe.rerank,
+        vectors=built.vectors,
     )
     if checkpoint is not None:
         checkpoint.unlink(missing_ok=True)  # the index is written: nothing to resume

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -26,12 +27,21 @@ from poeem.export.index_dir import (
     read_manifest,
     role_stem,
 )
+from poeem.export.item_vectors import VECTORS_ROLE
 from poeem.ids import IdMap, integer_text
 from poeem.index.tensors import IndexTensors
 from poeem.metric import check_search_args, prepare_queries, worst_score
 from poeem.model.query_encoder import QueryEncoder
 from poeem.model.towers import Tower
 from poeem.search.adc import TorchIVFPQ
+from poeem.search.rerank import (
+    DEFAULT_RERANK_FACTOR,
+    NEEDS_VECTORS_FIX,
+    StoredVectors,
+    candidates,
+    check_rerank,
+    rescore,
+)
 from poeem.search.segments import (
     SEGMENT_ROLE,
     TOMBSTONES_ROLE,
@@ -91,6 +101,7 @@ class IndexReader:
         self._text_encoders: dict[str, Any] = {}  # text query/document encoders, loaded when first used
         self._max_norm = index.base.max_norm()  # segments share the base's centroids and codebooks
         self._base_faiss: Any = None  # the base's FAISS index, read once (shared by forks)
+        self.vector_codec = manifest.vector_codec  # how the items' vectors are kept, or None
         self._build_engine()
 
     @property
@@ -140,11 +151,32 @@ class IndexReader:
             return IdMap.from_json(read_json(directory / files[role], role, REEXPORT), role)
 
         base = IndexTensors.from_dict(tensors_of("codes"))
+        codec = manifest.vector_codec
+        if codec is not None:  # memory-mapped: pages are read when candidates are re-scored
+            name = files[VECTORS_ROLE]
+            if not (directory / name).is_file():
+                raise MissingIndexFile(name)
+            stored = read_tensors(directory / name, f"index file '{name}'", REEXPORT, mmap=True).get(
+                "vectors"
+            )
+            if stored is None:
+                raise PoeemError(f"index file '{name}'", "a tensor 'vectors'", "none", REEXPORT)
+            base.vectors = codec.check_rows(stored, base.ntotal, manifest.dim, f"index file '{name}'")
         index = SegmentedIndex(base)
         item_keys, added_keys = keys_of("item_keys"), []
         for role in sorted((r for r in files if role_stem(r) == SEGMENT_ROLE), key=_role_version):
             part = tensors_of(role)
-            index = index.with_segment(index.segment_of(part["coarse_codes"], part["codes"], part["ids"]))
+            vectors = part.get("vectors")
+            if codec is not None:
+                what = f"index file '{files[role]}'"
+                vectors = codec.check_rows(
+                    vectors if vectors is not None else torch.zeros(0),
+                    part["ids"].numel(),
+                    manifest.dim,
+                    what,
+                )
+            segment = index.segment_of(part["coarse_codes"], part["codes"], part["ids"], vectors)
+            index = index.with_segment(segment)
             keys = keys_of(f"segment_keys:{_role_version(role)}")
             if keys is not None:
                 added_keys.append(keys.keys.astype(object))
@@ -191,10 +223,12 @@ class IndexReader:
             )
         else:
             self._engine = TorchIVFPQ(
-                self.tensors.to(self.device),
+                replace(self.tensors, vectors=None).to(self.device),
                 self.metric,  # type: ignore[arg-type]
                 fast_scan=self.manifest.fast_scan,
             )
+        codec = self.vector_codec
+        self._vectors = StoredVectors(self.index, codec) if codec is not None else None
         try:  # one query, so that a version FAISS cannot search is refused here, not per request
             self._engine.search(torch.ones(1, self.manifest.dim), 1, 1)
         except RuntimeError as err:
@@ -219,7 +253,7 @@ class IndexReader:
     @property
     def nlist(self) -> int:
         """Number of IVF lists (1 without a coarse quantizer)."""
-        return self.tensors.nlist
+        return self.index.base.nlist  # segments share the base's centroids
 
     def describe(self) -> str:
         """The index in a few words: lists, code size and scan, e.g. "1024 lists, 8 bytes per
@@ -228,7 +262,13 @@ class IndexReader:
         bits = nbits_of(spec.codebook_size)
         codes = f"{spec.num_subspaces} x {bits}-bit {spec.quantizer.upper()} codes"
         scan = ", fast scan" if self.manifest.fast_scan else ""
-        return f"{self.nlist} lists, {spec.num_subspaces * bits / 8:g} bytes per item ({codes}){scan}"
+        codec = self.vector_codec
+        kept = (
+            f", + {codec.bytes_per_item(self.manifest.dim)} bytes of {codec.precision} vectors"
+            if codec
+            else ""
+        )
+        return f"{self.nlist} lists, {spec.num_subspaces * bits / 8:g} bytes per item ({codes}){scan}{kept}"
 
     @property
     def version(self) -> int:
@@ -242,6 +282,7 @@ class IndexReader:
         nprobe: int = 1,
         batch_size: int = 4096,
         exclude: Sequence[Iterable[Any]] | None = None,
+        rerank: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k items of each query embedding.
 
@@ -252,6 +293,11 @@ class IndexReader:
             exclude: nq collections of the items' own ids to leave out of each query's
                 results (ids the index does not hold are ignored). A query searches k plus
                 its own number of excluded items, so one long list costs only that query.
+            rerank: F, re-rank with the items' stored vectors (an index exported with
+                ``--rerank``): the codes' top ceil(F k) candidates are re-scored exactly
+                (:mod:`poeem.search.rerank`) and the best k returned; 0 or 1: off. None: the
+                index's default, :data:`~poeem.search.rerank.DEFAULT_RERANK_FACTOR` for an index
+                with vectors, off for one without.
 
         Returns:
             D: (nq, k) float32 scores (similarity for ip/cosine, squared distance for l2);
@@ -277,10 +323,35 @@ class IndexReader:
                 stacklevel=2,
             )
             nprobe = self.nlist
-        d, i = self._search_batched(xq, k, nprobe, batch_size)
+        factor = self.rerank_factor(rerank)
+        width = candidates(factor, k, self.ntotal)
+        d, i = self._search_batched(xq, width, nprobe, batch_size)
         if exclude is not None:
-            d, i = self._exclude(xq, k, nprobe, batch_size, d, i, [self._index_ids(e) for e in exclude])
+            d, i = self._exclude(xq, width, nprobe, batch_size, d, i, [self._index_ids(e) for e in exclude])
+        if width > k:
+            assert self._vectors is not None
+            d, i = rescore(xq.numpy(), i, self._vectors, k, self.metric)
         return d, self._raw_item_ids(i)
+
+    @property
+    def stored_vectors(self) -> StoredVectors | None:
+        """The live items' stored vectors by FAISS id (what re-ranking reads), or None."""
+        return self._vectors
+
+    def rerank_factor(self, rerank: float | None) -> float:
+        """The re-ranking factor a search with ``rerank`` uses (validated): None is the index's
+        default; a factor above 1 on an index without stored vectors is a clear error."""
+        if rerank is None:
+            return DEFAULT_RERANK_FACTOR if self._vectors is not None else 0.0
+        factor = check_rerank(rerank)
+        if factor > 1 and self._vectors is None:
+            raise PoeemError(
+                "rerank factor",
+                "an index that keeps its items' vectors (exported with --rerank)",
+                f"factor {factor:g} on an index of codes only",
+                NEEDS_VECTORS_FIX,
+            )
+        return factor
 
     def _check_scores_fit(self, xq: torch.Tensor) -> None:
         """Refuse queries whose scores could overflow float32 (FAISS then drops every result, and

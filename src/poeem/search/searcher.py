@@ -18,6 +18,7 @@ from poeem.errors import PoeemError
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.export.index_dir import role_stem, write_version
 from poeem.export.index_writer import write_index
+from poeem.export.item_vectors import VECTORS_ROLE
 from poeem.ids import IdMap, check_ids
 from poeem.index.quantize import encode_rotated
 from poeem.index.tensors import IndexTensors
@@ -49,7 +50,8 @@ class Searcher(IndexReader):
 
         Args:
             items: (n, dim) item embeddings, as the item tower produces them (before the layer);
-                normalised here for a cosine index.
+                normalised here for a cosine index. An index that keeps its items' vectors
+                (``--rerank``) keeps theirs too, in the same segment file.
             ids: (n,) the items' own ids, none already in the index.
 
         Raises:
@@ -82,7 +84,8 @@ class Searcher(IndexReader):
             bulk=True,
         )
         cc = cc if cc is not None else torch.zeros(x.shape[0], dtype=torch.long)
-        segment = self.index.segment_of(cc, codes, new_ids)
+        vectors = self.vector_codec.encode(x) if self.vector_codec is not None else None
+        segment = self.index.segment_of(cc, codes, new_ids, vectors)
         if held.any():  # a removed id comes back while its old row is still stored: fold into a new base
             live = self.index.live
             self._compact(concat_rows(live, [live, segment]), item_keys)
@@ -138,6 +141,8 @@ class Searcher(IndexReader):
         faiss_index = build_faiss_index(live, self.metric, self.manifest.fast_scan)  # type: ignore[arg-type]
         keys = item_keys if item_keys is not None else self.item_keys
         payloads: dict[str, Any] = {"faiss": faiss_index, "codes": live.to_dict()}
+        if live.vectors is not None:
+            payloads[VECTORS_ROLE] = {"vectors": live.vectors}
         if keys is not None:
             payloads["item_keys"] = keys.to_json()
         merged = tuple(
@@ -155,7 +160,7 @@ class Searcher(IndexReader):
     ) -> None:
         """Write ``payloads`` as the next version and make ``index`` (with ``base_faiss``, the
         FAISS index of a new base) this searcher's state."""
-        before = (self.index, self._base_faiss, self.item_keys, self._engine)
+        before = (self.index, self._base_faiss, self.item_keys, self._engine, self._vectors)
         self.index = index
         if base_faiss is not None:
             self._base_faiss = base_faiss
@@ -165,5 +170,5 @@ class Searcher(IndexReader):
             self._build_engine()  # a version that cannot be searched is never published
             self.manifest = write_version(self.directory, self.manifest, self.manifest, payloads, drop=drop)
         except BaseException:
-            self.index, self._base_faiss, self.item_keys, self._engine = before
+            self.index, self._base_faiss, self.item_keys, self._engine, self._vectors = before
             raise

@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 import torch
 
+from poeem.errors import PoeemError
 from poeem.export.faiss_codec import build_faiss_index
 from poeem.index.tensors import IndexTensors
 from poeem.metric import Metric, worst_score
@@ -35,8 +36,12 @@ MAX_SEGMENTS = 64
 
 
 def segment_payload(segment: IndexTensors) -> dict[str, torch.Tensor]:
-    """What a segment file holds: (n,) lists, (n, D) codes and (n,) FAISS ids."""
-    return {"coarse_codes": segment.coarse_codes, "codes": segment.codes, "ids": segment.ids}
+    """What a segment file holds: (n,) lists, (n, D) codes, (n,) FAISS ids and, for an index
+    that keeps its items' vectors, their (n, dim) stored rows."""
+    out = {"coarse_codes": segment.coarse_codes, "codes": segment.codes, "ids": segment.ids}
+    if segment.vectors is not None:
+        out["vectors"] = segment.vectors
+    return out
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,23 @@ class SegmentedIndex:
         """(n,) bool: which FAISS ``ids`` are live items."""
         return self.ever_held(ids) & ~torch.isin(ids, self.removed)
 
-    def segment_of(self, coarse_codes: torch.Tensor, codes: torch.Tensor, ids: torch.Tensor) -> IndexTensors:
-        """A segment of new items: (n,) lists, (n, D) codes, (n,) FAISS ids (validated)."""
-        return replace(self.base, coarse_codes=coarse_codes, codes=codes, ids=ids).validate()
+    def segment_of(
+        self,
+        coarse_codes: torch.Tensor,
+        codes: torch.Tensor,
+        ids: torch.Tensor,
+        vectors: torch.Tensor | None = None,
+    ) -> IndexTensors:
+        """A segment of new items: (n,) lists, (n, D) codes, (n,) FAISS ids and, exactly when the
+        base keeps vectors, their (n, dim) stored rows (validated)."""
+        if (vectors is None) != (self.base.vectors is None):
+            raise PoeemError(
+                "segment",
+                "item vectors exactly when the index keeps them",
+                f"vectors {'given' if vectors is not None else 'missing'}",
+                "re-export the index, or restore the directory from a backup",
+            )
+        return replace(self.base, coarse_codes=coarse_codes, codes=codes, ids=ids, vectors=vectors).validate()
 
     def with_segment(self, segment: IndexTensors) -> SegmentedIndex:
         """This index plus ``segment``."""
@@ -131,13 +150,15 @@ def sorted_member(sorted_values: np.ndarray, ids: np.ndarray) -> np.ndarray:
 
 
 def concat_rows(base: IndexTensors, parts: list[IndexTensors] | tuple[IndexTensors, ...]) -> IndexTensors:
-    """The rows (lists, codes, ids) of ``parts`` one after the other, with ``base``'s rotation,
-    centroids and codebooks."""
+    """The rows (lists, codes, ids, vectors) of ``parts`` one after the other, with ``base``'s
+    rotation, centroids and codebooks."""
+    vectors = [p.vectors for p in parts]
     return replace(
         base,
         coarse_codes=torch.cat([p.coarse_codes for p in parts]),
         codes=torch.cat([p.codes for p in parts]),
         ids=torch.cat([p.ids for p in parts]),
+        vectors=torch.cat(vectors) if all(v is not None for v in vectors) else None,  # type: ignore[misc]
     )
 
 
@@ -145,7 +166,14 @@ def _drop(index: IndexTensors, removed: torch.Tensor) -> IndexTensors:
     if not removed.numel():
         return index
     keep = ~torch.isin(index.ids, removed)
-    return replace(index, coarse_codes=index.coarse_codes[keep], codes=index.codes[keep], ids=index.ids[keep])
+    vectors = index.vectors[keep] if index.vectors is not None else None
+    return replace(
+        index,
+        coarse_codes=index.coarse_codes[keep],
+        codes=index.codes[keep],
+        ids=index.ids[keep],
+        vectors=vectors,
+    )
 
 
 class SegmentedFaissSearcher:

@@ -37,7 +37,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, ValidationError, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from uvicorn.supervisors import Multiprocess
 
@@ -46,6 +46,7 @@ from poeem.errors import PoeemError
 from poeem.export.index_dir import StaleIndexError
 from poeem.ids import raw_id_array
 from poeem.model.query_encoder import Query
+from poeem.search.rerank import candidates, check_rerank
 from poeem.serve.service import IndexService, set_search_threads
 
 log = logging.getLogger("poeem.serve")
@@ -75,6 +76,7 @@ class ServeConfig:
     search_threads: int = 1  # FAISS/torch threads inside one search (requests run concurrently)
     max_exclude: int = 10_000  # ids one query may exclude (each one widens that query's search)
     max_nprobe: int = 256  # larger nprobe values are clamped to this
+    max_rerank_candidates: int = 10_000  # ceil(rerank k): candidates one query may re-score
 
     def __post_init__(self) -> None:
         if self.token is not None:
@@ -86,6 +88,7 @@ class ServeConfig:
             ("search_threads", 1),
             ("max_exclude", 0),
             ("max_nprobe", 1),
+            ("max_rerank_candidates", 1),
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -144,6 +147,7 @@ class SearchIn(BaseModel):
     queries: list[QueryIn] = Field(min_length=1)
     k: StrictInt = 10
     nprobe: StrictInt = 1
+    rerank: StrictInt | StrictFloat | None = None  # None: the index's default
 
 
 class ItemIn(BaseModel):
@@ -284,10 +288,20 @@ class Server:
         if not hmac.compare_digest(given.encode(), expected.encode()):
             raise HttpError(401, "missing or wrong bearer token", fix="send 'Authorization: Bearer <token>'")
 
-    def check_limits(self, k: int, nprobe: int, batch: int) -> None:
+    def check_limits(self, k: int, nprobe: int, batch: int, rerank: float | None = None) -> None:
         """Refuse a request past the server's limits."""
         if not 1 <= k <= self.config.max_k:
             raise HttpError(400, f"k must be between 1 and {self.config.max_k}", received=k)
+        if rerank is not None:
+            factor = check_rerank(rerank)  # a number in [0, MAX_RERANK_FACTOR], else 400
+            wanted = candidates(factor, k, ntotal=1 << 62)  # before the index's size clamps it
+            if wanted > self.config.max_rerank_candidates:
+                raise HttpError(
+                    400,
+                    f"rerank times k at most {self.config.max_rerank_candidates} candidates per query",
+                    received=wanted,
+                    fix="ask for a smaller rerank factor or k",
+                )
         if nprobe < 1:
             raise HttpError(400, "nprobe must be at least 1", received=nprobe)
         if batch > self.config.max_batch:
@@ -387,7 +401,9 @@ SEARCH_SCHEMA = {"content": {"application/json": {"schema": SearchIn.model_json_
 async def search(request: Request) -> Response:
     """Top-k items of each query, best first, in the items' own ids:
     ``{"version": v, "results": [{"ids": [...], "scores": [...]}, ...]}``. ``nprobe`` above
-    the server's ``max_nprobe`` is clamped to it; a query may exclude ``max_exclude`` ids.
+    the server's ``max_nprobe`` is clamped to it; a query may exclude ``max_exclude`` ids;
+    ``rerank`` (F, an index with stored vectors) re-scores the top F k candidates, at most
+    ``max_rerank_candidates``.
 
     The hot path: the body is parsed and validated in one pass (pydantic's JSON parser), the
     search runs in the thread pool, and orjson writes the answer."""
@@ -396,7 +412,7 @@ async def search(request: Request) -> Response:
         body = SearchIn.model_validate_json(await request.body())
     except ValidationError as err:
         raise RequestValidationError(err.errors()) from None
-    server.check_limits(body.k, body.nprobe, len(body.queries))
+    server.check_limits(body.k, body.nprobe, len(body.queries), body.rerank)
     longest = max(len(q.exclude) for q in body.queries)
     if longest > server.config.max_exclude:
         raise HttpError(
@@ -407,7 +423,7 @@ async def search(request: Request) -> Response:
         )
     queries = [Query(q.id, q.features, q.embedding, q.text, q.exclude) for q in body.queries]
     nprobe = min(body.nprobe, server.config.max_nprobe)
-    hits, version = await run_in_threadpool(server.service().search, queries, body.k, nprobe)
+    hits, version = await run_in_threadpool(server.service().search, queries, body.k, nprobe, body.rerank)
     payload = {"version": version, "results": [{"ids": h.ids, "scores": h.scores} for h in hits]}
     return Response(orjson.dumps(payload), media_type="application/json")
 
@@ -443,6 +459,7 @@ def info(request: Request) -> dict[str, Any]:
         "query_tower": m.query_tower is not None,
         "text_queries": m.text_query is not None,
         "text_items": m.text_item is not None,
+        "rerank": None if s.vector_codec is None else s.vector_codec.precision,
         "writes_enabled": config.token is not None,
         "limits": {
             "max_k": config.max_k,
@@ -450,6 +467,7 @@ def info(request: Request) -> dict[str, Any]:
             "max_body_bytes": config.max_body_bytes,
             "max_exclude": config.max_exclude,
             "max_nprobe": config.max_nprobe,
+            "max_rerank_candidates": config.max_rerank_candidates,
         },
         "versions": {
             "poeem": __version__,

@@ -60,8 +60,11 @@ class IndexService:
         return self._searcher
 
     # ------------------------------------------------------------------ search
-    def search(self, queries: list[Query], k: int, nprobe: int) -> tuple[list[Hits], int]:
-        """Top-k of each query, with each query's ``exclude`` ids removed.
+    def search(
+        self, queries: list[Query], k: int, nprobe: int, rerank: float | None = None
+    ) -> tuple[list[Hits], int]:
+        """Top-k of each query, with each query's ``exclude`` ids removed; ``rerank`` as
+        :meth:`Searcher.search <poeem.search.reader.IndexReader.search>` takes it.
 
         Returns:
             One :class:`Hits` per query, and the index version that answered.
@@ -70,7 +73,7 @@ class IndexService:
         xq = searcher.queries.encode(queries)
         exclude = [q.exclude for q in queries] if any(q.exclude for q in queries) else None
         scores, ids = searcher.search(
-            xq, min(k, max(1, searcher.ntotal)), min(nprobe, searcher.nlist), exclude=exclude
+            xq, min(k, max(1, searcher.ntotal)), min(nprobe, searcher.nlist), exclude=exclude, rerank=rerank
         )
         out = []
         for row_ids, row_scores, row_found in zip(ids, scores, found(ids), strict=True):
