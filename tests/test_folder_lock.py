@@ -212,6 +212,9 @@ def test_stopping_the_launcher_ends_its_ranks(tmp_path: Path, sig: signal.Signal
         for pid in ranks:  # a failed test leaves no rank behind
             if not gone(pid):
                 os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30  # the kernel lets the lock go once the last holder has exited
+    while writer_of(run) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert writer_of(run) is None  # the lock file stays, but no process holds it: the next writer takes it
     if sig == signal.SIGTERM:
         assert launcher.returncode == 128 + sig
