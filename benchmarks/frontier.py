@@ -384,6 +384,29 @@ class Reranked:
         return torch.from_numpy(d), torch.from_numpy(i)
 
 
+def baseline_reference(pre: Preset, seed: int, lists: int, d: int, work: Path) -> tuple[Any, ...]:
+    """Train the model without the layer and search it exactly: (data, the query encoder, (n,
+    dim) item embeddings, the exact reference {recall, qps, bytes_per_item}, {"baseline":
+    training seconds})."""
+    cfg = replace(pre, budget=(lists, d, 256)).run_config(seed, None, (1,))
+    data = load_data(cfg.data)
+    k = int(pre.headline.split("@")[1])
+    baseline, metrics = train_run(cfg, work / f"baseline-{seed}")
+    encode = remembered(QueryEncoder.from_model(baseline, data).by_rows)
+    with torch.no_grad():
+        items = baseline.all_item_embeddings(item_features(data))
+        xq = encode(data.eval_queries())
+    exact_index = FaissSearcher(faiss.IndexFlatIP(items.shape[1]))
+    exact_index.index.add(np.ascontiguousarray(items.float().numpy()))
+    exact = {
+        "recall": evaluate_retrieval(exact_index, encode, data, (k,), 1)[pre.headline],
+        "qps": best_qps(exact_index, xq, k, 1),
+        "bytes_per_item": 4.0 * items.shape[1],
+    }
+    print(f"  exact: {pre.headline} {exact['recall']:.4f}", flush=True)
+    return data, encode, items, exact, {"baseline": metrics["train_s"]}
+
+
 def poeem_default_run(pre: Preset, seed: int, lists: int, d: int, work: Path, data: Any) -> tuple[Any, dict]:
     """The default run at ``d`` bytes (K = 16, 2d sub-codes; a text tower's fitted index takes d
     8-bit codes) and its metrics."""
@@ -406,25 +429,9 @@ def rerank_seed(
     training seconds; ``grid`` is (nprobes, factors F)."""
     nprobes, factors = grid
     rows: list[dict[str, Any]] = []
-    cfg = replace(pre, budget=(lists, d, 256)).run_config(seed, None, (1,))
-    data = load_data(cfg.data)
-    k = int(pre.headline.split("@")[1])
-    baseline, metrics = train_run(cfg, work / f"baseline-{seed}")
-    train_s = {"baseline": metrics["train_s"]}
-    encode = remembered(QueryEncoder.from_model(baseline, data).by_rows)
-    with torch.no_grad():
-        items = baseline.all_item_embeddings(item_features(data))
-        xq = encode(data.eval_queries())
+    data, encode, items, exact, train_s = baseline_reference(pre, seed, lists, d, work)
     dim = items.shape[1]
     x = np.ascontiguousarray(items.float().numpy())
-    exact_index = FaissSearcher(faiss.IndexFlatIP(dim))
-    exact_index.index.add(x)
-    exact = {
-        "recall": evaluate_retrieval(exact_index, encode, data, (k,), 1)[pre.headline],
-        "qps": best_qps(exact_index, xq, k, 1),
-        "bytes_per_item": 4.0 * dim,
-    }
-    print(f"  exact: {pre.headline} {exact['recall']:.4f}", flush=True)
     grids = {m: [[(n, f) for n in nprobes] for f in factors] for m, v in RERANK_METHODS.items() if v}
     grids.update({m: [[(n, 1.0) for n in nprobes]] for m, v in RERANK_METHODS.items() if not v})
     specs = {
@@ -497,24 +504,7 @@ def one_seed(
 ) -> tuple[list[dict[str, Any]], dict]:
     """The rows of ``methods`` for one seed, the exact reference, and the training seconds."""
     rows: list[dict[str, Any]] = []
-    cfg = replace(pre, budget=(lists, d, 256)).run_config(seed, None, (1,))
-    data = load_data(cfg.data)
-    k = int(pre.headline.split("@")[1])
-    baseline, metrics = train_run(cfg, work / f"baseline-{seed}")
-    train_s = {"baseline": metrics["train_s"]}
-    encode = remembered(QueryEncoder.from_model(baseline, data).by_rows)
-    with torch.no_grad():
-        items = baseline.all_item_embeddings(item_features(data))
-    exact_index = FaissSearcher(faiss.IndexFlatIP(items.shape[1]))
-    exact_index.index.add(np.ascontiguousarray(items.float().numpy()))
-    with torch.no_grad():
-        xq = encode(data.eval_queries())
-    exact = {
-        "recall": evaluate_retrieval(exact_index, encode, data, (k,), 1)[pre.headline],
-        "qps": best_qps(exact_index, xq, k, 1),
-        "bytes_per_item": 4.0 * items.shape[1],
-    }
-    print(f"  exact: {pre.headline} {exact['recall']:.4f}", flush=True)
+    data, encode, items, exact, train_s = baseline_reference(pre, seed, lists, d, work)
     for method, built in peers(items, lists, d, seed, methods):
         print(f"  {method} built in {built[1]:.1f}s", flush=True)
         rows += measure(method, built, encode, data, pre, exact["qps"])

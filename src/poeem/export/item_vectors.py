@@ -79,13 +79,18 @@ class VectorCodec:
         levels = torch.round((x - self.lo) * scale).clamp_(0, _SQ8_LEVELS)  # (n, dim)
         return levels.to(torch.uint8).contiguous()
 
+    @property
+    def step(self) -> torch.Tensor:
+        """(dim,) float32 value of one SQ8 level in each dimension: a row decodes to lo + r step."""
+        assert self.lo is not None and self.hi is not None, "sq8 only"
+        return (self.hi - self.lo) / _SQ8_LEVELS
+
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
         """(..., dim) stored rows -> (..., dim) float32 vectors (on the rows' device)."""
         if self.precision != "sq8":
             return stored.float()
-        assert self.lo is not None and self.hi is not None
-        lo, hi = self.lo.to(stored.device), self.hi.to(stored.device)
-        return lo + stored.float() * ((hi - lo) / _SQ8_LEVELS)
+        assert self.lo is not None
+        return self.lo.to(stored.device) + stored.float() * self.step.to(stored.device)
 
     def check_rows(self, stored: torch.Tensor, n: int, dim: int, what: str) -> torch.Tensor:
         """``stored`` if it is (n, dim) rows of :attr:`dtype`, else a clear error naming ``what``."""

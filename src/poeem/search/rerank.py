@@ -85,9 +85,9 @@ class StoredVectors:
             self._seg_ids = seg_ids[order]
             self._seg_rows = torch.cat([s.vectors for s in index.segments]).numpy()[order]  # type: ignore[misc]
         if codec.precision == "sq8":
-            assert codec.lo is not None and codec.hi is not None
+            assert codec.lo is not None
             self._lo = codec.lo.numpy().astype(np.float32)
-            self._step = ((codec.hi - codec.lo) / 255).numpy().astype(np.float32)
+            self._step = codec.step.numpy().astype(np.float32)
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 FAISS ids of live items (or -1) -> (n, dim) stored rows (any row for -1)."""
