@@ -400,7 +400,7 @@ def _fit_flags(layer: dict[str, Any]) -> str:
     """The ``poeem distill`` flags that fit the index a recipe's ``layer`` settings describe."""
     names = ("num_coarse", "num_subspaces", "codebook_size", "quantizer", "rotation")
     shown = {"codebook_size": FITTED_CODEBOOK_SIZE, **{k: layer[k] for k in names if k in layer}}
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items() if k in names)
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in shown.items())
 
 
 def _after_training(
