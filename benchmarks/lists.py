@@ -39,6 +39,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "items+frozen": {"warm_start_sample": "items", "list_lr_scale": 0.0},
     "default": {},  # each item once, lists at a share of the rate by their size
     "batches+frozen": {"warm_start_sample": "batches", "list_lr_scale": 0.0},
+    "default+distill": {"train": {"distill_epochs": 10}},  # then distilled from its own ranking
 }
 KEPT = ("codes_scanned", "largest_list", "list_size_std", "imbalance")
 
@@ -46,7 +47,9 @@ KEPT = ("codes_scanned", "largest_list", "list_size_std", "imbalance")
 def one_run(pre: Any, seed: int, lists: int, d: int, variant: str, work: Path) -> list[dict[str, Any]]:
     """The evaluation rows of one variant and seed: poeem and faiss-ivfpq at every nprobe."""
     cfg = poeem_config(pre, seed, (lists, 2 * d, 16), None, None)
-    cfg.model.poeem.update(VARIANTS[variant])
+    settings = dict(VARIANTS[variant])
+    cfg.train = replace(cfg.train, **settings.pop("train", {}))
+    cfg.model.poeem.update(settings)
     nprobes = tuple(2**i for i in range(lists.bit_length()))
     cfg.eval = replace(cfg.eval, nprobes=nprobes, faiss_baseline=True, num_subspaces=2 * d, codebook_size=16)
     _, metrics = train_run(cfg, work / f"{variant}-{seed}")

@@ -91,6 +91,9 @@ class StoredVectors:
 
     def rows(self, ids: np.ndarray) -> np.ndarray:
         """(n,) int64 FAISS ids of live items (or -1) -> (n, dim) stored rows (any row for -1)."""
+        if self._first is not None and self._seg_rows is None and len(self._base_rows):
+            # every live id is a base row: one gather, -1 (and nothing else) clipped to row 0
+            return np.take(self._base_rows, ids - self._first, axis=0, mode="clip")
         if self._first is not None:
             pos = ids - self._first
             in_base = (pos >= 0) & (pos < len(self._base_rows))
@@ -99,7 +102,7 @@ class StoredVectors:
             in_base = self._base_ids[pos] == ids if len(self._base_ids) else np.zeros(len(ids), bool)
             assert self._base_order is not None
             pos = self._base_order[pos] if len(self._base_order) else pos
-        out = self._base_rows[np.where(in_base, pos, 0)] if len(self._base_rows) else None
+        out = np.take(self._base_rows, np.where(in_base, pos, 0), axis=0) if len(self._base_rows) else None
         if self._seg_rows is not None:
             rest = ~in_base & (ids >= 0)
             if rest.any():
@@ -120,13 +123,22 @@ class StoredVectors:
             return rows
         return self._lo + rows.astype(np.float32) * self._step
 
-    def scores(self, xq: np.ndarray, ids: np.ndarray, metric: str) -> np.ndarray:
+    def scores(
+        self, xq: np.ndarray, ids: np.ndarray, metric: str, buffer: np.ndarray | None = None
+    ) -> np.ndarray:
         """The exact scores of (c, dim) float32 queries against their (c, m) candidates' stored
-        vectors: (c, m) float32 inner products, or squared distances for "l2" (any value for -1)."""
+        vectors: (c, m) float32 inner products, or squared distances for "l2" (any value for -1).
+        ``buffer``: at least c m dim float32 scratch, reused across calls (SQ8 rows are
+        widened into it rather than into a fresh array)."""
         c, m = ids.shape
         rows = self.rows(ids.reshape(-1)).reshape(c, m, self.dim)  # (c, m, dim) stored
         if metric != "l2" and self.codec.precision == "sq8":  # <q, lo + r step> = <q step, r> + <q, lo>
-            out = np.matmul(rows.astype(np.float32), (xq * self._step)[:, :, None])[..., 0]
+            if buffer is None:
+                wide = rows.astype(np.float32)
+            else:
+                wide = buffer[: rows.size].reshape(rows.shape)
+                np.copyto(wide, rows, casting="unsafe")
+            out = np.matmul(wide, (xq * self._step)[:, :, None])[..., 0]
             return out + (xq @ self._lo)[:, None]
         x = self.decode(rows)  # (c, m, dim)
         ip = np.matmul(x, xq[:, :, None])[..., 0]  # (c, m)
@@ -156,10 +168,11 @@ def rescore(
     chunk = max(1, GATHER_FLOATS // max(1, m * vectors.dim))
     d_out = np.empty((nq, k), np.float32)
     i_out = np.empty((nq, k), np.int64)
+    buffer = np.empty(min(nq, chunk) * m * vectors.dim, np.float32)
     for start in range(0, nq, chunk):
         part = slice(start, start + chunk)
         q, cand = xq[part], ids[part]
-        scores = vectors.scores(q, cand, metric)  # (c, m)
+        scores = vectors.scores(q, cand, metric, buffer)  # (c, m)
         d_out[part], i_out[part] = top_k(scores, cand, k, metric)
     return d_out, i_out
 
@@ -168,11 +181,15 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.
     """The k best of each row of (c, m) ``scores`` (missing ids, -1, sort last), best first:
     (c, k) float32 scores (the metric's worst for missing ones) and int64 ids."""
     c, m = ids.shape
-    key = np.where(ids >= 0, scores if metric == "l2" else -scores, np.inf)  # (c, m), smallest best
+    key = scores if metric == "l2" else -scores  # (c, m), smallest best
+    missing_any = bool((ids < 0).any())
+    if missing_any:
+        key = np.where(ids >= 0, key, np.inf)
     r = np.arange(c)[:, None]
     part = np.argpartition(key, k - 1, axis=1)[:, :k] if m > k else np.broadcast_to(np.arange(m), (c, m))
     order = part[r, np.argsort(key[r, part], axis=1, kind="stable")]  # (c, k)
-    best_ids = ids[r, order]
-    missing = best_ids < 0
-    best = np.where(missing, np.float32(worst_score(metric)), scores[r, order]).astype(np.float32, copy=False)
-    return best, np.where(missing, -1, best_ids)
+    best_ids, best = ids[r, order], scores[r, order].astype(np.float32, copy=False)
+    if missing_any:
+        missing = best_ids < 0
+        best = np.where(missing, np.float32(worst_score(metric)), best)
+    return best, best_ids
