@@ -68,8 +68,9 @@ class DistillConfig:
     list_weight: weight of the list student's loss (the code student has weight 1; 0: not scored).
     coarse_lr, codebook_lr, rotation_lr: Adam's learning rates (coarse_lr 0: the coarse
         centroids stay, and with them every item's list; None: codebook_lr times the lists'
-        size share, :func:`poeem.index.config.list_lr_share`, as in training); a residual quantizer's later stages
-        take a share of codebook_lr, their codewords' starting RMS over the first stage's.
+        size share, :func:`poeem.index.config.list_lr_share`, as in training); a residual
+        quantizer's later stages take a share of codebook_lr, their codewords' starting RMS over
+        the first stage's.
     max_queries: queries the teacher ranks at most (None: all): a larger set is sampled once
         (by ``seed``). The exact top-k scores every item for each of them, and every epoch
         passes over them, so this bounds both on catalogues with millions of queries.
