@@ -250,4 +250,4 @@ def test_a_refits_distillation_keeps_the_trained_lists(tmp_path: Path) -> None:
     kept = replace(config.keeping_lists(), teacher_k=20, guard_k=10)
     assert run_distill_config(config, cfg, 10_000) == kept
     cfg.train.refit = None
-    assert run_distill_config(config, cfg, 10_000).coarse_lr is None  # lists train, at their size's rate
+    assert run_distill_config(config, cfg, 10_000).coarse_lr == config.coarse_lr > 0

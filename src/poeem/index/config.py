@@ -29,15 +29,6 @@ ITEMS_PER_LIST_AT_FULL_RATE = 1024
 FITTED_CODEBOOK_SIZE = 256  # K of an index fitted on embeddings trained without it
 
 
-def list_lr_share(num_items: int | None, num_coarse: int) -> float:
-    """The share of the index's learning rate that lists of ``num_items / num_coarse`` items
-    train at: items per list / :data:`ITEMS_PER_LIST_AT_FULL_RATE`, at most 1 (1 when either
-    count is unknown or 0)."""
-    if not num_items or not num_coarse:
-        return 1.0
-    return min(1.0, num_items / num_coarse / ITEMS_PER_LIST_AT_FULL_RATE)
-
-
 def fitted_codes(given: dict[str, Any]) -> dict[str, int]:
     """The codes of an index fitted after training, from the layer settings ``given``: 8-bit
     codes (K = 256) at the bytes of the settings' D and K, unless ``codebook_size`` is given.
@@ -271,7 +262,9 @@ class PoeemConfig(LayerTraining, IndexSpec):
         items per list / :data:`ITEMS_PER_LIST_AT_FULL_RATE`, at most 1 (1 without ``num_items``)."""
         if self.list_lr_scale is not None:
             return float(self.list_lr_scale)
-        return list_lr_share(self.num_items, self.num_coarse)
+        if not self.num_items or not self.num_coarse:
+            return 1.0
+        return min(1.0, self.num_items / self.num_coarse / ITEMS_PER_LIST_AT_FULL_RATE)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable copy."""

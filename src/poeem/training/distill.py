@@ -38,7 +38,6 @@ from tqdm.auto import tqdm
 
 from poeem.errors import PoeemError
 from poeem.index import PoeemLayer
-from poeem.index.config import list_lr_share
 from poeem.index.quantize import pq_reconstruct
 from poeem.options import Bounds, Count, NonNegative, Positive, PositiveInt, Seed, check_settings, setting
 from poeem.search.exact import FlatIndex
@@ -67,10 +66,8 @@ class DistillConfig:
         their teacher top-k scores.
     list_weight: weight of the list student's loss (the code student has weight 1; 0: not scored).
     coarse_lr, codebook_lr, rotation_lr: Adam's learning rates (coarse_lr 0: the coarse
-        centroids stay, and with them every item's list; None: codebook_lr times the lists'
-        size share, :func:`poeem.index.config.list_lr_share`, as in training); a residual
-        quantizer's later stages take a share of codebook_lr, their codewords' starting RMS over
-        the first stage's.
+        centroids stay, and with them every item's list); a residual quantizer's later stages
+        take a share of codebook_lr, their codewords' starting RMS over the first stage's.
     max_queries: queries the teacher ranks at most (None: all): a larger set is sampled once
         (by ``seed``). The exact top-k scores every item for each of them, and every epoch
         passes over them, so this bounds both on catalogues with millions of queries.
@@ -100,7 +97,7 @@ class DistillConfig:
         "queries' teacher top-k scores; raise it if the starting index is kept).",
     )
     list_weight: NonNegative = 1.0
-    coarse_lr: NonNegative | None = None
+    coarse_lr: NonNegative = 1e-3
     codebook_lr: NonNegative = 1e-3
     rotation_lr: NonNegative = 1e-3
     holdout: Annotated[float, Bounds(ge=0, lt=1)] = 0.1
@@ -199,7 +196,7 @@ def distill_index(
     items, queries = items.detach().float().to(device), queries.detach().float().to(device)
     g = torch.Generator().manual_seed(cfg.seed)
     teacher = _Teacher(layer, items, queries, cfg, g)
-    optimizer, trained = _optimizer(layer, cfg, items.shape[0])
+    optimizer, trained = _optimizer(layer, cfg)
     history: list[dict[str, float]] = []
     best: Best | None = None
     inputs = {"config": asdict(cfg), "items": _fingerprint(items), "queries": _fingerprint(queries)}
@@ -262,17 +259,12 @@ def distill_index(
     return result
 
 
-def _optimizer(
-    layer: PoeemLayer, cfg: DistillConfig, num_items: int
-) -> tuple[torch.optim.Adam, list[torch.Tensor]]:
+def _optimizer(layer: PoeemLayer, cfg: DistillConfig) -> tuple[torch.optim.Adam, list[torch.Tensor]]:
     """Adam over what distillation trains (codebooks, centroids unless their lr is 0, a learned
-    rotation) for ``num_items`` items, and those parameters in order."""
+    rotation), and those parameters in order."""
     groups = [{"params": [layer.codebooks], "lr": cfg.codebook_lr}]
-    coarse_lr = cfg.coarse_lr
-    if coarse_lr is None and layer.coarse is not None:
-        coarse_lr = cfg.codebook_lr * list_lr_share(num_items, layer.config.num_coarse)
-    if layer.coarse is not None and coarse_lr:
-        groups.append({"params": [layer.coarse], "lr": coarse_lr})
+    if layer.coarse is not None and cfg.coarse_lr > 0:
+        groups.append({"params": [layer.coarse], "lr": cfg.coarse_lr})
     if layer.learned_rotation is not None:
         groups.append({"params": list(layer.learned_rotation.parameters()), "lr": cfg.rotation_lr})
     return torch.optim.Adam(groups), [p for group in groups for p in group["params"]]
