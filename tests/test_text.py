@@ -131,6 +131,21 @@ def test_untrained_text_model_scores_like_the_encoder(tmp_path: Path, tiny_encod
     torch.testing.assert_close(model.all_item_embeddings(), expected, atol=1e-5, rtol=1e-5)
 
 
+def test_many_queries_are_encoded_in_batches_of_similar_length(tmp_path: Path, tiny_encoder: Path) -> None:
+    data = beir_task(write_beir(tmp_path / "beir"))
+    config = ModelConfig(dim=16, text={"encoder": str(tiny_encoder), "mode": "query", "batch_size": 8})
+    model = TextTwoTowerModel(config, data.num_items)
+    model.attach_texts(
+        [f"w{i} " * (1 + i % 7) for i in range(len(data.query_texts))], data.item_texts, progress=False
+    )
+    model.eval()
+    rows = torch.arange(len(data.query_texts) - 1, -1, -1)  # 40 texts of 1-7 words, 5 batches
+    with torch.no_grad():
+        together = model.encode_queries(rows)
+        alone = torch.cat([model.encode_queries(rows[i : i + 1]) for i in range(len(rows))])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
 def test_frozen_embeddings_are_cached(tmp_path: Path, tiny_encoder: Path) -> None:
     encoder = load_encoder(str(tiny_encoder))
     first = embed_texts(encoder, ["w1 w2", "w3"], progress=False, cache_key="tiny")

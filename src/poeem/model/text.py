@@ -268,8 +268,22 @@ class TextTwoTowerModel(RetrievalModel):
             return torch.zeros(0, self.query_head.in_features, device=self.item_log_q.device)
         prepare = getattr(encoder, "preprocess", None) or encoder.tokenize  # sentence-transformers 6 / 5
         device = self.item_log_q.device
-        features = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prepare(picked).items()}
-        return encoder(features)["sentence_embedding"]
+
+        def forward(part: list[str]) -> torch.Tensor:
+            features = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prepare(part).items()
+            }
+            return encoder(features)["sentence_embedding"]
+
+        size = self.text.batch_size
+        if len(picked) <= size or torch.is_grad_enabled():  # a training batch: as it comes
+            return forward(picked)
+        # many texts without gradients: batches of similar length, each padded only to its longest
+        order = sorted(range(len(picked)), key=lambda i: len(picked[i]))
+        parts = [forward([picked[i] for i in order[lo : lo + size]]) for lo in range(0, len(order), size)]
+        out = parts[0].new_empty((len(picked), parts[0].shape[1]))
+        out[torch.tensor(order, device=out.device)] = torch.cat(parts)
+        return out
 
     def _side(
         self,
