@@ -583,4 +583,3 @@ def test_an_index_fitted_after_training_defaults_to_8_bit_codes() -> None:
     items = clustered(600, 3)
     assert new_layer(DIM, {"num_subspaces": 4, "num_coarse": 2}, items, False).config.codebook_size == 256
     assert new_layer(DIM, {"num_subspaces": 4, "codebook_size": 16}, items, False).config.codebook_size == 16
-
