@@ -123,21 +123,16 @@ class StoredVectors:
             return rows
         return self._lo + rows.astype(np.float32) * self._step
 
-    def scores(
-        self, xq: np.ndarray, ids: np.ndarray, metric: str, buffer: np.ndarray | None = None
-    ) -> np.ndarray:
+    def scores(self, xq: np.ndarray, ids: np.ndarray, metric: str, buffer: np.ndarray) -> np.ndarray:
         """The exact scores of (c, dim) float32 queries against their (c, m) candidates' stored
         vectors: (c, m) float32 inner products, or squared distances for "l2" (any value for -1).
-        ``buffer``: at least c m dim float32 scratch, reused across calls (SQ8 rows are
-        widened into it rather than into a fresh array)."""
+        ``buffer``: at least c m dim float32 scratch, reused across calls (SQ8 rows are widened
+        into it rather than into a fresh array)."""
         c, m = ids.shape
         rows = self.rows(ids.reshape(-1)).reshape(c, m, self.dim)  # (c, m, dim) stored
         if metric != "l2" and self.codec.precision == "sq8":  # <q, lo + r step> = <q step, r> + <q, lo>
-            if buffer is None:
-                wide = rows.astype(np.float32)
-            else:
-                wide = buffer[: rows.size].reshape(rows.shape)
-                np.copyto(wide, rows, casting="unsafe")
+            wide = buffer[: rows.size].reshape(rows.shape)
+            np.copyto(wide, rows, casting="unsafe")
             out = np.matmul(wide, (xq * self._step)[:, :, None])[..., 0]
             return out + (xq @ self._lo)[:, None]
         x = self.decode(rows)  # (c, m, dim)
@@ -181,15 +176,11 @@ def top_k(scores: np.ndarray, ids: np.ndarray, k: int, metric: str) -> tuple[np.
     """The k best of each row of (c, m) ``scores`` (missing ids, -1, sort last), best first:
     (c, k) float32 scores (the metric's worst for missing ones) and int64 ids."""
     c, m = ids.shape
-    key = scores if metric == "l2" else -scores  # (c, m), smallest best
-    missing_any = bool((ids < 0).any())
-    if missing_any:
-        key = np.where(ids >= 0, key, np.inf)
+    key = np.where(ids >= 0, scores if metric == "l2" else -scores, np.inf)  # (c, m), smallest best
     r = np.arange(c)[:, None]
     part = np.argpartition(key, k - 1, axis=1)[:, :k] if m > k else np.broadcast_to(np.arange(m), (c, m))
     order = part[r, np.argsort(key[r, part], axis=1, kind="stable")]  # (c, k)
-    best_ids, best = ids[r, order], scores[r, order].astype(np.float32, copy=False)
-    if missing_any:
-        missing = best_ids < 0
-        best = np.where(missing, np.float32(worst_score(metric)), best)
-    return best, best_ids
+    best_ids = ids[r, order]
+    missing = best_ids < 0
+    best = np.where(missing, np.float32(worst_score(metric)), scores[r, order]).astype(np.float32, copy=False)
+    return best, np.where(missing, -1, best_ids)
