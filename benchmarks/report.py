@@ -620,6 +620,20 @@ def save_scanned_plot(fig: Any, ax: Any, metric: str, path: Path, **legend: Any)
     plt.close(fig)
 
 
+def save_qps_plot(fig: Any, ax: Any, r: dict[str, Any], title: str, path: Path) -> None:
+    """Finish a recall-against-queries-per-second plot of the frontier result ``r`` (its exact
+    search as a line, a log QPS axis) and write it to ``path``."""
+    ax.axhline(r["exact"]["recall"], color="grey", ls="--", lw=1, label="exact (floats)")
+    ax.set_xscale("log")
+    ax.set_xlabel("queries per second (1 thread, whole query set at once)")
+    ax.set_ylabel(r["headline"])
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 FRONTIER_LABELS = {
     "poeem": "poeem, the default (K=16, fast scan)",
     "poeem-distilled": "poeem, distilled (--distill-epochs 10)",
@@ -730,15 +744,9 @@ def frontier_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
         ax.scatter(
             [x["qps"] for x in others], [x["recall"] for x in others], s=8, color=line.get_color(), alpha=0.4
         )
-    ax.axhline(r["exact"]["recall"], color="grey", ls="--", lw=1, label="exact (floats)")
-    ax.set_xscale("log")
-    ax.set_xlabel("queries per second (1 thread, whole query set at once)")
-    ax.set_ylabel(h)
-    ax.set_title(f"{r['dataset']}: {r['num_items']} items, {r['lists']} lists", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(img / f"{name}.png", dpi=120)
-    plt.close(fig)
+    save_qps_plot(
+        fig, ax, r, f"{r['dataset']}: {r['num_items']} items, {r['lists']} lists", img / f"{name}.png"
+    )
     bytes_ = next(x["bytes_per_item"] for x in rows if x["method"] != "hnsw")
     seeds = r.get("seeds", [0])
     lines = [
@@ -792,15 +800,8 @@ def rerank_section(name: str, r: dict[str, Any], img: Path) -> list[str]:
             **style,
             **dashed,
         )
-    ax.axhline(exact, color="grey", ls="--", lw=1, label="exact (floats)")
-    ax.set_xscale("log")
-    ax.set_xlabel("queries per second (1 thread, whole query set at once)")
-    ax.set_ylabel(h)
-    ax.set_title(f"{r['dataset']}: re-ranking, {r['num_items']} items, {r['lists']} lists", fontsize=10)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(img / f"{name}.png", dpi=120)
-    plt.close(fig)
+    title = f"{r['dataset']}: re-ranking, {r['num_items']} items, {r['lists']} lists"
+    save_qps_plot(fig, ax, r, title, img / f"{name}.png")
     grid = r.get("rerank", {})
     lines = [
         f"### {r['dataset']}: {h} against queries per second, with re-ranking",
