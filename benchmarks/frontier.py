@@ -256,15 +256,19 @@ def distilled_items(
     items: torch.Tensor,
     budget: tuple,
     out: Path,
+    fit_seed: int | None = None,
 ) -> FaissSearcher:
     """``poeem distill --items --queries`` with its defaults at ``budget`` (lists, D, seed): an
     index fitted on the (n, dim) ``items``, distilled from the embeddings of the queries
     ``query_rows`` (no labels): the training queries, as a run distils from, so that the queries
-    it is evaluated on never teach it."""
+    it is evaluated on never teach it. ``seed`` orders the distillation; ``fit_seed`` seeds the
+    k-means fit (None: the layer's default)."""
     with torch.no_grad():
         queries = encode(query_rows).float().numpy()
     lists, d, seed = budget
     settings = {"num_coarse": lists, "num_subspaces": d}  # D bytes at its default K = 256
+    if fit_seed is not None:
+        settings["seed"] = fit_seed
     config = DistillConfig(seed=seed)
     searcher, _ = distill_embeddings(
         items.float().numpy(), queries, out, settings, config=config, progress=False

@@ -118,6 +118,7 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
                     out,
                 ),
                 ("trained_codes.py", *synthetic, "--seeds", "0", "--results-dir", out),
+                ("fit_spread.py", *synthetic, "--fit-seeds", "0", "1", "--results-dir", out),
                 ("ablation.py", *synthetic, "--options", "none", "default", "--results-dir", out),
                 # the sparse row-wise path; dense tables train in every other script
                 (
@@ -157,6 +158,16 @@ def results(tmp_path_factory: pytest.TempPathFactory) -> Path:
         ]
     )
     return Path(out)
+
+
+def test_the_fit_spread_has_every_seed_at_every_nprobe(results: Path) -> None:
+    spread = json.loads((results / "fit_spread_synthetic_tiny.json").read_text())
+    nprobes = [1, 2, 4]  # the tiny configuration's 4 lists
+    assert [(r["fit_seed"], r["nprobe"]) for r in spread["runs"]] == [(s, n) for s in (0, 1) for n in nprobes]
+    assert [e["nprobe"] for e in spread["summary"]] == nprobes
+    for entry in spread["summary"]:
+        seeds = [r["recall"] for r in spread["runs"] if r["nprobe"] == entry["nprobe"]]
+        assert entry["recall"] == pytest.approx(np.mean(seeds)) and 0 < entry["recall"] <= 1
 
 
 def test_benchmarks_write_results(results: Path) -> None:
